@@ -1,0 +1,36 @@
+# All set-up happens here: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-core
+EXTRAS ?= interop-cpu,flax,test
+
+.PHONY: demo test bench bench-quick parity lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+$(VENV)/.installed-bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/dw5d demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+parity: $(STAMP)
+	$(VENV)/bin/dw5d parity
+
+bench: $(VENV)/.installed-bench
+	$(VENV)/bin/dw5d bench
+
+bench-quick: $(VENV)/.installed-bench
+	$(VENV)/bin/dw5d bench --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

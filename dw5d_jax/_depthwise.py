@@ -1,0 +1,186 @@
+"""The public ops: per-slice 2D and true 3D depthwise convolution."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from dw5d_jax import _args
+from dw5d_jax._dispatch import lower
+
+_Ints = int | tuple[int, ...]
+_Padding = str | tuple[tuple[int, int], ...]
+
+
+def depthwise_conv2d(
+    x: ArrayLike,
+    kernel: ArrayLike,
+    *,
+    strides: _Ints = 1,
+    padding: _Padding = "SAME",
+    dilations: _Ints = 1,
+    axes: str = "HW",
+    data_format: str | None = None,
+    method: str = "auto",
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """2D depthwise convolution, per slice of a 5D tensor or on a 4D one.
+
+  With rank-5 `x`, the two spatial axes named by `axes` are convolved and the
+  third is carried through: every slice along it is convolved independently
+  (the "fold it into batch" pattern, without ever mixing data). With rank-4
+  `x` this is a drop-in for `tf.nn.depthwise_conv2d`.
+
+  Names follow TensorFlow; in `lax.conv_general_dilated` terms `strides` is
+  `window_strides`, `dilations` is `rhs_dilation`, `data_format` sets
+  `dimension_numbers`, and the op is a convolution with
+  `feature_group_count=C`.
+
+  Args:
+    x: `(N, D, H, W, C)` (`"NDHWC"`) or `(N, C, D, H, W)` (`"NCDHW"`); or rank
+      4, `(N, H, W, C)` (`"NHWC"`) or `(N, C, H, W)` (`"NCHW"`). A floating
+      dtype.
+    kernel: `(k0, k1, C, M)`, TF's depthwise filter layout: dim `i` runs along
+      `axes[i]`, `M` is the depth multiplier. Same dtype as `x`.
+    strides: a positive int, or one per convolved axis (in `axes` order).
+    padding: `"SAME"` or `"VALID"` (any case), TF's rules; or one `(lo, hi)`
+      pair of non-negative ints per convolved axis.
+    dilations: a positive int, or one per convolved axis. Any combination
+      with `strides` is allowed.
+    axes: rank-5 only: two distinct letters of `D`, `H`, `W` naming the
+      convolved axes, e.g. `"HW"` (slices along depth) or `"DW"`.
+    data_format: `None` (channels-last for x's rank) or one of the layouts
+      above.
+    method: `"auto"` (fastest per platform), `"conv"` (fold into batch, XLA
+      grouped convolution) or `"shift"` (fused sum over shifted views).
+    precision: passed to `lax.conv_general_dilated` by the `"conv"` method;
+      the other methods compute in `preferred_element_type` or float32.
+    preferred_element_type: output dtype; by default x's dtype. float16 and
+      bfloat16 inputs always accumulate in at least float32.
+
+  Returns:
+    An array in x's layout with `C * M` channels ordered `c * M + m` (TF's
+    order) and, per convolved axis, `ceil(n / s)` (SAME),
+    `ceil((n - e + 1) / s)` (VALID) or `floor((n + lo + hi - e) / s) + 1`
+    positions, `e = (k - 1) * dilation + 1`.
+
+  Raises:
+    TypeError: non-array inputs, non-floating or mismatched dtypes.
+    ValueError: wrong ranks or layouts, channel mismatch, bad strides,
+      dilations, padding, axes or method, or an empty output.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dw5d_jax as dw
+    >>> x = jnp.ones((2, 5, 16, 16, 3))   # (N, D, H, W, C)
+    >>> k = jnp.ones((3, 3, 3, 2))        # (kh, kw, C, M)
+    >>> dw.depthwise_conv2d(x, k, axes="HW").shape
+    (2, 5, 16, 16, 6)
+    >>> dw.depthwise_conv2d(x, k, axes="DW", strides=2, padding="VALID").shape
+    (2, 2, 16, 7, 6)
+  """
+  fn = "depthwise_conv2d"
+  _args.check_array(fn, "x", x)
+  _args.check_array(fn, "kernel", kernel)
+  layout = _args.check_layout(fn, x, data_format, allowed_5d=True, allowed_4d=True)
+  axes = _args.check_axes(fn, axes)
+  if x.ndim == 4 and axes != "HW":
+    raise ValueError(f"{fn}: `axes` applies to rank-5 `x` only; rank-4 `x` ({layout}) "
+                     f"is always convolved over H and W, got axes={axes!r}.")
+  return _apply(
+      x, kernel, fn=fn, conv_axes=axes, layout=layout,
+      strides=_args.int_tuple(fn, "strides", strides, 2, axes),
+      dilations=_args.int_tuple(fn, "dilations", dilations, 2, axes),
+      padding=_args.check_padding(fn, padding, axes),
+      method=_args.check_method(fn, method),
+      precision=_args.check_precision(fn, precision),
+      preferred=_args.check_preferred(fn, preferred_element_type))
+
+
+def depthwise_conv3d(
+    x: ArrayLike,
+    kernel: ArrayLike,
+    *,
+    strides: _Ints = 1,
+    padding: _Padding = "SAME",
+    dilations: _Ints = 1,
+    data_format: str = "NDHWC",
+    method: str = "auto",
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """True 3D depthwise convolution of a 5D tensor.
+
+  Each channel is convolved with its own `M` filters of size `(kd, kh, kw)`,
+  like `tf.nn.depthwise_conv2d` one dimension up (Keras has no
+  DepthwiseConv3D; this is `Conv3d(groups=C)` in PyTorch terms).
+
+  Names follow TensorFlow; in `lax.conv_general_dilated` terms `strides` is
+  `window_strides`, `dilations` is `rhs_dilation`, `data_format` sets
+  `dimension_numbers`, with `feature_group_count=C`.
+
+  Args:
+    x: `(N, D, H, W, C)` (`"NDHWC"`) or `(N, C, D, H, W)` (`"NCDHW"`), a
+      floating dtype.
+    kernel: `(kd, kh, kw, C, M)`, `M` the depth multiplier; x's dtype.
+    strides: a positive int, or three (D, H, W).
+    padding: `"SAME"` or `"VALID"` (any case), TF's rules; or three `(lo, hi)`
+      pairs of non-negative ints.
+    dilations: a positive int, or three. Any combination with `strides`.
+    data_format: `"NDHWC"` or `"NCDHW"`.
+    method: `"auto"`, `"conv"` or `"shift"`, as for `depthwise_conv2d`.
+    precision: passed to `lax.conv_general_dilated` by the `"conv"` method.
+    preferred_element_type: output dtype; by default x's dtype. float16 and
+      bfloat16 inputs always accumulate in at least float32.
+
+  Returns:
+    An array in x's layout with `C * M` channels ordered `c * M + m`; spatial
+    sizes as for `depthwise_conv2d`.
+
+  Raises:
+    TypeError: non-array inputs, non-floating or mismatched dtypes.
+    ValueError: wrong ranks or layouts, channel mismatch, bad strides,
+      dilations, padding or method, or an empty output.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dw5d_jax as dw
+    >>> x = jnp.ones((1, 8, 8, 8, 4))     # (N, D, H, W, C)
+    >>> k = jnp.ones((3, 3, 3, 4, 1))     # (kd, kh, kw, C, M)
+    >>> dw.depthwise_conv3d(x, k, strides=2).shape
+    (1, 4, 4, 4, 4)
+  """
+  fn = "depthwise_conv3d"
+  _args.check_array(fn, "x", x)
+  _args.check_array(fn, "kernel", kernel)
+  layout = _args.check_layout(fn, x, data_format, allowed_5d=True, allowed_4d=False)
+  return _apply(
+      x, kernel, fn=fn, conv_axes="DHW", layout=layout,
+      strides=_args.int_tuple(fn, "strides", strides, 3, "DHW"),
+      dilations=_args.int_tuple(fn, "dilations", dilations, 3, "DHW"),
+      padding=_args.check_padding(fn, padding, "DHW"),
+      method=_args.check_method(fn, method),
+      precision=_args.check_precision(fn, precision),
+      preferred=_args.check_preferred(fn, preferred_element_type))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "fn", "conv_axes", "layout", "strides", "dilations", "padding", "method",
+    "precision", "preferred"))
+def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
+           strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
+           method: str, precision: Any, preferred: Any) -> jax.Array:
+  """Shape checks (at trace time), normalisation, lowering, restoring the layout."""
+  rank4 = x.ndim == 4
+  x5, k5, spec = _args.normalize(
+      fn, x, kernel, conv_axes=conv_axes, layout=layout, strides=strides,
+      dilations=dilations, padding=padding, precision=precision, preferred=preferred)
+  y = lower(x5, k5, spec, method)
+  if rank4:
+    y = y.squeeze(1 if spec.channels_last else 2)
+  return y

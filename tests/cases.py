@@ -1,0 +1,91 @@
+"""Random convolution configurations for property tests, and how to run them.
+
+A `Case` holds everything for one call, in user terms; `run` calls the
+library, `expected` calls the independent float64 reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+
+import dw5d_jax as dw
+from dw5d_jax._reference import depthwise_reference
+
+METHODS = ("auto", "conv", "shift")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  op: str  # "2d" or "3d"
+  layout: str
+  conv_axes: str  # "HW", "DW", ..., or "DHW"
+  x_shape: tuple[int, ...]
+  k_shape: tuple[int, ...]
+  strides: Any
+  dilations: Any
+  padding: Any
+
+  def kwargs(self) -> dict[str, Any]:
+    kw = dict(strides=self.strides, dilations=self.dilations, padding=self.padding,
+              data_format=self.layout)
+    if self.op == "2d" and len(self.x_shape) == 5:
+      kw["axes"] = self.conv_axes
+    return kw
+
+  def run(self, x, k, **extra):
+    fn = dw.depthwise_conv2d if self.op == "2d" else dw.depthwise_conv3d
+    return fn(x, k, **self.kwargs(), **extra)
+
+  def expected(self, x, k) -> np.ndarray:
+    return depthwise_reference(x, k, axes=self.conv_axes, strides=self.strides,
+                               dilations=self.dilations, padding=self.padding,
+                               data_format=self.layout)
+
+
+def x_shape(layout: str, n: int, sizes: dict[str, int], c: int) -> tuple[int, ...]:
+  return tuple(n if a == "N" else c if a == "C" else sizes[a] for a in layout)
+
+
+def output_nonempty(n: int, k: int, s: int, r: int, padding: Any) -> bool:
+  e = (k - 1) * r + 1
+  if padding == "SAME":
+    return n >= 1
+  lo, hi = (0, 0) if padding == "VALID" else padding
+  return n + lo + hi - e >= 0
+
+
+@st.composite
+def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4):
+  op = draw(st.sampled_from(ops))
+  if op == "3d":
+    layout, conv_axes = draw(st.sampled_from(["NDHWC", "NCDHW"])), "DHW"
+  elif draw(st.booleans()):
+    layout, conv_axes = draw(st.sampled_from(["NHWC", "NCHW"])), "HW"
+  else:
+    layout = draw(st.sampled_from(["NDHWC", "NCDHW"]))
+    conv_axes = draw(st.permutations("DHW"))[:2]
+    conv_axes = "".join(conv_axes)
+  nc = len(conv_axes)
+  ks = [draw(st.integers(1, max_kernel)) for _ in range(nc)]
+  ss = [draw(st.integers(1, 3)) for _ in range(nc)]
+  rs = [draw(st.integers(1, 3)) for _ in range(nc)]
+  pad_kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
+  pads = [(draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nc)]
+  sizes = {a: draw(st.integers(1, max_size)) for a in "DHW"}
+  for i, a in enumerate(conv_axes):
+    p = pads[i] if pad_kind == "explicit" else pad_kind
+    assume(output_nonempty(sizes[a], ks[i], ss[i], rs[i], p))
+  c, m, n = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+  scalar = draw(st.booleans())
+  return Case(
+      op=op, layout=layout, conv_axes=conv_axes,
+      x_shape=x_shape(layout, n, sizes, c), k_shape=(*ks, c, m),
+      strides=ss[0] if scalar and len(set(ss)) == 1 else tuple(ss),
+      dilations=rs[0] if scalar and len(set(rs)) == 1 else tuple(rs),
+      padding=tuple(pads) if pad_kind == "explicit" else pad_kind,
+  )

@@ -1,0 +1,103 @@
+"""The float64 reference itself: against a brute-force loop and against TF.
+
+Expected values here come from (a) a per-output-element loop written straight
+from the definition, and (b) `tf.nn.depthwise_conv2d` on the fold-depth path
+(../shared/ORIGIN.md, Example 1): reshape (N, D, H, W, C) to (N*D, H, W, C).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import random_array
+
+from dw5d_jax._reference import depthwise_reference
+
+
+def _brute_force(x, k, strides, dilations, pads):
+  """One output element at a time; x channels-last (N, *S, C), S = convolved axes only."""
+  nsp = x.ndim - 2
+  n, c, m = x.shape[0], x.shape[-1], k.shape[-1]
+  outs = [(x.shape[1 + i] + pads[i][0] + pads[i][1] - ((k.shape[i] - 1) * dilations[i] + 1))
+          // strides[i] + 1 for i in range(nsp)]
+  y = np.zeros((n, *outs, c * m))
+  for b, *o in itertools.product(range(n), *(range(s) for s in outs)):
+    for ch, mm in itertools.product(range(c), range(m)):
+      total = 0.0
+      for t in itertools.product(*(range(s) for s in k.shape[:nsp])):
+        p = [o[i] * strides[i] + t[i] * dilations[i] - pads[i][0] for i in range(nsp)]
+        if all(0 <= p[i] < x.shape[1 + i] for i in range(nsp)):
+          total += x[(b, *p, ch)] * k[(*t, ch, mm)]
+      y[(b, *o, ch * m + mm)] = total
+  return y
+
+
+@pytest.mark.parametrize("strides,dilations,pads", [
+    ((1, 1, 1), (1, 1, 1), ((0, 0), (0, 0), (0, 0))),
+    ((2, 1, 3), (1, 2, 1), ((1, 0), (0, 2), (2, 1))),
+    ((1, 2, 2), (2, 1, 2), ((0, 1), (1, 1), (0, 0))),
+])
+def test_reference_matches_brute_force_3d(rng, strides, dilations, pads):
+  x = rng.standard_normal((2, 5, 6, 4, 3))
+  k = rng.standard_normal((2, 3, 2, 3, 2))
+  got = depthwise_reference(x, k, axes="DHW", strides=strides, dilations=dilations, padding=pads)
+  np.testing.assert_allclose(got, _brute_force(x, k, strides, dilations, pads), rtol=1e-12)
+
+
+@pytest.mark.parametrize("axes", ["HW", "DW", "DH", "WD"])
+def test_reference_matches_brute_force_per_slice(rng, axes):
+  """Per-slice 2D: move the carried axis into batch by hand, then brute force."""
+  x = rng.standard_normal((2, 4, 5, 6, 2))
+  k = rng.standard_normal((3, 2, 2, 2))
+  pads = ((1, 1), (0, 2))
+  got = depthwise_reference(x, k, axes=axes, strides=(2, 1), dilations=(1, 2), padding=pads)
+  carried = "DHW".replace(axes[0], "").replace(axes[1], "")
+  order = [1 + "DHW".index(a) for a in (carried, *axes)]
+  xt = x.transpose(0, *order, 4)  # (N, carried, a0, a1, C)
+  flat = xt.reshape(-1, *xt.shape[2:])
+  flat_out = _brute_force(flat, k, (2, 1), (1, 2), pads)
+  want = flat_out.reshape(xt.shape[0], xt.shape[1], *flat_out.shape[1:])
+  inv = np.argsort([0, *order, 4])
+  np.testing.assert_allclose(got, want.transpose(inv), rtol=1e-12)
+
+
+def test_reference_same_padding_split_matches_brute_force(rng):
+  """SAME with stride: TF's split puts the smaller half low (n=6, k=4, s=2 -> (1, 2))."""
+  x = rng.standard_normal((1, 6, 1))
+  k = rng.standard_normal((4, 1, 1))
+  got = depthwise_reference(x[:, None, None], k[None], axes="HW", strides=2, padding="SAME")
+  want = _brute_force(x, k, (2,), (1,), ((1, 2),))
+  np.testing.assert_allclose(got[:, 0, 0], want, rtol=1e-12)
+
+
+tf = pytest.importorskip("tensorflow")
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("strides,dilations", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("multiplier", [1, 3])
+def test_reference_matches_tf_fold_depth(rng, padding, strides, dilations, multiplier):
+  n, d, h, w, c = 2, 3, 9, 8, 4
+  x = random_array(rng, (n, d, h, w, c), "float64")
+  k = random_array(rng, (3, 2, c, multiplier), "float64")
+  folded = tf.reshape(tf.constant(x), (n * d, h, w, c))
+  y = tf.nn.depthwise_conv2d(folded, tf.constant(k), strides=[1, strides, strides, 1],
+                             padding=padding, dilations=[dilations, dilations])
+  want = tf.reshape(y, (n, d, *y.shape[1:])).numpy()
+  got = depthwise_reference(x, k, axes="HW", strides=strides, dilations=dilations,
+                            padding=padding)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_matches_tf_explicit_padding_nchw(rng):
+  x = random_array(rng, (2, 3, 7, 6), "float64")  # NCHW
+  k = random_array(rng, (3, 3, 3, 2), "float64")
+  pads = ((2, 0), (1, 3))
+  want = tf.nn.depthwise_conv2d(
+      tf.transpose(tf.constant(x), (0, 2, 3, 1)), tf.constant(k), strides=[1, 1, 1, 1],
+      padding=[[0, 0], list(pads[0]), list(pads[1]), [0, 0]])
+  got = depthwise_reference(x, k, axes="HW", padding=pads, data_format="NCHW")
+  np.testing.assert_allclose(got, tf.transpose(want, (0, 3, 1, 2)).numpy(), rtol=1e-10,
+                             atol=1e-10)
