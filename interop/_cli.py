@@ -1,60 +1,40 @@
-"""The `dw5d` command: one entry point, subcommands imported lazily."""
+"""The `dw5d` command: one entry point, each subcommand in its own module.
+
+A subcommand module defines `HELP` (one line), `configure(parser)` (adds its
+arguments) and `run(args) -> int` (the exit code). Modules are imported only
+when their subcommand runs, so `dw5d demo` never pays for TensorFlow unless it
+uses it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import time
 
-
-def _demo(args: argparse.Namespace) -> int:
-  """Computes both ops with every method on a random volume, checks the reference."""
-  import jax
-  import numpy as np
-
-  import dw5d_jax as dw
-  from dw5d_jax._reference import depthwise_reference
-
-  rng = np.random.default_rng(args.seed)
-  x = rng.standard_normal((2, 12, 24, 24, 8)).astype(np.float32)  # (N, D, H, W, C)
-  k2 = rng.standard_normal((3, 3, 8, 2)).astype(np.float32)  # (kh, kw, C, M)
-  k3 = rng.standard_normal((3, 3, 3, 8, 1)).astype(np.float32)  # (kd, kh, kw, C, M)
-  jobs = [
-      ("per-slice 2D, axes=HW", lambda m: dw.depthwise_conv2d(x, k2, axes="HW", method=m),
-       lambda: depthwise_reference(x, k2, axes="HW")),
-      ("per-slice 2D, axes=DW, stride 2", lambda m: dw.depthwise_conv2d(
-          x, k2, axes="DW", strides=2, method=m),
-       lambda: depthwise_reference(x, k2, axes="DW", strides=2)),
-      ("3D, 3x3x3", lambda m: dw.depthwise_conv3d(x, k3, method=m),
-       lambda: depthwise_reference(x, k3, axes="DHW")),
-  ]
-  print(f"x {x.shape} float32 on {jax.default_backend()}; reference: float64 NumPy")
-  print(f"{'op':34} {'method':7} {'out shape':22} {'max abs err':>12} {'ms':>8}")
-  failed = 0
-  for name, run, ref in jobs:
-    want = ref()
-    for method in ("auto", "conv", "shift"):
-      jax.block_until_ready(run(method))  # compile
-      t0 = time.perf_counter()
-      y = jax.block_until_ready(run(method))
-      ms = (time.perf_counter() - t0) * 1e3
-      err = float(np.max(np.abs(np.asarray(y, np.float64) - want)))
-      ok = err <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
-      failed += not ok
-      print(f"{name:34} {method:7} {str(y.shape):22} {err:12.2e} {ms:8.2f}"
-            f"{'' if ok else '  FAIL'}")
-  print("all results match the reference" if not failed else f"{failed} result(s) FAILED")
-  return 1 if failed else 0
+# name -> module implementing it.
+SUBCOMMANDS = {
+    "demo": "interop._demo",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="dw5d", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-  demo = sub.add_parser("demo", help="run both ops on a random volume and check them")
-  demo.add_argument("--seed", type=int, default=0)
-  demo.set_defaults(run=_demo)
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(
+      prog="dw5d", description="dw5d-jax: depthwise convolution on 5D tensors.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  # Only the chosen subcommand's module is imported (to add its arguments).
+  chosen = next((a for a in argv if not a.startswith("-")), None)
+  for name, module_name in SUBCOMMANDS.items():
+    if name == chosen:
+      module = importlib.import_module(module_name)
+      p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+      module.configure(p)
+      p.set_defaults(run=module.run)
+    else:
+      sub.add_parser(name, help=f"(see dw5d {name} --help)")
   args = parser.parse_args(argv)
-  return args.run(args)
+  return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":
