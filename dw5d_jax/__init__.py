@@ -4,7 +4,11 @@ Public API:
   depthwise_conv2d: 2D depthwise convolution per slice of a 5D tensor (or a
     drop-in for `tf.nn.depthwise_conv2d` on 4D tensors).
   depthwise_conv3d: true 3D depthwise convolution.
+  nn: Flax NNX layers (`DepthwiseConv3D`, `DepthwiseConv2D`), imported on
+    first access; needs the `flax` extra.
 """
+
+import importlib as _importlib
 
 from dw5d_jax._depthwise import depthwise_conv2d as depthwise_conv2d
 from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
@@ -12,3 +16,10 @@ from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
 __version__ = "0.1.0"
 
 __all__ = ["depthwise_conv2d", "depthwise_conv3d"]
+
+
+def __getattr__(name: str):
+  # `dw5d_jax.nn` pulls in flax: import it only when a user asks for it.
+  if name == "nn":
+    return _importlib.import_module("dw5d_jax.nn")
+  raise AttributeError(f"module 'dw5d_jax' has no attribute {name!r}")

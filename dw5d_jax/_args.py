@@ -97,7 +97,7 @@ class ConvSpec(NamedTuple):
 def int_tuple(fn: str, name: str, value: Any, n: int, axes: str) -> tuple[int, ...]:
   """A positive int, or one per convolved axis, as a tuple of `n` ints."""
   per_axis = f"one per convolved axis ({', '.join(axes)})"
-  if _is_int(value):
+  if is_int(value):
     values = (value,) * n
   elif isinstance(value, Sequence) and not isinstance(value, str):
     values = tuple(value)
@@ -110,7 +110,7 @@ def int_tuple(fn: str, name: str, value: Any, n: int, axes: str) -> tuple[int, .
         f"{fn}: `{name}` must be a positive int or a sequence of {n} positive ints, "
         f"{per_axis}; got {type(value).__name__} {value!r}.")
   for v in values:
-    if not _is_int(v):
+    if not is_int(v):
       raise TypeError(
           f"{fn}: `{name}` must contain only ints, got {type(v).__name__} {v!r} "
           f"in {value!r}.")
@@ -139,7 +139,7 @@ def check_padding(fn: str, padding: Any, axes: str) -> str | tuple[tuple[int, in
   out = []
   for pair in pairs:
     if (not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2
-        or not all(_is_int(p) for p in pair)):
+        or not all(is_int(p) for p in pair)):
       raise TypeError(f"{expected}; got entry {pair!r} in {padding!r}.")
     if pair[0] < 0 or pair[1] < 0:
       raise ValueError(f"{expected}; got negative padding {pair!r} in {padding!r}.")
@@ -349,7 +349,7 @@ def check_layout(fn: str, x: jax.Array, data_format: Any, allowed_5d: bool,
 # Small helpers.
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
   return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 

@@ -9,12 +9,15 @@ import re
 import pytest
 
 import dw5d_jax._depthwise
+import dw5d_jax._layers
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_docstring_examples():
-  failures, tried = doctest.testmod(dw5d_jax._depthwise, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [dw5d_jax._depthwise, dw5d_jax._layers],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert tried > 0
   assert failures == 0
 

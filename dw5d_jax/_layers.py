@@ -1,0 +1,244 @@
+"""Flax NNX layers over the functional ops (public through `dw5d_jax.nn`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+from jax import lax
+from jax.typing import DTypeLike
+
+from dw5d_jax import _args
+from dw5d_jax._depthwise import depthwise_conv2d, depthwise_conv3d
+
+Initializer = Any
+
+
+def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
+  """Initialises a `(*window, C, M)` depthwise kernel with per-filter fan-in.
+
+  Each of the `C * M` filters sees one input channel, so its fan-in is
+  `prod(window)`, not `prod(window) * C` as a generic initializer would assume
+  from the shape. The base initializer (default: `lecun_normal`, as
+  `nnx.Conv`) draws the kernel as `(*window, 1, C * M)`, the grouped-conv
+  layout, which has exactly that fan-in; it is then reshaped.
+  """
+  base = nnx.initializers.lecun_normal() if base is None else base
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
+    *window, c, m = shape
+    return base(key, (*window, 1, c * m), dtype).reshape(shape)
+
+  return init
+
+
+class _DepthwiseConv(nnx.Module):
+  """Shared parameter handling; subclasses say how to call the op."""
+
+  _op_name: str
+  _nconv: int
+
+  def __init__(
+      self,
+      in_features: int,
+      kernel_size: int | Sequence[int],
+      *,
+      depth_multiplier: int,
+      strides: int | Sequence[int],
+      padding: str | Sequence[tuple[int, int]],
+      dilations: int | Sequence[int],
+      use_bias: bool,
+      kernel_init: Initializer | None,
+      bias_init: Initializer,
+      dtype: DTypeLike | None,
+      param_dtype: DTypeLike,
+      precision: lax.PrecisionLike,
+      method: str,
+      axes: str,
+      rngs: nnx.Rngs,
+  ):
+    fn = type(self).__name__
+    if not _args.is_int(in_features) or in_features < 1:
+      raise ValueError(f"{fn}: `in_features` must be a positive int, got {in_features!r}.")
+    if not _args.is_int(depth_multiplier) or depth_multiplier < 1:
+      raise ValueError(f"{fn}: `depth_multiplier` must be a positive int, got "
+                       f"{depth_multiplier!r}.")
+    self.kernel_size = _args.int_tuple(fn, "kernel_size", kernel_size, self._nconv, axes)
+    # Checked now so a bad layer fails when it is built, not at the first call.
+    self.strides = _args.int_tuple(fn, "strides", strides, self._nconv, axes)
+    self.dilations = _args.int_tuple(fn, "dilations", dilations, self._nconv, axes)
+    self.padding = _args.check_padding(fn, padding, axes)
+    self.method = _args.check_method(fn, method)
+    self.precision = _args.check_precision(fn, precision)
+    self.in_features = in_features
+    self.depth_multiplier = depth_multiplier
+    self.out_features = in_features * depth_multiplier
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    kernel_init = depthwise_kernel_init() if kernel_init is None else kernel_init
+    shape = (*self.kernel_size, in_features, depth_multiplier)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
+                 if use_bias else None)
+
+  def _apply(self, x: jax.Array, spatial: int, **op_kwargs: Any) -> jax.Array:
+    """Flattens leading batch dims (or adds one), calls the op, adds the bias."""
+    fn = type(self).__name__
+    if x.ndim < spatial + 1:
+      raise ValueError(f"{fn}: input must have shape (*batch, {self._shape_doc}), got "
+                       f"shape {tuple(x.shape)}.")
+    batch_shape = x.shape[:x.ndim - spatial - 1]
+    x = x.reshape((math.prod(batch_shape), *x.shape[len(batch_shape):]))
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    y = self._op(x, kernel, strides=self.strides, padding=self.padding,
+                 dilations=self.dilations, method=self.method, precision=self.precision,
+                 **op_kwargs)
+    if bias is not None:
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    return y.reshape((*batch_shape, *y.shape[1:]))
+
+
+class DepthwiseConv3D(_DepthwiseConv):
+  """True 3D depthwise convolution: `Conv3d(groups=C)` in PyTorch terms.
+
+  Follows `flax.nnx.Conv` conventions: channels-last input
+  `(*batch, D, H, W, in_features)` (any number of leading batch dims, or
+  none), output `(*batch, D', H', W', in_features * depth_multiplier)`.
+  The kernel is stored as `(kd, kh, kw, in_features, depth_multiplier)`, the
+  library's (and TF's depthwise) layout, so TF weights load as they are.
+
+  Args:
+    in_features: number of input channels `C`.
+    kernel_size: an int or `(kd, kh, kw)`.
+    depth_multiplier: filters per input channel `M`.
+    strides, padding, dilations, method, precision: as in
+      `dw5d_jax.depthwise_conv3d`.
+    use_bias: add a bias of shape `(C * M,)`.
+    kernel_init: default `depthwise_kernel_init()` (lecun normal with the
+      per-filter fan-in `kd * kh * kw`).
+    bias_init: default zeros.
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter dtype.
+    rngs: `nnx.Rngs` for initialisation.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from dw5d_jax.nn import DepthwiseConv3D
+    >>> layer = DepthwiseConv3D(4, 3, depth_multiplier=2, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 8, 8, 8, 4))).shape
+    (2, 8, 8, 8, 8)
+  """
+
+  _nconv = 3
+  _shape_doc = "D, H, W, C"
+
+  def __init__(
+      self,
+      in_features: int,
+      kernel_size: int | Sequence[int],
+      *,
+      depth_multiplier: int = 1,
+      strides: int | Sequence[int] = 1,
+      padding: str | Sequence[tuple[int, int]] = "SAME",
+      dilations: int | Sequence[int] = 1,
+      use_bias: bool = True,
+      kernel_init: Initializer | None = None,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      dtype: DTypeLike | None = None,
+      param_dtype: DTypeLike = jnp.float32,
+      precision: lax.PrecisionLike = None,
+      method: str = "auto",
+      rngs: nnx.Rngs,
+  ):
+    super().__init__(
+        in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
+        padding=padding, dilations=dilations, use_bias=use_bias, kernel_init=kernel_init,
+        bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        method=method, axes="DHW", rngs=rngs)
+
+  def _op(self, x, kernel, **kwargs):
+    return depthwise_conv3d(x, kernel, **kwargs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `(*batch, D, H, W, C)` input."""
+    return self._apply(x, 3)
+
+
+class DepthwiseConv2D(_DepthwiseConv):
+  """2D depthwise convolution, on 4D input or per slice of 5D input.
+
+  Follows `flax.nnx.Conv` conventions (channels-last, any number of leading
+  batch dims). With `axes=None` the input is `(*batch, H, W, C)`, like
+  Keras's `DepthwiseConv2D`. With `axes` two letters of `D`, `H`, `W`, the
+  input is `(*batch, D, H, W, C)` and every slice along the third axis is
+  convolved over the two named axes (kernel dim i along `axes[i]`). The kernel
+  is `(k0, k1, in_features, depth_multiplier)`, TF's depthwise layout.
+
+  Args:
+    in_features: number of input channels `C`.
+    kernel_size: an int or `(k0, k1)`.
+    depth_multiplier: filters per input channel `M`.
+    axes: `None` for 4D input, or e.g. `"HW"`, `"DW"` for per-slice 5D input.
+    strides, padding, dilations, method, precision: as in
+      `dw5d_jax.depthwise_conv2d`.
+    use_bias, kernel_init, bias_init, dtype, param_dtype, rngs: as in
+      `DepthwiseConv3D`.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from dw5d_jax.nn import DepthwiseConv2D
+    >>> layer = DepthwiseConv2D(3, (3, 5), axes="DW", rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 6, 7, 8, 3))).shape
+    (2, 6, 7, 8, 3)
+  """
+
+  _nconv = 2
+
+  def __init__(
+      self,
+      in_features: int,
+      kernel_size: int | Sequence[int],
+      *,
+      depth_multiplier: int = 1,
+      strides: int | Sequence[int] = 1,
+      padding: str | Sequence[tuple[int, int]] = "SAME",
+      dilations: int | Sequence[int] = 1,
+      axes: str | None = None,
+      use_bias: bool = True,
+      kernel_init: Initializer | None = None,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      dtype: DTypeLike | None = None,
+      param_dtype: DTypeLike = jnp.float32,
+      precision: lax.PrecisionLike = None,
+      method: str = "auto",
+      rngs: nnx.Rngs,
+  ):
+    self.axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
+    super().__init__(
+        in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
+        padding=padding, dilations=dilations, use_bias=use_bias, kernel_init=kernel_init,
+        bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        method=method, axes=self.axes or "HW", rngs=rngs)
+
+  @property
+  def _shape_doc(self) -> str:
+    return "H, W, C" if self.axes is None else "D, H, W, C"
+
+  def _op(self, x, kernel, **kwargs):
+    if self.axes is not None:
+      kwargs["axes"] = self.axes
+    return depthwise_conv2d(x, kernel, **kwargs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `(*batch, H, W, C)` or, with `axes`, `(*batch, D, H, W, C)`."""
+    return self._apply(x, 2 if self.axes is None else 3)

@@ -1,0 +1,142 @@
+"""Flax NNX layers (dw5d_jax._layers, public as dw5d_jax.nn)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, random_array
+from flax import nnx
+
+import dw5d_jax as dw
+from dw5d_jax._reference import depthwise_reference
+from dw5d_jax.nn import DepthwiseConv2D, DepthwiseConv3D
+
+
+def _params(layer) -> int:
+  return sum(p.size for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv3d_shapes_params_and_reference(rng, use_bias):
+  layer = DepthwiseConv3D(3, (3, 2, 3), depth_multiplier=2, strides=(1, 2, 1), dilations=(2, 1, 1),
+                          use_bias=use_bias, rngs=nnx.Rngs(0))
+  assert layer.kernel.shape == (3, 2, 3, 3, 2)
+  assert _params(layer) == 3 * 2 * 3 * 3 * 2 + (6 if use_bias else 0)
+  if use_bias:
+    layer.bias[...] = jnp.asarray(random_array(rng, (6,)))
+  x = random_array(rng, (2, 5, 6, 7, 3))
+  y = layer(x)
+  assert y.shape == (2, 5, 3, 7, 6)
+  want = depthwise_reference(x, np.asarray(layer.kernel[...]), axes="DHW", strides=(1, 2, 1),
+                             dilations=(2, 1, 1))
+  if use_bias:
+    want = want + np.asarray(layer.bias[...])
+  assert_close(y, want)
+
+
+@pytest.mark.parametrize("axes", [None, "HW", "DW", "WD"])
+def test_conv2d_matches_functional_api(rng, axes):
+  layer = DepthwiseConv2D(4, (3, 2), depth_multiplier=3, axes=axes, padding="VALID",
+                          rngs=nnx.Rngs(1))
+  layer.bias[...] = jnp.asarray(random_array(rng, (12,)))
+  x = random_array(rng, (2, 6, 7, 4) if axes is None else (2, 5, 6, 7, 4))
+  kw = {} if axes is None else {"axes": axes}
+  want = dw.depthwise_conv2d(x, layer.kernel[...], padding="VALID", **kw)
+  want = want + layer.bias[...].reshape((1,) * (want.ndim - 1) + (12,))
+  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_leading_batch_dims_and_unbatched_input(rng):
+  layer = DepthwiseConv3D(2, 3, rngs=nnx.Rngs(0))
+  x = random_array(rng, (3, 2, 4, 5, 6, 2))  # two batch dims
+  y = layer(x)
+  assert y.shape == (3, 2, 4, 5, 6, 2)
+  np.testing.assert_allclose(np.asarray(y[1]), np.asarray(layer(x[1])), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(layer(x[1, 0])), np.asarray(y[1, 0]), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_nnx_jit_and_grad_match_functional(rng):
+  layer = DepthwiseConv3D(3, 3, depth_multiplier=2, strides=2, rngs=nnx.Rngs(0))
+  x = jnp.asarray(random_array(rng, (2, 5, 6, 7, 3)))
+  ct = jnp.asarray(random_array(rng, (2, 3, 3, 4, 6)))
+
+  @nnx.jit
+  def loss(model, x):
+    return jnp.sum(model(x) * ct)
+
+  grads = nnx.grad(loss)(layer, x)
+  k, b = layer.kernel[...], layer.bias[...]
+  gk, gb = jax.grad(
+      lambda k, b: jnp.sum((dw.depthwise_conv3d(x, k, strides=2) + b.reshape(1, 1, 1, 1, 6))
+                           * ct), argnums=(0, 1))(k, b)
+  assert_close(grads["kernel"][...], gk)
+  assert_close(grads["bias"][...], gb)
+  assert_close(loss(layer, x), jnp.sum(layer(x) * ct))
+
+
+def test_kernel_init_uses_per_filter_fan_in():
+  """lecun normal: std = 1/sqrt(fan_in) with fan_in = kd*kh*kw, not kd*kh*kw*C."""
+  layer = DepthwiseConv3D(64, 3, depth_multiplier=4, rngs=nnx.Rngs(0))
+  std = float(jnp.std(layer.kernel[...]))
+  assert abs(std - 1 / np.sqrt(27)) < 0.05 / np.sqrt(27), std
+
+
+def test_dtypes():
+  layer = DepthwiseConv2D(2, 3, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert layer.kernel[...].dtype == jnp.float32
+  y = layer(jnp.ones((1, 5, 5, 2), jnp.float32))
+  assert y.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda: DepthwiseConv3D(0, 3, rngs=nnx.Rngs(0)),
+     r"DepthwiseConv3D: `in_features` must be a positive int, got 0"),
+    (lambda: DepthwiseConv3D(2, (3, 3), rngs=nnx.Rngs(0)),
+     r"DepthwiseConv3D: `kernel_size` must be a positive int or a sequence of 3 positive "
+     r"ints, one per convolved axis \(D, H, W\); got 2 values"),
+    (lambda: DepthwiseConv2D(2, 3, depth_multiplier=0, rngs=nnx.Rngs(0)),
+     r"DepthwiseConv2D: `depth_multiplier` must be a positive int, got 0"),
+    (lambda: DepthwiseConv2D(2, 3, axes="XY", rngs=nnx.Rngs(0)),
+     r"DepthwiseConv2D: `axes` must be two distinct letters"),
+    (lambda: DepthwiseConv2D(2, 3, padding="full", rngs=nnx.Rngs(0)),
+     r"DepthwiseConv2D: `padding` must be 'SAME', 'VALID'"),
+    (lambda: DepthwiseConv3D(2, 3, strides=0, rngs=nnx.Rngs(0)),
+     r"DepthwiseConv3D: `strides` must be positive"),
+])
+def test_bad_construction_raises(make, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    make()
+
+
+def test_bad_input_raises():
+  layer = DepthwiseConv2D(3, 3, axes="HW", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"DepthwiseConv2D: input must have shape "
+                     r"\(\*batch, D, H, W, C\), got shape \(5, 5\)"):
+    layer(jnp.ones((5, 5)))
+  with pytest.raises(ValueError, match=r"must equal the channels of `x` \(4"):
+    layer(jnp.ones((1, 2, 5, 5, 4)))
+
+
+def test_loads_keras_depthwise_conv2d_weights(rng):
+  """Keras's DepthwiseConv2D kernel is already (kh, kw, C, M): weights load as they are."""
+  keras = pytest.importorskip("keras")
+  x = random_array(rng, (2, 9, 8, 3))
+  klayer = keras.layers.DepthwiseConv2D((3, 2), depth_multiplier=2, strides=2, padding="same",
+                                        bias_initializer="random_normal")
+  want = np.asarray(klayer(x))
+  kernel, bias = (np.asarray(w) for w in klayer.get_weights())
+  layer = DepthwiseConv2D(3, (3, 2), depth_multiplier=2, strides=2, rngs=nnx.Rngs(0))
+  layer.kernel[...] = jnp.asarray(kernel)
+  layer.bias[...] = jnp.asarray(bias)
+  assert_close(layer(x), want)
+
+
+def test_importing_dw5d_jax_does_not_import_flax():
+  import subprocess
+  import sys
+  code = ("import sys, dw5d_jax; assert 'flax' not in sys.modules; "
+          "dw5d_jax.nn.DepthwiseConv3D; assert 'flax' in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
