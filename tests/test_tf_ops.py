@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import doctest
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +72,7 @@ def test_every_fold_axis_and_layout(rng, mode, layout, axes):
 @pytest.mark.parametrize("strides,dilations,padding", [
     ((2, 2), (4, 2), "SAME"),  # dilation a multiple of the stride: subsample first
     ((2, 3), (1, 1), "VALID"),  # unequal strides: TF strides by gcd, slices the rest
+    ((2, 4), (1, 1), "SAME"),  # gcd 2: TF strides by 2, a slice keeps every 2nd along W
     ((3, 1), (2, 3), ((2, 1), (0, 3))),  # explicit padding, strides and dilations
     ((1, 1), (3, 2), ((1, 1), (2, 0))),
 ])
@@ -168,6 +171,13 @@ def test_classic_reshape_mistake_differs_from_axes_dw(rng):
       tf.reshape(tf.transpose(x, [0, 2, 1, 3, 4]), (b * h, d, w, c)), k,
       strides=[1, 1, 1, 1], padding="SAME")
   assert_close(ours, tf.reshape(fixed, (b, h, d, w, c)).numpy().transpose(0, 2, 1, 3, 4))
+
+
+def test_importing_interop_does_not_import_tensorflow():
+  """`dw5d demo` and friends must not pay for TF; the TF ops load on first use."""
+  code = ("import sys, interop, interop._cli; assert 'tensorflow' not in sys.modules; "
+          "interop.tf_depthwise_conv3d; assert 'tensorflow' in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_docstring_examples():
