@@ -96,9 +96,8 @@ def tf_depthwise_conv2d(
   # One transpose takes x from its layout to (N, [F,] A0, A1, C): F the carried
   # axis, A0 and A1 the convolved axes in kernel order. With F next to N the
   # reshape that folds it into batch keeps every slice intact.
-  letters = ("N" + "DHW".replace(axes[0], "").replace(axes[1], "") if x.shape.rank == 5
-             else "N") + axes + "C"
-  perm = [layout.index(a) for a in letters]
+  carried = "DHW".replace(axes[0], "").replace(axes[1], "") if x.shape.rank == 5 else ""
+  perm = [layout.index(a) for a in "N" + carried + axes + "C"]
   xt = _cast(_transpose(x, perm), _compute_dtype(dtype))
   k = _cast(kernel, _compute_dtype(dtype))
   if x.shape.rank == 4:
@@ -215,7 +214,7 @@ class _Conv2d:
     outputs, output o reading padded positions 2o, 2o + 2, 2o + 4.
     """
     pads, pre, dil, post = [(0, 0)] * 4, [1, 1], [1, 1], [1, 1]
-    for i in range(2):
+    for i in sorted(range(2), key=lambda i: "DHW".index(self.axes[i])):  # dw5d_jax's order
       lo, hi, _ = _window(self.fn, self.axes[i], _dim(x, 1 + i), int(kernel.shape[i]),
                           self.strides[i], self.dilations[i], self.padding, self.first + i)
       pads[1 + i] = (lo, hi)

@@ -220,6 +220,8 @@ SHARED = [
      np.ones((5, 3, 3, 3, 1), np.float32), {"padding": "VALID"}, ValueError),
     ("empty output dilated", tf_conv2d, dw.depthwise_conv2d, X5, K2,
      {"padding": ((1, 0), (0, 0)), "dilations": 4}, ValueError),
+    ("empty output D and W", tf_conv2d, dw.depthwise_conv2d, X5, K2,
+     {"axes": "WD", "padding": "VALID", "dilations": 3}, ValueError),
     ("empty output W", tf_conv3d, dw.depthwise_conv3d, X5, K3,
      {"padding": ((0, 0), (0, 0), (1, 1)), "dilations": (1, 1, 4)}, ValueError),
     ("zero-size kernel", tf_conv3d, dw.depthwise_conv3d, X5,
