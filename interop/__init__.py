@@ -3,4 +3,30 @@
 Reference TF implementations, the JAX-vs-TF parity suite and SavedModel
 export through jax2tf. This package may import `dw5d_jax`; `dw5d_jax` never
 imports TensorFlow.
+
+Public API:
+  tf_depthwise_conv2d, tf_depthwise_conv3d: the dw5d_jax ops written with
+    TensorFlow ops only (reference implementations, return `tf.Tensor`).
 """
+
+import importlib
+from typing import Any
+
+# Public name -> the module defining it. Imported on first use, so importing
+# `interop` (e.g. for the `dw5d` command) does not import TensorFlow.
+_LAZY = {
+    "tf_depthwise_conv2d": "interop._tf_ops",
+    "tf_depthwise_conv3d": "interop._tf_ops",
+}
+
+__all__ = ["tf_depthwise_conv2d", "tf_depthwise_conv3d"]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'interop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_LAZY})

@@ -1,0 +1,323 @@
+"""`dw5d parity`: dw5d_jax against the TensorFlow reference ops, on a grid of cases.
+
+For every configuration (op, fold axes, layout, strides, dilations, padding,
+multiplier) and dtype, the same rounded random `x`, `kernel` and cotangent
+`ct` go to both sides, which return `y` and the gradients of `sum(y * ct)`
+with respect to `x` and `kernel`:
+
+* JAX: `jax.jit` of the op and `jax.grad`, once per method (auto, conv, shift);
+* TF: `interop.tf_depthwise_conv2d`/`tf_depthwise_conv3d` under
+  `tf.GradientTape`, in eager mode, as a `tf.function` whose input signature
+  leaves batch and every spatial size `None` ("graph"), and the same with
+  `jit_compile=True` ("xla").
+
+Each (case, dtype, TF mode, JAX method) is a row. Errors are JAX minus TF over
+`y`, `dx` and `dk`: the largest absolute one, and the largest relative to the
+largest magnitude of TF's value. A row passes when every element satisfies
+`|jax - tf| <= atol * max(1, max|tf|) + rtol * |tf|` with the dtype's
+`(rtol, atol)` from `TOLERANCES` (the tests' table).
+
+float16 and bfloat16: both sides compute in float32 from the same rounded
+inputs and round the result (dw5d_jax accumulates half precision in float32,
+and the TF ops do the same, casting rather than using TF's half-precision
+depthwise kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+HELP = ("check dw5d_jax against the TensorFlow reference ops (outputs and gradients; eager, "
+        "graph and XLA modes)")
+
+MODES = ("eager", "graph", "xla")
+METHODS = ("auto", "conv", "shift")
+DTYPES = ("float32", "bfloat16", "float16")
+# (rtol, atol) by dtype, atol relative to max(1, max|tf|): as tests/conftest.py.
+TOLERANCES = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-5, 1e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1.6e-2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One convolution in user terms (the arguments both APIs share)."""
+
+  op: str  # "2d" or "3d"
+  layout: str
+  axes: str  # the convolved axes: "HW", "DW", ... or "DHW" for 3d
+  x_shape: tuple[int, ...]
+  k_shape: tuple[int, ...]
+  strides: Any = 1
+  dilations: Any = 1
+  padding: Any = "SAME"
+
+  @property
+  def name(self) -> str:
+    def ints(v):
+      return str(v) if isinstance(v, int) else ",".join(map(str, v))
+    pad = self.padding if isinstance(self.padding, str) else "pad" + "".join(
+        f"({lo},{hi})" for lo, hi in self.padding)
+    k = "x".join(map(str, self.k_shape[:-2]))
+    return (f"{self.op} {self.axes} {self.layout} k{k} s{ints(self.strides)} "
+            f"r{ints(self.dilations)} {pad} M{self.k_shape[-1]}")
+
+  def kwargs(self) -> dict[str, Any]:
+    kw = {"strides": self.strides, "dilations": self.dilations, "padding": self.padding,
+          "data_format": self.layout}
+    if self.op == "2d" and len(self.x_shape) == 5:
+      kw["axes"] = self.axes
+    return kw
+
+
+_C = Config
+# Every fold axis and layout, rank 4 and 5, each stride/dilation path of the TF
+# op (native, gcd stride, subsample-then-dilate, stride-1-then-slice), SAME,
+# VALID and explicit padding, multipliers 1-3, sizes smaller than the kernel.
+GRID = (
+    _C("2d", "NHWC", "HW", (2, 7, 6, 3), (3, 3, 3, 1)),
+    _C("2d", "NCHW", "HW", (2, 2, 8, 7), (2, 3, 2, 2), (2, 1), 1, "VALID"),
+    _C("2d", "NHWC", "HW", (1, 6, 7, 2), (3, 2, 2, 1), 2, 2, ((1, 2), (0, 1))),
+    _C("2d", "NDHWC", "HW", (2, 3, 7, 6, 3), (3, 3, 3, 1), 2),
+    _C("2d", "NDHWC", "DW", (2, 5, 4, 6, 2), (3, 2, 2, 2), (1, 2), (2, 1)),
+    _C("2d", "NCDHW", "DW", (1, 3, 6, 3, 7), (2, 3, 3, 1), 2, (2, 1), ((0, 1), (2, 1))),
+    _C("2d", "NDHWC", "WD", (2, 7, 3, 5, 2), (2, 3, 2, 1), (3, 1), 1, "VALID"),
+    _C("2d", "NCDHW", "DH", (1, 2, 5, 6, 4), (3, 3, 2, 3), 1, (1, 3)),
+    _C("2d", "NDHWC", "HD", (1, 6, 5, 3, 3), (1, 3, 3, 2), (1, 3), 2, ((0, 0), (1, 1))),
+    _C("2d", "NCDHW", "WH", (2, 2, 3, 7, 8), (3, 2, 2, 1), 2, 2, "VALID"),
+    _C("3d", "NDHWC", "DHW", (2, 4, 5, 6, 2), (3, 3, 3, 2, 1)),
+    _C("3d", "NCDHW", "DHW", (1, 3, 5, 6, 5), (2, 3, 2, 3, 2), (2, 1, 2), (1, 2, 1)),
+    _C("3d", "NDHWC", "DHW", (1, 6, 5, 7, 2), (3, 2, 3, 2, 1), 2, 2,
+       ((1, 1), (0, 2), (2, 0))),
+    _C("3d", "NCDHW", "DHW", (2, 2, 4, 7, 6), (3, 3, 2, 2, 2), (1, 3, 2), 1, "VALID"),
+    _C("3d", "NDHWC", "DHW", (1, 1, 2, 3, 2), (3, 5, 4, 2, 1), (1, 2, 1), (1, 1, 2)),
+)
+# The test suite's compact grid: these cases, each in float32 and one half dtype.
+QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  config: Config
+  dtype: str
+  mode: str
+  method: str
+  errors: dict[str, tuple[float, float]]  # "y", "dx", "dk" -> (max abs, max rel)
+  worst: str  # the quantity closest to (or past) its tolerance
+  ok: bool
+
+  @property
+  def max_abs(self) -> float:
+    return max(a for a, _ in self.errors.values())
+
+  @property
+  def max_rel(self) -> float:
+    return max(r for _, r in self.errors.values())
+
+
+def plan(*, quick: bool = False, dtypes: Sequence[str] = DTYPES) -> list[tuple[Config, str]]:
+  """The (config, dtype) pairs to check: the full grid, or the compact one."""
+  if not quick:
+    return [(c, d) for c in GRID for d in dtypes]
+  halves = [d for d in dtypes if d != "float32"]
+  pairs = []
+  for j, i in enumerate(QUICK):
+    pairs += [(GRID[i], d) for d in dtypes if d == "float32"]
+    if halves:
+      pairs.append((GRID[i], halves[j % len(halves)]))
+  return pairs
+
+
+def check(config: Config, dtype: str, *, modes: Sequence[str] = MODES,
+          methods: Sequence[str] = METHODS, seed: int = 0) -> list[Row]:
+  """Runs one config in one dtype on both sides; one row per (TF mode, JAX method)."""
+  import jax.numpy as jnp
+  import tensorflow as tf
+
+  rng = np.random.default_rng(seed)
+  np_dtype = jnp.dtype(dtype)
+  x = rng.standard_normal(config.x_shape).astype(np_dtype)
+  k = rng.standard_normal(config.k_shape).astype(np_dtype)
+  ct = rng.standard_normal(out_shape(config)).astype(np_dtype)
+
+  jax_out = {m: [np.asarray(a, np.float64) for a in jax_step(config, m)(x, k, ct)]
+             for m in methods}
+  rows = []
+  for mode in modes:
+    tf_out = tf_step(config, mode, tf.as_dtype(np_dtype))(
+        tf.constant(x), tf.constant(k), tf.constant(ct))
+    tf_out = [np.asarray(t.numpy(), np.float64) for t in tf_out]
+    for method in methods:
+      errors, worst, ok, badness = {}, "", True, -1.0
+      for name, a, b in zip(("y", "dx", "dk"), jax_out[method], tf_out, strict=True):
+        abs_err, rel_err, ratio = compare(a, b, dtype)
+        errors[name] = (abs_err, rel_err)
+        ok &= ratio <= 1.0
+        if ratio > badness:
+          worst, badness = name, ratio
+      rows.append(Row(config, dtype, mode, method, errors, worst, ok))
+  return rows
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> tuple[float, float, float]:
+  """`(max abs error, max relative error, worst error / allowed)` of actual vs expected."""
+  if actual.shape != expected.shape:
+    return float("inf"), float("inf"), float("inf")
+  rtol, atol = TOLERANCES[dtype]
+  diff = np.abs(actual - expected)
+  peak = float(np.max(np.abs(expected))) if expected.size else 0.0
+  allowed = atol * max(1.0, peak) + rtol * np.abs(expected)
+  abs_err = float(np.max(diff)) if diff.size else 0.0
+  ratio = float(np.max(diff / allowed)) if diff.size else 0.0
+  return abs_err, abs_err / peak if peak else abs_err, ratio
+
+
+def out_shape(config: Config) -> tuple[int, ...]:
+  """The output shape, from dw5d_jax without computing anything."""
+  import jax
+
+  import dw5d_jax as dw
+
+  op = dw.depthwise_conv2d if config.op == "2d" else dw.depthwise_conv3d
+  x = jax.ShapeDtypeStruct(config.x_shape, "float32")
+  k = jax.ShapeDtypeStruct(config.k_shape, "float32")
+  return jax.eval_shape(lambda a, b: op(a, b, **config.kwargs()), x, k).shape
+
+
+def jax_step(config: Config, method: str) -> Callable[..., tuple[Any, Any, Any]]:
+  """`(x, k, ct) -> (y, dx, dk)` in JAX: `jax.grad` of `sum(y * ct)`, under `jit`."""
+  import jax
+  import jax.numpy as jnp
+
+  import dw5d_jax as dw
+
+  op = dw.depthwise_conv2d if config.op == "2d" else dw.depthwise_conv3d
+  kw = config.kwargs()
+
+  def loss(x, k, ct):
+    y = op(x, k, method=method, **kw)
+    return jnp.sum(y * ct), y
+
+  @jax.jit
+  def step(x, k, ct):
+    (gx, gk), y = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, k, ct)
+    return y, gx, gk
+
+  return step
+
+
+def tf_step(config: Config, mode: str, dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:
+  """`(x, k, ct) -> (y, dx, dk)` with the TF ops and `tf.GradientTape`, in `mode`."""
+  import tensorflow as tf
+
+  op = tf_op(config)
+
+  def step(x, k, ct):
+    with tf.GradientTape() as tape:
+      tape.watch([x, k])
+      y = op(x, k)
+      loss = tf.reduce_sum(y * ct)
+    gx, gk = tape.gradient(loss, [x, k])
+    return y, gx, gk
+
+  c = config.x_shape[config.layout.index("C")]
+  y_channels = c * config.k_shape[-1]
+  return in_mode(step, mode, [dynamic_spec(config.layout, c, dtype),
+                              tf.TensorSpec(config.k_shape, dtype),
+                              dynamic_spec(config.layout, y_channels, dtype)])
+
+
+def tf_op(config: Config) -> Callable[[Any, Any], Any]:
+  """`(x, k) -> y` with the TF reference op and the config's arguments."""
+  from interop._tf_ops import tf_depthwise_conv2d, tf_depthwise_conv3d
+
+  op = tf_depthwise_conv2d if config.op == "2d" else tf_depthwise_conv3d
+  kw = config.kwargs()
+  return lambda x, k: op(x, k, **kw)
+
+
+def dynamic_spec(layout: str, channels: int, dtype: Any) -> Any:
+  """A `tf.TensorSpec` with only the channel size known (batch and spatial `None`)."""
+  import tensorflow as tf
+
+  return tf.TensorSpec([channels if a == "C" else None for a in layout], dtype)
+
+
+def in_mode(fn: Callable, mode: str, signature: list[Any]) -> Callable:
+  """`fn` as is ("eager"), or a `tf.function` with `signature` ("graph", "xla")."""
+  import tensorflow as tf
+
+  if mode == "eager":
+    return fn
+  if mode not in ("graph", "xla"):
+    raise ValueError(f"parity: mode must be one of {', '.join(map(repr, MODES))}, "
+                     f"got {mode!r}.")
+  return tf.function(fn, input_signature=signature, jit_compile=mode == "xla")
+
+
+# ----------------------------------------------------------------------------
+# The command.
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--quick", action="store_true",
+                      help=f"the compact grid of the test suite ({len(QUICK)} of {len(GRID)} "
+                      "cases, float32 and one half dtype each)")
+  parser.add_argument("--filter", action="append", default=[], metavar="TEXT",
+                      help="keep cases whose name and dtype contain TEXT (repeatable: all "
+                      "must match), e.g. --filter 3d --filter NCDHW")
+  parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+  parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                      help="TF modes")
+  parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                      help="dw5d_jax methods")
+  parser.add_argument("--seed", type=int, default=0, help="random seed")
+  parser.add_argument("--failures-only", action="store_true", help="print failing rows only")
+
+
+def run(args: argparse.Namespace) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ info log (XLA start-up)
+  import jax
+  import tensorflow as tf
+
+  tf.get_logger().setLevel("ERROR")  # tf.function retracing notes, one per case
+  pairs = [(c, d) for c, d in plan(quick=args.quick, dtypes=args.dtypes)
+           if all(f in f"{c.name} {d}" for f in args.filter)]
+  if not pairs:
+    print("no case matches the filters")
+    return 2
+  print(f"dw5d_jax {jax.__version__} on {jax.default_backend()} vs TensorFlow "
+        f"{tf.__version__}; TF modes {', '.join(args.modes)}; JAX methods "
+        f"{', '.join(args.methods)}")
+  print("errors are JAX - TF over y, dx, dk (gradients of sum(y * ct)); rel = abs / max|TF|; "
+        "half dtypes: both sides compute in float32 from the same rounded inputs")
+  width = max(len(c.name) for c, _ in pairs)
+  header = (f"{'case':{width}}  {'dtype':8}  {'tf':5}  {'jax':5}  {'max abs err':>11}  "
+            f"{'max rel err':>11}  {'worst':5}  result")
+  print(header)
+  print("-" * len(header))
+  t0, failed, total = time.perf_counter(), 0, 0
+  for i, (config, dtype) in enumerate(pairs):
+    for row in check(config, dtype, modes=args.modes, methods=args.methods,
+                     seed=args.seed + i):
+      total += 1
+      failed += not row.ok
+      if row.ok and args.failures_only:
+        continue
+      print(f"{config.name:{width}}  {dtype:8}  {row.mode:5}  {row.method:5}  "
+            f"{row.max_abs:11.2e}  {row.max_rel:11.2e}  {row.worst:5}  "
+            f"{'ok' if row.ok else 'FAIL'}", flush=True)
+  seconds = time.perf_counter() - t0
+  print(f"{total - failed}/{total} rows pass ({len(pairs)} case/dtype pairs, {seconds:.0f} s)"
+        + ("" if not failed else f"; {failed} FAILED"))
+  return 1 if failed else 0
