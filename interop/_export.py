@@ -86,7 +86,8 @@ def export_savedmodel(
       symbolic one (any size >= 1 at serving time). The channel dimension
       (`channel_axis`) must be an int. Symbolic dimensions are named by axis
       (`dim_names`): `b, d, h, w` for rank 5, `b, h, w` for rank 4.
-    dtype: the dtype of `x`.
+    dtype: the dtype of `x`. 64-bit dtypes need JAX's 64-bit mode
+      (`with jax.enable_x64(True):` around the call).
     platforms: the platforms to lower for, a subset of `cpu`, `cuda`, `rocm`,
       `tpu`. The default serves on CPU and NVIDIA GPU machines alike, wherever
       the model was exported; functions using `lax.platform_dependent` (such
@@ -107,7 +108,8 @@ def export_savedmodel(
 
   Raises:
     TypeError: `input_shape`, `dtype` or `params` of the wrong type.
-    ValueError: `path` exists and is not empty (without `overwrite`), or is
+    ValueError: a 64-bit `dtype` without 64-bit mode; `path` exists and is
+      not empty (without `overwrite`), or is
       not a SavedModel (with it); the channel dimension of `input_shape` is
       `None`; bad `platforms` or `constraints`; `apply_fn` fails on
       `input_shape` (a mismatch with `params`) or only with symbolic sizes
@@ -211,10 +213,16 @@ def _check_input_shape(input_shape: Any, channel_axis: Any
 
 def _check_dtype(dtype: Any) -> np.dtype:
   try:
-    return jnp.dtype(dtype)
+    dtype = jnp.dtype(dtype)
   except TypeError:
     raise TypeError(f"{_FN}: `dtype` must be a dtype or its name (e.g. 'float32'), got "
                     f"{dtype!r}.") from None
+  canonical = jax.dtypes.canonicalize_dtype(dtype)
+  if canonical != dtype:
+    raise ValueError(f"{_FN}: `dtype` {dtype} needs JAX's 64-bit mode, which is off (JAX "
+                     f"would compute in {canonical}); export inside "
+                     f"`with jax.enable_x64(True):`, or use {canonical}.")
+  return dtype
 
 
 def _check_platforms(platforms: Any) -> tuple[str, ...]:
@@ -240,10 +248,11 @@ def _param_leaves(params: Any) -> tuple[list[np.ndarray], Any]:
       array = np.asarray(leaf)
     except Exception:  # anything NumPy cannot take
       array = np.asarray(None)
-    if array.dtype == object or array.dtype.kind in "USV":
+    if array.dtype.kind in "OUS" or array.dtype.names is not None:
       raise TypeError(f"{_FN}: `params` must be a pytree of arrays, got "
                       f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}.")
-    out.append(array)
+    # The dtype JAX computes in (float64 is float32 unless 64-bit mode is on).
+    out.append(array.astype(jax.dtypes.canonicalize_dtype(array.dtype)))
   return out, treedef
 
 
