@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -182,6 +183,18 @@ def test_empty_directory_is_fine(tmp_path, rng):
   assert_close(model.serve(x), with_shape(case, x.shape).expected(x, k))
 
 
+def test_float64_in_64_bit_mode(tmp_path, rng):
+  case = Case("3d", "NDHWC", "DHW", (), (2, 3, 2, 2, 1), (2, 1, 1), 1, "SAME")
+  k = random_array(rng, case.k_shape, "float64")
+  with jax.enable_x64(True):
+    model = interop.load_savedmodel(export_case(case, k, tmp_path / "m", (None,) * 4 + (2,),
+                                                dtype="float64"))
+  x = random_array(rng, (2, 3, 4, 5, 2), "float64")
+  y = model.serve(x)
+  assert y.dtype == tf.float64
+  assert_close(y, with_shape(case, x.shape).expected(x, k), dtype="float64")
+
+
 def test_docstring_examples():
   failures, tried = doctest.testmod(interop._export, optionflags=doctest.ELLIPSIS)
   assert tried > 0
@@ -284,6 +297,9 @@ def test_integer_outputs_need_with_gradient_false(tmp_path):
      r"`channel_axis` must be an int in \[-2, 2\) for a rank-2 `input_shape`, got 2"),
     (dict(input_shape=(None, None, None, 4), dtype="float33"), TypeError,
      r"`dtype` must be a dtype or its name \(e.g. 'float32'\), got 'float33'"),
+    (dict(input_shape=(None, None, None, 4), dtype="float64"), ValueError,
+     r"`dtype` float64 needs JAX's 64-bit mode, which is off \(JAX would compute in float32\); "
+     r"export inside `with jax.enable_x64\(True\):`, or use float32"),
     (dict(input_shape=(None, None, None, 4), platforms=("cpu", "gpu")), ValueError,
      r"`platforms` must be a non-empty sequence of distinct names from 'cpu', 'cuda', "
      r"'rocm', 'tpu', got \('cpu', 'gpu'\)"),
