@@ -84,16 +84,17 @@ def export_savedmodel(
       `overwrite` is set.
     input_shape: the shape of `x`: an int per fixed dimension, `None` per
       symbolic one (any size >= 1 at serving time). The channel dimension
-      (`channel_axis`) must be an int. Symbolic dimensions are named by axis
-      (`dim_names`): `b, d, h, w` for rank 5, `b, h, w` for rank 4.
+      (`channel_axis`) must be an int. Symbolic dimensions are named by axis:
+      `b, d, h, w` for rank 5, `b, h, w` for rank 4 (see `dim_names`).
     dtype: the dtype of `x`. 64-bit dtypes need JAX's 64-bit mode
       (`with jax.enable_x64(True):` around the call).
     platforms: the platforms to lower for, a subset of `cpu`, `cuda`, `rocm`,
       `tpu`. The default serves on CPU and NVIDIA GPU machines alike, wherever
       the model was exported; functions using `lax.platform_dependent` (such
       as `dw5d_jax`'s `method="auto"`) get each platform's lowering.
-    with_gradient: save JAX's VJP as the custom gradient of `serve`; if
-      false, differentiating `serve` raises and `params` are not trainable.
+    with_gradient: save JAX's VJP as the custom gradient of `serve` (first
+      order: differentiating that gradient again raises); if false,
+      differentiating `serve` raises and `params` are not trainable.
     overwrite: replace an existing SavedModel at `path`. A non-empty
       directory that is not a SavedModel is never deleted.
     channel_axis: the axis of `input_shape` holding the channels (-1 for
@@ -109,19 +110,20 @@ def export_savedmodel(
   Raises:
     TypeError: `input_shape`, `dtype` or `params` of the wrong type.
     ValueError: a 64-bit `dtype` without 64-bit mode; `path` exists and is
-      not empty (without `overwrite`), or is
-      not a SavedModel (with it); the channel dimension of `input_shape` is
-      `None`; bad `platforms` or `constraints`; `apply_fn` fails on
-      `input_shape` (a mismatch with `params`) or only with symbolic sizes
-      (the message names the dimensions and the JAX error).
+      not empty (without `overwrite`), or is not a SavedModel (with it); the
+      channel dimension of `input_shape` is `None`; bad `platforms` or
+      `constraints`; `apply_fn` fails on `input_shape` (a mismatch with
+      `params`) or only with symbolic sizes (the message names the
+      dimensions and quotes the JAX error).
 
   Example:
     >>> import tempfile, numpy as np
     >>> import dw5d_jax as dw
     >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> path = export_savedmodel(
-    ...     lambda p, x: dw.depthwise_conv3d(x, p, strides=2), k,
-    ...     tempfile.mkdtemp() + "/model", input_shape=(None, None, None, None, 4))
+    ...     lambda p, x: dw.depthwise_conv3d(x, p, strides=2), k, tmp.name + "/model",
+    ...     input_shape=(None, None, None, None, 4))
     >>> model = load_savedmodel(path)
     >>> model.serve(np.ones((1, 5, 6, 7, 4), np.float32)).shape
     TensorShape([1, 3, 3, 4, 4])
