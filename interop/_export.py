@@ -53,6 +53,11 @@ def dim_names(rank: int, channel_axis: int = -1) -> tuple[str | None, ...]:
   return tuple(None if i == channel_axis else next(it) for i in range(rank))
 
 
+def poly_string(shape: Sequence[int | None], names: Sequence[str | None]) -> str:
+  """`input_shape` with its symbolic names, e.g. `(b, d, h, w, 8)`."""
+  return "(" + ", ".join(n if d is None else str(d) for d, n in zip(shape, names)) + ")"
+
+
 def export_savedmodel(
     apply_fn: Callable[[Any, jax.Array], Any],
     params: Any,
@@ -283,13 +288,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _symbolic_spec(shape, names, dtype, constraints) -> jax.ShapeDtypeStruct:
-  spec = ", ".join(n if d is None else str(d) for d, n in zip(shape, names))
   return jax.ShapeDtypeStruct(
-      jax.export.symbolic_shape(spec, constraints=constraints), dtype)
-
-
-def _poly_string(shape, names) -> str:
-  return "(" + ", ".join(n if d is None else str(d) for d, n in zip(shape, names)) + ")"
+      jax.export.symbolic_shape(poly_string(shape, names), constraints=constraints), dtype)
 
 
 def _check_traceable(flat_fn, leaves, shape, names, dtype, platforms, constraints,
@@ -303,7 +303,7 @@ def _check_traceable(flat_fn, leaves, shape, names, dtype, platforms, constraint
     x_spec = _symbolic_spec(shape, names, dtype, constraints)
   except ValueError as err:
     raise ValueError(f"{_FN}: `constraints` {constraints!r} are not valid for the symbolic "
-                     f"dimensions {_poly_string(shape, names)}: {err}") from None
+                     f"dimensions {poly_string(shape, names)}: {err}") from None
   exported = _export_or_explain("`apply_fn`", flat_fn, leaf_specs, x_spec, shape, names,
                                 dtype, platforms, constraints)
   if not with_gradient:
@@ -356,7 +356,7 @@ def _explain(err, what, fn, leaf_specs, shape, names, dtype, constraints) -> Val
   return ValueError(
       f"{_FN}: {what} works at concrete sizes but fails with the symbolic "
       f"dimension{'s' if len(culprits) > 1 else ''} {dims} of x "
-      f"{_poly_string(shape, names)}: {type(err).__name__}: {err}\n"
+      f"{poly_string(shape, names)}: {type(err).__name__}: {err}\n"
       f"Make `apply_fn` work for any size there, fix the size with an int in "
       f"`input_shape`, or, where the size needs a bound, declare it with "
       f"`constraints=`, e.g. constraints=('{names[culprits[0]]} >= 3',).")
@@ -379,7 +379,7 @@ def _save(flat_fn, leaves, path, shape, names, dtype, platforms, constraints,
   convert = functools.partial(
       jax2tf.convert, polymorphic_constraints=constraints,
       native_serialization_platforms=platforms, with_gradient=False)
-  x_poly = _poly_string(shape, names)
+  x_poly = poly_string(shape, names)
   out_tree = exported.out_tree
   forward = convert(lambda leaves, x: jax.tree_util.tree_leaves(flat_fn(leaves, x)),
                     polymorphic_shapes=[None, x_poly])

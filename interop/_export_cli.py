@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
   import dw5d_jax as dw
   from dw5d_jax import _args
-  from interop._export import dim_names, export_savedmodel, load_savedmodel
+  from interop._export import dim_names, export_savedmodel, load_savedmodel, poly_string
 
   try:
     kernel = np.load(args.kernel, allow_pickle=False)
@@ -113,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
                         channel_axis=channel_axis, constraints=constraints)
   except (ValueError, TypeError) as err:
     return _fail(str(err))
-  poly = ", ".join(n if d is None else str(d) for d, n in zip(shape, names))
   print(f"exported {args.op} (kernel {kernel.shape} {dtype}, {_describe(op_kwargs)}) to "
         f"{args.out}")
-  print(f"  x ({poly}){', ' + ', '.join(constraints) if constraints else ''}; lowered for "
+  print(f"  x {poly_string(shape, names)}"
+        f"{', ' + ', '.join(constraints) if constraints else ''}; lowered for "
         f"{', '.join(args.platforms)}")
 
   model = load_savedmodel(args.out)
@@ -188,7 +188,8 @@ def _ints(text: str) -> int | tuple[int, ...]:
   try:
     values = tuple(int(t) for t in text.split(","))
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an int or ints like 1,2,2, got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected an int or ints like 1,2,2, got {text!r}") from None
   return values[0] if len(values) == 1 else values
 
 
@@ -199,7 +200,7 @@ def _padding(text: str):
     return tuple(tuple(int(p) for p in pair.split(":", 1)) for pair in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected SAME, VALID or lo:hi per axis like 1:1,0:2, got {text!r}")
+        f"expected SAME, VALID or lo:hi per axis like 1:1,0:2, got {text!r}") from None
 
 
 def _shape(text: str) -> tuple[int | None, ...]:
@@ -207,4 +208,4 @@ def _shape(text: str) -> tuple[int | None, ...]:
     return tuple(None if t.strip().lower() == "none" else int(t) for t in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected ints and None like None,None,None,None,8, got {text!r}")
+        f"expected ints and None like None,None,None,None,8, got {text!r}") from None
