@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# TensorFlow and NumPy only, for the test that a SavedModel runs without JAX.
+.venv-tf/.installed: | $(STAMP)
+	$(PY) tests/tf_only_env.py
+
 $(VENV)/.installed-bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
 	touch $@
@@ -20,7 +24,7 @@ $(VENV)/.installed-bench: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dw5d demo
 
-test: $(STAMP)
+test: $(STAMP) .venv-tf/.installed
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 parity: $(STAMP)
@@ -33,4 +37,4 @@ bench-quick: $(VENV)/.installed-bench
 	$(VENV)/bin/dw5d bench --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-tf .venv-tf.lock build *.egg-info .pytest_cache .hypothesis

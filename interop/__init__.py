@@ -7,6 +7,10 @@ imports TensorFlow.
 Public API:
   tf_depthwise_conv2d, tf_depthwise_conv3d: the dw5d_jax ops written with
     TensorFlow ops only (reference implementations, return `tf.Tensor`).
+  export_savedmodel, load_savedmodel: JAX functions to TF SavedModels through
+    jax2tf, with symbolic batch and spatial dims.
+  weights_from_keras, kernel_from_keras_grouped, kernel_from_torch_grouped,
+    DepthwiseWeights: kernels from Keras/PyTorch layouts to `(..., C, M)`.
 """
 
 import importlib
@@ -17,9 +21,15 @@ from typing import Any
 _LAZY = {
     "tf_depthwise_conv2d": "interop._tf_ops",
     "tf_depthwise_conv3d": "interop._tf_ops",
+    "export_savedmodel": "interop._export",
+    "load_savedmodel": "interop._export",
+    "DepthwiseWeights": "interop._weights",
+    "kernel_from_keras_grouped": "interop._weights",
+    "kernel_from_torch_grouped": "interop._weights",
+    "weights_from_keras": "interop._weights",
 }
 
-__all__ = ["tf_depthwise_conv2d", "tf_depthwise_conv3d"]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

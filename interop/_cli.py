@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS = {
     "demo": "interop._demo",
     "parity": "interop._parity",
+    "export": "interop._export_cli",
 }
 
 

@@ -1,0 +1,211 @@
+"""`dw5d export`: a depthwise op with given weights as a SavedModel, verified.
+
+Exports `depthwise_conv2d` or `depthwise_conv3d` with a kernel from a `.npy`
+file through `export_savedmodel` (every batch and spatial size symbolic unless
+`--input-shape` fixes it), reloads the SavedModel with TensorFlow and checks it
+at two input sizes against the float64 reference: the output directly, the
+input gradient (through `tf.GradientTape`) by the adjoint identity
+`<dL/dx, v> = <ct, conv(v)>` for a random `v`, which holds because the op is
+linear in x. Exits non-zero unless every check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+import numpy as np
+
+HELP = ("export a depthwise op with given weights as a TensorFlow SavedModel, reload it and "
+        "verify it at two input sizes")
+
+# Relative tolerance of the checks by dtype (errors are scaled by the
+# reference's magnitude).
+_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+# The two checked shapes: (batch size, offsets per symbolic spatial axis added
+# to the smallest size the window allows: odd and even sizes for the strides,
+# 0 for the bound itself).
+_CHECKS = ((1, (2, 4, 3)), (2, (5, 0, 6)))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--op", required=True, choices=("depthwise_conv2d", "depthwise_conv3d"))
+  parser.add_argument("--kernel", required=True, metavar="FILE.npy",
+                      help="the kernel, (k0, k1, C, M) for 2D or (kd, kh, kw, C, M) for 3D")
+  parser.add_argument("--out", required=True, metavar="DIR", help="the SavedModel directory")
+  parser.add_argument("--strides", type=_ints, default=1, help="an int or one per axis: 1,2,2")
+  parser.add_argument("--dilations", type=_ints, default=1, help="an int or one per axis")
+  parser.add_argument("--padding", type=_padding, default="SAME",
+                      help="SAME, VALID, or lo:hi per axis, e.g. 1:1,0:2,2:0")
+  parser.add_argument("--axes", default="HW", help="depthwise_conv2d on rank 5: the two axes")
+  parser.add_argument("--data-format", default=None,
+                      help="NDHWC (default), NCDHW; NHWC or NCHW for a rank-4 depthwise_conv2d")
+  parser.add_argument("--input-shape", type=_shape, default=None,
+                      help="x's shape, None for a symbolic size, e.g. None,None,None,None,8 "
+                           "(the default: every size symbolic but the kernel's channels)")
+  parser.add_argument("--dtype", default="float32", choices=sorted(_TOLERANCE))
+  parser.add_argument("--platforms", type=lambda s: tuple(s.split(",")), default=("cpu", "cuda"),
+                      help="platforms to lower for (default cpu,cuda)")
+  parser.add_argument("--no-gradient", action="store_true",
+                      help="save no gradient (and skip its check)")
+  parser.add_argument("--overwrite", action="store_true", help="replace a SavedModel at DIR")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the check data")
+
+
+def run(args: argparse.Namespace) -> int:
+  import jax
+  import jax.numpy as jnp
+
+  import dw5d_jax as dw
+  from dw5d_jax import _args
+  from interop._export import dim_names, export_savedmodel, load_savedmodel, poly_string
+
+  try:
+    kernel = np.load(args.kernel, allow_pickle=False)
+  except (OSError, ValueError) as err:
+    return _fail(f"`--kernel` {args.kernel!r} could not be read as a .npy array: {err}")
+  dtype = jnp.dtype(args.dtype)
+  kernel = kernel.astype(dtype)
+  op3 = args.op == "depthwise_conv3d"
+  try:  # the library's own checks, before the sizes below are derived from them
+    conv_axes = "DHW" if op3 else _args.check_axes(args.op, args.axes)
+    dilations = _args.int_tuple(args.op, "dilations", args.dilations, len(conv_axes), conv_axes)
+    _args.int_tuple(args.op, "strides", args.strides, len(conv_axes), conv_axes)
+    padding = _args.check_padding(args.op, args.padding, conv_axes)
+  except (ValueError, TypeError) as err:
+    return _fail(str(err))
+  if kernel.ndim != len(conv_axes) + 2:
+    return _fail(f"`--kernel` for {args.op} must have rank {len(conv_axes) + 2}, got shape "
+                 f"{kernel.shape}.")
+  layout = (args.data_format or ("NHWC" if args.input_shape and len(args.input_shape) == 4
+                                 else "NDHWC")).upper()
+  rank = len(args.input_shape) if args.input_shape else len(layout)
+  layouts = ("NDHWC", "NCDHW") if op3 else ("NDHWC", "NCDHW", "NHWC", "NCHW")
+  if layout not in layouts or len(layout) != rank:
+    return _fail(f"`--data-format` for {args.op} must be one of {', '.join(layouts)}, "
+                 f"matching the rank of `--input-shape`; got {layout} for rank {rank}.")
+  if rank == 4 and conv_axes != "HW":
+    return _fail(f"`--axes` applies to rank-5 inputs only; a rank-4 input ({layout}) is "
+                 f"convolved over H and W, got {conv_axes}.")
+  channel_axis = layout.index("C") - rank  # -1 or 1 - rank: counted from the end
+  shape = args.input_shape or tuple(
+      int(kernel.shape[-2]) if a == "C" else None for a in layout)
+  names = dim_names(rank, channel_axis)
+  conv = dict(strides=args.strides, padding=padding, dilations=args.dilations)
+  op_kwargs = dict(conv, data_format=layout, **({} if op3 else {"axes": conv_axes}))
+  fn = dw.depthwise_conv3d if op3 else dw.depthwise_conv2d
+
+  # The smallest size along each convolved axis that the window fits in.
+  need = {}
+  for i, a in enumerate(conv_axes):
+    e = (kernel.shape[i] - 1) * dilations[i] + 1
+    lo, hi = (e - 1, 0) if padding == "SAME" else (0, 0) if padding == "VALID" else padding[i]
+    need[layout.index(a)] = max(e - lo - hi, 1)
+  constraints = tuple(f"{names[j]} >= {n}" for j, n in need.items()
+                      if shape[j] is None and n > 1)
+
+  try:
+    with jax.enable_x64(dtype == np.float64):
+      export_savedmodel(lambda k, x: fn(x, k, **op_kwargs), kernel, args.out,
+                        input_shape=shape, dtype=dtype, platforms=args.platforms,
+                        overwrite=args.overwrite, with_gradient=not args.no_gradient,
+                        channel_axis=channel_axis, constraints=constraints)
+  except (ValueError, TypeError) as err:
+    return _fail(str(err))
+  print(f"exported {args.op} (kernel {kernel.shape} {dtype}, {_describe(op_kwargs)}) to "
+        f"{args.out}")
+  print(f"  x {poly_string(shape, names)}"
+        f"{', ' + ', '.join(constraints) if constraints else ''}; lowered for "
+        f"{', '.join(args.platforms)}")
+
+  model = load_savedmodel(args.out)
+  rng = np.random.default_rng(args.seed)
+  tol = _TOLERANCE[args.dtype]
+  failed = 0
+  for batch, offsets in _CHECKS:
+    spatial = iter(offsets)
+    size = tuple(d if d is not None else batch if j == 0 else need.get(j, 1) + next(spatial)
+                 for j, d in enumerate(shape))
+    y_err, g_err = _check(model, size, kernel, dtype, dict(op_kwargs, axes=conv_axes), rng,
+                          gradient=not args.no_gradient)
+    ok = y_err <= tol and (g_err is None or g_err <= tol)
+    failed += not ok
+    grad = "skipped" if g_err is None else f"{g_err:.1e}"
+    print(f"  x {size}: output error {y_err:.1e}, input-gradient error {grad}"
+          f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  if failed:
+    print(f"dw5d export: the SavedModel at {args.out} FAILED {failed} check(s) against the "
+          f"float64 reference", file=sys.stderr)
+    return 1
+  print("verified: the reloaded SavedModel matches the float64 reference at 2 input sizes")
+  return 0
+
+
+def _check(model, shape, kernel, dtype, conv, rng, *, gradient):
+  """Relative errors of the output and of the input gradient at one shape."""
+  import tensorflow as tf
+
+  from dw5d_jax._reference import depthwise_reference
+
+  def ref(v):
+    return depthwise_reference(v, kernel, **conv)
+
+  x = rng.standard_normal(shape).astype(dtype)
+  want = ref(x)
+  ct = rng.standard_normal(want.shape).astype(dtype)
+  xt = tf.constant(x)
+  acc = np.float64 if dtype == np.float64 else np.float32  # holds `ct` exactly
+  # (Without a saved gradient, TF refuses a tape already at the call.)
+  with tf.GradientTape() if gradient else contextlib.nullcontext() as tape:
+    if gradient:
+      tape.watch(xt)
+    y = model.serve(xt)
+    loss = tf.reduce_sum(tf.cast(y, acc) * ct.astype(acc))
+  y = np.asarray(y, np.float64)
+  if y.shape != want.shape:
+    return float("inf"), None
+  y_err = float(np.max(np.abs(y - want))) / max(1.0, float(np.max(np.abs(want))))
+  if not gradient:
+    return y_err, None
+  g = np.asarray(tape.gradient(loss, xt), np.float64)
+  v = rng.standard_normal(shape)
+  lhs, terms = np.sum(g * v), ct.astype(np.float64) * ref(v)  # <dL/dx, v> = <ct, conv(v)>
+  g_err = abs(lhs - terms.sum()) / max(1.0, float(np.abs(terms).sum()))
+  return y_err, g_err
+
+
+def _describe(kw) -> str:
+  return ", ".join(f"{k} {v}" for k, v in kw.items())
+
+
+def _fail(message: str) -> int:
+  print(f"dw5d export: error: {message}", file=sys.stderr)
+  return 2
+
+
+def _ints(text: str) -> int | tuple[int, ...]:
+  try:
+    values = tuple(int(t) for t in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected an int or ints like 1,2,2, got {text!r}") from None
+  return values[0] if len(values) == 1 else values
+
+
+def _padding(text: str):
+  if text.upper() in ("SAME", "VALID"):
+    return text.upper()
+  try:
+    return tuple(tuple(int(p) for p in pair.split(":", 1)) for pair in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected SAME, VALID or lo:hi per axis like 1:1,0:2, got {text!r}") from None
+
+
+def _shape(text: str) -> tuple[int | None, ...]:
+  try:
+    return tuple(None if t.strip().lower() == "none" else int(t) for t in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected ints and None like None,None,None,None,8, got {text!r}") from None

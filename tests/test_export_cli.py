@@ -1,0 +1,140 @@
+"""`dw5d export` (interop._export_cli): export, reload, verify, report.
+
+Besides the command's own checks, each exported SavedModel is loaded here and
+compared with the float64 reference at a size the command did not try.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from cases import Case
+from conftest import assert_close, random_array
+
+import dw5d_jax._reference
+import interop
+from interop import _cli
+
+
+@pytest.fixture
+def kernel_file(tmp_path, rng):
+  def save(shape, name="k.npy"):
+    k = random_array(rng, shape)
+    np.save(tmp_path / name, k)
+    return str(tmp_path / name), k
+  return save
+
+
+def test_conv3d_strided_same(tmp_path, rng, kernel_file, capsys):
+  path, k = kernel_file((3, 2, 3, 4, 2))
+  out = str(tmp_path / "model")
+  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out,
+                    "--strides", "1,2,2"]) == 0
+  text = capsys.readouterr().out
+  assert "x (b, d, h, w, 4); lowered for cpu, cuda" in text
+  assert text.count("input-gradient error") == 2 and "FAIL" not in text
+  assert "verified: the reloaded SavedModel matches the float64 reference at 2 input sizes" \
+      in text
+  model = interop.load_savedmodel(out)
+  x = random_array(rng, (2, 4, 9, 6, 4))
+  case = Case("3d", "NDHWC", "DHW", x.shape, k.shape, (1, 2, 2), 1, "SAME")
+  assert_close(model.serve(x), case.expected(x, k))
+
+
+def test_conv2d_per_slice_valid_derives_constraints(tmp_path, rng, kernel_file, capsys):
+  path, k = kernel_file((3, 2, 3, 2))
+  out = str(tmp_path / "model")
+  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out", out,
+                    "--axes", "DW", "--padding", "VALID", "--dilations", "2,1",
+                    "--data-format", "NCDHW"]) == 0
+  text = capsys.readouterr().out
+  # Window along D: (3 - 1) * 2 + 1 = 5; along W: 2.
+  assert "x (b, 3, d, h, w), d >= 5, w >= 2; lowered for cpu, cuda" in text
+  assert "verified" in text
+  model = interop.load_savedmodel(out)
+  x = random_array(rng, (1, 3, 5, 3, 2))  # the smallest sizes allowed
+  case = Case("2d", "NCDHW", "DW", x.shape, k.shape, 1, (2, 1), "VALID")
+  assert_close(model.serve(x), case.expected(x, k))
+
+
+def test_rank4_half_precision_without_gradient(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((2, 3, 3, 1))
+  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
+                    str(tmp_path / "model"), "--input-shape", "None,5,None,3",
+                    "--padding", "0:1,2:2", "--dtype", "float16", "--no-gradient"]) == 0
+  text = capsys.readouterr().out
+  assert "x (b, 5, w, 3); lowered for cpu, cuda" in text
+  assert text.count("input-gradient error skipped") == 2 and "verified" in text
+
+
+def test_a_failed_check_exits_1(tmp_path, kernel_file, capsys, monkeypatch):
+  """A reference that disagrees by 0.1% must fail the command."""
+  real = dw5d_jax._reference.depthwise_reference
+  monkeypatch.setattr(dw5d_jax._reference, "depthwise_reference",
+                      lambda *a, **kw: real(*a, **kw) * 1.001)
+  path, _ = kernel_file((3, 3, 3, 2, 1))
+  out = str(tmp_path / "model")
+  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out]) == 1
+  captured = capsys.readouterr()
+  assert captured.out.count("FAIL (tolerance 1e-04)") == 2
+  assert f"dw5d export: the SavedModel at {out} FAILED 2 check(s)" in captured.err
+
+
+@pytest.mark.parametrize("extra, k_shape, message", [
+    (["--kernel", "missing.npy"], None,
+     r"dw5d export: error: `--kernel` 'missing.npy' could not be read as a .npy array"),
+    ([], (3, 3, 4, 1),
+     r"dw5d export: error: `--kernel` for depthwise_conv3d must have rank 5, got shape "
+     r"\(3, 3, 4, 1\)"),
+    (["--padding", "1:1"], (3, 3, 3, 4, 1),
+     r"dw5d export: error: depthwise_conv3d: `padding` must be 'SAME', 'VALID' or a sequence "
+     r"of 3 \(lo, hi\) pairs"),
+    (["--data-format", "NHWC"], (3, 3, 3, 4, 1),
+     r"`--data-format` for depthwise_conv3d must be one of NDHWC, NCDHW, matching the rank of "
+     r"`--input-shape`; got NHWC for rank 4"),
+    (["--input-shape", "None,None,None,None,None"], (3, 3, 3, 4, 1),
+     r"dw5d export: error: export_savedmodel: the channel dimension of `input_shape` \(axis "
+     r"-1\) must be an int"),
+    (["--input-shape", "None,None,None,None,5"], (3, 3, 3, 4, 1),
+     r"export_savedmodel: `apply_fn` fails on an input of shape \(64, 64, 64, 64, 5\).*"
+     r"in_channels \(dim 3, size 4\) must equal the channels of `x` \(5"),
+    (["--platforms", "cpu,gpu"], (3, 3, 3, 4, 1), r"`platforms` must be a non-empty"),
+])
+def test_errors_exit_2(tmp_path, kernel_file, capsys, extra, k_shape, message):
+  args = ["export", "--op", "depthwise_conv3d", "--out", str(tmp_path / "model")]
+  if k_shape is not None:
+    args += ["--kernel", kernel_file(k_shape)[0]]
+  assert _cli.main(args + extra) == 2
+  err = capsys.readouterr().err
+  assert re.search(message, err), err
+  assert not (tmp_path / "model").exists()
+
+
+def test_rank4_with_other_axes_exits_2(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((3, 3, 4, 1))
+  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
+                    str(tmp_path / "m"), "--input-shape", "None,None,None,4",
+                    "--axes", "DW"]) == 2
+  assert ("`--axes` applies to rank-5 inputs only; a rank-4 input (NHWC) is convolved over "
+          "H and W, got DW.") in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((1, 1, 1, 2, 1))
+  (tmp_path / "m").mkdir()
+  (tmp_path / "m" / "file").write_text("x")
+  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                    str(tmp_path / "m")]) == 2
+  assert "exists and is not empty; choose a new path or pass overwrite=True" \
+      in capsys.readouterr().err
+
+
+def test_unparsable_arguments(tmp_path, capsys):
+  with pytest.raises(SystemExit) as info:
+    _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", "k.npy", "--out", "m",
+               "--strides", "1,two"])
+  assert info.value.code == 2
+  assert "argument --strides: expected an int or ints like 1,2,2, got '1,two'" \
+      in capsys.readouterr().err
