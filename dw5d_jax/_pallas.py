@@ -210,7 +210,7 @@ def _lowering_rule(ctx, a, b, **params):
   return mlir.lower_fun(functools.partial(_impl, **params), multiple_results=False)(ctx, a, b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_bind(**params):
   return jax.jit(functools.partial(dw5d_pallas_p.bind, **params))
 
