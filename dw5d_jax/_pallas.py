@@ -34,10 +34,13 @@ per element. Worked example, one axis: n=7, k=3, r=2, s=2, SAME (lo=2,
 O=4): output tile o=0..3 reads p = 2*o - 2 + 2*t, i.e. tap 0 reads -2, 0, 2,
 4 (the first masked to zero), tap 2 reads 2, 4, 6, 8 (the last masked).
 
-Indexing uses integer-array offsets into flat per-sample views (not strided
-`pl.ds` slices), because Pallas' interpret mode supports only unit-stride
-slices and clamps out-of-range slice starts, which would shift a halo load.
-Offsets are int32: one sample must have fewer than 2**31 elements.
+No BlockSpecs: halo windows overlap, so every operand is passed whole (on
+the Triton backend a ref is then a pointer into global memory) and each
+program computes its own offsets. They are integer-array offsets into flat
+per-sample views rather than strided `pl.ds` slices, because Pallas'
+interpret mode supports only unit-stride slices and clamps out-of-range
+slice starts, which would shift a halo load. Offsets are int32: one sample
+must have fewer than 2**31 elements.
 
 Interpret mode (`interpret=True`) runs the same kernels on any backend, for
 tests; the public `method="pallas"` lowers for CUDA only and raises a
@@ -113,8 +116,10 @@ def pallas_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec, *,
       a kernel left out gets `default_tiles`.
 
   Raises:
-    ValueError: symbolic shapes, a sample too large for int32 offsets, or
-      (at lowering time) a non-CUDA platform without `interpret`.
+    ValueError: symbolic shapes, a sample too large for int32 offsets, bad
+      tile sizes, or (at lowering time) a non-CUDA platform without
+      `interpret`.
+    TypeError: a `tiles` value that is not a `Tiles`.
   """
   geom = geometry(spec, x.shape[0])
   tiles = dict(tiles or {})

@@ -24,7 +24,7 @@ from jax.test_util import check_grads
 from test_grads import GRAD_CASES, _reference_grads
 
 import dw5d_jax as dw
-from dw5d_jax import _args
+from dw5d_jax import _args, _dispatch
 from dw5d_jax._pallas import Tiles, pallas_lowering
 
 TINY = {"fwd": Tiles(2, 2, 2, 2), "dx": Tiles(1, 2, 2, 4), "dk": Tiles(1, 1, 2, 2, steps=2)}
@@ -201,6 +201,15 @@ def test_oversized_sample_is_rejected():
   with pytest.raises(ValueError, match=r"one sample of the input has 2147483648 elements.*"
                      r"fewer than 2\*\*31"):
     jax.eval_shape(lambda a, b: dw.depthwise_conv3d(a, b, method="pallas"), big, kernel)
+
+
+def test_auto_on_cuda_keeps_conv_until_measured():
+  """`_GPU_CHOICE` is empty pending H100 numbers: auto lowers to XLA's conv on CUDA."""
+  assert _dispatch._GPU_CHOICE == {}
+  lowered = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b)).trace(X5, K3).lower(
+      lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert "stablehlo.convolution" in text and "dw5d_fwd" not in text
 
 
 @pytest.mark.parametrize("tiles, error, match", [
