@@ -1,13 +1,14 @@
-"""The "pallas" lowering (dw5d_jax._pallas), run in Pallas interpret mode on CPU.
+"""The "pallas" lowering (dw5d_jax._pallas): interpret mode on CPU, compiled on a GPU.
 
 Expected values come from the float64 NumPy reference
 (`dw5d_jax._reference`); expected gradients from its linearity
 (`test_grads._reference_grads`: one reference call per one-hot input). The
 public `method="pallas"` only lowers for CUDA, so these tests normalise the
-arguments as the public ops do and call the lowering with `interpret=True`.
-Tiles are tiny so every case spans several programs with ragged edges and
-masked channels. On a GPU the same kernels still need checking compiled
-(benchmarks/gpu.py checks against the reference before timing).
+arguments as the public ops do and call the lowering directly: in Pallas
+interpret mode where the default backend is not a GPU (CI), compiled Triton
+kernels where it is (`python3 -m pytest tests/test_pallas.py` on the lent
+GPU). Tiles are tiny so every case spans several programs with ragged edges
+and masked channels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dw5d_jax as dw
 from dw5d_jax import _args, _dispatch
 from dw5d_jax._pallas import Tiles, pallas_lowering
 
+INTERPRET = jax.default_backend() != "gpu"
 TINY = {"fwd": Tiles(2, 2, 2, 2), "dx": Tiles(1, 2, 2, 4), "dk": Tiles(1, 1, 2, 2, steps=2)}
 
 FORWARD_CASES = [
@@ -59,7 +61,7 @@ def run(case: Case, x, k, *, tiles=TINY, preferred=None):
       dilations=_args.int_tuple(fn, "dilations", case.dilations, len(axes), axes),
       padding=_args.check_padding(fn, case.padding, axes), precision=None,
       preferred=preferred)
-  y = pallas_lowering(x5, k5, spec, interpret=True, tiles=tiles)
+  y = pallas_lowering(x5, k5, spec, interpret=INTERPRET, tiles=tiles)
   if len(case.x_shape) == 4:
     y = y.squeeze(1 if spec.channels_last else 2)
   return y
@@ -181,12 +183,13 @@ K3 = np.random.default_rng(1).standard_normal((3, 3, 3, 3, 1)).astype(np.float32
 
 
 def test_public_method_is_gpu_only():
-  assert jax.default_backend() == "cpu"
+  conv3d = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b, method="pallas"))
   with pytest.raises(ValueError, match=r"method='pallas' runs on CUDA GPUs only .*"
                      r"lowered for platform 'cpu'\. Use method='auto', 'conv' or 'shift'"):
-    dw.depthwise_conv3d(X5, K3, method="pallas")
-  with pytest.raises(ValueError, match=r"method='pallas' runs on CUDA GPUs only"):
-    dw.depthwise_conv2d(X5, K3[0], axes="HW", method="pallas")
+    conv3d.trace(X5, K3).lower(lowering_platforms=("cpu",))
+  if jax.default_backend() == "cpu":  # the plain call, as a CPU user makes it
+    with pytest.raises(ValueError, match=r"method='pallas' runs on CUDA GPUs only"):
+      dw.depthwise_conv2d(X5, K3[0], axes="HW", method="pallas")
 
 
 def test_symbolic_shapes_are_rejected():
