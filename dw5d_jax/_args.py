@@ -39,7 +39,7 @@ from jax import core as jax_core
 from jax import lax
 
 SPATIAL = "DHW"
-METHODS = ("auto", "conv", "shift")
+METHODS = ("auto", "conv", "shift", "pallas")
 _LAYOUTS_5D = ("NDHWC", "NCDHW")
 _LAYOUTS_4D = ("NHWC", "NCHW")
 

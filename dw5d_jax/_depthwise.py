@@ -57,7 +57,8 @@ def depthwise_conv2d(
     data_format: `None` (channels-last for x's rank) or one of the layouts
       above.
     method: `"auto"` (fastest per platform), `"conv"` (fold into batch, XLA
-      grouped convolution) or `"shift"` (fused sum over shifted views).
+      grouped convolution), `"shift"` (fused sum over shifted views) or
+      `"pallas"` (Pallas Triton kernels, CUDA GPUs only, static shapes).
     precision: passed to `lax.conv_general_dilated` by the `"conv"` method;
       the other methods compute in `preferred_element_type` or float32.
     preferred_element_type: output dtype; by default x's dtype. float16 and
@@ -133,7 +134,8 @@ def depthwise_conv3d(
       pairs of non-negative ints.
     dilations: a positive int, or three. Any combination with `strides`.
     data_format: `"NDHWC"` or `"NCDHW"`.
-    method: `"auto"`, `"conv"` or `"shift"`, as for `depthwise_conv2d`.
+    method: `"auto"`, `"conv"`, `"shift"` or `"pallas"`, as for
+      `depthwise_conv2d`.
     precision: passed to `lax.conv_general_dilated` by the `"conv"` method.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.

@@ -1,0 +1,527 @@
+"""The `"pallas"` lowering: Pallas kernels (Triton backend, CUDA GPUs) for all three ops.
+
+Three bilinear ops on channels-last rank-5 arrays make up the convolution and
+its derivatives. With per-axis window `k`, stride `s`, dilation `r`, low
+padding `lo`, input size `n` and output size `O`, tap `t`, output position
+`o` and input position `p`:
+
+* `fwd(x, w)`: `y[n, o, c*M + m] = sum_t x[n, o*s + t*r - lo, c] * w[t, c, m]`
+  (x is zero outside `[0, n)`: the padding is never materialised).
+* `dx(ct, w)`: `dx[n, p, c] = sum_{t, m, o: o*s + t*r - lo = p} ct[n, o, c*M + m] * w[t, c, m]`,
+  the depthwise convolution of the stride-dilated cotangent with the flipped
+  kernel, computed as a gather (no zeros are ever stored).
+* `dk(x, ct)`: `dw[t, c, m] = sum_{n, o} x[n, o*s + t*r - lo, c] * ct[n, o, c*M + m]`,
+  a per-tap reduction: each program walks a few output tiles with one
+  accumulator per tap, reduces each to `(c, M)` once, and writes one row of
+  partial sums, which XLA adds up.
+
+They are the three partial gradients of the trilinear form
+`<fwd(x, w), ct>`, so each op's transposes are two of the others, e.g.
+`<dx(ct, w), g> = <ct, fwd(g, w)> = <w, dk(g, ct)>`. One JAX primitive with
+an `op` parameter carries all three, with `ad.defbilinear` (forward mode and
+transposition, hence reverse mode to any order, like `lax.conv`) and a
+batching rule that folds a vmapped axis into the batch or the channels.
+
+Kernel design (Triton): a program owns a power-of-two tile `(d, h, w, c)` of
+positions and channels (`Tiles`) and accumulates in float32 (float64 for
+float64 inputs). Channels are the innermost, contiguous axis, so every load
+and store is a run of `c` consecutive elements. Halos are not staged by
+hand: Triton has no shared-memory slicing, so each tap is one masked load of
+the shifted tile from global memory, which the L1/L2 caches serve after the
+first tap touches the window. The offsets of tap `t` are the offsets of tap 0
+plus a compile-time constant, so a tap costs one load, one mask and one FMA
+per element. Worked example, one axis: n=7, k=3, r=2, s=2, SAME (lo=2,
+O=4): output tile o=0..3 reads p = 2*o - 2 + 2*t, i.e. tap 0 reads -2, 0, 2,
+4 (the first masked to zero), tap 2 reads 2, 4, 6, 8 (the last masked).
+
+No BlockSpecs: halo windows overlap, so every operand is passed whole (on
+the Triton backend a ref is then a pointer into global memory) and each
+program computes its own offsets. They are integer-array offsets into flat
+per-sample views rather than strided `pl.ds` slices, because Pallas'
+interpret mode supports only unit-stride slices and clamps out-of-range
+slice starts, which would shift a halo load. Offsets are int32: one sample
+must have fewer than 2**31 elements.
+
+Interpret mode (`interpret=True`) runs the same kernels on any backend, for
+tests; the public `method="pallas"` lowers for CUDA only and raises a
+`ValueError` naming the platform anywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from dw5d_jax._args import ConvSpec
+
+GPU_PLATFORMS = ("cuda",)
+_MAX_ELEMENTS = 2**31
+
+
+class Tiles(NamedTuple):
+  """Block sizes of one kernel's launch (powers of two) and Triton options.
+
+  `d, h, w` tile output positions (`fwd`, `dk`) or input positions (`dx`);
+  `c` tiles channels. `steps` (`dk` only) is how many `h`-tiles one program
+  walks, keeping one accumulator per tap in registers, so the per-tap
+  reductions and partial-sum rows are amortised over `steps` tiles.
+  Defaults come from `default_tiles`, pending tuning on the H100
+  (`benchmarks/gpu.py --tune`).
+  """
+
+  d: int
+  h: int
+  w: int
+  c: int
+  steps: int = 1
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+class Geometry(NamedTuple):
+  """The static part of a `ConvSpec` that the kernels need (channels-last)."""
+
+  window: tuple[int, int, int]
+  strides: tuple[int, int, int]
+  dilations: tuple[int, int, int]
+  lo: tuple[int, int, int]
+  in_spatial: tuple[int, int, int]
+  out_spatial: tuple[int, int, int]
+  channels: int
+  multiplier: int
+
+
+def pallas_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec, *,
+                    interpret: bool = False,
+                    tiles: Mapping[str, Tiles] | None = None) -> jax.Array:
+  """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`.
+
+  Args:
+    x, kernel, spec: as for every lowering (`dw5d_jax._args.normalize`).
+    interpret: run the kernels in Pallas interpret mode (any backend; slow;
+      for tests). Otherwise the computation can only be lowered for CUDA.
+    tiles: block sizes per kernel, `{"fwd": Tiles(...), "dx": ..., "dk": ...}`;
+      a kernel left out gets `default_tiles`.
+
+  Raises:
+    ValueError: symbolic shapes, a sample too large for int32 offsets, bad
+      tile sizes, or (at lowering time) a non-CUDA platform without
+      `interpret`.
+    TypeError: a `tiles` value that is not a `Tiles`.
+  """
+  geom = geometry(spec, x.shape[0])
+  tiles = dict(tiles or {})
+  if set(tiles) - set(_OPS):
+    raise ValueError(f"method='pallas': `tiles` keys must be among {_OPS}, got "
+                     f"{sorted(tiles)}.")
+  for t in tiles.values():
+    _check_tiles(t)
+  if not spec.channels_last:  # the kernels are channels-last: transpose at the boundary
+    x = x.transpose(0, 2, 3, 4, 1)
+  y = dw5d_pallas_p.bind(
+      x, kernel, op="fwd", geom=geom, out_dtype=np.dtype(spec.out_dtype),
+      acc_dtype=np.dtype(spec.acc_dtype), interpret=bool(interpret),
+      tiles=tuple(tiles.get(op) for op in _OPS))
+  if not spec.channels_last:
+    y = y.transpose(0, 4, 1, 2, 3)
+  return y
+
+
+def geometry(spec: ConvSpec, batch: Any = 1) -> Geometry:
+  """The kernels' static geometry; rejects symbolic or oversized shapes."""
+  dims = (batch, *spec.in_spatial, *spec.out_spatial,
+          *(p for pair in spec.padding for p in pair))
+  if any(jax.export.is_symbolic_dim(d) for d in dims):
+    raise ValueError(
+        "method='pallas' needs static shapes, got symbolic sizes (input "
+        f"{spec.in_spatial}, output {spec.out_spatial}); use method='conv' or 'shift' "
+        "with jax.export shape polymorphism.")
+  geom = Geometry(
+      window=tuple(spec.window), strides=tuple(spec.strides),
+      dilations=tuple(spec.dilations), lo=tuple(int(p[0]) for p in spec.padding),
+      in_spatial=tuple(int(n) for n in spec.in_spatial),
+      out_spatial=tuple(int(n) for n in spec.out_spatial),
+      channels=spec.channels, multiplier=spec.multiplier)
+  _check_size(geom)
+  return geom
+
+
+def default_tiles(geom: Geometry, op: str) -> Tiles:
+  """Block sizes for `op`, pending H100 tuning (see the module docstring).
+
+  `fwd`, `dx`: up to 32 channels (128 bytes of float32 per position) times
+  8x8 positions in H and W, one in D. `dk`: one row of up to 16 positions,
+  walking up to 16 rows, with a tap count's worth of accumulators kept under
+  about 8192 values per program. Tiles shrink to the extent so small
+  problems do not launch mostly-masked programs.
+  """
+  extent = geom.in_spatial if op == "dx" else geom.out_spatial
+  mp = _next_pow2(geom.multiplier)
+  c = min(_next_pow2(geom.channels), max(32 // mp, 1))
+  if op != "dk":
+    return Tiles(d=1, h=min(_next_pow2(extent[1]), 8), w=min(_next_pow2(extent[2]), 8), c=c)
+  taps = math.prod(geom.window)
+  w = min(_next_pow2(extent[2]), 16)
+  while w > 1 and taps * w * c * mp > 8192:
+    w //= 2
+  while c > 1 and taps * w * c * mp > 8192:
+    c //= 2
+  return Tiles(d=1, h=1, w=w, c=c, steps=min(extent[1], 16))
+
+
+# ----------------------------------------------------------------------------
+# The primitive: abstract evaluation, lowering, autodiff, batching.
+
+dw5d_pallas_p = Primitive("dw5d_pallas")
+
+_OPS = ("fwd", "dx", "dk")
+
+
+def _out_shape(op: str, a_shape: tuple[int, ...], geom: Geometry) -> tuple[int, ...]:
+  c, m = geom.channels, geom.multiplier
+  if op == "fwd":
+    return (a_shape[0], *geom.out_spatial, c * m)
+  if op == "dx":
+    return (a_shape[0], *geom.in_spatial, c)
+  return (*geom.window, c, m)
+
+
+def _abstract_eval(a, b, *, op, geom, out_dtype, **_):
+  del b
+  return jax.core.ShapedArray(_out_shape(op, a.shape, geom), out_dtype)
+
+
+def _lowering_rule(ctx, a, b, **params):
+  platforms = ctx.platforms or ctx.module_context.platforms
+  if not params["interpret"]:
+    bad = [p for p in platforms if p not in GPU_PLATFORMS]
+    if bad:
+      raise ValueError(
+          f"method='pallas' runs on CUDA GPUs only (a Pallas Triton kernel), but this "
+          f"computation is being lowered for platform {bad[0]!r}. Use method='auto', "
+          f"'conv' or 'shift' there.")
+  return mlir.lower_fun(functools.partial(_impl, **params), multiple_results=False)(ctx, a, b)
+
+
+@functools.cache
+def _jitted_bind(**params):
+  return jax.jit(functools.partial(dw5d_pallas_p.bind, **params))
+
+
+def _eager_impl(a, b, **params):
+  # Through jit, so eager calls take the same lowering rule (and its check).
+  return _jitted_bind(**params)(a, b)
+
+
+# Transposes from the trilinear form <fwd(x, w), ct> (module docstring): the
+# undefined operand's aval gives the dtype its cotangent must have.
+def _transpose_lhs(g, a, b, *, op, **params):
+  params.pop("out_dtype")
+  dtype = a.aval.dtype
+  if op == "fwd":  # a = x: dx(ct, w)
+    return dw5d_pallas_p.bind(g, b, op="dx", out_dtype=dtype, **params)
+  if op == "dx":  # a = ct: fwd(g, w)
+    return dw5d_pallas_p.bind(g, b, op="fwd", out_dtype=dtype, **params)
+  return dw5d_pallas_p.bind(b, g, op="dx", out_dtype=dtype, **params)  # dk, a = x
+
+
+def _transpose_rhs(g, a, b, *, op, **params):
+  params.pop("out_dtype")
+  dtype = b.aval.dtype
+  if op == "fwd":  # b = w: dk(x, ct)
+    return dw5d_pallas_p.bind(a, g, op="dk", out_dtype=dtype, **params)
+  if op == "dx":  # b = w: dk(g, ct)
+    return dw5d_pallas_p.bind(g, a, op="dk", out_dtype=dtype, **params)
+  return dw5d_pallas_p.bind(a, g, op="fwd", out_dtype=dtype, **params)  # dk, b = ct
+
+
+def _batch_rule(args, dims, *, op, geom, **params):
+  """vmap: into the batch axis where the kernel is shared, else into channels.
+
+  A depthwise convolution treats channels independently, so B problems with
+  their own kernels are one problem with B*C channels: channel b*C + c, and
+  output channel (b*C + c)*M + m = b*(C*M) + (c*M + m), so B splits off the
+  channel axis of every operand and result without reordering.
+  """
+  a, b = args
+  da, db = dims
+  if op in ("fwd", "dx") and db is None:
+    a = jnp.moveaxis(a, da, 0)
+    size, n = a.shape[0], a.shape[1]
+    out = dw5d_pallas_p.bind(a.reshape(size * n, *a.shape[2:]), b, op=op, geom=geom,
+                             **params)
+    return out.reshape(size, n, *out.shape[1:]), 0
+  size = a.shape[da] if da is not None else b.shape[db]
+  a, b = (_lead(v, d, size) for v, d in ((a, da), (b, db)))
+  fold = geom._replace(channels=size * geom.channels)
+  # Spatial-data operands (everything but a kernel) keep channels last; a
+  # kernel (kd, kh, kw, C, M) folds B into C.
+  def channels_last(v):  # (B, N, ..., X) -> (N, ..., B*X)
+    v = jnp.moveaxis(v, 0, -2)
+    return v.reshape(*v.shape[:-2], v.shape[-2] * v.shape[-1])
+
+  def kernel(v):  # (B, kd, kh, kw, C, M) -> (kd, kh, kw, B*C, M)
+    v = jnp.moveaxis(v, 0, 3)
+    return v.reshape(*v.shape[:3], size * v.shape[4], v.shape[5])
+
+  if op == "dk":
+    out = dw5d_pallas_p.bind(channels_last(a), channels_last(b), op=op, geom=fold,
+                             **params)
+    out = out.reshape(*out.shape[:3], size, geom.channels, geom.multiplier)
+    return jnp.moveaxis(out, 3, 0), 0
+  out = dw5d_pallas_p.bind(channels_last(a), kernel(b), op=op, geom=fold, **params)
+  out = out.reshape(*out.shape[:-1], size, out.shape[-1] // size)
+  return jnp.moveaxis(out, -2, 0), 0
+
+
+def _lead(v, d, size):
+  if d is None:
+    return jnp.broadcast_to(v[None], (size, *v.shape))
+  return jnp.moveaxis(v, d, 0)
+
+
+dw5d_pallas_p.def_abstract_eval(_abstract_eval)
+dw5d_pallas_p.def_impl(_eager_impl)
+mlir.register_lowering(dw5d_pallas_p, _lowering_rule)
+ad.defbilinear(dw5d_pallas_p, _transpose_lhs, _transpose_rhs)
+batching.primitive_batchers[dw5d_pallas_p] = _batch_rule
+
+
+# ----------------------------------------------------------------------------
+# The kernels.
+
+
+def _impl(a, b, *, op, geom, out_dtype, acc_dtype, interpret, tiles):
+  """Runs kernel `op` on channels-last operands (see the module docstring)."""
+  _check_size(geom)
+  t = tiles[_OPS.index(op)] or default_tiles(geom, op)
+  n = a.shape[0]
+  c, m = geom.channels, geom.multiplier
+  extent = geom.in_spatial if op == "dx" else geom.out_spatial
+  blocks = [pl.cdiv(e, s) for e, s in zip(extent, (t.d, t.h, t.w))]
+  body = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dk": _dk_kernel}[op]
+  body = functools.partial(body, g=geom, t=t, acc_dtype=acc_dtype)
+  if op == "dk":  # one row of per-tap partial sums per program
+    blocks[1] = pl.cdiv(blocks[1], t.steps)
+    body = functools.partial(body, blocks=tuple(blocks))
+    out_shape = (n * math.prod(blocks), math.prod(geom.window) * c * m)
+    out_type = acc_dtype
+  else:
+    out_shape = (n, math.prod(_out_shape(op, a.shape, geom)[1:]))
+    out_type = out_dtype
+  out = pl.pallas_call(
+      body, out_shape=jax.ShapeDtypeStruct(out_shape, out_type),
+      grid=(n, *blocks, pl.cdiv(c, t.c)), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+      name=f"dw5d_{op}")(a.reshape(n, -1), b.reshape(n, -1) if op == "dk" else b.reshape(-1))
+  if op == "dk":
+    return out.sum(0).reshape(*geom.window, c, m).astype(out_dtype)
+  return out.reshape(_out_shape(op, a.shape, geom))
+
+
+def _fwd_kernel(x_ref, w_ref, y_ref, *, g: Geometry, t: Tiles, acc_dtype):
+  tile = _Tile(g, t, g.out_spatial)
+  base = [tile.pos[i] * g.strides[i] - g.lo[i] for i in range(3)]
+  x_strides = _strides(g.in_spatial, g.channels)
+  x_off = tile.offsets(base, x_strides, tile.chan, rank=4)
+  acc = jnp.zeros(tile.shape, acc_dtype)
+  for tap_index, tap in enumerate(itertools.product(*map(range, g.window))):
+    xv = _load_tap(x_ref, tile, x_off, base, x_strides, tap, g)
+    acc = acc + tile.spread(xv.astype(acc_dtype)) * tile.weights(w_ref, tap_index, acc_dtype)
+  y_off = tile.offsets(tile.pos, _strides(g.out_spatial, g.channels * g.multiplier),
+                       tile.chan * g.multiplier, rank=tile.rank, m=tile.m)
+  plgpu.store(y_ref.at[tile.n, y_off], acc.astype(y_ref.dtype), mask=tile.out_mask())
+
+
+def _dx_kernel(ct_ref, w_ref, dx_ref, *, g: Geometry, t: Tiles, acc_dtype):
+  tile = _Tile(g, t, g.in_spatial)
+  cm = g.channels * g.multiplier
+  ct_strides = _strides(g.out_spatial, cm)
+  acc = jnp.zeros(tile.shape, acc_dtype)
+  for tap_index, tap in enumerate(itertools.product(*map(range, g.window))):
+    # Input p receives output o at this tap iff o*s = p + lo - tap*r.
+    outs, valid = [], []
+    for i in range(3):
+      q = tile.pos[i] + (g.lo[i] - tap[i] * g.dilations[i])
+      s = g.strides[i]
+      if s == 1:
+        outs.append(q)
+        valid.append((q >= 0) & (q < g.out_spatial[i]))
+      else:
+        qc = jnp.maximum(q, 0)  # non-negative, so div and rem are floor div and mod
+        o = lax.div(qc, np.int32(s))
+        outs.append(o)
+        valid.append((q >= 0) & (lax.rem(qc, np.int32(s)) == 0) & (o < g.out_spatial[i]))
+    off = tile.offsets(outs, ct_strides, tile.chan * g.multiplier, rank=tile.rank, m=tile.m)
+    mask = tile.mask(valid, rank=tile.rank)
+    ctv = plgpu.load(ct_ref.at[tile.n, off], mask=mask, other=0)
+    acc = acc + ctv.astype(acc_dtype) * tile.weights(w_ref, tap_index, acc_dtype)
+  if tile.m is not None:
+    acc = acc.sum(-1)
+  dx_off = tile.offsets(tile.pos, _strides(g.in_spatial, g.channels), tile.chan, rank=4)
+  mask = tile.mask([tile.pos[i] < g.in_spatial[i] for i in range(3)], rank=4)
+  plgpu.store(dx_ref.at[tile.n, dx_off], acc.astype(dx_ref.dtype), mask=mask)
+
+
+def _dk_kernel(x_ref, ct_ref, part_ref, *, g: Geometry, t: Tiles, acc_dtype, blocks):
+  taps = list(itertools.product(*map(range, g.window)))
+  x_strides = _strides(g.in_spatial, g.channels)
+  ct_strides = _strides(g.out_spatial, g.channels * g.multiplier)
+
+  ids = _program_ids()
+
+  def step(i, accs):  # the i-th of this program's `steps` h-tiles
+    tile = _Tile(g, t, g.out_spatial, ids=(*ids[:2], ids[2] * t.steps + i, *ids[3:]))
+    ct_off = tile.offsets(tile.pos, ct_strides, tile.chan * g.multiplier, rank=tile.rank,
+                          m=tile.m)
+    # Zero outside the output, so those positions add nothing whatever x holds.
+    ctv = plgpu.load(ct_ref.at[tile.n, ct_off], mask=tile.out_mask(), other=0)
+    ctv = ctv.astype(acc_dtype)
+    base = [tile.pos[j] * g.strides[j] - g.lo[j] for j in range(3)]
+    x_off = tile.offsets(base, x_strides, tile.chan, rank=4)
+    return tuple(
+        acc + tile.spread(_load_tap(x_ref, tile, x_off, base, x_strides, tap, g)
+                          .astype(acc_dtype)) * ctv
+        for acc, tap in zip(accs, taps))
+
+  tile = _Tile(g, t, g.out_spatial, ids=ids)
+  accs = tuple(jnp.zeros(tile.shape, acc_dtype) for _ in taps)
+  accs = lax.fori_loop(0, t.steps, step, accs) if t.steps > 1 else step(0, accs)
+  row = ((ids[0] * blocks[0] + ids[1]) * blocks[1] + ids[2]) * blocks[2] + ids[3]
+  col = tile.chan * g.multiplier
+  if tile.m is not None:
+    col = _bcast(col, tile.shape[3:], 0) + _bcast(tile.m, tile.shape[3:], 1)
+  cm = g.channels * g.multiplier
+  for tap_index, acc in enumerate(accs):
+    plgpu.store(part_ref.at[row, col + tap_index * cm], jnp.sum(acc, axis=(0, 1, 2)),
+                mask=tile.chan_mask())
+
+
+class _Tile:
+  """Index vectors and masks of one program's tile (all shapes powers of two).
+
+  `shape` is `(d, h, w, c)`, or `(d, h, w, c, mp)` with the multiplier padded
+  to a power of two `mp` when M > 1; `m` is then the multiplier index vector.
+  """
+
+  def __init__(self, g: Geometry, t: Tiles, extent: tuple[int, int, int], ids=None):
+    # `ids`: (n, d, h, w, c) block indices; the program's own by default. (A
+    # kernel reads program ids outside loops: interpret mode needs that.)
+    self.g, self.extent = g, extent
+    ids = ids or _program_ids()
+    self.n = ids[0]
+    sizes = (t.d, t.h, t.w)
+    self.pos = [ids[1 + i] * sizes[i] + lax.iota(jnp.int32, sizes[i]) for i in range(3)]
+    self.chan = ids[4] * t.c + lax.iota(jnp.int32, t.c)
+    self.has_chan_mask = g.channels % t.c != 0
+    if g.multiplier == 1:
+      self.m, self.shape = None, (*sizes, t.c)
+    else:
+      mp = _next_pow2(g.multiplier)
+      self.m, self.shape = lax.iota(jnp.int32, mp), (*sizes, t.c, mp)
+    self.rank = len(self.shape)
+
+  def offsets(self, pos, strides, chan, *, rank, m=None):
+    """Element offsets: sum_i pos[i] * strides[i] + chan (+ m), broadcast."""
+    shape = self.shape[:rank]
+    off = sum(_bcast(pos[i] * strides[i], shape, i) for i in range(3))
+    off = off + _bcast(chan, shape, 3)
+    if m is not None:
+      off = off + _bcast(m, shape, 4)
+    return off
+
+  def mask(self, spatial, *, rank):
+    """AND of per-axis 1D masks, the channel mask and (rank 5) the M mask."""
+    shape = self.shape[:rank]
+    mask = functools.reduce(jnp.logical_and, (_bcast(v, shape, i) for i, v in
+                                              enumerate(spatial)))
+    if self.has_chan_mask:
+      mask = mask & _bcast(self.chan < self.g.channels, shape, 3)
+    if rank == 5 and self.shape[4] != self.g.multiplier:
+      mask = mask & _bcast(self.m < self.g.multiplier, shape, 4)
+    return mask
+
+  def out_mask(self):
+    return self.mask([self.pos[i] < self.extent[i] for i in range(3)], rank=self.rank)
+
+  def chan_mask(self):
+    """Mask of a `(c,)` or `(c, mp)` per-channel vector."""
+    shape = self.shape[3:]
+    mask = _bcast(self.chan < self.g.channels, shape, 0)
+    if self.m is not None:
+      mask = mask & _bcast(self.m < self.g.multiplier, shape, 1)
+    return mask
+
+  def spread(self, v):
+    """A rank-4 `(d, h, w, c)` value broadcast over the multiplier axis."""
+    return v if self.m is None else lax.broadcast_in_dim(v, self.shape, (0, 1, 2, 3))
+
+  def weights(self, w_ref, tap_index, acc_dtype):
+    """Tap `tap_index` of the flat `(T*C*M,)` kernel, broadcast to the tile."""
+    cm = self.g.channels * self.g.multiplier
+    if self.m is None:
+      w = plgpu.load(w_ref.at[tap_index * cm + self.chan], mask=self.chan_mask(), other=0)
+      return _bcast(w.astype(acc_dtype), self.shape, 3)
+    off = (tap_index * cm + _bcast(self.chan * self.g.multiplier, self.shape[3:], 0)
+           + _bcast(self.m, self.shape[3:], 1))
+    w = plgpu.load(w_ref.at[off], mask=self.chan_mask(), other=0).astype(acc_dtype)
+    return lax.broadcast_in_dim(w, self.shape, (3, 4))
+
+
+def _load_tap(x_ref, tile: _Tile, x_off, base, x_strides, tap, g: Geometry):
+  """The `(d, h, w, c)` input tile that tap `tap` reads, zero outside the input."""
+  delta = sum(tap[i] * g.dilations[i] * x_strides[i] for i in range(3))
+  pos = [base[i] + tap[i] * g.dilations[i] for i in range(3)]
+  mask = tile.mask([(p >= 0) & (p < g.in_spatial[i]) for i, p in enumerate(pos)], rank=4)
+  return plgpu.load(x_ref.at[tile.n, x_off + delta], mask=mask, other=0)
+
+
+def _program_ids():
+  return tuple(pl.program_id(i) for i in range(5))
+
+
+def _bcast(v, shape, axis):
+  return lax.broadcast_in_dim(v, shape, (axis,))
+
+
+def _strides(spatial, channels):
+  """Element strides of D, H, W in a flat channels-last sample."""
+  return (spatial[1] * spatial[2] * channels, spatial[2] * channels, channels)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _check_tiles(t: Any) -> None:
+  if not isinstance(t, Tiles):
+    raise TypeError(f"method='pallas': `tiles` values must be Tiles, got {t!r}.")
+  for name, v in zip(("d", "h", "w", "c"), t[:4]):
+    if not isinstance(v, int) or v < 1 or v & (v - 1):
+      raise ValueError(f"method='pallas': tile size `{name}` must be a power of two "
+                       f"(Triton block shapes), got {v!r} in {t}.")
+  if t.steps < 1:
+    raise ValueError(f"method='pallas': `steps` must be positive, got {t.steps!r} in {t}.")
+
+
+def _check_size(g: Geometry) -> None:
+  c, m = g.channels, g.multiplier
+  sizes = {"input": math.prod(g.in_spatial) * c, "output": math.prod(g.out_spatial) * c * m}
+  for what, size in sizes.items():
+    if size >= _MAX_ELEMENTS:
+      raise ValueError(
+          f"method='pallas': one sample of the {what} has {size} elements; the kernels "
+          f"index a sample with int32 offsets, so it must have fewer than 2**31. Use "
+          f"method='conv'.")
