@@ -19,7 +19,7 @@ from jax import lax
 
 from dw5d_jax._args import ConvSpec
 from dw5d_jax._conv import conv_lowering
-from dw5d_jax._shift import shift_lowering
+from dw5d_jax._shift_primitive import shift_lowering
 
 LOWERINGS = {
     "conv": conv_lowering,

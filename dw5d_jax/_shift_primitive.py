@@ -1,0 +1,182 @@
+"""The `"shift"` lowering as a JAX primitive with its own gradient rules.
+
+Left to itself, JAX differentiates `_shift.shift_conv` op by op: the transpose
+of every tap's slice is a full-size padded copy, and the kernel gradient
+becomes one reduction per tap over a materialised slice; on CPU that backward
+pass was 10-70x slower than the forward (benchmarks/RESULTS.md). So the
+convolution is one primitive, `shift_conv_p`, bilinear in `(x, kernel)`, with:
+
+* JVP: `dy = conv(dx, k) + conv(x, dk)` (`ad.defbilinear`), which gives
+  forward mode at any order.
+* Transposes (reverse mode):
+  - input: itself a depthwise convolution, by this same primitive, of the
+    cotangent dilated by the stride and padded by `e - 1 - pad`, with the
+    kernel flipped, then summed over the multiplier. Worked example, one axis:
+    n=5, k=3, r=1, s=2, SAME: out=3, pads (1, 1), tight high pad 0 (the
+    padded size is exactly (3 - 1) * 2 + 3 = 7). The cotangent
+    `[c0, c1, c2]` dilates to `[c0, 0, c1, 0, c2]`, is padded by
+    `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to length 8 = n + e - 1, and a VALID
+    convolution with the flipped kernel gives the 5 input positions.
+    Because the rule calls the primitive again, gradients of gradients work.
+  - kernel: a reduction per tap of `slice(padded x) * ct` over batch and
+    positions, written so that XLA's CPU loop fusion does most of it (see
+    `kernel_grad`); plain JAX ops, so it is differentiable in turn.
+* Batching: a batched `x` is folded into `N`; a batched kernel falls back to
+  `vmap` of the plain math.
+
+Lowering: `mlir.lower_fun` of `_shift.shift_conv`, on every platform (only
+`method="shift"` or `"auto"` on CPU reaches it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from dw5d_jax._args import ConvSpec
+from dw5d_jax._shift import pad_input, shift_conv, static_dims
+
+shift_conv_p = Primitive("dw5d_shift_conv")
+
+# The kernel gradient unrolls sums over at most this many leading rows (see
+# kernel_grad); more would only grow the fused loop's code.
+_MAX_UNROLL = 256
+
+
+def shift_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`."""
+  return shift_conv_p.bind(x, kernel, spec=spec)
+
+
+def _out_shape(x_shape, spec: ConvSpec) -> tuple:
+  cm = spec.channels * spec.multiplier
+  if spec.channels_last:
+    return (x_shape[0], *spec.out_spatial, cm)
+  return (x_shape[0], cm, *spec.out_spatial)
+
+
+def _abstract_eval(x, kernel, *, spec: ConvSpec):
+  del kernel
+  return jax.core.ShapedArray(_out_shape(x.shape, spec), spec.out_dtype)
+
+
+def _batch(args, dims, *, spec: ConvSpec):
+  x, kernel = args
+  bx, bk = dims
+  if bk is None:  # fold the batch into N
+    x = jnp.moveaxis(x, bx, 0)
+    b, n = x.shape[0], x.shape[1]
+    y = shift_lowering(x.reshape(b * n, *x.shape[2:]), kernel, spec)
+    return y.reshape(b, n, *y.shape[1:]), 0
+  fn = functools.partial(shift_conv, spec=spec)
+  return jax.vmap(fn, in_axes=(bx, bk))(x, kernel), 0
+
+
+def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """The input gradient's input: `ct` dilated by the strides, padded by `e - 1 - pad`."""
+  cfg = [(0, 0, 0)] * 5
+  for i, ax in enumerate(spec.spatial_axes):
+    lo, hi = spec.tight_padding(i)
+    e = (spec.window[i] - 1) * spec.dilations[i] + 1
+    cfg[ax] = (e - 1 - lo, e - 1 - hi, spec.strides[i] - 1)
+  return lax.pad(ct, np.zeros((), ct.dtype), cfg)
+
+
+def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`d <conv(x, k), ct> / dx`: a stride-1 convolution with the flipped kernel."""
+  c, m = spec.channels, spec.multiplier
+  ctp = _dilate_and_pad_cotangent(ct.astype(spec.acc_dtype), spec)
+  sp = spec.spatial_axes
+  t_spec = spec._replace(
+      strides=(1, 1, 1), padding=((0, 0),) * 3,
+      in_spatial=tuple(ctp.shape[a] for a in sp), out_spatial=spec.in_spatial,
+      channels=c * m, multiplier=1, out_dtype=spec.acc_dtype)
+  flipped = kernel[::-1, ::-1, ::-1].reshape(*spec.window, c * m, 1)
+  g = shift_lowering(ctp, flipped.astype(spec.acc_dtype), t_spec)
+  if m > 1:  # sum over the multiplier: channel c*M + m -> c
+    ch = spec.channel_axis
+    g = g.reshape(*g.shape[:ch], c, m, *g.shape[ch + 1:]).sum(ch + 1)
+  return g.astype(kernel.dtype)
+
+
+def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`d <conv(x, k), ct> / dk`: per tap, the sum of `slice(padded x) * ct`.
+
+  XLA on CPU hands a reduction to its library kernels only after writing
+  each tap's slice to memory (one full copy per tap). Instead, the leading
+  rows of the output grid (`N`, then the outer spatial axes, up to
+  `_MAX_UNROLL` rows) are summed by unrolled adds, which XLA fuses with the
+  slices and products into one vectorised loop per tap that writes a small
+  partial sum; only that partial sum goes through `jnp.sum`.
+  """
+  c, m = spec.channels, spec.multiplier
+  xp = pad_input(x.astype(spec.acc_dtype), spec)
+  ct = ct.astype(spec.acc_dtype)
+  ch, sp = spec.channel_axis, spec.spatial_axes
+  # ct as (..., C, M) and views of x as (..., C, 1), M next to C.
+  ct = ct.reshape(*ct.shape[:ch], c, m, *ct.shape[ch + 1:])
+
+  def view(tap):
+    start, limit, stride = [0] * 5, list(xp.shape), [1] * 5
+    for i, ax in enumerate(sp):
+      start[ax] = tap[i] * spec.dilations[i]
+      limit[ax] = start[ax] + (spec.out_spatial[i] - 1) * spec.strides[i] + 1
+      stride[ax] = spec.strides[i]
+    v = lax.slice(xp, start, limit, stride)
+    return lax.expand_dims(v, (ch + 1,))
+
+  # Leading non-channel axes of the (rank-6) product, in storage order.
+  lead_axes = [a for a in range(6) if a not in (ch, ch + 1)]
+  unroll = []
+  rows = 1
+  for a in lead_axes:
+    size = ct.shape[a]
+    if not static_dims(size) or rows * size > _MAX_UNROLL or a != len(unroll):
+      break
+    unroll.append(a)
+    rows *= size
+  rest = tuple(a - len(unroll) for a in lead_axes if a not in unroll)
+
+  taps = []
+  for tap in np.ndindex(*spec.window):
+    prod_v, ctt = view(tap), ct
+    if unroll:
+      part = None
+      for i in np.ndindex(*ct.shape[:len(unroll)]):
+        term = _row(prod_v, i) * _row(ctt, i)
+        part = term if part is None else part + term
+    else:
+      part = prod_v * ctt
+    taps.append(jnp.sum(part, axis=rest))  # (C, M)
+  return jnp.stack(taps).reshape(*spec.window, c, m).astype(x.dtype)
+
+
+def _row(a: jax.Array, index: tuple[int, ...]) -> jax.Array:
+  """`a[index]` for leading static ints, as a plain slice (no gather)."""
+  u = len(index)
+  start = (*index, *(0,) * (a.ndim - u))
+  limit = (*(i + 1 for i in index), *a.shape[u:])
+  return lax.slice(a, start, limit).reshape(a.shape[u:])
+
+
+def _transpose_x(ct, x, kernel, *, spec: ConvSpec):
+  del x
+  return input_grad(ct, kernel, spec)
+
+
+def _transpose_kernel(ct, x, kernel, *, spec: ConvSpec):
+  del kernel
+  return kernel_grad(x, ct, spec)
+
+
+shift_conv_p.def_impl(shift_conv)
+shift_conv_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(shift_conv_p, mlir.lower_fun(shift_conv, multiple_results=False))
+batching.primitive_batchers[shift_conv_p] = _batch
+ad.defbilinear(shift_conv_p, _transpose_x, _transpose_kernel)
