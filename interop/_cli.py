@@ -15,6 +15,7 @@ import sys
 # name -> module implementing it.
 SUBCOMMANDS = {
     "demo": "interop._demo",
+    "bench": "interop._bench",
 }
 
 
