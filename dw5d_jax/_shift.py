@@ -15,7 +15,7 @@ t*r + (out - 1)*s + 1, stride s; tap 2 reads 4, 6, 8, 10 (the last is padding).
 How the taps are sliced matters as much as what they compute (measured on
 the 2-core CPU, benchmarks/RESULTS.md):
 
-* The padding is written once, in the accumulation dtype, and any channel
+* The padding is written once, in x's dtype, and any channel
   multiplier `M > 1` is applied in that same pass (each channel repeated `M`
   times), so the tap loop is always the `M = 1` case: one multiply-add per
   tap on `C * M` contiguous channels, with no broadcast inside the loop.
@@ -67,7 +67,9 @@ def repeat_channels(x: jax.Array, spec: ConvSpec) -> jax.Array:
 
 def shift_conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`."""
-  xp = pad_input(repeat_channels(x.astype(spec.acc_dtype), spec), spec)
+  # The padded copy keeps x's dtype (bfloat16 input: half the bytes written
+  # and read again); each tap's slice is converted inside the fused loop.
+  xp = pad_input(repeat_channels(x, spec), spec)
   cm = spec.channels * spec.multiplier
   kernel = kernel.astype(spec.acc_dtype).reshape(*spec.window, cm)
   sp = spec.spatial_axes
@@ -88,7 +90,7 @@ def shift_conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
       w = jnp.tile(w, out[2]).reshape(1, 1, 1, out[2] * cm)
     else:
       w = w.reshape((1, 1, 1, 1, cm) if spec.channels_last else (1, cm, 1, 1, 1))
-    term = lax.slice(xp, start, limit, stride) * w
+    term = lax.slice(xp, start, limit, stride).astype(spec.acc_dtype) * w
     y = term if y is None else y + term
   if merge_w:
     y = y.reshape(*y.shape[:3], out[2], cm)
