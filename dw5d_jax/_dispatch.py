@@ -4,8 +4,13 @@
 `lax.platform_dependent`), so one traced function exported for several
 platforms (`jax.export`, jax2tf) uses the right lowering on each:
 
-* CPU: `"shift"`. XLA's CPU grouped convolution is a generic loop nest; the
-  fused shift-and-add pass is 10-70x faster (see benchmarks/RESULTS.md).
+* CPU: `"shift"`, for every configuration. XLA's CPU grouped convolution is
+  a generic loop nest: on the issue's workloads (benchmarks/RESULTS.md, tuned
+  allocator, 2 cores) `"shift"` was faster in every cell, forward and
+  backward: W1 (2D 3x3) 11x / 7x, W2 (3D 3x3x3) 164x / 30x, W3 (5x5, M=2,
+  stride 2) 4x / 16x, W4 (dilated) 12x / 4x, W5 (bfloat16 3D) 174x / 23x.
+  No measured configuration favours `"conv"` on CPU, so there is no
+  per-configuration rule.
 * everything else (GPU, TPU): `"conv"`, which XLA hands to cuDNN / the TPU
   convolution emitter, until measurements there say otherwise.
 """

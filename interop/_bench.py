@@ -28,7 +28,7 @@ _BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--quick", action="store_true",
-                      help="W1 and W2 only, no XLA grouped conv, fewer rounds (< 1 minute)")
+                      help="W1 and W2 only, no XLA grouped convs, fewer rounds (< 1 minute)")
   parser.add_argument("--allocator", choices=("both", "default", "tuned"), default="both",
                       help="which allocator settings to run (default: both)")
   parser.add_argument("--rounds", type=int, default=None,
