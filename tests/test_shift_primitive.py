@@ -10,13 +10,11 @@ is linear in each argument, so `dL/dx[p] = <ref(e_p, k), ct>` and
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import Case
+from cases import Case, reference_grads
 from conftest import assert_close, random_array
 
 from dw5d_jax import _shift_primitive
@@ -29,20 +27,6 @@ ODD_CASES = [
     Case("2d", "NDHWC", "WD", (2, 4, 3, 9, 2), (3, 2, 2, 2), (3, 2), (1, 2), "VALID"),
     Case("2d", "NHWC", "HW", (1, 3, 2, 3), (4, 5, 3, 1), 1, 1, "SAME"),  # input < kernel
 ]
-
-
-def _reference_grads(case: Case, x, k, ct):
-  gx = np.zeros(case.x_shape)
-  for p in itertools.product(*(range(s) for s in case.x_shape)):
-    e = np.zeros(case.x_shape)
-    e[p] = 1.0
-    gx[p] = np.sum(case.expected(e, k) * ct)
-  gk = np.zeros(case.k_shape)
-  for q in itertools.product(*(range(s) for s in case.k_shape)):
-    e = np.zeros(case.k_shape)
-    e[q] = 1.0
-    gk[q] = np.sum(case.expected(x, e) * ct)
-  return gx, gk
 
 
 @pytest.fixture(params=[False, True], ids=["reduce", "unrolled"])
@@ -60,7 +44,7 @@ def test_gradients_match_reference(rng, case, unrolled):
   ct = random_array(rng, case.expected(x, k).shape)
   gx, gk = jax.jit(jax.grad(lambda a, b: jnp.sum(case.run(a, b, method="shift") * ct),
                             argnums=(0, 1)))(x, k)
-  want_gx, want_gk = _reference_grads(case, x, k, ct)
+  want_gx, want_gk = reference_grads(case, x, k, ct)
   assert_close(gx, want_gx, err_msg="dx")
   assert_close(gk, want_gk, err_msg="dk")
 
@@ -86,7 +70,7 @@ def test_low_precision_gradients_keep_dtypes(rng, dtype):
   gx, gk = jax.grad(lambda a, b: jnp.sum(case.run(a, b, method="shift").astype(jnp.float32)
                                          * ct.astype(np.float32)), argnums=(0, 1))(x, k)
   assert gx.dtype == jnp.dtype(dtype) and gk.dtype == jnp.dtype(dtype)
-  want_gx, want_gk = _reference_grads(case, np.asarray(x, np.float64),
+  want_gx, want_gk = reference_grads(case, np.asarray(x, np.float64),
                                       np.asarray(k, np.float64), np.asarray(ct, np.float64))
   assert_close(gx, want_gx, dtype)
   assert_close(gk, want_gk, dtype)
