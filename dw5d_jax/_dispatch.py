@@ -7,8 +7,9 @@ platforms (`jax.export`, jax2tf) uses the right lowering on each:
 * CPU: `"shift"`, for every configuration. XLA's CPU grouped convolution is
   a generic loop nest: on the issue's workloads (benchmarks/RESULTS.md, tuned
   allocator, 2 cores) `"shift"` was faster in every cell, forward and
-  backward: W1 (2D 3x3) 11x / 7x, W2 (3D 3x3x3) 164x / 30x, W3 (5x5, M=2,
-  stride 2) 4x / 16x, W4 (dilated) 12x / 4x, W5 (bfloat16 3D) 174x / 23x.
+  backward: W1 (2D 3x3) 8.6x / 5.5x, W2 (3D 3x3x3) 190x / 56x, W3 (5x5,
+  M=2, stride 2) 3.1x / 38x, W4 (dilated) 11x / 4.2x, W5 (bfloat16 3D)
+  90x / 9.7x (default allocator: 2.3x to 176x).
   No measured configuration favours `"conv"` on CPU, so there is no
   per-configuration rule.
 * everything else (GPU, TPU): `"conv"`, which XLA hands to cuDNN / the TPU
