@@ -34,8 +34,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
   return None if a is None or b is None or b == 0 else a / b
 
 
+def _columns(res: dict[str, Any]) -> list[str]:
+  """COLUMNS, then any other method the run measured (e.g. a new lowering)."""
+  seen = {p for e in res["workloads"].values() for p in e["ms"]}
+  return [*COLUMNS, *sorted(seen - set(COLUMNS))]
+
+
 def timing_table(res: dict[str, Any]) -> list[str]:
-  head = ["workload", "pass", *(LABELS[c] for c in COLUMNS),
+  columns = _columns(res)
+  head = ["workload", "pass", *(LABELS.get(c, c) for c in columns),
           "auto/TF", "auto/TF-XLA", "auto/PyTorch", "conv/auto", "auto/floor"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, entry in res["workloads"].items():
@@ -43,7 +50,7 @@ def timing_table(res: dict[str, Any]) -> list[str]:
     for kind in ("fwd", "bwd"):
       ours = _ms(cells, OURS, kind)
       row = [f"{name} {entry['workload']['op']}", kind]
-      row += [_fmt(_ms(cells, c, kind)) for c in COLUMNS]
+      row += [_fmt(_ms(cells, c, kind)) for c in columns]
       row += [_fmt(_ratio(ours, _ms(cells, p, kind))) + "x" if _ms(cells, p, kind) else "n/a"
               for p in ("tf", "tf_xla", "torch")]
       speedup = _ratio(_ms(cells, "conv", kind), ours)
@@ -169,12 +176,12 @@ def chart(runs: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
   fig, axes = plt.subplots(len(runs), 1, figsize=(12, 4.2 * len(runs)), squeeze=False)
   for ax, (mode, r) in zip(axes[:, 0], runs.items(), strict=True):
     groups = [(name, kind) for name in r["workloads"] for kind in ("fwd", "bwd")]
-    peers = [p for p in COLUMNS if p != "floor"]
+    peers = [p for p in _columns(r) if p != "floor"]
     width = 0.8 / len(peers)
     for j, peer in enumerate(peers):
       vals = [_ms(r["workloads"][n]["ms"], peer, k) for n, k in groups]
       xs = [i + (j - len(peers) / 2) * width for i in range(len(groups))]
-      ax.bar(xs, [v if v else math.nan for v in vals], width, label=LABELS[peer])
+      ax.bar(xs, [v if v else math.nan for v in vals], width, label=LABELS.get(peer, peer))
     floors = [_ms(r["workloads"][n]["ms"], "floor", "fwd") for n, _ in groups]
     ax.scatter(range(len(groups)), [f if f else math.nan for f in floors], marker="_", s=400,
                color="black", label="floor", zorder=3)

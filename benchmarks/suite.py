@@ -38,7 +38,11 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("auto", "shift", "conv")
+from dw5d_jax._args import METHODS as _ALL_METHODS
+
+# Every method of ours ("conv" is XLA's grouped convolution); one that cannot
+# lower on CPU (e.g. a GPU-only kernel) shows up as n/a.
+METHODS = tuple(sorted(_ALL_METHODS, key=lambda m: (m != "auto", m)))
 PEERS = ("floor", "tf", "tf_xla", "torch", *METHODS)
 
 
