@@ -4,8 +4,14 @@
 `lax.platform_dependent`), so one traced function exported for several
 platforms (`jax.export`, jax2tf) uses the right lowering on each:
 
-* CPU: `"shift"`. XLA's CPU grouped convolution is a generic loop nest; the
-  fused shift-and-add pass is 10-70x faster (see benchmarks/RESULTS.md).
+* CPU: `"shift"`, for every configuration. XLA's CPU grouped convolution is
+  a generic loop nest: on the issue's workloads (benchmarks/RESULTS.md, tuned
+  allocator, 2 cores) `"shift"` was faster in every cell, forward and
+  backward: W1 (2D 3x3) 8.6x / 5.5x, W2 (3D 3x3x3) 190x / 56x, W3 (5x5,
+  M=2, stride 2) 3.1x / 38x, W4 (dilated) 11x / 4.2x, W5 (bfloat16 3D)
+  90x / 9.7x (default allocator: 2.3x to 176x).
+  No measured configuration favours `"conv"` on CPU, so there is no
+  per-configuration rule.
 * CUDA GPUs: `gpu_choice(spec)`, a per-configuration table that is empty
   (so `"conv"`) until H100 measurements fill it (see `_GPU_CHOICE`).
 * everything else (TPU, ROCm): `"conv"`, XLA's own convolution there, until
@@ -26,7 +32,7 @@ from jax import lax
 from dw5d_jax._args import ConvSpec
 from dw5d_jax._conv import conv_lowering
 from dw5d_jax._pallas import pallas_lowering
-from dw5d_jax._shift import shift_lowering
+from dw5d_jax._shift_primitive import shift_lowering
 
 LOWERINGS = {
     "conv": conv_lowering,

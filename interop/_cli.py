@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "demo": "interop._demo",
     "parity": "interop._parity",
     "export": "interop._export_cli",
+    "bench": "interop._bench",
 }
 
 

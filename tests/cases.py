@@ -7,6 +7,7 @@ library, `expected` calls the independent float64 reference.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import numpy as np
@@ -89,3 +90,22 @@ def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4):
       dilations=rs[0] if scalar and len(set(rs)) == 1 else tuple(rs),
       padding=tuple(pads) if pad_kind == "explicit" else pad_kind,
   )
+
+
+def reference_grads(case: Case, x, k, ct) -> tuple[np.ndarray, np.ndarray]:
+  """Exact gradients of `sum(op(x, k) * ct)` from the float64 reference alone.
+
+  The op is linear in x and in k: `dL/dx[p] = <ref(e_p, k), ct>` and
+  `dL/dk[q] = <ref(x, e_q), ct>` with one-hot `e`.
+  """
+  gx = np.zeros(case.x_shape)
+  for p in itertools.product(*(range(s) for s in case.x_shape)):
+    e = np.zeros(case.x_shape)
+    e[p] = 1.0
+    gx[p] = np.sum(case.expected(e, k) * ct)
+  gk = np.zeros(case.k_shape)
+  for q in itertools.product(*(range(s) for s in case.k_shape)):
+    e = np.zeros(case.k_shape)
+    e[q] = 1.0
+    gk[q] = np.sum(case.expected(x, e) * ct)
+  return gx, gk

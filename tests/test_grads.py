@@ -8,13 +8,11 @@ expected gradient from the float64 reference alone.
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import METHODS, Case, cases
+from cases import METHODS, Case, cases, reference_grads
 from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,20 +24,6 @@ GRAD_CASES = [
     Case("2d", "NDHWC", "DW", (1, 5, 2, 4, 2), (3, 2, 2, 2), (2, 1), (1, 2), "SAME"),
     Case("2d", "NCHW", "HW", (2, 3, 6, 5), (2, 3, 3, 1), (1, 2), 1, "VALID"),
 ]
-
-
-def _reference_grads(case: Case, x, k, ct):
-  gx = np.zeros(case.x_shape)
-  for p in itertools.product(*(range(s) for s in case.x_shape)):
-    e = np.zeros(case.x_shape)
-    e[p] = 1.0
-    gx[p] = np.sum(case.expected(e, k) * ct)
-  gk = np.zeros(case.k_shape)
-  for q in itertools.product(*(range(s) for s in case.k_shape)):
-    e = np.zeros(case.k_shape)
-    e[q] = 1.0
-    gk[q] = np.sum(case.expected(x, e) * ct)
-  return gx, gk
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -61,7 +45,7 @@ def test_grads_match_reference(rng, method, case):
   ct = random_array(rng, y_shape)
   gx, gk = jax.grad(lambda a, b: jnp.sum(case.run(a, b, method=method) * ct),
                     argnums=(0, 1))(x, k)
-  want_gx, want_gk = _reference_grads(case, x, k, ct)
+  want_gx, want_gk = reference_grads(case, x, k, ct)
   assert_close(gx, want_gx)
   assert_close(gk, want_gk)
 

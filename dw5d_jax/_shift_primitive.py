@@ -1,0 +1,189 @@
+"""The `"shift"` lowering as a JAX primitive with its own gradient rules.
+
+Left to itself, JAX differentiates `_shift.shift_conv` op by op: the transpose
+of every tap's slice is a full-size padded copy, and the kernel gradient
+becomes one reduction per tap over a materialised slice; on CPU that backward
+pass was 10-70x slower than the forward (benchmarks/RESULTS.md). So the
+convolution is one primitive, `shift_conv_p`, bilinear in `(x, kernel)`, with:
+
+* JVP: `dy = conv(dx, k) + conv(x, dk)` (`ad.defbilinear`), which gives
+  forward mode at any order.
+* Transposes (reverse mode):
+  - input: itself a depthwise convolution, by this same primitive, of the
+    cotangent dilated by the stride and padded by `e - 1 - pad`, with the
+    kernel flipped, then summed over the multiplier. Worked example, one axis:
+    n=5, k=3, r=1, s=2, SAME: out=3, pads (1, 1), tight high pad 0 (the
+    padded size is exactly (3 - 1) * 2 + 3 = 7). The cotangent
+    `[c0, c1, c2]` dilates to `[c0, 0, c1, 0, c2]`, is padded by
+    `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to length 8 = n + e - 1, and a VALID
+    convolution with the flipped kernel gives the 5 input positions.
+    Because the rule calls the primitive again, gradients of gradients work.
+  - kernel: a reduction per tap of `slice(padded x) * ct` over batch and
+    positions, written so that XLA's CPU loop fusion does most of it (see
+    `kernel_grad`); plain JAX ops, so it is differentiable in turn.
+* Batching: a batched `x` is folded into `N`; a batched kernel falls back to
+  `vmap` of the plain math.
+
+Lowering: `mlir.lower_fun` of `_shift.shift_conv`, on every platform (only
+`method="shift"` or `"auto"` on CPU reaches it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from dw5d_jax._args import ConvSpec
+from dw5d_jax._shift import pad_input, repeat_channels, shift_conv, static_dims
+
+shift_conv_p = Primitive("dw5d_shift_conv")
+
+# The kernel gradient unrolls sums over at most this many leading rows, and
+# only while each row still holds this many elements (see kernel_grad): more
+# rows only grow the code, and short rows are cheaper to reduce directly (and
+# to trace and compile, e.g. in second-order gradients of small arrays).
+_MAX_UNROLL = 256
+_MIN_ROW = 4096
+
+
+def shift_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`."""
+  return shift_conv_p.bind(x, kernel, spec=spec)
+
+
+def _out_shape(x_shape, spec: ConvSpec) -> tuple:
+  cm = spec.channels * spec.multiplier
+  if spec.channels_last:
+    return (x_shape[0], *spec.out_spatial, cm)
+  return (x_shape[0], cm, *spec.out_spatial)
+
+
+def _abstract_eval(x, kernel, *, spec: ConvSpec):
+  del kernel
+  return jax.core.ShapedArray(_out_shape(x.shape, spec), spec.out_dtype)
+
+
+def _batch(args, dims, *, spec: ConvSpec):
+  x, kernel = args
+  bx, bk = dims
+  if bk is None:  # fold the batch into N
+    x = jnp.moveaxis(x, bx, 0)
+    b, n = x.shape[0], x.shape[1]
+    y = shift_lowering(x.reshape(b * n, *x.shape[2:]), kernel, spec)
+    return y.reshape(b, n, *y.shape[1:]), 0
+  fn = functools.partial(shift_conv, spec=spec)
+  return jax.vmap(fn, in_axes=(bx, bk))(x, kernel), 0
+
+
+def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """The input gradient's input: `ct` dilated by the strides, padded by `e - 1 - pad`."""
+  cfg = [(0, 0, 0)] * 5
+  for i, ax in enumerate(spec.spatial_axes):
+    lo, hi = spec.tight_padding(i)
+    e = (spec.window[i] - 1) * spec.dilations[i] + 1
+    cfg[ax] = (e - 1 - lo, e - 1 - hi, spec.strides[i] - 1)
+  return lax.pad(ct, np.zeros((), ct.dtype), cfg)
+
+
+def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`d <conv(x, k), ct> / dx`: a stride-1 convolution with the flipped kernel."""
+  c, m = spec.channels, spec.multiplier
+  ctp = _dilate_and_pad_cotangent(ct.astype(spec.acc_dtype), spec)
+  sp = spec.spatial_axes
+  t_spec = spec._replace(
+      strides=(1, 1, 1), padding=((0, 0),) * 3,
+      in_spatial=tuple(ctp.shape[a] for a in sp), out_spatial=spec.in_spatial,
+      channels=c * m, multiplier=1, out_dtype=spec.acc_dtype)
+  flipped = kernel[::-1, ::-1, ::-1].reshape(*spec.window, c * m, 1)
+  g = shift_lowering(ctp, flipped.astype(spec.acc_dtype), t_spec)
+  if m > 1:  # sum over the multiplier: channel c*M + m -> c
+    # By explicit adds: a reduce here would make XLA hand the whole tap sum
+    # to a library reduction, writing every tap's slice to memory first
+    # (W3 input gradient: 166 ms instead of a few).
+    ch = spec.channel_axis
+    g = g.reshape(*g.shape[:ch], c, m, *g.shape[ch + 1:])
+    g = sum(lax.index_in_dim(g, i, ch + 1, keepdims=False) for i in range(m))
+  return g.astype(kernel.dtype)
+
+
+def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`d <conv(x, k), ct> / dk`: per tap, the sum of `slice(padded x) * ct`.
+
+  XLA on CPU hands a reduction to its library kernels only after writing
+  each tap's slice to memory (one full copy per tap). Instead, the leading
+  rows of the output grid (`N`, then the outer spatial axes while static, up
+  to `_MAX_UNROLL` rows) are summed by unrolled adds, which XLA fuses with
+  the slices and products into one vectorised loop per tap that writes a
+  small partial sum; only that partial sum goes through `jnp.sum`.
+  """
+  c, m = spec.channels, spec.multiplier
+  # x's channels repeated M times (in the padding pass) line up with ct's C*M.
+  xp = pad_input(repeat_channels(x, spec), spec)
+  ct = ct.astype(spec.acc_dtype)
+  ch, sp = spec.channel_axis, spec.spatial_axes
+
+  u, rows = 0, 1  # the number of unrolled leading axes, and their rows
+  while (u != ch and static_dims(*ct.shape)
+         and rows * ct.shape[u] <= _MAX_UNROLL
+         and math.prod(ct.shape[u + 1:]) >= _MIN_ROW):
+    rows *= ct.shape[u]
+    u += 1
+  rest = tuple(a - u for a in range(ct.ndim) if a >= u and a != ch)
+
+  def view(tap, row):
+    """The slice of padded x that `tap` multiplies with `ct[row]`."""
+    start, limit, stride = [0] * 5, list(xp.shape), [1] * 5
+    for i, ax in enumerate(sp):
+      start[ax] = tap[i] * spec.dilations[i]
+      limit[ax] = start[ax] + (spec.out_spatial[i] - 1) * spec.strides[i] + 1
+      stride[ax] = spec.strides[i]
+    for ax, r in enumerate(row):  # one position along each unrolled axis
+      start[ax] = r if ax == 0 else start[ax] + r * spec.strides[sp.index(ax)]
+      limit[ax], stride[ax] = start[ax] + 1, 1
+    v = lax.slice(xp, start, limit, stride)
+    return v.reshape(v.shape[len(row):]).astype(spec.acc_dtype)
+
+  # Every tap's partial sum is one fused loop, but only when the partial sums
+  # are stacked and reduced together: a `jnp.sum` per tap makes XLA split
+  # the unrolled adds into hundreds of loops (W1: 228 fusions instead of 11).
+  taps = []
+  for tap in np.ndindex(*spec.window):
+    part = None
+    for row in np.ndindex(*ct.shape[:u]):
+      term = view(tap, row) * _row(ct, row)
+      part = term if part is None else part + term
+    taps.append(part)
+  dk = jnp.sum(jnp.stack(taps), axis=tuple(a + 1 for a in rest))
+  return dk.reshape(*spec.window, c, m).astype(x.dtype)
+
+
+def _row(a: jax.Array, index: tuple[int, ...]) -> jax.Array:
+  """`a[index]` for leading static ints, as a plain slice (no gather)."""
+  u = len(index)
+  start = (*index, *(0,) * (a.ndim - u))
+  limit = (*(i + 1 for i in index), *a.shape[u:])
+  return lax.slice(a, start, limit).reshape(a.shape[u:])
+
+
+def _transpose_x(ct, x, kernel, *, spec: ConvSpec):
+  del x
+  return input_grad(ct, kernel, spec)
+
+
+def _transpose_kernel(ct, x, kernel, *, spec: ConvSpec):
+  del kernel
+  return kernel_grad(x, ct, spec)
+
+
+shift_conv_p.def_impl(shift_conv)
+shift_conv_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(shift_conv_p, mlir.lower_fun(shift_conv, multiple_results=False))
+batching.primitive_batchers[shift_conv_p] = _batch
+ad.defbilinear(shift_conv_p, _transpose_x, _transpose_kernel)
