@@ -7,28 +7,29 @@ EXTRAS ?= interop-cpu,flax,test
 
 .PHONY: demo test bench bench-quick parity lint clean
 
+# PyTorch (a benchmark peer, and an extra check of the weight converters): the
+# CPU-only wheel from $(TORCH_WHEELS) when it is there (an unpinned `torch` from
+# the index would be a multi-GB CUDA build); without it those cells read n/a.
+TORCH_WHEELS ?= /opt/wheels
+TORCH_PIN    ?= torch==2.13.0+cpu
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	if ls $(TORCH_WHEELS)/torch-*+cpu-*.whl >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q --find-links $(TORCH_WHEELS) "$(TORCH_PIN)"; \
+	else \
+	  echo "no CPU torch wheel in $(TORCH_WHEELS): PyTorch checks and peers will be n/a"; \
+	fi
 	touch $(STAMP)
 
 # TensorFlow and NumPy only, for the test that a SavedModel runs without JAX.
 .venv-tf/.installed: | $(STAMP)
 	$(PY) tests/tf_only_env.py
 
-# PyTorch peer: the CPU-only wheel from $(TORCH_WHEELS) when it is there (an
-# unpinned `torch` from the index would be a multi-GB CUDA build).
-TORCH_WHEELS ?= /opt/wheels
-TORCH_PIN    ?= torch==2.13.0+cpu
-
 $(VENV)/.installed-bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
-	if ls $(TORCH_WHEELS)/torch-*+cpu-*.whl >/dev/null 2>&1; then \
-	  $(PY) -m pip install -q --find-links $(TORCH_WHEELS) "$(TORCH_PIN)"; \
-	else \
-	  echo "no CPU torch wheel in $(TORCH_WHEELS): the PyTorch peer will be n/a"; \
-	fi
 	touch $@
 
 demo: $(STAMP)

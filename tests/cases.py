@@ -109,3 +109,12 @@ def reference_grads(case: Case, x, k, ct) -> tuple[np.ndarray, np.ndarray]:
     e[q] = 1.0
     gk[q] = np.sum(case.expected(x, e) * ct)
   return gx, gk
+
+
+# Small configurations for gradient checks (one per op, layout and padding kind).
+GRAD_CASES = [
+    Case("3d", "NDHWC", "DHW", (1, 4, 5, 3, 2), (2, 3, 2, 2, 2), (1, 2, 1), (2, 1, 1), "SAME"),
+    Case("3d", "NCDHW", "DHW", (2, 2, 3, 4, 5), (3, 1, 2, 2, 1), 2, 1, ((1, 0), (0, 2), (1, 1))),
+    Case("2d", "NDHWC", "DW", (1, 5, 2, 4, 2), (3, 2, 2, 2), (2, 1), (1, 2), "SAME"),
+    Case("2d", "NCHW", "HW", (2, 3, 6, 5), (2, 3, 3, 1), (1, 2), 1, "VALID"),
+]

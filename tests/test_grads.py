@@ -12,18 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import METHODS, Case, cases, reference_grads
+from cases import GRAD_CASES, METHODS, cases, reference_grads
 from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-GRAD_CASES = [
-    Case("3d", "NDHWC", "DHW", (1, 4, 5, 3, 2), (2, 3, 2, 2, 2), (1, 2, 1), (2, 1, 1), "SAME"),
-    Case("3d", "NCDHW", "DHW", (2, 2, 3, 4, 5), (3, 1, 2, 2, 1), 2, 1, ((1, 0), (0, 2), (1, 1))),
-    Case("2d", "NDHWC", "DW", (1, 5, 2, 4, 2), (3, 2, 2, 2), (2, 1), (1, 2), "SAME"),
-    Case("2d", "NCHW", "HW", (2, 3, 6, 5), (2, 3, 3, 1), (1, 2), 1, "VALID"),
-]
 
 
 @pytest.mark.parametrize("method", METHODS)

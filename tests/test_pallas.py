@@ -2,7 +2,7 @@
 
 Expected values come from the float64 NumPy reference
 (`dw5d_jax._reference`); expected gradients from its linearity
-(`test_grads._reference_grads`: one reference call per one-hot input). The
+(`cases.reference_grads`: one reference call per one-hot input). The
 public `method="pallas"` only lowers for CUDA, so these tests normalise the
 arguments as the public ops do and call the lowering directly: in Pallas
 interpret mode where the default backend is not a GPU (CI), compiled Triton
@@ -22,7 +22,7 @@ from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
-from test_grads import GRAD_CASES, _reference_grads
+from cases import GRAD_CASES, reference_grads
 
 import dw5d_jax as dw
 from dw5d_jax import _args, _dispatch
@@ -101,7 +101,7 @@ def test_grads_match_reference(rng, case):
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
   gx, gk = jax.grad(lambda a, b: jnp.sum(run(case, a, b) * ct), argnums=(0, 1))(x, k)
-  want_gx, want_gk = _reference_grads(case, x, k, ct)
+  want_gx, want_gk = reference_grads(case, x, k, ct)
   assert_close(gx, want_gx)
   assert_close(gk, want_gk)
 
@@ -115,7 +115,7 @@ def test_grads_with_multiplier_and_low_precision_output(rng):
   gx, gk = jax.grad(lambda a, b: jnp.sum(run(case, a, b, preferred=jnp.float32) * ct),
                     argnums=(0, 1))(x, k)
   assert gx.dtype == gk.dtype == jnp.bfloat16
-  want_gx, want_gk = _reference_grads(case, np.asarray(x, np.float64),
+  want_gx, want_gk = reference_grads(case, np.asarray(x, np.float64),
                                       np.asarray(k, np.float64), ct)
   assert_close(gx, want_gx, "bfloat16")
   assert_close(gk, want_gk, "bfloat16")
@@ -160,7 +160,7 @@ def test_vmap_of_grad_matches_loop(rng):
   grad = jax.grad(lambda a, b: jnp.sum(run(case, a, b) * ct), argnums=(0, 1))
   gxs, gks = jax.vmap(grad)(xs, ks)
   for i in range(2):
-    want_gx, want_gk = _reference_grads(case, xs[i], ks[i], ct)
+    want_gx, want_gk = reference_grads(case, xs[i], ks[i], ct)
     assert_close(gxs[i], want_gx)
     assert_close(gks[i], want_gk)
 
