@@ -11,6 +11,8 @@ Public API:
     jax2tf, with symbolic batch and spatial dims.
   weights_from_keras, kernel_from_keras_grouped, kernel_from_torch_grouped,
     DepthwiseWeights: kernels from Keras/PyTorch layouts to `(..., C, M)`.
+  keras: Keras 3 layers `DepthwiseConv3D`, `DepthwiseConv2D` (JAX and
+    TensorFlow backends), imported on first access.
 """
 
 import importlib
@@ -33,10 +35,12 @@ __all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
+  if name == "keras":  # a submodule: importing it imports Keras
+    return importlib.import_module("interop.keras")
   if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'interop' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-  return sorted({*globals(), *_LAZY})
+  return sorted({*globals(), *_LAZY, "keras"})

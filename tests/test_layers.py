@@ -120,17 +120,43 @@ def test_bad_input_raises():
     layer(jnp.ones((1, 2, 5, 5, 4)))
 
 
-def test_loads_keras_depthwise_conv2d_weights(rng):
-  """Keras's DepthwiseConv2D kernel is already (kh, kw, C, M): weights load as they are."""
+@pytest.mark.parametrize("config", [
+    dict(kernel_size=(3, 2), depth_multiplier=2, strides=2, padding="same"),
+    dict(kernel_size=3, dilation_rate=(1, 2), padding="valid"),
+], ids=str)
+def test_loads_keras_depthwise_conv2d_weights(rng, config):
+  """Keras DepthwiseConv2D -> interop.weights_from_keras -> DepthwiseConv2D, no reshuffling."""
   keras = pytest.importorskip("keras")
+  interop = pytest.importorskip("interop")
   x = random_array(rng, (2, 9, 8, 3))
-  klayer = keras.layers.DepthwiseConv2D((3, 2), depth_multiplier=2, strides=2, padding="same",
-                                        bias_initializer="random_normal")
+  klayer = keras.layers.DepthwiseConv2D(**config, bias_initializer="random_normal")
   want = np.asarray(klayer(x))
-  kernel, bias = (np.asarray(w) for w in klayer.get_weights())
-  layer = DepthwiseConv2D(3, (3, 2), depth_multiplier=2, strides=2, rngs=nnx.Rngs(0))
-  layer.kernel[...] = jnp.asarray(kernel)
-  layer.bias[...] = jnp.asarray(bias)
+  w = interop.weights_from_keras(klayer)
+  assert w.options["data_format"] == "NHWC"
+  layer = DepthwiseConv2D(w.kernel.shape[-2], w.kernel.shape[:2],
+                          depth_multiplier=w.kernel.shape[-1], strides=w.options["strides"],
+                          padding=w.options["padding"], dilations=w.options["dilations"],
+                          rngs=nnx.Rngs(0))
+  assert layer.kernel.shape == w.kernel.shape
+  layer.kernel[...] = jnp.asarray(w.kernel)
+  layer.bias[...] = jnp.asarray(w.bias)
+  assert_close(layer(x), want)
+
+
+def test_loads_keras_grouped_conv3d_weights(rng):
+  """Keras Conv3D(groups=C) -> interop.weights_from_keras -> DepthwiseConv3D."""
+  keras = pytest.importorskip("keras")
+  interop = pytest.importorskip("interop")
+  x = random_array(rng, (2, 5, 6, 4, 3))
+  klayer = keras.layers.Conv3D(6, (3, 2, 3), groups=3, strides=(1, 2, 1), padding="same",
+                               bias_initializer="random_normal")
+  want = np.asarray(klayer(x))
+  w = interop.weights_from_keras(klayer)
+  layer = DepthwiseConv3D(3, (3, 2, 3), depth_multiplier=2, strides=w.options["strides"],
+                          padding=w.options["padding"], dilations=w.options["dilations"],
+                          rngs=nnx.Rngs(0))
+  layer.kernel[...] = jnp.asarray(w.kernel)
+  layer.bias[...] = jnp.asarray(w.bias)
   assert_close(layer(x), want)
 
 

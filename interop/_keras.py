@@ -1,0 +1,413 @@
+"""Keras 3 layers over the library's ops (public through `interop.keras`).
+
+Keras has no `DepthwiseConv3D` (keras-team/keras#14670, #15148), and TF's
+grouped `conv3d`, what a `Conv3D(groups=C)` becomes on the TensorFlow
+backend, has no CPU kernel. These layers compute with `dw5d_jax` on the JAX
+backend and with `interop`'s TensorFlow ops on the TensorFlow backend, so both
+run anywhere, and a model saved on one backend loads on the other.
+
+Arguments follow Keras's `DepthwiseConv2D`, and so do their defaults and
+meanings; where the library's own names differ, the mapping is:
+
+=====================  =======================================================
+Keras (these layers)   dw5d_jax / interop ops
+=====================  =======================================================
+`padding="valid"`      `padding="VALID"`; `"same"` is `"SAME"`, TF's rule
+                       (output `ceil(n / s)`, the smaller half of the padding
+                       before), which is what Keras's `"same"` does on the JAX
+                       and TensorFlow backends. Keras's default is `"valid"`;
+                       the ops and the Flax layers default to `"SAME"`.
+`data_format=None`     `keras.config.image_data_format()`, then
+                       `"channels_last"` is `"NDHWC"` (`"NHWC"` for rank-4
+                       input) and `"channels_first"` is `"NCDHW"` (`"NCHW"`).
+`dilation_rate`        `dilations`; any combination with `strides` works
+                       (Keras's own `DepthwiseConv2D` refuses strides with
+                       dilations on the TensorFlow backend).
+`kernel_size`          the kernel's spatial dims: the weight `kernel` is
+                       `(*kernel_size, C, depth_multiplier)`, Keras's and TF's
+                       depthwise layout, output channel `c * M + m`.
+`depthwise_*`          the kernel's initializer, regularizer and constraint
+                       (default `"glorot_uniform"`, as in Keras, which takes
+                       its fan-in from the whole kernel shape).
+=====================  =======================================================
+
+Importing this module imports Keras (which picks its backend then), never
+TensorFlow by itself: the TF ops are imported on the first call on the
+TensorFlow backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import keras
+
+from dw5d_jax import _args
+
+_PACKAGE = "dw5d"
+_BACKENDS = ("jax", "tensorflow")
+_LAYOUTS = {(5, True): "NDHWC", (5, False): "NCDHW", (4, True): "NHWC", (4, False): "NCHW"}
+
+
+def backend_op(fn: str, backend: str, rank: int) -> Callable[..., Any]:
+  """The depthwise op for a Keras backend: `rank` 2 (per slice or 4D) or 3.
+
+  Raises:
+    ValueError: a backend other than JAX or TensorFlow.
+  """
+  if backend == "jax":
+    import dw5d_jax
+
+    return dw5d_jax.depthwise_conv2d if rank == 2 else dw5d_jax.depthwise_conv3d
+  if backend == "tensorflow":
+    from interop import _tf_ops
+
+    return _tf_ops.tf_depthwise_conv2d if rank == 2 else _tf_ops.tf_depthwise_conv3d
+  raise ValueError(f"{fn}: the Keras backend must be one of {', '.join(map(repr, _BACKENDS))} "
+                   f"(set KERAS_BACKEND before importing keras), got {backend!r}.")
+
+
+class _DepthwiseConv(keras.layers.Layer):
+  """Shared arguments, weights, shapes and config; subclasses set the axes."""
+
+  _rank: int  # convolved axes: 2 or 3
+
+  def __init__(
+      self,
+      kernel_size: int | Sequence[int],
+      *,
+      axes: str,
+      strides: int | Sequence[int],
+      padding: str,
+      depth_multiplier: int,
+      data_format: str | None,
+      dilation_rate: int | Sequence[int],
+      activation: Any,
+      use_bias: bool,
+      depthwise_initializer: Any,
+      bias_initializer: Any,
+      depthwise_regularizer: Any,
+      bias_regularizer: Any,
+      activity_regularizer: Any,
+      depthwise_constraint: Any,
+      bias_constraint: Any,
+      **kwargs: Any,
+  ):
+    fn = type(self).__name__
+    backend_op(fn, keras.backend.backend(), self._rank)  # fail early on other backends
+    super().__init__(activity_regularizer=keras.regularizers.get(activity_regularizer),
+                     **kwargs)
+    self.kernel_size = _args.int_tuple(fn, "kernel_size", kernel_size, self._rank, axes)
+    self.strides = _args.int_tuple(fn, "strides", strides, self._rank, axes)
+    self.dilation_rate = _args.int_tuple(fn, "dilation_rate", dilation_rate, self._rank, axes)
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+      raise ValueError(f"{fn}: `padding` must be 'valid' or 'same' (any case), got "
+                       f"{padding!r}.")
+    self.padding = padding.lower()
+    if not _args.is_int(depth_multiplier) or depth_multiplier < 1:
+      raise ValueError(f"{fn}: `depth_multiplier` must be a positive int, got "
+                       f"{depth_multiplier!r}.")
+    self.depth_multiplier = int(depth_multiplier)
+    data_format = keras.config.image_data_format() if data_format is None else data_format
+    if (not isinstance(data_format, str)
+        or data_format.lower() not in ("channels_last", "channels_first")):
+      raise ValueError(f"{fn}: `data_format` must be None, 'channels_last' or "
+                       f"'channels_first', got {data_format!r}.")
+    self.data_format = data_format.lower()
+    self.activation = keras.activations.get(activation)
+    self.use_bias = bool(use_bias)
+    self.depthwise_initializer = keras.initializers.get(depthwise_initializer)
+    self.bias_initializer = keras.initializers.get(bias_initializer)
+    self.depthwise_regularizer = keras.regularizers.get(depthwise_regularizer)
+    self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+    self.depthwise_constraint = keras.constraints.get(depthwise_constraint)
+    self.bias_constraint = keras.constraints.get(bias_constraint)
+
+  # -- subclass hooks ---------------------------------------------------------
+
+  @property
+  def _input_rank(self) -> int:
+    return 5
+
+  def _conv_axes(self) -> str:
+    """The convolved axes in kernel order, as letters of `D`, `H`, `W`."""
+    raise NotImplementedError
+
+  def _op_kwargs(self) -> dict[str, Any]:
+    return {}
+
+  # -- shapes -----------------------------------------------------------------
+
+  @property
+  def _channels_last(self) -> bool:
+    return self.data_format == "channels_last"
+
+  def _check_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    fn = type(self).__name__
+    shape = tuple(input_shape)
+    rank = self._input_rank
+    spatial = "DHW"[-(rank - 2):]
+    layout = f"(N, {', '.join(spatial)}, C)" if self._channels_last else \
+        f"(N, C, {', '.join(spatial)})"
+    if len(shape) != rank:
+      raise ValueError(f"{fn}: input must have rank {rank}, {layout} for data_format "
+                       f"{self.data_format!r}, got shape {shape}.")
+    channels = shape[-1 if self._channels_last else 1]
+    if channels is None:
+      raise ValueError(f"{fn}: the channel dimension of the input must be known, got shape "
+                       f"{shape} (data_format {self.data_format!r}).")
+    if self.built and channels != self.kernel.shape[-2]:
+      raise ValueError(f"{fn}: the layer was built for {self.kernel.shape[-2]} input "
+                       f"channels, got an input of shape {shape} (data_format "
+                       f"{self.data_format!r}).")
+    return shape
+
+  def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    """Output sizes by TF's rules (Keras's on the JAX and TF backends); None stays None."""
+    fn = type(self).__name__
+    shape = list(self._check_shape(input_shape))
+    spatial = "DHW"[-(len(shape) - 2):]
+    first = 1 if self._channels_last else 2
+    for i, a in enumerate(self._conv_axes()):
+      pos = first + spatial.index(a)
+      n = shape[pos]
+      if n is None:
+        continue
+      e = (self.kernel_size[i] - 1) * self.dilation_rate[i] + 1
+      s = self.strides[i]
+      out = -(-n // s) if self.padding == "same" else (n - e) // s + 1
+      if out < 1:
+        raise ValueError(
+            f"{fn}: along axis {a} the window (kernel {self.kernel_size[i]}, dilation "
+            f"{self.dilation_rate[i]}: effective size {e}) does not fit the input (size {n}) "
+            f"with padding 'valid'; the output would be empty. Use padding='same', a "
+            f"smaller kernel or dilation.")
+      shape[pos] = out
+    c = -1 if self._channels_last else 1
+    shape[c] = shape[c] * self.depth_multiplier
+    return tuple(shape)
+
+  # -- weights and call -------------------------------------------------------
+
+  def build(self, input_shape: Sequence[int | None]) -> None:
+    shape = self._check_shape(input_shape)
+    self.compute_output_shape(shape)  # an empty output fails here, not at the first call
+    channels = shape[-1 if self._channels_last else 1]
+    self.kernel = self.add_weight(
+        name="kernel", shape=(*self.kernel_size, channels, self.depth_multiplier),
+        initializer=self.depthwise_initializer, regularizer=self.depthwise_regularizer,
+        constraint=self.depthwise_constraint, trainable=True, dtype=self.dtype)
+    if self.use_bias:
+      self.bias = self.add_weight(
+          name="bias", shape=(channels * self.depth_multiplier,),
+          initializer=self.bias_initializer, regularizer=self.bias_regularizer,
+          constraint=self.bias_constraint, trainable=True, dtype=self.dtype)
+    else:
+      self.bias = None
+
+  def call(self, inputs: Any) -> Any:
+    fn = type(self).__name__
+    self._check_shape(inputs.shape)
+    op = backend_op(fn, keras.backend.backend(), self._rank)
+    # `.value` is the backend array (a tf.Variable on TensorFlow, so tapes see
+    # it), cast to the compute dtype under a mixed-precision policy.
+    kernel = self.kernel.value
+    y = op(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
+           dilations=self.dilation_rate,
+           data_format=_LAYOUTS[self._input_rank, self._channels_last], **self._op_kwargs())
+    if self.use_bias:
+      shape = [1] * self._input_rank
+      shape[-1 if self._channels_last else 1] = -1
+      y = keras.ops.add(y, keras.ops.reshape(self.bias, shape))
+    if self.activation is not None:
+      y = self.activation(y)
+    return y
+
+  def get_config(self) -> dict[str, Any]:
+    config = super().get_config()
+    config.update(
+        kernel_size=self.kernel_size,
+        strides=self.strides,
+        padding=self.padding,
+        depth_multiplier=self.depth_multiplier,
+        data_format=self.data_format,
+        dilation_rate=self.dilation_rate,
+        activation=keras.activations.serialize(self.activation),
+        use_bias=self.use_bias,
+        depthwise_initializer=keras.initializers.serialize(self.depthwise_initializer),
+        bias_initializer=keras.initializers.serialize(self.bias_initializer),
+        depthwise_regularizer=keras.regularizers.serialize(self.depthwise_regularizer),
+        bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
+        activity_regularizer=keras.regularizers.serialize(self.activity_regularizer),
+        depthwise_constraint=keras.constraints.serialize(self.depthwise_constraint),
+        bias_constraint=keras.constraints.serialize(self.bias_constraint),
+    )
+    return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DepthwiseConv3D(_DepthwiseConv):
+  """True 3D depthwise convolution, the `DepthwiseConv2D` Keras lacks.
+
+  Each input channel is convolved with its own `depth_multiplier` filters of
+  size `kernel_size`; `Conv3D(groups=C)` in Keras terms, which TensorFlow
+  cannot run on CPU. On the JAX backend the layer calls
+  `dw5d_jax.depthwise_conv3d`, on the TensorFlow backend
+  `interop.tf_depthwise_conv3d`; both run on CPU and GPU. Argument names,
+  defaults and meanings are Keras's (see the module docstring for how they
+  map to the ops').
+
+  Input `(N, D, H, W, C)` (`"channels_last"`) or `(N, C, D, H, W)`
+  (`"channels_first"`); output the same layout with `C * depth_multiplier`
+  channels, ordered `c * depth_multiplier + m`. Batch and spatial sizes may be
+  unknown (`None`) in a functional model.
+
+  Args:
+    kernel_size: an int or `(kd, kh, kw)`.
+    strides: an int or three.
+    padding: `"valid"` (default, as Keras) or `"same"` (TF's rule), any case.
+    depth_multiplier: filters per input channel.
+    data_format: `"channels_last"`, `"channels_first"`, or None for
+      `keras.config.image_data_format()`.
+    dilation_rate: an int or three; any combination with `strides` works.
+    activation: applied to the output (after the bias); None for none.
+    use_bias: add a bias of shape `(C * depth_multiplier,)`.
+    depthwise_initializer, bias_initializer: as Keras's (defaults
+      `"glorot_uniform"` and `"zeros"`).
+    depthwise_regularizer, bias_regularizer, activity_regularizer: Keras
+      regularizers or None.
+    depthwise_constraint, bias_constraint: Keras constraints or None.
+    **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`,
+      `trainable`).
+
+  Raises:
+    ValueError: a backend other than JAX or TensorFlow; bad `kernel_size`,
+      `strides`, `dilation_rate`, `padding`, `depth_multiplier` or
+      `data_format`; when built or called, an input of the wrong rank, an
+      unknown or changed channel size, or an empty output.
+    TypeError: non-int sizes.
+
+  Example:
+    >>> import numpy as np
+    >>> from interop.keras import DepthwiseConv3D
+    >>> layer = DepthwiseConv3D(3, depth_multiplier=2, strides=(1, 2, 2), padding="same")
+    >>> tuple(layer(np.ones((2, 5, 8, 8, 4), np.float32)).shape)
+    (2, 5, 4, 4, 8)
+    >>> tuple(layer.kernel.shape)
+    (3, 3, 3, 4, 2)
+  """
+
+  _rank = 3
+
+  def __init__(
+      self,
+      kernel_size: int | Sequence[int],
+      *,
+      strides: int | Sequence[int] = 1,
+      padding: str = "valid",
+      depth_multiplier: int = 1,
+      data_format: str | None = None,
+      dilation_rate: int | Sequence[int] = 1,
+      activation: Any = None,
+      use_bias: bool = True,
+      depthwise_initializer: Any = "glorot_uniform",
+      bias_initializer: Any = "zeros",
+      depthwise_regularizer: Any = None,
+      bias_regularizer: Any = None,
+      activity_regularizer: Any = None,
+      depthwise_constraint: Any = None,
+      bias_constraint: Any = None,
+      **kwargs: Any,
+  ):
+    super().__init__(
+        kernel_size, axes="DHW", strides=strides, padding=padding,
+        depth_multiplier=depth_multiplier, data_format=data_format,
+        dilation_rate=dilation_rate, activation=activation, use_bias=use_bias,
+        depthwise_initializer=depthwise_initializer, bias_initializer=bias_initializer,
+        depthwise_regularizer=depthwise_regularizer, bias_regularizer=bias_regularizer,
+        activity_regularizer=activity_regularizer,
+        depthwise_constraint=depthwise_constraint, bias_constraint=bias_constraint, **kwargs)
+
+  def _conv_axes(self) -> str:
+    return "DHW"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DepthwiseConv2D(_DepthwiseConv):
+  """2D depthwise convolution on 4D input, or per slice of 5D input.
+
+  With `axes=None` this is Keras's `DepthwiseConv2D`: input `(N, H, W, C)`
+  (`"channels_last"`) or `(N, C, H, W)`, kernel `(kh, kw, C, M)`. With `axes`
+  two letters of `D`, `H`, `W` (e.g. `"HW"`, `"DW"`), the input is
+  `(N, D, H, W, C)` (or `(N, C, D, H, W)`) and every slice along the third
+  axis is convolved independently over the two named axes, kernel dim `i`
+  along `axes[i]`: the classic fold-into-batch recipe, done without mixing
+  slices. On the JAX backend the layer calls `dw5d_jax.depthwise_conv2d`, on
+  the TensorFlow backend `interop.tf_depthwise_conv2d`.
+
+  Args:
+    kernel_size: an int or `(k0, k1)` (along `axes`, default `H, W`).
+    axes: None (4D input) or two distinct letters of `D`, `H`, `W` (5D).
+    strides, dilation_rate: an int or two, along the convolved axes.
+    padding, depth_multiplier, data_format, activation, use_bias, the
+      initializers, regularizers and constraints, **kwargs: as in
+      `DepthwiseConv3D`.
+
+  Raises:
+    ValueError, TypeError: as `DepthwiseConv3D`, and bad `axes`.
+
+  Example:
+    >>> import numpy as np
+    >>> from interop.keras import DepthwiseConv2D
+    >>> layer = DepthwiseConv2D((3, 5), axes="DW", padding="same")
+    >>> tuple(layer(np.ones((2, 6, 7, 8, 3), np.float32)).shape)
+    (2, 6, 7, 8, 3)
+  """
+
+  _rank = 2
+
+  def __init__(
+      self,
+      kernel_size: int | Sequence[int],
+      *,
+      axes: str | None = None,
+      strides: int | Sequence[int] = 1,
+      padding: str = "valid",
+      depth_multiplier: int = 1,
+      data_format: str | None = None,
+      dilation_rate: int | Sequence[int] = 1,
+      activation: Any = None,
+      use_bias: bool = True,
+      depthwise_initializer: Any = "glorot_uniform",
+      bias_initializer: Any = "zeros",
+      depthwise_regularizer: Any = None,
+      bias_regularizer: Any = None,
+      activity_regularizer: Any = None,
+      depthwise_constraint: Any = None,
+      bias_constraint: Any = None,
+      **kwargs: Any,
+  ):
+    axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
+    super().__init__(
+        kernel_size, axes=axes or "HW", strides=strides, padding=padding,
+        depth_multiplier=depth_multiplier, data_format=data_format,
+        dilation_rate=dilation_rate, activation=activation, use_bias=use_bias,
+        depthwise_initializer=depthwise_initializer, bias_initializer=bias_initializer,
+        depthwise_regularizer=depthwise_regularizer, bias_regularizer=bias_regularizer,
+        activity_regularizer=activity_regularizer,
+        depthwise_constraint=depthwise_constraint, bias_constraint=bias_constraint, **kwargs)
+    self.axes = axes
+
+  @property
+  def _input_rank(self) -> int:
+    return 4 if self.axes is None else 5
+
+  def _conv_axes(self) -> str:
+    return self.axes or "HW"
+
+  def _op_kwargs(self) -> dict[str, Any]:
+    return {} if self.axes is None else {"axes": self.axes}
+
+  def get_config(self) -> dict[str, Any]:
+    return {**super().get_config(), "axes": self.axes}

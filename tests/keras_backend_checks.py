@@ -1,0 +1,358 @@
+"""interop.keras on the Keras backend that KERAS_BACKEND names.
+
+Keras fixes its backend when it is imported, so each backend needs a process
+of its own: tests/test_keras.py runs this file with pytest once per backend
+(it is not collected on its own: its name does not start with `test_`).
+Expected values come from the float64 NumPy reference
+(`dw5d_jax._reference`), Keras's own `DepthwiseConv2D` where Keras has the
+op, and the values a model produced on the other backend.
+
+`DW5D_KERAS_EXCHANGE` names a directory shared by the runs: the
+`*_other_backend` tests save a model there, and load the one the other backend
+saved.
+"""
+
+from __future__ import annotations
+
+import doctest
+import os
+import pathlib
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_close, random_array
+
+from dw5d_jax._reference import depthwise_reference
+from interop import _keras
+from interop.keras import DepthwiseConv2D, DepthwiseConv3D
+
+BACKEND = keras.backend.backend()
+OTHER = {"jax": "tensorflow", "tensorflow": "jax"}[BACKEND]
+_LAYOUT = {(5, "channels_last"): "NDHWC", (5, "channels_first"): "NCDHW",
+           (4, "channels_last"): "NHWC", (4, "channels_first"): "NCHW"}
+
+
+def test_runs_on_the_requested_backend():
+  assert BACKEND == os.environ["KERAS_BACKEND"]
+
+
+def test_docstring_examples():
+  failures, tried = doctest.testmod(_keras, optionflags=doctest.ELLIPSIS)
+  assert tried > 0
+  assert failures == 0
+
+
+def _np(a) -> np.ndarray:
+  if isinstance(a, keras.Variable):
+    a = a.value  # NumPy's conversion of the variable itself warns (no `copy=`)
+  return np.asarray(keras.ops.convert_to_numpy(a))
+
+
+def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
+  """The layer's output in float64, from the reference and the layer's weights."""
+  kernel = _np(layer.kernel) if kernel is None else kernel
+  rank = np.ndim(x)
+  axes = "DHW" if isinstance(layer, DepthwiseConv3D) else layer.axes or "HW"
+  y = depthwise_reference(x, kernel, axes=axes, strides=layer.strides,
+                          padding=layer.padding.upper(), dilations=layer.dilation_rate,
+                          data_format=_LAYOUT[rank, layer.data_format])
+  if layer.use_bias:
+    shape = [1] * rank
+    shape[-1 if layer.data_format == "channels_last" else 1] = -1
+    y = y + _np(layer.bias).astype(np.float64).reshape(shape)
+  if layer.get_config()["activation"] == "relu":
+    y = np.maximum(y, 0)
+  return y
+
+
+# ----------------------------------------------------------------------------
+# Outputs against the float64 reference.
+
+CONV3D = [
+    (dict(kernel_size=(3, 2, 3), depth_multiplier=2, strides=(1, 2, 1), dilation_rate=(2, 1, 1),
+          padding="same"), (2, 5, 6, 7, 3)),
+    (dict(kernel_size=3, strides=2, padding="valid"), (1, 7, 5, 6, 2)),
+    (dict(kernel_size=(2, 3, 3), depth_multiplier=3, strides=(2, 1, 2), dilation_rate=(1, 2, 1),
+          padding="SAME", data_format="channels_first"), (2, 2, 4, 5, 3)),
+    # Input smaller than the kernel.
+    (dict(kernel_size=3, padding="same", activation="relu"), (1, 2, 1, 2, 2)),
+]
+
+CONV2D = [
+    (dict(kernel_size=(3, 2), depth_multiplier=2, strides=2, padding="same"), (2, 9, 8, 3)),
+    (dict(kernel_size=3, dilation_rate=2, padding="valid", data_format="channels_first"),
+     (2, 3, 9, 8)),
+    (dict(kernel_size=3, axes="HW", strides=(2, 1), padding="same"), (2, 4, 7, 6, 3)),
+    (dict(kernel_size=(2, 3), axes="DW", depth_multiplier=2, padding="valid"), (2, 5, 4, 6, 2)),
+    (dict(kernel_size=(3, 2), axes="wd", strides=2, dilation_rate=2, padding="same",
+          data_format="channels_first"), (1, 2, 5, 4, 6)),
+    (dict(kernel_size=5, axes="DH", padding="same", activation="relu"), (1, 2, 3, 4, 2)),
+]
+
+
+@pytest.mark.parametrize("cls, config, x_shape", [
+    *((DepthwiseConv3D, c, s) for c, s in CONV3D), *((DepthwiseConv2D, c, s) for c, s in CONV2D)],
+    ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+def test_matches_reference(rng, cls, config, x_shape):
+  layer = cls(**config, bias_initializer="random_normal")
+  x = random_array(rng, x_shape)
+  y = layer(x)
+  assert tuple(y.shape) == layer.compute_output_shape(x_shape)
+  assert_close(_np(y), reference(layer, x))
+
+
+@pytest.mark.parametrize("config", [
+    dict(kernel_size=3, strides=2, padding="same"),
+    dict(kernel_size=(2, 4), depth_multiplier=2, strides=(2, 1), padding="same"),
+    dict(kernel_size=(3, 2), dilation_rate=2, padding="valid"),
+    dict(kernel_size=3, padding="same", activation="relu", use_bias=False),
+], ids=str)
+def test_matches_keras_depthwise_conv2d(rng, config):
+  """Rank-4 input is Keras's DepthwiseConv2D, with Keras's SAME split (even kernels)."""
+  ours = DepthwiseConv2D(**config, bias_initializer="random_normal")
+  theirs = keras.layers.DepthwiseConv2D(**config)
+  x = random_array(rng, (2, 9, 8, 3))
+  y = ours(x)
+  theirs.build(x.shape)
+  theirs.set_weights(ours.get_weights())
+  assert_close(_np(y), _np(theirs(x)))
+  assert theirs.compute_output_shape(x.shape) == ours.compute_output_shape(x.shape)
+
+
+def test_mixed_precision(rng):
+  layer = DepthwiseConv3D((2, 3, 3), depth_multiplier=2, padding="same",
+                          bias_initializer="random_normal", dtype="mixed_bfloat16")
+  x = random_array(rng, (2, 4, 5, 6, 3))
+  y = layer(x)
+  assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+  assert keras.backend.standardize_dtype(layer.kernel.dtype) == "float32"
+  rounded = _np(keras.ops.cast(layer.kernel, "bfloat16")).astype(np.float64)
+  x16 = _np(keras.ops.cast(x, "bfloat16")).astype(np.float64)
+  assert_close(_np(keras.ops.cast(y, "float32")), reference(layer, x16, rounded), "bfloat16")
+
+
+# ----------------------------------------------------------------------------
+# Symbolic shapes, gradients, training.
+
+
+def test_functional_model_with_unknown_sizes(rng):
+  inputs = keras.Input((None, None, None, 3))
+  layer = DepthwiseConv3D(3, depth_multiplier=2, strides=(2, 1, 2), padding="same",
+                          bias_initializer="random_normal")
+  outputs = layer(inputs)
+  assert tuple(outputs.shape) == (None, None, None, None, 6)
+  model = keras.Model(inputs, outputs)
+  for shape in [(2, 5, 4, 7, 3), (1, 8, 3, 2, 3)]:
+    x = random_array(rng, shape)
+    y = model.predict(x, verbose=0)
+    assert y.shape == layer.compute_output_shape(shape)
+    assert_close(y, reference(layer, x))
+
+
+def _gradients(layer, x, ct) -> list[np.ndarray]:
+  """d sum(layer(x) * ct) / d (kernel, bias) with the backend's autodiff."""
+  if BACKEND == "jax":
+    import jax
+    import jax.numpy as jnp
+
+    def loss(values):
+      y, _ = layer.stateless_call(values, [], x)
+      return jnp.sum(y * ct)
+
+    return [np.asarray(g) for g in jax.grad(loss)([v.value for v in layer.trainable_variables])]
+  import tensorflow as tf
+
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(layer(x) * ct)
+  return [g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
+
+
+@pytest.mark.parametrize("cls, config, x_shape", [
+    (DepthwiseConv3D, dict(kernel_size=(2, 3, 2), depth_multiplier=2, strides=(1, 2, 1),
+                           padding="same"), (2, 4, 5, 3, 2)),
+    (DepthwiseConv2D, dict(kernel_size=(3, 2), axes="DW", dilation_rate=(1, 2),
+                           data_format="channels_first"), (2, 2, 5, 3, 6)),
+], ids=["3d", "2d-DW"])
+def test_gradients_match_reference(rng, cls, config, x_shape):
+  layer = cls(**config)
+  x = random_array(rng, x_shape)
+  y_shape = layer.compute_output_shape(x_shape)
+  layer.build(x_shape)
+  ct = random_array(rng, y_shape)
+  g_kernel, g_bias = _gradients(layer, x, ct)
+  # The output is linear in the kernel: each kernel entry's gradient is the
+  # output for a one-hot kernel (no bias) against the cotangent.
+  kernel = _np(layer.kernel)
+  want = np.zeros(kernel.shape)
+  for idx in np.ndindex(kernel.shape):
+    one_hot = np.zeros(kernel.shape)
+    one_hot[idx] = 1.0
+    want[idx] = np.sum((reference(layer, x, one_hot) - _np(layer.bias).reshape(
+        [-1 if i == (1 if layer.data_format == "channels_first" else len(y_shape) - 1) else 1
+         for i in range(len(y_shape))])) * ct)
+  assert_close(g_kernel, want)
+  channel = 1 if layer.data_format == "channels_first" else len(y_shape) - 1
+  assert_close(g_bias, ct.astype(np.float64).sum(axis=tuple(
+      i for i in range(len(y_shape)) if i != channel)))
+
+
+def test_fit_reduces_loss_under_the_backend_compiler(rng):
+  """`fit` with jit_compile=True: XLA through jax.jit or TF's tf.function(jit_compile=True)."""
+  keras.utils.set_random_seed(0)
+  x = random_array(rng, (16, 5, 6, 7, 2))
+  teacher = DepthwiseConv3D(3, depth_multiplier=2, padding="same", bias_initializer="random_normal")
+  y = _np(teacher(x))
+  model = keras.Sequential([keras.Input((None, None, None, 2)),
+                            DepthwiseConv3D(3, depth_multiplier=2, padding="same")])
+  model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=True)
+  history = model.fit(x, y, batch_size=8, epochs=15, verbose=0).history["loss"]
+  assert history[-1] < 0.2 * history[0], history
+
+
+# ----------------------------------------------------------------------------
+# Serialisation.
+
+
+def test_config_round_trip(rng):
+  layer = DepthwiseConv2D(
+      (3, 2), axes="DW", strides=(1, 2), padding="same", depth_multiplier=2,
+      data_format="channels_first", dilation_rate=(2, 1), activation="relu",
+      depthwise_initializer=keras.initializers.RandomNormal(0.0, 0.3, seed=1),
+      bias_initializer="random_normal",
+      depthwise_regularizer=keras.regularizers.L2(0.01),
+      bias_regularizer=keras.regularizers.L1(0.02),
+      activity_regularizer=keras.regularizers.L2(0.03),
+      depthwise_constraint=keras.constraints.MaxNorm(2.0),
+      bias_constraint=keras.constraints.NonNeg(), name="per_slice")
+  x = random_array(rng, (2, 3, 4, 5, 6))
+  y = _np(layer(x))
+  config = layer.get_config()
+  clone = DepthwiseConv2D.from_config(config)
+  assert clone.get_config() == config
+  clone.build(x.shape)
+  clone.set_weights(layer.get_weights())
+  assert_close(_np(clone(x)), y)
+  # Through Keras's registry, as model.save does it.
+  restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+  assert type(restored) is DepthwiseConv2D and restored.get_config() == config
+  assert isinstance(restored.depthwise_regularizer, keras.regularizers.L2)
+  assert isinstance(restored.bias_constraint, keras.constraints.NonNeg)
+  assert keras.saving.get_registered_name(DepthwiseConv2D) == "dw5d>DepthwiseConv2D"
+  # The regularizers are applied: kernel L2, bias L1, activity L2 on the output.
+  kernel, bias = (w.astype(np.float64) for w in layer.get_weights())
+  want = 0.01 * np.sum(kernel ** 2) + 0.02 * np.sum(np.abs(bias)) + 0.03 * np.sum(
+      y.astype(np.float64) ** 2) / x.shape[0]
+  assert np.isclose(sum(float(_np(v)) for v in layer.losses), want, rtol=1e-5)
+
+
+def test_model_save_and_load_same_backend(rng, tmp_path):
+  inputs = keras.Input((None, None, None, 2))
+  hidden = DepthwiseConv3D((3, 3, 2), padding="same", bias_initializer="random_normal")(inputs)
+  outputs = DepthwiseConv2D(3, axes="HW", depth_multiplier=2, use_bias=False)(hidden)
+  model = keras.Model(inputs, outputs)
+  x = random_array(rng, (2, 4, 6, 5, 2))
+  y = model.predict(x, verbose=0)
+  model.save(tmp_path / "model.keras")
+  loaded = keras.models.load_model(tmp_path / "model.keras")
+  assert [type(layer) for layer in loaded.layers[1:]] == [DepthwiseConv3D, DepthwiseConv2D]
+  assert_close(loaded.predict(x, verbose=0), y)
+
+
+def _exchange(backend: str) -> pathlib.Path:
+  return pathlib.Path(os.environ["DW5D_KERAS_EXCHANGE"]) / backend
+
+
+def _chain_reference(model, x: np.ndarray) -> np.ndarray:
+  for layer in model.layers[1:]:
+    x = reference(layer, x)
+  return x
+
+
+def test_save_for_other_backend(rng):
+  keras.utils.set_random_seed(1)
+  inputs = keras.Input((None, None, None, 3))
+  h = DepthwiseConv3D(3, depth_multiplier=2, strides=(1, 2, 2), padding="same",
+                      activation="relu", bias_initializer="random_normal")(inputs)
+  outputs = DepthwiseConv2D((3, 2), axes="DW", padding="valid",
+                            bias_initializer="random_normal")(h)
+  model = keras.Model(inputs, outputs)
+  x = random_array(rng, (2, 5, 7, 8, 3))
+  y = model.predict(x, verbose=0)
+  assert_close(y, _chain_reference(model, x))
+  out = _exchange(BACKEND)
+  out.mkdir(parents=True, exist_ok=True)
+  model.save(out / "model.keras")
+  np.savez(out / "data.npz", x=x, y=y)
+
+
+def test_load_model_saved_on_other_backend():
+  source = _exchange(OTHER)
+  assert (source / "model.keras").is_file(), (
+      f"no model saved by the {OTHER} backend in {source}: run its checks first")
+  model = keras.models.load_model(source / "model.keras")
+  data = np.load(source / "data.npz")
+  assert [type(layer) for layer in model.layers[1:]] == [DepthwiseConv3D, DepthwiseConv2D]
+  y = model.predict(data["x"], verbose=0)
+  assert_close(y, data["y"])
+  assert_close(y, _chain_reference(model, data["x"]))
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+
+@pytest.mark.parametrize("make, error, pattern", [
+    (lambda: DepthwiseConv3D(3, padding="full"), ValueError,
+     r"DepthwiseConv3D: `padding` must be 'valid' or 'same' \(any case\), got 'full'"),
+    (lambda: DepthwiseConv3D((3, 3)), ValueError,
+     r"DepthwiseConv3D: `kernel_size` must be a positive int or a sequence of 3 positive "
+     r"ints, one per convolved axis \(D, H, W\); got 2 values"),
+    (lambda: DepthwiseConv3D(3, strides=0), ValueError,
+     r"DepthwiseConv3D: `strides` must be positive, got 0"),
+    (lambda: DepthwiseConv2D(3, dilation_rate=1.5), TypeError,
+     r"DepthwiseConv2D: `dilation_rate` must be a positive int or a sequence of 2"),
+    (lambda: DepthwiseConv2D(3, depth_multiplier=0), ValueError,
+     r"DepthwiseConv2D: `depth_multiplier` must be a positive int, got 0"),
+    (lambda: DepthwiseConv2D(3, axes="XY"), ValueError,
+     r"DepthwiseConv2D: `axes` must be two distinct letters"),
+    (lambda: DepthwiseConv2D(3, data_format="NHWC"), ValueError,
+     r"DepthwiseConv2D: `data_format` must be None, 'channels_last' or 'channels_first', "
+     r"got 'NHWC'"),
+    (lambda: _keras.backend_op("DepthwiseConv3D", "torch", 3), ValueError,
+     r"DepthwiseConv3D: the Keras backend must be one of 'jax', 'tensorflow' \(set "
+     r"KERAS_BACKEND before importing keras\), got 'torch'"),
+])
+def test_bad_arguments_raise(make, error, pattern):
+  with pytest.raises(error, match=pattern):
+    make()
+
+
+def test_bad_inputs_raise():
+  per_slice = DepthwiseConv2D(3, axes="HW")
+  with pytest.raises(ValueError, match=r"DepthwiseConv2D: input must have rank 5, "
+                     r"\(N, D, H, W, C\) for data_format 'channels_last', got shape "
+                     r"\(2, 5, 5, 3\)"):
+    per_slice(np.ones((2, 5, 5, 3), np.float32))
+  layer = DepthwiseConv3D(3, data_format="channels_first")
+  layer(np.ones((1, 2, 4, 4, 4), np.float32))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D: the layer was built for 2 input "
+                     r"channels, got an input of shape \(1, 3, 4, 4, 4\)"):
+    layer(np.ones((1, 3, 4, 4, 4), np.float32))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D: along axis D the window \(kernel "
+                     r"5, dilation 1: effective size 5\) does not fit the input \(size 3\)"):
+    DepthwiseConv3D(5)(np.ones((1, 3, 8, 8, 1), np.float32))
+  with pytest.raises(ValueError, match=r"the channel dimension of the input must be known"):
+    DepthwiseConv3D(3)(keras.Input((4, 4, 4, None)))
+
+
+def test_backend_modules():
+  """The JAX backend never loads interop's TF ops; the TF backend ran them.
+
+  (Keras itself imports TensorFlow on the JAX backend when it saves a model.)
+  """
+  if BACKEND == "jax":
+    assert "interop._tf_ops" not in sys.modules
+  else:
+    assert "interop._tf_ops" in sys.modules
