@@ -28,8 +28,7 @@ def _run(backend: str, exchange: pathlib.Path, *select: str) -> subprocess.Compl
   env = {**os.environ, "KERAS_BACKEND": backend, "DW5D_KERAS_EXCHANGE": str(exchange)}
   return subprocess.run(
       [sys.executable, "-m", "pytest", str(CHECKS), "-q", "-p", "no:cacheprovider", "-rA",
-       # Keras's own NumPy conversions warn under NumPy 2; not ours to fix.
-       "-W", "ignore:__array__ implementation:DeprecationWarning", *select],
+       *select],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
