@@ -77,24 +77,24 @@ class _DepthwiseConv(keras.layers.Layer):
       self,
       kernel_size: int | Sequence[int],
       *,
-      axes: str,
-      strides: int | Sequence[int],
-      padding: str,
-      depth_multiplier: int,
-      data_format: str | None,
-      dilation_rate: int | Sequence[int],
-      activation: Any,
-      use_bias: bool,
-      depthwise_initializer: Any,
-      bias_initializer: Any,
-      depthwise_regularizer: Any,
-      bias_regularizer: Any,
-      activity_regularizer: Any,
-      depthwise_constraint: Any,
-      bias_constraint: Any,
+      strides: int | Sequence[int] = 1,
+      padding: str = "valid",
+      depth_multiplier: int = 1,
+      data_format: str | None = None,
+      dilation_rate: int | Sequence[int] = 1,
+      activation: Any = None,
+      use_bias: bool = True,
+      depthwise_initializer: Any = "glorot_uniform",
+      bias_initializer: Any = "zeros",
+      depthwise_regularizer: Any = None,
+      bias_regularizer: Any = None,
+      activity_regularizer: Any = None,
+      depthwise_constraint: Any = None,
+      bias_constraint: Any = None,
       **kwargs: Any,
   ):
     fn = type(self).__name__
+    axes = self._conv_axes()  # for messages
     backend_op(fn, keras.backend.backend(), self._rank)  # fail early on other backends
     super().__init__(activity_regularizer=keras.regularizers.get(activity_regularizer),
                      **kwargs)
@@ -300,35 +300,6 @@ class DepthwiseConv3D(_DepthwiseConv):
 
   _rank = 3
 
-  def __init__(
-      self,
-      kernel_size: int | Sequence[int],
-      *,
-      strides: int | Sequence[int] = 1,
-      padding: str = "valid",
-      depth_multiplier: int = 1,
-      data_format: str | None = None,
-      dilation_rate: int | Sequence[int] = 1,
-      activation: Any = None,
-      use_bias: bool = True,
-      depthwise_initializer: Any = "glorot_uniform",
-      bias_initializer: Any = "zeros",
-      depthwise_regularizer: Any = None,
-      bias_regularizer: Any = None,
-      activity_regularizer: Any = None,
-      depthwise_constraint: Any = None,
-      bias_constraint: Any = None,
-      **kwargs: Any,
-  ):
-    super().__init__(
-        kernel_size, axes="DHW", strides=strides, padding=padding,
-        depth_multiplier=depth_multiplier, data_format=data_format,
-        dilation_rate=dilation_rate, activation=activation, use_bias=use_bias,
-        depthwise_initializer=depthwise_initializer, bias_initializer=bias_initializer,
-        depthwise_regularizer=depthwise_regularizer, bias_regularizer=bias_regularizer,
-        activity_regularizer=activity_regularizer,
-        depthwise_constraint=depthwise_constraint, bias_constraint=bias_constraint, **kwargs)
-
   def _conv_axes(self) -> str:
     return "DHW"
 
@@ -367,37 +338,12 @@ class DepthwiseConv2D(_DepthwiseConv):
 
   _rank = 2
 
-  def __init__(
-      self,
-      kernel_size: int | Sequence[int],
-      *,
-      axes: str | None = None,
-      strides: int | Sequence[int] = 1,
-      padding: str = "valid",
-      depth_multiplier: int = 1,
-      data_format: str | None = None,
-      dilation_rate: int | Sequence[int] = 1,
-      activation: Any = None,
-      use_bias: bool = True,
-      depthwise_initializer: Any = "glorot_uniform",
-      bias_initializer: Any = "zeros",
-      depthwise_regularizer: Any = None,
-      bias_regularizer: Any = None,
-      activity_regularizer: Any = None,
-      depthwise_constraint: Any = None,
-      bias_constraint: Any = None,
-      **kwargs: Any,
-  ):
-    axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
-    super().__init__(
-        kernel_size, axes=axes or "HW", strides=strides, padding=padding,
-        depth_multiplier=depth_multiplier, data_format=data_format,
-        dilation_rate=dilation_rate, activation=activation, use_bias=use_bias,
-        depthwise_initializer=depthwise_initializer, bias_initializer=bias_initializer,
-        depthwise_regularizer=depthwise_regularizer, bias_regularizer=bias_regularizer,
-        activity_regularizer=activity_regularizer,
-        depthwise_constraint=depthwise_constraint, bias_constraint=bias_constraint, **kwargs)
-    self.axes = axes
+  def __init__(self, kernel_size: int | Sequence[int], *, axes: str | None = None,
+               **kwargs: Any):
+    # Set before Layer.__init__ (a plain string, which Keras does not track) so
+    # that the shared argument checks can name the convolved axes.
+    self.axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
+    super().__init__(kernel_size, **kwargs)
 
   @property
   def _input_rank(self) -> int:
