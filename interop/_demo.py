@@ -195,6 +195,7 @@ def _step_export(s: Settings, model: Any, data: dict[str, Any], out: str,
   path = os.path.abspath(out)
   t = time.perf_counter()
   try:
+    # Serving a classifier needs no gradient; without it the export is quicker.
     interop.export_savedmodel(lambda state, x: nnx.merge(graphdef, state)(x), state, path,
                               input_shape=(None, None, None, None, 1), with_gradient=False,
                               overwrite=True)
