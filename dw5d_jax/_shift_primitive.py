@@ -18,14 +18,18 @@ convolution is one primitive, `shift_conv_p`, bilinear in `(x, kernel)`, with:
     `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to length 8 = n + e - 1, and a VALID
     convolution with the flipped kernel gives the 5 input positions.
     Because the rule calls the primitive again, gradients of gradients work.
-  - kernel: a reduction per tap of `slice(padded x) * ct` over batch and
-    positions, written so that XLA's CPU loop fusion does most of it (see
-    `kernel_grad`); plain JAX ops, so it is differentiable in turn.
-* Batching: a batched `x` is folded into `N`; a batched kernel falls back to
-  `vmap` of the plain math.
+  - kernel: its own primitive, `shift_kernel_grad_p`, bilinear in
+    `(x, ct)`, whose transposes are again these convolutions (so gradients
+    of gradients work). Its portable form is a reduction per tap of
+    `slice(padded x) * ct` over batch and positions, written so that XLA's
+    CPU loop fusion does most of it (see `kernel_grad_xla`).
+* Batching: a batched `x` is folded into `N`; a batched kernel (or a
+  batched kernel gradient) falls back to `vmap` of the plain math.
 
-Lowering: `mlir.lower_fun` of `_shift.shift_conv`, on every platform (only
-`method="shift"` or `"auto"` on CPU reaches it).
+Lowering: on CPU, the native kernels (`_native.py`: one pass over the
+unpadded input, and a one-pass kernel gradient) wherever `_native.usable`
+allows; otherwise, and on every other platform, `mlir.lower_fun` of the
+plain math (`_shift.shift_conv`, `kernel_grad_xla`).
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from dw5d_jax import _native
 from dw5d_jax._args import ConvSpec
 from dw5d_jax._shift import pad_input, repeat_channels, shift_conv, static_dims
 
 shift_conv_p = Primitive("dw5d_shift_conv")
+shift_kernel_grad_p = Primitive("dw5d_shift_kernel_grad")
 
 # The kernel gradient unrolls sums over at most this many leading rows, and
 # only while each row still holds this many elements (see kernel_grad): more
@@ -95,14 +101,32 @@ def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dx`: a stride-1 convolution with the flipped kernel."""
   c, m = spec.channels, spec.multiplier
-  ctp = _dilate_and_pad_cotangent(ct.astype(spec.acc_dtype), spec)
+  if ct.dtype == kernel.dtype:
+    # One dtype (bfloat16 too): the convolution converts as it reads and
+    # accumulates in acc_dtype, and with M = 1 writes the result's dtype, so
+    # no pass converts ct or the result.
+    in_dtype, out_dtype = kernel.dtype, kernel.dtype if m == 1 else spec.acc_dtype
+  else:  # a preferred_element_type made ct wider than the kernel
+    in_dtype, out_dtype = spec.acc_dtype, spec.acc_dtype
+  ct = ct.astype(in_dtype)
   sp = spec.spatial_axes
+  if spec.strides == (1, 1, 1):
+    # The padding `e - 1 - pad` goes into the convolution's own spec, so the
+    # native kernel reads ct as it is (no padded copy; XLA's lowering pads).
+    pads = []
+    for i in range(3):
+      lo, hi = spec.tight_padding(i)
+      e = (spec.window[i] - 1) * spec.dilations[i] + 1
+      pads.append((e - 1 - lo, e - 1 - hi))
+    ctp, padding = ct, tuple(pads)
+  else:
+    ctp, padding = _dilate_and_pad_cotangent(ct, spec), ((0, 0),) * 3
   t_spec = spec._replace(
-      strides=(1, 1, 1), padding=((0, 0),) * 3,
+      strides=(1, 1, 1), padding=padding,
       in_spatial=tuple(ctp.shape[a] for a in sp), out_spatial=spec.in_spatial,
-      channels=c * m, multiplier=1, out_dtype=spec.acc_dtype)
+      channels=c * m, multiplier=1, out_dtype=out_dtype)
   flipped = kernel[::-1, ::-1, ::-1].reshape(*spec.window, c * m, 1)
-  g = shift_lowering(ctp, flipped.astype(spec.acc_dtype), t_spec)
+  g = shift_lowering(ctp, flipped.astype(in_dtype), t_spec)
   if m > 1:  # sum over the multiplier: channel c*M + m -> c
     # By explicit adds: a reduce here would make XLA hand the whole tap sum
     # to a library reduction, writing every tap's slice to memory first
@@ -114,7 +138,12 @@ def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`d <conv(x, k), ct> / dk`: per tap, the sum of `slice(padded x) * ct`.
+  """`d <conv(x, k), ct> / dk`, as `(kd, kh, kw, C, M)` in x's dtype."""
+  return shift_kernel_grad_p.bind(x, ct, spec=spec)
+
+
+def kernel_grad_xla(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`kernel_grad` in plain JAX ops: per tap, the sum of `slice(padded x) * ct`.
 
   XLA on CPU hands a reduction to its library kernels only after writing
   each tap's slice to memory (one full copy per tap). Instead, the leading
@@ -182,8 +211,53 @@ def _transpose_kernel(ct, x, kernel, *, spec: ConvSpec):
   return kernel_grad(x, ct, spec)
 
 
+# The kernel gradient `dk(x, ct)` is bilinear too: <dk(x, ct), g> =
+# <conv(x, g), ct>, so its transposes are the convolution's own.
+def _kg_abstract_eval(x, ct, *, spec: ConvSpec):
+  del ct
+  return jax.core.ShapedArray((*spec.window, spec.channels, spec.multiplier), x.dtype)
+
+
+def _kg_transpose_x(g, x, ct, *, spec: ConvSpec):
+  del x
+  return input_grad(ct, g, spec)
+
+
+def _kg_transpose_ct(g, x, ct, *, spec: ConvSpec):
+  del ct
+  return shift_lowering(x, g, spec)
+
+
+def _kg_batch(args, dims, *, spec: ConvSpec):
+  fn = functools.partial(kernel_grad_xla, spec=spec)
+  return jax.vmap(fn, in_axes=dims)(*args), 0
+
+
+def _cpu_rule(prim, native_fn, portable_rule):
+  """A CPU lowering: the native kernel where `_native.usable`, else `portable_rule`."""
+  native_rule = mlir.lower_fun(native_fn, multiple_results=False)
+
+  def rule(ctx, a, b, *, spec: ConvSpec):
+    if _native.usable(ctx, spec):
+      return native_rule(ctx, a, b, spec=spec)
+    return portable_rule(ctx, a, b, spec=spec)
+
+  mlir.register_lowering(prim, rule, platform="cpu")
+
+
 shift_conv_p.def_impl(shift_conv)
 shift_conv_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(shift_conv_p, mlir.lower_fun(shift_conv, multiple_results=False))
+_conv_portable = mlir.lower_fun(shift_conv, multiple_results=False)
+mlir.register_lowering(shift_conv_p, _conv_portable)
 batching.primitive_batchers[shift_conv_p] = _batch
 ad.defbilinear(shift_conv_p, _transpose_x, _transpose_kernel)
+
+shift_kernel_grad_p.def_impl(kernel_grad_xla)
+shift_kernel_grad_p.def_abstract_eval(_kg_abstract_eval)
+_kg_portable = mlir.lower_fun(kernel_grad_xla, multiple_results=False)
+mlir.register_lowering(shift_kernel_grad_p, _kg_portable)
+batching.primitive_batchers[shift_kernel_grad_p] = _kg_batch
+ad.defbilinear(shift_kernel_grad_p, _kg_transpose_x, _kg_transpose_ct)
+
+_cpu_rule(shift_conv_p, _native.forward, _conv_portable)
+_cpu_rule(shift_kernel_grad_p, _native.kernel_grad, _kg_portable)

@@ -1,0 +1,857 @@
+// Native CPU kernels for dw5d_jax: depthwise convolution of channels-last
+// rank-5 arrays, called from XLA through its FFI (the header-only
+// xla/ffi/api/ffi.h that jaxlib ships). dw5d_jax/_native_build.py compiles
+// this file at first use; dw5d_jax/_native.py decides when XLA calls it.
+//
+// Arrays (row-major):
+//   x   (N, D, H, W, C)         float32 or bfloat16
+//   w   (KD, KH, KW, M, C)      float32 (the (.., C, M) kernel, transposed)
+//   y   (N, OD, OH, OW, C * M)  float32 or bfloat16, channel c * M + m
+//   ct  like y; dk like w (float32)
+// Output position o reads input position o * s + t * r - p for tap t along
+// each spatial axis (stride s, dilation r, low padding p). Positions outside
+// [0, size) are the zero padding: it is never written anywhere, the loops
+// just skip those taps (no padded copy of x, unlike XLA's shift lowering).
+//
+// Vectorisation: channels are innermost and contiguous, so every inner loop
+// is a multiply-add over packets of channels. The packets are GCC/Clang
+// vector extensions of the widest width the build targets (16 floats with
+// AVX-512): GCC's auto-vectoriser prefers 256-bit vectors on these CPUs,
+// and an explicit packet also pins the register blocking (several output
+// positions x two packets of accumulators) that keeps the FMA units busy.
+// Channels left over after whole packets use a one-float packet.
+//
+// Threads: output rows (n, od, oh) are split into a fixed number of chunks
+// (independent of the thread count, so results do not depend on it), taken
+// dynamically by the calling thread and by tasks on XLA's intra-op pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace dw5d {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+
+typedef float VecF __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t VecH __attribute__((vector_size(2 * kLanes)));
+
+using bf16 = uint16_t;  // the bits of a bfloat16
+
+inline uint16_t ToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Loads and stores of one packet: `float` (one lane) or `VecF` (kLanes).
+template <typename V>
+struct Pack;
+
+template <>
+struct Pack<float> {
+  static constexpr int kWidth = 1;
+  static float Zero() { return 0.0f; }
+  static float Load(const float* p) { return *p; }
+  static float Load(const bf16* p) {
+    uint32_t u = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static void Store(float* p, float v) { *p = v; }
+  static void Store(bf16* p, float v) { *p = ToBf16(v); }
+};
+
+template <>
+struct Pack<VecF> {
+  static constexpr int kWidth = kLanes;
+  static VecF Zero() { return VecF{}; }
+  static VecF Load(const float* p) {
+    VecF v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static VecF Load(const bf16* p) {
+    VecH h;
+    std::memcpy(&h, p, sizeof h);
+    VecU u = __builtin_convertvector(h, VecU) << 16;
+    VecF v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+  static void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+  static void Store(bf16* p, VecF v) {
+    VecU u;
+    std::memcpy(&u, &v, sizeof u);
+    VecU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    VecU quiet = (u >> 16) | 0x40u;
+    VecU nan = reinterpret_cast<VecU>((u & 0x7fffffffu) > 0x7f800000u);
+    VecH h = __builtin_convertvector((nan & quiet) | (~nan & rounded), VecH);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+
+// The problem, from the `config` attribute (dw5d_jax/_native.py: _config).
+struct Geom {
+  int64_t n, d, h, w, c, m, od, oh, ow, kd, kh, kw, sd, sh, sw, rd, rh, rw, pd, ph, pw;
+  int64_t rows() const { return n * od * oh; }
+  int64_t taps() const { return kd * kh * kw; }
+};
+constexpr size_t kConfigSize = 21;
+
+inline int64_t FloorDiv(int64_t a, int64_t b) {  // b > 0
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+inline int64_t CeilDiv(int64_t a, int64_t b) { return -FloorDiv(-a, b); }
+
+// The outputs o in [0, n_out) whose input o * s + off lies in [0, n_in).
+inline void ValidRange(int64_t n_in, int64_t n_out, int64_t s, int64_t off, int64_t* lo,
+                       int64_t* hi) {
+  *lo = std::min(n_out, std::max<int64_t>(0, CeilDiv(-off, s)));
+  *hi = std::max(*lo, std::min(n_out, FloorDiv(n_in - 1 - off, s) + 1));
+}
+
+// The input rows that output row r reads: rows[t] indexes x viewed as
+// N * D * H rows of W * C values, taps[t] = a * KH + b is its tap row.
+int RowTaps(const Geom& g, int64_t r, int64_t* rows, int64_t* taps) {
+  const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
+  int nt = 0;
+  for (int64_t a = 0; a < g.kd; ++a) {
+    const int64_t id = od * g.sd + a * g.rd - g.pd;
+    if (id < 0 || id >= g.d) continue;
+    for (int64_t b = 0; b < g.kh; ++b) {
+      const int64_t ih = oh * g.sh + b * g.rh - g.ph;
+      if (ih < 0 || ih >= g.h) continue;
+      rows[nt] = (n * g.d + id) * g.h + ih;
+      taps[nt] = a * g.kh + b;
+      ++nt;
+    }
+  }
+  return nt;
+}
+
+// Input rows as float32 for the compute kernels: x itself when it is
+// float32; bfloat16 rows are converted once into a small cache (LRU, twice
+// the rows one output row reads, so consecutive output rows, which share
+// most of their input rows, convert each row about once).
+template <typename TI>
+class InputRows {
+ public:
+  InputRows(const Geom& g, const TI* x)
+      : x_(x), len_(g.w * g.c), slots_(2 * g.kd * g.kh), keys_(slots_, -1), used_(slots_, 0),
+        data_(slots_ * len_) {}
+
+  const float* Get(int64_t row) {
+    ++clock_;
+    int victim = 0;
+    for (int i = 0; i < slots_; ++i) {
+      if (keys_[i] == row) {
+        used_[i] = clock_;
+        return &data_[i * len_];
+      }
+      if (used_[i] < used_[victim]) victim = i;
+    }
+    keys_[victim] = row;
+    used_[victim] = clock_;
+    float* out = &data_[victim * len_];
+    const TI* in = x_ + row * len_;
+    int64_t i = 0;
+    for (; i + kLanes <= len_; i += kLanes) Pack<VecF>::Store(out + i, Pack<VecF>::Load(in + i));
+    for (; i < len_; ++i) out[i] = Pack<float>::Load(in + i);
+    return out;
+  }
+
+ private:
+  const TI* x_;
+  int64_t len_;
+  int slots_;
+  std::vector<int64_t> keys_, used_;
+  std::vector<float> data_;
+  int64_t clock_ = 0;
+};
+
+template <>
+class InputRows<float> {
+ public:
+  InputRows(const Geom& g, const float* x) : x_(x), len_(g.w * g.c) {}
+  const float* Get(int64_t row) const { return x_ + row * len_; }
+
+ private:
+  const float* x_;
+  int64_t len_;
+};
+
+// ---------------------------------------------------------------------------
+// Shapes of the W axis with their own unrolled kernels: kernel width KW,
+// stride SW and dilation RW known at compile time, so that every input
+// packet of a row is loaded once and multiplied into every (output, tap)
+// pair that reads it, from registers. Other shapes take `Generic`.
+
+struct Generic {
+  static constexpr int KW = 0, SW = 0, RW = 0;
+};
+template <int K, int S, int R>
+struct Fixed {
+  static constexpr int KW = K, SW = S, RW = R;
+};
+
+constexpr int kRegisters = kLanes >= 16 ? 32 : 16;
+
+// Output positions per forward block: as many as fit in registers next to
+// the KW x NV weight packets (at least 8 independent sums hide the latency).
+template <int KW, int NV>
+constexpr int ForwardPositions() {
+  return (8 + KW) * NV + 2 <= kRegisters ? 8 : (4 + KW) * NV + 2 <= kRegisters ? 4 : 2;
+}
+
+// ---------------------------------------------------------------------------
+// Forward: y[o, c, m] = sum over taps of x[o * s + t * r - p, c] * w[t, m, c].
+// The row kernels below see float32 rows `xr[t]` (the nt input rows the
+// output row reads) and weight rows `wr[t]` ((KW, M, C) of tap row t, offset
+// to multiplier index m), and write float32 (OW, M, C).
+
+// acc[p][v] = the tap sum for NP output positions `xp` elements apart (the
+// first one's W taps e0..e1-1 start at offset `off` of every input row) and
+// NV packets of channels from c0 (`off` includes c0).
+template <typename V, int NV, int NP>
+inline void TapSums(const Geom& g, const float* const* xr, const float* const* wr, int nt,
+                    int64_t off, int64_t c0, int64_t e0, int64_t e1, V (&acc)[NP][NV]) {
+  constexpr int L = Pack<V>::kWidth;
+  const int64_t xe = g.rw * g.c, we = g.m * g.c, xp = g.sw * g.c;
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = Pack<V>::Zero();
+  for (int t = 0; t < nt; ++t) {
+    const float* x = xr[t] + off + e0 * xe;
+    const float* w = wr[t] + c0 + e0 * we;
+    for (int64_t e = e0; e < e1; ++e, x += xe, w += we) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Pack<V>::Load(w + v * L);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < NV; ++v) acc[p][v] += Pack<V>::Load(x + p * xp + v * L) * wv[v];
+    }
+  }
+}
+
+// TapSums for all KW taps of NP interior positions, with F's W shape: input
+// position j (relative to the first output's first tap) feeds output p
+// through tap e where j = p * SW + e * RW.
+template <typename F, typename V, int NV, int NP>
+inline void TapSumsFixed(const float* const* xr, const float* const* wr, int nt, int64_t off,
+                         int64_t c0, int64_t c, int64_t mc, V (&acc)[NP][NV]) {
+  constexpr int L = Pack<V>::kWidth, KW = F::KW, SW = F::SW, RW = F::RW;
+  constexpr int J = (NP - 1) * SW + (KW - 1) * RW + 1;
+#pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[p][v] = Pack<V>::Zero();
+  for (int t = 0; t < nt; ++t) {
+    const float* x = xr[t] + off;
+    const float* w = wr[t] + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 16
+    for (int e = 0; e < KW; ++e, w += mc)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[e][v] = Pack<V>::Load(w + v * L);
+    // One pointer stepped by c (not j * c offsets, which need a register each).
+#pragma GCC unroll 64
+    for (int j = 0; j < J; ++j, x += c) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const V xv = Pack<V>::Load(x + v * L);
+#pragma GCC unroll 16
+        for (int e = 0; e < KW; ++e) {
+          const int q = j - e * RW;
+          if (q >= 0 && q % SW == 0 && q / SW < NP) acc[q / SW][v] += xv * wv[e][v];
+        }
+      }
+    }
+  }
+}
+
+// Channels [c0, c0 + NV * width) of multiplier index m, for one output row.
+// Positions [lo, hi) read all W taps inside x; the others are the edges.
+template <typename F, typename V, int NV>
+void ForwardBlock(const Geom& g, const float* const* xr, const float* const* wr, int nt,
+                  int64_t c0, int64_t m, int64_t lo, int64_t hi, float* out) {
+  constexpr int L = Pack<V>::kWidth;
+  const int64_t os = g.m * g.c;  // between output positions
+  auto emit = [&](int64_t o, const V* acc) {
+    for (int v = 0; v < NV; ++v) Pack<V>::Store(out + o * os + m * g.c + c0 + v * L, acc[v]);
+  };
+  auto edge = [&](int64_t o) {
+    const int64_t base = o * g.sw - g.pw;
+    const int64_t e0 = std::max<int64_t>(0, CeilDiv(-base, g.rw));
+    const int64_t e1 = std::min<int64_t>(g.kw, FloorDiv(g.w - 1 - base, g.rw) + 1);
+    V acc[1][NV];
+    TapSums<V, NV, 1>(g, xr, wr, e1 > e0 ? nt : 0, base * g.c + c0, c0, e0, std::max(e0, e1),
+                      acc);
+    emit(o, acc[0]);
+  };
+  for (int64_t o = 0; o < lo; ++o) edge(o);
+  int64_t o = lo;
+  if constexpr (F::KW > 0) {
+    constexpr int NP = ForwardPositions<F::KW, NV>();
+    for (; o + NP <= hi; o += NP) {
+      V acc[NP][NV];
+      TapSumsFixed<F, V, NV, NP>(xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, g.c, os, acc);
+      for (int p = 0; p < NP; ++p) emit(o + p, acc[p]);
+    }
+  } else {
+    constexpr int NP = 4;
+    for (; o + NP <= hi; o += NP) {
+      V acc[NP][NV];
+      TapSums<V, NV, NP>(g, xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, 0, g.kw, acc);
+      for (int p = 0; p < NP; ++p) emit(o + p, acc[p]);
+    }
+  }
+  for (; o < hi; ++o) {
+    V acc[1][NV];
+    TapSums<V, NV, 1>(g, xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, 0, g.kw, acc);
+    emit(o, acc[0]);
+  }
+  for (o = hi; o < g.ow; ++o) edge(o);
+}
+
+// One output row: `wb[t]` is tap row t's (KW, M, C) weights, `wr` scratch.
+template <typename F>
+void ForwardRow(const Geom& g, const float* const* xr, const float* const* wb, int nt, int64_t lo,
+                int64_t hi, float* out, const float** wr) {
+  for (int64_t m = 0; m < g.m; ++m) {
+    for (int t = 0; t < nt; ++t) wr[t] = wb[t] + m * g.c;
+    int64_t c0 = 0;
+    for (; c0 + 2 * kLanes <= g.c; c0 += 2 * kLanes)
+      ForwardBlock<F, VecF, 2>(g, xr, wr, nt, c0, m, lo, hi, out);
+    for (; c0 + kLanes <= g.c; c0 += kLanes)
+      ForwardBlock<F, VecF, 1>(g, xr, wr, nt, c0, m, lo, hi, out);
+    for (; c0 < g.c; ++c0) ForwardBlock<F, float, 1>(g, xr, wr, nt, c0, m, lo, hi, out);
+  }
+}
+
+using ForwardRowFn = void (*)(const Geom&, const float* const*, const float* const*, int, int64_t,
+                              int64_t, float*, const float**);
+
+// (OW, M, C) float32 -> y's (OW, C * M) row in y's dtype.
+template <typename TO>
+void StoreRow(const Geom& g, const float* in, TO* y) {
+  if (g.m == 1) {
+    const int64_t len = g.ow * g.c;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) Pack<VecF>::Store(y + i, Pack<VecF>::Load(in + i));
+    for (; i < len; ++i) Pack<float>::Store(y + i, in[i]);
+    return;
+  }
+  for (int64_t o = 0; o < g.ow; ++o)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t m = 0; m < g.m; ++m)
+        Pack<float>::Store(y + (o * g.c + c) * g.m + m, in[(o * g.m + m) * g.c + c]);
+}
+
+template <typename TI, typename TO>
+void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w, TO* y,
+                 int64_t r0, int64_t r1) {
+  const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
+  InputRows<TI> in(g, x);
+  std::vector<int64_t> rows(taps), tap(taps);
+  std::vector<const float*> xr(taps), wb(taps), wr(taps);
+  // float32 y with M = 1 has the row kernels' layout: written in place.
+  const bool direct = std::is_same<TO, float>::value && g.m == 1;
+  std::vector<float> tmp(direct ? 0 : g.ow * cm);
+  int64_t lo0, hi0, lo1, hi1;  // outputs whose first / last W tap is inside x
+  ValidRange(g.w, g.ow, g.sw, -g.pw, &lo0, &hi0);
+  ValidRange(g.w, g.ow, g.sw, (g.kw - 1) * g.rw - g.pw, &lo1, &hi1);
+  int64_t lo = std::max(lo0, lo1), hi = std::min(hi0, hi1);
+  if (hi <= lo) lo = hi = g.ow;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int nt = RowTaps(g, r, rows.data(), tap.data());
+    for (int t = 0; t < nt; ++t) {
+      xr[t] = in.Get(rows[t]);
+      wb[t] = w + tap[t] * g.kw * cm;
+    }
+    TO* yrow = y + r * g.ow * cm;
+    float* out = direct ? reinterpret_cast<float*>(yrow) : tmp.data();
+    row_fn(g, xr.data(), wb.data(), nt, lo, hi, out, wr.data());
+    if (!direct) StoreRow(g, tmp.data(), yrow);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel gradient: dk[t, m, c] = sum over outputs o of
+// x[o * s + t * r - p, c] * ct[o, c * M + m], in one pass over x and ct.
+// The row kernels see float32 input rows `xr[t]`, the cotangent row as
+// float32 (M, OW, C), and accumulate into `pr[t]`, tap row t's (KW, M, C)
+// partial sums.
+
+// out[0 : NV * width] += sum_i x[i * xs] * ct[i * cs] (packets of channels).
+// Four independent partial sums per packet hide the multiply-add latency.
+template <typename V, int NV>
+inline void GradDot(const float* x, const float* ct, int64_t count, int64_t xs, int64_t cs,
+                    float* out) {
+  constexpr int L = Pack<V>::kWidth;
+  constexpr int U = 4;
+  V acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = Pack<V>::Zero();
+  int64_t i = 0;
+  for (; i + U <= count; i += U)
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < NV; ++v)
+        acc[u][v] += Pack<V>::Load(x + (i + u) * xs + v * L) *
+                     Pack<V>::Load(ct + (i + u) * cs + v * L);
+  for (; i < count; ++i)
+    for (int v = 0; v < NV; ++v)
+      acc[0][v] += Pack<V>::Load(x + i * xs + v * L) * Pack<V>::Load(ct + i * cs + v * L);
+  for (int v = 0; v < NV; ++v) {
+    V s = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    Pack<V>::Store(out + v * L, Pack<V>::Load(out + v * L) + s);
+  }
+}
+
+// GradDot for all KW taps of `count` interior outputs at once, with F's W
+// shape: per block of NB outputs, NB cotangent packets stay in registers and
+// every input packet is loaded once. out[e * ms] is tap e's partial sum.
+template <typename F, typename V, int NV>
+inline void GradDotFixed(const float* x, const float* ct, int64_t count, int64_t c, float* out,
+                         int64_t ms) {
+  constexpr int L = Pack<V>::kWidth, KW = F::KW, SW = F::SW, RW = F::RW;
+  constexpr int NB = 4, S = KW * NV >= 8 ? 1 : 2;  // S sets of sums: >= 8 chains
+  constexpr int J = (NB - 1) * SW + (KW - 1) * RW + 1;
+  V acc[S][KW][NV];
+#pragma GCC unroll 2
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int e = 0; e < KW; ++e)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[s][e][v] = Pack<V>::Zero();
+  int64_t i = 0;
+  for (; i + NB <= count; i += NB) {
+    V cv[NB][NV];
+    const float* cb = ct + i * c;
+#pragma GCC unroll 8
+    for (int p = 0; p < NB; ++p, cb += c)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) cv[p][v] = Pack<V>::Load(cb + v * L);
+    const float* xb = x + i * SW * c;
+#pragma GCC unroll 64
+    for (int j = 0; j < J; ++j, xb += c) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const V xv = Pack<V>::Load(xb + v * L);
+#pragma GCC unroll 16
+        for (int e = 0; e < KW; ++e) {
+          const int q = j - e * RW;
+          if (q >= 0 && q % SW == 0 && q / SW < NB) acc[(q / SW) % S][e][v] += xv * cv[q / SW][v];
+        }
+      }
+    }
+  }
+  for (; i < count; ++i)
+    for (int e = 0; e < KW; ++e)
+      for (int v = 0; v < NV; ++v)
+        acc[0][e][v] += Pack<V>::Load(x + (i * SW + e * RW) * c + v * L) *
+                        Pack<V>::Load(ct + i * c + v * L);
+  for (int e = 0; e < KW; ++e)
+    for (int v = 0; v < NV; ++v) {
+      V sum = acc[0][e][v];
+      if constexpr (S > 1) sum += acc[1][e][v];
+      Pack<V>::Store(out + e * ms + v * L, Pack<V>::Load(out + e * ms + v * L) + sum);
+    }
+}
+
+// Channels [c0, c0 + NV * width) of one tap row: the interior [a, b) (all
+// taps inside x) with GradDotFixed when F is fixed, the rest with GradDot.
+template <typename F, typename V, int NV>
+void GradBlock(const Geom& g, const float* xrow, const float* cs, float* pt, const int64_t* lo,
+               const int64_t* hi, int64_t a, int64_t b, int64_t c0) {
+  const int64_t xs = g.sw * g.c, ms = g.m * g.c;
+  const bool fixed = F::KW > 0 && b > a;
+  if constexpr (F::KW > 0) {
+    if (fixed)
+      GradDotFixed<F, V, NV>(xrow + (a * g.sw - g.pw) * g.c + c0, cs + a * g.c + c0, b - a, g.c,
+                             pt + c0, ms);
+  }
+  for (int64_t e = 0; e < g.kw; ++e) {
+    const float* xe = xrow + (e * g.rw - g.pw) * g.c + c0;
+    float* out = pt + e * ms + c0;
+    if (fixed) {
+      if (a > lo[e]) GradDot<V, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, a - lo[e], xs, g.c, out);
+      if (hi[e] > b) GradDot<V, NV>(xe + b * xs, cs + b * g.c + c0, hi[e] - b, xs, g.c, out);
+    } else if (hi[e] > lo[e]) {
+      GradDot<V, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, hi[e] - lo[e], xs, g.c, out);
+    }
+  }
+}
+
+// One output row. `lo[e], hi[e]`: the outputs that tap e reads inside x.
+template <typename F>
+void KernelGradRow(const Geom& g, const float* const* xr, float* const* pr, int nt,
+                   const float* cs, const int64_t* lo, const int64_t* hi, int64_t a, int64_t b) {
+  for (int t = 0; t < nt; ++t) {
+    for (int64_t m = 0; m < g.m; ++m) {
+      float* pt = pr[t] + m * g.c;
+      const float* cm = cs + m * g.ow * g.c;
+      int64_t c0 = 0;
+      for (; c0 + 2 * kLanes <= g.c; c0 += 2 * kLanes)
+        GradBlock<F, VecF, 2>(g, xr[t], cm, pt, lo, hi, a, b, c0);
+      for (; c0 + kLanes <= g.c; c0 += kLanes)
+        GradBlock<F, VecF, 1>(g, xr[t], cm, pt, lo, hi, a, b, c0);
+      for (; c0 < g.c; ++c0) GradBlock<F, float, 1>(g, xr[t], cm, pt, lo, hi, a, b, c0);
+    }
+  }
+}
+
+using KernelGradRowFn = void (*)(const Geom&, const float* const*, float* const*, int,
+                                 const float*, const int64_t*, const int64_t*, int64_t, int64_t);
+
+template <typename TI, typename TC>
+void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC* ct, float* part,
+                    int64_t r0, int64_t r1) {
+  const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
+  InputRows<TI> in(g, x);
+  std::vector<int64_t> rows(taps), tap(taps);
+  std::vector<const float*> xr(taps);
+  std::vector<float*> pr(taps);
+  // ct rows as float32 (M, OW, C): in place for float32 with M = 1, else
+  // converted and de-interleaved once per row.
+  const bool direct = std::is_same<TC, float>::value && g.m == 1;
+  std::vector<float> cbuf(direct ? 0 : g.ow * cm);
+  std::vector<int64_t> lo(g.kw), hi(g.kw);
+  for (int64_t e = 0; e < g.kw; ++e)
+    ValidRange(g.w, g.ow, g.sw, e * g.rw - g.pw, &lo[e], &hi[e]);
+  const int64_t a = *std::max_element(lo.begin(), lo.end());
+  const int64_t b = *std::min_element(hi.begin(), hi.end());
+  for (int64_t r = r0; r < r1; ++r) {
+    const TC* crow = ct + r * g.ow * cm;
+    const float* cs;
+    if (direct) {
+      cs = reinterpret_cast<const float*>(crow);
+    } else if (g.m == 1) {
+      const int64_t len = g.ow * g.c;
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) Pack<VecF>::Store(&cbuf[i], Pack<VecF>::Load(crow + i));
+      for (; i < len; ++i) cbuf[i] = Pack<float>::Load(crow + i);
+      cs = cbuf.data();
+    } else {
+      for (int64_t o = 0; o < g.ow; ++o)
+        for (int64_t c = 0; c < g.c; ++c)
+          for (int64_t m = 0; m < g.m; ++m)
+            cbuf[(m * g.ow + o) * g.c + c] = Pack<float>::Load(crow + (o * g.c + c) * g.m + m);
+      cs = cbuf.data();
+    }
+    const int nt = RowTaps(g, r, rows.data(), tap.data());
+    for (int t = 0; t < nt; ++t) {
+      xr[t] = in.Get(rows[t]);
+      pr[t] = part + tap[t] * g.kw * cm;
+    }
+    row_fn(g, xr.data(), pr.data(), nt, cs, lo.data(), hi.data(), a, b);
+  }
+}
+
+// The row kernels for g's W shape (a Fixed one when there is one).
+template <typename Pick>
+auto WithShape(const Geom& g, bool generic, Pick pick) {
+  switch (generic ? 0 : g.kw * 100 + g.sw * 10 + g.rw) {
+    case 311: return pick(Fixed<3, 1, 1>{});
+    case 321: return pick(Fixed<3, 2, 1>{});
+    case 312: return pick(Fixed<3, 1, 2>{});
+    case 511: return pick(Fixed<5, 1, 1>{});
+    case 521: return pick(Fixed<5, 2, 1>{});
+    case 512: return pick(Fixed<5, 1, 2>{});
+    case 711: return pick(Fixed<7, 1, 1>{});
+    case 721: return pick(Fixed<7, 2, 1>{});
+    default: return pick(Generic{});
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Parallel loop over chunks: the calling thread and up to num_threads - 1
+// tasks on XLA's pool take chunks from a shared counter. A task that starts
+// late finds no chunk left and returns without touching `body`, and the
+// caller waits only for chunks that were taken, so this never deadlocks,
+// even when the pool runs tasks inline or has a single thread.
+
+struct Progress {
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool* pool, int64_t n, bool parallel, const F& body) {
+  const int64_t threads = (pool != nullptr && parallel) ? pool->num_threads() : 0;
+  if (threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  auto progress = std::make_shared<Progress>();
+  const F* fn = &body;
+  auto work = [progress, fn, n]() {
+    for (;;) {
+      const int64_t i = progress->next.fetch_add(1);
+      if (i >= n) return;
+      (*fn)(i);
+      if (progress->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(progress->mu);
+        progress->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, n); ++t) pool->Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->cv.wait(lock, [&] { return progress->done.load() == n; });
+}
+
+// Chunks of output rows: a fixed count (so sums do not depend on threads).
+constexpr int64_t kChunks = 64;
+// Problems with fewer multiply-adds than this run on the calling thread.
+constexpr int64_t kMinParallelWork = 1 << 18;
+
+inline int64_t Work(const Geom& g) { return g.rows() * g.ow * g.c * g.m * g.taps(); }
+
+template <typename TI, typename TO>
+void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
+                bool generic = false) {
+  const int64_t rows = g.rows(), chunks = std::min(rows, kChunks);
+  if (chunks <= 0) return;
+  const int64_t per = (rows + chunks - 1) / chunks;
+  const ForwardRowFn row_fn =
+      WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
+  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
+    ForwardRows(g, row_fn, x, w, y, i * per, std::min(rows, (i + 1) * per));
+  });
+}
+
+template <typename TI, typename TC>
+void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk,
+                   bool generic = false) {
+  const int64_t size = g.taps() * g.m * g.c;
+  std::fill(dk, dk + size, 0.0f);
+  const int64_t rows = g.rows(), chunks = std::min(rows, kChunks);
+  if (chunks <= 0) return;
+  const int64_t per = (rows + chunks - 1) / chunks;
+  const KernelGradRowFn row_fn = WithShape(
+      g, generic, [](auto shape) -> KernelGradRowFn { return KernelGradRow<decltype(shape)>; });
+  std::vector<float> parts(chunks * size, 0.0f);
+  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
+    KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, i * per,
+                   std::min(rows, (i + 1) * per));
+  });
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
+}
+
+// ---------------------------------------------------------------------------
+// FFI handlers.
+
+ffi::Error ParseGeom(ffi::Span<const int64_t> cfg, Geom* g) {
+  if (cfg.size() != kConfigSize) return ffi::Error::InvalidArgument("dw5d: bad config size");
+  std::memcpy(g, cfg.begin(), sizeof(Geom));
+  const int64_t positive[] = {g->c, g->m, g->od, g->oh, g->ow, g->kd, g->kh, g->kw,
+                              g->sd, g->sh, g->sw, g->rd, g->rh, g->rw, g->d, g->h, g->w};
+  for (int64_t v : positive)
+    if (v < 1) return ffi::Error::InvalidArgument("dw5d: non-positive size in config");
+  if (g->n < 0) return ffi::Error::InvalidArgument("dw5d: negative batch in config");
+  return ffi::Error::Success();
+}
+
+bool DimsAre(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want) {
+  return dims.size() == want.size() && std::equal(want.begin(), want.end(), dims.begin());
+}
+
+bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+template <typename TI>
+ffi::Error ForwardTyped(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                        ffi::AnyBuffer* y) {
+  if (y->element_type() == ffi::DataType::F32) {
+    RunForward(pool, g, x, w, static_cast<float*>(y->untyped_data()));
+  } else {
+    RunForward(pool, g, x, w, static_cast<bf16*>(y->untyped_data()));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w,
+                       ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> cfg) {
+  Geom g;
+  if (ffi::Error err = ParseGeom(cfg, &g); err.failure()) return err;
+  if (!DimsAre(x.dimensions(), {g.n, g.d, g.h, g.w, g.c}) ||
+      !DimsAre(w.dimensions(), {g.kd, g.kh, g.kw, g.m, g.c}) ||
+      !DimsAre(y->dimensions(), {g.n, g.od, g.oh, g.ow, g.c * g.m}))
+    return ffi::Error::InvalidArgument("dw5d_forward: shapes do not match the config");
+  if (!IsFloat(x.element_type()) || !IsFloat(y->element_type()))
+    return ffi::Error::InvalidArgument("dw5d_forward: x and y must be float32 or bfloat16");
+  if (x.element_type() == ffi::DataType::F32)
+    return ForwardTyped(&pool, g, static_cast<const float*>(x.untyped_data()), w.typed_data(),
+                        &*y);
+  return ForwardTyped(&pool, g, static_cast<const bf16*>(x.untyped_data()), w.typed_data(), &*y);
+}
+
+template <typename TI>
+void KernelGradTyped(ffi::ThreadPool* pool, const Geom& g, const TI* x, const ffi::AnyBuffer& ct,
+                     float* dk) {
+  if (ct.element_type() == ffi::DataType::F32) {
+    RunKernelGrad(pool, g, x, static_cast<const float*>(ct.untyped_data()), dk);
+  } else {
+    RunKernelGrad(pool, g, x, static_cast<const bf16*>(ct.untyped_data()), dk);
+  }
+}
+
+ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ct,
+                          ffi::Result<ffi::Buffer<ffi::F32>> dk, ffi::Span<const int64_t> cfg) {
+  Geom g;
+  if (ffi::Error err = ParseGeom(cfg, &g); err.failure()) return err;
+  if (!DimsAre(x.dimensions(), {g.n, g.d, g.h, g.w, g.c}) ||
+      !DimsAre(ct.dimensions(), {g.n, g.od, g.oh, g.ow, g.c * g.m}) ||
+      !DimsAre(dk->dimensions(), {g.kd, g.kh, g.kw, g.m, g.c}))
+    return ffi::Error::InvalidArgument("dw5d_kernel_grad: shapes do not match the config");
+  if (!IsFloat(x.element_type()) || !IsFloat(ct.element_type()))
+    return ffi::Error::InvalidArgument("dw5d_kernel_grad: x and ct must be float32 or bfloat16");
+  if (x.element_type() == ffi::DataType::F32) {
+    KernelGradTyped(&pool, g, static_cast<const float*>(x.untyped_data()), ct, dk->typed_data());
+  } else {
+    KernelGradTyped(&pool, g, static_cast<const bf16*>(x.untyped_data()), ct, dk->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Self-test, run once after loading: every code path (packet widths, edges,
+// multiplier, bfloat16) against plain loops in double, on small problems.
+
+uint64_t Lcg(uint64_t* s) {
+  *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+  return *s >> 33;
+}
+
+template <typename T>
+T FromFloat(float f) {
+  if constexpr (std::is_same<T, float>::value) {
+    return f;
+  } else {
+    return ToBf16(f);
+  }
+}
+
+template <typename T>
+double ToDouble(T v) {
+  return static_cast<double>(Pack<float>::Load(&v));
+}
+
+template <typename TI, typename TO>
+bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
+  const int64_t nx = g.n * g.d * g.h * g.w * g.c, nw = g.taps() * g.m * g.c;
+  const int64_t ny = g.rows() * g.ow * g.c * g.m;
+  std::vector<TI> x(nx), ct(ny);
+  std::vector<float> w(nw), dk(nw);
+  std::vector<TO> y(ny);
+  for (auto& v : x) v = FromFloat<TI>(static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f);
+  for (auto& v : ct) v = FromFloat<TI>(static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f);
+  for (auto& v : w) v = static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f;
+  RunForward<TI, TO>(nullptr, g, x.data(), w.data(), y.data(), generic);
+  RunKernelGrad<TI, TI>(nullptr, g, x.data(), ct.data(), dk.data(), generic);
+  std::vector<double> want_y(ny, 0.0), want_dk(nw, 0.0);
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t od = 0; od < g.od; ++od)
+      for (int64_t oh = 0; oh < g.oh; ++oh)
+        for (int64_t ow = 0; ow < g.ow; ++ow)
+          for (int64_t a = 0; a < g.kd; ++a)
+            for (int64_t b = 0; b < g.kh; ++b)
+              for (int64_t e = 0; e < g.kw; ++e) {
+                const int64_t id = od * g.sd + a * g.rd - g.pd, ih = oh * g.sh + b * g.rh - g.ph,
+                              iw = ow * g.sw + e * g.rw - g.pw;
+                if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+                for (int64_t c = 0; c < g.c; ++c)
+                  for (int64_t m = 0; m < g.m; ++m) {
+                    const int64_t yi = (((n * g.od + od) * g.oh + oh) * g.ow + ow) * g.c * g.m +
+                                       c * g.m + m;
+                    const int64_t wi = (((a * g.kh + b) * g.kw + e) * g.m + m) * g.c + c;
+                    const double xv = ToDouble(x[(((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c]);
+                    want_y[yi] += xv * w[wi];
+                    want_dk[wi] += xv * ToDouble(ct[yi]);
+                  }
+              }
+  const double tol = std::is_same<TI, float>::value && std::is_same<TO, float>::value ? 1e-4 : 2e-2;
+  for (int64_t i = 0; i < ny; ++i)
+    if (!(std::fabs(ToDouble(y[i]) - want_y[i]) <= tol * (1.0 + std::fabs(want_y[i])))) return false;
+  const double tol_dk = std::is_same<TI, float>::value ? 1e-4 : 1e-3;
+  for (int64_t i = 0; i < nw; ++i)
+    if (!(std::fabs(dk[i] - want_dk[i]) <= tol_dk * (1.0 + std::fabs(want_dk[i])))) return false;
+  return true;
+}
+
+}  // namespace
+}  // namespace dw5d
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dForward, dw5d::ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w
+                                  .Ret<ffi::AnyBuffer>()           // y
+                                  .Attr<ffi::Span<const int64_t>>("config"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dKernelGrad, dw5d::KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // x
+                                  .Arg<ffi::AnyBuffer>()           // ct
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                  .Attr<ffi::Span<const int64_t>>("config"));
+
+// 0 when every kernel matches plain loops on small problems, else the number
+// of the first failing case. Also tells the loader how wide the packets are.
+extern "C" int Dw5dSelfTest() {
+  using dw5d::Geom;
+  const int64_t L = dw5d::kLanes;
+  // Every specialised W shape and the generic one; packets of 2, 1 and a
+  // remainder; multipliers; edges; an input smaller than the kernel; a
+  // negative low padding (a crop, as input gradients can have).
+  const Geom cases[] = {
+      // n, d, h, w, c, m, od, oh, ow, kd, kh, kw, sd, sh, sw, rd, rh, rw, pd, ph, pw
+      {2, 3, 4, 21, 3 * L + 3, 1, 3, 4, 21, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+      {1, 5, 6, 25, L + 1, 2, 3, 3, 12, 2, 3, 3, 2, 2, 2, 1, 1, 1, 0, 1, 1},
+      {1, 1, 3, 30, 3, 3, 1, 3, 26, 1, 5, 3, 1, 1, 1, 1, 2, 2, 0, 4, 1},
+      {1, 2, 3, 40, 2 * L, 1, 2, 3, 40, 1, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 2},
+      {1, 1, 2, 41, L, 2, 1, 2, 19, 1, 2, 5, 1, 1, 2, 1, 1, 1, 0, 0, 1},
+      {1, 1, 2, 40, 5, 1, 1, 2, 36, 1, 1, 5, 1, 1, 1, 1, 1, 2, 0, 0, 2},
+      {1, 1, 2, 50, L + 2, 1, 1, 2, 50, 1, 1, 7, 1, 1, 1, 1, 1, 1, 0, 0, 3},
+      {1, 1, 2, 51, 3, 1, 1, 2, 25, 1, 1, 7, 1, 1, 2, 1, 1, 1, 0, 0, 3},
+      {1, 1, 3, 4, 3, 3, 1, 3, 4, 1, 5, 4, 1, 1, 1, 1, 2, 2, 0, 4, 3},
+      {1, 3, 2, 9, L, 1, 2, 2, 5, 2, 1, 2, 2, 1, 2, 1, 1, 3, -1, 0, 1},
+  };
+  int k = 0;
+  for (const Geom& g : cases) {
+    ++k;
+    for (bool generic : {false, true}) {
+      const int code = k + (generic ? 1000 : 0);
+      if (!dw5d::SelfTestOne<float, float>(g, 1000 + k, generic)) return code;
+      if (!dw5d::SelfTestOne<dw5d::bf16, dw5d::bf16>(g, 2000 + k, generic)) return 100 + code;
+      if (!dw5d::SelfTestOne<dw5d::bf16, float>(g, 3000 + k, generic)) return 200 + code;
+    }
+  }
+  return 0;
+}
+
+extern "C" int Dw5dLanes() { return dw5d::kLanes; }

@@ -1,0 +1,67 @@
+"""The native CPU kernels as JAX functions, and when a lowering may use them.
+
+`dw5d_jax/_csrc/depthwise.cc` (built by `_native_build.py`) has two XLA FFI
+handlers for channels-last rank-5 arrays:
+
+* `dw5d_forward(x, w) -> y`: the depthwise convolution, reading x without a
+  padded copy (out-of-range taps are skipped), float32 accumulation.
+* `dw5d_kernel_grad(x, ct) -> dk`: the kernel gradient in one pass over x
+  and the cotangent, every tap's sum accumulated together (XLA needs one
+  pass per tap).
+
+The input gradient needs no kernel of its own: it is a forward convolution
+of the cotangent with the flipped kernel (`_shift_primitive.input_grad`).
+
+`usable` is the one place that decides: a lowering uses these kernels only
+on CPU, for channels-last float32/bfloat16 problems with static shapes, when
+the library built, and never while lowering for `jax.export`/jax2tf: an
+exported artifact must not name a custom call that only this process knows,
+so it keeps the portable XLA computation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dw5d_jax import _native_build
+from dw5d_jax._args import ConvSpec
+
+DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+
+def usable(ctx, spec: ConvSpec) -> bool:
+  """Whether the lowering described by `ctx` may call the native kernels for `spec`."""
+  if ctx.module_context.lowering_parameters.for_export:
+    return False
+  dims = (*(d for a in ctx.avals_in for d in a.shape), *spec.out_spatial,
+          *(p for pair in spec.padding for p in pair))
+  if not all(isinstance(d, (int, np.integer)) for d in dims):
+    return False
+  if not (spec.channels_last and all(np.dtype(a.dtype) in DTYPES for a in ctx.avals_in)
+          and np.dtype(spec.acc_dtype) == np.float32 and np.dtype(spec.out_dtype) in DTYPES):
+    return False
+  return _native_build.status().active  # last: the first call builds the library
+
+
+def _config(spec: ConvSpec, batch: int) -> np.ndarray:
+  """The `config` attribute: the problem as 21 ints (`Geom` in depthwise.cc)."""
+  return np.array([batch, *spec.in_spatial, spec.channels, spec.multiplier, *spec.out_spatial,
+                   *spec.window, *spec.strides, *spec.dilations,
+                   *(lo for lo, _ in spec.padding)], np.int64)
+
+
+def forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`(N, D, H, W, C)` x, `(kd, kh, kw, C, M)` kernel -> `(N, OD, OH, OW, C * M)`."""
+  w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
+  out = jax.ShapeDtypeStruct((x.shape[0], *spec.out_spatial, spec.channels * spec.multiplier),
+                             spec.out_dtype)
+  return jax.ffi.ffi_call("dw5d_forward", out)(x, w, config=_config(spec, x.shape[0]))
+
+
+def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`d <conv(x, k), ct> / dk` as `(kd, kh, kw, C, M)` in x's dtype."""
+  out = jax.ShapeDtypeStruct((*spec.window, spec.multiplier, spec.channels), jnp.float32)
+  dk = jax.ffi.ffi_call("dw5d_kernel_grad", out)(x, ct, config=_config(spec, x.shape[0]))
+  return jnp.swapaxes(dk, 3, 4).astype(x.dtype)
