@@ -1,16 +1,17 @@
 """The native CPU kernels as JAX functions, and when a lowering may use them.
 
-`dw5d_jax/_csrc/depthwise.cc` (built by `_native_build.py`) has two XLA FFI
-handlers for channels-last rank-5 arrays:
+`dw5d_jax/_csrc/depthwise.cc` (built by `_native_build.py`) has three XLA
+FFI handlers for channels-last rank-5 arrays:
 
 * `dw5d_forward(x, w) -> y`: the depthwise convolution, reading x without a
   padded copy (out-of-range taps are skipped), float32 accumulation.
+* `dw5d_input_grad(ct, w) -> dx`: the input gradient; with unit strides and
+  no multiplier the forward kernel on ct with the flipped kernel, otherwise
+  a transposed convolution in gather form (no dilated copy of ct), summing
+  the multiplier as it goes.
 * `dw5d_kernel_grad(x, ct) -> dk`: the kernel gradient in one pass over x
   and the cotangent, every tap's sum accumulated together (XLA needs one
   pass per tap).
-
-The input gradient needs no kernel of its own: it is a forward convolution
-of the cotangent with the flipped kernel (`_shift_primitive.input_grad`).
 
 `usable` is the one place that decides: a lowering uses these kernels only
 on CPU, for channels-last float32/bfloat16 problems with static shapes, when
@@ -58,6 +59,13 @@ def forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   out = jax.ShapeDtypeStruct((x.shape[0], *spec.out_spatial, spec.channels * spec.multiplier),
                              spec.out_dtype)
   return jax.ffi.ffi_call("dw5d_forward", out)(x, w, config=_config(spec, x.shape[0]))
+
+
+def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`d <conv(x, k), ct> / dx` as `(N, D, H, W, C)` in the kernel's dtype."""
+  w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
+  out = jax.ShapeDtypeStruct((ct.shape[0], *spec.in_spatial, spec.channels), kernel.dtype)
+  return jax.ffi.ffi_call("dw5d_input_grad", out)(ct, w, config=_config(spec, ct.shape[0]))
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:

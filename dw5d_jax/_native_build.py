@@ -41,7 +41,8 @@ from typing import NamedTuple
 import jax
 import jaxlib
 
-TARGETS = {"dw5d_forward": "Dw5dForward", "dw5d_kernel_grad": "Dw5dKernelGrad"}
+TARGETS = {"dw5d_forward": "Dw5dForward", "dw5d_input_grad": "Dw5dInputGrad",
+           "dw5d_kernel_grad": "Dw5dKernelGrad"}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast")
 ARCH_FLAG = "-march=native"
 _COMPILE_TIMEOUT_S = 600

@@ -49,6 +49,7 @@ from dw5d_jax._args import ConvSpec
 from dw5d_jax._shift import pad_input, repeat_channels, shift_conv, static_dims
 
 shift_conv_p = Primitive("dw5d_shift_conv")
+shift_input_grad_p = Primitive("dw5d_shift_input_grad")
 shift_kernel_grad_p = Primitive("dw5d_shift_kernel_grad")
 
 # The kernel gradient unrolls sums over at most this many leading rows, and
@@ -99,7 +100,12 @@ def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
 
 
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`d <conv(x, k), ct> / dx`: a stride-1 convolution with the flipped kernel."""
+  """`d <conv(x, k), ct> / dx`, x's shape in the kernel's dtype."""
+  return shift_input_grad_p.bind(ct, kernel, spec=spec)
+
+
+def input_grad_xla(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`input_grad` as a stride-1 convolution (`shift_conv_p`) with the flipped kernel."""
   c, m = spec.channels, spec.multiplier
   if ct.dtype == kernel.dtype:
     # One dtype (bfloat16 too): the convolution converts as it reads and
@@ -211,8 +217,37 @@ def _transpose_kernel(ct, x, kernel, *, spec: ConvSpec):
   return kernel_grad(x, ct, spec)
 
 
-# The kernel gradient `dk(x, ct)` is bilinear too: <dk(x, ct), g> =
-# <conv(x, g), ct>, so its transposes are the convolution's own.
+# The input gradient `dx(ct, k)` and the kernel gradient `dk(x, ct)` are
+# bilinear too: <dx(ct, k), g> = <conv(g, k), ct> = <dk(g, ct), k>, so their
+# transposes are the convolution and the other gradient.
+def _ig_abstract_eval(ct, kernel, *, spec: ConvSpec):
+  c, n = spec.channels, ct.shape[0]
+  shape = (n, *spec.in_spatial, c) if spec.channels_last else (n, c, *spec.in_spatial)
+  return jax.core.ShapedArray(shape, kernel.dtype)
+
+
+def _ig_transpose_ct(g, ct, kernel, *, spec: ConvSpec):
+  del ct
+  return shift_lowering(g, kernel, spec)
+
+
+def _ig_transpose_kernel(g, ct, kernel, *, spec: ConvSpec):
+  del kernel
+  return kernel_grad(g, ct, spec)
+
+
+def _ig_batch(args, dims, *, spec: ConvSpec):
+  ct, kernel = args
+  bc, bk = dims
+  if bk is None:  # fold the batch into N
+    ct = jnp.moveaxis(ct, bc, 0)
+    b, n = ct.shape[0], ct.shape[1]
+    g = input_grad(ct.reshape(b * n, *ct.shape[2:]), kernel, spec)
+    return g.reshape(b, n, *g.shape[1:]), 0
+  fn = functools.partial(input_grad_xla, spec=spec)
+  return jax.vmap(fn, in_axes=dims)(ct, kernel), 0
+
+
 def _kg_abstract_eval(x, ct, *, spec: ConvSpec):
   del ct
   return jax.core.ShapedArray((*spec.window, spec.channels, spec.multiplier), x.dtype)
@@ -252,6 +287,13 @@ mlir.register_lowering(shift_conv_p, _conv_portable)
 batching.primitive_batchers[shift_conv_p] = _batch
 ad.defbilinear(shift_conv_p, _transpose_x, _transpose_kernel)
 
+shift_input_grad_p.def_impl(input_grad_xla)
+shift_input_grad_p.def_abstract_eval(_ig_abstract_eval)
+_ig_portable = mlir.lower_fun(input_grad_xla, multiple_results=False)
+mlir.register_lowering(shift_input_grad_p, _ig_portable)
+batching.primitive_batchers[shift_input_grad_p] = _ig_batch
+ad.defbilinear(shift_input_grad_p, _ig_transpose_ct, _ig_transpose_kernel)
+
 shift_kernel_grad_p.def_impl(kernel_grad_xla)
 shift_kernel_grad_p.def_abstract_eval(_kg_abstract_eval)
 _kg_portable = mlir.lower_fun(kernel_grad_xla, multiple_results=False)
@@ -260,4 +302,5 @@ batching.primitive_batchers[shift_kernel_grad_p] = _kg_batch
 ad.defbilinear(shift_kernel_grad_p, _kg_transpose_x, _kg_transpose_ct)
 
 _cpu_rule(shift_conv_p, _native.forward, _conv_portable)
+_cpu_rule(shift_input_grad_p, _native.input_grad, _ig_portable)
 _cpu_rule(shift_kernel_grad_p, _native.kernel_grad, _kg_portable)

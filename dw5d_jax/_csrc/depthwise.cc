@@ -151,6 +151,14 @@ int RowTaps(const Geom& g, int64_t r, int64_t* rows, int64_t* taps) {
   return nt;
 }
 
+// out[0:len] = in[0:len] converted (float32 -> float32 or bfloat16).
+template <typename TI, typename TO>
+void Convert(const TI* in, TO* out, int64_t len) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) Pack<VecF>::Store(out + i, Pack<VecF>::Load(in + i));
+  for (; i < len; ++i) Pack<float>::Store(out + i, Pack<float>::Load(in + i));
+}
+
 // Input rows as float32 for the compute kernels: x itself when it is
 // float32; bfloat16 rows are converted once into a small cache (LRU, twice
 // the rows one output row reads, so consecutive output rows, which share
@@ -175,10 +183,7 @@ class InputRows {
     keys_[victim] = row;
     used_[victim] = clock_;
     float* out = &data_[victim * len_];
-    const TI* in = x_ + row * len_;
-    int64_t i = 0;
-    for (; i + kLanes <= len_; i += kLanes) Pack<VecF>::Store(out + i, Pack<VecF>::Load(in + i));
-    for (; i < len_; ++i) out[i] = Pack<float>::Load(in + i);
+    Convert(x_ + row * len_, out, len_);
     return out;
   }
 
@@ -234,23 +239,32 @@ constexpr int ForwardPositions() {
 // acc[p][v] = the tap sum for NP output positions `xp` elements apart (the
 // first one's W taps e0..e1-1 start at offset `off` of every input row) and
 // NV packets of channels from c0 (`off` includes c0).
+// With NP = 1, the taps alternate between two sets of sums (more chains).
 template <typename V, int NV, int NP>
 inline void TapSums(const Geom& g, const float* const* xr, const float* const* wr, int nt,
                     int64_t off, int64_t c0, int64_t e0, int64_t e1, V (&acc)[NP][NV]) {
-  constexpr int L = Pack<V>::kWidth;
+  constexpr int L = Pack<V>::kWidth, S = NP == 1 ? 2 : 1;
   const int64_t xe = g.rw * g.c, we = g.m * g.c, xp = g.sw * g.c;
-  for (int p = 0; p < NP; ++p)
-    for (int v = 0; v < NV; ++v) acc[p][v] = Pack<V>::Zero();
+  V sums[S][NP][NV];
+  for (int s = 0; s < S; ++s)
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < NV; ++v) sums[s][p][v] = Pack<V>::Zero();
+  int k = 0;
   for (int t = 0; t < nt; ++t) {
     const float* x = xr[t] + off + e0 * xe;
     const float* w = wr[t] + c0 + e0 * we;
-    for (int64_t e = e0; e < e1; ++e, x += xe, w += we) {
+    for (int64_t e = e0; e < e1; ++e, x += xe, w += we, k ^= S - 1) {
       V wv[NV];
       for (int v = 0; v < NV; ++v) wv[v] = Pack<V>::Load(w + v * L);
       for (int p = 0; p < NP; ++p)
-        for (int v = 0; v < NV; ++v) acc[p][v] += Pack<V>::Load(x + p * xp + v * L) * wv[v];
+        for (int v = 0; v < NV; ++v) sums[k][p][v] += Pack<V>::Load(x + p * xp + v * L) * wv[v];
     }
   }
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < NV; ++v) {
+      acc[p][v] = sums[0][p][v];
+      if constexpr (S > 1) acc[p][v] += sums[1][p][v];
+    }
 }
 
 // TapSums for all KW taps of NP interior positions, with F's W shape: input
@@ -311,12 +325,19 @@ void ForwardBlock(const Geom& g, const float* const* xr, const float* const* wr,
   for (int64_t o = 0; o < lo; ++o) edge(o);
   int64_t o = lo;
   if constexpr (F::KW > 0) {
+    // Blocks of NP outputs, then of NP / 2, ... for the rest of the interior.
+    auto blocks = [&](auto np) {
+      constexpr int NP = decltype(np)::value;
+      for (; o + NP <= hi; o += NP) {
+        V acc[NP][NV];
+        TapSumsFixed<F, V, NV, NP>(xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, g.c, os, acc);
+        for (int p = 0; p < NP; ++p) emit(o + p, acc[p]);
+      }
+    };
     constexpr int NP = ForwardPositions<F::KW, NV>();
-    for (; o + NP <= hi; o += NP) {
-      V acc[NP][NV];
-      TapSumsFixed<F, V, NV, NP>(xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, g.c, os, acc);
-      for (int p = 0; p < NP; ++p) emit(o + p, acc[p]);
-    }
+    blocks(std::integral_constant<int, NP>{});
+    if constexpr (NP >= 8) blocks(std::integral_constant<int, 4>{});
+    if constexpr (NP >= 4) blocks(std::integral_constant<int, 2>{});
   } else {
     constexpr int NP = 4;
     for (; o + NP <= hi; o += NP) {
@@ -355,10 +376,7 @@ using ForwardRowFn = void (*)(const Geom&, const float* const*, const float* con
 template <typename TO>
 void StoreRow(const Geom& g, const float* in, TO* y) {
   if (g.m == 1) {
-    const int64_t len = g.ow * g.c;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) Pack<VecF>::Store(y + i, Pack<VecF>::Load(in + i));
-    for (; i < len; ++i) Pack<float>::Store(y + i, in[i]);
+    Convert(in, y, g.ow * g.c);
     return;
   }
   for (int64_t o = 0; o < g.ow; ++o)
@@ -567,6 +585,203 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
   }
 }
 
+// ---------------------------------------------------------------------------
+// Input gradient: dx[i, c] = sum over taps t and multiplier indices m with
+// i = o * s + t * r - p of ct[o, c * M + m] * w[t, m, c]. With unit strides
+// and M = 1 this is a forward convolution of ct with the flipped kernel
+// (RunInputGrad hands it to the forward kernels); otherwise the transposed
+// convolution in gather form below, which needs no dilated or padded copy
+// of ct and sums the multiplier as it goes.
+
+// Cotangent rows as float32 (M, OW, C): ct itself for float32 with M = 1,
+// else converted and de-interleaved into a small LRU cache.
+template <typename TC>
+class CotangentRows {
+ public:
+  CotangentRows(const Geom& g, const TC* ct)
+      : g_(g), ct_(ct), len_(g.ow * g.c * g.m), direct_(std::is_same<TC, float>::value && g.m == 1),
+        slots_(direct_ ? 0 : 2 * g.kd * g.kh), keys_(slots_, -1), used_(slots_, 0),
+        data_(slots_ * len_) {}
+
+  const float* Get(int64_t row) {
+    const TC* in = ct_ + row * len_;
+    if (direct_) return reinterpret_cast<const float*>(in);
+    ++clock_;
+    int victim = 0;
+    for (int i = 0; i < slots_; ++i) {
+      if (keys_[i] == row) {
+        used_[i] = clock_;
+        return &data_[i * len_];
+      }
+      if (used_[i] < used_[victim]) victim = i;
+    }
+    keys_[victim] = row;
+    used_[victim] = clock_;
+    float* out = &data_[victim * len_];
+    if (g_.m == 1) {
+      Convert(in, out, len_);
+    } else {
+      for (int64_t o = 0; o < g_.ow; ++o)
+        for (int64_t c = 0; c < g_.c; ++c)
+          for (int64_t m = 0; m < g_.m; ++m)
+            out[(m * g_.ow + o) * g_.c + c] = Pack<float>::Load(in + (o * g_.c + c) * g_.m + m);
+    }
+    return out;
+  }
+
+ private:
+  const Geom& g_;
+  const TC* ct_;
+  int64_t len_;
+  bool direct_;
+  int slots_;
+  std::vector<int64_t> keys_, used_;
+  std::vector<float> data_;
+  int64_t clock_ = 0;
+};
+
+// acc[p][v] = sum over rows t and taps k of
+// src[t][base + off[k] + p * ps + c0 + v * width] * wr[t][woff[k] + c0 + v * width].
+template <typename V, int NV, int NP>
+inline void GatherSums(const float* const* src, const float* const* wr, int nt,
+                       const int64_t* off, const int64_t* woff, int nk, int64_t base, int64_t ps,
+                       int64_t c0, V (&acc)[NP][NV]) {
+  constexpr int L = Pack<V>::kWidth, S = NP == 1 ? 2 : 1;
+  V sums[S][NP][NV];
+  for (int s = 0; s < S; ++s)
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < NV; ++v) sums[s][p][v] = Pack<V>::Zero();
+  int h = 0;
+  for (int t = 0; t < nt; ++t) {
+    const float* x = src[t] + base + c0;
+    const float* w = wr[t] + c0;
+    for (int k = 0; k < nk; ++k, h ^= S - 1) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Pack<V>::Load(w + woff[k] + v * L);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < NV; ++v)
+          sums[h][p][v] += Pack<V>::Load(x + off[k] + p * ps + v * L) * wv[v];
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < NV; ++v) {
+      acc[p][v] = sums[0][p][v];
+      if constexpr (S > 1) acc[p][v] += sums[1][p][v];
+    }
+}
+
+// The W taps of the inputs iw = rho + SW * q (one residue class rho): for
+// every (e, m) whose output o = q + delta is an integer, the offsets of
+// ct[o] (in the (M, OW, C) row) and of w[e, m] (in the (KW, M, C) row).
+struct ResidueTaps {
+  std::vector<int64_t> delta, off, woff;
+  int64_t qlo = 0, qhi = 0, count = 0;  // interior [qlo, qhi) of [0, count)
+};
+
+inline ResidueTaps MakeResidueTaps(const Geom& g, int64_t rho) {
+  ResidueTaps rt;
+  rt.count = std::max<int64_t>(0, CeilDiv(g.w - rho, g.sw));
+  int64_t dmin = 0, dmax = 0;
+  for (int64_t e = 0; e < g.kw; ++e) {
+    const int64_t num = rho + g.pw - e * g.rw;
+    if (num % g.sw != 0) continue;
+    const int64_t delta = num / g.sw;
+    if (rt.delta.empty()) dmin = dmax = delta;
+    dmin = std::min(dmin, delta);
+    dmax = std::max(dmax, delta);
+    for (int64_t m = 0; m < g.m; ++m) {
+      rt.delta.push_back(delta);
+      rt.off.push_back((m * g.ow + delta) * g.c);
+      rt.woff.push_back((e * g.m + m) * g.c);
+    }
+  }
+  rt.qlo = std::min(rt.count, std::max<int64_t>(0, -dmin));
+  rt.qhi = std::max(rt.qlo, std::min(rt.count, g.ow - dmax));
+  return rt;
+}
+
+// One input row, channels [c0, c0 + NV * width), residue class `rt`;
+// `out` is the (W, C) float32 row; ek/eoff/ewoff are scratch.
+template <typename V, int NV>
+void InputGradBlock(const Geom& g, const float* const* src, const float* const* wr, int nt,
+                    const ResidueTaps& rt, int64_t rho, int64_t c0, float* out, int64_t* eoff,
+                    int64_t* ewoff) {
+  constexpr int L = Pack<V>::kWidth;
+  const int nk = static_cast<int>(rt.off.size());
+  auto emit = [&](int64_t q, const V* acc) {
+    for (int v = 0; v < NV; ++v) Pack<V>::Store(out + (rho + q * g.sw) * g.c + c0 + v * L, acc[v]);
+  };
+  auto edge = [&](int64_t q) {  // only the taps whose output lies in [0, OW)
+    int n = 0;
+    for (int k = 0; k < nk; ++k) {
+      const int64_t o = q + rt.delta[k];
+      if (o < 0 || o >= g.ow) continue;
+      eoff[n] = rt.off[k];
+      ewoff[n] = rt.woff[k];
+      ++n;
+    }
+    V acc[1][NV];
+    GatherSums<V, NV, 1>(src, wr, n > 0 ? nt : 0, eoff, ewoff, n, q * g.c, g.c, c0, acc);
+    emit(q, acc[0]);
+  };
+  int64_t q = 0;
+  for (; q < rt.qlo; ++q) edge(q);
+  for (; q + 4 <= rt.qhi; q += 4) {
+    V acc[4][NV];
+    GatherSums<V, NV, 4>(src, wr, nt, rt.off.data(), rt.woff.data(), nk, q * g.c, g.c, c0, acc);
+    for (int p = 0; p < 4; ++p) emit(q + p, acc[p]);
+  }
+  for (; q < rt.qhi; ++q) {
+    V acc[1][NV];
+    GatherSums<V, NV, 1>(src, wr, nt, rt.off.data(), rt.woff.data(), nk, q * g.c, g.c, c0, acc);
+    emit(q, acc[0]);
+  }
+  for (; q < rt.count; ++q) edge(q);
+}
+
+template <typename TC, typename TO>
+void InputGradRows(const Geom& g, const TC* ct, const float* w, TO* dx, int64_t r0, int64_t r1) {
+  const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
+  CotangentRows<TC> rows(g, ct);
+  std::vector<const float*> src(taps), wr(taps);
+  std::vector<ResidueTaps> classes;
+  for (int64_t rho = 0; rho < g.sw; ++rho) classes.push_back(MakeResidueTaps(g, rho));
+  std::vector<int64_t> eoff(g.kw * g.m), ewoff(g.kw * g.m);
+  const bool direct = std::is_same<TO, float>::value;
+  std::vector<float> tmp(direct ? 0 : g.w * g.c);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / (g.d * g.h), id = (r / g.h) % g.d, ih = r % g.h;
+    int nt = 0;
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t nd = id + g.pd - a * g.rd;
+      if (nd % g.sd != 0 || nd < 0 || nd / g.sd >= g.od) continue;
+      for (int64_t b = 0; b < g.kh; ++b) {
+        const int64_t nh = ih + g.ph - b * g.rh;
+        if (nh % g.sh != 0 || nh < 0 || nh / g.sh >= g.oh) continue;
+        src[nt] = rows.Get((n * g.od + nd / g.sd) * g.oh + nh / g.sh);
+        wr[nt] = w + (a * g.kh + b) * g.kw * cm;
+        ++nt;
+      }
+    }
+    TO* xrow = dx + r * g.w * g.c;
+    float* out = direct ? reinterpret_cast<float*>(xrow) : tmp.data();
+    for (int64_t rho = 0; rho < g.sw; ++rho) {
+      const ResidueTaps& rt = classes[rho];
+      int64_t c0 = 0;
+      for (; c0 + 2 * kLanes <= g.c; c0 += 2 * kLanes)
+        InputGradBlock<VecF, 2>(g, src.data(), wr.data(), nt, rt, rho, c0, out, eoff.data(),
+                                ewoff.data());
+      for (; c0 + kLanes <= g.c; c0 += kLanes)
+        InputGradBlock<VecF, 1>(g, src.data(), wr.data(), nt, rt, rho, c0, out, eoff.data(),
+                                ewoff.data());
+      for (; c0 < g.c; ++c0)
+        InputGradBlock<float, 1>(g, src.data(), wr.data(), nt, rt, rho, c0, out, eoff.data(),
+                                 ewoff.data());
+    }
+    if (!direct) Convert(tmp.data(), xrow, g.w * g.c);
+  }
+}
+
 // The row kernels for g's W shape (a Fixed one when there is one).
 template <typename Pick>
 auto WithShape(const Geom& g, bool generic, Pick pick) {
@@ -661,6 +876,29 @@ void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* 
     for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
 }
 
+template <typename TC, typename TO>
+void RunInputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx,
+                  bool generic = false) {
+  if (!generic && g.sd == 1 && g.sh == 1 && g.sw == 1 && g.m == 1) {
+    // dx[i] = sum_t ct[i + t * r - p'] * w[k - 1 - t] with p' = (k - 1) * r - p.
+    Geom f = g;
+    f.d = g.od, f.h = g.oh, f.w = g.ow, f.od = g.d, f.oh = g.h, f.ow = g.w;
+    f.pd = (g.kd - 1) * g.rd - g.pd, f.ph = (g.kh - 1) * g.rh - g.ph;
+    f.pw = (g.kw - 1) * g.rw - g.pw;
+    std::vector<float> flipped(g.taps() * g.c);
+    for (int64_t t = 0; t < g.taps(); ++t)
+      std::copy(w + (g.taps() - 1 - t) * g.c, w + (g.taps() - t) * g.c, &flipped[t * g.c]);
+    RunForward(pool, f, ct, flipped.data(), dx);
+    return;
+  }
+  const int64_t rows = g.n * g.d * g.h, chunks = std::min(rows, kChunks);
+  if (chunks <= 0) return;
+  const int64_t per = (rows + chunks - 1) / chunks;
+  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
+    InputGradRows(g, ct, w, dx, i * per, std::min(rows, (i + 1) * per));
+  });
+}
+
 // ---------------------------------------------------------------------------
 // FFI handlers.
 
@@ -736,6 +974,34 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+template <typename TC>
+void InputGradTyped(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w,
+                    ffi::AnyBuffer* dx) {
+  if (dx->element_type() == ffi::DataType::F32) {
+    RunInputGrad(pool, g, ct, w, static_cast<float*>(dx->untyped_data()));
+  } else {
+    RunInputGrad(pool, g, ct, w, static_cast<bf16*>(dx->untyped_data()));
+  }
+}
+
+ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer ct, ffi::Buffer<ffi::F32> w,
+                         ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> cfg) {
+  Geom g;
+  if (ffi::Error err = ParseGeom(cfg, &g); err.failure()) return err;
+  if (!DimsAre(ct.dimensions(), {g.n, g.od, g.oh, g.ow, g.c * g.m}) ||
+      !DimsAre(w.dimensions(), {g.kd, g.kh, g.kw, g.m, g.c}) ||
+      !DimsAre(dx->dimensions(), {g.n, g.d, g.h, g.w, g.c}))
+    return ffi::Error::InvalidArgument("dw5d_input_grad: shapes do not match the config");
+  if (!IsFloat(ct.element_type()) || !IsFloat(dx->element_type()))
+    return ffi::Error::InvalidArgument("dw5d_input_grad: ct and dx must be float32 or bfloat16");
+  if (ct.element_type() == ffi::DataType::F32) {
+    InputGradTyped(&pool, g, static_cast<const float*>(ct.untyped_data()), w.typed_data(), &*dx);
+  } else {
+    InputGradTyped(&pool, g, static_cast<const bf16*>(ct.untyped_data()), w.typed_data(), &*dx);
+  }
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------
 // Self-test, run once after loading: every code path (packet widths, edges,
 // multiplier, bfloat16) against plain loops in double, on small problems.
@@ -769,9 +1035,11 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
   for (auto& v : x) v = FromFloat<TI>(static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f);
   for (auto& v : ct) v = FromFloat<TI>(static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f);
   for (auto& v : w) v = static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f;
+  std::vector<TO> dx(nx);
   RunForward<TI, TO>(nullptr, g, x.data(), w.data(), y.data(), generic);
   RunKernelGrad<TI, TI>(nullptr, g, x.data(), ct.data(), dk.data(), generic);
-  std::vector<double> want_y(ny, 0.0), want_dk(nw, 0.0);
+  RunInputGrad<TI, TO>(nullptr, g, ct.data(), w.data(), dx.data(), generic);
+  std::vector<double> want_y(ny, 0.0), want_dk(nw, 0.0), want_dx(nx, 0.0);
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t od = 0; od < g.od; ++od)
       for (int64_t oh = 0; oh < g.oh; ++oh)
@@ -787,14 +1055,19 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
                     const int64_t yi = (((n * g.od + od) * g.oh + oh) * g.ow + ow) * g.c * g.m +
                                        c * g.m + m;
                     const int64_t wi = (((a * g.kh + b) * g.kw + e) * g.m + m) * g.c + c;
-                    const double xv = ToDouble(x[(((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c]);
+                    const int64_t xi = (((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c;
+                    const double xv = ToDouble(x[xi]);
                     want_y[yi] += xv * w[wi];
                     want_dk[wi] += xv * ToDouble(ct[yi]);
+                    want_dx[xi] += ToDouble(ct[yi]) * w[wi];
                   }
               }
   const double tol = std::is_same<TI, float>::value && std::is_same<TO, float>::value ? 1e-4 : 2e-2;
   for (int64_t i = 0; i < ny; ++i)
     if (!(std::fabs(ToDouble(y[i]) - want_y[i]) <= tol * (1.0 + std::fabs(want_y[i])))) return false;
+  for (int64_t i = 0; i < nx; ++i)
+    if (!(std::fabs(ToDouble(dx[i]) - want_dx[i]) <= tol * (1.0 + std::fabs(want_dx[i]))))
+      return false;
   const double tol_dk = std::is_same<TI, float>::value ? 1e-4 : 1e-3;
   for (int64_t i = 0; i < nw; ++i)
     if (!(std::fabs(dk[i] - want_dk[i]) <= tol_dk * (1.0 + std::fabs(want_dk[i])))) return false;
@@ -818,6 +1091,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dKernelGrad, dw5d::KernelGradImpl,
                                   .Arg<ffi::AnyBuffer>()           // x
                                   .Arg<ffi::AnyBuffer>()           // ct
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                  .Attr<ffi::Span<const int64_t>>("config"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dInputGrad, dw5d::InputGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // ct
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w
+                                  .Ret<ffi::AnyBuffer>()           // dx
                                   .Attr<ffi::Span<const int64_t>>("config"));
 
 // 0 when every kernel matches plain loops on small problems, else the number
