@@ -2,7 +2,7 @@
 
 The first CPU lowering that could use them calls `status()`, which:
 
-1. returns at once if `DW5D_JAX_NATIVE=0` (or `false`/`no`/`off`);
+1. returns at once if `DW5D_JAX_NATIVE=0` (or `false`/`no`/`off`; see `mode`);
 2. finds a C++ compiler (`$CXX`, else `c++`, `g++`, `clang++`) and asks it
    which instruction set `-march=native` means here;
 3. looks for a library in the cache directory (`$DW5D_JAX_CACHE_DIR`, else
@@ -67,6 +67,33 @@ _lock = threading.Lock()
 _status: NativeStatus | None = None
 
 
+def native_status() -> NativeStatus:
+  """Whether the native CPU kernels are in use, and if not, why.
+
+  `method="auto"` and `"shift"` on CPU call a C++ kernel (XLA FFI custom
+  call) for channels-last float32/bfloat16 convolutions: forward, input and
+  kernel gradients, several times faster than XLA's own lowering. It is
+  compiled with the system C++ compiler at first use and cached (see the
+  README, "Performance on CPU"). Without it (no compiler, a failed build,
+  or `DW5D_JAX_NATIVE=0`), results are the same, computed by XLA's lowering.
+
+  The first call builds or loads the library if that has not happened yet
+  (a few seconds the first time on a machine); later calls return the
+  same answer.
+
+  Returns:
+    A `NativeStatus`: `active`, `detail` (`"compiled"`, `"cached"`, or the
+    reason the kernels are off) and `library` (the shared library's path).
+
+  Example:
+    >>> import dw5d_jax as dw
+    >>> st = dw.native_status()
+    >>> st.active in (True, False) and isinstance(st.detail, str)
+    True
+  """
+  return status()
+
+
 def status() -> NativeStatus:
   """Builds or loads the kernels on the first call; the same answer afterwards."""
   global _status
@@ -80,8 +107,21 @@ def status() -> NativeStatus:
     return _status
 
 
+def mode() -> str:
+  """`DW5D_JAX_NATIVE`: `"off"` (0/false/no/off), `"all"`, or `"on"` (anything else).
+
+  `"on"` uses the native kernels where they were measured faster than XLA's
+  lowering (`_native.worthwhile`), `"all"` wherever they apply (the test
+  suite uses it to run them on every configuration).
+  """
+  value = os.environ.get("DW5D_JAX_NATIVE", "1").strip().lower()
+  if value in ("0", "false", "no", "off"):
+    return "off"
+  return "all" if value == "all" else "on"
+
+
 def _disabled() -> bool:
-  return os.environ.get("DW5D_JAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+  return mode() == "off"
 
 
 def cache_dir() -> str:
