@@ -8,28 +8,32 @@ convolution is one primitive, `shift_conv_p`, bilinear in `(x, kernel)`, with:
 
 * JVP: `dy = conv(dx, k) + conv(x, dk)` (`ad.defbilinear`), which gives
   forward mode at any order.
-* Transposes (reverse mode):
-  - input: itself a depthwise convolution, by this same primitive, of the
-    cotangent dilated by the stride and padded by `e - 1 - pad`, with the
-    kernel flipped, then summed over the multiplier. Worked example, one axis:
-    n=5, k=3, r=1, s=2, SAME: out=3, pads (1, 1), tight high pad 0 (the
-    padded size is exactly (3 - 1) * 2 + 3 = 7). The cotangent
-    `[c0, c1, c2]` dilates to `[c0, 0, c1, 0, c2]`, is padded by
-    `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to length 8 = n + e - 1, and a VALID
-    convolution with the flipped kernel gives the 5 input positions.
-    Because the rule calls the primitive again, gradients of gradients work.
-  - kernel: its own primitive, `shift_kernel_grad_p`, bilinear in
-    `(x, ct)`, whose transposes are again these convolutions (so gradients
-    of gradients work). Its portable form is a reduction per tap of
-    `slice(padded x) * ct` over batch and positions, written so that XLA's
-    CPU loop fusion does most of it (see `kernel_grad_xla`).
-* Batching: a batched `x` is folded into `N`; a batched kernel (or a
-  batched kernel gradient) falls back to `vmap` of the plain math.
+* Transposes (reverse mode), each its own bilinear primitive whose
+  transposes are again the convolution and the other gradient
+  (`<dx(ct, k), g> = <conv(g, k), ct> = <dk(g, ct), k>`), so gradients of
+  gradients work:
+  - input, `shift_input_grad_p`: a depthwise convolution of the cotangent
+    with the flipped kernel, summed over the multiplier. Its portable form
+    (`input_grad_xla`) calls `shift_conv_p` on the cotangent padded by
+    `e - 1 - pad` (in the spec, with unit strides) or dilated by the stride
+    and padded. Worked example, one axis: n=5, k=3, r=1, s=2, SAME: out=3,
+    pads (1, 1), tight high pad 0 (the padded size is exactly
+    (3 - 1) * 2 + 3 = 7). The cotangent `[c0, c1, c2]` dilates to
+    `[c0, 0, c1, 0, c2]`, is padded by `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to
+    length 8 = n + e - 1, and a VALID convolution with the flipped kernel
+    gives the 5 input positions.
+  - kernel, `shift_kernel_grad_p`: per tap, the sum of `slice(padded x) *
+    ct` over batch and positions; its portable form (`kernel_grad_xla`) is
+    written so that XLA's CPU loop fusion does most of it.
+* Batching: a batched `x` (or cotangent) is folded into `N`; a batched
+  kernel, or a batched kernel gradient, falls back to `vmap` of the plain
+  math.
 
 Lowering: on CPU, the native kernels (`_native.py`: one pass over the
-unpadded input, and a one-pass kernel gradient) wherever `_native.usable`
-allows; otherwise, and on every other platform, `mlir.lower_fun` of the
-plain math (`_shift.shift_conv`, `kernel_grad_xla`).
+unpadded input for the convolution and for its input gradient, a one-pass
+kernel gradient) wherever `_native.usable` allows; otherwise, and on every
+other platform, `mlir.lower_fun` of the plain math (`_shift.shift_conv`,
+`input_grad_xla`, `kernel_grad_xla`).
 """
 
 from __future__ import annotations
