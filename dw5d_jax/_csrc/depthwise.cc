@@ -21,9 +21,10 @@
 // positions x two packets of accumulators) that keeps the FMA units busy.
 // Channels left over after whole packets use a one-float packet.
 //
-// Threads: output rows (n, od, oh) are split into a fixed number of chunks
-// (independent of the thread count, so results do not depend on it), taken
-// dynamically by the calling thread and by tasks on XLA's intra-op pool.
+// Threads: output rows (n, od, oh) are split into tiles (see Tiles: a
+// fixed split, from the shapes only, so results do not depend on the thread
+// count), taken dynamically by the calling thread and by tasks on XLA's
+// intra-op pool.
 
 #include <algorithm>
 #include <atomic>
@@ -186,47 +187,95 @@ void Convert(const TI* in, TO* out, int64_t len) {
   for (; i < len; ++i) Pack<1>::Store(out + i, Pack<1>::Load(in + i));
 }
 
+// Rows r = plane * height + h (output rows: plane = n * OD + od, h = oh) in
+// tiles: a run of planes times a band of h, visited plane by plane. The
+// input rows a band reads (KD planes x (band + KH - 1) rows) then stay in L2
+// while the next plane reuses KD - 1 of them, instead of every input plane
+// coming from memory KD times. The tiling depends on the shapes only, so
+// sums do not depend on the thread count.
+struct Tiles {
+  int64_t planes = 0, height = 0, band = 1, run = 1;
+  int64_t Bands() const { return (height + band - 1) / band; }
+  int64_t Count() const { return planes * height == 0 ? 0 : Bands() * ((planes + run - 1) / run); }
+  template <typename F>
+  void ForRows(int64_t t, F&& f) const {
+    const int64_t b = t % Bands(), q = t / Bands();
+    const int64_t p1 = std::min(planes, (q + 1) * run), h1 = std::min(height, (b + 1) * band);
+    for (int64_t p = q * run; p < p1; ++p)
+      for (int64_t h = b * band; h < h1; ++h) f(p * height + h);
+  }
+};
+
+constexpr int64_t kBandBytes = 256 << 10;  // the input rows of one band
+constexpr int64_t kTiles = 32;             // about this many tiles
+
+// `row_bytes`: one input row; a row of output reads `kd` x `kh` input rows.
+inline Tiles MakeTiles(int64_t planes, int64_t height, int64_t row_bytes, int64_t kd,
+                       int64_t kh) {
+  Tiles t;
+  t.planes = planes, t.height = height;
+  if (planes <= 0 || height <= 0) return t;
+  int64_t band = kBandBytes / std::max<int64_t>(1, kd * row_bytes) - (kh - 1);
+  band = std::min(height, std::max<int64_t>(1, band));
+  int64_t bands = (height + band - 1) / band;
+  bands = std::max(bands, std::min(height, (kTiles + planes - 1) / planes));  // enough tiles
+  t.band = (height + bands - 1) / bands;
+  t.run = std::max<int64_t>(1, planes * t.Bands() / kTiles);
+  return t;
+}
+
+// Rows of an array as float32, each converted once into a direct-mapped
+// cache: row r = plane * height + h goes to slot (plane mod dspan) * hspan +
+// (h mod hspan). The rows one output row reads lie within dspan consecutive
+// planes and hspan consecutive rows, so they never share a slot (a pointer
+// handed out stays valid for that output row), and with hspan covering a
+// tile's band the next plane finds most of its rows converted.
+class RowCache {
+ public:
+  RowCache(int64_t height, int64_t len, int64_t dspan, int64_t hspan)
+      : height_(height), len_(len), dspan_(dspan), hspan_(hspan), keys_(dspan * hspan, -1),
+        data_(dspan * hspan * len) {}
+
+  template <typename Fill>
+  const float* Get(int64_t row, Fill&& fill) {
+    const int64_t slot = (row / height_ % dspan_) * hspan_ + row % height_ % hspan_;
+    float* data = &data_[slot * len_];
+    if (keys_[slot] != row) {
+      fill(row, data);
+      keys_[slot] = row;
+    }
+    return data;
+  }
+
+ private:
+  int64_t height_, len_, dspan_, hspan_;
+  std::vector<int64_t> keys_;
+  std::vector<float> data_;
+};
+
 // Input rows as float32 for the compute kernels: x itself when it is
-// float32; bfloat16 rows are converted once into a small cache (LRU, twice
-// the rows one output row reads, so consecutive output rows, which share
-// most of their input rows, convert each row about once).
+// float32, bfloat16 rows converted through a RowCache.
 template <typename TI>
 class InputRows {
  public:
-  InputRows(const Geom& g, const TI* x)
-      : x_(x), len_(g.w * g.c), slots_(2 * g.kd * g.kh), keys_(slots_, -1), used_(slots_, 0),
-        data_(slots_ * len_) {}
+  InputRows(const Geom& g, const TI* x, const Tiles& tiles)
+      : x_(x), len_(g.w * g.c),
+        cache_(g.h, len_, (g.kd - 1) * g.rd + 1, (tiles.band - 1) * g.sh + (g.kh - 1) * g.rh + 1) {}
 
   const float* Get(int64_t row) {
-    ++clock_;
-    int victim = 0;
-    for (int i = 0; i < slots_; ++i) {
-      if (keys_[i] == row) {
-        used_[i] = clock_;
-        return &data_[i * len_];
-      }
-      if (used_[i] < used_[victim]) victim = i;
-    }
-    keys_[victim] = row;
-    used_[victim] = clock_;
-    float* out = &data_[victim * len_];
-    Convert(x_ + row * len_, out, len_);
-    return out;
+    return cache_.Get(row, [&](int64_t r, float* out) { Convert(x_ + r * len_, out, len_); });
   }
 
  private:
   const TI* x_;
   int64_t len_;
-  int slots_;
-  std::vector<int64_t> keys_, used_;
-  std::vector<float> data_;
-  int64_t clock_ = 0;
+  RowCache cache_;
 };
 
 template <>
 class InputRows<float> {
  public:
-  InputRows(const Geom& g, const float* x) : x_(x), len_(g.w * g.c) {}
+  InputRows(const Geom& g, const float* x, const Tiles&) : x_(x), len_(g.w * g.c) {}
   const float* Get(int64_t row) const { return x_ + row * len_; }
 
  private:
@@ -414,9 +463,9 @@ void StoreRow(const Geom& g, const float* in, TO* y) {
 
 template <typename TI, typename TO>
 void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w, TO* y,
-                 int64_t r0, int64_t r1) {
+                 const Tiles& tiles, int64_t tile) {
   const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
-  InputRows<TI> in(g, x);
+  InputRows<TI> in(g, x, tiles);
   std::vector<int64_t> rows(taps), tap(taps);
   std::vector<const float*> xr(taps), wb(taps), wr(taps);
   // float32 y with M = 1 has the row kernels' layout: written in place.
@@ -427,7 +476,7 @@ void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w
   ValidRange(g.w, g.ow, g.sw, (g.kw - 1) * g.rw - g.pw, &lo1, &hi1);
   int64_t lo = std::max(lo0, lo1), hi = std::min(hi0, hi1);
   if (hi <= lo) lo = hi = g.ow;
-  for (int64_t r = r0; r < r1; ++r) {
+  tiles.ForRows(tile, [&](int64_t r) {
     const int nt = RowTaps(g, r, rows.data(), tap.data());
     for (int t = 0; t < nt; ++t) {
       xr[t] = in.Get(rows[t]);
@@ -437,7 +486,7 @@ void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w
     float* out = direct ? reinterpret_cast<float*>(yrow) : tmp.data();
     row_fn(g, xr.data(), wb.data(), nt, lo, hi, out, wr.data());
     if (!direct) StoreRow(g, tmp.data(), yrow);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -569,9 +618,9 @@ using KernelGradRowFn = void (*)(const Geom&, const float* const*, float* const*
 
 template <typename TI, typename TC>
 void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC* ct, float* part,
-                    int64_t r0, int64_t r1) {
+                    const Tiles& tiles, int64_t tile) {
   const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
-  InputRows<TI> in(g, x);
+  InputRows<TI> in(g, x, tiles);
   std::vector<int64_t> rows(taps), tap(taps);
   std::vector<const float*> xr(taps);
   std::vector<float*> pr(taps);
@@ -584,7 +633,7 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
     ValidRange(g.w, g.ow, g.sw, e * g.rw - g.pw, &lo[e], &hi[e]);
   const int64_t a = *std::max_element(lo.begin(), lo.end());
   const int64_t b = *std::min_element(hi.begin(), hi.end());
-  for (int64_t r = r0; r < r1; ++r) {
+  tiles.ForRows(tile, [&](int64_t r) {
     const TC* crow = ct + r * g.ow * cm;
     const float* cs;
     if (direct) {
@@ -608,7 +657,7 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
       pr[t] = part + tap[t] * g.kw * cm;
     }
     row_fn(g, xr.data(), pr.data(), nt, cs, lo.data(), hi.data(), a, b);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -620,39 +669,31 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
 // of ct and sums the multiplier as it goes.
 
 // Cotangent rows as float32 (M, OW, C): ct itself for float32 with M = 1,
-// else converted and de-interleaved into a small LRU cache.
+// else converted and de-interleaved through a RowCache.
 template <typename TC>
 class CotangentRows {
  public:
-  CotangentRows(const Geom& g, const TC* ct)
-      : g_(g), ct_(ct), len_(g.ow * g.c * g.m), direct_(std::is_same<TC, float>::value && g.m == 1),
-        slots_(direct_ ? 0 : 2 * g.kd * g.kh), keys_(slots_, -1), used_(slots_, 0),
-        data_(slots_ * len_) {}
+  // The ct rows of one dx row span (K - 1) * R / S + 1 planes and rows; a
+  // band of dx rows about (band + (K - 1) * R) / S + 1 rows.
+  CotangentRows(const Geom& g, const TC* ct, const Tiles& tiles)
+      : g_(g), ct_(ct), len_(g.ow * g.c * g.m),
+        direct_(std::is_same<TC, float>::value && g.m == 1),
+        cache_(g.oh, direct_ ? 0 : len_, (g.kd - 1) * g.rd / g.sd + 1,
+               (tiles.band + (g.kh - 1) * g.rh) / g.sh + 2) {}
 
   const float* Get(int64_t row) {
-    const TC* in = ct_ + row * len_;
-    if (direct_) return reinterpret_cast<const float*>(in);
-    ++clock_;
-    int victim = 0;
-    for (int i = 0; i < slots_; ++i) {
-      if (keys_[i] == row) {
-        used_[i] = clock_;
-        return &data_[i * len_];
+    if (direct_) return reinterpret_cast<const float*>(ct_ + row * len_);
+    return cache_.Get(row, [&](int64_t r, float* out) {
+      const TC* in = ct_ + r * len_;
+      if (g_.m == 1) {
+        Convert(in, out, len_);
+        return;
       }
-      if (used_[i] < used_[victim]) victim = i;
-    }
-    keys_[victim] = row;
-    used_[victim] = clock_;
-    float* out = &data_[victim * len_];
-    if (g_.m == 1) {
-      Convert(in, out, len_);
-    } else {
       for (int64_t o = 0; o < g_.ow; ++o)
         for (int64_t c = 0; c < g_.c; ++c)
           for (int64_t m = 0; m < g_.m; ++m)
             out[(m * g_.ow + o) * g_.c + c] = Pack<1>::Load(in + (o * g_.c + c) * g_.m + m);
-    }
-    return out;
+    });
   }
 
  private:
@@ -660,10 +701,7 @@ class CotangentRows {
   const TC* ct_;
   int64_t len_;
   bool direct_;
-  int slots_;
-  std::vector<int64_t> keys_, used_;
-  std::vector<float> data_;
-  int64_t clock_ = 0;
+  RowCache cache_;
 };
 
 // acc[p][v] = sum over rows t and taps k of
@@ -768,16 +806,17 @@ void InputGradBlock(const Geom& g, const float* const* src, const float* const* 
 }
 
 template <typename TC, typename TO>
-void InputGradRows(const Geom& g, const TC* ct, const float* w, TO* dx, int64_t r0, int64_t r1) {
+void InputGradRows(const Geom& g, const TC* ct, const float* w, TO* dx, const Tiles& tiles,
+                   int64_t tile) {
   const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
-  CotangentRows<TC> rows(g, ct);
+  CotangentRows<TC> rows(g, ct, tiles);
   std::vector<const float*> src(taps), wr(taps);
   std::vector<ResidueTaps> classes;
   for (int64_t rho = 0; rho < g.sw; ++rho) classes.push_back(MakeResidueTaps(g, rho));
   std::vector<int64_t> eoff(g.kw * g.m), ewoff(g.kw * g.m);
   const bool direct = std::is_same<TO, float>::value;
   std::vector<float> tmp(direct ? 0 : g.w * g.c);
-  for (int64_t r = r0; r < r1; ++r) {
+  tiles.ForRows(tile, [&](int64_t r) {
     const int64_t n = r / (g.d * g.h), id = (r / g.h) % g.d, ih = r % g.h;
     int nt = 0;
     for (int64_t a = 0; a < g.kd; ++a) {
@@ -801,7 +840,7 @@ void InputGradRows(const Geom& g, const TC* ct, const float* w, TO* dx, int64_t 
       });
     }
     if (!direct) Convert(tmp.data(), xrow, g.w * g.c);
-  }
+  });
 }
 
 // The row kernels for g's W shape (a Fixed one when there is one).
@@ -859,8 +898,6 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t n, bool parallel, const F& body)
   progress->cv.wait(lock, [&] { return progress->done.load() == n; });
 }
 
-// Chunks of output rows: a fixed count (so sums do not depend on threads).
-constexpr int64_t kChunks = 64;
 // Problems with fewer multiply-adds than this run on the calling thread.
 constexpr int64_t kMinParallelWork = 1 << 18;
 
@@ -869,14 +906,11 @@ inline int64_t Work(const Geom& g) { return g.rows() * g.ow * g.c * g.m * g.taps
 template <typename TI, typename TO>
 void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
                 bool generic = false) {
-  const int64_t rows = g.rows(), chunks = std::min(rows, kChunks);
-  if (chunks <= 0) return;
-  const int64_t per = (rows + chunks - 1) / chunks;
+  const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
   const ForwardRowFn row_fn =
       WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
-  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
-    ForwardRows(g, row_fn, x, w, y, i * per, std::min(rows, (i + 1) * per));
-  });
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { ForwardRows(g, row_fn, x, w, y, tiles, i); });
 }
 
 template <typename TI, typename TC>
@@ -884,15 +918,13 @@ void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* 
                    bool generic = false) {
   const int64_t size = g.taps() * g.m * g.c;
   std::fill(dk, dk + size, 0.0f);
-  const int64_t rows = g.rows(), chunks = std::min(rows, kChunks);
-  if (chunks <= 0) return;
-  const int64_t per = (rows + chunks - 1) / chunks;
+  const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
+  const int64_t chunks = tiles.Count();
   const KernelGradRowFn row_fn = WithShape(
       g, generic, [](auto shape) -> KernelGradRowFn { return KernelGradRow<decltype(shape)>; });
   std::vector<float> parts(chunks * size, 0.0f);
   ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
-    KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, i * per,
-                   std::min(rows, (i + 1) * per));
+    KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, tiles, i);
   });
   for (int64_t i = 0; i < chunks; ++i)
     for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
@@ -913,12 +945,11 @@ void RunInputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const floa
     RunForward(pool, f, ct, flipped.data(), dx);
     return;
   }
-  const int64_t rows = g.n * g.d * g.h, chunks = std::min(rows, kChunks);
-  if (chunks <= 0) return;
-  const int64_t per = (rows + chunks - 1) / chunks;
-  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
-    InputGradRows(g, ct, w, dx, i * per, std::min(rows, (i + 1) * per));
-  });
+  // Rows of dx; each reads about KD / SD planes and KH / SH rows of ct.
+  const Tiles tiles = MakeTiles(g.n * g.d, g.h, g.ow * g.c * g.m * sizeof(TC),
+                                CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh));
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { InputGradRows(g, ct, w, dx, tiles, i); });
 }
 
 // ---------------------------------------------------------------------------
