@@ -219,7 +219,8 @@ def _compile(cxx: str, flags: list[str], include: str, source: bytes, path: str)
       f.write(source)
     cmd = [cxx, *flags, "-isystem", include, tmp_src, "-o", tmp_lib]
     try:
-      done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
+                            check=False)
     except (OSError, subprocess.SubprocessError) as e:
       return f"compiling failed: {e}"
     if done.returncode != 0:

@@ -81,16 +81,22 @@ def _abstract_eval(x, kernel, *, spec: ConvSpec):
   return jax.core.ShapedArray(_out_shape(x.shape, spec), spec.out_dtype)
 
 
-def _batch(args, dims, *, spec: ConvSpec):
-  x, kernel = args
-  bx, bk = dims
-  if bk is None:  # fold the batch into N
-    x = jnp.moveaxis(x, bx, 0)
-    b, n = x.shape[0], x.shape[1]
-    y = shift_lowering(x.reshape(b * n, *x.shape[2:]), kernel, spec)
-    return y.reshape(b, n, *y.shape[1:]), 0
-  fn = functools.partial(shift_conv, spec=spec)
-  return jax.vmap(fn, in_axes=(bx, bk))(x, kernel), 0
+def _fold_batch(bind, plain):
+  """A batching rule for `bind(a, kernel, spec)`, which works per sample along N.
+
+  A batch of `a` alone is folded into N (one call); a batched kernel falls
+  back to `vmap` of the plain math `plain`.
+  """
+  def rule(args, dims, *, spec: ConvSpec):
+    a, kernel = args
+    ba, bk = dims
+    if bk is None:
+      a = jnp.moveaxis(a, ba, 0)
+      b, n = a.shape[0], a.shape[1]
+      y = bind(a.reshape(b * n, *a.shape[2:]), kernel, spec)
+      return y.reshape(b, n, *y.shape[1:]), 0
+    return jax.vmap(functools.partial(plain, spec=spec), in_axes=dims)(a, kernel), 0
+  return rule
 
 
 def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -240,18 +246,6 @@ def _ig_transpose_kernel(g, ct, kernel, *, spec: ConvSpec):
   return kernel_grad(g, ct, spec)
 
 
-def _ig_batch(args, dims, *, spec: ConvSpec):
-  ct, kernel = args
-  bc, bk = dims
-  if bk is None:  # fold the batch into N
-    ct = jnp.moveaxis(ct, bc, 0)
-    b, n = ct.shape[0], ct.shape[1]
-    g = input_grad(ct.reshape(b * n, *ct.shape[2:]), kernel, spec)
-    return g.reshape(b, n, *g.shape[1:]), 0
-  fn = functools.partial(input_grad_xla, spec=spec)
-  return jax.vmap(fn, in_axes=dims)(ct, kernel), 0
-
-
 def _kg_abstract_eval(x, ct, *, spec: ConvSpec):
   del ct
   return jax.core.ShapedArray((*spec.window, spec.channels, spec.multiplier), x.dtype)
@@ -272,39 +266,30 @@ def _kg_batch(args, dims, *, spec: ConvSpec):
   return jax.vmap(fn, in_axes=dims)(*args), 0
 
 
-def _cpu_rule(prim, native_fn, portable_rule):
-  """A CPU lowering: the native kernel where `_native.usable`, else `portable_rule`."""
-  native_rule = mlir.lower_fun(native_fn, multiple_results=False)
+def _define(prim, impl, abstract_eval, batcher, transposes, native_fn):
+  """Registers a bilinear primitive: `impl` is its plain math (eager and portable lowering).
 
-  def rule(ctx, a, b, *, spec: ConvSpec):
-    if _native.usable(ctx, spec):
-      return native_rule(ctx, a, b, spec=spec)
-    return portable_rule(ctx, a, b, spec=spec)
+  On CPU the lowering calls `native_fn` (an FFI call, `_native.py`) where
+  `_native.usable` allows, else lowers `impl` like every other platform.
+  """
+  prim.def_impl(impl)
+  prim.def_abstract_eval(abstract_eval)
+  portable = mlir.lower_fun(impl, multiple_results=False)
+  native = mlir.lower_fun(native_fn, multiple_results=False)
+  mlir.register_lowering(prim, portable)
+  batching.primitive_batchers[prim] = batcher
+  ad.defbilinear(prim, *transposes)
 
-  mlir.register_lowering(prim, rule, platform="cpu")
+  def cpu_rule(ctx, a, b, *, spec: ConvSpec):
+    return (native if _native.usable(ctx, spec) else portable)(ctx, a, b, spec=spec)
+
+  mlir.register_lowering(prim, cpu_rule, platform="cpu")
 
 
-shift_conv_p.def_impl(shift_conv)
-shift_conv_p.def_abstract_eval(_abstract_eval)
-_conv_portable = mlir.lower_fun(shift_conv, multiple_results=False)
-mlir.register_lowering(shift_conv_p, _conv_portable)
-batching.primitive_batchers[shift_conv_p] = _batch
-ad.defbilinear(shift_conv_p, _transpose_x, _transpose_kernel)
-
-shift_input_grad_p.def_impl(input_grad_xla)
-shift_input_grad_p.def_abstract_eval(_ig_abstract_eval)
-_ig_portable = mlir.lower_fun(input_grad_xla, multiple_results=False)
-mlir.register_lowering(shift_input_grad_p, _ig_portable)
-batching.primitive_batchers[shift_input_grad_p] = _ig_batch
-ad.defbilinear(shift_input_grad_p, _ig_transpose_ct, _ig_transpose_kernel)
-
-shift_kernel_grad_p.def_impl(kernel_grad_xla)
-shift_kernel_grad_p.def_abstract_eval(_kg_abstract_eval)
-_kg_portable = mlir.lower_fun(kernel_grad_xla, multiple_results=False)
-mlir.register_lowering(shift_kernel_grad_p, _kg_portable)
-batching.primitive_batchers[shift_kernel_grad_p] = _kg_batch
-ad.defbilinear(shift_kernel_grad_p, _kg_transpose_x, _kg_transpose_ct)
-
-_cpu_rule(shift_conv_p, _native.forward, _conv_portable)
-_cpu_rule(shift_input_grad_p, _native.input_grad, _ig_portable)
-_cpu_rule(shift_kernel_grad_p, _native.kernel_grad, _kg_portable)
+_define(shift_conv_p, shift_conv, _abstract_eval, _fold_batch(shift_lowering, shift_conv),
+        (_transpose_x, _transpose_kernel), _native.forward)
+_define(shift_input_grad_p, input_grad_xla, _ig_abstract_eval,
+        _fold_batch(input_grad, input_grad_xla), (_ig_transpose_ct, _ig_transpose_kernel),
+        _native.input_grad)
+_define(shift_kernel_grad_p, kernel_grad_xla, _kg_abstract_eval, _kg_batch,
+        (_kg_transpose_x, _kg_transpose_ct), _native.kernel_grad)

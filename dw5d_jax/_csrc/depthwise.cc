@@ -16,10 +16,18 @@
 // Vectorisation: channels are innermost and contiguous, so every inner loop
 // is a multiply-add over packets of channels. The packets are GCC/Clang
 // vector extensions of the widest width the build targets (16 floats with
-// AVX-512): GCC's auto-vectoriser prefers 256-bit vectors on these CPUs,
-// and an explicit packet also pins the register blocking (several output
+// AVX-512; then 8 and 4 for the channels left over, then single floats):
+// GCC's auto-vectoriser prefers 256-bit vectors on these CPUs, and an
+// explicit packet also pins the register blocking (several output
 // positions x two packets of accumulators) that keeps the FMA units busy.
-// Channels left over after whole packets use a one-float packet.
+// For the common kernel widths, strides and dilations along W the blocks
+// are unrolled at compile time (`Fixed`), so that each input packet is
+// loaded once and feeds every (output, tap) pair that reads it.
+//
+// Gradients: the input gradient is the forward kernel on the cotangent with
+// the flipped kernel (unit strides, M = 1) or a transposed convolution in
+// gather form; the kernel gradient is one pass over x and the cotangent that
+// accumulates every tap together.
 //
 // Threads: output rows (n, od, oh) are split into tiles (see Tiles: a
 // fixed split, from the shapes only, so results do not depend on the thread
@@ -318,7 +326,8 @@ constexpr int ForwardPositions() {
 // With NP = 1, the taps alternate between two sets of sums (more chains).
 template <int N, int NV, int NP>
 inline void TapSums(const Geom& g, const float* const* xr, const float* const* wr, int nt,
-                    int64_t off, int64_t c0, int64_t e0, int64_t e1, typename Pack<N>::V (&acc)[NP][NV]) {
+                    int64_t off, int64_t c0, int64_t e0, int64_t e1,
+                    typename Pack<N>::V (&acc)[NP][NV]) {
   using V = typename Pack<N>::V;
   constexpr int L = N, S = NP == 1 ? 2 : 1;
   const int64_t xe = g.rw * g.c, we = g.m * g.c, xp = g.sw * g.c;
@@ -590,7 +599,8 @@ void GradBlock(const Geom& g, const float* xrow, const float* cs, float* pt, con
     const float* xe = xrow + (e * g.rw - g.pw) * g.c + c0;
     float* out = pt + e * ms + c0;
     if (fixed) {
-      if (a > lo[e]) GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, a - lo[e], xs, g.c, out);
+      if (a > lo[e])
+        GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, a - lo[e], xs, g.c, out);
       if (hi[e] > b) GradDot<N, NV>(xe + b * xs, cs + b * g.c + c0, hi[e] - b, xs, g.c, out);
     } else if (hi[e] > lo[e]) {
       GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, hi[e] - lo[e], xs, g.c, out);
@@ -639,10 +649,7 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
     if (direct) {
       cs = reinterpret_cast<const float*>(crow);
     } else if (g.m == 1) {
-      const int64_t len = g.ow * g.c;
-      int64_t i = 0;
-      for (; i + kLanes <= len; i += kLanes) Pack<kLanes>::Store(&cbuf[i], Pack<kLanes>::Load(crow + i));
-      for (; i < len; ++i) cbuf[i] = Pack<1>::Load(crow + i);
+      Convert(crow, cbuf.data(), g.ow * g.c);
       cs = cbuf.data();
     } else {
       for (int64_t o = 0; o < g.ow; ++o)
@@ -1117,7 +1124,8 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
               }
   const double tol = std::is_same<TI, float>::value && std::is_same<TO, float>::value ? 1e-4 : 2e-2;
   for (int64_t i = 0; i < ny; ++i)
-    if (!(std::fabs(ToDouble(y[i]) - want_y[i]) <= tol * (1.0 + std::fabs(want_y[i])))) return false;
+    if (!(std::fabs(ToDouble(y[i]) - want_y[i]) <= tol * (1.0 + std::fabs(want_y[i]))))
+      return false;
   for (int64_t i = 0; i < nx; ++i)
     if (!(std::fabs(ToDouble(dx[i]) - want_dx[i]) <= tol * (1.0 + std::fabs(want_dx[i]))))
       return false;
