@@ -124,6 +124,23 @@ def test_bfloat16_with_float32_output(rng):
                            "bfloat16")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_kernel_meets_the_padding_as_zeros(rng, dtype):
+  """0 * inf is NaN: outputs whose inf/NaN tap lands in the padding are NaN, as in the reference."""
+  case = Case("3d", "NDHWC", "DHW", (2, 3, 5, 7, 8), (3, 2, 3, 8, 2), (1, 2, 1), (1, 1, 2), "SAME")
+  x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
+  k[0, 1, 2, 3, 1] = np.inf
+  k[2, 0, 0, 5, 0] = np.nan
+  y = np.asarray(jax.jit(lambda a, b: case.run(a, b))(x, k), np.float64)
+  with np.errstate(invalid="ignore"):
+    want = case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64))
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+  np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+  finite = np.isfinite(want)
+  assert 0 < finite.sum() < finite.size
+  assert_close(np.where(finite, y, 0.0), np.where(finite, want, 0.0), dtype)
+
+
 def test_parallel_results_are_deterministic(rng):
   """Large enough for XLA's thread pool; chunk sums are combined in a fixed order."""
   case = Case("3d", "NDHWC", "DHW", (2, 8, 16, 32, 32), (3, 3, 3, 32, 1), 1, 1, "SAME")

@@ -40,6 +40,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -910,6 +911,32 @@ constexpr int64_t kMinParallelWork = 1 << 18;
 
 inline int64_t Work(const Geom& g) { return g.rows() * g.ow * g.c * g.m * g.taps(); }
 
+// The loops skip the zero padding, but 0 * inf and 0 * NaN are NaN: with a
+// non-finite weight, every output whose tap with that weight lands in the
+// padding is NaN (as in the float64 reference and XLA's lowerings). Only
+// then (rare) this pass marks those outputs, one float at a time.
+template <typename TO>
+void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
+  std::vector<int64_t> bad;  // (tap, m, c) of the non-finite weights
+  for (int64_t i = 0; i < g.taps() * g.m * g.c; ++i)
+    if (!std::isfinite(w[i])) bad.push_back(i);
+  if (bad.empty()) return;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t r = 0; r < g.rows(); ++r) {
+    const int64_t od = (r / g.oh) % g.od, oh = r % g.oh;
+    for (int64_t o = 0; o < g.ow; ++o) {
+      for (int64_t i : bad) {
+        const int64_t c = i % g.c, m = i / g.c % g.m, t = i / (g.c * g.m);
+        const int64_t a = t / (g.kh * g.kw), b = t / g.kw % g.kh, e = t % g.kw;
+        const int64_t id = od * g.sd + a * g.rd - g.pd, ih = oh * g.sh + b * g.rh - g.ph;
+        const int64_t iw = o * g.sw + e * g.rw - g.pw;
+        if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w)
+          Pack<1>::Store(y + (r * g.ow + o) * g.c * g.m + c * g.m + m, nan);
+      }
+    }
+  }
+}
+
 template <typename TI, typename TO>
 void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
                 bool generic = false) {
@@ -918,6 +945,7 @@ void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* 
       WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { ForwardRows(g, row_fn, x, w, y, tiles, i); });
+  PoisonPaddedTaps(g, w, y);
 }
 
 template <typename TI, typename TC>
