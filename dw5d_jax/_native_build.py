@@ -11,7 +11,7 @@ The first CPU lowering that could use them calls `status()`, which:
    version, the flags, that instruction set, jaxlib's version and its FFI
    headers. A cache shared between machines therefore never hands a binary
    to a CPU it was not built for;
-4. otherwise compiles it (`-O3 -march=native -shared -fPIC`, about 5 s)
+4. otherwise compiles it (`-O3 -march=native -shared -fPIC`, about 15 s)
    under a file lock, so parallel processes (pytest workers) compile once,
    into a temporary file that is renamed into place;
 5. loads it, runs its self-test (every code path against plain loops) and
