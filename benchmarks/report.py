@@ -129,6 +129,9 @@ def markdown(runs: dict[str, dict[str, Any]], command: str) -> str:
       f"- Command: `{command}`",
       f"- Machine: {platform.node()}, {first['cores']} cores, CPU: {first['cpu']}",
       "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+      "- dw5d_jax native CPU kernels: " + _native(first.get("native")),
+      "- OMP_WAIT_POLICY: " + (first.get("omp_wait_policy") or "unset") + " (PyTorch's idle "
+      "OpenMP threads sleep instead of spinning on the cores the next timed cell needs)",
       "- Load average (1, 5, 15 min) before / after each run: " + "; ".join(
           f"{mode}: {_load(r['load_before'])} / {_load(r['load_after'])}"
           for mode, r in runs.items()),
@@ -148,6 +151,12 @@ def markdown(runs: dict[str, dict[str, Any]], command: str) -> str:
               "", *mem, ""]
   lines += ["![CPU benchmark chart](bench.png)", "", END]
   return "\n".join(lines)
+
+
+def _native(status: dict[str, Any] | None) -> str:
+  if not status:
+    return "n/a"
+  return ("active" if status["active"] else "off") + f" ({status['detail']})"
 
 
 def _load(values) -> str:

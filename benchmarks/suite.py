@@ -329,6 +329,15 @@ def versions() -> dict[str, str]:
   return out
 
 
+def native_status() -> dict[str, Any] | None:
+  """dw5d_jax's native CPU kernels in this process (`dw5d_jax.native_status()`)."""
+  try:
+    import dw5d_jax
+    return dw5d_jax.native_status()._asdict()
+  except (ImportError, AttributeError):
+    return None
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -376,6 +385,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         continue
       results["memory_mb"][peer] = _memory_subprocess(args, peer)
   results["versions"] = versions()
+  results["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+  results["native"] = native_status()
   results["cpu"] = cpu_model()
   results["cores"] = os.cpu_count()
   return results

@@ -8,6 +8,7 @@ Public API:
     first access; needs the `flax` extra.
   tune_cpu_allocator: opt-in glibc malloc setting that makes large CPU
     computations several times faster (see its docstring).
+  native_status: whether the native CPU kernels are in use, and if not, why.
 """
 
 import importlib as _importlib
@@ -15,10 +16,11 @@ import importlib as _importlib
 from dw5d_jax._allocator import tune_cpu_allocator as tune_cpu_allocator
 from dw5d_jax._depthwise import depthwise_conv2d as depthwise_conv2d
 from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
+from dw5d_jax._native_build import native_status as native_status
 
 __version__ = "0.1.0"
 
-__all__ = ["depthwise_conv2d", "depthwise_conv3d", "tune_cpu_allocator"]
+__all__ = ["depthwise_conv2d", "depthwise_conv3d", "native_status", "tune_cpu_allocator"]
 
 
 def __getattr__(name: str):

@@ -4,14 +4,16 @@
 `lax.platform_dependent`), so one traced function exported for several
 platforms (`jax.export`, jax2tf) uses the right lowering on each:
 
-* CPU: `"shift"`, for every configuration. XLA's CPU grouped convolution is
-  a generic loop nest: on the issue's workloads (benchmarks/RESULTS.md, tuned
-  allocator, 2 cores) `"shift"` was faster in every cell, forward and
-  backward: W1 (2D 3x3) 8.6x / 5.5x, W2 (3D 3x3x3) 190x / 56x, W3 (5x5,
-  M=2, stride 2) 3.1x / 38x, W4 (dilated) 11x / 4.2x, W5 (bfloat16 3D)
-  90x / 9.7x (default allocator: 2.3x to 176x).
-  No measured configuration favours `"conv"` on CPU, so there is no
-  per-configuration rule.
+* CPU: `"shift"`, for every configuration. Its lowering calls the native
+  C++ kernels (`_native.py`) for channels-last float32/bfloat16 input where
+  they were measured faster (`_native.worthwhile`), XLA's shift lowering
+  elsewhere. XLA's CPU grouped convolution is a generic loop nest: on the
+  issue's workloads (benchmarks/RESULTS.md, tuned allocator, 2 cores,
+  native kernels) `"shift"` was faster in every cell, forward and
+  backward: W1 (2D 3x3) 47x / 49x, W2 (3D 3x3x3) 396x / 291x, W3 (5x5,
+  M=2, stride 2) 16x / 547x, W4 (dilated) 45x / 55x, W5 (bfloat16 3D)
+  252x / 231x. No measured configuration favours `"conv"` on CPU, so
+  there is no per-configuration rule.
 * CUDA GPUs: `gpu_choice(spec)`, a per-configuration table that is empty
   (so `"conv"`) until H100 measurements fill it (see `_GPU_CHOICE`).
 * everything else (TPU, ROCm): `"conv"`, XLA's own convolution there, until

@@ -8,24 +8,32 @@ convolution is one primitive, `shift_conv_p`, bilinear in `(x, kernel)`, with:
 
 * JVP: `dy = conv(dx, k) + conv(x, dk)` (`ad.defbilinear`), which gives
   forward mode at any order.
-* Transposes (reverse mode):
-  - input: itself a depthwise convolution, by this same primitive, of the
-    cotangent dilated by the stride and padded by `e - 1 - pad`, with the
-    kernel flipped, then summed over the multiplier. Worked example, one axis:
-    n=5, k=3, r=1, s=2, SAME: out=3, pads (1, 1), tight high pad 0 (the
-    padded size is exactly (3 - 1) * 2 + 3 = 7). The cotangent
-    `[c0, c1, c2]` dilates to `[c0, 0, c1, 0, c2]`, is padded by
-    `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to length 8 = n + e - 1, and a VALID
-    convolution with the flipped kernel gives the 5 input positions.
-    Because the rule calls the primitive again, gradients of gradients work.
-  - kernel: a reduction per tap of `slice(padded x) * ct` over batch and
-    positions, written so that XLA's CPU loop fusion does most of it (see
-    `kernel_grad`); plain JAX ops, so it is differentiable in turn.
-* Batching: a batched `x` is folded into `N`; a batched kernel falls back to
-  `vmap` of the plain math.
+* Transposes (reverse mode), each its own bilinear primitive whose
+  transposes are again the convolution and the other gradient
+  (`<dx(ct, k), g> = <conv(g, k), ct> = <dk(g, ct), k>`), so gradients of
+  gradients work:
+  - input, `shift_input_grad_p`: a depthwise convolution of the cotangent
+    with the flipped kernel, summed over the multiplier. Its portable form
+    (`input_grad_xla`) calls `shift_conv_p` on the cotangent padded by
+    `e - 1 - pad` (in the spec, with unit strides) or dilated by the stride
+    and padded. Worked example, one axis: n=5, k=3, r=1, s=2, SAME: out=3,
+    pads (1, 1), tight high pad 0 (the padded size is exactly
+    (3 - 1) * 2 + 3 = 7). The cotangent `[c0, c1, c2]` dilates to
+    `[c0, 0, c1, 0, c2]`, is padded by `(3 - 1 - 1, 3 - 1 - 0) = (1, 2)` to
+    length 8 = n + e - 1, and a VALID convolution with the flipped kernel
+    gives the 5 input positions.
+  - kernel, `shift_kernel_grad_p`: per tap, the sum of `slice(padded x) *
+    ct` over batch and positions; its portable form (`kernel_grad_xla`) is
+    written so that XLA's CPU loop fusion does most of it.
+* Batching: a batched `x` (or cotangent) is folded into `N`; a batched
+  kernel, or a batched kernel gradient, falls back to `vmap` of the plain
+  math.
 
-Lowering: `mlir.lower_fun` of `_shift.shift_conv`, on every platform (only
-`method="shift"` or `"auto"` on CPU reaches it).
+Lowering: on CPU, the native kernels (`_native.py`: one pass over the
+unpadded input for the convolution and for its input gradient, a one-pass
+kernel gradient) wherever `_native.usable` allows; otherwise, and on every
+other platform, `mlir.lower_fun` of the plain math (`_shift.shift_conv`,
+`input_grad_xla`, `kernel_grad_xla`).
 """
 
 from __future__ import annotations
@@ -40,10 +48,13 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from dw5d_jax import _native
 from dw5d_jax._args import ConvSpec
 from dw5d_jax._shift import pad_input, repeat_channels, shift_conv, static_dims
 
 shift_conv_p = Primitive("dw5d_shift_conv")
+shift_input_grad_p = Primitive("dw5d_shift_input_grad")
+shift_kernel_grad_p = Primitive("dw5d_shift_kernel_grad")
 
 # The kernel gradient unrolls sums over at most this many leading rows, and
 # only while each row still holds this many elements (see kernel_grad): more
@@ -70,16 +81,22 @@ def _abstract_eval(x, kernel, *, spec: ConvSpec):
   return jax.core.ShapedArray(_out_shape(x.shape, spec), spec.out_dtype)
 
 
-def _batch(args, dims, *, spec: ConvSpec):
-  x, kernel = args
-  bx, bk = dims
-  if bk is None:  # fold the batch into N
-    x = jnp.moveaxis(x, bx, 0)
-    b, n = x.shape[0], x.shape[1]
-    y = shift_lowering(x.reshape(b * n, *x.shape[2:]), kernel, spec)
-    return y.reshape(b, n, *y.shape[1:]), 0
-  fn = functools.partial(shift_conv, spec=spec)
-  return jax.vmap(fn, in_axes=(bx, bk))(x, kernel), 0
+def _fold_batch(bind, plain):
+  """A batching rule for `bind(a, kernel, spec)`, which works per sample along N.
+
+  A batch of `a` alone is folded into N (one call); a batched kernel falls
+  back to `vmap` of the plain math `plain`.
+  """
+  def rule(args, dims, *, spec: ConvSpec):
+    a, kernel = args
+    ba, bk = dims
+    if bk is None:
+      a = jnp.moveaxis(a, ba, 0)
+      b, n = a.shape[0], a.shape[1]
+      y = bind(a.reshape(b * n, *a.shape[2:]), kernel, spec)
+      return y.reshape(b, n, *y.shape[1:]), 0
+    return jax.vmap(functools.partial(plain, spec=spec), in_axes=dims)(a, kernel), 0
+  return rule
 
 
 def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -93,16 +110,39 @@ def _dilate_and_pad_cotangent(ct: jax.Array, spec: ConvSpec) -> jax.Array:
 
 
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`d <conv(x, k), ct> / dx`: a stride-1 convolution with the flipped kernel."""
+  """`d <conv(x, k), ct> / dx`, x's shape in the kernel's dtype."""
+  return shift_input_grad_p.bind(ct, kernel, spec=spec)
+
+
+def input_grad_xla(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`input_grad` as a stride-1 convolution (`shift_conv_p`) with the flipped kernel."""
   c, m = spec.channels, spec.multiplier
-  ctp = _dilate_and_pad_cotangent(ct.astype(spec.acc_dtype), spec)
+  if ct.dtype == kernel.dtype:
+    # One dtype (bfloat16 too): the convolution converts as it reads and
+    # accumulates in acc_dtype, and with M = 1 writes the result's dtype, so
+    # no pass converts ct or the result.
+    in_dtype, out_dtype = kernel.dtype, kernel.dtype if m == 1 else spec.acc_dtype
+  else:  # a preferred_element_type made ct wider than the kernel
+    in_dtype, out_dtype = spec.acc_dtype, spec.acc_dtype
+  ct = ct.astype(in_dtype)
   sp = spec.spatial_axes
+  if spec.strides == (1, 1, 1):
+    # The padding `e - 1 - pad` goes into the convolution's own spec, so the
+    # native kernel reads ct as it is (no padded copy; XLA's lowering pads).
+    pads = []
+    for i in range(3):
+      lo, hi = spec.tight_padding(i)
+      e = (spec.window[i] - 1) * spec.dilations[i] + 1
+      pads.append((e - 1 - lo, e - 1 - hi))
+    ctp, padding = ct, tuple(pads)
+  else:
+    ctp, padding = _dilate_and_pad_cotangent(ct, spec), ((0, 0),) * 3
   t_spec = spec._replace(
-      strides=(1, 1, 1), padding=((0, 0),) * 3,
+      strides=(1, 1, 1), padding=padding,
       in_spatial=tuple(ctp.shape[a] for a in sp), out_spatial=spec.in_spatial,
-      channels=c * m, multiplier=1, out_dtype=spec.acc_dtype)
+      channels=c * m, multiplier=1, out_dtype=out_dtype)
   flipped = kernel[::-1, ::-1, ::-1].reshape(*spec.window, c * m, 1)
-  g = shift_lowering(ctp, flipped.astype(spec.acc_dtype), t_spec)
+  g = shift_lowering(ctp, flipped.astype(in_dtype), t_spec)
   if m > 1:  # sum over the multiplier: channel c*M + m -> c
     # By explicit adds: a reduce here would make XLA hand the whole tap sum
     # to a library reduction, writing every tap's slice to memory first
@@ -114,7 +154,12 @@ def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`d <conv(x, k), ct> / dk`: per tap, the sum of `slice(padded x) * ct`.
+  """`d <conv(x, k), ct> / dk`, as `(kd, kh, kw, C, M)` in x's dtype."""
+  return shift_kernel_grad_p.bind(x, ct, spec=spec)
+
+
+def kernel_grad_xla(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`kernel_grad` in plain JAX ops: per tap, the sum of `slice(padded x) * ct`.
 
   XLA on CPU hands a reduction to its library kernels only after writing
   each tap's slice to memory (one full copy per tap). Instead, the leading
@@ -182,8 +227,69 @@ def _transpose_kernel(ct, x, kernel, *, spec: ConvSpec):
   return kernel_grad(x, ct, spec)
 
 
-shift_conv_p.def_impl(shift_conv)
-shift_conv_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(shift_conv_p, mlir.lower_fun(shift_conv, multiple_results=False))
-batching.primitive_batchers[shift_conv_p] = _batch
-ad.defbilinear(shift_conv_p, _transpose_x, _transpose_kernel)
+# The input gradient `dx(ct, k)` and the kernel gradient `dk(x, ct)` are
+# bilinear too: <dx(ct, k), g> = <conv(g, k), ct> = <dk(g, ct), k>, so their
+# transposes are the convolution and the other gradient.
+def _ig_abstract_eval(ct, kernel, *, spec: ConvSpec):
+  c, n = spec.channels, ct.shape[0]
+  shape = (n, *spec.in_spatial, c) if spec.channels_last else (n, c, *spec.in_spatial)
+  return jax.core.ShapedArray(shape, kernel.dtype)
+
+
+def _ig_transpose_ct(g, ct, kernel, *, spec: ConvSpec):
+  del ct
+  return shift_lowering(g, kernel, spec)
+
+
+def _ig_transpose_kernel(g, ct, kernel, *, spec: ConvSpec):
+  del kernel
+  return kernel_grad(g, ct, spec)
+
+
+def _kg_abstract_eval(x, ct, *, spec: ConvSpec):
+  del ct
+  return jax.core.ShapedArray((*spec.window, spec.channels, spec.multiplier), x.dtype)
+
+
+def _kg_transpose_x(g, x, ct, *, spec: ConvSpec):
+  del x
+  return input_grad(ct, g, spec)
+
+
+def _kg_transpose_ct(g, x, ct, *, spec: ConvSpec):
+  del ct
+  return shift_lowering(x, g, spec)
+
+
+def _kg_batch(args, dims, *, spec: ConvSpec):
+  fn = functools.partial(kernel_grad_xla, spec=spec)
+  return jax.vmap(fn, in_axes=dims)(*args), 0
+
+
+def _define(prim, impl, abstract_eval, batcher, transposes, native_fn):
+  """Registers a bilinear primitive: `impl` is its plain math (eager and portable lowering).
+
+  On CPU the lowering calls `native_fn` (an FFI call, `_native.py`) where
+  `_native.usable` allows, else lowers `impl` like every other platform.
+  """
+  prim.def_impl(impl)
+  prim.def_abstract_eval(abstract_eval)
+  portable = mlir.lower_fun(impl, multiple_results=False)
+  native = mlir.lower_fun(native_fn, multiple_results=False)
+  mlir.register_lowering(prim, portable)
+  batching.primitive_batchers[prim] = batcher
+  ad.defbilinear(prim, *transposes)
+
+  def cpu_rule(ctx, a, b, *, spec: ConvSpec):
+    return (native if _native.usable(ctx, spec) else portable)(ctx, a, b, spec=spec)
+
+  mlir.register_lowering(prim, cpu_rule, platform="cpu")
+
+
+_define(shift_conv_p, shift_conv, _abstract_eval, _fold_batch(shift_lowering, shift_conv),
+        (_transpose_x, _transpose_kernel), _native.forward)
+_define(shift_input_grad_p, input_grad_xla, _ig_abstract_eval,
+        _fold_batch(input_grad, input_grad_xla), (_ig_transpose_ct, _ig_transpose_kernel),
+        _native.input_grad)
+_define(shift_kernel_grad_p, kernel_grad_xla, _kg_abstract_eval, _kg_batch,
+        (_kg_transpose_x, _kg_transpose_ct), _native.kernel_grad)

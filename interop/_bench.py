@@ -2,7 +2,8 @@
 
 Runs benchmarks/suite.py in one fresh process per allocator setting (glibc
 defaults, then `dw5d_jax.tune_cpu_allocator`'s setting through the
-environment, so TF and PyTorch in that process get it too), then writes the
+environment, so TF and PyTorch in that process get it too; both with
+`OMP_WAIT_POLICY=PASSIVE`, see `_env`), then writes the
 JSON, the tables in benchmarks/RESULTS.md and a PNG chart
 (benchmarks/report.py).
 """
@@ -63,6 +64,10 @@ def _env(mode: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k not in TUNED_ENV}
   if mode == "tuned":
     env.update(TUNED_ENV)
+  # PyTorch's OpenMP threads spin after each call, on the cores the next timed
+  # cell needs: interleaved with PyTorch, a native W1 forward took 3.2 ms
+  # instead of 1.6 ms (PyTorch's own time unchanged with PASSIVE, 1.6 ms).
+  env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   return env
 
 

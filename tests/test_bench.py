@@ -7,6 +7,7 @@ RESULTS.md (keeping the written text around them) and the chart.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -25,10 +26,13 @@ def test_quick_tiny_run_writes_json_table_and_chart(tmp_path):
   cells = runs["tuned"]["workloads"]["W1"]["ms"]
   assert cells["auto"]["fwd"] > 0 and cells["auto"]["bwd"] > 0 and cells["floor"]["fwd"] > 0
   assert runs["tuned"]["env"]["MALLOC_MMAP_THRESHOLD_"] == "1073741824"
+  assert runs["tuned"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+  assert runs["tuned"]["native"]["active"] in (True, False)
   text = (tmp_path / "RESULTS.md").read_text()
   assert text.startswith("# Results\n\nWritten analysis stays.\n")
   assert "| W1 2d | fwd |" in text and "W1 fwd: auto / floor" in text
   assert "dw5d bench --quick --tiny --allocator tuned" in text
+  assert "- dw5d_jax native CPU kernels: " in text and "- OMP_WAIT_POLICY: " in text
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 

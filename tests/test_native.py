@@ -1,0 +1,291 @@
+"""The native CPU kernels (dw5d_jax/_native.py, _native_build.py, _csrc/depthwise.cc).
+
+Expected values come from the float64 reference (`depthwise_reference`, and
+the linearity identities `dL/dx[p] = <ref(e_p, k), ct>`, `dL/dk[q] =
+<ref(x, e_q), ct>`) and from the portable XLA lowering of the same
+computation, which `jax.export` always uses (an exported module must not
+name the custom call). conftest.py sets `DW5D_JAX_NATIVE=all`, so every
+channels-last float32/bfloat16 configuration in this file and in the rest of
+the suite runs natively; the build, the cache and the fallbacks are checked
+in fresh processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import Case, cases
+from conftest import assert_close, random_array
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from jax import export
+
+import dw5d_jax as dw
+from dw5d_jax import _native_build
+from dw5d_jax._native_build import NativeStatus
+
+TARGETS = ("dw5d_forward", "dw5d_input_grad", "dw5d_kernel_grad")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+  if _native_build.mode() == "off":
+    pytest.skip("DW5D_JAX_NATIVE=0: this run checks XLA's lowering only")
+  status = dw.native_status()
+  assert status.active, status.detail
+  return status
+
+
+def _custom_calls(text: str) -> set[str]:
+  return set(re.findall(r"custom_call @(dw5d_\w+)", text))
+
+
+def _vjp_fn(case: Case, **extra):
+  def fn(x, k, ct):
+    y, pullback = jax.vjp(lambda a, b: case.run(a, b, **extra), x, k)
+    return (y, *pullback(ct.astype(y.dtype)))
+  return fn
+
+
+def _portable(fn, *args):
+  """`fn(*args)` through `jax.export`: XLA's lowering, never the custom call."""
+  exp = export.export(jax.jit(fn))(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
+  assert not _custom_calls(exp.mlir_module())
+  return exp.call(*args)
+
+
+def _check_against_reference(case: Case, x, k, ct, got, dtype="float32"):
+  """Forward against the reference; one input and one kernel position of the gradients."""
+  y, gx, gk = got
+  x64, k64, ct64 = (np.asarray(a, np.float64) for a in (x, k, ct))
+  assert_close(y, case.expected(x64, k64), dtype, err_msg=f"y {case}")
+  rng = np.random.default_rng(0)
+  for grad, shape, name in ((gx, case.x_shape, "dx"), (gk, case.k_shape, "dk")):
+    pos = tuple(int(rng.integers(s)) for s in shape)
+    e = np.zeros(shape)
+    e[pos] = 1.0
+    want = np.sum((case.expected(e, k64) if name == "dx" else case.expected(x64, e)) * ct64)
+    assert_close(np.asarray(grad, np.float64)[pos], want, dtype, err_msg=f"{name}{pos} {case}")
+
+
+@settings(max_examples=15)
+@given(case=cases(max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_random_configs_match_reference_and_portable_path(case, seed):
+  """Strides, dilations, paddings, multipliers, sizes below the kernel; all three kernels."""
+  assume(case.layout.endswith("C"))
+  rng = np.random.default_rng(seed)
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  ct = random_array(rng, case.expected(x, k).shape)
+  fn = _vjp_fn(case)
+  assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == set(TARGETS)
+  got = jax.jit(fn)(x, k, ct)
+  _check_against_reference(case, x, k, ct, got)
+  for a, b, name in zip(got, _portable(fn, x, k, ct), ("y", "dx", "dk")):
+    assert_close(a, b, err_msg=f"{name} native vs XLA {case}")
+
+
+@pytest.mark.parametrize("case", [
+    Case("3d", "NDHWC", "DHW", (2, 5, 6, 19, 16), (3, 3, 3, 16, 1), 1, 1, "SAME"),
+    Case("2d", "NDHWC", "HW", (1, 3, 9, 21, 12), (5, 5, 12, 2), 2, 1, "SAME"),
+    Case("2d", "NHWC", "HW", (2, 11, 17, 8), (3, 3, 8, 1), 1, 2, ((2, 1), (0, 3))),
+], ids=["3d-stride1", "5x5-stride2-M2", "dilated"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_workload_shapes(rng, case, dtype):
+  """The specialised W shapes (3x3, 5x5 stride 2, dilation 2) and every packet width."""
+  x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
+  ct = random_array(rng, case.expected(x, k).shape, dtype)
+  y, gx, gk = got = jax.jit(_vjp_fn(case))(x, k, ct)
+  assert y.dtype == gx.dtype == gk.dtype == jnp.dtype(dtype)
+  _check_against_reference(case, x, k, ct, got, dtype)
+  for a, b in zip(got, _portable(_vjp_fn(case), x, k, ct)):
+    assert_close(a, np.asarray(b, np.float64), dtype)
+
+
+def test_bfloat16_with_float32_output(rng):
+  """preferred_element_type: bfloat16 in, float32 out and cotangent."""
+  case = Case("3d", "NDHWC", "DHW", (1, 4, 5, 9, 8), (3, 2, 3, 8, 2), (1, 2, 1), 1, "SAME")
+  x = random_array(rng, case.x_shape, "bfloat16")
+  k = random_array(rng, case.k_shape, "bfloat16")
+  ct = random_array(rng, case.expected(x, k).shape)
+  fn = _vjp_fn(case, preferred_element_type=jnp.float32)
+  y, gx, gk = jax.jit(fn)(x, k, ct)
+  assert (y.dtype, gx.dtype, gk.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+  assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == set(TARGETS)
+  _check_against_reference(case, x, k, ct, (y, gx.astype(np.float32), gk.astype(np.float32)),
+                           "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_kernel_meets_the_padding_as_zeros(rng, dtype):
+  """0 * inf is NaN: outputs whose inf/NaN tap lands in the padding are NaN, as in the reference."""
+  case = Case("3d", "NDHWC", "DHW", (2, 3, 5, 7, 8), (3, 2, 3, 8, 2), (1, 2, 1), (1, 1, 2), "SAME")
+  x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
+  k[0, 1, 2, 3, 1] = np.inf
+  k[2, 0, 0, 5, 0] = np.nan
+  y = np.asarray(jax.jit(lambda a, b: case.run(a, b))(x, k), np.float64)
+  with np.errstate(invalid="ignore"):
+    want = case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64))
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+  np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+  finite = np.isfinite(want)
+  assert 0 < finite.sum() < finite.size
+  assert_close(np.where(finite, y, 0.0), np.where(finite, want, 0.0), dtype)
+
+
+def test_parallel_results_are_deterministic(rng):
+  """Large enough for XLA's thread pool; chunk sums are combined in a fixed order."""
+  case = Case("3d", "NDHWC", "DHW", (2, 8, 16, 32, 32), (3, 3, 3, 32, 1), 1, 1, "SAME")
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  ct = random_array(rng, case.expected(x, k).shape)
+  fn = jax.jit(_vjp_fn(case))
+  first = [np.asarray(a) for a in fn(x, k, ct)]
+  for a, b in zip(first, fn(x, k, ct)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  _check_against_reference(case, x, k, ct, first)
+
+
+def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch):
+  """DW5D_JAX_NATIVE unset: native only with C % 4 == 0 (_native.worthwhile)."""
+  monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
+  for c, want in ((8, set(TARGETS)), (3, set())):
+    case = Case("2d", "NHWC", "HW", (2, 7, 9, c), (3, 3, c, 1), 1, 1, "SAME")
+    x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+    ct = random_array(rng, case.expected(x, k).shape)
+    fn = _vjp_fn(case)
+    assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == want, c
+    _check_against_reference(case, x, k, ct, jax.jit(fn).lower(x, k, ct).compile()(x, k, ct))
+
+
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_export_keeps_the_portable_computation(rng, symbolic):
+  """jax.export (and so jax2tf) must not carry a custom call only this process knows."""
+  case = Case("3d", "NDHWC", "DHW", (2, 5, 6, 7, 8), (3, 3, 3, 8, 1), 1, 1, "SAME")
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  ct = random_array(rng, case.expected(x, k).shape)
+  fn = _vjp_fn(case)
+  if symbolic:
+    shape = export.symbolic_shape("b, d, h, w, 8")
+    specs = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, k.dtype),
+             jax.ShapeDtypeStruct(shape, jnp.float32))
+  else:
+    specs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, k, ct))
+  exp = export.export(jax.jit(fn))(*specs)
+  assert not _custom_calls(exp.mlir_module())
+  assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == set(TARGETS)
+  _check_against_reference(case, x, k, ct, exp.call(x, k, ct))
+
+
+def test_handler_rejects_a_mismatched_config(rng):
+  """A bad call is an error from XLA, never a crash or a wrong answer."""
+  x = jnp.asarray(random_array(rng, (1, 2, 3, 4, 4)))
+  w = jnp.ones((1, 3, 3, 1, 4), jnp.float32)
+  config = np.array([1, 2, 3, 5, 4, 1, 2, 3, 4, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1], np.int64)
+  call = jax.ffi.ffi_call("dw5d_forward", jax.ShapeDtypeStruct(x.shape, x.dtype))
+  with pytest.raises(Exception, match="dw5d_forward: shapes do not match the config"):
+    jax.block_until_ready(jax.jit(lambda a, b: call(a, b, config=config))(x, w))
+
+
+def test_failed_self_test_turns_the_kernels_off(monkeypatch):
+  class Library:
+    @staticmethod
+    def Dw5dSelfTest():
+      return 7
+
+  monkeypatch.setattr(_native_build, "build",
+                      lambda: (NativeStatus(True, "compiled", "/cache/lib.so"), Library()))
+  assert _native_build._load_and_register() == NativeStatus(
+      False, "self-test of /cache/lib.so failed (case 7)")
+
+
+# ---------------------------------------------------------------------------
+# Building, caching and falling back, each in a fresh process.
+
+_PROBE = textwrap.dedent("""
+    import json, re, warnings
+    import numpy as np
+    import jax
+    import dw5d_jax as dw
+    from dw5d_jax._reference import depthwise_reference
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      status = dw.native_status()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 5, 6, 8)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 3, 8, 1)).astype(np.float32)
+    fn = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b))
+    err = float(np.max(np.abs(np.asarray(fn(x, k)) - depthwise_reference(x, k, axes="DHW"))))
+    print(json.dumps(dict(status._asdict(), warned=[str(w.message) for w in caught], err=err,
+                          calls=re.findall(r"custom_call @(dw5d_\\w+)", fn.lower(x, k).as_text()))))
+""")
+
+
+def _probe_env(cache_dir, **env) -> dict[str, str]:
+  out = {k: v for k, v in os.environ.items() if k not in ("DW5D_JAX_NATIVE", "CXX")}
+  out.update(DW5D_JAX_CACHE_DIR=str(cache_dir), JAX_PLATFORMS="cpu", **env)
+  return out
+
+
+def _probe(cache_dir, **env) -> dict:
+  done = subprocess.run([sys.executable, "-c", _PROBE], env=_probe_env(cache_dir, **env),
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_disabled_by_environment(tmp_path):
+  got = _probe(tmp_path, DW5D_JAX_NATIVE="0")
+  assert (got["active"], got["detail"], got["warned"]) == (
+      False, "disabled by DW5D_JAX_NATIVE=0", [])
+  assert got["calls"] == [] and got["err"] < 1e-4
+  assert not list(tmp_path.iterdir())  # nothing was built
+
+
+def test_no_compiler_falls_back_with_a_warning(tmp_path):
+  got = _probe(tmp_path, CXX=str(tmp_path / "no-such-c++"))
+  assert not got["active"] and got["detail"] == "no C++ compiler found (set CXX)"
+  assert len(got["warned"]) == 1 and "using the XLA lowering instead" in got["warned"][0]
+  assert got["calls"] == [] and got["err"] < 1e-4
+
+
+def test_compile_error_falls_back(tmp_path):
+  """A compiler that runs but cannot build the library (here: refuses to write `-o`)."""
+  fake = tmp_path / "fake-c++"
+  real = _native_build._compiler()
+  assert real is not None
+  fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -o ] && '
+                  f'{{ echo "fake: cannot link" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+  fake.chmod(0o755)
+  got = _probe(tmp_path / "cache", CXX=str(fake))
+  assert not got["active"]
+  assert "failed (exit 1): fake: cannot link" in got["detail"], got["detail"]
+  assert got["calls"] == [] and got["err"] < 1e-4
+  assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".so"]
+
+
+@pytest.mark.slow
+def test_parallel_processes_compile_once_then_reuse_the_cache(tmp_path):
+  """Two processes race on an empty cache (the file lock: one compiles); a third reuses it."""
+  procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=_probe_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  assert sorted(r["detail"] for r in results) == ["cached", "compiled"]
+  third = _probe(tmp_path)
+  assert third["detail"] == "cached" and third["library"] == results[0]["library"]
+  for r in (*results, third):
+    assert r["active"] and r["warned"] == [] and r["err"] < 1e-4
+    assert r["calls"] == ["dw5d_forward"]
+  assert [p.suffix for p in tmp_path.iterdir()].count(".so") == 1
