@@ -5,7 +5,7 @@
 platforms (`jax.export`, jax2tf) uses the right lowering on each:
 
 * CPU: `"shift"`, for every configuration. Its lowering calls the native
-  C++ kernels (`_native.py`) for channels-last float32/bfloat16 input where
+  C++ kernels (`_native.py`) for float32/bfloat16 input where
   they were measured faster (`_native.worthwhile`), XLA's shift lowering
   elsewhere. XLA's CPU grouped convolution is a generic loop nest: on the
   issue's workloads (benchmarks/RESULTS.md, tuned allocator, 2 cores,

@@ -1,7 +1,8 @@
 """The native CPU kernels as JAX functions, and when a lowering may use them.
 
 `dw5d_jax/_csrc/depthwise.cc` (built by `_native_build.py`) has three XLA
-FFI handlers for channels-last rank-5 arrays:
+FFI handlers for channels-last rank-5 arrays (channels-first problems are
+transposed around them, where that was measured faster; see `worthwhile`):
 
 * `dw5d_forward(x, w) -> y`: the depthwise convolution, reading x without a
   padded copy (out-of-range taps are skipped), float32 accumulation.
@@ -14,14 +15,16 @@ FFI handlers for channels-last rank-5 arrays:
   pass per tap).
 
 `usable` is the one place that decides: a lowering uses these kernels only
-on CPU, for channels-last float32/bfloat16 problems with static shapes where
-they are faster (`worthwhile`), when the library built, and never while
+on CPU, for float32/bfloat16 problems with static shapes where they are
+faster (`worthwhile`), when the library built, and never while
 lowering for `jax.export`/jax2tf: an exported artifact must not name a
 custom call that only this process knows, so it keeps the portable XLA
 computation.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,36 +36,60 @@ from dw5d_jax._args import ConvSpec
 DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 
 
-def worthwhile(spec: ConvSpec) -> bool:
-  """Whether the native kernels beat XLA's lowering for `spec` (measured).
+def worthwhile(spec: ConvSpec, op: str) -> bool:
+  """Whether the native kernels beat XLA's lowering for `op` on `spec` (measured).
 
-  They vectorise over channels in packets of 16, 8 and 4 floats, and any
+  `op` is `"forward"`, `"input_grad"` or `"kernel_grad"`. The kernels
+  vectorise over channels in packets of 16, 8 and 4 floats, and any
   channels left over one float at a time. With every channel in a packet
-  (`C % 4 == 0`) they were faster in every measured case, forward and
-  backward (2-core AVX-512 machine, x (4, 16, 64, 64, C), 3x3: C = 8
-  forward 0.8 vs 2.9 ms, C = 4 with M = 2 3.2 vs 3.8 ms); with leftovers
-  XLA's lowering, which vectorises along W * C, was faster for C <= 3
-  (C = 3: 1.0 vs 0.7 ms) and in the backward pass for C = 5 and 7 (5.3 vs
-  2.9 ms, 6.7 vs 4.9 ms).
+  (`C % 4 == 0`) they were faster in every measured channels-last case,
+  forward and backward (2-core AVX-512 machine, x (4, 16, 64, 64, C), 3x3:
+  C = 8 forward 0.8 vs 2.9 ms, C = 4 with M = 2 3.2 vs 3.8 ms); with
+  leftovers XLA's lowering, which vectorises along W * C, was faster for
+  C <= 3 (C = 3: 1.0 vs 0.7 ms) and in the backward pass for C = 5 and 7
+  (5.3 vs 2.9 ms, 6.7 vs 4.9 ms).
+
+  Channels-first input is transposed to channels-last and back around the
+  kernels. For the gradients that always paid (W1 in NCDHW: forward +
+  backward 61 ms with XLA's lowering, 11.6 ms transposed; W2 332 vs
+  12.8 ms; W3 46 vs 6.5 ms; x (4, 16, 64, 64, 8) 3x3 5.9 vs 3.6 ms). For
+  the forward pass the two transposes cost as much as the kernel saves
+  unless the window is large or strided (XLA vs transposed, ms: W1 5.0 vs
+  9.7, W2 7.4 vs 9.9, W4 5.5 vs 7.5, 3x3x3 with C = 8 1.7 vs 1.8; but
+  W3 5.2 vs 3.6, 7x7 with C = 64 5.3 vs 4.1, 5x5x5 stride 2 8.6 vs 2.2).
   """
-  return spec.channels % 4 == 0
+  if spec.channels % 4:
+    return False
+  if spec.channels_last or op != "forward":
+    return True
+  return any(s > 1 for s in spec.strides) or math.prod(spec.window) > 27
 
 
-def usable(ctx, spec: ConvSpec) -> bool:
-  """Whether the lowering described by `ctx` may call the native kernels for `spec`."""
+def usable(ctx, spec: ConvSpec, op: str) -> bool:
+  """Whether the lowering described by `ctx` may call the native kernels for `op` on `spec`."""
   if ctx.module_context.lowering_parameters.for_export:
     return False
   mode = _native_build.mode()
-  if mode == "off" or (mode == "on" and not worthwhile(spec)):
+  if mode == "off" or (mode == "on" and not worthwhile(spec, op)):
     return False
   dims = (*(d for a in ctx.avals_in for d in a.shape), *spec.out_spatial,
           *(p for pair in spec.padding for p in pair))
   if not all(isinstance(d, (int, np.integer)) for d in dims):
     return False
-  if not (spec.channels_last and all(np.dtype(a.dtype) in DTYPES for a in ctx.avals_in)
+  if not (all(np.dtype(a.dtype) in DTYPES for a in ctx.avals_in)
           and np.dtype(spec.acc_dtype) == np.float32 and np.dtype(spec.out_dtype) in DTYPES):
     return False
   return _native_build.status().active  # last: the first call builds the library
+
+
+def _last(a: jax.Array, spec: ConvSpec) -> jax.Array:
+  """`a` channels-last: `(N, C, D, H, W)` -> `(N, D, H, W, C)` for a channels-first spec."""
+  return a if spec.channels_last else jnp.moveaxis(a, 1, -1)
+
+
+def _back(a: jax.Array, spec: ConvSpec) -> jax.Array:
+  """A channels-last result in `spec`'s layout."""
+  return a if spec.channels_last else jnp.moveaxis(a, -1, 1)
 
 
 def _config(spec: ConvSpec, batch: int) -> np.ndarray:
@@ -73,22 +100,29 @@ def _config(spec: ConvSpec, batch: int) -> np.ndarray:
 
 
 def forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`(N, D, H, W, C)` x, `(kd, kh, kw, C, M)` kernel -> `(N, OD, OH, OW, C * M)`."""
+  """`(N, D, H, W, C)` x, `(kd, kh, kw, C, M)` kernel -> `(N, OD, OH, OW, C * M)`.
+
+  Or `(N, C, D, H, W)` -> `(N, C * M, OD, OH, OW)` for a channels-first spec.
+  """
   w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
   out = jax.ShapeDtypeStruct((x.shape[0], *spec.out_spatial, spec.channels * spec.multiplier),
                              spec.out_dtype)
-  return jax.ffi.ffi_call("dw5d_forward", out)(x, w, config=_config(spec, x.shape[0]))
+  y = jax.ffi.ffi_call("dw5d_forward", out)(_last(x, spec), w, config=_config(spec, x.shape[0]))
+  return _back(y, spec)
 
 
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`d <conv(x, k), ct> / dx` as `(N, D, H, W, C)` in the kernel's dtype."""
+  """`d <conv(x, k), ct> / dx` in x's layout and the kernel's dtype."""
   w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
   out = jax.ShapeDtypeStruct((ct.shape[0], *spec.in_spatial, spec.channels), kernel.dtype)
-  return jax.ffi.ffi_call("dw5d_input_grad", out)(ct, w, config=_config(spec, ct.shape[0]))
+  dx = jax.ffi.ffi_call("dw5d_input_grad", out)(_last(ct, spec), w,
+                                                config=_config(spec, ct.shape[0]))
+  return _back(dx, spec)
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dk` as `(kd, kh, kw, C, M)` in x's dtype."""
   out = jax.ShapeDtypeStruct((*spec.window, spec.multiplier, spec.channels), jnp.float32)
-  dk = jax.ffi.ffi_call("dw5d_kernel_grad", out)(x, ct, config=_config(spec, x.shape[0]))
+  dk = jax.ffi.ffi_call("dw5d_kernel_grad", out)(_last(x, spec), _last(ct, spec),
+                                                 config=_config(spec, x.shape[0]))
   return jnp.swapaxes(dk, 3, 4).astype(x.dtype)

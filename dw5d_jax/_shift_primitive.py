@@ -266,11 +266,11 @@ def _kg_batch(args, dims, *, spec: ConvSpec):
   return jax.vmap(fn, in_axes=dims)(*args), 0
 
 
-def _define(prim, impl, abstract_eval, batcher, transposes, native_fn):
+def _define(prim, impl, abstract_eval, batcher, transposes, native_fn, op):
   """Registers a bilinear primitive: `impl` is its plain math (eager and portable lowering).
 
   On CPU the lowering calls `native_fn` (an FFI call, `_native.py`) where
-  `_native.usable` allows, else lowers `impl` like every other platform.
+  `_native.usable` allows for `op`, else lowers `impl` like every other platform.
   """
   prim.def_impl(impl)
   prim.def_abstract_eval(abstract_eval)
@@ -281,15 +281,15 @@ def _define(prim, impl, abstract_eval, batcher, transposes, native_fn):
   ad.defbilinear(prim, *transposes)
 
   def cpu_rule(ctx, a, b, *, spec: ConvSpec):
-    return (native if _native.usable(ctx, spec) else portable)(ctx, a, b, spec=spec)
+    return (native if _native.usable(ctx, spec, op) else portable)(ctx, a, b, spec=spec)
 
   mlir.register_lowering(prim, cpu_rule, platform="cpu")
 
 
 _define(shift_conv_p, shift_conv, _abstract_eval, _fold_batch(shift_lowering, shift_conv),
-        (_transpose_x, _transpose_kernel), _native.forward)
+        (_transpose_x, _transpose_kernel), _native.forward, "forward")
 _define(shift_input_grad_p, input_grad_xla, _ig_abstract_eval,
         _fold_batch(input_grad, input_grad_xla), (_ig_transpose_ct, _ig_transpose_kernel),
-        _native.input_grad)
+        _native.input_grad, "input_grad")
 _define(shift_kernel_grad_p, kernel_grad_xla, _kg_abstract_eval, _kg_batch,
-        (_kg_transpose_x, _kg_transpose_ct), _native.kernel_grad)
+        (_kg_transpose_x, _kg_transpose_ct), _native.kernel_grad, "kernel_grad")

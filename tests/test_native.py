@@ -5,8 +5,8 @@ the linearity identities `dL/dx[p] = <ref(e_p, k), ct>`, `dL/dk[q] =
 <ref(x, e_q), ct>`) and from the portable XLA lowering of the same
 computation, which `jax.export` always uses (an exported module must not
 name the custom call). conftest.py sets `DW5D_JAX_NATIVE=all`, so every
-channels-last float32/bfloat16 configuration in this file and in the rest of
-the suite runs natively; the build, the cache and the fallbacks are checked
+float32/bfloat16 configuration in this file and in the rest of the suite
+runs natively (channels-first ones transposed around the kernels); the build, the cache and the fallbacks are checked
 in fresh processes.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from cases import Case, cases
 from conftest import assert_close, random_array
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import export
 
@@ -80,8 +80,7 @@ def _check_against_reference(case: Case, x, k, ct, got, dtype="float32"):
 @settings(max_examples=15)
 @given(case=cases(max_size=6), seed=st.integers(0, 2**31 - 1))
 def test_random_configs_match_reference_and_portable_path(case, seed):
-  """Strides, dilations, paddings, multipliers, sizes below the kernel; all three kernels."""
-  assume(case.layout.endswith("C"))
+  """Strides, dilations, paddings, multipliers, sizes below the kernel, layouts; all three kernels."""
   rng = np.random.default_rng(seed)
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
@@ -153,16 +152,28 @@ def test_parallel_results_are_deterministic(rng):
   _check_against_reference(case, x, k, ct, first)
 
 
-def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch):
-  """DW5D_JAX_NATIVE unset: native only with C % 4 == 0 (_native.worthwhile)."""
+@pytest.mark.parametrize("layout,c,strides,window,want", [
+    ("NHWC", 8, 1, (3, 3), TARGETS),
+    ("NHWC", 3, 1, (3, 3), ()),
+    ("NCHW", 8, 1, (3, 3), TARGETS[1:]),
+    ("NCHW", 8, 2, (3, 3), TARGETS),
+    ("NCHW", 8, 1, (7, 7), TARGETS),
+    ("NCHW", 6, 2, (3, 3), ()),
+])
+def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, strides,
+                                                     window, want):
+  """DW5D_JAX_NATIVE unset: native where measured faster (_native.worthwhile).
+
+  C % 4 == 0; channels-first forward only for strided or large windows.
+  """
   monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
-  for c, want in ((8, set(TARGETS)), (3, set())):
-    case = Case("2d", "NHWC", "HW", (2, 7, 9, c), (3, 3, c, 1), 1, 1, "SAME")
-    x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-    ct = random_array(rng, case.expected(x, k).shape)
-    fn = _vjp_fn(case)
-    assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == want, c
-    _check_against_reference(case, x, k, ct, jax.jit(fn).lower(x, k, ct).compile()(x, k, ct))
+  x_shape = (2, 7, 9, c) if layout == "NHWC" else (2, c, 7, 9)
+  case = Case("2d", layout, "HW", x_shape, (*window, c, 1), strides, 1, "SAME")
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  ct = random_array(rng, case.expected(x, k).shape)
+  fn = _vjp_fn(case)
+  assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == set(want)
+  _check_against_reference(case, x, k, ct, jax.jit(fn).lower(x, k, ct).compile()(x, k, ct))
 
 
 @pytest.mark.parametrize("symbolic", [False, True])
