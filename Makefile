@@ -47,5 +47,9 @@ bench: $(VENV)/.installed-bench
 bench-quick: $(VENV)/.installed-bench
 	$(VENV)/bin/dw5d bench --quick
 
+lint: $(STAMP)
+	$(PY) -m pip install -q -e ".[$(EXTRAS),lint]"
+	$(VENV)/bin/ruff check dw5d_jax interop tests benchmarks
+
 clean:
 	rm -rf $(VENV) .venv-tf .venv-tf.lock build *.egg-info .pytest_cache .hypothesis

@@ -238,7 +238,7 @@ def measure(cells: dict[str, tuple[Callable, Callable | None]], block: dict[str,
     except Exception as e:  # a peer that cannot run this workload is n/a
       failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     progress(1)
-  for r in range(rounds - 1):
+  for _ in range(rounds - 1):
     for key, f in calls.items():
       # Slow cells stop once they have used their share of the time budget.
       if key in failed or (sum(samples[key]) > budget_s / len(calls) and len(samples[key]) >= 3):

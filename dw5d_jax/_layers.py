@@ -17,6 +17,7 @@ from dw5d_jax import _args
 from dw5d_jax._depthwise import depthwise_conv2d, depthwise_conv3d
 
 Initializer = Any
+_ZEROS = nnx.initializers.zeros_init()  # the default bias initializer, as nnx.Conv
 
 
 def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
@@ -152,7 +153,7 @@ class DepthwiseConv3D(_DepthwiseConv):
       dilations: int | Sequence[int] = 1,
       use_bias: bool = True,
       kernel_init: Initializer | None = None,
-      bias_init: Initializer = nnx.initializers.zeros_init(),
+      bias_init: Initializer = _ZEROS,
       dtype: DTypeLike | None = None,
       param_dtype: DTypeLike = jnp.float32,
       precision: lax.PrecisionLike = None,
@@ -216,7 +217,7 @@ class DepthwiseConv2D(_DepthwiseConv):
       axes: str | None = None,
       use_bias: bool = True,
       kernel_init: Initializer | None = None,
-      bias_init: Initializer = nnx.initializers.zeros_init(),
+      bias_init: Initializer = _ZEROS,
       dtype: DTypeLike | None = None,
       param_dtype: DTypeLike = jnp.float32,
       precision: lax.PrecisionLike = None,

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.conv_axes}")
 def test_check_grads_second_order(rng, method, case):

@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import Case, cases
+from cases import GRAD_CASES, Case, cases, reference_grads
 from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
-from cases import GRAD_CASES, reference_grads
 
 import dw5d_jax as dw
 from dw5d_jax import _args, _dispatch
