@@ -29,6 +29,7 @@ uses only `+ - * //` and `max`, which symbolic dimensions support.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -40,6 +41,23 @@ from jax import lax
 
 SPATIAL = "DHW"
 METHODS = ("auto", "conv", "shift", "pallas")
+
+
+def _inconclusive() -> type[Exception]:
+  """The error of a comparison of symbolic sizes that the constraints do not decide.
+
+  Public in `jax.errors` since JAX 0.10.1; before, only in `jax.core` (which
+  JAX 0.10.0 already marks deprecated).
+  """
+  if hasattr(jax.errors, "InconclusiveDimensionOperation"):
+    return jax.errors.InconclusiveDimensionOperation
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    return jax_core.InconclusiveDimensionOperation
+
+
+_INCONCLUSIVE = _inconclusive()
+
 _LAYOUTS_5D = ("NDHWC", "NCDHW")
 _LAYOUTS_4D = ("NHWC", "NCHW")
 
@@ -293,7 +311,7 @@ def normalize(
     if jax.export.is_symbolic_dim(out):
       try:
         fits = out >= 1
-      except jax.errors.InconclusiveDimensionOperation:
+      except _INCONCLUSIVE:
         need = max(e - pad[0] - pad[1], 1)
         raise ValueError(
             f"{fn}: along axis {a} the input size is the symbolic dimension {n}; with "
