@@ -82,21 +82,41 @@ def usable(ctx, spec: ConvSpec, op: str) -> bool:
   return _native_build.status().active  # last: the first call builds the library
 
 
-def _last(a: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`a` channels-last: `(N, C, D, H, W)` -> `(N, D, H, W, C)` for a channels-first spec."""
-  return a if spec.channels_last else jnp.moveaxis(a, 1, -1)
+def transposed(spec: ConvSpec, op: str) -> bool:
+  """Whether a channels-first `op` transposes to channels-last around the kernels.
+
+  False: the channels-first kernels run on the arrays as they are.
+  """
+  del op
+  return not spec.channels_last and False
 
 
-def _back(a: jax.Array, spec: ConvSpec) -> jax.Array:
-  """A channels-last result in `spec`'s layout."""
-  return a if spec.channels_last else jnp.moveaxis(a, -1, 1)
+def _last(a: jax.Array, spec: ConvSpec, op: str) -> jax.Array:
+  """`a` channels-last: `(N, C, D, H, W)` -> `(N, D, H, W, C)` where `op` is `transposed`."""
+  return jnp.moveaxis(a, 1, -1) if transposed(spec, op) else a
 
 
-def _config(spec: ConvSpec, batch: int) -> np.ndarray:
-  """The `config` attribute: the problem as 21 ints (`Geom` in depthwise.cc)."""
+def _back(a: jax.Array, spec: ConvSpec, op: str) -> jax.Array:
+  """A channels-last result in `spec`'s layout where `op` is `transposed`."""
+  return jnp.moveaxis(a, -1, 1) if transposed(spec, op) else a
+
+
+def _config(spec: ConvSpec, batch: int, op: str) -> np.ndarray:
+  """The `config` attribute: the problem as 22 ints (`Geom` in depthwise.cc).
+
+  The last is the layout the kernels see: 1 for channels-first arrays.
+  """
+  cf = not spec.channels_last and not transposed(spec, op)
   return np.array([batch, *spec.in_spatial, spec.channels, spec.multiplier, *spec.out_spatial,
                    *spec.window, *spec.strides, *spec.dilations,
-                   *(lo for lo, _ in spec.padding)], np.int64)
+                   *(lo for lo, _ in spec.padding), int(cf)], np.int64)
+
+
+def _shape(spec: ConvSpec, batch: int, spatial, channels: int, op: str) -> tuple[int, ...]:
+  """An `(N, *spatial, C)` array's shape as the kernels see it (channels-first or last)."""
+  if spec.channels_last or transposed(spec, op):
+    return (batch, *spatial, channels)
+  return (batch, channels, *spatial)
 
 
 def forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -105,24 +125,30 @@ def forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   Or `(N, C, D, H, W)` -> `(N, C * M, OD, OH, OW)` for a channels-first spec.
   """
   w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
-  out = jax.ShapeDtypeStruct((x.shape[0], *spec.out_spatial, spec.channels * spec.multiplier),
-                             spec.out_dtype)
-  y = jax.ffi.ffi_call("dw5d_forward", out)(_last(x, spec), w, config=_config(spec, x.shape[0]))
-  return _back(y, spec)
+  op = "forward"
+  out = jax.ShapeDtypeStruct(
+      _shape(spec, x.shape[0], spec.out_spatial, spec.channels * spec.multiplier, op),
+      spec.out_dtype)
+  y = jax.ffi.ffi_call("dw5d_forward", out)(_last(x, spec, op), w,
+                                            config=_config(spec, x.shape[0], op))
+  return _back(y, spec, op)
 
 
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dx` in x's layout and the kernel's dtype."""
   w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
-  out = jax.ShapeDtypeStruct((ct.shape[0], *spec.in_spatial, spec.channels), kernel.dtype)
-  dx = jax.ffi.ffi_call("dw5d_input_grad", out)(_last(ct, spec), w,
-                                                config=_config(spec, ct.shape[0]))
-  return _back(dx, spec)
+  op = "input_grad"
+  out = jax.ShapeDtypeStruct(_shape(spec, ct.shape[0], spec.in_spatial, spec.channels, op),
+                             kernel.dtype)
+  dx = jax.ffi.ffi_call("dw5d_input_grad", out)(_last(ct, spec, op), w,
+                                                config=_config(spec, ct.shape[0], op))
+  return _back(dx, spec, op)
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dk` as `(kd, kh, kw, C, M)` in x's dtype."""
   out = jax.ShapeDtypeStruct((*spec.window, spec.multiplier, spec.channels), jnp.float32)
-  dk = jax.ffi.ffi_call("dw5d_kernel_grad", out)(_last(x, spec), _last(ct, spec),
-                                                 config=_config(spec, x.shape[0]))
+  op = "kernel_grad"
+  dk = jax.ffi.ffi_call("dw5d_kernel_grad", out)(_last(x, spec, op), _last(ct, spec, op),
+                                                 config=_config(spec, x.shape[0], op))
   return jnp.swapaxes(dk, 3, 4).astype(x.dtype)

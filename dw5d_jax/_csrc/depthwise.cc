@@ -152,10 +152,11 @@ inline void ForChannels(int64_t c, Block&& block) {
 // The problem, from the `config` attribute (dw5d_jax/_native.py: _config).
 struct Geom {
   int64_t n, d, h, w, c, m, od, oh, ow, kd, kh, kw, sd, sh, sw, rd, rh, rw, pd, ph, pw;
+  int64_t cf;  // 1: channels-first arrays (see "Channels-first" below)
   int64_t rows() const { return n * od * oh; }
   int64_t taps() const { return kd * kh * kw; }
 };
-constexpr size_t kConfigSize = 21;
+constexpr size_t kConfigSize = 22;
 
 inline int64_t FloorDiv(int64_t a, int64_t b) {  // b > 0
   return a >= 0 ? a / b : -((-a + b - 1) / b);
@@ -937,9 +938,412 @@ void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
   }
 }
 
+// ---------------------------------------------------------------------------
+// Channels-first (g.cf = 1): x and dx (N, C, D, H, W), y and ct
+// (N, C * M, OD, OH, OW); w and dk keep their (KD, KH, KW, M, C) layout.
+// Every (n, c) is its own D x H x W volume, so these kernels vectorise
+// along W instead of over channels. Each row a kernel reads is copied once
+// (converted to float32, through a RowCache) into a zero-padded buffer,
+// de-interleaved into SW phases, so that tap e of a block of outputs is one
+// contiguous load at a fixed offset (`CfRows::eoff`); rows outside the
+// volume in D and H read a row of zeros, so every output row is the same
+// list of (weight, shifted row) terms, and a non-finite weight meets the
+// padding as zeros (0 * inf = NaN) as in XLA's lowering. The sums run over
+// R rows x NV packets of outputs at once in registers; outputs are padded
+// to whole packets in the buffers, and the tail of a row is stored through
+// a scratch packet.
+
+constexpr int L = kLanes;
+using CfV = Pack<kLanes>::V;
+
+// Rows per block for NV packets: R * NV accumulators fill about half the
+// vector registers.
+template <int NV>
+constexpr int CfRowsPerBlock() {
+  return std::max(1, std::min(8, kRegisters / 2 / NV));
+}
+
+inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The padded, phased copy of rows of `width` values read with stride `s`,
+// dilation `r`, low padding `p`, `k` taps, for `out` outputs (rounded up to
+// packets): buffer[ph * q + i] = row[i * s + ph - p] (zero outside).
+struct CfRows {
+  int64_t s, p, width, q, len;
+  std::vector<int64_t> eoff;  // tap e at output o reads buffer[eoff[e] + o]
+  CfRows(int64_t width_, int64_t out, int64_t k, int64_t s_, int64_t r, int64_t p_)
+      : s(s_), p(p_), width(width_) {
+    q = RoundUp(out, L) + (k - 1) * r / s;
+    len = s * q;
+    for (int64_t e = 0; e < k; ++e) eoff.push_back((e * r % s) * q + e * r / s);
+  }
+  template <typename T>
+  void Fill(const T* row, float* out) const {
+    if (s == 1) {
+      const int64_t lo = std::min(q, std::max<int64_t>(0, p));
+      const int64_t hi = std::max(lo, std::min(q, p + width));
+      std::fill(out, out + lo, 0.0f);
+      Convert(row + (lo - p), out + lo, hi - lo);
+      std::fill(out + hi, out + q, 0.0f);
+      return;
+    }
+    for (int64_t ph = 0; ph < s; ++ph)
+      for (int64_t i = 0; i < q; ++i) {
+        const int64_t j = i * s + ph - p;
+        out[ph * q + i] = j >= 0 && j < width ? Pack<1>::Load(row + j) : 0.0f;
+      }
+  }
+};
+
+// acc[j][v] = sum over k of wk[k] * src[j * nk + k][col + v * L + (0 : L)].
+template <int R, int NV>
+inline void CfSums(const float* const* src, const float* wk, int nk, int64_t col,
+                   CfV (&acc)[R][NV]) {
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[j][v] = Pack<L>::Zero();
+  for (int k = 0; k < nk; ++k) {
+    const CfV wv = Pack<L>::Zero() + wk[k];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const float* s = src[j * nk + k] + col;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[j][v] += wv * Pack<L>::Load(s + v * L);
+    }
+  }
+}
+
+// Stores packet `v` of a row of `len` outputs (the tail through scratch).
+template <typename TO>
+inline void CfStore(TO* row, int64_t pos, int64_t len, CfV v) {
+  if (pos + L <= len) {
+    Pack<L>::Store(row + pos, v);
+    return;
+  }
+  float tmp[L];
+  Pack<L>::Store(tmp, v);
+  for (int64_t i = 0; pos + i < len; ++i) Pack<1>::Store(row + pos + i, tmp[i]);
+}
+
+// For R rows: out[j](0 : len) = the term sums, over all packets of the row.
+template <int R, typename TO>
+void CfSumRows(const float* const* src, const float* wk, int nk, TO* const* out, int64_t len) {
+  const int64_t packets = (len + L - 1) / L;
+  int64_t v0 = 0;
+  auto block = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    for (; v0 + NV <= packets; v0 += NV) {
+      CfV acc[R][NV];
+      CfSums<R, NV>(src, wk, nk, v0 * L, acc);
+      for (int j = 0; j < R; ++j)
+        for (int v = 0; v < NV; ++v) CfStore(out[j], (v0 + v) * L, len, acc[j][v]);
+    }
+  };
+  block(Int<4>{});
+  block(Int<2>{});
+  block(Int<1>{});
+}
+
+// Calls f(Int<R>, h, count) over [h0, h1) in blocks of the most rows that
+// fit the packets of a row.
+template <typename F>
+void CfRowBlocks(int64_t packets, int64_t h0, int64_t h1, F&& f) {
+  auto go = [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    for (; h0 + R <= h1; h0 += R) f(r, h0);
+  };
+  if (packets >= 4) {
+    go(Int<CfRowsPerBlock<4>()>{});
+  } else if (packets >= 2) {
+    go(Int<CfRowsPerBlock<2>()>{});
+  } else {
+    go(Int<CfRowsPerBlock<1>()>{});
+  }
+  go(Int<2>{});
+  go(Int<1>{});
+}
+
+// The input rows that output row (plane, oh) reads, tap row t = a * KH + b:
+// pointers into `in` (rows outside the volume: `zero`).
+template <typename Get>
+inline void CfTapRows(const Geom& g, int64_t plane, int64_t oh, const float* zero, Get&& get,
+                      const float** rows) {
+  const int64_t vol = plane / g.od, od = plane % g.od;
+  for (int64_t a = 0; a < g.kd; ++a) {
+    const int64_t id = od * g.sd + a * g.rd - g.pd;
+    for (int64_t b = 0; b < g.kh; ++b) {
+      const int64_t ih = oh * g.sh + b * g.rh - g.ph;
+      const bool in = id >= 0 && id < g.d && ih >= 0 && ih < g.h;
+      rows[a * g.kh + b] = in ? get((vol * g.d + id) * g.h + ih) : zero;
+    }
+  }
+}
+
+template <typename TI, typename TO>
+void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tiles& tiles,
+                   int64_t tile) {
+  const CfRows rows(g.w, g.ow, g.kw, g.sw, g.rw, g.pw);
+  RowCache cache(g.h, rows.len, (g.kd - 1) * g.rd + 1,
+                 (tiles.band - 1) * g.sh + (g.kh - 1) * g.rh + 1);
+  const std::vector<float> zero(rows.len, 0.0f);
+  auto get = [&](int64_t r) {
+    return cache.Get(r, [&](int64_t row, float* out) { rows.Fill(x + row * g.w, out); });
+  };
+  const int64_t tr = g.kd * g.kh, nk = tr * g.kw, rmax = 8;
+  std::vector<const float*> tap_rows(tr), src(rmax * nk);
+  std::vector<float> wk(nk);
+  const int64_t b = tile % tiles.Bands(), qq = tile / tiles.Bands();
+  const int64_t p1 = std::min(tiles.planes, (qq + 1) * tiles.run);
+  const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
+  for (int64_t p = qq * tiles.run; p < p1; ++p) {
+    const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
+    CfRowBlocks((g.ow + L - 1) / L, h0, h1, [&](auto r, int64_t oh) {
+      constexpr int R = decltype(r)::value;
+      for (int j = 0; j < R; ++j) {
+        CfTapRows(g, p, oh + j, zero.data(), get, tap_rows.data());
+        for (int64_t t = 0; t < tr; ++t)
+          for (int64_t e = 0; e < g.kw; ++e) src[j * nk + t * g.kw + e] = tap_rows[t] + rows.eoff[e];
+      }
+      for (int64_t m = 0; m < g.m; ++m) {
+        for (int64_t k = 0; k < nk; ++k) wk[k] = w[(k * g.m + m) * g.c + c];
+        TO* out[R];
+        for (int j = 0; j < R; ++j)
+          out[j] = y + (((n * g.c + c) * g.m + m) * g.od + od) * g.oh * g.ow + (oh + j) * g.ow;
+        CfSumRows<R>(src.data(), wk.data(), static_cast<int>(nk), out, g.ow);
+      }
+    });
+  }
+}
+
+// part[k] (L floats) += sum over rows j and packets v of
+// ct[j][v] * src[j * nk + k][v], the packets from `col`.
+template <int R, int NV>
+inline void CfDots(const float* const* src, int nk, const float* const* ct, int64_t col,
+                   float* part) {
+  CfV cv[R][NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) cv[j][v] = Pack<L>::Load(ct[j] + col + v * L);
+  for (int k = 0; k < nk; ++k) {
+    CfV s[2] = {Pack<L>::Zero(), Pack<L>::Zero()};
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        s[(j * NV + v) & 1] += cv[j][v] * Pack<L>::Load(src[j * nk + k] + col + v * L);
+    Pack<L>::Store(part + k * L, Pack<L>::Load(part + k * L) + (s[0] + s[1]));
+  }
+}
+
+template <int R>
+void CfDotRows(const float* const* src, int nk, const float* const* ct, int64_t packets,
+               float* part) {
+  int64_t v0 = 0;
+  for (; v0 + 4 <= packets; v0 += 4) CfDots<R, 4>(src, nk, ct, v0 * L, part);
+  for (; v0 + 2 <= packets; v0 += 2) CfDots<R, 2>(src, nk, ct, v0 * L, part);
+  for (; v0 < packets; ++v0) CfDots<R, 1>(src, nk, ct, v0 * L, part);
+}
+
+// One tile's kernel-gradient sums, dk-shaped (KD, KH, KW, M, C), into `part`:
+// per channel in packets (`acc`), each reduced in a fixed order when the
+// tile moves on to another channel.
+template <typename TI, typename TC>
+void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, const Tiles& tiles,
+                      int64_t tile) {
+  const CfRows rows(g.w, g.ow, g.kw, g.sw, g.rw, g.pw);
+  RowCache cache(g.h, rows.len, (g.kd - 1) * g.rd + 1,
+                 (tiles.band - 1) * g.sh + (g.kh - 1) * g.rh + 1);
+  const std::vector<float> zero(rows.len, 0.0f);
+  auto get = [&](int64_t r) {
+    return cache.Get(r, [&](int64_t row, float* out) { rows.Fill(x + row * g.w, out); });
+  };
+  const int64_t tr = g.kd * g.kh, nk = tr * g.kw, rmax = 8, packets = (g.ow + L - 1) / L;
+  std::vector<const float*> tap_rows(tr), src(rmax * nk);
+  std::vector<float> cbuf(rmax * packets * L, 0.0f), acc(g.m * nk * L, 0.0f);
+  int64_t acc_c = -1;
+  auto flush = [&]() {
+    if (acc_c < 0) return;
+    for (int64_t m = 0; m < g.m; ++m)
+      for (int64_t k = 0; k < nk; ++k) {
+        float s = 0.0f;
+        for (int l = 0; l < L; ++l) s += acc[(m * nk + k) * L + l];
+        part[(k * g.m + m) * g.c + acc_c] += s;
+      }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+  };
+  const int64_t b = tile % tiles.Bands(), qq = tile / tiles.Bands();
+  const int64_t p1 = std::min(tiles.planes, (qq + 1) * tiles.run);
+  const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
+  for (int64_t p = qq * tiles.run; p < p1; ++p) {
+    const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
+    if (c != acc_c) {
+      flush();
+      acc_c = c;
+    }
+    CfRowBlocks(packets, h0, h1, [&](auto r, int64_t oh) {
+      constexpr int R = decltype(r)::value;
+      for (int j = 0; j < R; ++j) {
+        CfTapRows(g, p, oh + j, zero.data(), get, tap_rows.data());
+        for (int64_t t = 0; t < tr; ++t)
+          for (int64_t e = 0; e < g.kw; ++e) src[j * nk + t * g.kw + e] = tap_rows[t] + rows.eoff[e];
+      }
+      for (int64_t m = 0; m < g.m; ++m) {
+        const float* cr[R];
+        for (int j = 0; j < R; ++j) {
+          const TC* crow =
+              ct + (((n * g.c + c) * g.m + m) * g.od + od) * g.oh * g.ow + (oh + j) * g.ow;
+          Convert(crow, &cbuf[j * packets * L], g.ow);  // the tail stays zero
+          cr[j] = &cbuf[j * packets * L];
+        }
+        CfDotRows<R>(src.data(), static_cast<int>(nk), cr, packets, &acc[m * nk * L]);
+      }
+    });
+  }
+  flush();
+}
+
+// Input gradient in gather form (strides or M > 1): dx row u = iw + PW,
+// u = i * SW + ph, sums over taps e with (e * RW - ph) % SW == 0 of
+// ct[i - (e * RW - ph) / SW] * w[e]; `CfGather` has, per phase ph, the
+// taps and their offsets in a zero-padded ct row covering every o read.
+struct CfGather {
+  int64_t q0, qn, smax, len;
+  std::vector<std::vector<int64_t>> taps, offs;  // per phase
+  explicit CfGather(const Geom& g) : taps(g.sw), offs(g.sw) {
+    q0 = FloorDiv(g.pw, g.sw);
+    qn = RoundUp(FloorDiv(g.pw + g.w - 1, g.sw) - q0 + 1, L);
+    smax = (g.kw - 1) * g.rw / g.sw;
+    len = qn + smax;
+    for (int64_t ph = 0; ph < g.sw; ++ph)
+      for (int64_t e = 0; e < g.kw; ++e)
+        if ((e * g.rw - ph) % g.sw == 0) {
+          taps[ph].push_back(e);
+          offs[ph].push_back(smax - (e * g.rw - ph) / g.sw);
+        }
+  }
+  template <typename T>
+  void Fill(const Geom& g, const T* row, float* out) const {  // out[i] = ct[q0 - smax + i]
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t o = q0 - smax + i;
+      out[i] = o >= 0 && o < g.ow ? Pack<1>::Load(row + o) : 0.0f;
+    }
+  }
+};
+
+template <typename TC, typename TO>
+void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const Tiles& tiles,
+                     int64_t tile) {
+  const CfGather gather(g);
+  std::vector<RowCache> caches;
+  for (int64_t m = 0; m < g.m; ++m)
+    caches.emplace_back(g.oh, gather.len, (g.kd - 1) * g.rd / g.sd + 1,
+                        (tiles.band + (g.kh - 1) * g.rh) / g.sh + 2);
+  const std::vector<float> zero(gather.len, 0.0f);
+  const int64_t tr = g.kd * g.kh, rmax = 8, cm = g.c * g.m;
+  const int64_t nkmax = tr * g.m * g.kw;
+  std::vector<const float*> ctrows(rmax * tr * g.m), src(rmax * nkmax);
+  std::vector<float> wk(nkmax), phases(rmax * g.sw * gather.qn);
+  const int64_t b = tile % tiles.Bands(), qq = tile / tiles.Bands();
+  const int64_t p1 = std::min(tiles.planes, (qq + 1) * tiles.run);
+  const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
+  for (int64_t p = qq * tiles.run; p < p1; ++p) {
+    const int64_t vol = p / g.d, c = vol % g.c, n = vol / g.c, id = p % g.d;
+    CfRowBlocks(gather.qn / L, h0, h1, [&](auto r, int64_t ih0) {
+      constexpr int R = decltype(r)::value;
+      for (int j = 0; j < R; ++j) {
+        const int64_t ih = ih0 + j;
+        for (int64_t a = 0; a < g.kd; ++a) {
+          const int64_t nd = id + g.pd - a * g.rd;
+          const bool din = nd % g.sd == 0 && nd >= 0 && nd / g.sd < g.od;
+          for (int64_t bb = 0; bb < g.kh; ++bb) {
+            const int64_t nh = ih + g.ph - bb * g.rh;
+            const bool in = din && nh % g.sh == 0 && nh >= 0 && nh / g.sh < g.oh;
+            for (int64_t m = 0; m < g.m; ++m) {
+              const float** slot = &ctrows[(j * tr + a * g.kh + bb) * g.m + m];
+              if (!in) {
+                *slot = zero.data();
+                continue;
+              }
+              const int64_t plane = (n * g.c + c) * g.od + nd / g.sd;
+              const TC* base = ct + ((n * cm + c * g.m + m) * g.od + nd / g.sd) * g.oh * g.ow;
+              *slot = caches[m].Get(plane * g.oh + nh / g.sh, [&](int64_t row, float* out) {
+                gather.Fill(g, base + (row % g.oh) * g.ow, out);
+              });
+            }
+          }
+        }
+      }
+      for (int64_t ph = 0; ph < g.sw; ++ph) {
+        const auto& taps = gather.taps[ph];
+        const auto& offs = gather.offs[ph];
+        const int64_t ne = static_cast<int64_t>(taps.size()), nk = tr * g.m * ne;
+        float* out[R];
+        for (int j = 0; j < R; ++j) out[j] = &phases[(j * g.sw + ph) * gather.qn];
+        if (nk == 0) {
+          for (int j = 0; j < R; ++j) std::fill(out[j], out[j] + gather.qn, 0.0f);
+          continue;
+        }
+        for (int64_t t = 0; t < tr; ++t)
+          for (int64_t m = 0; m < g.m; ++m)
+            for (int64_t i = 0; i < ne; ++i) {
+              const int64_t k = (t * g.m + m) * ne + i;
+              wk[k] = w[((t * g.kw + taps[i]) * g.m + m) * g.c + c];
+              for (int j = 0; j < R; ++j)
+                src[j * nk + k] = ctrows[(j * tr + t) * g.m + m] + offs[i];
+            }
+        CfSumRows<R>(src.data(), wk.data(), static_cast<int>(nk), out, gather.qn);
+      }
+      for (int j = 0; j < R; ++j) {
+        TO* row = dx + (p * g.h + ih0 + j) * g.w;
+        const float* ph0 = &phases[j * g.sw * gather.qn];
+        for (int64_t iw = 0; iw < g.w; ++iw) {
+          const int64_t u = iw + g.pw;
+          const int64_t ph = u - FloorDiv(u, g.sw) * g.sw;
+          Pack<1>::Store(row + iw, ph0[ph * gather.qn + FloorDiv(u, g.sw) - gather.q0]);
+        }
+      }
+    });
+  }
+}
+
+template <typename TI, typename TO>
+void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y) {
+  const Tiles tiles = MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh);
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i); });
+}
+
+template <typename TI, typename TC>
+void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk) {
+  const int64_t size = g.taps() * g.m * g.c;
+  const Tiles tiles = MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh);
+  const int64_t chunks = tiles.Count();
+  std::vector<float> parts(chunks * size, 0.0f);
+  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
+    CfKernelGradTile(g, x, ct, parts.data() + i * size, tiles, i);
+  });
+  std::fill(dk, dk + size, 0.0f);
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
+}
+
+template <typename TC, typename TO>
+void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx) {
+  const Tiles tiles = MakeTiles(g.n * g.c * g.d, g.h, g.ow * sizeof(TC) * g.m,
+                                CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh));
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { CfInputGradTile(g, ct, w, dx, tiles, i); });
+}
+
 template <typename TI, typename TO>
 void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
                 bool generic = false) {
+  if (g.cf) {
+    RunForwardCf(pool, g, x, w, y);
+    return;
+  }
   const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
   const ForwardRowFn row_fn =
       WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
@@ -951,6 +1355,10 @@ void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* 
 template <typename TI, typename TC>
 void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk,
                    bool generic = false) {
+  if (g.cf) {
+    RunKernelGradCf(pool, g, x, ct, dk);
+    return;
+  }
   const int64_t size = g.taps() * g.m * g.c;
   std::fill(dk, dk + size, 0.0f);
   const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
@@ -980,6 +1388,10 @@ void RunInputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const floa
     RunForward(pool, f, ct, flipped.data(), dx);
     return;
   }
+  if (g.cf) {
+    RunInputGradCf(pool, g, ct, w, dx);
+    return;
+  }
   // Rows of dx; each reads about KD / SD planes and KH / SH rows of ct.
   const Tiles tiles = MakeTiles(g.n * g.d, g.h, g.ow * g.c * g.m * sizeof(TC),
                                 CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh));
@@ -998,11 +1410,21 @@ ffi::Error ParseGeom(ffi::Span<const int64_t> cfg, Geom* g) {
   for (int64_t v : positive)
     if (v < 1) return ffi::Error::InvalidArgument("dw5d: non-positive size in config");
   if (g->n < 0) return ffi::Error::InvalidArgument("dw5d: negative batch in config");
+  if (g->cf != 0 && g->cf != 1) return ffi::Error::InvalidArgument("dw5d: bad layout in config");
   return ffi::Error::Success();
 }
 
 bool DimsAre(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want) {
   return dims.size() == want.size() && std::equal(want.begin(), want.end(), dims.begin());
+}
+
+// x / dx and y / ct shapes in g's layout.
+bool XDims(const Geom& g, ffi::AnyBuffer::Dimensions dims) {
+  return g.cf ? DimsAre(dims, {g.n, g.c, g.d, g.h, g.w}) : DimsAre(dims, {g.n, g.d, g.h, g.w, g.c});
+}
+bool YDims(const Geom& g, ffi::AnyBuffer::Dimensions dims) {
+  return g.cf ? DimsAre(dims, {g.n, g.c * g.m, g.od, g.oh, g.ow})
+              : DimsAre(dims, {g.n, g.od, g.oh, g.ow, g.c * g.m});
 }
 
 bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
@@ -1022,9 +1444,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
                        ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> cfg) {
   Geom g;
   if (ffi::Error err = ParseGeom(cfg, &g); err.failure()) return err;
-  if (!DimsAre(x.dimensions(), {g.n, g.d, g.h, g.w, g.c}) ||
+  if (!XDims(g, x.dimensions()) ||
       !DimsAre(w.dimensions(), {g.kd, g.kh, g.kw, g.m, g.c}) ||
-      !DimsAre(y->dimensions(), {g.n, g.od, g.oh, g.ow, g.c * g.m}))
+      !YDims(g, y->dimensions()))
     return ffi::Error::InvalidArgument("dw5d_forward: shapes do not match the config");
   if (!IsFloat(x.element_type()) || !IsFloat(y->element_type()))
     return ffi::Error::InvalidArgument("dw5d_forward: x and y must be float32 or bfloat16");
@@ -1048,8 +1470,8 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
                           ffi::Result<ffi::Buffer<ffi::F32>> dk, ffi::Span<const int64_t> cfg) {
   Geom g;
   if (ffi::Error err = ParseGeom(cfg, &g); err.failure()) return err;
-  if (!DimsAre(x.dimensions(), {g.n, g.d, g.h, g.w, g.c}) ||
-      !DimsAre(ct.dimensions(), {g.n, g.od, g.oh, g.ow, g.c * g.m}) ||
+  if (!XDims(g, x.dimensions()) ||
+      !YDims(g, ct.dimensions()) ||
       !DimsAre(dk->dimensions(), {g.kd, g.kh, g.kw, g.m, g.c}))
     return ffi::Error::InvalidArgument("dw5d_kernel_grad: shapes do not match the config");
   if (!IsFloat(x.element_type()) || !IsFloat(ct.element_type()))
@@ -1076,9 +1498,9 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer ct, ffi::Buffer<ff
                          ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> cfg) {
   Geom g;
   if (ffi::Error err = ParseGeom(cfg, &g); err.failure()) return err;
-  if (!DimsAre(ct.dimensions(), {g.n, g.od, g.oh, g.ow, g.c * g.m}) ||
+  if (!YDims(g, ct.dimensions()) ||
       !DimsAre(w.dimensions(), {g.kd, g.kh, g.kw, g.m, g.c}) ||
-      !DimsAre(dx->dimensions(), {g.n, g.d, g.h, g.w, g.c}))
+      !XDims(g, dx->dimensions()))
     return ffi::Error::InvalidArgument("dw5d_input_grad: shapes do not match the config");
   if (!IsFloat(ct.element_type()) || !IsFloat(dx->element_type()))
     return ffi::Error::InvalidArgument("dw5d_input_grad: ct and dx must be float32 or bfloat16");
@@ -1140,10 +1562,12 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
                 if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
                 for (int64_t c = 0; c < g.c; ++c)
                   for (int64_t m = 0; m < g.m; ++m) {
-                    const int64_t yi = (((n * g.od + od) * g.oh + oh) * g.ow + ow) * g.c * g.m +
-                                       c * g.m + m;
+                    const int64_t yi =
+                        g.cf ? ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + oh) * g.ow + ow
+                             : (((n * g.od + od) * g.oh + oh) * g.ow + ow) * g.c * g.m + c * g.m + m;
                     const int64_t wi = (((a * g.kh + b) * g.kw + e) * g.m + m) * g.c + c;
-                    const int64_t xi = (((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c;
+                    const int64_t xi = g.cf ? (((n * g.c + c) * g.d + id) * g.h + ih) * g.w + iw
+                                            : (((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c;
                     const double xv = ToDouble(x[xi]);
                     want_y[yi] += xv * w[wi];
                     want_dk[wi] += xv * ToDouble(ct[yi]);
@@ -1211,11 +1635,15 @@ extern "C" int Dw5dSelfTest() {
       {1, 1, 3, 4, 3, 3, 1, 3, 4, 1, 5, 4, 1, 1, 1, 1, 2, 2, 0, 4, 3},
       {1, 3, 2, 9, 12, 1, 2, 2, 5, 2, 1, 2, 2, 1, 2, 1, 1, 3, -1, 0, 1},
   };
+  // Each case channels-last (specialised and generic kernels) and channels-first.
   int k = 0;
-  for (const Geom& g : cases) {
+  for (const Geom& last : cases) {
     ++k;
-    for (bool generic : {false, true}) {
-      const int code = k + (generic ? 1000 : 0);
+    for (int variant = 0; variant < 3; ++variant) {
+      Geom g = last;
+      g.cf = variant == 2;
+      const bool generic = variant == 1;
+      const int code = k + 1000 * variant;
       if (!dw5d::SelfTestOne<float, float>(g, 1000 + k, generic)) return code;
       if (!dw5d::SelfTestOne<dw5d::bf16, dw5d::bf16>(g, 2000 + k, generic)) return 100 + code;
       if (!dw5d::SelfTestOne<dw5d::bf16, float>(g, 3000 + k, generic)) return 200 + code;
