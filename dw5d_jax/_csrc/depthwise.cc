@@ -942,18 +942,20 @@ void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
 // Channels-first (g.cf = 1): x and dx (N, C, D, H, W), y and ct
 // (N, C * M, OD, OH, OW); w and dk keep their (KD, KH, KW, M, C) layout.
 // Every (n, c) is its own D x H x W volume, so these kernels vectorise
-// along W instead of over channels. Each row a kernel reads is copied once
-// (converted to float32, through a RowCache) into a zero-padded buffer,
-// de-interleaved into SW phases, so that tap e of a block of outputs is one
-// contiguous load at a fixed offset (`CfRows::eoff`); rows outside the
-// volume in D and H read a row of zeros, so every output row is the same
-// list of (weight, shifted row) terms, and a non-finite weight meets the
-// padding as zeros (0 * inf = NaN) as in XLA's lowering. The sums run over
-// R rows x NV packets of outputs at once in registers; outputs are padded
-// to whole packets in the buffers, and the tail of a row is stored through
-// a scratch packet.
+// along W instead of over channels. A tile (a run of planes (n, c, od)
+// times a band of rows, see Tiles) first copies the rows its band reads of
+// each input plane, converted to float32, into a zero-padded buffer
+// (`CfPlanes`; rows and planes outside the volume are zeros), each row
+// de-interleaved into SW phases so that tap e of consecutive outputs is one
+// contiguous load at a fixed offset (`CfRows::eoff`). Every output row is
+// then the same list of (weight, shifted buffer row) terms, summed for R
+// rows x NV packets of outputs at once in registers; the zero padding takes
+// part in the sums, so a non-finite weight meets it as in XLA's lowering
+// (0 * inf = NaN). Outputs are padded to whole packets in the buffers; the
+// tail of a row is stored through a scratch packet.
 
 constexpr int L = kLanes;
+constexpr int64_t kPrefetchBytes = 4 << 10;  // how far ahead input rows are prefetched
 using CfV = Pack<kLanes>::V;
 
 // Rows per block for NV packets: R * NV accumulators fill about half the
@@ -965,8 +967,8 @@ constexpr int CfRowsPerBlock() {
 
 inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// The padded, phased copy of rows of `width` values read with stride `s`,
-// dilation `r`, low padding `p`, `k` taps, for `out` outputs (rounded up to
+// The padded, phased copy of a row of `width` values read with stride `s`,
+// dilation `r`, low padding `p` and `k` taps by `out` outputs (rounded up to
 // packets): buffer[ph * q + i] = row[i * s + ph - p] (zero outside).
 struct CfRows {
   int64_t s, p, width, q, len;
@@ -995,9 +997,39 @@ struct CfRows {
   }
 };
 
-// acc[j][v] = sum over k of wk[k] * src[j * nk + k][col + v * L + (0 : L)].
+// Buffers of `count` rows of `len` floats for the `span` planes read last
+// (slot key % span; the planes one output plane reads have consecutive keys).
+// Rows are filled on demand, in order (`FillTo`), so that reading the
+// input from memory interleaves with the arithmetic on rows already there.
+class CfPlanes {
+ public:
+  CfPlanes(int64_t len, int64_t count, int64_t span)
+      : len_(len), count_(count), span_(span), keys_(span, -1), filled_(span, 0),
+        data_(span * len * count) {}
+  // The slot of plane `key` (emptied when it held another plane).
+  int64_t Slot(int64_t key) {
+    const int64_t slot = key % span_;
+    if (keys_[slot] != key) keys_[slot] = key, filled_[slot] = 0;
+    return slot;
+  }
+  float* Data(int64_t slot) { return &data_[slot * len_ * count_]; }
+  // fill(i, out) writes row i of the slot's plane, for the rows [filled, rows).
+  template <typename Fill>
+  void FillTo(int64_t slot, int64_t rows, Fill&& fill) {
+    rows = std::min(rows, count_);
+    for (int64_t i = filled_[slot]; i < rows; ++i) fill(i, Data(slot) + i * len_);
+    filled_[slot] = std::max(filled_[slot], rows);
+  }
+
+ private:
+  int64_t len_, count_, span_;
+  std::vector<int64_t> keys_, filled_;
+  std::vector<float> data_;
+};
+
+// acc[j][v] = sum over k of wk[k] * (src[k] + j * rs)[col + v * L + (0 : L)].
 template <int R, int NV>
-inline void CfSums(const float* const* src, const float* wk, int nk, int64_t col,
+inline void CfSums(const float* const* src, const float* wk, int nk, int64_t col, int64_t rs,
                    CfV (&acc)[R][NV]) {
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
@@ -1005,16 +1037,66 @@ inline void CfSums(const float* const* src, const float* wk, int nk, int64_t col
     for (int v = 0; v < NV; ++v) acc[j][v] = Pack<L>::Zero();
   for (int k = 0; k < nk; ++k) {
     const CfV wv = Pack<L>::Zero() + wk[k];
+    const float* s = src[k] + col;  // stepped by rs: no register per (row, packet) offset
 #pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) {
-      const float* s = src[j * nk + k] + col;
+    for (int j = 0; j < R; ++j, s += rs)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[j][v] += wv * Pack<L>::Load(s + v * L);
-    }
   }
 }
 
-// Stores packet `v` of a row of `len` outputs (the tail through scratch).
+// CfSums for a fixed H shape (KH taps, stride SH, dilation RH): the R rows
+// read the buffer rows i = j * SH + b * RH from `src[k] + col` (k = (a, e),
+// rows `rs1` apart), each loaded packet feeding every (row, tap b) that
+// reads it; wk[k * KH + b] are the weights.
+template <int KH, int SH, int RH, int R, int NV>
+inline void CfSumsH(const float* const* src, const float* wk, int nk, int64_t col, int64_t rs1,
+                    CfV (&acc)[R][NV]) {
+  constexpr int I = (R - 1) * SH + (KH - 1) * RH + 1;
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[j][v] = Pack<L>::Zero();
+  for (int k = 0; k < nk; ++k) {
+    CfV wv[KH];
+#pragma GCC unroll 8
+    for (int b = 0; b < KH; ++b) wv[b] = Pack<L>::Zero() + wk[k * KH + b];
+    const float* s = src[k] + col;
+#pragma GCC unroll 32
+    for (int i = 0; i < I; ++i, s += rs1)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const CfV xv = Pack<L>::Load(s + v * L);
+#pragma GCC unroll 8
+        for (int b = 0; b < KH; ++b) {
+          const int q = i - b * RH;
+          if (q >= 0 && q % SH == 0 && q / SH < R) acc[q / SH][v] += wv[b] * xv;
+        }
+      }
+  }
+}
+
+// Fixed H shapes with their own CfSumsH; HShape<0, 0, 0>: any other.
+template <int KH, int SH, int RH>
+struct HShape {
+  static constexpr int kh = KH, sh = SH, rh = RH;
+};
+
+// Calls pick(HShape) for g's H shape.
+template <typename Pick>
+auto WithHShape(const Geom& g, Pick&& pick) {
+  switch (g.kh * 100 + g.sh * 10 + g.rh) {
+    case 311: return pick(HShape<3, 1, 1>{});
+    case 312: return pick(HShape<3, 1, 2>{});
+    case 321: return pick(HShape<3, 2, 1>{});
+    case 511: return pick(HShape<5, 1, 1>{});
+    case 521: return pick(HShape<5, 2, 1>{});
+    case 711: return pick(HShape<7, 1, 1>{});
+    default: return pick(HShape<0, 0, 0>{});
+  }
+}
+
+// Stores packet `v` at `pos` of a row of `len` outputs (the tail through scratch).
 template <typename TO>
 inline void CfStore(TO* row, int64_t pos, int64_t len, CfV v) {
   if (pos + L <= len) {
@@ -1026,18 +1108,31 @@ inline void CfStore(TO* row, int64_t pos, int64_t len, CfV v) {
   for (int64_t i = 0; pos + i < len; ++i) Pack<1>::Store(row + pos + i, tmp[i]);
 }
 
-// For R rows: out[j](0 : len) = the term sums, over all packets of the row.
-template <int R, typename TO>
-void CfSumRows(const float* const* src, const float* wk, int nk, TO* const* out, int64_t len) {
+// R rows out + j * os, (0 : len): the term sums of rows `src[k] + off + j * rs`
+// (with a fixed H shape H: of CfSumsH(src, wk, nk, ..., rs1)).
+template <int R, typename H = HShape<0, 0, 0>, typename TO>
+void CfSumRows(const float* const* src, const float* wk, int nk, int64_t off, int64_t rs, TO* out,
+               int64_t os, int64_t len, int64_t rs1 = 0) {
   const int64_t packets = (len + L - 1) / L;
   int64_t v0 = 0;
   auto block = [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     for (; v0 + NV <= packets; v0 += NV) {
       CfV acc[R][NV];
-      CfSums<R, NV>(src, wk, nk, v0 * L, acc);
-      for (int j = 0; j < R; ++j)
-        for (int v = 0; v < NV; ++v) CfStore(out[j], (v0 + v) * L, len, acc[j][v]);
+      if constexpr (H::kh > 0) {
+        CfSumsH<H::kh, H::sh, H::rh, R, NV>(src, wk, nk, off + v0 * L, rs1, acc);
+      } else {
+        CfSums<R, NV>(src, wk, nk, off + v0 * L, rs, acc);
+      }
+      if ((v0 + NV) * L <= len) {
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) Pack<L>::Store(out + j * os + (v0 + v) * L, acc[j][v]);
+      } else {
+        for (int j = 0; j < R; ++j)
+          for (int v = 0; v < NV; ++v) CfStore(out + j * os, (v0 + v) * L, len, acc[j][v]);
+      }
     }
   };
   block(Int<4>{});
@@ -1045,13 +1140,14 @@ void CfSumRows(const float* const* src, const float* wk, int nk, TO* const* out,
   block(Int<1>{});
 }
 
-// Calls f(Int<R>, h, count) over [h0, h1) in blocks of the most rows that
-// fit the packets of a row.
+// Calls f(Int<R>, i) over rows [0, count) in blocks of R, as many as fit
+// the packets of a row.
 template <typename F>
-void CfRowBlocks(int64_t packets, int64_t h0, int64_t h1, F&& f) {
+void CfRowBlocks(int64_t packets, int64_t count, F&& f) {
+  int64_t i = 0;
   auto go = [&](auto r) {
     constexpr int R = decltype(r)::value;
-    for (; h0 + R <= h1; h0 += R) f(r, h0);
+    for (; i + R <= count; i += R) f(r, i);
   };
   if (packets >= 4) {
     go(Int<CfRowsPerBlock<4>()>{});
@@ -1064,104 +1160,156 @@ void CfRowBlocks(int64_t packets, int64_t h0, int64_t h1, F&& f) {
   go(Int<1>{});
 }
 
-// The input rows that output row (plane, oh) reads, tap row t = a * KH + b:
-// pointers into `in` (rows outside the volume: `zero`).
-template <typename Get>
-inline void CfTapRows(const Geom& g, int64_t plane, int64_t oh, const float* zero, Get&& get,
-                      const float** rows) {
-  const int64_t vol = plane / g.od, od = plane % g.od;
-  for (int64_t a = 0; a < g.kd; ++a) {
-    const int64_t id = od * g.sd + a * g.rd - g.pd;
-    for (int64_t b = 0; b < g.kh; ++b) {
-      const int64_t ih = oh * g.sh + b * g.rh - g.ph;
-      const bool in = id >= 0 && id < g.d && ih >= 0 && ih < g.h;
-      rows[a * g.kh + b] = in ? get((vol * g.d + id) * g.h + ih) : zero;
+// The input side of a forward / kernel-gradient tile: for output plane p,
+// src[k] (k = tap (a, b, e)) points at the buffered input row that output
+// row h0 of the band reads through tap k; output row h0 + i reads
+// src[k] + i * rs.
+template <typename TI>
+class CfInputPlanes {
+ public:
+  CfInputPlanes(const Geom& g, const TI* x, const Tiles& tiles, int64_t tile)
+      : g_(g), x_(x), rows_(g.w, g.ow, g.kw, g.sw, g.rw, g.pw) {
+    const int64_t b = tile % tiles.Bands(), q = tile / tiles.Bands();
+    p0 = q * tiles.run, p1 = std::min(tiles.planes, (q + 1) * tiles.run);
+    h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
+    lo_ = h0 * g.sh - g.ph;
+    count_ = (h1 - 1 - h0) * g.sh + (g.kh - 1) * g.rh + 1;
+    planes_ = std::make_unique<CfPlanes>(rows_.len, count_, (g.kd - 1) * g.rd + 1);
+    zero_.assign(rows_.len * count_, 0.0f);
+    rs = g.sh * rows_.len;
+    rs1 = rows_.len;
+    src.resize(g.taps());
+    src_ae.resize(g.kd * g.kw);
+  }
+
+  int64_t p0, p1, h0, h1, rs, rs1;
+  std::vector<const float*> src;     // per tap (a, b, e)
+  std::vector<const float*> src_ae;  // per (a, e): src of (a, 0, e)
+
+  // Output plane p: src for its taps (the rows are filled by `Need`).
+  void Plane(int64_t p) {
+    const int64_t vol = p / g_.od, od = p % g_.od;
+    live_.clear();
+    for (int64_t a = 0; a < g_.kd; ++a) {
+      const int64_t id = od * g_.sd + a * g_.rd - g_.pd;
+      const float* plane = zero_.data();
+      if (id >= 0 && id < g_.d) {
+        const int64_t slot = planes_->Slot(vol * g_.d + id);
+        live_.emplace_back(slot, x_ + (vol * g_.d + id) * g_.h * g_.w);
+        plane = planes_->Data(slot);
+      }
+      for (int64_t b = 0; b < g_.kh; ++b)
+        for (int64_t e = 0; e < g_.kw; ++e)
+          src[(a * g_.kh + b) * g_.kw + e] = plane + b * g_.rh * rows_.len + rows_.eoff[e];
+      for (int64_t e = 0; e < g_.kw; ++e) src_ae[a * g_.kw + e] = plane + rows_.eoff[e];
     }
   }
+
+  // Fills the input rows that the band's output rows [h0, h0 + rows) read.
+  void Need(int64_t rows) {
+    const int64_t upto = (rows - 1) * g_.sh + (g_.kh - 1) * g_.rh + 1;
+    for (const auto& [slot, xp] : live_)
+      planes_->FillTo(slot, upto, [&, xp = xp](int64_t i, float* out) {
+        const int64_t ih = lo_ + i;
+        if (ih >= 0 && ih < g_.h) {
+          rows_.Fill(xp + ih * g_.w, out);
+          // Ahead of the next blocks (into the next plane at the end: the
+          // planes of a volume follow each other in memory).
+          const char* ahead = reinterpret_cast<const char*>(xp + ih * g_.w) + kPrefetchBytes;
+          for (int64_t b = 0; b < static_cast<int64_t>(g_.w * sizeof(TI)); b += 64)
+            __builtin_prefetch(ahead + b);
+        } else {
+          std::fill(out, out + rows_.len, 0.0f);
+        }
+      });
+  }
+
+ private:
+  const Geom& g_;
+  const TI* x_;
+  CfRows rows_;
+  int64_t lo_, count_;
+  std::unique_ptr<CfPlanes> planes_;
+  std::vector<float> zero_;
+  std::vector<std::pair<int64_t, const TI*>> live_;  // slot, plane of x
+};
+
+// Prefetches for writing the `count` outputs kPrefetchBytes after `out`
+// (without it, the stores wait for their lines to come from memory).
+template <typename TO>
+inline void CfPrefetchOut(const TO* out, int64_t count) {
+  const char* ahead = reinterpret_cast<const char*>(out) + kPrefetchBytes;
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(TO)); b += 64)
+    __builtin_prefetch(ahead + b, 1);
 }
 
 template <typename TI, typename TO>
 void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tiles& tiles,
                    int64_t tile) {
-  const CfRows rows(g.w, g.ow, g.kw, g.sw, g.rw, g.pw);
-  RowCache cache(g.h, rows.len, (g.kd - 1) * g.rd + 1,
-                 (tiles.band - 1) * g.sh + (g.kh - 1) * g.rh + 1);
-  const std::vector<float> zero(rows.len, 0.0f);
-  auto get = [&](int64_t r) {
-    return cache.Get(r, [&](int64_t row, float* out) { rows.Fill(x + row * g.w, out); });
-  };
-  const int64_t tr = g.kd * g.kh, nk = tr * g.kw, rmax = 8;
-  std::vector<const float*> tap_rows(tr), src(rmax * nk);
-  std::vector<float> wk(nk);
-  const int64_t b = tile % tiles.Bands(), qq = tile / tiles.Bands();
-  const int64_t p1 = std::min(tiles.planes, (qq + 1) * tiles.run);
-  const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
-  for (int64_t p = qq * tiles.run; p < p1; ++p) {
-    const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
-    CfRowBlocks((g.ow + L - 1) / L, h0, h1, [&](auto r, int64_t oh) {
-      constexpr int R = decltype(r)::value;
-      for (int j = 0; j < R; ++j) {
-        CfTapRows(g, p, oh + j, zero.data(), get, tap_rows.data());
-        for (int64_t t = 0; t < tr; ++t)
-          for (int64_t e = 0; e < g.kw; ++e) src[j * nk + t * g.kw + e] = tap_rows[t] + rows.eoff[e];
-      }
+  WithHShape(g, [&](auto hshape) {
+    using H = decltype(hshape);
+    CfInputPlanes<TI> in(g, x, tiles, tile);
+    const int64_t nk = g.taps(), nae = g.kd * g.kw;
+    std::vector<float> wk(nk), wk_ae(nk);  // per tap (a, b, e); per (a, e, b)
+    for (int64_t p = in.p0; p < in.p1; ++p) {
+      const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
+      in.Plane(p);
       for (int64_t m = 0; m < g.m; ++m) {
-        for (int64_t k = 0; k < nk; ++k) wk[k] = w[(k * g.m + m) * g.c + c];
-        TO* out[R];
-        for (int j = 0; j < R; ++j)
-          out[j] = y + (((n * g.c + c) * g.m + m) * g.od + od) * g.oh * g.ow + (oh + j) * g.ow;
-        CfSumRows<R>(src.data(), wk.data(), static_cast<int>(nk), out, g.ow);
+        for (int64_t k = 0; k < nk; ++k) {
+          const int64_t a = k / (g.kh * g.kw), b = k / g.kw % g.kh, e = k % g.kw;
+          wk[k] = w[(k * g.m + m) * g.c + c];
+          wk_ae[(a * g.kw + e) * g.kh + b] = wk[k];
+        }
+        TO* out = y + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+        CfRowBlocks((g.ow + L - 1) / L, in.h1 - in.h0, [&](auto r, int64_t i) {
+          constexpr int R = decltype(r)::value;
+          in.Need(i + R);
+          CfPrefetchOut(out + i * g.ow, R * g.ow);
+          if constexpr (H::kh > 0 && R > 2) {  // the full blocks
+            CfSumRows<R, H>(in.src_ae.data(), wk_ae.data(), static_cast<int>(nae), i * in.rs,
+                            in.rs, out + i * g.ow, g.ow, g.ow, in.rs1);
+          } else {
+            CfSumRows<R>(in.src.data(), wk.data(), static_cast<int>(nk), i * in.rs, in.rs,
+                         out + i * g.ow, g.ow, g.ow);
+          }
+        });
       }
-    });
-  }
+    }
+  });
 }
 
 // part[k] (L floats) += sum over rows j and packets v of
-// ct[j][v] * src[j * nk + k][v], the packets from `col`.
+// ct[j][col + v] * (src[k] + off + j * rs)[col + v].
 template <int R, int NV>
-inline void CfDots(const float* const* src, int nk, const float* const* ct, int64_t col,
-                   float* part) {
+inline void CfDots(const float* const* src, int nk, int64_t off, int64_t rs,
+                   const float* const* ct, int64_t col, float* part) {
   CfV cv[R][NV];
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) cv[j][v] = Pack<L>::Load(ct[j] + col + v * L);
   for (int k = 0; k < nk; ++k) {
-    CfV s[2] = {Pack<L>::Zero(), Pack<L>::Zero()};
+    const float* s = src[k] + off + col;
+    CfV sum[2] = {Pack<L>::Zero(), Pack<L>::Zero()};
 #pragma GCC unroll 8
-    for (int j = 0; j < R; ++j)
+    for (int j = 0; j < R; ++j, s += rs)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v)
-        s[(j * NV + v) & 1] += cv[j][v] * Pack<L>::Load(src[j * nk + k] + col + v * L);
-    Pack<L>::Store(part + k * L, Pack<L>::Load(part + k * L) + (s[0] + s[1]));
+      for (int v = 0; v < NV; ++v) sum[(j * NV + v) & 1] += cv[j][v] * Pack<L>::Load(s + v * L);
+    Pack<L>::Store(part + k * L, Pack<L>::Load(part + k * L) + (sum[0] + sum[1]));
   }
 }
 
-template <int R>
-void CfDotRows(const float* const* src, int nk, const float* const* ct, int64_t packets,
-               float* part) {
-  int64_t v0 = 0;
-  for (; v0 + 4 <= packets; v0 += 4) CfDots<R, 4>(src, nk, ct, v0 * L, part);
-  for (; v0 + 2 <= packets; v0 += 2) CfDots<R, 2>(src, nk, ct, v0 * L, part);
-  for (; v0 < packets; ++v0) CfDots<R, 1>(src, nk, ct, v0 * L, part);
-}
-
 // One tile's kernel-gradient sums, dk-shaped (KD, KH, KW, M, C), into `part`:
-// per channel in packets (`acc`), each reduced in a fixed order when the
-// tile moves on to another channel.
+// per channel in packets (`acc`), reduced in a fixed order when the tile
+// moves on to another channel.
 template <typename TI, typename TC>
 void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, const Tiles& tiles,
                       int64_t tile) {
-  const CfRows rows(g.w, g.ow, g.kw, g.sw, g.rw, g.pw);
-  RowCache cache(g.h, rows.len, (g.kd - 1) * g.rd + 1,
-                 (tiles.band - 1) * g.sh + (g.kh - 1) * g.rh + 1);
-  const std::vector<float> zero(rows.len, 0.0f);
-  auto get = [&](int64_t r) {
-    return cache.Get(r, [&](int64_t row, float* out) { rows.Fill(x + row * g.w, out); });
-  };
-  const int64_t tr = g.kd * g.kh, nk = tr * g.kw, rmax = 8, packets = (g.ow + L - 1) / L;
-  std::vector<const float*> tap_rows(tr), src(rmax * nk);
-  std::vector<float> cbuf(rmax * packets * L, 0.0f), acc(g.m * nk * L, 0.0f);
+  CfInputPlanes<TI> in(g, x, tiles, tile);
+  const int64_t nk = g.taps(), packets = (g.ow + L - 1) / L, rmax = 8;
+  // ct rows as float32 padded with zeros to whole packets (in place when they are).
+  const bool direct = std::is_same<TC, float>::value && g.ow % L == 0;
+  std::vector<float> cbuf(direct ? 0 : rmax * packets * L, 0.0f), acc(g.m * nk * L, 0.0f);
   int64_t acc_c = -1;
   auto flush = [&]() {
     if (acc_c < 0) return;
@@ -1173,41 +1321,47 @@ void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, con
       }
     std::fill(acc.begin(), acc.end(), 0.0f);
   };
-  const int64_t b = tile % tiles.Bands(), qq = tile / tiles.Bands();
-  const int64_t p1 = std::min(tiles.planes, (qq + 1) * tiles.run);
-  const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
-  for (int64_t p = qq * tiles.run; p < p1; ++p) {
+  for (int64_t p = in.p0; p < in.p1; ++p) {
     const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
     if (c != acc_c) {
       flush();
       acc_c = c;
     }
-    CfRowBlocks(packets, h0, h1, [&](auto r, int64_t oh) {
-      constexpr int R = decltype(r)::value;
-      for (int j = 0; j < R; ++j) {
-        CfTapRows(g, p, oh + j, zero.data(), get, tap_rows.data());
-        for (int64_t t = 0; t < tr; ++t)
-          for (int64_t e = 0; e < g.kw; ++e) src[j * nk + t * g.kw + e] = tap_rows[t] + rows.eoff[e];
-      }
-      for (int64_t m = 0; m < g.m; ++m) {
+    in.Plane(p);
+    for (int64_t m = 0; m < g.m; ++m) {
+      const TC* crows = ct + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+      CfRowBlocks(packets, in.h1 - in.h0, [&](auto r, int64_t i) {
+        constexpr int R = decltype(r)::value;
+        in.Need(i + R);
         const float* cr[R];
         for (int j = 0; j < R; ++j) {
-          const TC* crow =
-              ct + (((n * g.c + c) * g.m + m) * g.od + od) * g.oh * g.ow + (oh + j) * g.ow;
-          Convert(crow, &cbuf[j * packets * L], g.ow);  // the tail stays zero
-          cr[j] = &cbuf[j * packets * L];
+          const TC* crow = crows + (i + j) * g.ow;
+          if (direct) {
+            cr[j] = reinterpret_cast<const float*>(crow);
+          } else {
+            Convert(crow, &cbuf[j * packets * L], g.ow);  // the tail stays zero
+            cr[j] = &cbuf[j * packets * L];
+          }
         }
-        CfDotRows<R>(src.data(), static_cast<int>(nk), cr, packets, &acc[m * nk * L]);
-      }
-    });
+        const float* const* src = in.src.data();
+        const int64_t off = i * in.rs;
+        float* pm = &acc[m * nk * L];
+        const int n_k = static_cast<int>(nk);
+        int64_t v0 = 0;
+        for (; v0 + 4 <= packets; v0 += 4) CfDots<R, 4>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 + 2 <= packets; v0 += 2) CfDots<R, 2>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 < packets; ++v0) CfDots<R, 1>(src, n_k, off, in.rs, cr, v0 * L, pm);
+      });
+    }
   }
   flush();
 }
 
-// Input gradient in gather form (strides or M > 1): dx row u = iw + PW,
-// u = i * SW + ph, sums over taps e with (e * RW - ph) % SW == 0 of
-// ct[i - (e * RW - ph) / SW] * w[e]; `CfGather` has, per phase ph, the
-// taps and their offsets in a zero-padded ct row covering every o read.
+// Input gradient in gather form (strides or M > 1). Along W, position
+// u = iw + PW = i * SW + ph sums, over the taps e with
+// (e * RW - ph) % SW == 0, ct[i - (e * RW - ph) / SW] * w[e]: per phase ph
+// the taps and their offsets in a zero-padded ct row covering every o read
+// (`Fill`: out[i] = ct[q0 - smax + i]).
 struct CfGather {
   int64_t q0, qn, smax, len;
   std::vector<std::vector<int64_t>> taps, offs;  // per phase
@@ -1224,7 +1378,7 @@ struct CfGather {
         }
   }
   template <typename T>
-  void Fill(const Geom& g, const T* row, float* out) const {  // out[i] = ct[q0 - smax + i]
+  void Fill(const Geom& g, const T* row, float* out) const {
     for (int64_t i = 0; i < len; ++i) {
       const int64_t o = q0 - smax + i;
       out[i] = o >= 0 && o < g.ow ? Pack<1>::Load(row + o) : 0.0f;
@@ -1232,79 +1386,94 @@ struct CfGather {
   }
 };
 
+// dx rows of a tile: plane p = (n, c, id), rows [h0, h1) taken by class
+// (rows h, h + SH, ...: the same ct rows shifted by one, the same taps).
 template <typename TC, typename TO>
 void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const Tiles& tiles,
                      int64_t tile) {
   const CfGather gather(g);
-  std::vector<RowCache> caches;
-  for (int64_t m = 0; m < g.m; ++m)
-    caches.emplace_back(g.oh, gather.len, (g.kd - 1) * g.rd / g.sd + 1,
-                        (tiles.band + (g.kh - 1) * g.rh) / g.sh + 2);
-  const std::vector<float> zero(gather.len, 0.0f);
-  const int64_t tr = g.kd * g.kh, rmax = 8, cm = g.c * g.m;
-  const int64_t nkmax = tr * g.m * g.kw;
-  std::vector<const float*> ctrows(rmax * tr * g.m), src(rmax * nkmax);
-  std::vector<float> wk(nkmax), phases(rmax * g.sw * gather.qn);
-  const int64_t b = tile % tiles.Bands(), qq = tile / tiles.Bands();
-  const int64_t p1 = std::min(tiles.planes, (qq + 1) * tiles.run);
+  const int64_t b = tile % tiles.Bands(), q = tile / tiles.Bands();
+  const int64_t p0 = q * tiles.run, p1 = std::min(tiles.planes, (q + 1) * tiles.run);
   const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
-  for (int64_t p = qq * tiles.run; p < p1; ++p) {
+  // The ct rows the band reads: [lo, lo + count).
+  const int64_t lo = FloorDiv(h0 + g.ph - (g.kh - 1) * g.rh, g.sh);
+  const int64_t count = FloorDiv(h1 - 1 + g.ph, g.sh) - lo + 1;
+  std::vector<std::unique_ptr<CfPlanes>> planes;
+  for (int64_t m = 0; m < g.m; ++m)
+    planes.push_back(std::make_unique<CfPlanes>(gather.len, count, (g.kd - 1) * g.rd / g.sd + 1));
+  const int64_t cm = g.c * g.m, nkmax = g.taps() * g.m, rmax = 8;
+  std::vector<const float*> pa(g.kd * g.m), src(g.sw * nkmax);
+  std::vector<int64_t> valid_a;
+  std::vector<int> nks(g.sw);
+  std::vector<float> wk(g.sw * nkmax), phases(rmax * g.sw * gather.qn);
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t vol = p / g.d, c = vol % g.c, n = vol / g.c, id = p % g.d;
-    CfRowBlocks(gather.qn / L, h0, h1, [&](auto r, int64_t ih0) {
-      constexpr int R = decltype(r)::value;
-      for (int j = 0; j < R; ++j) {
-        const int64_t ih = ih0 + j;
-        for (int64_t a = 0; a < g.kd; ++a) {
-          const int64_t nd = id + g.pd - a * g.rd;
-          const bool din = nd % g.sd == 0 && nd >= 0 && nd / g.sd < g.od;
-          for (int64_t bb = 0; bb < g.kh; ++bb) {
-            const int64_t nh = ih + g.ph - bb * g.rh;
-            const bool in = din && nh % g.sh == 0 && nh >= 0 && nh / g.sh < g.oh;
-            for (int64_t m = 0; m < g.m; ++m) {
-              const float** slot = &ctrows[(j * tr + a * g.kh + bb) * g.m + m];
-              if (!in) {
-                *slot = zero.data();
-                continue;
-              }
-              const int64_t plane = (n * g.c + c) * g.od + nd / g.sd;
-              const TC* base = ct + ((n * cm + c * g.m + m) * g.od + nd / g.sd) * g.oh * g.ow;
-              *slot = caches[m].Get(plane * g.oh + nh / g.sh, [&](int64_t row, float* out) {
-                gather.Fill(g, base + (row % g.oh) * g.ow, out);
-              });
-            }
+    valid_a.clear();
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t nd = id + g.pd - a * g.rd;
+      if (nd % g.sd != 0 || nd < 0 || nd / g.sd >= g.od) continue;
+      const int64_t od = nd / g.sd;
+      valid_a.push_back(a);
+      for (int64_t m = 0; m < g.m; ++m) {
+        const TC* base = ct + ((n * cm + c * g.m + m) * g.od + od) * g.oh * g.ow;
+        const int64_t slot = planes[m]->Slot(vol * g.od + od);
+        planes[m]->FillTo(slot, count, [&](int64_t i, float* out) {
+          const int64_t oh = lo + i;
+          if (oh >= 0 && oh < g.oh) {
+            gather.Fill(g, base + oh * g.ow, out);
+          } else {
+            std::fill(out, out + gather.len, 0.0f);
           }
-        }
+        });
+        pa[a * g.m + m] = planes[m]->Data(slot);
       }
+    }
+    for (int64_t first = h0; first < std::min(h1, h0 + g.sh); ++first) {
+      // The terms of row `first` per W phase; row first + i * SH reads the
+      // same rows shifted by i.
       for (int64_t ph = 0; ph < g.sw; ++ph) {
         const auto& taps = gather.taps[ph];
         const auto& offs = gather.offs[ph];
-        const int64_t ne = static_cast<int64_t>(taps.size()), nk = tr * g.m * ne;
-        float* out[R];
-        for (int j = 0; j < R; ++j) out[j] = &phases[(j * g.sw + ph) * gather.qn];
-        if (nk == 0) {
-          for (int j = 0; j < R; ++j) std::fill(out[j], out[j] + gather.qn, 0.0f);
-          continue;
-        }
-        for (int64_t t = 0; t < tr; ++t)
-          for (int64_t m = 0; m < g.m; ++m)
-            for (int64_t i = 0; i < ne; ++i) {
-              const int64_t k = (t * g.m + m) * ne + i;
-              wk[k] = w[((t * g.kw + taps[i]) * g.m + m) * g.c + c];
-              for (int j = 0; j < R; ++j)
-                src[j * nk + k] = ctrows[(j * tr + t) * g.m + m] + offs[i];
-            }
-        CfSumRows<R>(src.data(), wk.data(), static_cast<int>(nk), out, gather.qn);
+        int nk = 0;
+        for (int64_t a : valid_a)
+          for (int64_t bb = 0; bb < g.kh; ++bb) {
+            const int64_t nh = first + g.ph - bb * g.rh;
+            if (FloorDiv(nh, g.sh) * g.sh != nh) continue;
+            const int64_t row = nh / g.sh - lo;
+            for (int64_t m = 0; m < g.m; ++m)
+              for (size_t i = 0; i < taps.size(); ++i, ++nk) {
+                wk[ph * nkmax + nk] = w[(((a * g.kh + bb) * g.kw + taps[i]) * g.m + m) * g.c + c];
+                src[ph * nkmax + nk] = pa[a * g.m + m] + row * gather.len + offs[i];
+              }
+          }
+        nks[ph] = nk;
       }
-      for (int j = 0; j < R; ++j) {
-        TO* row = dx + (p * g.h + ih0 + j) * g.w;
-        const float* ph0 = &phases[j * g.sw * gather.qn];
-        for (int64_t iw = 0; iw < g.w; ++iw) {
-          const int64_t u = iw + g.pw;
-          const int64_t ph = u - FloorDiv(u, g.sw) * g.sw;
-          Pack<1>::Store(row + iw, ph0[ph * gather.qn + FloorDiv(u, g.sw) - gather.q0]);
+      CfRowBlocks(gather.qn / L, (h1 - 1 - first) / g.sh + 1, [&](auto r, int64_t i) {
+        constexpr int R = decltype(r)::value;
+        const int64_t os = g.sw * gather.qn;  // between the rows of `phases`
+        for (int64_t ph = 0; ph < g.sw; ++ph) {
+          float* out = &phases[ph * gather.qn];
+          if (nks[ph] == 0) {
+            for (int j = 0; j < R; ++j) std::fill(out + j * os, out + j * os + gather.qn, 0.0f);
+          } else {
+            CfSumRows<R>(&src[ph * nkmax], &wk[ph * nkmax], nks[ph], i * gather.len, gather.len,
+                         out, os, gather.qn);
+          }
         }
-      }
-    });
+        for (int j = 0; j < R; ++j) {  // the phases interleaved into dx
+          TO* xrow = dx + (p * g.h + first + (i + j) * g.sh) * g.w;
+          const float* row = &phases[j * os];
+          if (g.sw == 1) {
+            Convert(row + (g.pw - gather.q0), xrow, g.w);
+            continue;
+          }
+          for (int64_t iw = 0; iw < g.w; ++iw) {
+            const int64_t u = iw + g.pw, qq = FloorDiv(u, g.sw);
+            Pack<1>::Store(xrow + iw, row[(u - qq * g.sw) * gather.qn + qq - gather.q0]);
+          }
+        }
+      });
+    }
   }
 }
 
@@ -1634,6 +1803,13 @@ extern "C" int Dw5dSelfTest() {
       {1, 1, 2, 51, 3, 1, 1, 2, 25, 1, 1, 7, 1, 1, 2, 1, 1, 1, 0, 0, 3},
       {1, 1, 3, 4, 3, 3, 1, 3, 4, 1, 5, 4, 1, 1, 1, 1, 2, 2, 0, 4, 3},
       {1, 3, 2, 9, 12, 1, 2, 2, 5, 2, 1, 2, 2, 1, 2, 1, 1, 3, -1, 0, 1},
+      // Taller ones for the channels-first blocks of rows (fixed H shapes).
+      {1, 2, 19, 37, 2, 1, 2, 19, 37, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1},
+      {1, 1, 23, 70, 2, 2, 1, 12, 35, 1, 5, 5, 1, 2, 2, 1, 1, 1, 0, 2, 2},
+      {1, 1, 20, 66, 1, 1, 1, 20, 66, 1, 3, 3, 1, 1, 1, 1, 2, 2, 0, 2, 2},
+      {2, 3, 17, 20, 2, 1, 3, 17, 20, 3, 7, 7, 1, 1, 1, 1, 1, 1, 1, 3, 3},
+      {1, 2, 18, 16, 3, 1, 2, 9, 16, 2, 3, 3, 1, 2, 1, 1, 1, 1, 0, 1, 1},
+      {1, 1, 15, 33, 2, 3, 1, 15, 33, 1, 5, 5, 1, 1, 1, 1, 1, 1, 0, 2, 2},
   };
   // Each case channels-last (specialised and generic kernels) and channels-first.
   int k = 0;
