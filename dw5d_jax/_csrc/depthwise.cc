@@ -965,6 +965,14 @@ constexpr int CfRowsPerBlock() {
   return std::max(1, std::min(8, kRegisters / 2 / NV));
 }
 
+// Shuffle masks that interleave two packets a, b: a0 b0 a1 b1 ... (lo, hi half).
+inline Pack<L>::U Weave(int half) {
+  Pack<L>::U m{};
+  for (int i = 0; i < L; ++i) m[i] = static_cast<uint32_t>(half * L / 2 + i / 2 + (i % 2) * L);
+  return m;
+}
+const Pack<L>::U kWeaveLo = Weave(0), kWeaveHi = Weave(1);
+
 inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // The padded, phased copy of a row of `width` values read with stride `s`,
@@ -989,11 +997,15 @@ struct CfRows {
       std::fill(out + hi, out + q, 0.0f);
       return;
     }
-    for (int64_t ph = 0; ph < s; ++ph)
-      for (int64_t i = 0; i < q; ++i) {
-        const int64_t j = i * s + ph - p;
-        out[ph * q + i] = j >= 0 && j < width ? Pack<1>::Load(row + j) : 0.0f;
-      }
+    for (int64_t ph = 0; ph < s; ++ph) {  // i * s + ph - p in [0, width) for i in [lo, hi)
+      const int64_t lo = std::min(q, std::max<int64_t>(0, CeilDiv(p - ph, s)));
+      const int64_t hi = std::max(lo, std::min(q, CeilDiv(width + p - ph, s)));
+      float* o = out + ph * q;
+      std::fill(o, o + lo, 0.0f);
+      const T* in = row + ph - p;
+      for (int64_t i = lo; i < hi; ++i) o[i] = Pack<1>::Load(in + i * s);
+      std::fill(o + hi, o + q, 0.0f);
+    }
   }
 };
 
@@ -1243,6 +1255,13 @@ inline void CfPrefetchOut(const TO* out, int64_t count) {
     __builtin_prefetch(ahead + b, 1);
 }
 
+// Prefetches `count` values from `p` for reading.
+template <typename T>
+inline void CfPrefetch(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b);
+}
+
 template <typename TI, typename TO>
 void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tiles& tiles,
                    int64_t tile) {
@@ -1379,10 +1398,12 @@ struct CfGather {
   }
   template <typename T>
   void Fill(const Geom& g, const T* row, float* out) const {
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t o = q0 - smax + i;
-      out[i] = o >= 0 && o < g.ow ? Pack<1>::Load(row + o) : 0.0f;
-    }
+    const int64_t first = q0 - smax;  // out[i] = row[first + i]
+    const int64_t lo = std::min(len, std::max<int64_t>(0, -first));
+    const int64_t hi = std::max(lo, std::min(len, g.ow - first));
+    std::fill(out, out + lo, 0.0f);
+    Convert(row + first + lo, out + lo, hi - lo);
+    std::fill(out + hi, out + len, 0.0f);
   }
 };
 
@@ -1405,7 +1426,7 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
   std::vector<const float*> pa(g.kd * g.m), src(g.sw * nkmax);
   std::vector<int64_t> valid_a;
   std::vector<int> nks(g.sw);
-  std::vector<float> wk(g.sw * nkmax), phases(rmax * g.sw * gather.qn);
+  std::vector<float> wk(g.sw * nkmax), phases(rmax * g.sw * gather.qn), woven(2 * gather.qn);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t vol = p / g.d, c = vol % g.c, n = vol / g.c, id = p % g.d;
     valid_a.clear();
@@ -1426,6 +1447,7 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
           }
         });
         pa[a * g.m + m] = planes[m]->Data(slot);
+        CfPrefetch(base + g.oh * g.ow, g.oh * g.ow);  // the next plane's (from memory)
       }
     }
     for (int64_t first = h0; first < std::min(h1, h0 + g.sh); ++first) {
@@ -1462,14 +1484,25 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
         }
         for (int j = 0; j < R; ++j) {  // the phases interleaved into dx
           TO* xrow = dx + (p * g.h + first + (i + j) * g.sh) * g.w;
+          CfPrefetchOut(xrow, g.w);
           const float* row = &phases[j * os];
           if (g.sw == 1) {
             Convert(row + (g.pw - gather.q0), xrow, g.w);
             continue;
           }
-          for (int64_t iw = 0; iw < g.w; ++iw) {
-            const int64_t u = iw + g.pw, qq = FloorDiv(u, g.sw);
-            Pack<1>::Store(xrow + iw, row[(u - qq * g.sw) * gather.qn + qq - gather.q0]);
+          if (g.sw == 2) {  // interleaved in packets: woven[u - 2 * q0]
+            for (int64_t v = 0; v < gather.qn; v += L) {
+              const CfV a = Pack<L>::Load(row + v), b = Pack<L>::Load(row + gather.qn + v);
+              Pack<L>::Store(&woven[2 * v], __builtin_shuffle(a, b, kWeaveLo));
+              Pack<L>::Store(&woven[2 * v + L], __builtin_shuffle(a, b, kWeaveHi));
+            }
+            Convert(woven.data() + g.pw - 2 * gather.q0, xrow, g.w);
+            continue;
+          }
+          for (int64_t ph = 0; ph < g.sw; ++ph) {  // iw = iw0 + t * SW: u = (u0 + t) * SW + ph
+            const int64_t iw0 = ((ph - g.pw) % g.sw + g.sw) % g.sw;
+            const float* in = row + ph * gather.qn + (iw0 + g.pw - ph) / g.sw - gather.q0;
+            for (int64_t iw = iw0, t = 0; iw < g.w; iw += g.sw, ++t) Pack<1>::Store(xrow + iw, in[t]);
           }
         }
       });
