@@ -1,8 +1,11 @@
 """The native CPU kernels as JAX functions, and when a lowering may use them.
 
 `dw5d_jax/_csrc/depthwise.cc` (built by `_native_build.py`) has three XLA
-FFI handlers for channels-last rank-5 arrays (channels-first problems are
-transposed around them, where that was measured faster; see `worthwhile`):
+FFI handlers for rank-5 arrays, each with channels-last kernels
+(vectorised over channels) and channels-first ones (vectorised along W;
+the layout is the last int of the `config` attribute, see `_config`).
+Narrow channels-first problems may instead be transposed to channels-last
+around the kernels (`transposed`):
 
 * `dw5d_forward(x, w) -> y`: the depthwise convolution, reading x without a
   padded copy (out-of-range taps are skipped), float32 accumulation.
@@ -36,33 +39,37 @@ from dw5d_jax._args import ConvSpec
 DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 
 
+# Channels-first problems use the channels-first kernels (vectorised along
+# the output width) from this output width on, for each op; narrower ones
+# are transposed to channels-last where C % 4 == 0 (see `worthwhile`).
+_CF_MIN_WIDTH = {"forward": 12, "input_grad": 8, "kernel_grad": 8}
+
+
 def worthwhile(spec: ConvSpec, op: str) -> bool:
   """Whether the native kernels beat XLA's lowering for `op` on `spec` (measured).
 
-  `op` is `"forward"`, `"input_grad"` or `"kernel_grad"`. The kernels
-  vectorise over channels in packets of 16, 8 and 4 floats, and any
-  channels left over one float at a time. With every channel in a packet
-  (`C % 4 == 0`) they were faster in every measured channels-last case,
-  forward and backward (2-core AVX-512 machine, x (4, 16, 64, 64, C), 3x3:
-  C = 8 forward 0.8 vs 2.9 ms, C = 4 with M = 2 3.2 vs 3.8 ms); with
-  leftovers XLA's lowering, which vectorises along W * C, was faster for
-  C <= 3 (C = 3: 1.0 vs 0.7 ms) and in the backward pass for C = 5 and 7
-  (5.3 vs 2.9 ms, 6.7 vs 4.9 ms).
+  `op` is `"forward"`, `"input_grad"` or `"kernel_grad"`. Measured on a
+  2-core AVX-512 machine (medians, ms, jit, tuned allocator).
 
-  Channels-first input is transposed to channels-last and back around the
-  kernels. For the gradients that always paid (W1 in NCDHW: forward +
-  backward 61 ms with XLA's lowering, 11.6 ms transposed; W2 332 vs
-  12.8 ms; W3 46 vs 6.5 ms; x (4, 16, 64, 64, 8) 3x3 5.9 vs 3.6 ms). For
-  the forward pass the two transposes cost as much as the kernel saves
-  unless the window is large or strided (XLA vs transposed, ms: W1 5.0 vs
-  9.7, W2 7.4 vs 9.9, W4 5.5 vs 7.5, 3x3x3 with C = 8 1.7 vs 1.8; but
-  W3 5.2 vs 3.6, 7x7 with C = 64 5.3 vs 4.1, 5x5x5 stride 2 8.6 vs 2.2).
+  Channels-last: the kernels vectorise over channels in packets of 16, 8
+  and 4 floats, and any channels left over one float at a time. With every
+  channel in a packet (`C % 4 == 0`) they were faster in every measured
+  case, forward and backward (x (4, 16, 64, 64, C), 3x3: C = 8 forward
+  0.8 vs 2.9 ms, C = 4 with M = 2 3.2 vs 3.8 ms); with leftovers XLA's
+  lowering, which vectorises along W * C, was faster for C <= 3 (C = 3:
+  1.0 vs 0.7 ms) and in the backward pass for C = 5 and 7 (5.3 vs 2.9 ms,
+  6.7 vs 4.9 ms).
+
+  Channels-first: the channels-first kernels vectorise along the output
+  width, whatever C is (`transposed` says when the channels-last kernels
+  with transposes around them are used instead). CHANNELS_FIRST_NUMBERS
   """
-  if spec.channels % 4:
-    return False
-  if spec.channels_last or op != "forward":
+  if spec.channels_last:
+    return spec.channels % 4 == 0
+  if op != "forward" or spec.out_spatial[2] >= _CF_MIN_WIDTH[op]:
     return True
-  return any(s > 1 for s in spec.strides) or math.prod(spec.window) > 27
+  return spec.channels % 4 == 0 and (
+      any(s > 1 for s in spec.strides) or math.prod(spec.window) > 27)
 
 
 def usable(ctx, spec: ConvSpec, op: str) -> bool:
@@ -85,10 +92,12 @@ def usable(ctx, spec: ConvSpec, op: str) -> bool:
 def transposed(spec: ConvSpec, op: str) -> bool:
   """Whether a channels-first `op` transposes to channels-last around the kernels.
 
-  False: the channels-first kernels run on the arrays as they are.
+  Only for outputs narrower than `_CF_MIN_WIDTH[op]` with `C % 4 == 0`,
+  where that was measured faster (see `worthwhile`); otherwise the
+  channels-first kernels run on the arrays as they are.
   """
-  del op
-  return not spec.channels_last and False
+  return (not spec.channels_last and spec.channels % 4 == 0
+          and spec.out_spatial[2] < _CF_MIN_WIDTH[op])
 
 
 def _last(a: jax.Array, spec: ConvSpec, op: str) -> jax.Array:
