@@ -219,9 +219,10 @@ struct Tiles {
 constexpr int64_t kBandBytes = 256 << 10;  // the input rows of one band
 constexpr int64_t kTiles = 32;             // about this many tiles
 
-// `row_bytes`: one input row; a row of output reads `kd` x `kh` input rows.
+// `row_bytes`: one input row; a row of output reads `kd` x `kh` input rows;
+// bands of at least `min_band` rows (where the height allows).
 inline Tiles MakeTiles(int64_t planes, int64_t height, int64_t row_bytes, int64_t kd,
-                       int64_t kh) {
+                       int64_t kh, int64_t min_band = 1) {
   Tiles t;
   t.planes = planes, t.height = height;
   if (planes <= 0 || height <= 0) return t;
@@ -229,7 +230,7 @@ inline Tiles MakeTiles(int64_t planes, int64_t height, int64_t row_bytes, int64_
   band = std::min(height, std::max<int64_t>(1, band));
   int64_t bands = (height + band - 1) / band;
   bands = std::max(bands, std::min(height, (kTiles + planes - 1) / planes));  // enough tiles
-  t.band = (height + bands - 1) / bands;
+  t.band = std::min(height, std::max(min_band, (height + bands - 1) / bands));
   t.run = std::max<int64_t>(1, planes * t.Bands() / kTiles);
   return t;
 }
@@ -955,6 +956,7 @@ void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
 // tail of a row is stored through a scratch packet.
 
 constexpr int L = kLanes;
+constexpr int64_t kCfMinBand = 8;  // rows: whole blocks of rows (CfRowBlocks) in a band
 constexpr int64_t kPrefetchBytes = 4 << 10;  // how far ahead input rows are prefetched
 using CfV = Pack<kLanes>::V;
 
@@ -1259,7 +1261,8 @@ inline void CfPrefetchOut(const TO* out, int64_t count) {
 template <typename T>
 inline void CfPrefetch(const T* p, int64_t count) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64)
+    __builtin_prefetch(c + b);
 }
 
 template <typename TI, typename TO>
@@ -1502,7 +1505,8 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
           for (int64_t ph = 0; ph < g.sw; ++ph) {  // iw = iw0 + t * SW: u = (u0 + t) * SW + ph
             const int64_t iw0 = ((ph - g.pw) % g.sw + g.sw) % g.sw;
             const float* in = row + ph * gather.qn + (iw0 + g.pw - ph) / g.sw - gather.q0;
-            for (int64_t iw = iw0, t = 0; iw < g.w; iw += g.sw, ++t) Pack<1>::Store(xrow + iw, in[t]);
+            for (int64_t iw = iw0, t = 0; iw < g.w; iw += g.sw, ++t)
+              Pack<1>::Store(xrow + iw, in[t]);
           }
         }
       });
@@ -1512,7 +1516,8 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
 
 template <typename TI, typename TO>
 void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y) {
-  const Tiles tiles = MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh);
+  const Tiles tiles =
+      MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i); });
 }
@@ -1520,7 +1525,8 @@ void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float
 template <typename TI, typename TC>
 void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk) {
   const int64_t size = g.taps() * g.m * g.c;
-  const Tiles tiles = MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh);
+  const Tiles tiles =
+      MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   const int64_t chunks = tiles.Count();
   std::vector<float> parts(chunks * size, 0.0f);
   ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
@@ -1534,7 +1540,7 @@ void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC
 template <typename TC, typename TO>
 void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx) {
   const Tiles tiles = MakeTiles(g.n * g.c * g.d, g.h, g.ow * sizeof(TC) * g.m,
-                                CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh));
+                                CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh), kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { CfInputGradTile(g, ct, w, dx, tiles, i); });
 }
@@ -1766,7 +1772,8 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
                   for (int64_t m = 0; m < g.m; ++m) {
                     const int64_t yi =
                         g.cf ? ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + oh) * g.ow + ow
-                             : (((n * g.od + od) * g.oh + oh) * g.ow + ow) * g.c * g.m + c * g.m + m;
+                             : (((n * g.od + od) * g.oh + oh) * g.ow + ow) * g.c * g.m +
+                                   c * g.m + m;
                     const int64_t wi = (((a * g.kh + b) * g.kw + e) * g.m + m) * g.c + c;
                     const int64_t xi = g.cf ? (((n * g.c + c) * g.d + id) * g.h + ih) * g.w + iw
                                             : (((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c;
