@@ -1110,24 +1110,13 @@ auto WithHShape(const Geom& g, Pick&& pick) {
   }
 }
 
-// Stores packet `v` at `pos` of a row of `len` outputs (the tail through scratch).
-template <typename TO>
-inline void CfStore(TO* row, int64_t pos, int64_t len, CfV v) {
-  if (pos + L <= len) {
-    Pack<L>::Store(row + pos, v);
-    return;
-  }
-  float tmp[L];
-  Pack<L>::Store(tmp, v);
-  for (int64_t i = 0; pos + i < len; ++i) Pack<1>::Store(row + pos + i, tmp[i]);
-}
-
-// R rows out + j * os, (0 : len): the term sums of rows `src[k] + off + j * rs`
-// (with a fixed H shape H: of CfSumsH(src, wk, nk, ..., rs1)).
-template <int R, typename H = HShape<0, 0, 0>, typename TO>
-void CfSumRows(const float* const* src, const float* wk, int nk, int64_t off, int64_t rs, TO* out,
-               int64_t os, int64_t len, int64_t rs1 = 0) {
-  const int64_t packets = (len + L - 1) / L;
+// R rows out + j * os, `packets` whole packets: the term sums of rows
+// `src[k] + off + j * rs` (with a fixed H shape H: of CfSumsH(src, wk, nk,
+// ..., rs1)). Not inlined: one copy serves every dtype and caller.
+template <int R, typename H = HShape<0, 0, 0>>
+__attribute__((noinline)) void CfSumRows(const float* const* src, const float* wk, int nk,
+                                         int64_t off, int64_t rs, float* out, int64_t os,
+                                         int64_t packets, int64_t rs1) {
   int64_t v0 = 0;
   auto block = [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
@@ -1138,21 +1127,37 @@ void CfSumRows(const float* const* src, const float* wk, int nk, int64_t off, in
       } else {
         CfSums<R, NV>(src, wk, nk, off + v0 * L, rs, acc);
       }
-      if ((v0 + NV) * L <= len) {
 #pragma GCC unroll 8
-        for (int j = 0; j < R; ++j)
+      for (int j = 0; j < R; ++j)
 #pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) Pack<L>::Store(out + j * os + (v0 + v) * L, acc[j][v]);
-      } else {
-        for (int j = 0; j < R; ++j)
-          for (int v = 0; v < NV; ++v) CfStore(out + j * os, (v0 + v) * L, len, acc[j][v]);
-      }
+        for (int v = 0; v < NV; ++v) Pack<L>::Store(out + j * os + (v0 + v) * L, acc[j][v]);
     }
   };
   block(Int<4>{});
   block(Int<2>{});
   block(Int<1>{});
 }
+
+using CfSumRowsFn = void (*)(const float* const*, const float*, int, int64_t, int64_t, float*,
+                             int64_t, int64_t, int64_t);
+
+// CfSumRows<R> for every block size R that CfRowBlocks uses (1, 2, 4, 8),
+// those of more than 2 rows with g's fixed H shape when it has one.
+struct CfSumRowsFns {
+  CfSumRowsFn fn[9] = {};
+  bool fixed[9] = {};  // fn[r] has a fixed H shape (sources and weights per (a, e))
+  explicit CfSumRowsFns(const Geom& g) {
+    fn[1] = &CfSumRows<1>, fn[2] = &CfSumRows<2>, fn[4] = &CfSumRows<4>, fn[8] = &CfSumRows<8>;
+    WithHShape(g, [&](auto h) {
+      using H = decltype(h);
+      if constexpr (H::kh > 0) {
+        fn[4] = &CfSumRows<4, H>, fn[8] = &CfSumRows<8, H>;
+        fixed[4] = fixed[8] = true;
+      }
+      return 0;
+    });
+  }
+};
 
 // Calls f(Int<R>, i) over rows [0, count) in blocks of R, as many as fit
 // the packets of a row.
@@ -1268,36 +1273,41 @@ inline void CfPrefetch(const T* p, int64_t count) {
 template <typename TI, typename TO>
 void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tiles& tiles,
                    int64_t tile) {
-  WithHShape(g, [&](auto hshape) {
-    using H = decltype(hshape);
-    CfInputPlanes<TI> in(g, x, tiles, tile);
-    const int64_t nk = g.taps(), nae = g.kd * g.kw;
-    std::vector<float> wk(nk), wk_ae(nk);  // per tap (a, b, e); per (a, e, b)
-    for (int64_t p = in.p0; p < in.p1; ++p) {
-      const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
-      in.Plane(p);
-      for (int64_t m = 0; m < g.m; ++m) {
-        for (int64_t k = 0; k < nk; ++k) {
-          const int64_t a = k / (g.kh * g.kw), b = k / g.kw % g.kh, e = k % g.kw;
-          wk[k] = w[(k * g.m + m) * g.c + c];
-          wk_ae[(a * g.kw + e) * g.kh + b] = wk[k];
-        }
-        TO* out = y + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
-        CfRowBlocks((g.ow + L - 1) / L, in.h1 - in.h0, [&](auto r, int64_t i) {
-          constexpr int R = decltype(r)::value;
-          in.Need(i + R);
-          CfPrefetchOut(out + i * g.ow, R * g.ow);
-          if constexpr (H::kh > 0 && R > 2) {  // the full blocks
-            CfSumRows<R, H>(in.src_ae.data(), wk_ae.data(), static_cast<int>(nae), i * in.rs,
-                            in.rs, out + i * g.ow, g.ow, g.ow, in.rs1);
-          } else {
-            CfSumRows<R>(in.src.data(), wk.data(), static_cast<int>(nk), i * in.rs, in.rs,
-                         out + i * g.ow, g.ow, g.ow);
-          }
-        });
+  const CfSumRowsFns fns(g);
+  CfInputPlanes<TI> in(g, x, tiles, tile);
+  const int64_t nk = g.taps(), nae = g.kd * g.kw, packets = (g.ow + L - 1) / L;
+  std::vector<float> wk(nk), wk_ae(nk);  // per tap (a, b, e); per (a, e, b)
+  // float32 rows of whole packets are written in place, others through `rows`.
+  const bool direct = std::is_same<TO, float>::value && g.ow % L == 0;
+  std::vector<float> rows(direct ? 0 : 8 * packets * L);
+  for (int64_t p = in.p0; p < in.p1; ++p) {
+    const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
+    in.Plane(p);
+    for (int64_t m = 0; m < g.m; ++m) {
+      for (int64_t k = 0; k < nk; ++k) {
+        const int64_t a = k / (g.kh * g.kw), b = k / g.kw % g.kh, e = k % g.kw;
+        wk[k] = w[(k * g.m + m) * g.c + c];
+        wk_ae[(a * g.kw + e) * g.kh + b] = wk[k];
       }
+      TO* out = y + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+      CfRowBlocks(packets, in.h1 - in.h0, [&](auto r, int64_t i) {
+        constexpr int R = decltype(r)::value;
+        in.Need(i + R);
+        CfPrefetchOut(out + i * g.ow, R * g.ow);
+        float* o = direct ? reinterpret_cast<float*>(out + i * g.ow) : rows.data();
+        const int64_t os = direct ? g.ow : packets * L;
+        if (fns.fixed[R]) {
+          fns.fn[R](in.src_ae.data(), wk_ae.data(), static_cast<int>(nae), i * in.rs, in.rs, o,
+                    os, packets, in.rs1);
+        } else {
+          fns.fn[R](in.src.data(), wk.data(), static_cast<int>(nk), i * in.rs, in.rs, o, os,
+                    packets, in.rs1);
+        }
+        if (!direct)
+          for (int j = 0; j < R; ++j) Convert(o + j * os, out + (i + j) * g.ow, g.ow);
+      });
     }
-  });
+  }
 }
 
 // part[k] (L floats) += sum over rows j and packets v of
@@ -1482,7 +1492,7 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
             for (int j = 0; j < R; ++j) std::fill(out + j * os, out + j * os + gather.qn, 0.0f);
           } else {
             CfSumRows<R>(&src[ph * nkmax], &wk[ph * nkmax], nks[ph], i * gather.len, gather.len,
-                         out, os, gather.qn);
+                         out, os, gather.qn / L, 0);
           }
         }
         for (int j = 0; j < R; ++j) {  // the phases interleaved into dx
