@@ -42,7 +42,7 @@ DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 # Channels-first problems use the channels-first kernels (vectorised along
 # the output width) from this output width on, for each op; narrower ones
 # are transposed to channels-last where C % 4 == 0 (see `worthwhile`).
-_CF_MIN_WIDTH = {"forward": 12, "input_grad": 8, "kernel_grad": 8}
+_CF_MIN_WIDTH = {"forward": 12, "input_grad": 6, "kernel_grad": 6}
 
 
 def worthwhile(spec: ConvSpec, op: str) -> bool:
@@ -61,8 +61,23 @@ def worthwhile(spec: ConvSpec, op: str) -> bool:
   6.7 vs 4.9 ms).
 
   Channels-first: the channels-first kernels vectorise along the output
-  width, whatever C is (`transposed` says when the channels-last kernels
-  with transposes around them are used instead). CHANNELS_FIRST_NUMBERS
+  width, whatever C is; they replaced the channels-last kernels with
+  transposes around them, which cost more than the kernels (XLA's lowering
+  / transposed / channels-first kernels / the same problem channels-last,
+  ms, under load, `benchmarks/channels_first.py`): W1 forward 7.7 / 16.5 /
+  3.2 / 3.2, forward + backward 69 / 19.3 / 6.7 / 6.4; W2 11.2 / 24.9 /
+  4.3 / 4.2 and 362 / 22.5 / 9.3 / 9.3; W3 8.6 / 6.7 / 2.3 / 2.4 and
+  58 / 9.5 / 4.6 / 6.1; W4 7.5 / 15.3 / 3.1 / 3.2 and 67 / 19.7 / 6.2 /
+  6.7. Narrow outputs waste vector lanes (x (4, C, 16, 64, W), 3x3): for
+  the forward pass the kernels tie with XLA at OW = 8 (C = 32: 1.43 vs
+  1.30 ms; 3x3x3 with C = 16: 0.74 vs 0.99) and lose below (OW = 6: 0.35
+  vs 0.41; OW = 4 with C = 64: 1.1 vs 4.2), so from OW = 12 on they are
+  used, below that the old rule (transposed where C % 4 == 0 and strided
+  or more than 27 taps, else XLA). For the gradients they beat XLA at
+  every measured width (forward + backward, OW = 4 with C = 6, 3x3x3: 0.45
+  vs 0.83 ms; but C = 3, 3x3: 0.33 vs 0.29) and the transposed kernels
+  from OW = 6 on (C = 8: 0.73 vs 0.91 ms), not below (OW = 5, stride 2,
+  C = 8: 0.86 vs 0.73; OW = 4 with C = 64: 4.6 vs 2.8): `transposed`.
   """
   if spec.channels_last:
     return spec.channels % 4 == 0

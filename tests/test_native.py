@@ -189,7 +189,7 @@ def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c
   """DW5D_JAX_NATIVE unset: native where measured faster (_native.worthwhile).
 
   Channels-last: C % 4 == 0. Channels-first: the channels-first kernels
-  (no transposes) from an output width of 12 (forward) or 8 (gradients);
+  (no transposes) from an output width of 12 (forward) or 6 (gradients);
   narrower ones transposed around the channels-last kernels where
   C % 4 == 0 (the forward pass only when strided or with a large window),
   else XLA's lowering for the forward pass.

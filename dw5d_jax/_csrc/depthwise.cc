@@ -1,7 +1,10 @@
-// Native CPU kernels for dw5d_jax: depthwise convolution of channels-last
-// rank-5 arrays, called from XLA through its FFI (the header-only
-// xla/ffi/api/ffi.h that jaxlib ships). dw5d_jax/_native_build.py compiles
-// this file at first use; dw5d_jax/_native.py decides when XLA calls it.
+// Native CPU kernels for dw5d_jax: depthwise convolution of rank-5 arrays,
+// channels-last or (the last `config` int, g.cf) channels-first, called
+// from XLA through its FFI (the header-only xla/ffi/api/ffi.h that jaxlib
+// ships). dw5d_jax/_native_build.py compiles this file at first use;
+// dw5d_jax/_native.py decides when XLA calls it. Channels-first arrays have
+// their own kernels, vectorised along W (section "Channels-first" below);
+// what follows describes the channels-last ones.
 //
 // Arrays (row-major):
 //   x   (N, D, H, W, C)         float32 or bfloat16
