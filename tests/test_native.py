@@ -230,12 +230,16 @@ def test_handler_rejects_a_mismatched_config(rng):
   w = jnp.ones((1, 3, 3, 1, 4), jnp.float32)
   config = np.array([1, 2, 3, 5, 4, 1, 2, 3, 4, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0], np.int64)
   call = jax.ffi.ffi_call("dw5d_forward", jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+  def run(cfg):
+    return jax.block_until_ready(jax.jit(lambda a, b: call(a, b, config=cfg))(x, w))
+
   with pytest.raises(Exception, match="dw5d_forward: shapes do not match the config"):
-    jax.block_until_ready(jax.jit(lambda a, b: call(a, b, config=config))(x, w))
-  for bad, message in ((config[:-1], "bad config size"), ([*config[:-1], 2], "bad layout")):
-    with pytest.raises(Exception, match=f"dw5d: {message} in config|dw5d: {message}"):
-      jax.block_until_ready(
-          jax.jit(lambda a, b, c=np.array(bad, np.int64): call(a, b, config=c))(x, w))
+    run(config)
+  with pytest.raises(Exception, match="dw5d: bad config size"):
+    run(config[:-1])
+  with pytest.raises(Exception, match="dw5d: bad layout in config"):
+    run(np.array([*config[:-1], 2], np.int64))
 
 
 def test_failed_self_test_turns_the_kernels_off(monkeypatch):
