@@ -163,9 +163,11 @@ def test_non_finite_kernel_meets_the_padding_as_zeros(rng, dtype):
   assert_close(np.where(finite, y, 0.0), np.where(finite, want, 0.0), dtype)
 
 
-def test_parallel_results_are_deterministic(rng):
+@pytest.mark.parametrize("layout,x_shape", [("NDHWC", (2, 8, 16, 32, 32)),
+                                            ("NCDHW", (2, 32, 8, 16, 32))])
+def test_parallel_results_are_deterministic(rng, layout, x_shape):
   """Large enough for XLA's thread pool; chunk sums are combined in a fixed order."""
-  case = Case("3d", "NDHWC", "DHW", (2, 8, 16, 32, 32), (3, 3, 3, 32, 1), 1, 1, "SAME")
+  case = Case("3d", layout, "DHW", x_shape, (3, 3, 3, 32, 1), 1, 1, "SAME")
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
   fn = jax.jit(_vjp_fn(case))
