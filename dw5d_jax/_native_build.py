@@ -11,7 +11,7 @@ The first CPU lowering that could use them calls `status()`, which:
    version, the flags, that instruction set, jaxlib's version and its FFI
    headers. A cache shared between machines therefore never hands a binary
    to a CPU it was not built for;
-4. otherwise compiles it (`-O3 -march=native -shared -fPIC`, about 15 s)
+4. otherwise compiles it (`-O3 -march=native -shared -fPIC`, about 25 s)
    under a file lock, so parallel processes (pytest workers) compile once,
    into a temporary file that is renamed into place;
 5. loads it, runs its self-test (every code path against plain loops) and
@@ -71,8 +71,9 @@ def native_status() -> NativeStatus:
   """Whether the native CPU kernels are in use, and if not, why.
 
   `method="auto"` and `"shift"` on CPU call a C++ kernel (XLA FFI custom
-  call) for channels-last float32/bfloat16 convolutions: forward, input and
-  kernel gradients, several times faster than XLA's own lowering. It is
+  call) for float32/bfloat16 convolutions, channels-last or channels-first:
+  forward, input and kernel gradients, several times faster than XLA's own
+  lowering. It is
   compiled with the system C++ compiler at first use and cached (see the
   README, "Performance on CPU"). Without it (no compiler, a failed build,
   or `DW5D_JAX_NATIVE=0`), results are the same, computed by XLA's lowering.

@@ -6,13 +6,15 @@ the linearity identities `dL/dx[p] = <ref(e_p, k), ct>`, `dL/dk[q] =
 computation, which `jax.export` always uses (an exported module must not
 name the custom call). conftest.py sets `DW5D_JAX_NATIVE=all`, so every
 float32/bfloat16 configuration in this file and in the rest of the suite
-runs natively (channels-first ones transposed around the kernels); the build, the cache and the fallbacks are checked
-in fresh processes.
+runs natively (channels-first ones on the channels-first kernels, or
+transposed around the channels-last ones where `_native.transposed` says);
+the build, the cache and the fallbacks are checked in fresh processes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -92,18 +94,39 @@ def test_random_configs_match_reference_and_portable_path(case, seed):
     assert_close(a, b, err_msg=f"{name} native vs XLA {case}")
 
 
+def _full_transposes(fn, x, k, ct) -> list[str]:
+  """The transposes in `fn(x, k, ct)`'s optimised HLO as large as x or ct (not the kernel)."""
+  sizes = {x.size, ct.size}
+  text = jax.jit(fn).lower(x, k, ct).compile().as_text()
+  found = re.findall(r"%(\w*transpose\w*)\S* = \w+\[([\d,]*)\]", text)
+  return [name for name, dims in found
+          if math.prod(int(d) for d in dims.split(",") if d) in sizes]
+
+
 @pytest.mark.parametrize("case", [
     Case("3d", "NDHWC", "DHW", (2, 5, 6, 19, 16), (3, 3, 3, 16, 1), 1, 1, "SAME"),
     Case("2d", "NDHWC", "HW", (1, 3, 9, 21, 12), (5, 5, 12, 2), 2, 1, "SAME"),
     Case("2d", "NHWC", "HW", (2, 11, 17, 8), (3, 3, 8, 1), 1, 2, ((2, 1), (0, 3))),
-], ids=["3d-stride1", "5x5-stride2-M2", "dilated"])
+    Case("3d", "NCDHW", "DHW", (2, 4, 5, 19, 21), (3, 3, 3, 4, 1), 1, 1, "SAME"),
+    Case("2d", "NCDHW", "HW", (1, 3, 2, 23, 37), (5, 5, 3, 2), 2, 1, "SAME"),
+    Case("2d", "NCHW", "HW", (2, 8, 17, 29), (3, 3, 8, 1), 1, 2, ((2, 1), (0, 3))),
+    Case("2d", "NCDHW", "DH", (1, 5, 11, 9, 13), (7, 7, 5, 1), 1, 1, "VALID"),
+], ids=["3d-stride1", "5x5-stride2-M2", "dilated", "NCDHW-3d", "NCDHW-5x5-stride2-M2",
+        "NCHW-dilated", "NCDHW-7x7-axes-DH"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_workload_shapes(rng, case, dtype):
-  """The specialised W shapes (3x3, 5x5 stride 2, dilation 2) and every packet width."""
+  """The specialised W (channels-last) and H (channels-first) shapes, every packet width.
+
+  Channels-first problems run the channels-first kernels: no transpose of
+  x, the output or a cotangent around the custom calls.
+  """
   x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
   ct = random_array(rng, case.expected(x, k).shape, dtype)
   y, gx, gk = got = jax.jit(_vjp_fn(case))(x, k, ct)
   assert y.dtype == gx.dtype == gk.dtype == jnp.dtype(dtype)
+  assert _custom_calls(jax.jit(_vjp_fn(case)).lower(x, k, ct).as_text()) == set(TARGETS)
+  if not case.layout.endswith("C"):
+    assert _full_transposes(_vjp_fn(case), x, k, ct) == []
   _check_against_reference(case, x, k, ct, got, dtype)
   for a, b in zip(got, _portable(_vjp_fn(case), x, k, ct)):
     assert_close(a, np.asarray(b, np.float64), dtype)
@@ -140,9 +163,11 @@ def test_non_finite_kernel_meets_the_padding_as_zeros(rng, dtype):
   assert_close(np.where(finite, y, 0.0), np.where(finite, want, 0.0), dtype)
 
 
-def test_parallel_results_are_deterministic(rng):
+@pytest.mark.parametrize("layout,x_shape", [("NDHWC", (2, 8, 16, 32, 32)),
+                                            ("NCDHW", (2, 32, 8, 16, 32))])
+def test_parallel_results_are_deterministic(rng, layout, x_shape):
   """Large enough for XLA's thread pool; chunk sums are combined in a fixed order."""
-  case = Case("3d", "NDHWC", "DHW", (2, 8, 16, 32, 32), (3, 3, 3, 32, 1), 1, 1, "SAME")
+  case = Case("3d", layout, "DHW", x_shape, (3, 3, 3, 32, 1), 1, 1, "SAME")
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
   fn = jax.jit(_vjp_fn(case))
@@ -152,27 +177,33 @@ def test_parallel_results_are_deterministic(rng):
   _check_against_reference(case, x, k, ct, first)
 
 
-@pytest.mark.parametrize("layout,c,strides,window,want", [
-    ("NHWC", 8, 1, (3, 3), TARGETS),
-    ("NHWC", 3, 1, (3, 3), ()),
-    ("NCHW", 8, 1, (3, 3), TARGETS[1:]),
-    ("NCHW", 8, 2, (3, 3), TARGETS),
-    ("NCHW", 8, 1, (7, 7), TARGETS),
-    ("NCHW", 6, 2, (3, 3), ()),
+@pytest.mark.parametrize("layout,c,width,strides,window,want,transposes", [
+    ("NHWC", 8, 9, 1, (3, 3), TARGETS, False),
+    ("NHWC", 3, 9, 1, (3, 3), (), False),
+    ("NCHW", 3, 16, 1, (3, 3), TARGETS, False),
+    ("NCHW", 8, 9, 1, (3, 3), TARGETS[1:], False),
+    ("NCHW", 8, 9, 1, (7, 7), TARGETS, True),
+    ("NCHW", 8, 9, 2, (3, 3), TARGETS, True),
+    ("NCHW", 6, 9, 2, (3, 3), TARGETS[1:], False),
 ])
-def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, strides,
-                                                     window, want):
+def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, width, strides,
+                                                     window, want, transposes):
   """DW5D_JAX_NATIVE unset: native where measured faster (_native.worthwhile).
 
-  C % 4 == 0; channels-first forward only for strided or large windows.
+  Channels-last: C % 4 == 0. Channels-first: the channels-first kernels
+  (no transposes) from an output width of 12 (forward) or 6 (gradients);
+  narrower ones transposed around the channels-last kernels where
+  C % 4 == 0 (the forward pass only when strided or with a large window),
+  else XLA's lowering for the forward pass.
   """
   monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
-  x_shape = (2, 7, 9, c) if layout == "NHWC" else (2, c, 7, 9)
+  x_shape = (2, 7, width, c) if layout == "NHWC" else (2, c, 7, width)
   case = Case("2d", layout, "HW", x_shape, (*window, c, 1), strides, 1, "SAME")
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
   fn = _vjp_fn(case)
   assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == set(want)
+  assert bool(_full_transposes(fn, x, k, ct)) == transposes
   _check_against_reference(case, x, k, ct, jax.jit(fn).lower(x, k, ct).compile()(x, k, ct))
 
 
@@ -199,10 +230,18 @@ def test_handler_rejects_a_mismatched_config(rng):
   """A bad call is an error from XLA, never a crash or a wrong answer."""
   x = jnp.asarray(random_array(rng, (1, 2, 3, 4, 4)))
   w = jnp.ones((1, 3, 3, 1, 4), jnp.float32)
-  config = np.array([1, 2, 3, 5, 4, 1, 2, 3, 4, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1], np.int64)
+  config = np.array([1, 2, 3, 5, 4, 1, 2, 3, 4, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0], np.int64)
   call = jax.ffi.ffi_call("dw5d_forward", jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+  def run(cfg):
+    return jax.block_until_ready(jax.jit(lambda a, b: call(a, b, config=cfg))(x, w))
+
   with pytest.raises(Exception, match="dw5d_forward: shapes do not match the config"):
-    jax.block_until_ready(jax.jit(lambda a, b: call(a, b, config=config))(x, w))
+    run(config)
+  with pytest.raises(Exception, match="dw5d: bad config size"):
+    run(config[:-1])
+  with pytest.raises(Exception, match="dw5d: bad layout in config"):
+    run(np.array([*config[:-1], 2], np.int64))
 
 
 def test_failed_self_test_turns_the_kernels_off(monkeypatch):
