@@ -10,9 +10,9 @@ platforms (`jax.export`, jax2tf) uses the right lowering on each:
   elsewhere. XLA's CPU grouped convolution is a generic loop nest: on the
   issue's workloads (benchmarks/RESULTS.md, tuned allocator, 2 cores,
   native kernels) `"shift"` was faster in every cell, forward and
-  backward: W1 (2D 3x3) 46x / 52x, W2 (3D 3x3x3) 377x / 273x, W3 (5x5,
-  M=2, stride 2) 16x / 691x, W4 (dilated) 44x / 54x, W5 (bfloat16 3D)
-  310x / 220x (the run of 2026-11-25; the one before gave 16-547x). No measured configuration favours `"conv"` on CPU, so
+  backward: W1 (2D 3x3) 48x / 47x, W2 (3D 3x3x3) 379x / 259x, W3 (5x5,
+  M=2, stride 2) 14x / 509x, W4 (dilated) 47x / 46x, W5 (bfloat16 3D)
+  305x / 213x (the last run of 2026-11-25; two more that day: 16-691x). No measured configuration favours `"conv"` on CPU, so
   there is no per-configuration rule.
 * CUDA GPUs: `gpu_choice(spec)`, a per-configuration table that is empty
   (so `"conv"`) until H100 measurements fill it (see `_GPU_CHOICE`).
