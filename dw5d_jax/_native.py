@@ -68,16 +68,18 @@ def worthwhile(spec: ConvSpec, op: str) -> bool:
   3.2 / 3.2, forward + backward 69 / 19.3 / 6.7 / 6.4; W2 11.2 / 24.9 /
   4.3 / 4.2 and 362 / 22.5 / 9.3 / 9.3; W3 8.6 / 6.7 / 2.3 / 2.4 and
   58 / 9.5 / 4.6 / 6.1; W4 7.5 / 15.3 / 3.1 / 3.2 and 67 / 19.7 / 6.2 /
-  6.7. Narrow outputs waste vector lanes (x (4, C, 16, 64, W), 3x3): for
-  the forward pass the kernels tie with XLA at OW = 8 (C = 32: 1.43 vs
-  1.30 ms; 3x3x3 with C = 16: 0.74 vs 0.99) and lose below (OW = 6: 0.35
-  vs 0.41; OW = 4 with C = 64: 1.1 vs 4.2), so from OW = 12 on they are
-  used, below that the old rule (transposed where C % 4 == 0 and strided
-  or more than 27 taps, else XLA). For the gradients they beat XLA at
-  every measured width (forward + backward, OW = 4 with C = 6, 3x3x3: 0.45
-  vs 0.83 ms; but C = 3, 3x3: 0.33 vs 0.29) and the transposed kernels
-  from OW = 6 on (C = 8: 0.73 vs 0.91 ms), not below (OW = 5, stride 2,
-  C = 8: 0.86 vs 0.73; OW = 4 with C = 64: 4.6 vs 2.8): `transposed`.
+  6.7. Narrow outputs waste vector lanes (x (4, C, 16, 64, W), 3x3; below,
+  "a vs b" is channels-first kernels vs the alternative named): for the
+  forward pass they tie with XLA at OW = 8 (C = 32: 1.30 vs 1.43 ms;
+  3x3x3 with C = 16: 0.99 vs 0.74) and lose below (OW = 6: 0.41 vs 0.35;
+  OW = 4 with C = 64: 4.2 vs 1.1), so from OW = 12 on they are used,
+  below that the old rule (transposed where C % 4 == 0 and strided or
+  more than 27 taps, else XLA). For the gradients (forward + backward)
+  they beat XLA at every measured width but one near-tie (OW = 4 with
+  C = 6, 3x3x3: 0.45 vs 0.83 ms; C = 3, 3x3: 0.33 vs 0.29) and the
+  transposed kernels from OW = 6 on (C = 8: 0.73 vs 0.91 ms), not below
+  (OW = 5, stride 2, C = 8: 0.86 vs 0.73; OW = 4 with C = 64: 4.6 vs
+  2.8): `transposed`.
   """
   if spec.channels_last:
     return spec.channels % 4 == 0
