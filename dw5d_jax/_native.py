@@ -1,11 +1,12 @@
 """The native CPU kernels as JAX functions, and when a lowering may use them.
 
-`dw5d_jax/_csrc/depthwise.cc` (built by `_native_build.py`) has three XLA
-FFI handlers for rank-5 arrays, each with channels-last kernels
-(vectorised over channels) and channels-first ones (vectorised along W;
-the layout is the last int of the `config` attribute, see `_config`).
-Narrow channels-first problems may instead be transposed to channels-last
-around the kernels (`transposed`):
+`dw5d_jax/_csrc/` (built by `_native_build.py`) has three XLA FFI handlers
+for rank-5 arrays, each with channels-last kernels (vectorised over
+channels) and channels-first ones (vectorised along W). They take the
+problem as named attributes (`_attrs`) and the kernel in the library's
+`(kd, kh, kw, C, M)` layout, float32 or bfloat16. Narrow channels-first
+problems may instead be transposed to channels-last around the kernels
+(`transposed`):
 
 * `dw5d_forward(x, w) -> y`: the depthwise convolution, reading x without a
   padded copy (out-of-range taps are skipped), float32 accumulation.
@@ -127,15 +128,17 @@ def _back(a: jax.Array, spec: ConvSpec, op: str) -> jax.Array:
   return jnp.moveaxis(a, -1, 1) if transposed(spec, op) else a
 
 
-def _config(spec: ConvSpec, batch: int, op: str) -> np.ndarray:
-  """The `config` attribute: the problem as 22 ints (`Geom` in depthwise.cc).
+def _attrs(spec: ConvSpec, batch: int, op: str) -> dict:
+  """The problem as the FFI handlers' named attributes (`_csrc/handlers.cc`).
 
-  The last is the layout the kernels see: 1 for channels-first arrays.
+  `channels_first` is the layout the kernels see: false where `op` is `transposed`.
   """
-  cf = not spec.channels_last and not transposed(spec, op)
-  return np.array([batch, *spec.in_spatial, spec.channels, spec.multiplier, *spec.out_spatial,
-                   *spec.window, *spec.strides, *spec.dilations,
-                   *(lo for lo, _ in spec.padding), int(cf)], np.int64)
+  arrays = dict(in_spatial=spec.in_spatial, out_spatial=spec.out_spatial, window=spec.window,
+                strides=spec.strides, dilations=spec.dilations,
+                padding_low=[lo for lo, _ in spec.padding])
+  return dict(batch=batch, channels=spec.channels, multiplier=spec.multiplier,
+              channels_first=not spec.channels_last and not transposed(spec, op),
+              **{name: np.asarray(v, np.int64) for name, v in arrays.items()})
 
 
 def _shape(spec: ConvSpec, batch: int, spatial, channels: int, op: str) -> tuple[int, ...]:
@@ -150,31 +153,28 @@ def forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 
   Or `(N, C, D, H, W)` -> `(N, C * M, OD, OH, OW)` for a channels-first spec.
   """
-  w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
   op = "forward"
   out = jax.ShapeDtypeStruct(
       _shape(spec, x.shape[0], spec.out_spatial, spec.channels * spec.multiplier, op),
       spec.out_dtype)
-  y = jax.ffi.ffi_call("dw5d_forward", out)(_last(x, spec, op), w,
-                                            config=_config(spec, x.shape[0], op))
+  y = jax.ffi.ffi_call("dw5d_forward", out)(_last(x, spec, op), kernel,
+                                            **_attrs(spec, x.shape[0], op))
   return _back(y, spec, op)
 
 
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dx` in x's layout and the kernel's dtype."""
-  w = jnp.swapaxes(kernel.astype(jnp.float32), 3, 4)  # (kd, kh, kw, M, C)
   op = "input_grad"
   out = jax.ShapeDtypeStruct(_shape(spec, ct.shape[0], spec.in_spatial, spec.channels, op),
                              kernel.dtype)
-  dx = jax.ffi.ffi_call("dw5d_input_grad", out)(_last(ct, spec, op), w,
-                                                config=_config(spec, ct.shape[0], op))
+  dx = jax.ffi.ffi_call("dw5d_input_grad", out)(_last(ct, spec, op), kernel,
+                                                **_attrs(spec, ct.shape[0], op))
   return _back(dx, spec, op)
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dk` as `(kd, kh, kw, C, M)` in x's dtype."""
-  out = jax.ShapeDtypeStruct((*spec.window, spec.multiplier, spec.channels), jnp.float32)
   op = "kernel_grad"
-  dk = jax.ffi.ffi_call("dw5d_kernel_grad", out)(_last(x, spec, op), _last(ct, spec, op),
-                                                 config=_config(spec, x.shape[0], op))
-  return jnp.swapaxes(dk, 3, 4).astype(x.dtype)
+  out = jax.ShapeDtypeStruct((*spec.window, spec.channels, spec.multiplier), x.dtype)
+  return jax.ffi.ffi_call("dw5d_kernel_grad", out)(_last(x, spec, op), _last(ct, spec, op),
+                                                   **_attrs(spec, x.shape[0], op))
