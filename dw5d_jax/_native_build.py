@@ -83,7 +83,7 @@ def native_status() -> NativeStatus:
   or `DW5D_JAX_NATIVE=0`), results are the same, computed by XLA's lowering.
 
   The first call builds or loads the library if that has not happened yet
-  (a few seconds the first time on a machine); later calls return the
+  (about 20 s the first time on a machine); later calls return the
   same answer.
 
   Returns:

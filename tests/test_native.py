@@ -1,4 +1,4 @@
-"""The native CPU kernels (dw5d_jax/_native.py, _native_build.py, _csrc/depthwise.cc).
+"""The native CPU kernels (dw5d_jax/_native.py, _native_build.py, _csrc/).
 
 Expected values come from the float64 reference (`depthwise_reference`, and
 the linearity identities `dL/dx[p] = <ref(e_p, k), ct>`, `dL/dk[q] =
