@@ -36,8 +36,8 @@ from jax import export
 
 import dw5d_jax as dw
 from dw5d_jax import _native_build
-from dw5d_jax._reference import depthwise_reference
 from dw5d_jax._native_build import NativeStatus
+from dw5d_jax._reference import depthwise_reference
 
 TARGETS = ("dw5d_forward", "dw5d_input_grad", "dw5d_kernel_grad")
 

@@ -630,17 +630,11 @@ void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const fl
               [&](int64_t i) { CfInputGradTile(g, ct, w, dx, tiles, i); });
 }
 
-#define DW5D_INSTANTIATE(T1, T2)                                                             \
-  template void RunForwardCf<T1, T2>(ffi::ThreadPool*, const Geom&, const T1*, const float*, \
-                                    T2*);                                                  \
-  template void RunKernelGradCf<T1, T2>(ffi::ThreadPool*, const Geom&, const T1*, const T2*, \
-                                       float*);                                            \
-  template void RunInputGradCf<T1, T2>(ffi::ThreadPool*, const Geom&, const T1*, const float*, \
-                                      T2*);
-DW5D_INSTANTIATE(float, float)
-DW5D_INSTANTIATE(float, bf16)
-DW5D_INSTANTIATE(bf16, float)
-DW5D_INSTANTIATE(bf16, bf16)
+#define DW5D_INSTANTIATE(T1, T2)                                                              \
+  template void RunForwardCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);    \
+  template void RunKernelGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*); \
+  template void RunInputGradCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
+DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
 #undef DW5D_INSTANTIATE
 
 }  // namespace dw5d

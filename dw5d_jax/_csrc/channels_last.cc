@@ -762,17 +762,12 @@ void RunInputGradCl(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const fl
               [&](int64_t i) { InputGradRows(g, ct, w, dx, tiles, i); });
 }
 
-#define DW5D_INSTANTIATE(T1, T2)                                                             \
-  template void RunForwardCl<T1, T2>(ffi::ThreadPool*, const Geom&, const T1*, const float*, \
-                                    T2*, bool);                                                  \
-  template void RunKernelGradCl<T1, T2>(ffi::ThreadPool*, const Geom&, const T1*, const T2*, \
-                                       float*, bool);                                            \
-  template void RunInputGradCl<T1, T2>(ffi::ThreadPool*, const Geom&, const T1*, const float*, \
-                                      T2*);
-DW5D_INSTANTIATE(float, float)
-DW5D_INSTANTIATE(float, bf16)
-DW5D_INSTANTIATE(bf16, float)
-DW5D_INSTANTIATE(bf16, bf16)
+#define DW5D_INSTANTIATE(T1, T2)                                                                 \
+  template void RunForwardCl(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*, bool); \
+  template void RunKernelGradCl(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*,     \
+                                bool);                                                           \
+  template void RunInputGradCl(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
+DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
 #undef DW5D_INSTANTIATE
 
 }  // namespace dw5d

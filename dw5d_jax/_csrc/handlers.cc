@@ -7,14 +7,15 @@
 //   dw5d_forward(x, w) -> y    dw5d_input_grad(ct, w) -> dx    dw5d_kernel_grad(x, ct) -> dk
 //
 // x, dx, y and ct are float32 or bfloat16 in either layout (geometry.h); w
-// and dk are (KD, KH, KW, C, M), float32 or bfloat16. Attributes:
-//   batch, channels, multiplier                                   int64
-//   in_spatial, out_spatial, window, strides, dilations,
-//   padding_low                                                   3 int64 each (D, H, W)
-//   channels_first                                                bool: x, y, ct, dx are
-//                                                                 (N, C, D, H, W)-shaped
+// and dk are (KD, KH, KW, C, M), float32 or bfloat16. The attributes, each
+// required and checked by name (ParseGeom):
+//   batch, channels, multiplier      int64
+//   in_spatial, out_spatial, window, strides, dilations, padding_low
+//                                    3 int64 each, in D, H, W order
+//   channels_first                   bool: x, y, ct and dx are (N, C, D, H, W)-shaped
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -29,13 +30,14 @@
 namespace dw5d {
 namespace {
 
-// Bound on every attribute (no index arithmetic can overflow).
+// Bound on every attribute: a product of two stays far inside int64 (and the
+// sizes are checked against the operands' shapes too).
 constexpr int64_t kLimit = int64_t{1} << 31;
 
 std::string Ints(const int64_t* v, size_t n) {
-  std::string s = n == 1 ? "" : "(";
+  std::string s;
   for (size_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return n == 1 ? s : s + ")";
+  return n == 1 ? s : "(" + s + ")";
 }
 
 ffi::Error Invalid(const char* op, const std::string& what) {
@@ -45,23 +47,24 @@ ffi::Error Invalid(const char* op, const std::string& what) {
 // out[0:n] = attribute `name`: an int64 (n = 1) or an array of n int64, each in [lo, hi].
 ffi::Error ReadInts(const char* op, const ffi::Dictionary& attrs, const char* name, size_t n,
                     int64_t lo, int64_t hi, int64_t* out) {
-  const std::string attr = std::string("attribute `") + name + "`";
-  const std::string want = (n == 1 ? std::string("an int64") : std::to_string(n) + " int64") +
-                           " in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
-  if (!attrs.contains(name)) return Invalid(op, attr + " is missing (" + want + ")");
+  auto fail = [&](const char* how, const std::string& got) {
+    const std::string want = (n == 1 ? std::string("an int64") : std::to_string(n) + " int64") +
+                             " in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+    return Invalid(op, std::string("attribute `") + name + "` " + how + want + got);
+  };
+  if (!attrs.contains(name)) return fail("is missing (", ")");
   if (n == 1) {
     ffi::ErrorOr<int64_t> v = attrs.get<int64_t>(name);
-    if (v.has_error()) return Invalid(op, attr + " must be " + want + ": " + v.error().message());
+    if (v.has_error()) return fail("must be ", ": " + v.error().message());
     out[0] = *v;
   } else {
     ffi::ErrorOr<ffi::Span<const int64_t>> v = attrs.get<ffi::Span<const int64_t>>(name);
-    if (v.has_error()) return Invalid(op, attr + " must be " + want + ": " + v.error().message());
-    if (v->size() != n)
-      return Invalid(op, attr + " must be " + want + ", got " + Ints(v->begin(), v->size()));
+    if (v.has_error()) return fail("must be ", ": " + v.error().message());
+    if (v->size() != n) return fail("must be ", ", got " + Ints(v->begin(), v->size()));
     std::copy(v->begin(), v->end(), out);
   }
   for (size_t i = 0; i < n; ++i)
-    if (out[i] < lo || out[i] > hi) return Invalid(op, attr + " must be " + want + ", got " + Ints(out, n));
+    if (out[i] < lo || out[i] > hi) return fail("must be ", ", got " + Ints(out, n));
   return ffi::Error::Success();
 }
 
@@ -112,14 +115,14 @@ struct Operand {
   Role role;
 };
 
-std::vector<int64_t> Shape(const Geom& g, Role role) {
+std::array<int64_t, 5> Shape(const Geom& g, Role role) {
   switch (role) {
     case Role::kInput:
-      return g.cf ? std::vector<int64_t>{g.n, g.c, g.d, g.h, g.w}
-                  : std::vector<int64_t>{g.n, g.d, g.h, g.w, g.c};
+      if (g.cf) return {g.n, g.c, g.d, g.h, g.w};
+      return {g.n, g.d, g.h, g.w, g.c};
     case Role::kOutput:
-      return g.cf ? std::vector<int64_t>{g.n, g.c * g.m, g.od, g.oh, g.ow}
-                  : std::vector<int64_t>{g.n, g.od, g.oh, g.ow, g.c * g.m};
+      if (g.cf) return {g.n, g.c * g.m, g.od, g.oh, g.ow};
+      return {g.n, g.od, g.oh, g.ow, g.c * g.m};
     case Role::kKernel:
       break;
   }
@@ -128,14 +131,14 @@ std::vector<int64_t> Shape(const Geom& g, Role role) {
 
 ffi::Error CheckOperand(const char* op, const Operand& operand, const Geom& g,
                         const ffi::AnyBuffer& buffer) {
-  const std::string name = std::string("`") + operand.name + "`";
   if (buffer.element_type() != ffi::DataType::F32 && buffer.element_type() != ffi::DataType::BF16)
-    return Invalid(op, name + " must be float32 or bfloat16");
-  const std::vector<int64_t> want = Shape(g, operand.role);
+    return Invalid(op, std::string("`") + operand.name + "` must be float32 or bfloat16");
+  const std::array<int64_t, 5> want = Shape(g, operand.role);
   const ffi::AnyBuffer::Dimensions dims = buffer.dimensions();
   if (!std::equal(want.begin(), want.end(), dims.begin(), dims.end()))
-    return Invalid(op, name + " has shape " + Ints(dims.begin(), dims.size()) +
-                           ", the attributes give " + Ints(want.data(), want.size()));
+    return Invalid(op, std::string("`") + operand.name + "` has shape " +
+                           Ints(dims.begin(), dims.size()) + ", the attributes give " +
+                           Ints(want.data(), want.size()));
   return ffi::Error::Success();
 }
 
@@ -150,7 +153,8 @@ void WithDtype(ffi::DataType type, F&& f) {
 }
 
 // The library's (KD, KH, KW, C, M) kernel `k` as the kernels' float32
-// (KD, KH, KW, M, C) `w`, and back (a few hundred values: plain loops).
+// (KD, KH, KW, M, C) `w`, and back (plain loops: the kernel is small next
+// to the arrays).
 template <typename T>
 void LoadKernel(const Geom& g, const T* k, float* w) {
   for (int64_t t = 0; t < g.taps(); ++t)

@@ -2,13 +2,13 @@
 // them: each picks the kernels of the problem's layout (channels_last.cc,
 // channels_first.cc, instantiated there for float32 and bfloat16 arrays).
 //
-//   forward:     y[o, c, m] = sum over taps t of x[o * s + t * r - p, c] * w[t, m, c]
-//   kernel grad: dk[t, m, c] = sum over outputs o of x[o * s + t * r - p, c] * ct[o, c * M + m],
+//   forward      y[o, c, m] = sum over taps t of x[o * s + t * r - p, c] * w[t, m, c]
+//   kernel grad  dk[t, m, c] = sum over outputs o of x[o * s + t * r - p, c] * ct[o, c * M + m],
 //                in one pass over x and ct that accumulates every tap together
-//   input grad:  dx[i, c] = sum over (t, m) with i = o * s + t * r - p of ct[o, c * M + m] * w[t, m, c]:
-//                with unit strides and M = 1 the forward kernels on ct with the
-//                flipped kernel, otherwise a transposed convolution in gather
-//                form (no dilated or padded copy of ct)
+//   input grad   dx[i, c] = sum over (t, m) with i = o * s + t * r - p of ct[o, c * M + m] *
+//                w[t, m, c]: with unit strides and M = 1 the forward kernels on ct with the
+//                flipped kernel, otherwise a transposed convolution in gather form (no dilated
+//                or padded copy of ct)
 //
 // Every sum is accumulated in float32. `generic` (the self-test) makes the
 // channels-last kernels skip their unrolled W shapes and the input gradient
@@ -22,9 +22,14 @@
 #include <vector>
 
 #include "geometry.h"
+#include "packets.h"
 #include "threads.h"
 
 namespace dw5d {
+
+// The pairs of array types (float32 or bfloat16 each) that channels_last.cc
+// and channels_first.cc instantiate their entry points for: M(T1, T2) each.
+#define DW5D_FOR_DTYPE_PAIRS(M) M(float, float) M(float, bf16) M(bf16, float) M(bf16, bf16)
 
 // Channels-last kernels (channels_last.cc).
 template <typename TI, typename TO>
