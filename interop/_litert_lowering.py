@@ -1,0 +1,106 @@
+"""`dw5d_jax` ops as LiteRT's DEPTHWISE_CONV_2D, for `export_litert`'s default route.
+
+`jax2tf` lowers `dw5d_jax`'s ops on CPU to the portable "shift" computation,
+which the LiteRT converter turns into an elementwise graph (PAD, SLICE, MUL,
+ADD per tap); XNNPACK runs it 10-15x slower than a DEPTHWISE_CONV_2D graph
+(benchmarks/RESULTS.md, "LiteRT"). Inside `depthwise_conv2d_graph()` every
+`dw5d_jax.depthwise_conv2d/3d` call traces instead to grouped 2D convolutions
+that the converter legalises to DEPTHWISE_CONV_2D:
+
+* a convolution with a carried spatial axis (2D per slice, rank-4 input):
+  the `"conv"` lowering, which folds the carried axis into batch;
+* a true 3D convolution: one 2D convolution over (H, W) per depth tap `t`,
+  on the strided depth slice `o * sd + t * rd` of the padded input (the
+  depth axis folded into batch), the `kd` results added. XLA's 3D grouped
+  convolution would become TensorFlow's `Conv3D`, which LiteRT has only
+  without groups (a Flex op). Stacking the taps into channels for a single
+  convolution, as `interop.tf_depthwise_conv3d` does, measured 2x slower
+  under XNNPACK than adding per-tap results (it copies the input `kd` times).
+
+The substitution replaces the op's entry point `dw5d_jax._depthwise._apply`
+(a `jax.jit` whose trace cache would otherwise replay the shift lowering) with
+its unjitted body running this lowering, for the duration of the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.extend.core
+import numpy as np
+from jax import lax
+
+from dw5d_jax import _depthwise
+from dw5d_jax._args import ConvSpec
+from dw5d_jax._conv import conv_lowering
+
+# The jitted entry point the context replaces; its name marks an op traced
+# without the substitution (see `unsubstituted`).
+_APPLY = _depthwise._apply
+_APPLY_NAME = "_apply"
+
+
+def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """Rank-5 `x` by `(kd, kh, kw, C, M)` `kernel` with 2D grouped convolutions only.
+
+  Worked example, depth only: D=5, kd=3, sd=2, rd=1, SAME: out 3, pads (1, 1),
+  padded size 7 (tight: exactly (3 - 1) * 2 + 3 = 7). Tap t reads padded
+  depths t, t + 2, t + 4: the slices [0:5:2], [1:6:2], [2:7:2].
+  """
+  if any(spec.carried(i) for i in range(3)):
+    return conv_lowering(x, kernel, spec)
+  if not spec.channels_last:
+    x = x.transpose(0, 2, 3, 4, 1)
+  kd = spec.window[0]
+  sd, rd, od = spec.strides[0], spec.dilations[0], spec.out_spatial[0]
+  lo, hi = spec.tight_padding(0)
+  x = lax.pad(x, np.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0), (0, 0, 0), (0, 0, 0),
+                                         (0, 0, 0)])
+  # Each tap: a 2D depthwise convolution over (H, W) with the depth axis carried.
+  per_tap = spec._replace(
+      channels_last=True, window=(1, *spec.window[1:]), strides=(1, *spec.strides[1:]),
+      dilations=(1, *spec.dilations[1:]), padding=((0, 0), *spec.padding[1:]),
+      in_spatial=(od, *spec.in_spatial[1:]), out_dtype=spec.acc_dtype)
+  y = None
+  for t in range(kd):
+    taps = x[:, t * rd:t * rd + (od - 1) * sd + 1:sd]
+    part = conv_lowering(taps, kernel[t:t + 1], per_tap)
+    y = part if y is None else y + part
+  y = y.astype(spec.out_dtype)
+  return y if spec.channels_last else y.transpose(0, 4, 1, 2, 3)
+
+
+def _substitute(x: jax.Array, kernel: jax.Array, **kwargs: Any) -> jax.Array:
+  with mock.patch.object(_depthwise, "lower",
+                         lambda x, k, spec, method: depthwise2d_lowering(x, k, spec)):
+    return _APPLY.__wrapped__(x, kernel, **kwargs)
+
+
+@contextlib.contextmanager
+def depthwise_conv2d_graph() -> Iterator[None]:
+  """Within the context, `dw5d_jax` ops trace to 2D grouped convolutions.
+
+  Meant for tracing only (one thread: it patches a module attribute).
+  """
+  with mock.patch.object(_depthwise, "_apply", _substitute):
+    yield
+
+
+def unsubstituted(jaxpr: jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr) -> bool:
+  """Whether `jaxpr` holds a `dw5d_jax` op traced without the substitution.
+
+  That happens when a function jitted before (its trace cached) is traced
+  again inside `depthwise_conv2d_graph()`.
+  """
+  inner = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in inner.eqns:
+    if eqn.params.get("name") == _APPLY_NAME:
+      return True
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      if unsubstituted(sub):
+        return True
+  return False
