@@ -107,6 +107,7 @@ def export_litert(
     `path`, as a string.
 
   Raises:
+    ImportError: the `ai-edge-litert` package is missing.
     TypeError: `input_shape` not a sequence of ints.
     ValueError: a `None` or symbolic size in `input_shape`; a bad
       `quantize`; `"int8"` without `representative_data`, or data of the
@@ -128,6 +129,7 @@ def export_litert(
   """
   shape = _check_input_shape(input_shape)
   _check_quantize(quantize, representative_data)
+  _litert_module("schema_py_generated")  # the builtin-ops check needs it: fail early
   path = os.fspath(path)
   _check_path(path, overwrite)
   samples = (None if representative_data is None
@@ -415,8 +417,7 @@ def builtin_ops(flatbuffer: bytes) -> list[str]:
   Builtin ops by their `BuiltinOperator` name (`DEPTHWISE_CONV_2D`), custom
   ops (Flex ops included: `FlexConv3D`) by their custom code.
   """
-  from ai_edge_litert import schema_py_generated as schema
-
+  schema = _litert_module("schema_py_generated")
   names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
   model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
   out = []
@@ -430,8 +431,7 @@ def builtin_ops(flatbuffer: bytes) -> list[str]:
 
 def check_builtin_ops(flatbuffer: bytes) -> None:
   """Raises a ValueError naming the Flex or custom ops in `flatbuffer`, if any."""
-  from ai_edge_litert import schema_py_generated as schema
-
+  schema = _litert_module("schema_py_generated")
   builtin = {k for k in vars(schema.BuiltinOperator) if not k.startswith("_")} - {"CUSTOM"}
   bad = [op for op in dict.fromkeys(builtin_ops(flatbuffer)) if op not in builtin]
   if bad:
@@ -443,18 +443,29 @@ def check_builtin_ops(flatbuffer: bytes) -> None:
         + "; the plain LiteRT interpreter cannot run it.")
 
 
+def _litert_module(name: str) -> Any:
+  """`ai_edge_litert.<name>`, or an ImportError that says how to install it."""
+  import importlib
+
+  try:
+    return importlib.import_module(f"ai_edge_litert.{name}")
+  except ImportError as err:
+    raise ImportError(f"{_FN}: LiteRT export and its checks need the ai-edge-litert package "
+                      f"(`pip install ai-edge-litert`, or this project's `litert` extra): "
+                      f"{err}") from None
+
+
 # ----------------------------------------------------------------------------
 # Running a flatbuffer (tests, `dw5d export --litert`, benchmarks).
 
 
 def interpreter(model: str | os.PathLike | bytes, *, num_threads: int = 2) -> Any:
   """A LiteRT interpreter (XNNPACK delegate on CPU) with tensors allocated."""
-  from ai_edge_litert.interpreter import Interpreter
-
+  make = _litert_module("interpreter").Interpreter
   if isinstance(model, bytes):
-    it = Interpreter(model_content=model, num_threads=num_threads)
+    it = make(model_content=model, num_threads=num_threads)
   else:
-    it = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+    it = make(model_path=os.fspath(model), num_threads=num_threads)
   it.allocate_tensors()
   return it
 
