@@ -151,12 +151,8 @@ def run(args: argparse.Namespace) -> int:
     grad = "skipped" if g_err is None else f"{g_err:.1e}"
     print(f"  x {size}: output error {y_err:.1e}, input-gradient error {grad}"
           f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
-  if failed:
-    print(f"dw5d export: the SavedModel at {args.out} FAILED {failed} check(s) against the "
-          f"float64 reference", file=sys.stderr)
-    return 1
-  print("verified: the reloaded SavedModel matches the float64 reference at 2 input sizes")
-  return 0
+  return _verdict(failed, f"the SavedModel at {args.out}",
+                  "the reloaded SavedModel matches the float64 reference at 2 input sizes")
 
 
 def _run_litert(args, *, fn, kernel, shape, conv_axes, op_kwargs) -> int:
@@ -211,12 +207,18 @@ def _run_litert(args, *, fn, kernel, shape, conv_axes, op_kwargs) -> int:
     failed += not ok
     print(f"  input {i + 1}{' (calibration)' if calibration else ''}: output error "
           f"{err:.1e} of max|reference|{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  return _verdict(failed, f"the LiteRT model at {args.out}",
+                  f"the reloaded flatbuffer matches the float64 reference on {len(inputs)} "
+                  f"inputs (LiteRT interpreter, XNNPACK)")
+
+
+def _verdict(failed: int, what: str, verified: str) -> int:
+  """Exit status 1 (and why, on stderr) if any check failed, else 0."""
   if failed:
-    print(f"dw5d export: the LiteRT model at {args.out} FAILED {failed} check(s) against the "
-          f"float64 reference", file=sys.stderr)
+    print(f"dw5d export: {what} FAILED {failed} check(s) against the float64 reference",
+          file=sys.stderr)
     return 1
-  print(f"verified: the reloaded flatbuffer matches the float64 reference on {len(inputs)} "
-        f"inputs (LiteRT interpreter, XNNPACK)")
+  print(f"verified: {verified}")
   return 0
 
 
