@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
   tf.get_logger().setLevel("ERROR")
   dw.tune_cpu_allocator()
-  print(f"- Command: `.venv/bin/python benchmarks/litert.py{' ' + ' '.join(argv or sys.argv[1:])}`")
+  args_text = " ".join(sys.argv[1:] if argv is None else argv)
+  print(f"- Command: `.venv/bin/python benchmarks/litert.py{' ' + args_text if args_text else ''}`")
   print(f"- Machine: {platform.node()}, {os.cpu_count()} cores, CPU: {cpu_model()}; load "
         f"average before: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
   print(f"- Versions: python {platform.python_version()}, jax {jax.__version__}, tensorflow "

@@ -13,9 +13,10 @@ Two graphs are possible for a JAX function (`dw5d_jax`'s ops inside):
   lowering of the ops (the portable "shift" computation) becomes an
   elementwise graph (PAD, SLICE, MUL, ADD per tap).
 
-Under the LiteRT interpreter (XNNPACK, 2 threads) the first ran 14x faster
-on a W1-size 2D op and 12x on a W2-size 3D op (benchmarks/RESULTS.md,
-"LiteRT"). Keras models on the TensorFlow backend convert through their
+Under the LiteRT interpreter (XNNPACK, 2 threads) the first ran 5.5-7.2x
+faster on a W1-size 2D op, 7.2-8.3x on a W2-size 3D op and 2.6-3.2x on the
+demo model (three runs on a loaded 2-core machine; benchmarks/RESULTS.md,
+"LiteRT (TFLite) export"). Keras models on the TensorFlow backend convert through their
 `tf.function`; `interop.keras` layers there are `interop`'s TF ops, which
 also become DEPTHWISE_CONV_2D. Keras models on the JAX backend convert as the
 JAX function `model.stateless_call`, through the default route.
@@ -79,8 +80,9 @@ def export_litert(
 
   `dw5d_jax` ops in a JAX function (or a Keras model on the JAX backend)
   become DEPTHWISE_CONV_2D ops: a 2D op per slice is one, a 3D op one per
-  depth tap, their results added. That graph ran 12-14x faster under XNNPACK
-  than the elementwise graph of `export_savedmodel`'s jax2tf lowering.
+  depth tap, their results added. That graph ran 5.5-8.3x faster under
+  XNNPACK (2 threads) than the elementwise graph of `export_savedmodel`'s
+  jax2tf lowering on W1/W2-size ops, 2.6-3.2x on the demo model.
 
   Args:
     model_or_fn: a Keras 3 model or layer (`interop.keras` layers and Keras's

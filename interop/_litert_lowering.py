@@ -2,8 +2,8 @@
 
 `jax2tf` lowers `dw5d_jax`'s ops on CPU to the portable "shift" computation,
 which the LiteRT converter turns into an elementwise graph (PAD, SLICE, MUL,
-ADD per tap); XNNPACK runs it 10-15x slower than a DEPTHWISE_CONV_2D graph
-(benchmarks/RESULTS.md, "LiteRT"). Inside `depthwise_conv2d_graph()` every
+ADD per tap); XNNPACK runs it 5.5-8.3x slower than a DEPTHWISE_CONV_2D graph
+on W1/W2-size ops (benchmarks/RESULTS.md, "LiteRT (TFLite) export"). Inside `depthwise_conv2d_graph()` every
 `dw5d_jax.depthwise_conv2d/3d` call traces instead to grouped 2D convolutions
 that the converter legalises to DEPTHWISE_CONV_2D:
 
@@ -14,8 +14,9 @@ that the converter legalises to DEPTHWISE_CONV_2D:
   depth axis folded into batch), the `kd` results added. XLA's 3D grouped
   convolution would become TensorFlow's `Conv3D`, which LiteRT has only
   without groups (a Flex op). Stacking the taps into channels for a single
-  convolution, as `interop.tf_depthwise_conv3d` does, measured 2x slower
-  under XNNPACK than adding per-tap results (it copies the input `kd` times).
+  convolution, as `interop.tf_depthwise_conv3d` does, measured 1.4-2.1x
+  slower under XNNPACK on W2 than adding per-tap results (it copies the
+  input `kd` times).
 
 The substitution replaces the op's entry point `dw5d_jax._depthwise._apply`
 (a `jax.jit` whose trace cache would otherwise replay the shift lowering) with
