@@ -39,10 +39,11 @@ from dw5d_jax import _depthwise
 from dw5d_jax._args import ConvSpec
 from dw5d_jax._conv import conv_lowering
 
-# The jitted entry point the context replaces; its name marks an op traced
-# without the substitution (see `unsubstituted`).
+# The jitted entry point the context replaces. A jit equation of it (its
+# jaxpr's source, "_apply at .../dw5d_jax/_depthwise.py:174") marks an op
+# traced without the substitution (see `unsubstituted`).
 _APPLY = _depthwise._apply
-_APPLY_NAME = "_apply"
+_APPLY_SOURCE = f"{_APPLY.__wrapped__.__name__} at {_APPLY.__wrapped__.__code__.co_filename}:"
 
 
 def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -99,9 +100,11 @@ def unsubstituted(jaxpr: jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr) ->
   """
   inner = getattr(jaxpr, "jaxpr", jaxpr)
   for eqn in inner.eqns:
-    if eqn.params.get("name") == _APPLY_NAME:
-      return True
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
+      source = getattr(info, "func_src_info", None) or ""
+      if source.startswith(_APPLY_SOURCE):
+        return True
       if unsubstituted(sub):
         return True
   return False
