@@ -16,10 +16,11 @@ Two graphs are possible for a JAX function (`dw5d_jax`'s ops inside):
 Under the LiteRT interpreter (XNNPACK, 2 threads) the first ran 5.5-7.2x
 faster on a W1-size 2D op, 7.2-8.3x on a W2-size 3D op and 2.6-3.2x on the
 demo model (three runs on a loaded 2-core machine; benchmarks/RESULTS.md,
-"LiteRT (TFLite) export"). Keras models on the TensorFlow backend convert through their
-`tf.function`; `interop.keras` layers there are `interop`'s TF ops, which
-also become DEPTHWISE_CONV_2D. Keras models on the JAX backend convert as the
-JAX function `model.stateless_call`, through the default route.
+"LiteRT (TFLite) export"). Keras models on the TensorFlow backend convert as
+a `tf.function` of `model.stateless_call`; `interop.keras` layers there are
+`interop`'s TF ops, which also become DEPTHWISE_CONV_2D. Keras models on the
+JAX backend convert as the JAX function `model.stateless_call`, through the
+default route. Weights are constants in the graph either way.
 
 TensorFlow and the LiteRT packages are imported inside the functions, so
 `import interop` stays light.
@@ -312,25 +313,23 @@ def jax_concrete_function(apply_fn: Callable[[Any, jax.Array], Any], params: Any
     return jax.tree_util.tree_leaves(apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), x))
 
   closed = _trace(flat_fn, leaf_specs, jax.ShapeDtypeStruct(shape, np.float32), route)
-  n_leaves = len(leaves)
 
   def jaxpr_fn(leaves, x):
     return jax.extend.core.jaxpr_as_fun(closed)(*leaves, x)
 
   converted = jax2tf.convert(jaxpr_fn, native_serialization_platforms=("cpu",),
                              with_gradient=False)
-  owner = tf.Module()
-  owner.params = [tf.Variable(a.astype(s.dtype), trainable=False, name=f"param_{i}")
-                  for i, (a, s) in enumerate(zip(leaves, leaf_specs))]
-  assert len(owner.params) == n_leaves
+  # The params as constants, as for Keras models (see keras_concrete_function).
+  constants = [tf.constant(a.astype(s.dtype)) for a, s in zip(leaves, leaf_specs)]
 
   @tf.function(autograph=False,
                input_signature=[tf.TensorSpec(shape, tf.float32, name="x")])
   def serve(x):
-    ys = converted([tf.convert_to_tensor(v) for v in owner.params], x)
+    ys = converted(constants, x)
     return ys[0] if len(ys) == 1 else tuple(ys)
 
-  return serve.get_concrete_function(), owner
+  # The converter takes the function's owner (an empty module: nothing to track).
+  return serve.get_concrete_function(), tf.Module()
 
 
 def _trace(flat_fn, leaf_specs, x_spec, route) -> Any:
