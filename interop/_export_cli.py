@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
   import dw5d_jax as dw
-  from dw5d_jax import _args
+  from dw5d_jax import _args, _geometry
   from interop._export import dim_names, export_savedmodel, load_savedmodel, poly_string
 
   try:
@@ -116,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
   # The smallest size along each convolved axis that the window fits in.
   need = {}
   for i, a in enumerate(conv_axes):
-    e = (kernel.shape[i] - 1) * dilations[i] + 1
-    lo, hi = (e - 1, 0) if padding == "SAME" else (0, 0) if padding == "VALID" else padding[i]
-    need[layout.index(a)] = max(e - lo - hi, 1)
+    need[layout.index(a)] = _geometry.min_input_size(kernel.shape[i], dilations[i], padding[i])
   constraints = tuple(f"{names[j]} >= {n}" for j, n in need.items()
                       if shape[j] is None and n > 1)
 

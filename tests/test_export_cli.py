@@ -89,8 +89,8 @@ def test_a_failed_check_exits_1(tmp_path, kernel_file, capsys, monkeypatch):
      r"dw5d export: error: `--kernel` for depthwise_conv3d must have rank 5, got shape "
      r"\(3, 3, 4, 1\)"),
     (["--padding", "1:1"], (3, 3, 3, 4, 1),
-     r"dw5d export: error: depthwise_conv3d: `padding` must be 'SAME', 'VALID' or a sequence "
-     r"of 3 \(lo, hi\) pairs"),
+     r"dw5d export: error: depthwise_conv3d: `padding` must be one of 'SAME', 'VALID', "
+     r"'CAUSAL', or a sequence of 3 entries"),
     (["--data-format", "NHWC"], (3, 3, 3, 4, 1),
      r"`--data-format` for depthwise_conv3d must be one of NDHWC, NCDHW, matching the rank of "
      r"`--input-shape`; got NHWC for rank 4"),
