@@ -19,8 +19,10 @@ that the converter legalises to DEPTHWISE_CONV_2D:
   input `kd` times).
 
 The substitution replaces the op's entry point `dw5d_jax._depthwise._apply`
-(a `jax.jit` whose trace cache would otherwise replay the shift lowering) with
-its unjitted body running this lowering, for the duration of the context.
+(a `jax.jit` whose trace cache would otherwise replay the primitive) with its
+unjitted body, in which the primitive's forward (`_primitive.conv`) is this
+lowering, for the duration of the context. The result is traced for export
+only: no primitive is left to differentiate or batch.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ import jax.extend.core
 import numpy as np
 from jax import lax
 
-from dw5d_jax import _depthwise
-from dw5d_jax._args import ConvSpec
-from dw5d_jax._conv import conv_lowering
+from dw5d_jax import _conv, _depthwise, _primitive
+from dw5d_jax._geometry import ConvSpec
 
 # The jitted entry point the context replaces. A jit equation of it (its
 # jaxpr's source, "_apply at .../dw5d_jax/_depthwise.py:174") marks an op
@@ -51,14 +52,13 @@ def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax
 
   Worked example, depth only: D=5, kd=3, sd=2, rd=1, SAME: out 3, pads (1, 1),
   padded size 7 (tight: exactly (3 - 1) * 2 + 3 = 7). Tap t reads padded
-  depths t, t + 2, t + 4: the slices [0:5:2], [1:6:2], [2:7:2].
+  depths t, t + 2, t + 4 (`spec.tap_slice(0, t)`): [0:5:2], [1:6:2], [2:7:2].
   """
   if any(spec.carried(i) for i in range(3)):
-    return conv_lowering(x, kernel, spec)
+    return _conv.conv(x, kernel, spec, spec.out_dtype)
   if not spec.channels_last:
     x = x.transpose(0, 2, 3, 4, 1)
-  kd = spec.window[0]
-  sd, rd, od = spec.strides[0], spec.dilations[0], spec.out_spatial[0]
+  kd, od = spec.window[0], spec.out_spatial[0]
   lo, hi = spec.tight_padding(0)
   x = lax.pad(x, np.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0), (0, 0, 0), (0, 0, 0),
                                          (0, 0, 0)])
@@ -66,19 +66,25 @@ def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax
   per_tap = spec._replace(
       channels_last=True, window=(1, *spec.window[1:]), strides=(1, *spec.strides[1:]),
       dilations=(1, *spec.dilations[1:]), padding=((0, 0), *spec.padding[1:]),
-      in_spatial=(od, *spec.in_spatial[1:]), out_dtype=spec.acc_dtype)
+      in_spatial=(od, *spec.in_spatial[1:]))
   y = None
   for t in range(kd):
-    taps = x[:, t * rd:t * rd + (od - 1) * sd + 1:sd]
-    part = conv_lowering(taps, kernel[t:t + 1], per_tap)
+    start, limit, stride = spec.tap_slice(0, t)
+    part = _conv.conv(x[:, start:limit:stride], kernel[t:t + 1], per_tap, spec.acc_dtype)
     y = part if y is None else y + part
   y = y.astype(spec.out_dtype)
   return y if spec.channels_last else y.transpose(0, 4, 1, 2, 3)
 
 
+def _forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Any,
+             out_dtype: Any = None) -> jax.Array:
+  """`_primitive.conv`'s signature, computed by `depthwise2d_lowering`."""
+  y = depthwise2d_lowering(x, kernel, spec)
+  return y if out_dtype is None else y.astype(out_dtype)
+
+
 def _substitute(x: jax.Array, kernel: jax.Array, **kwargs: Any) -> jax.Array:
-  with mock.patch.object(_depthwise, "lower",
-                         lambda x, k, spec, method: depthwise2d_lowering(x, k, spec)):
+  with mock.patch.object(_primitive, "conv", _forward):
     return _APPLY.__wrapped__(x, kernel, **kwargs)
 
 
