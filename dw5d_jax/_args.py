@@ -19,7 +19,7 @@ import numpy as np
 from jax import core as jax_core
 from jax import lax
 
-from dw5d_jax import _geometry
+from dw5d_jax import _epilogue, _geometry
 from dw5d_jax._geometry import PADDING_KINDS, SPATIAL, ConvSpec
 
 METHODS = ("auto", "conv", "shift", "pallas")
@@ -170,6 +170,25 @@ def check_preferred(fn: str, preferred: Any) -> Any:
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
+def check_activation(fn: str, activation: Any) -> str | None:
+  """The canonical name of `activation` (`_epilogue.ACTIVATIONS`, an alias, any case), or None."""
+  if activation is None:
+    return None
+  names = ", ".join(map(repr, _epilogue.ACTIVATIONS))
+  aliases = ", ".join(map(repr, _epilogue.ALIASES))
+  expected = (f"{fn}: `activation` must be None or one of {names} (or the aliases "
+              f"{aliases})")
+  if not isinstance(activation, str):
+    raise TypeError(f"{expected}; got {type(activation).__name__} {activation!r}. Apply "
+                    f"other functions to the result.")
+  name = activation.lower()
+  if name in _epilogue.ALIASES:
+    return _epilogue.ALIASES[name]
+  if name not in _epilogue.ACTIVATIONS:
+    raise ValueError(f"{expected}; got {activation!r}.")
+  return name
+
+
 def check_array(fn: str, name: str, a: Any) -> None:
   if not isinstance(a, (jax.Array, np.ndarray)):
     raise TypeError(f"{fn}: `{name}` must be a jax.Array or numpy.ndarray, "
@@ -269,6 +288,18 @@ def normalize(
       out_dtype=preferred if preferred is not None else x_dtype,
       precision=precision)
   return x, kernel, spec
+
+
+def check_bias(fn: str, bias: Any, x_dtype: Any, spec: ConvSpec) -> None:
+  """`bias` must be `(C * M,)` in x's dtype (checked at trace time)."""
+  c, m = spec.channels, spec.multiplier
+  if tuple(bias.shape) != (c * m,):
+    raise ValueError(f"{fn}: `bias` must have shape (C * M,) = ({c * m},) for {c} channels "
+                     f"and multiplier {m}, got shape {tuple(bias.shape)}.")
+  dtype = jax.dtypes.canonicalize_dtype(bias.dtype)
+  if dtype != x_dtype:
+    raise TypeError(f"{fn}: `bias` must have x's dtype {np.dtype(x_dtype).name}, got "
+                    f"{np.dtype(dtype).name}; cast it.")
 
 
 def check_layout(fn: str, x: jax.Array, data_format: Any, allowed_5d: bool,

@@ -6,10 +6,11 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args, _policy, _primitive
+from dw5d_jax import _args, _epilogue, _policy, _primitive
 
 _Ints = int | tuple[int, ...]
 _Padding = str | tuple[str | tuple[int, int], ...]
@@ -27,6 +28,8 @@ def depthwise_conv2d(
     method: str = "auto",
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    bias: ArrayLike | None = None,
+    activation: str | None = None,
 ) -> jax.Array:
   """2D depthwise convolution, per slice of a 5D tensor or on a 4D one.
 
@@ -65,6 +68,17 @@ def depthwise_conv2d(
       the other methods compute in `preferred_element_type` or float32.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.
+    bias: None, or `(C * M,)` in x's dtype, added to output channel
+      `c * M + m`.
+    activation: None, or one of `"relu"`, `"relu6"`, `"gelu"` (exact, with
+      erf, as Keras's and PyTorch's default), `"gelu_tanh"` (the tanh
+      approximation, `jax.nn.gelu`'s default), `"silu"`, `"sigmoid"`,
+      `"tanh"`, `"hard_swish"`; Keras's names `"swish"`, `"hard_silu"` and
+      `"linear"` (none) work too. The result is
+      `activation(conv(x, kernel) + bias)`, computed in the accumulator
+      dtype before the cast to the output dtype. The native CPU kernels fuse
+      the epilogue into the convolution (forward and backward); every other
+      path computes it with the same formula.
 
   Returns:
     An array in x's layout with `C * M` channels ordered `c * M + m` (TF's
@@ -73,9 +87,11 @@ def depthwise_conv2d(
     positions, `e = (k - 1) * dilation + 1`.
 
   Raises:
-    TypeError: non-array inputs, non-floating or mismatched dtypes.
+    TypeError: non-array inputs, non-floating or mismatched dtypes (bias
+      too), a non-string activation.
     ValueError: wrong ranks or layouts, channel mismatch, bad strides,
-      dilations, padding, axes or method, or an empty output.
+      dilations, padding, axes, method, bias shape or activation, or an
+      empty output.
 
   Example:
     >>> import jax.numpy as jnp
@@ -86,6 +102,10 @@ def depthwise_conv2d(
     (2, 5, 16, 16, 6)
     >>> dw.depthwise_conv2d(x, k, axes="DW", strides=2, padding="VALID").shape
     (2, 2, 16, 7, 6)
+    >>> b = jnp.zeros((6,))               # (C * M,)
+    >>> y = dw.depthwise_conv2d(x, k, bias=b, activation="gelu")
+    >>> bool(jnp.allclose(y, jax.nn.gelu(dw.depthwise_conv2d(x, k), approximate=False)))
+    True
   """
   fn = "depthwise_conv2d"
   _args.check_array(fn, "x", x)
@@ -102,7 +122,8 @@ def depthwise_conv2d(
       padding=_args.check_padding(fn, padding, axes),
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
-      preferred=_args.check_preferred(fn, preferred_element_type))
+      preferred=_args.check_preferred(fn, preferred_element_type),
+      bias=_bias_arg(fn, bias), activation=_args.check_activation(fn, activation))
 
 
 def depthwise_conv3d(
@@ -116,6 +137,8 @@ def depthwise_conv3d(
     method: str = "auto",
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    bias: ArrayLike | None = None,
+    activation: str | None = None,
 ) -> jax.Array:
   """True 3D depthwise convolution of a 5D tensor.
 
@@ -143,15 +166,20 @@ def depthwise_conv3d(
     precision: passed to `lax.conv_general_dilated` by the `"conv"` method.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.
+    bias: None, or `(C * M,)` in x's dtype.
+    activation: None or a name, as for `depthwise_conv2d`: the result is
+      `activation(conv(x, kernel) + bias)`, fused on CPU.
 
   Returns:
     An array in x's layout with `C * M` channels ordered `c * M + m`; spatial
     sizes as for `depthwise_conv2d`.
 
   Raises:
-    TypeError: non-array inputs, non-floating or mismatched dtypes.
+    TypeError: non-array inputs, non-floating or mismatched dtypes (bias
+      too), a non-string activation.
     ValueError: wrong ranks or layouts, channel mismatch, bad strides,
-      dilations, padding or method, or an empty output.
+      dilations, padding, method, bias shape or activation, or an empty
+      output.
 
   Example:
     >>> import jax.numpy as jnp
@@ -160,6 +188,9 @@ def depthwise_conv3d(
     >>> k = jnp.ones((3, 3, 3, 4, 1))     # (kd, kh, kw, C, M)
     >>> dw.depthwise_conv3d(x, k, strides=2).shape
     (1, 4, 4, 4, 4)
+    >>> b = jnp.full((4,), -30.0)          # (C * M,)
+    >>> dw.depthwise_conv3d(x, k, bias=b, activation="relu").max()  # relu(27 - 30)
+    Array(0., dtype=float32)
   """
   fn = "depthwise_conv3d"
   _args.check_array(fn, "x", x)
@@ -172,23 +203,41 @@ def depthwise_conv3d(
       padding=_args.check_padding(fn, padding, "DHW"),
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
-      preferred=_args.check_preferred(fn, preferred_element_type))
+      preferred=_args.check_preferred(fn, preferred_element_type),
+      bias=_bias_arg(fn, bias), activation=_args.check_activation(fn, activation))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "fn", "conv_axes", "layout", "strides", "dilations", "padding", "method",
-    "precision", "preferred"))
+    "precision", "preferred", "activation"))
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
-           method: str, precision: Any, preferred: Any) -> jax.Array:
-  """Shape checks (at trace time), normalisation, the primitive, restoring the rank."""
+           method: str, precision: Any, preferred: Any, bias: jax.Array | None = None,
+           activation: str | None = None) -> jax.Array:
+  """Shape checks (at trace time), normalisation, the primitive, restoring the rank.
+
+  Without an epilogue the primitive is `dw5d_p` alone, as if the epilogue
+  did not exist; with one, `_epilogue.apply`.
+  """
   rank4 = x.ndim == 4
   x5, k5, spec = _args.normalize(
       fn, x, kernel, conv_axes=conv_axes, layout=layout, strides=strides,
       dilations=dilations, padding=padding, precision=precision, preferred=preferred)
   impl = _primitive.Impl(method)
   _policy.prepare(spec, impl, x5.shape[0])
-  y = _primitive.conv(x5, k5, spec, impl)
+  if bias is None and activation is None:
+    y = _primitive.conv(x5, k5, spec, impl)
+  else:
+    if bias is None:
+      bias = jnp.zeros((spec.channels * spec.multiplier,), x5.dtype)
+    _args.check_bias(fn, bias, x5.dtype, spec)
+    y = _epilogue.apply(x5, k5, bias, spec, impl, activation)
   if rank4:
     y = y.squeeze(1 if spec.channels_last else 2)
   return y
+
+
+def _bias_arg(fn: str, bias: Any) -> Any:
+  if bias is not None:
+    _args.check_array(fn, "bias", bias)
+  return bias

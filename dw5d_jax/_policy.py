@@ -176,6 +176,21 @@ def implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: 
 _XLA_NAMES = {"fwd": "conv", "dx": "input_grad", "dk": "kernel_grad"}
 
 
+def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: Impl,
+                            activation: str | None) -> Callable[..., Any] | None:
+  """The fused native computation of an epilogue op where it runs, else None.
+
+  `op` is `"fwd"` (`_epilogue.epilogue_p`: x, kernel, bias -> y) or
+  `"grad"` (`_epilogue.epilogue_grad_p`: x, kernel, r, ct -> g, dk, db).
+  None means the unfused formula (`_epilogue.forward_formula`,
+  `grad_formula`), whose `dw5d_p` takes the steps above: so the epilogue is
+  fused exactly where the convolution (`"fwd"`) or its kernel gradient
+  (`"grad"`) would use the native kernels as they are, channels-last.
+  """
+  del activation
+  return None
+
+
 def _native_op(op: str, a: jax.Array, b: jax.Array, spec: ConvSpec, out_dtype: Any):
   if op == "fwd":
     return _native.forward(a, b, spec._replace(out_dtype=out_dtype))

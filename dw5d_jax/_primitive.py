@@ -140,31 +140,49 @@ def _batch_rule(args, dims, *, op, spec: ConvSpec, **params):
     out = dw5d_p.bind(a.reshape(size * n, *a.shape[2:]), b, op=op, spec=spec, **params)
     return out.reshape(size, n, *out.shape[1:]), 0
   size = a.shape[da] if da is not None else b.shape[db]
-  a, b = (_lead(v, d, size) for v, d in ((a, da), (b, db)))
+  a, b = (lead(v, d, size) for v, d in ((a, da), (b, db)))
   folded = spec._replace(channels=size * spec.channels)
-  ch = spec.channel_axis
-
-  def data(v):  # (B, N, ...) with channels at 1 + ch -> B merged into the channels
-    v = jnp.moveaxis(v, 0, ch)
-    return v.reshape(*v.shape[:ch], size * v.shape[ch + 1], *v.shape[ch + 2:])
-
-  def kernel(v):  # (B, kd, kh, kw, C, M) -> (kd, kh, kw, B*C, M)
-    v = jnp.moveaxis(v, 0, 3)
-    return v.reshape(*v.shape[:3], size * v.shape[4], v.shape[5])
-
-  if op == "dk":
-    out = dw5d_p.bind(data(a), data(b), op=op, spec=folded, **params)
-    out = out.reshape(*out.shape[:3], size, spec.channels, spec.multiplier)
-    return jnp.moveaxis(out, 3, 0), 0
-  out = dw5d_p.bind(data(a), kernel(b), op=op, spec=folded, **params)
-  out = out.reshape(*out.shape[:ch], size, out.shape[ch] // size, *out.shape[ch + 1:])
-  return jnp.moveaxis(out, ch, 0), 0
+  roles = ("data", "data") if op == "dk" else ("data", "kernel")
+  out = dw5d_p.bind(*(fold(v, r, spec) for v, r in zip((a, b), roles)), op=op, spec=folded,
+                    **params)
+  return unfold(out, "kernel" if op == "dk" else "data", spec, size), 0
 
 
-def _lead(v, d, size):
+def lead(v: jax.Array, d: int | None, size: int) -> jax.Array:
+  """`v` with its batch axis `d` first (broadcast to `size` when it has none)."""
   if d is None:
     return jnp.broadcast_to(v[None], (size, *v.shape))
   return jnp.moveaxis(v, d, 0)
+
+
+def fold(v: jax.Array, role: str, spec: ConvSpec) -> jax.Array:
+  """A batched operand `(B, ...)` with B merged into its channels (see `_batch_rule`).
+
+  `role`: "data" (channels at `spec.channel_axis`, C or C*M of them),
+  "kernel" (`(kd, kh, kw, C, M)` -> `(kd, kh, kw, B*C, M)`) or "bias"
+  (`(C*M,)` -> `(B*C*M,)`).
+  """
+  size = v.shape[0]
+  if role == "bias":
+    return v.reshape(size * v.shape[1])
+  if role == "kernel":
+    v = jnp.moveaxis(v, 0, 3)
+    return v.reshape(*v.shape[:3], size * v.shape[4], v.shape[5])
+  ch = spec.channel_axis
+  v = jnp.moveaxis(v, 0, ch)
+  return v.reshape(*v.shape[:ch], size * v.shape[ch + 1], *v.shape[ch + 2:])
+
+
+def unfold(v: jax.Array, role: str, spec: ConvSpec, size: int) -> jax.Array:
+  """The inverse of `fold` for a result: `(B, ...)`."""
+  if role == "bias":
+    return v.reshape(size, v.shape[0] // size)
+  if role == "kernel":
+    v = v.reshape(*v.shape[:3], size, v.shape[3] // size, v.shape[4])
+    return jnp.moveaxis(v, 3, 0)
+  ch = spec.channel_axis
+  v = v.reshape(*v.shape[:ch], size, v.shape[ch] // size, *v.shape[ch + 1:])
+  return jnp.moveaxis(v, ch, 0)
 
 
 def _lowering(ctx, a, b, *, platform: str | None, **params):
