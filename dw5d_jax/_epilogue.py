@@ -97,11 +97,20 @@ ALIASES: dict[str, str | None] = {
 }
 
 
-def variant(activation: str | None) -> str:
-  """What the backward pass reads: "none" (g = ct), "output" (y) or "input" (recomputes z)."""
+def variant(activation: str | None, out_dtype: Any) -> str:
+  """What the backward pass reads: "none" (g = ct), "output" (y) or "input" (recomputes z).
+
+  y only where it holds act'(z) exactly enough: a float32 (or wider) y, or
+  relu's sign. A bfloat16 y rounds values just below relu6's 6 onto it
+  (slope 0 instead of 1), and sigmoid's and tanh's slopes near saturation
+  to 0.
+  """
   if activation is None:
     return "none"
-  return "output" if ACTIVATIONS[activation].from_output is not None else "input"
+  if ACTIVATIONS[activation].from_output is None:
+    return "input"
+  exact = np.dtype(out_dtype).itemsize >= 4 or activation == "relu"
+  return "output" if exact else "input"
 
 
 # ----------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def forward_formula(x, k, b, *, spec: ConvSpec, impl: Impl, activation: str | No
 
 def _slope(x, k, r, *, spec: ConvSpec, impl: Impl, activation: str | None):
   """`act'(z)` in the accumulator dtype (None without an activation)."""
-  kind = variant(activation)
+  kind = variant(activation, spec.out_dtype)
   if kind == "none":
     return None
   if kind == "output":
@@ -209,7 +218,7 @@ def _forward_jvp(primals, tangents, *, spec, impl, activation):
   present = tuple(type(t) is not ad.Zero for t in tangents)
   if not any(present):
     return y, ad.Zero.from_primal_value(y)
-  r = y if variant(activation) == "output" else b
+  r = y if variant(activation, spec.out_dtype) == "output" else b
   dy = epilogue_lin_p.bind(*(t for t in tangents if type(t) is not ad.Zero), x, k, r,
                            present=present, spec=spec, impl=impl, activation=activation)
   return y, dy
@@ -253,7 +262,7 @@ def _formula_jvp(formula, multiple_results: bool):
 # small; a "data" result can fold the batch into N when no small operand is
 # batched, a "kernel" or "bias" result never.
 def _roles(prim: Primitive, params: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  r = "data" if variant(params["activation"]) == "output" else "bias"
+  r = "data" if variant(params["activation"], params["spec"].out_dtype) == "output" else "bias"
   if prim is epilogue_p:
     return ("data", "kernel", "bias"), ("data",)
   if prim is epilogue_lin_p:

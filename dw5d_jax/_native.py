@@ -16,6 +16,17 @@ which layout, is `_policy.py`'s decision:
 * `dw5d_kernel_grad(x, ct) -> dk`: the kernel gradient in one pass over x
   and the cotangent, every tap's sum accumulated together (XLA needs one
   pass per tap).
+
+With an epilogue `y = act(conv(x, w) + b)` (`_epilogue.py`), channels-last:
+
+* `dw5d_forward_epilogue(x, w, b) -> y`: the forward, the bias and the
+  activation applied to each output row before it is stored;
+* `dw5d_epilogue_grad(x, w, b, ct) -> (g, dk, db)`: the kernel gradient's
+  pass, with `g = ct * act'(z)` (z recomputed from the x windows the pass
+  reads) written once and `db` reduced along the way;
+* `dw5d_epilogue_grad_y(x, y, ct) -> (g, dk, db)`: the same with `act'(z)`
+  from y (relu, relu6, sigmoid, tanh);
+* `dw5d_bias_grad(x, ct) -> (dk, db)`: no activation, `g = ct`.
 """
 
 from __future__ import annotations
@@ -65,3 +76,41 @@ def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec) -> jax.Array:
   """`d <conv(x, k), ct> / dk` as `(kd, kh, kw, C, M)` in x's dtype."""
   out = jax.ShapeDtypeStruct((*spec.window, spec.channels, spec.multiplier), x.dtype)
   return jax.ffi.ffi_call("dw5d_kernel_grad", out)(x, ct, **_attrs(spec, x.shape[0]))
+
+
+def _cotangent_structs(x: jax.Array, kernel_dtype, spec: ConvSpec, with_g: bool):
+  cm = spec.channels * spec.multiplier
+  g = jax.ShapeDtypeStruct(_shape(spec, x.shape[0], spec.out_spatial, cm), np.float32)
+  dk = jax.ShapeDtypeStruct((*spec.window, spec.channels, spec.multiplier), kernel_dtype)
+  db = jax.ShapeDtypeStruct((cm,), x.dtype)
+  return (g, dk, db) if with_g else (dk, db)
+
+
+def forward_epilogue(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: ConvSpec,
+                     activation: str | None) -> jax.Array:
+  """`act(conv(x, kernel) + bias)` in `spec.out_dtype`, channels-last."""
+  out = jax.ShapeDtypeStruct(
+      _shape(spec, x.shape[0], spec.out_spatial, spec.channels * spec.multiplier),
+      spec.out_dtype)
+  return jax.ffi.ffi_call("dw5d_forward_epilogue", out)(
+      x, kernel, bias, activation=activation or "none", **_attrs(spec, x.shape[0]))
+
+
+def epilogue_grad(x: jax.Array, kernel: jax.Array, r: jax.Array, ct: jax.Array,
+                  spec: ConvSpec, activation: str | None, from_output: bool):
+  """`(g, dk, db)`: `g = ct * act'(z)` (float32), `dk` in the kernel's dtype, `db` in x's.
+
+  `r` is y when `from_output`, else the bias (z recomputed). Without an
+  activation `g` is `ct` itself.
+  """
+  attrs = _attrs(spec, x.shape[0])
+  if activation is None:
+    dk, db = jax.ffi.ffi_call("dw5d_bias_grad", _cotangent_structs(x, kernel.dtype, spec, False))(
+        x, ct, **attrs)
+    return ct, dk, db
+  structs = _cotangent_structs(x, kernel.dtype, spec, True)
+  if from_output:
+    return tuple(jax.ffi.ffi_call("dw5d_epilogue_grad_y", structs)(
+        x, r, ct, activation=activation, **attrs))
+  return tuple(jax.ffi.ffi_call("dw5d_epilogue_grad", structs)(
+      x, kernel, r, ct, activation=activation, **attrs))

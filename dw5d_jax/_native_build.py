@@ -47,7 +47,9 @@ import jax
 import jaxlib
 
 TARGETS = {"dw5d_forward": "Dw5dForward", "dw5d_input_grad": "Dw5dInputGrad",
-           "dw5d_kernel_grad": "Dw5dKernelGrad"}
+           "dw5d_kernel_grad": "Dw5dKernelGrad", "dw5d_forward_epilogue": "Dw5dForwardEpilogue",
+           "dw5d_epilogue_grad": "Dw5dEpilogueGrad", "dw5d_epilogue_grad_y": "Dw5dEpilogueGradY",
+           "dw5d_bias_grad": "Dw5dBiasGrad"}
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-ffp-contract=fast")
 ARCH_FLAG = "-march=native"
 _COMPILE_TIMEOUT_S = 600

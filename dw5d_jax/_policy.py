@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dw5d_jax import _conv, _native, _native_build, _pallas, _shift
+from dw5d_jax import _conv, _epilogue, _native, _native_build, _pallas, _shift
 from dw5d_jax._geometry import ConvSpec, is_static
 from dw5d_jax._primitive import Impl
 
@@ -187,8 +187,15 @@ def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpe
   fused exactly where the convolution (`"fwd"`) or its kernel gradient
   (`"grad"`) would use the native kernels as they are, channels-last.
   """
-  del activation
-  return None
+  method = lowering(impl.method, platform, spec)
+  if method != "shift" or platform != "cpu" or not spec.channels_last:
+    return None
+  if native_layout(ctx, spec, "fwd" if op == "fwd" else "dk") != "as-is":
+    return None
+  if op == "fwd":
+    return lambda x, k, b: _native.forward_epilogue(x, k, b, spec, activation)
+  from_output = _epilogue.variant(activation, spec.out_dtype) == "output"
+  return lambda x, k, r, ct: _native.epilogue_grad(x, k, r, ct, spec, activation, from_output)
 
 
 def _native_op(op: str, a: jax.Array, b: jax.Array, spec: ConvSpec, out_dtype: Any):

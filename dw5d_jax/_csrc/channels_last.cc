@@ -15,9 +15,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "epilogue.h"
 #include "geometry.h"
 #include "kernels.h"
 #include "packets.h"
@@ -301,9 +303,20 @@ void StoreRow(const Geom& g, const float* in, TO* y) {
         Pack<1>::Store(y + (o * g.c + c) * g.m + m, in[(o * g.m + m) * g.c + c]);
 }
 
+// The bias as the forward rows' (OW, M, C) layout: bias[c * M + m] at (o, m, c).
+std::vector<float> BiasRow(const Geom& g, const float* bias) {
+  std::vector<float> row(g.ow * g.m * g.c);
+  for (int64_t o = 0; o < g.ow; ++o)
+    for (int64_t m = 0; m < g.m; ++m)
+      for (int64_t c = 0; c < g.c; ++c) row[(o * g.m + m) * g.c + c] = bias[c * g.m + m];
+  return row;
+}
+
+// `bias_row` (BiasRow) non-null: the epilogue `act` is applied to every
+// output row after its tap sums, while it is in L1, before it is stored.
 template <typename TI, typename TO>
 void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w, TO* y,
-                 const Tiles& tiles, int64_t tile) {
+                 const Tiles& tiles, int64_t tile, Act act, const float* bias_row) {
   const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
   InputRows<TI> in(g, x, tiles);
   std::vector<int64_t> rows(taps), tap(taps);
@@ -325,6 +338,7 @@ void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w
     TO* yrow = y + r * g.ow * cm;
     float* out = direct ? reinterpret_cast<float*>(yrow) : tmp.data();
     row_fn(g, xr.data(), wb.data(), nt, lo, hi, out, wr.data());
+    if (bias_row != nullptr) ActivateRow(act, out, bias_row, g.ow * cm);
     if (!direct) StoreRow(g, tmp.data(), yrow);
   });
 }
@@ -468,9 +482,88 @@ __attribute__((noinline)) void Deinterleave(const Geom& g, const TC* in, float* 
         out[(m * g.ow + o) * g.c + c] = Pack<1>::Load(in + (o * g.c + c) * g.m + m);
 }
 
+// The epilogue's backward for the output rows of one tile (RunEpilogueGrad):
+// per row, g = ct * act'(z) written to `g`, its sum added to `db`, and g as
+// the kernel-gradient row kernels read it.
+template <typename TC>
+class EpilogueCotangents {
+ public:
+  // `fwd`: the forward row kernel that recomputes z (when e.w is set);
+  // `bias_row`: the bias in its rows' layout (BiasRow).
+  EpilogueCotangents(const Geom& g, const EpilogueGrad<TC>& e, ForwardRowFn fwd,
+                     const float* bias_row, float* db)
+      : g_(g), e_(e), fwd_(fwd), bias_row_(bias_row), db_(db), len_(g.ow * g.c * g.m),
+        ct_(std::is_same<TC, float>::value ? 0 : len_),
+        y_(std::is_same<TC, float>::value || e.y == nullptr ? 0 : len_),
+        z_(e.w == nullptr ? 0 : 2 * len_), deinterleaved_(g.m == 1 ? 0 : len_),
+        wb_(g.kd * g.kh), wr_(g.kd * g.kh) {
+    int64_t lo0, hi0, lo1, hi1;  // as in ForwardRows
+    ValidRange(g.w, g.ow, g.sw, -g.pw, &lo0, &hi0);
+    ValidRange(g.w, g.ow, g.sw, (g.kw - 1) * g.rw - g.pw, &lo1, &hi1);
+    lo_ = std::max(lo0, lo1), hi_ = std::min(hi0, hi1);
+    if (hi_ <= lo_) lo_ = hi_ = g.ow;
+  }
+
+  // Output row r with cotangent row `crow`; xr, tap, nt: its input rows and
+  // their tap rows (RowTaps). Returns g as float32 (M, OW, C).
+  const float* Get(int64_t r, const TC* crow, const float* const* xr, const int64_t* tap,
+                   int nt) {
+    const float* ct = Floats(crow, ct_.data());
+    const float* grow = ct;
+    if (e_.g != nullptr) {
+      float* out = e_.g + r * len_;
+      if (e_.w == nullptr) {
+        SlopeRowY(e_.epilogue.act, Floats(e_.y + r * len_, y_.data()), ct, out, len_);
+      } else {
+        const int64_t cm = g_.c * g_.m;
+        for (int t = 0; t < nt; ++t) wb_[t] = e_.w + tap[t] * g_.kw * cm;
+        float* z = z_.data();
+        fwd_(g_, xr, wb_.data(), nt, lo_, hi_, z, wr_.data());  // (OW, M, C)
+        const float* bias = bias_row_;
+        if (g_.m > 1) {  // to y's (OW, C * M), with the bias
+          for (int64_t i = 0; i < len_; ++i) z[i] += bias[i];
+          StoreRow(g_, z, z + len_);
+          z += len_;
+          bias = nullptr;
+        }
+        SlopeRowZ(e_.epilogue.act, z, bias, ct, out, len_);
+      }
+      grow = out;
+    }
+    const int64_t cm = g_.c * g_.m;
+    for (int64_t o = 0; o < g_.ow; ++o)
+      for (int64_t j = 0; j < cm; ++j) db_[j] += grow[o * cm + j];
+    if (g_.m == 1) return grow;
+    Deinterleave(g_, grow, deinterleaved_.data());
+    return deinterleaved_.data();
+  }
+
+ private:
+  // A row of len_ values as float32: itself, or converted into `buf`.
+  template <typename T>
+  const float* Floats(const T* row, float* buf) {
+    if constexpr (std::is_same<T, float>::value) {
+      return row;
+    } else {
+      Convert(row, buf, len_);
+      return buf;
+    }
+  }
+
+  const Geom& g_;
+  const EpilogueGrad<TC>& e_;
+  ForwardRowFn fwd_;
+  const float* bias_row_;
+  float* db_;
+  int64_t len_, lo_ = 0, hi_ = 0;
+  std::vector<float> ct_, y_, z_, deinterleaved_;
+  std::vector<const float*> wb_, wr_;
+};
+
+// `epi` non-null: the cotangent rows are the epilogue's g (EpilogueCotangents).
 template <typename TI, typename TC>
 void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC* ct, float* part,
-                    const Tiles& tiles, int64_t tile) {
+                    const Tiles& tiles, int64_t tile, EpilogueCotangents<TC>* epi) {
   const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
   InputRows<TI> in(g, x, tiles);
   std::vector<int64_t> rows(taps), tap(taps);
@@ -479,16 +572,23 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
   // ct rows as float32 (M, OW, C): in place for float32 with M = 1, else
   // converted and de-interleaved once per row.
   const bool direct = std::is_same<TC, float>::value && g.m == 1;
-  std::vector<float> cbuf(direct ? 0 : g.ow * cm);
+  std::vector<float> cbuf(direct || epi != nullptr ? 0 : g.ow * cm);
   std::vector<int64_t> lo(g.kw), hi(g.kw);
   for (int64_t e = 0; e < g.kw; ++e)
     ValidRange(g.w, g.ow, g.sw, e * g.rw - g.pw, &lo[e], &hi[e]);
   const int64_t a = *std::max_element(lo.begin(), lo.end());
   const int64_t b = *std::min_element(hi.begin(), hi.end());
   tiles.ForRows(tile, [&](int64_t r) {
+    const int nt = RowTaps(g, r, rows.data(), tap.data());
+    for (int t = 0; t < nt; ++t) {
+      xr[t] = in.Get(rows[t]);
+      pr[t] = part + tap[t] * g.kw * cm;
+    }
     const TC* crow = ct + r * g.ow * cm;
     const float* cs;
-    if (direct) {
+    if (epi != nullptr) {
+      cs = epi->Get(r, crow, xr.data(), tap.data(), nt);
+    } else if (direct) {
       cs = reinterpret_cast<const float*>(crow);
     } else if (g.m == 1) {
       Convert(crow, cbuf.data(), g.ow * g.c);
@@ -496,11 +596,6 @@ void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC
     } else {
       Deinterleave(g, crow, cbuf.data());
       cs = cbuf.data();
-    }
-    const int nt = RowTaps(g, r, rows.data(), tap.data());
-    for (int t = 0; t < nt; ++t) {
-      xr[t] = in.Get(rows[t]);
-      pr[t] = part + tap[t] * g.kw * cm;
     }
     row_fn(g, xr.data(), pr.data(), nt, cs, lo.data(), hi.data(), a, b);
   });
@@ -733,29 +828,58 @@ void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
 template <typename TI, typename TO>
 void RunForwardCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
                   bool generic) {
+  RunForwardEpilogueCl(pool, g, x, w, Epilogue{}, y, generic);
+}
+
+template <typename TI, typename TO>
+void RunForwardEpilogueCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                          const Epilogue& e, TO* y, bool generic) {
   const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
   const ForwardRowFn row_fn =
       WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
+  const std::vector<float> bias_row =
+      e.bias != nullptr ? BiasRow(g, e.bias) : std::vector<float>();
+  const float* b = e.bias != nullptr ? bias_row.data() : nullptr;
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
-              [&](int64_t i) { ForwardRows(g, row_fn, x, w, y, tiles, i); });
+              [&](int64_t i) { ForwardRows(g, row_fn, x, w, y, tiles, i, e.act, b); });
   PoisonPaddedTaps(g, w, y);
 }
 
 template <typename TI, typename TC>
 void RunKernelGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk,
                      bool generic) {
-  const int64_t size = g.taps() * g.m * g.c;
+  RunEpilogueGradCl(pool, g, x, ct, EpilogueGrad<TC>{}, dk, generic);
+}
+
+// Without e.db, the plain kernel gradient.
+template <typename TI, typename TC>
+void RunEpilogueGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                       const EpilogueGrad<TC>& e, float* dk, bool generic) {
+  const int64_t size = g.taps() * g.m * g.c, cm = g.c * g.m;
   std::fill(dk, dk + size, 0.0f);
   const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
   const int64_t chunks = tiles.Count();
   const KernelGradRowFn row_fn = WithShape(
       g, generic, [](auto shape) -> KernelGradRowFn { return KernelGradRow<decltype(shape)>; });
-  std::vector<float> parts(chunks * size, 0.0f);
+  const ForwardRowFn fwd_fn =
+      WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
+  const bool epilogue = e.db != nullptr;
+  const std::vector<float> bias_row =
+      epilogue && e.w != nullptr ? BiasRow(g, e.epilogue.bias) : std::vector<float>();
+  std::vector<float> parts(chunks * size, 0.0f), db_parts(epilogue ? chunks * cm : 0, 0.0f);
   ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
-    KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, tiles, i);
+    std::unique_ptr<EpilogueCotangents<TC>> epi;
+    if (epilogue)
+      epi = std::make_unique<EpilogueCotangents<TC>>(g, e, fwd_fn, bias_row.data(),
+                                                      db_parts.data() + i * cm);
+    KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, tiles, i, epi.get());
   });
   for (int64_t i = 0; i < chunks; ++i)
     for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
+  if (!epilogue) return;
+  std::fill(e.db, e.db + cm, 0.0f);
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t j = 0; j < cm; ++j) e.db[j] += db_parts[i * cm + j];
 }
 
 template <typename TC, typename TO>
@@ -769,6 +893,10 @@ void RunInputGradCl(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const fl
 
 #define DW5D_INSTANTIATE(T1, T2)                                                                 \
   template void RunForwardCl(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*, bool); \
+  template void RunForwardEpilogueCl(ffi::ThreadPool*, const Geom&, const T1*, const float*,     \
+                                     const Epilogue&, T2*, bool);                                \
+  template void RunEpilogueGradCl(ffi::ThreadPool*, const Geom&, const T1*, const T2*,           \
+                                  const EpilogueGrad<T2>&, float*, bool);                        \
   template void RunKernelGradCl(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*,     \
                                 bool);                                                           \
   template void RunInputGradCl(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);

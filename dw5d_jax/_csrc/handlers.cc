@@ -6,13 +6,21 @@
 //
 //   dw5d_forward(x, w) -> y    dw5d_input_grad(ct, w) -> dx    dw5d_kernel_grad(x, ct) -> dk
 //
+// and, with an epilogue y = act(conv(x, w) + b) (kernels.h, epilogue.h), channels-last only:
+//
+//   dw5d_forward_epilogue(x, w, b) -> y
+//   dw5d_epilogue_grad(x, w, b, ct) -> (g, dk, db)   act'(z) from z, recomputed
+//   dw5d_epilogue_grad_y(x, y, ct) -> (g, dk, db)    act'(z) from y (relu, relu6, sigmoid, tanh)
+//   dw5d_bias_grad(x, ct) -> (dk, db)                no activation: g = ct
+//
 // x, dx, y and ct are float32 or bfloat16 in either layout (geometry.h); w
-// and dk are (KD, KH, KW, C, M), float32 or bfloat16. The attributes, each
-// required and checked by name (ParseGeom):
+// and dk are (KD, KH, KW, C, M), b and db (C * M,), float32 or bfloat16; g
+// is float32. The attributes, each required and checked by name (ParseGeom):
 //   batch, channels, multiplier      int64
 //   in_spatial, out_spatial, window, strides, dilations, padding_low
 //                                    3 int64 each, in D, H, W order
 //   channels_first                   bool: x, y, ct and dx are (N, C, D, H, W)-shaped
+//   activation                       the epilogue ops only: a name (epilogue.h: kActNames)
 
 #include <algorithm>
 #include <array>
@@ -21,6 +29,7 @@
 #include <string_view>
 #include <vector>
 
+#include "epilogue.h"
 #include "geometry.h"
 #include "kernels.h"
 #include "packets.h"
@@ -68,8 +77,9 @@ ffi::Error ReadInts(const char* op, const ffi::Dictionary& attrs, const char* na
   return ffi::Error::Success();
 }
 
-// The problem from the attributes, each checked by name.
-ffi::Error ParseGeom(const char* op, const ffi::Dictionary& attrs, Geom* g) {
+// The problem from the attributes, each checked by name; `act` non-null: the
+// op also takes the attribute `activation`.
+ffi::Error ParseGeom(const char* op, const ffi::Dictionary& attrs, Geom* g, Act* act) {
   struct Field {
     const char* name;
     size_t n;  // 1: a scalar
@@ -99,8 +109,20 @@ ffi::Error ParseGeom(const char* op, const ffi::Dictionary& attrs, Geom* g) {
   if (cf.has_error())
     return Invalid(op, "attribute `channels_first` must be a bool: " + cf.error().message());
   g->cf = *cf;
+  if (act != nullptr) {
+    std::string names;
+    for (const ActName& a : kActNames) names += std::string(names.empty() ? "" : ", ") + a.name;
+    if (!attrs.contains("activation"))
+      return Invalid(op, "attribute `activation` is missing (one of " + names + ")");
+    ffi::ErrorOr<std::string_view> name = attrs.get<std::string_view>("activation");
+    if (name.has_error())
+      return Invalid(op, "attribute `activation` must be a string: " + name.error().message());
+    if (!ParseAct(*name, act))
+      return Invalid(op, "attribute `activation` must be one of " + names + ", got '" +
+                             std::string(*name) + "'");
+  }
   for (std::string_view name : attrs) {
-    bool known = name == "channels_first";
+    bool known = name == "channels_first" || (act != nullptr && name == "activation");
     for (const Field& f : fields) known = known || name == f.name;
     if (!known) return Invalid(op, "unknown attribute `" + std::string(name) + "`");
   }
@@ -108,14 +130,16 @@ ffi::Error ParseGeom(const char* op, const ffi::Dictionary& attrs, Geom* g) {
 }
 
 // What an operand is; its shape follows from the problem.
-enum class Role { kInput, kOutput, kKernel };  // x or dx; y or ct; w or dk
+enum class Role { kInput, kOutput, kKernel, kBias };  // x or dx; y, ct or g; w or dk; b or db
 
 struct Operand {
   const char* name;
   Role role;
+  bool float32 = false;  // float32 only (else bfloat16 too)
+  int same_as = -1;      // the operand whose dtype it must have
 };
 
-std::array<int64_t, 5> Shape(const Geom& g, Role role) {
+std::vector<int64_t> Shape(const Geom& g, Role role) {
   switch (role) {
     case Role::kInput:
       if (g.cf) return {g.n, g.c, g.d, g.h, g.w};
@@ -123,6 +147,8 @@ std::array<int64_t, 5> Shape(const Geom& g, Role role) {
     case Role::kOutput:
       if (g.cf) return {g.n, g.c * g.m, g.od, g.oh, g.ow};
       return {g.n, g.od, g.oh, g.ow, g.c * g.m};
+    case Role::kBias:
+      return {g.c * g.m};
     case Role::kKernel:
       break;
   }
@@ -131,9 +157,11 @@ std::array<int64_t, 5> Shape(const Geom& g, Role role) {
 
 ffi::Error CheckOperand(const char* op, const Operand& operand, const Geom& g,
                         const ffi::AnyBuffer& buffer) {
+  if (operand.float32 && buffer.element_type() != ffi::DataType::F32)
+    return Invalid(op, std::string("`") + operand.name + "` must be float32");
   if (buffer.element_type() != ffi::DataType::F32 && buffer.element_type() != ffi::DataType::BF16)
     return Invalid(op, std::string("`") + operand.name + "` must be float32 or bfloat16");
-  const std::array<int64_t, 5> want = Shape(g, operand.role);
+  const std::vector<int64_t> want = Shape(g, operand.role);
   const ffi::AnyBuffer::Dimensions dims = buffer.dimensions();
   if (!std::equal(want.begin(), want.end(), dims.begin(), dims.end()))
     return Invalid(op, std::string("`") + operand.name + "` has shape " +
@@ -171,69 +199,220 @@ void StoreKernel(const Geom& g, const float* w, T* k) {
         Pack<1>::Store(k + (t * g.c + c) * g.m + m, w[(t * g.m + m) * g.c + c]);
 }
 
-// The ops: their name, operands (two arguments, one result) and the kernels
-// they call with `a` and `b`, the operands that are not the kernel (in
-// order), and `w`, the kernel as the kernels see it.
+template <typename T>
+void LoadBias(const Geom& g, const T* b, float* out) {
+  for (int64_t j = 0; j < g.c * g.m; ++j) out[j] = Pack<1>::Load(b + j);
+}
+
+template <typename T>
+void StoreBias(const Geom& g, const float* in, T* b) {
+  for (int64_t j = 0; j < g.c * g.m; ++j) Pack<1>::Store(b + j, in[j]);
+}
+
+// What an op's kernels get: the arrays (operands that are neither a kernel
+// nor a bias, in order), the kernel and bias arguments as float32 (w, b) and
+// float32 space for the kernel and bias results (dk, db), the activation.
+struct Call {
+  ffi::ThreadPool* pool;
+  Geom g;
+  Act act = Act::kNone;
+  void* arrays[4] = {};
+  const float* w = nullptr;
+  const float* b = nullptr;
+  float* dk = nullptr;
+  float* db = nullptr;
+};
+
+// The ops: their name, operands (kArgs arguments, then the results), whether
+// they take an activation, and the kernels they call with the first two
+// arrays of types TA and TB.
 struct Forward {
   static constexpr const char* kName = "dw5d_forward";
-  static constexpr Operand kOperands[3] = {
+  static constexpr Operand kOperands[] = {
       {"x", Role::kInput}, {"w", Role::kKernel}, {"y", Role::kOutput}};
+  static constexpr int kArgs = 2;
+  static constexpr bool kActivation = false;
   template <typename TA, typename TB>
-  static void Run(ffi::ThreadPool* pool, const Geom& g, void* a, void* b, float* w) {
-    RunForward(pool, g, static_cast<const TA*>(a), w, static_cast<TB*>(b));
+  static void Run(const Call& c) {
+    RunForward(c.pool, c.g, static_cast<const TA*>(c.arrays[0]), c.w,
+               static_cast<TB*>(c.arrays[1]));
   }
 };
 
 struct InputGrad {
   static constexpr const char* kName = "dw5d_input_grad";
-  static constexpr Operand kOperands[3] = {
+  static constexpr Operand kOperands[] = {
       {"ct", Role::kOutput}, {"w", Role::kKernel}, {"dx", Role::kInput}};
+  static constexpr int kArgs = 2;
+  static constexpr bool kActivation = false;
   template <typename TA, typename TB>
-  static void Run(ffi::ThreadPool* pool, const Geom& g, void* a, void* b, float* w) {
-    RunInputGrad(pool, g, static_cast<const TA*>(a), w, static_cast<TB*>(b));
+  static void Run(const Call& c) {
+    RunInputGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]), c.w,
+                 static_cast<TB*>(c.arrays[1]));
   }
 };
 
 struct KernelGrad {
   static constexpr const char* kName = "dw5d_kernel_grad";
-  static constexpr Operand kOperands[3] = {
+  static constexpr Operand kOperands[] = {
       {"x", Role::kInput}, {"ct", Role::kOutput}, {"dk", Role::kKernel}};
+  static constexpr int kArgs = 2;
+  static constexpr bool kActivation = false;
   template <typename TA, typename TB>
-  static void Run(ffi::ThreadPool* pool, const Geom& g, void* a, void* b, float* w) {
-    RunKernelGrad(pool, g, static_cast<const TA*>(a), static_cast<const TB*>(b), w);
+  static void Run(const Call& c) {
+    RunKernelGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                  static_cast<const TB*>(c.arrays[1]), c.dk);
+  }
+};
+
+struct ForwardEpilogue {
+  static constexpr const char* kName = "dw5d_forward_epilogue";
+  static constexpr Operand kOperands[] = {
+      {"x", Role::kInput}, {"w", Role::kKernel}, {"b", Role::kBias}, {"y", Role::kOutput}};
+  static constexpr int kArgs = 3;
+  static constexpr bool kActivation = true;
+  template <typename TA, typename TB>
+  static void Run(const Call& c) {
+    RunForwardEpilogue(c.pool, c.g, static_cast<const TA*>(c.arrays[0]), c.w,
+                       Epilogue{c.act, c.b}, static_cast<TB*>(c.arrays[1]));
+  }
+};
+
+// act'(z) from z = conv(x, w) + b, recomputed.
+struct EpilogueGradZ {
+  static constexpr const char* kName = "dw5d_epilogue_grad";
+  static constexpr Operand kOperands[] = {
+      {"x", Role::kInput},   {"w", Role::kKernel},       {"b", Role::kBias},
+      {"ct", Role::kOutput}, {"g", Role::kOutput, true}, {"dk", Role::kKernel},
+      {"db", Role::kBias}};
+  static constexpr int kArgs = 4;
+  static constexpr bool kActivation = true;
+  template <typename TA, typename TB>
+  static void Run(const Call& c) {
+    EpilogueGrad<TB> e;
+    e.epilogue = Epilogue{c.act, c.b};
+    e.w = c.w;
+    e.g = static_cast<float*>(c.arrays[2]);
+    e.db = c.db;
+    RunEpilogueGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                    static_cast<const TB*>(c.arrays[1]), e, c.dk);
+  }
+};
+
+// act'(z) from y = act(z).
+struct EpilogueGradY {
+  static constexpr const char* kName = "dw5d_epilogue_grad_y";
+  static constexpr Operand kOperands[] = {
+      {"x", Role::kInput},        {"y", Role::kOutput},  {"ct", Role::kOutput, false, 1},
+      {"g", Role::kOutput, true}, {"dk", Role::kKernel}, {"db", Role::kBias}};
+  static constexpr int kArgs = 3;
+  static constexpr bool kActivation = true;
+  template <typename TA, typename TB>
+  static void Run(const Call& c) {
+    EpilogueGrad<TB> e;
+    e.epilogue.act = c.act;
+    e.y = static_cast<const TB*>(c.arrays[1]);
+    e.g = static_cast<float*>(c.arrays[3]);
+    e.db = c.db;
+    RunEpilogueGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                    static_cast<const TB*>(c.arrays[2]), e, c.dk);
+  }
+};
+
+// No activation: g = ct, the kernel gradient and db in one pass.
+struct BiasGrad {
+  static constexpr const char* kName = "dw5d_bias_grad";
+  static constexpr Operand kOperands[] = {
+      {"x", Role::kInput}, {"ct", Role::kOutput}, {"dk", Role::kKernel}, {"db", Role::kBias}};
+  static constexpr int kArgs = 2;
+  static constexpr bool kActivation = false;
+  template <typename TA, typename TB>
+  static void Run(const Call& c) {
+    EpilogueGrad<TB> e;
+    e.db = c.db;
+    RunEpilogueGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                    static_cast<const TB*>(c.arrays[1]), e, c.dk);
   }
 };
 
 template <typename Op>
-ffi::Error Handle(ffi::ThreadPool pool, ffi::AnyBuffer arg0, ffi::AnyBuffer arg1,
-                  ffi::Result<ffi::AnyBuffer> result, ffi::Dictionary attrs) {
-  Geom g;
-  if (ffi::Error err = ParseGeom(Op::kName, attrs, &g); err.failure()) return err;
-  ffi::AnyBuffer* operands[3] = {&arg0, &arg1, &*result};
-  ffi::AnyBuffer* arrays[2] = {};
-  ffi::AnyBuffer* kernel = nullptr;
-  for (int i = 0, n = 0; i < 3; ++i) {
-    if (ffi::Error err = CheckOperand(Op::kName, Op::kOperands[i], g, *operands[i]); err.failure())
+ffi::Error Handle(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                  ffi::Dictionary attrs) {
+  constexpr int kCount = sizeof(Op::kOperands) / sizeof(Operand);
+  Call c;
+  c.pool = &pool;
+  if (ffi::Error err = ParseGeom(Op::kName, attrs, &c.g, Op::kActivation ? &c.act : nullptr);
+      err.failure())
+    return err;
+  if (args.size() != Op::kArgs || rets.size() != kCount - Op::kArgs)
+    return Invalid(Op::kName, "takes " + std::to_string(Op::kArgs) + " arguments and returns " +
+                                  std::to_string(kCount - Op::kArgs) + " results, got " +
+                                  std::to_string(args.size()) + " and " +
+                                  std::to_string(rets.size()));
+  if constexpr (Op::kActivation) {
+    if (c.g.cf) return Invalid(Op::kName, "takes channels-last arrays only");
+    if (Op::kOperands[1].role == Role::kOutput && !FromOutput(c.act))  // act'(z) from y
+      return Invalid(Op::kName, "takes relu, relu6, sigmoid or tanh (act'(z) from y)");
+  }
+  std::vector<ffi::AnyBuffer> buffers;
+  for (int i = 0; i < kCount; ++i) {
+    if (i < Op::kArgs) {
+      ffi::ErrorOr<ffi::AnyBuffer> b = args.get<ffi::AnyBuffer>(i);
+      if (b.has_error()) return b.error();
+      buffers.push_back(*b);
+    } else {
+      ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> b = rets.get<ffi::AnyBuffer>(i - Op::kArgs);
+      if (b.has_error()) return b.error();
+      buffers.push_back(**b);
+    }
+    const Operand& operand = Op::kOperands[i];
+    if (ffi::Error err = CheckOperand(Op::kName, operand, c.g, buffers[i]); err.failure())
       return err;
-    (Op::kOperands[i].role == Role::kKernel ? kernel : arrays[n++]) = operands[i];
+    if (operand.same_as >= 0 &&
+        buffers[i].element_type() != buffers[operand.same_as].element_type())
+      return Invalid(Op::kName, std::string("`") + operand.name + "` must have `" +
+                                    Op::kOperands[operand.same_as].name + "`'s dtype");
   }
-  std::vector<float> w(g.taps() * g.m * g.c);
-  const bool returns_kernel = kernel == operands[2];
-  if (!returns_kernel) {
-    WithDtype(kernel->element_type(), [&](auto t) {
-      LoadKernel(g, static_cast<const decltype(t)*>(kernel->untyped_data()), w.data());
-    });
+  // The kernel and bias operands as float32; the arrays in order (the first
+  // two pick the kernels' instantiation).
+  std::vector<float> w(c.g.taps() * c.g.m * c.g.c), dk(w.size()), b(c.g.c * c.g.m), db(b.size());
+  c.w = w.data(), c.dk = dk.data(), c.b = b.data(), c.db = db.data();
+  int narrays = 0, first = -1, second = -1;
+  for (int i = 0; i < kCount; ++i) {
+    ffi::AnyBuffer& buf = buffers[i];
+    const Role role = Op::kOperands[i].role;
+    if (role == Role::kKernel && i < Op::kArgs) {
+      WithDtype(buf.element_type(), [&](auto t) {
+        LoadKernel(c.g, static_cast<const decltype(t)*>(buf.untyped_data()), w.data());
+      });
+    } else if (role == Role::kBias && i < Op::kArgs) {
+      WithDtype(buf.element_type(), [&](auto t) {
+        LoadBias(c.g, static_cast<const decltype(t)*>(buf.untyped_data()), b.data());
+      });
+    } else if (role == Role::kInput || role == Role::kOutput) {
+      if (first < 0) {
+        first = i;
+      } else if (second < 0) {
+        second = i;
+      }
+      c.arrays[narrays++] = buf.untyped_data();
+    }
   }
-  WithDtype(arrays[0]->element_type(), [&](auto ta) {
-    WithDtype(arrays[1]->element_type(), [&](auto tb) {
-      Op::template Run<decltype(ta), decltype(tb)>(&pool, g, arrays[0]->untyped_data(),
-                                                   arrays[1]->untyped_data(), w.data());
+  WithDtype(buffers[first].element_type(), [&](auto ta) {
+    WithDtype(buffers[second].element_type(), [&](auto tb) {
+      Op::template Run<decltype(ta), decltype(tb)>(c);
     });
   });
-  if (returns_kernel) {
-    WithDtype(kernel->element_type(), [&](auto t) {
-      StoreKernel(g, w.data(), static_cast<decltype(t)*>(kernel->untyped_data()));
-    });
+  for (int i = Op::kArgs; i < kCount; ++i) {
+    ffi::AnyBuffer& buf = buffers[i];
+    if (Op::kOperands[i].role == Role::kKernel)
+      WithDtype(buf.element_type(), [&](auto t) {
+        StoreKernel(c.g, dk.data(), static_cast<decltype(t)*>(buf.untyped_data()));
+      });
+    if (Op::kOperands[i].role == Role::kBias)
+      WithDtype(buf.element_type(), [&](auto t) {
+        StoreBias(c.g, db.data(), static_cast<decltype(t)*>(buf.untyped_data()));
+      });
   }
   return ffi::Error::Success();
 }
@@ -241,9 +420,8 @@ ffi::Error Handle(ffi::ThreadPool pool, ffi::AnyBuffer arg0, ffi::AnyBuffer arg1
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
+      .RemainingArgs()
+      .RemainingRets()
       .Attrs<ffi::Dictionary>();
 }
 
@@ -253,3 +431,10 @@ auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dForward, dw5d::Handle<dw5d::Forward>, dw5d::Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dInputGrad, dw5d::Handle<dw5d::InputGrad>, dw5d::Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dKernelGrad, dw5d::Handle<dw5d::KernelGrad>, dw5d::Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dForwardEpilogue, dw5d::Handle<dw5d::ForwardEpilogue>,
+                              dw5d::Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dEpilogueGrad, dw5d::Handle<dw5d::EpilogueGradZ>,
+                              dw5d::Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dEpilogueGradY, dw5d::Handle<dw5d::EpilogueGradY>,
+                              dw5d::Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dBiasGrad, dw5d::Handle<dw5d::BiasGrad>, dw5d::Binding());

@@ -10,6 +10,12 @@
 //                flipped kernel, otherwise a transposed convolution in gather form (no dilated
 //                or padded copy of ct)
 //
+//   epilogue     y = act(conv(x, w) + bias) (epilogue.h), applied to each output row as the
+//                forward computes it; its backward pass, in the kernel gradient's one pass over x
+//                and ct: g = ct * act'(z), dk of (x, g) and db = sum of g per channel, act'(z)
+//                computed from y (FromOutput activations) or from z = conv(x, w) + bias
+//                recomputed from the x windows the pass reads anyway
+//
 // Every sum is accumulated in float32. `generic` (the self-test) makes the
 // channels-last kernels skip their unrolled W shapes and the input gradient
 // skip the forward-kernel shortcut, so that those paths are tested too.
@@ -21,6 +27,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "epilogue.h"
 #include "geometry.h"
 #include "packets.h"
 #include "threads.h"
@@ -31,6 +38,24 @@ namespace dw5d {
 // and channels_first.cc instantiate their entry points for: M(T1, T2) each.
 #define DW5D_FOR_DTYPE_PAIRS(M) M(float, float) M(float, bf16) M(bf16, float) M(bf16, bf16)
 
+// An epilogue: the activation and the bias, (C * M,) in the output's channel order.
+struct Epilogue {
+  Act act = Act::kNone;
+  const float* bias = nullptr;
+};
+
+// The epilogue's backward pass (RunEpilogueGrad): `w` null, act'(z) from `y`
+// (FromOutput activations), else from z recomputed with `w` and the bias;
+// `g` (float32, y's shape) null when there is no activation (g = ct).
+template <typename TC>
+struct EpilogueGrad {
+  Epilogue epilogue;
+  const float* w = nullptr;
+  const TC* y = nullptr;
+  float* g = nullptr;
+  float* db = nullptr;  // (C * M,)
+};
+
 // Channels-last kernels (channels_last.cc).
 template <typename TI, typename TO>
 void RunForwardCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
@@ -40,6 +65,12 @@ void RunKernelGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC
                      bool generic);
 template <typename TC, typename TO>
 void RunInputGradCl(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx);
+template <typename TI, typename TO>
+void RunForwardEpilogueCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                          const Epilogue& e, TO* y, bool generic);
+template <typename TI, typename TC>
+void RunEpilogueGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                       const EpilogueGrad<TC>& e, float* dk, bool generic);
 
 // Channels-first kernels (channels_first.cc).
 template <typename TI, typename TO>
@@ -67,6 +98,18 @@ void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* 
     return;
   }
   RunKernelGradCl(pool, g, x, ct, dk, generic);
+}
+
+template <typename TI, typename TO>
+void RunForwardEpilogue(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                        const Epilogue& e, TO* y, bool generic = false) {
+  RunForwardEpilogueCl(pool, g, x, w, e, y, generic);
+}
+
+template <typename TI, typename TC>
+void RunEpilogueGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                     const EpilogueGrad<TC>& e, float* dk, bool generic = false) {
+  RunEpilogueGradCl(pool, g, x, ct, e, dk, generic);
 }
 
 template <typename TC, typename TO>

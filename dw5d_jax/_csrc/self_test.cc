@@ -1,13 +1,15 @@
 // Self-test, run once after loading (`Dw5dSelfTest`, called by
 // dw5d_jax/_native_build.py): every code path (packet widths, edges,
-// multiplier, bfloat16, both layouts) against plain loops in double, on
-// small problems.
+// multiplier, bfloat16, both layouts, every epilogue) against plain loops in
+// double, on small problems.
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <type_traits>
 #include <vector>
 
+#include "epilogue.h"
 #include "geometry.h"
 #include "kernels.h"
 #include "packets.h"
@@ -87,6 +89,110 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
   return true;
 }
 
+// Activations and their derivatives in double, from their definitions.
+double ActD(Act a, double z) {
+  const double s = 1.0 / (1.0 + std::exp(-z));
+  switch (a) {
+    case Act::kNone: return z;
+    case Act::kRelu: return z > 0 ? z : 0.0;
+    case Act::kRelu6: return std::min(6.0, std::max(0.0, z));
+    case Act::kGelu: return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
+    case Act::kGeluTanh:
+      return 0.5 * z * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (z + 0.044715 * z * z * z)));
+    case Act::kSilu: return z * s;
+    case Act::kSigmoid: return s;
+    case Act::kTanh: return std::tanh(z);
+    case Act::kHardSwish: return z * std::min(6.0, std::max(0.0, z + 3.0)) / 6.0;
+  }
+  return 0.0;
+}
+
+double SlopeD(Act a, double z) {
+  const double h = 1e-6 * (1.0 + std::fabs(z));  // a central difference away from the kinks
+  return (ActD(a, z + h) - ActD(a, z - h)) / (2.0 * h);
+}
+
+// The epilogue (forward, and backward through z or y) against double loops.
+template <typename TI, typename TO>
+bool SelfTestEpilogue(const Geom& g, uint64_t seed, bool generic, Act act) {
+  const int64_t nx = g.n * g.d * g.h * g.w * g.c, nw = g.taps() * g.m * g.c, cm = g.c * g.m;
+  const int64_t ny = g.rows() * g.ow * cm;
+  auto draw = [&](float scale) { return scale * (static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f); };
+  std::vector<TI> x(nx);
+  std::vector<TO> ct(ny), y(ny);
+  std::vector<float> w(nw), b(cm), gout(ny), dk(nw), db(cm);
+  for (auto& v : x) v = FromFloat<TI>(draw(1.0f));
+  for (auto& v : ct) v = FromFloat<TO>(draw(1.0f));
+  for (auto& v : w) v = draw(1.0f);
+  for (auto& v : b) v = draw(3.0f);
+  RunForwardEpilogue<TI, TO>(nullptr, g, x.data(), w.data(), Epilogue{act, b.data()}, y.data(),
+                             generic);
+  // z in double, channels-last.
+  std::vector<double> z(ny, 0.0);
+  for (int64_t r = 0; r < g.rows(); ++r) {
+    const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
+    for (int64_t ow = 0; ow < g.ow; ++ow)
+      for (int64_t t = 0; t < g.taps(); ++t) {
+        const int64_t a = t / (g.kh * g.kw), bb = t / g.kw % g.kh, e = t % g.kw;
+        const int64_t id = od * g.sd + a * g.rd - g.pd, ih = oh * g.sh + bb * g.rh - g.ph,
+                      iw = ow * g.sw + e * g.rw - g.pw;
+        if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+        for (int64_t c = 0; c < g.c; ++c)
+          for (int64_t m = 0; m < g.m; ++m)
+            z[(r * g.ow + ow) * cm + c * g.m + m] +=
+                ToDouble(x[(((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c]) *
+                w[(t * g.m + m) * g.c + c];
+      }
+  }
+  for (int64_t i = 0; i < ny; ++i) z[i] += b[i % cm];
+  const bool exact = std::is_same<TI, float>::value && std::is_same<TO, float>::value;
+  const double tol = exact ? 1e-4 : 2e-2;
+  for (int64_t i = 0; i < ny; ++i) {
+    const double want = ActD(act, z[i]);
+    if (!(std::fabs(ToDouble(y[i]) - want) <= tol * (1.0 + std::fabs(want)))) return false;
+  }
+  // Backward: through z (every activation), through y (FromOutput ones).
+  for (int through_y = 0; through_y < 2; ++through_y) {
+    // act'(z) from a bfloat16 y is off near the kinks y rounds onto (relu6 at 6);
+    // dw5d_jax/_epilogue.py reads y only when y is float32 (or for relu).
+    if (through_y && (!FromOutput(act) || (!exact && act != Act::kRelu))) continue;
+    EpilogueGrad<TO> e;
+    e.epilogue = Epilogue{act, b.data()};
+    e.g = act == Act::kNone ? nullptr : gout.data();
+    e.db = db.data();
+    if (through_y) {
+      e.y = y.data();
+    } else {
+      e.w = w.data();
+    }
+    RunEpilogueGrad<TI, TO>(nullptr, g, x.data(), ct.data(), e, dk.data(), generic);
+    std::vector<double> want_g(ny), want_dk(nw, 0.0), want_db(cm, 0.0);
+    for (int64_t i = 0; i < ny; ++i) {
+      // Away from a kink the slope is smooth; at one (relu's 0), skip the element.
+      want_g[i] = ToDouble(ct[i]) * SlopeD(act, z[i]);
+      want_db[i % cm] += want_g[i];
+    }
+    for (int64_t i = 0; i < ny; ++i) {
+      const double got = act == Act::kNone ? ToDouble(ct[i]) : gout[i];
+      if (!(std::fabs(got - want_g[i]) <= tol * (1.0 + std::fabs(want_g[i])))) return false;
+    }
+    for (int64_t j = 0; j < cm; ++j)
+      if (!(std::fabs(db[j] - want_db[j]) <= tol * (1.0 + std::fabs(want_db[j])) * 4))
+        return false;
+    // dk from the kernel gradient of (x, g): the plain kernel gradient of g checks it.
+    std::vector<float> dk_plain(nw);
+    if (act == Act::kNone) {
+      RunKernelGrad<TI, TO>(nullptr, g, x.data(), ct.data(), dk_plain.data(), generic);
+    } else {
+      RunKernelGrad<TI, float>(nullptr, g, x.data(), gout.data(), dk_plain.data(), generic);
+    }
+    for (int64_t j = 0; j < nw; ++j)
+      if (!(std::fabs(dk[j] - dk_plain[j]) <= 1e-5 * (1.0 + std::fabs(dk_plain[j]))))
+        return false;
+  }
+  return true;
+}
+
 }  // namespace
 }  // namespace dw5d
 
@@ -130,6 +236,21 @@ extern "C" int Dw5dSelfTest() {
       if (!dw5d::SelfTestOne<float, float>(g, 1000 + k, generic)) return code;
       if (!dw5d::SelfTestOne<dw5d::bf16, dw5d::bf16>(g, 2000 + k, generic)) return 100 + code;
       if (!dw5d::SelfTestOne<dw5d::bf16, float>(g, 3000 + k, generic)) return 200 + code;
+    }
+  }
+  // Every epilogue (forward, backward through z and through y), channels-last,
+  // on three of the cases (a multiplier, strides, every packet width).
+  const int epilogue_cases[] = {1, 2, 9};
+  for (int i : epilogue_cases) {
+    for (const dw5d::ActName& a : dw5d::kActNames) {
+      const int code = 5000 + 100 * i + static_cast<int>(a.act);
+      for (int generic = 0; generic < 2; ++generic) {
+        if (!dw5d::SelfTestEpilogue<float, float>(cases[i - 1], 4000 + i, generic, a.act))
+          return code;
+        if (!dw5d::SelfTestEpilogue<dw5d::bf16, dw5d::bf16>(cases[i - 1], 5000 + i, generic,
+                                                            a.act))
+          return 10000 + code;
+      }
     }
   }
   return 0;

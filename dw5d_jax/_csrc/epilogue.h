@@ -1,0 +1,277 @@
+// The epilogue after the convolution, y = act(conv(x, w) + bias), and its
+// derivative, on float32 rows the kernels have just computed (in L1).
+//
+// The activations and their names are dw5d_jax/_epilogue.py's. The
+// transcendental functions are the float32 approximations XLA and Eigen
+// use (a few ulp): exp by range reduction and a degree-5 polynomial
+// (Cephes), erf and tanh as odd/even rational functions on a clamped range.
+// Every function propagates NaN, as JAX's do.
+
+#ifndef DW5D_JAX_CSRC_EPILOGUE_H_
+#define DW5D_JAX_CSRC_EPILOGUE_H_
+
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+
+#include "packets.h"
+
+namespace dw5d {
+
+enum class Act { kNone, kRelu, kRelu6, kGelu, kGeluTanh, kSilu, kSigmoid, kTanh, kHardSwish };
+
+struct ActName {
+  Act act;
+  const char* name;
+};
+inline constexpr ActName kActNames[] = {
+    {Act::kNone, "none"},          {Act::kRelu, "relu"},       {Act::kRelu6, "relu6"},
+    {Act::kGelu, "gelu"},          {Act::kGeluTanh, "gelu_tanh"}, {Act::kSilu, "silu"},
+    {Act::kSigmoid, "sigmoid"},    {Act::kTanh, "tanh"},       {Act::kHardSwish, "hard_swish"},
+};
+
+inline bool ParseAct(std::string_view name, Act* act) {
+  for (const ActName& a : kActNames)
+    if (name == a.name) return *act = a.act, true;
+  return false;
+}
+
+// Whether act'(z) is a function of y = act(z) (the backward pass then reads y).
+inline bool FromOutput(Act a) {
+  return a == Act::kNone || a == Act::kRelu || a == Act::kRelu6 || a == Act::kSigmoid ||
+         a == Act::kTanh;
+}
+
+namespace epi {
+
+using V = Pack<kLanes>::V;
+using I = int32_t __attribute__((vector_size(4 * kLanes)));
+
+inline V Splat(float f) { return Pack<kLanes>::Zero() + f; }
+// Clamps that keep NaN (a comparison with NaN is false).
+inline V AtLeast(V x, float lo) { return x < lo ? Splat(lo) : x; }
+inline V AtMost(V x, float hi) { return x > hi ? Splat(hi) : x; }
+
+inline V Exp(V x) {
+  x = AtMost(AtLeast(x, -87.33654f), 88.37626f);  // 2^n stays a normal float
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: its low bits are n.
+  const V big = Splat(12582912.0f);
+  const V t = x * 1.44269504088896341f + big;
+  const V n = t - big;
+  I bits, nb;
+  std::memcpy(&bits, &t, sizeof bits);
+  const V bigv = big;
+  std::memcpy(&nb, &bigv, sizeof nb);
+  const I ni = bits - nb;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln 2, two parts
+  V p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const I e = (ni + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+inline V Erf(V x) {
+  x = AtMost(AtLeast(x, -4.0f), 4.0f);
+  const V x2 = x * x;
+  V p = Splat(-2.72614225801306e-10f);
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  V q = Splat(-1.45660718464996e-05f);
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p / q;
+}
+
+inline V Tanh(V x) {
+  x = AtMost(AtLeast(x, -9.0f), 9.0f);
+  const V x2 = x * x;
+  V p = Splat(-2.76076847742355e-16f);
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  V q = Splat(1.19825839466702e-06f);
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+inline V Sigmoid(V z) { return 1.0f / (1.0f + Exp(-z)); }
+
+constexpr float kSqrtHalf = 0.70710678118654752f;    // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kGeluCubic = 0.044715f;
+
+template <Act A>
+inline V Apply(V z) {
+  if constexpr (A == Act::kNone) {
+    return z;
+  } else if constexpr (A == Act::kRelu) {
+    return z < 0.0f ? Splat(0.0f) : z;
+  } else if constexpr (A == Act::kRelu6) {
+    return AtMost(z < 0.0f ? Splat(0.0f) : z, 6.0f);
+  } else if constexpr (A == Act::kGelu) {
+    return 0.5f * z * (1.0f + Erf(z * kSqrtHalf));
+  } else if constexpr (A == Act::kGeluTanh) {
+    return 0.5f * z * (1.0f + Tanh(kSqrt2OverPi * (z + kGeluCubic * z * z * z)));
+  } else if constexpr (A == Act::kSilu) {
+    return z * Sigmoid(z);
+  } else if constexpr (A == Act::kSigmoid) {
+    return Sigmoid(z);
+  } else if constexpr (A == Act::kTanh) {
+    return Tanh(z);
+  } else {  // hard_swish: z * relu6(z + 3) / 6
+    const V u = z + 3.0f;
+    return z * AtMost(u < 0.0f ? Splat(0.0f) : u, 6.0f) * (1.0f / 6.0f);
+  }
+}
+
+// act'(z), with JAX's values at the kinks (relu: 0 at 0; relu6: 0 at 0 and 6;
+// hard_swish: 0 at -3, 1 at 3).
+template <Act A>
+inline V Slope(V z) {
+  const V one = Splat(1.0f), zero = Splat(0.0f);
+  if constexpr (A == Act::kNone) {
+    return one;
+  } else if constexpr (A == Act::kRelu) {
+    return z > 0.0f ? one : zero;
+  } else if constexpr (A == Act::kRelu6) {
+    return (z > 0.0f) & (z < 6.0f) ? one : zero;
+  } else if constexpr (A == Act::kGelu) {
+    return 0.5f * (1.0f + Erf(z * kSqrtHalf)) + z * kInvSqrt2Pi * Exp(-0.5f * z * z);
+  } else if constexpr (A == Act::kGeluTanh) {
+    const V t = Tanh(kSqrt2OverPi * (z + kGeluCubic * z * z * z));
+    return 0.5f * (1.0f + t) +
+           0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * z * z);
+  } else if constexpr (A == Act::kSilu) {
+    const V s = Sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+  } else if constexpr (A == Act::kSigmoid) {
+    const V s = Sigmoid(z);
+    return s * (1.0f - s);
+  } else if constexpr (A == Act::kTanh) {
+    const V t = Tanh(z);
+    return 1.0f - t * t;
+  } else {
+    const V mid = (2.0f * z + 3.0f) * (1.0f / 6.0f);
+    return z >= 3.0f ? one : (z > -3.0f ? mid : zero);
+  }
+}
+
+// act'(z) from y = act(z), for FromOutput activations.
+template <Act A>
+inline V SlopeFromOutput(V y) {
+  const V one = Splat(1.0f), zero = Splat(0.0f);
+  if constexpr (A == Act::kRelu) {
+    return y > 0.0f ? one : zero;
+  } else if constexpr (A == Act::kRelu6) {
+    return (y > 0.0f) & (y < 6.0f) ? one : zero;
+  } else if constexpr (A == Act::kSigmoid) {
+    return y * (1.0f - y);
+  } else if constexpr (A == Act::kTanh) {
+    return 1.0f - y * y;
+  } else {
+    return one;
+  }
+}
+
+// f(i, n): packets at i (n = kLanes), then the tail through a scratch packet.
+template <typename F>
+inline void ForPackets(int64_t len, F&& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) f(i, kLanes);
+  if (i < len) f(i, len - i);
+}
+
+// Loads / stores n <= kLanes floats (a whole packet when n == kLanes).
+inline V LoadN(const float* p, int64_t n) {
+  if (n == kLanes) return Pack<kLanes>::Load(p);
+  float tmp[kLanes] = {};
+  std::memcpy(tmp, p, n * sizeof(float));
+  return Pack<kLanes>::Load(tmp);
+}
+inline void StoreN(float* p, V v, int64_t n) {
+  if (n == kLanes) return Pack<kLanes>::Store(p, v);
+  float tmp[kLanes];
+  Pack<kLanes>::Store(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(float));
+}
+
+template <Act A>
+void ActivateRowT(float* row, const float* bias, int64_t len) {
+  ForPackets(len, [&](int64_t i, int64_t n) {
+    StoreN(row + i, Apply<A>(LoadN(row + i, n) + LoadN(bias + i, n)), n);
+  });
+}
+
+template <Act A>
+void SlopeRowZT(const float* z, const float* bias, const float* ct, float* g, int64_t len) {
+  ForPackets(len, [&](int64_t i, int64_t n) {
+    V v = LoadN(z + i, n);
+    if (bias != nullptr) v += LoadN(bias + i, n);
+    StoreN(g + i, LoadN(ct + i, n) * Slope<A>(v), n);
+  });
+}
+
+template <Act A>
+void SlopeRowYT(const float* y, const float* ct, float* g, int64_t len) {
+  ForPackets(len, [&](int64_t i, int64_t n) {
+    StoreN(g + i, LoadN(ct + i, n) * SlopeFromOutput<A>(LoadN(y + i, n)), n);
+  });
+}
+
+// Calls f(Act constant) for `a`.
+template <typename F>
+inline void WithAct(Act a, F&& f) {
+  switch (a) {
+    case Act::kNone: return f(std::integral_constant<Act, Act::kNone>{});
+    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
+    case Act::kRelu6: return f(std::integral_constant<Act, Act::kRelu6>{});
+    case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});
+    case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
+    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
+    case Act::kSigmoid: return f(std::integral_constant<Act, Act::kSigmoid>{});
+    case Act::kTanh: return f(std::integral_constant<Act, Act::kTanh>{});
+    case Act::kHardSwish: return f(std::integral_constant<Act, Act::kHardSwish>{});
+  }
+}
+
+}  // namespace epi
+
+// row[i] = act(row[i] + bias[i]) for i < len.
+inline void ActivateRow(Act a, float* row, const float* bias, int64_t len) {
+  epi::WithAct(a, [&](auto c) { epi::ActivateRowT<decltype(c)::value>(row, bias, len); });
+}
+
+// g[i] = ct[i] * act'(z[i] + bias[i]) (bias null: act'(z[i])).
+inline void SlopeRowZ(Act a, const float* z, const float* bias, const float* ct, float* g,
+                      int64_t len) {
+  epi::WithAct(a, [&](auto c) { epi::SlopeRowZT<decltype(c)::value>(z, bias, ct, g, len); });
+}
+
+// g[i] = ct[i] * act'(z) from y[i] = act(z), for FromOutput activations.
+inline void SlopeRowY(Act a, const float* y, const float* ct, float* g, int64_t len) {
+  epi::WithAct(a, [&](auto c) { epi::SlopeRowYT<decltype(c)::value>(y, ct, g, len); });
+}
+
+}  // namespace dw5d
+
+#endif  // DW5D_JAX_CSRC_EPILOGUE_H_
