@@ -178,9 +178,12 @@ def check_activation(fn: str, activation: Any) -> str | None:
   aliases = ", ".join(map(repr, _epilogue.ALIASES))
   expected = (f"{fn}: `activation` must be None or one of {names} (or the aliases "
               f"{aliases})")
+  if callable(activation):
+    name = getattr(activation, "__name__", type(activation).__name__)
+    raise TypeError(f"{expected}; got the callable {name}. Pass its name if it is one of "
+                    f"these, else apply it to the result.")
   if not isinstance(activation, str):
-    raise TypeError(f"{expected}; got {type(activation).__name__} {activation!r}. Apply "
-                    f"other functions to the result.")
+    raise TypeError(f"{expected}; got {type(activation).__name__} {activation!r}.")
   name = activation.lower()
   if name in _epilogue.ALIASES:
     return _epilogue.ALIASES[name]
