@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +17,33 @@ from dw5d_jax import _args
 from dw5d_jax._depthwise import depthwise_conv2d, depthwise_conv3d
 
 Initializer = Any
+Activation = str | Callable[[jax.Array], jax.Array] | None
 _ZEROS = nnx.initializers.zeros_init()  # the default bias initializer, as nnx.Conv
+
+# JAX's own activation functions the ops fuse, by the ops' names (jax.nn.gelu
+# is the tanh approximation by default).
+_FUSED = {jax.nn.relu: "relu", jax.nn.relu6: "relu6", jax.nn.gelu: "gelu_tanh",
+          jax.nn.silu: "silu", jax.nn.swish: "silu", jax.nn.sigmoid: "sigmoid",
+          jax.nn.tanh: "tanh", jnp.tanh: "tanh", jax.nn.hard_swish: "hard_swish",
+          jax.nn.hard_silu: "hard_swish"}
+
+
+def resolve_activation(fn: str, activation: Activation) -> tuple[str | None, Callable | None]:
+  """`(name, after)`: the name the ops fuse, or a callable applied to their result.
+
+  A name (`dw5d_jax.depthwise_conv3d`'s `activation`, any case) or one of
+  JAX's functions above is fused; any other callable runs after the op.
+  """
+  if activation is None or isinstance(activation, str):
+    return _args.check_activation(fn, activation), None
+  if not callable(activation):
+    raise TypeError(f"{fn}: `activation` must be None, a name (e.g. 'gelu') or a callable, "
+                    f"got {type(activation).__name__} {activation!r}.")
+  try:
+    name = _FUSED.get(activation)
+  except TypeError:  # unhashable callables
+    name = None
+  return (name, None) if name is not None else (None, activation)
 
 
 def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
@@ -53,6 +79,7 @@ class _DepthwiseConv(nnx.Module):
       padding: str | Sequence[str | tuple[int, int]],
       dilations: int | Sequence[int],
       use_bias: bool,
+      activation: Activation,
       kernel_init: Initializer | None,
       bias_init: Initializer,
       dtype: DTypeLike | None,
@@ -74,6 +101,8 @@ class _DepthwiseConv(nnx.Module):
     self.dilations = _args.int_tuple(fn, "dilations", dilations, self._nconv, axes)
     self.padding = _args.check_padding(fn, padding, axes)
     self.method = _args.check_method(fn, method)
+    self.activation = activation
+    self._fused_activation, self._after = resolve_activation(fn, activation)
     self.precision = _args.check_precision(fn, precision)
     self.in_features = in_features
     self.depth_multiplier = depth_multiplier
@@ -88,7 +117,7 @@ class _DepthwiseConv(nnx.Module):
                  if use_bias else None)
 
   def _apply(self, x: jax.Array, spatial: int, **op_kwargs: Any) -> jax.Array:
-    """Flattens leading batch dims (or adds one), calls the op, adds the bias."""
+    """Flattens leading batch dims (or adds one), calls the op with the bias and activation."""
     fn = type(self).__name__
     if x.ndim < spatial + 1:
       raise ValueError(f"{fn}: input must have shape (*batch, {self._shape_doc}), got "
@@ -100,9 +129,9 @@ class _DepthwiseConv(nnx.Module):
     x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
     y = self._op(x, kernel, strides=self.strides, padding=self.padding,
                  dilations=self.dilations, method=self.method, precision=self.precision,
-                 **op_kwargs)
-    if bias is not None:
-      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+                 bias=bias, activation=self._fused_activation, **op_kwargs)
+    if self._after is not None:
+      y = self._after(y)
     return y.reshape((*batch_shape, *y.shape[1:]))
 
 
@@ -122,6 +151,13 @@ class DepthwiseConv3D(_DepthwiseConv):
     strides, padding, dilations, method, precision: as in
       `dw5d_jax.depthwise_conv3d`.
     use_bias: add a bias of shape `(C * M,)`.
+    activation: None, a name the ops take (`"relu"`, `"relu6"`, `"gelu"`
+      (exact), `"gelu_tanh"`, `"silu"`, `"sigmoid"`, `"tanh"`,
+      `"hard_swish"`, or Keras's aliases), one of JAX's functions for them
+      (`jax.nn.relu`, `jax.nn.gelu` (its default, the tanh approximation),
+      ...), or any other callable. Names and JAX's functions are fused into
+      the convolution with the bias (`y = act(conv(x) + bias)` in one pass on
+      CPU); other callables are applied to the result.
     kernel_init: default `depthwise_kernel_init()` (lecun normal with the
       per-filter fan-in `kd * kh * kw`).
     bias_init: default zeros.
@@ -136,6 +172,9 @@ class DepthwiseConv3D(_DepthwiseConv):
     >>> layer = DepthwiseConv3D(4, 3, depth_multiplier=2, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 8, 8, 8, 4))).shape
     (2, 8, 8, 8, 8)
+    >>> block = DepthwiseConv3D(4, 3, activation="gelu", rngs=nnx.Rngs(0))  # fused
+    >>> block(jnp.ones((2, 8, 8, 8, 4))).shape
+    (2, 8, 8, 8, 4)
   """
 
   _nconv = 3
@@ -151,6 +190,7 @@ class DepthwiseConv3D(_DepthwiseConv):
       padding: str | Sequence[str | tuple[int, int]] = "SAME",
       dilations: int | Sequence[int] = 1,
       use_bias: bool = True,
+      activation: Activation = None,
       kernel_init: Initializer | None = None,
       bias_init: Initializer = _ZEROS,
       dtype: DTypeLike | None = None,
@@ -161,7 +201,8 @@ class DepthwiseConv3D(_DepthwiseConv):
   ):
     super().__init__(
         in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
-        padding=padding, dilations=dilations, use_bias=use_bias, kernel_init=kernel_init,
+        padding=padding, dilations=dilations, use_bias=use_bias, activation=activation,
+        kernel_init=kernel_init,
         bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
         method=method, axes="DHW", rngs=rngs)
 
@@ -190,8 +231,8 @@ class DepthwiseConv2D(_DepthwiseConv):
     axes: `None` for 4D input, or e.g. `"HW"`, `"DW"` for per-slice 5D input.
     strides, padding, dilations, method, precision: as in
       `dw5d_jax.depthwise_conv2d`.
-    use_bias, kernel_init, bias_init, dtype, param_dtype, rngs: as in
-      `DepthwiseConv3D`.
+    use_bias, activation, kernel_init, bias_init, dtype, param_dtype, rngs: as
+      in `DepthwiseConv3D`.
 
   Example:
     >>> from flax import nnx
@@ -215,6 +256,7 @@ class DepthwiseConv2D(_DepthwiseConv):
       dilations: int | Sequence[int] = 1,
       axes: str | None = None,
       use_bias: bool = True,
+      activation: Activation = None,
       kernel_init: Initializer | None = None,
       bias_init: Initializer = _ZEROS,
       dtype: DTypeLike | None = None,
@@ -226,7 +268,8 @@ class DepthwiseConv2D(_DepthwiseConv):
     self.axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
     super().__init__(
         in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
-        padding=padding, dilations=dilations, use_bias=use_bias, kernel_init=kernel_init,
+        padding=padding, dilations=dilations, use_bias=use_bias, activation=activation,
+        kernel_init=kernel_init,
         bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
         method=method, axes=self.axes or "HW", rngs=rngs)
 

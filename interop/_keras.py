@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import keras
 
-from dw5d_jax import _args, _geometry
+from dw5d_jax import _args, _epilogue, _geometry
 
 _PACKAGE = "dw5d"
 _BACKENDS = ("jax", "tensorflow")
@@ -208,9 +208,15 @@ class _DepthwiseConv(keras.layers.Layer):
     # `.value` is the backend array (a tf.Variable on TensorFlow, so tapes see
     # it), cast to the compute dtype under a mixed-precision policy.
     kernel = self.kernel.value
-    y = op(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
-           dilations=self.dilation_rate,
-           data_format=_LAYOUTS[self._input_rank, self._channels_last], **self._op_kwargs())
+    kwargs = dict(strides=self.strides, padding=self.padding.upper(),
+                  dilations=self.dilation_rate,
+                  data_format=_LAYOUTS[self._input_rank, self._channels_last],
+                  **self._op_kwargs())
+    fused = self._fused_activation() if keras.backend.backend() == "jax" else None
+    if fused is not None:  # bias and activation in the op: one pass on CPU
+      bias = self.bias.value if self.use_bias else None
+      return op(inputs, kernel, bias=bias, activation=fused or None, **kwargs)
+    y = op(inputs, kernel, **kwargs)
     if self.use_bias:
       shape = [1] * self._input_rank
       shape[-1 if self._channels_last else 1] = -1
@@ -218,6 +224,22 @@ class _DepthwiseConv(keras.layers.Layer):
     if self.activation is not None:
       y = self.activation(y)
     return y
+
+  def _fused_activation(self) -> str | None:
+    """The op's name for the layer's activation ("" for none), or None if it has none.
+
+    Keras's built-in activations serialise to their names (`"gelu"`, exact,
+    is `keras.activations.gelu`'s default); a custom function or one with
+    other arguments does not, and runs after the op.
+    """
+    if self.activation is None:
+      return ""
+    name = keras.activations.serialize(self.activation)
+    if not isinstance(name, str):
+      return None
+    if name == "linear":
+      return ""
+    return name if name in _epilogue.ACTIVATIONS or name in _epilogue.ALIASES else None
 
   def get_config(self) -> dict[str, Any]:
     config = super().get_config()
@@ -266,7 +288,11 @@ class DepthwiseConv3D(_DepthwiseConv):
     data_format: `"channels_last"`, `"channels_first"`, or None for
       `keras.config.image_data_format()`.
     dilation_rate: an int or three; any combination with `strides` works.
-    activation: applied to the output (after the bias); None for none.
+    activation: applied to the output (after the bias); None for none. On the
+      JAX backend Keras's `"relu"`, `"relu6"`, `"gelu"`, `"silu"`/`"swish"`,
+      `"sigmoid"`, `"tanh"` and `"hard_silu"`/`"hard_swish"` are fused with
+      the bias into the convolution (one pass on CPU, forward and backward);
+      other activations, and the TensorFlow backend, apply it after the op.
     use_bias: add a bias of shape `(C * depth_multiplier,)`.
     depthwise_initializer, bias_initializer: as Keras's (defaults
       `"glorot_uniform"` and `"zeros"`).

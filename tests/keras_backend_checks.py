@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import assert_close, random_array
+from scipy import special
 
 from dw5d_jax._reference import depthwise_reference
 from interop import _keras
@@ -50,8 +51,25 @@ def _np(a) -> np.ndarray:
   return np.asarray(keras.ops.convert_to_numpy(a))
 
 
-def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
-  """The layer's output in float64, from the reference and the layer's weights."""
+def _sigmoid(z):
+  return 1 / (1 + np.exp(-z))
+
+
+# Keras's activations in float64 NumPy, from their definitions.
+ACTIVATIONS = {
+    "linear": lambda z: z,
+    "relu": lambda z: np.maximum(z, 0),
+    "relu6": lambda z: np.clip(z, 0, 6),
+    "gelu": lambda z: 0.5 * z * (1 + special.erf(z / np.sqrt(2))),
+    "silu": lambda z: z * _sigmoid(z),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "hard_silu": lambda z: z * np.clip(z + 3, 0, 6) / 6,
+}
+
+
+def pre_activation(layer, x: np.ndarray, kernel=None) -> np.ndarray:
+  """The layer's convolution plus bias in float64, from the reference and its weights."""
   kernel = _np(layer.kernel) if kernel is None else kernel
   rank = np.ndim(x)
   axes = "DHW" if isinstance(layer, DepthwiseConv3D) else layer.axes or "HW"
@@ -62,9 +80,12 @@ def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
     shape = [1] * rank
     shape[-1 if layer.data_format == "channels_last" else 1] = -1
     y = y + _np(layer.bias).astype(np.float64).reshape(shape)
-  if layer.get_config()["activation"] == "relu":
-    y = np.maximum(y, 0)
   return y
+
+
+def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
+  """The layer's output in float64, from the reference and the layer's weights."""
+  return ACTIVATIONS[layer.get_config()["activation"]](pre_activation(layer, x, kernel))
 
 
 # ----------------------------------------------------------------------------
@@ -78,6 +99,11 @@ CONV3D = [
           padding="SAME", data_format="channels_first"), (2, 2, 4, 5, 3)),
     # Input smaller than the kernel.
     (dict(kernel_size=3, padding="same", activation="relu"), (1, 2, 1, 2, 2)),
+    # Activations fused with the bias on the JAX backend.
+    (dict(kernel_size=3, padding="same", activation="gelu"), (2, 3, 4, 5, 8)),
+    (dict(kernel_size=(1, 3, 3), depth_multiplier=2, activation="swish"), (1, 2, 5, 6, 4)),
+    (dict(kernel_size=3, padding="same", activation="hard_silu", use_bias=False,
+          data_format="channels_first"), (1, 4, 3, 4, 5)),
 ]
 
 CONV2D = [
@@ -89,6 +115,9 @@ CONV2D = [
     (dict(kernel_size=(3, 2), axes="wd", strides=2, dilation_rate=2, padding="same",
           data_format="channels_first"), (1, 2, 5, 4, 6)),
     (dict(kernel_size=5, axes="DH", padding="same", activation="relu"), (1, 2, 3, 4, 2)),
+    (dict(kernel_size=3, axes="HW", padding="same", activation="sigmoid"), (1, 2, 4, 5, 4)),
+    (dict(kernel_size=3, padding="same", activation="relu6"), (2, 5, 6, 8)),
+    (dict(kernel_size=3, padding="same", activation="tanh", depth_multiplier=2), (1, 5, 6, 4)),
 ]
 
 
@@ -196,6 +225,52 @@ def test_gradients_match_reference(rng, cls, config, x_shape):
   channel = 1 if layer.data_format == "channels_first" else len(y_shape) - 1
   assert_close(g_bias, ct.astype(np.float64).sum(axis=tuple(
       i for i in range(len(y_shape)) if i != channel)))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "sigmoid"])
+def test_gradients_with_activation_match_reference(rng, activation):
+  """With `g = ct * act'(z)`: d/dkernel is the convolution's for cotangent g, d/dbias sum(g)."""
+  layer = DepthwiseConv3D((3, 2, 3), padding="same", depth_multiplier=2, activation=activation,
+                          bias_initializer="random_normal")
+  x = random_array(rng, (2, 3, 4, 5, 4))
+  layer.build(x.shape)
+  ct = random_array(rng, layer.compute_output_shape(x.shape))
+  g_kernel, g_bias = _gradients(layer, x, ct)
+  z = pre_activation(layer, x)
+  h = 1e-6 * (1 + np.abs(z))
+  act = ACTIVATIONS[activation]
+  g = ct * (act(z + h) - act(z - h)) / (2 * h)
+  kernel = _np(layer.kernel)
+  bias = _np(layer.bias).astype(np.float64)
+  want = np.zeros(kernel.shape)
+  for idx in np.ndindex(kernel.shape):
+    one_hot = np.zeros(kernel.shape)
+    one_hot[idx] = 1.0
+    want[idx] = np.sum((pre_activation(layer, x, one_hot) - bias) * g)
+  assert_close(g_kernel, want)
+  assert_close(g_bias, g.reshape(-1, g.shape[-1]).sum(0))
+
+
+def test_fused_on_the_jax_backend(rng):
+  """On JAX the bias and a Keras activation are the op's epilogue; other activations are not.
+
+  (The TensorFlow backend applies them with TF's ops: nothing to check here.)
+  """
+  if BACKEND != "jax":
+    return
+  import jax
+
+  x = random_array(rng, (1, 3, 4, 5, 4))
+  for activation, fused in (("gelu", "gelu"), ("swish", "silu"), (None, "None"),
+                            ("elu", None), (keras.activations.hard_silu, "hard_swish")):
+    layer = DepthwiseConv3D(3, padding="same", activation=activation)
+    layer.build(x.shape)
+    values = [v.value for v in layer.trainable_variables]
+    text = str(jax.make_jaxpr(lambda v: layer.stateless_call(v, [], x)[0])(values))
+    if fused is None:
+      assert "dw5d_epilogue" not in text, activation
+    else:
+      assert f"activation={fused}" in text, (activation, text)
 
 
 def test_fit_reduces_loss_under_the_backend_compiler(rng):

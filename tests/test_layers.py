@@ -77,6 +77,47 @@ def test_nnx_jit_and_grad_match_functional(rng):
   assert_close(loss(layer, x), jnp.sum(layer(x) * ct))
 
 
+@pytest.mark.parametrize("activation, name, want", [
+    ("gelu", "gelu", lambda z: jax.nn.gelu(z, approximate=False)),
+    ("SWISH", "silu", jax.nn.silu),
+    (jax.nn.gelu, "gelu_tanh", lambda z: jax.nn.gelu(z, approximate=True)),
+    (jax.nn.relu6, "relu6", jax.nn.relu6),
+    (jnp.tanh, "tanh", jnp.tanh),
+    (jax.nn.elu, None, jax.nn.elu),  # not fused: applied after
+    (lambda z: z * 2, None, lambda z: z * 2),
+], ids=["gelu", "SWISH", "jax.nn.gelu", "relu6", "jnp.tanh", "elu", "lambda"])
+def test_activation_fused_with_the_bias(rng, activation, name, want):
+  """Names and JAX's functions go into the op (`activation=`), others run after it."""
+  layer = DepthwiseConv3D(4, 3, depth_multiplier=2, activation=activation, rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.asarray(random_array(rng, (8,)))
+  x = random_array(rng, (2, 3, 4, 5, 4))
+  z = depthwise_reference(x, np.asarray(layer.kernel[...]), axes="DHW") + np.asarray(
+      layer.bias[...], np.float64)
+  assert_close(layer(x), np.asarray(want(jnp.asarray(z, jnp.float32))))
+  text = str(jax.make_jaxpr(lambda a: layer(a))(x))
+  assert "dw5d_epilogue" in text
+  assert f"activation={name}" in text
+
+
+def test_fused_layer_gradients_match_unfused(rng):
+  layer = DepthwiseConv3D(4, (3, 2, 3), strides=(1, 2, 1), activation="gelu", rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.asarray(random_array(rng, (4,)))
+  x = jnp.asarray(random_array(rng, (2, 3, 6, 5, 4)))
+  ct = jnp.asarray(random_array(rng, layer(x).shape))
+
+  @nnx.jit
+  def loss(model, x):
+    return jnp.sum(model(x) * ct)
+
+  grads = nnx.grad(loss)(layer, x)
+  gk, gb = jax.grad(lambda k, b: jnp.sum(jax.nn.gelu(
+      dw.depthwise_conv3d(x, k, strides=(1, 2, 1)) + b.reshape(1, 1, 1, 1, 4),
+      approximate=False) * ct),
+      argnums=(0, 1))(layer.kernel[...], layer.bias[...])
+  assert_close(grads["kernel"][...], gk)
+  assert_close(grads["bias"][...], gb)
+
+
 def test_kernel_init_uses_per_filter_fan_in():
   """lecun normal: std = 1/sqrt(fan_in) with fan_in = kd*kh*kw, not kd*kh*kw*C."""
   layer = DepthwiseConv3D(64, 3, depth_multiplier=4, rngs=nnx.Rngs(0))
@@ -105,10 +146,18 @@ def test_dtypes():
      r"DepthwiseConv2D: `padding` must be one of 'SAME', 'VALID', 'CAUSAL'"),
     (lambda: DepthwiseConv3D(2, 3, strides=0, rngs=nnx.Rngs(0)),
      r"DepthwiseConv3D: `strides` must be positive"),
+    (lambda: DepthwiseConv3D(2, 3, activation="elu", rngs=nnx.Rngs(0)),
+     r"DepthwiseConv3D: `activation` must be None or one of 'relu', .*; got 'elu'\."),
 ])
 def test_bad_construction_raises(make, pattern):
   with pytest.raises(ValueError, match=pattern):
     make()
+
+
+def test_bad_activation_type_raises():
+  with pytest.raises(TypeError, match=r"DepthwiseConv2D: `activation` must be None, a name "
+                     r"\(e.g. 'gelu'\) or a callable, got int 3\."):
+    DepthwiseConv2D(2, 3, activation=3, rngs=nnx.Rngs(0))
 
 
 def test_bad_input_raises():
