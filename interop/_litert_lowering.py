@@ -21,7 +21,9 @@ that the converter legalises to DEPTHWISE_CONV_2D:
 The substitution replaces the op's entry point `dw5d_jax._depthwise._apply`
 (a `jax.jit` whose trace cache would otherwise replay the primitive) with its
 unjitted body, in which the primitive's forward (`_primitive.conv`) is this
-lowering, for the duration of the context. The result is traced for export
+lowering, and a bias or activation (`_epilogue.apply`) its unfused formula
+(LiteRT's converter fuses them into the convolution itself where it can),
+for the duration of the context. The result is traced for export
 only: no primitive is left to differentiate or batch.
 """
 
@@ -38,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from dw5d_jax import _conv, _depthwise, _primitive
+from dw5d_jax import _epilogue as _epilogue_module
 from dw5d_jax._geometry import ConvSpec
 
 # The jitted entry point the context replaces. A jit equation of it (its
@@ -83,8 +86,16 @@ def _forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Any,
   return y if out_dtype is None else y.astype(out_dtype)
 
 
+def _epilogue(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: ConvSpec, impl: Any,
+              activation: str | None) -> jax.Array:
+  """`_epilogue.apply`'s signature: the unfused formula, its convolution `_forward`."""
+  return _epilogue_module.forward_formula(x, kernel, bias, spec=spec, impl=impl,
+                                          activation=activation)
+
+
 def _substitute(x: jax.Array, kernel: jax.Array, **kwargs: Any) -> jax.Array:
-  with mock.patch.object(_primitive, "conv", _forward):
+  with (mock.patch.object(_primitive, "conv", _forward),
+        mock.patch.object(_epilogue_module, "apply", _epilogue)):
     return _APPLY.__wrapped__(x, kernel, **kwargs)
 
 

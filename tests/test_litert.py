@@ -129,6 +129,19 @@ def test_jax2tf_route_is_elementwise_and_matches_reference(rng):
   assert _error(y, case.expected(x, k)) <= TOLERANCE[None]
 
 
+def test_epilogue_is_depthwise_conv2d_graph_matching_reference(tmp_path, rng):
+  """Bias and activation: the unfused formula around the substituted convolution."""
+  case = OP_CASES[4]
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  b = random_array(rng, (8,))
+  y, ops = _export_and_run(
+      tmp_path, lambda p, x: case.run(x, p[0], bias=p[1], activation="relu6"), (k, b), x, rng)
+  assert "DEPTHWISE_CONV_2D" in ops
+  assert not ops & {"MUL", "BROADCAST_TO", "CONV_3D"}, ops
+  want = np.clip(case.expected(x, k) + b, 0, 6)
+  assert _error(y, want) <= TOLERANCE[None]
+
+
 def test_jitted_function_traced_before_still_gets_depthwise_graph(tmp_path, rng):
   k = random_array(rng, (3, 3, 3, 2, 1))
   x = random_array(rng, (1, 5, 6, 7, 2))

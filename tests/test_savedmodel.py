@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 from cases import Case
 from conftest import assert_close, random_array
+from scipy import special
 from tensorflow.core.protobuf import saved_model_pb2
 from test_savedmodel_tf_only import reference_input_grad, reference_kernel_grad
 
@@ -83,6 +84,27 @@ def test_round_trip_with_constraints(tmp_path, rng, entry):
                  err_msg=f"d/dx at {shape}")
     assert_close(dk, reference_kernel_grad(k.shape, ct, lambda e: concrete.expected(x, e)),
                  err_msg=f"d/dk at {shape}")
+
+
+def test_epilogue_round_trip(tmp_path, rng):
+  """Bias and GELU: the portable formula in the SavedModel, gradients through TF's tape."""
+  case = Case("3d", "NDHWC", "DHW", (1, 3, 4, 5, 2), (3, 3, 3, 2, 2), 1, 1, "SAME")
+  k, b = random_array(rng, case.k_shape), random_array(rng, (4,))
+  path = interop.export_savedmodel(
+      lambda p, x: case.run(x, p[0], bias=p[1], activation="gelu"), (k, b), tmp_path / "m",
+      input_shape=(None, None, None, None, 2))
+  model = interop.load_savedmodel(path)
+  x = random_array(rng, case.x_shape)
+  z = case.expected(x, k) + b
+  want = 0.5 * z * (1 + special.erf(z / np.sqrt(2)))
+  ct = random_array(rng, want.shape)
+  y, dx, (dk, db) = serve_with_grads(model, x, ct)
+  assert_close(y, want)
+  gx, gk, gb = jax.grad(lambda a, w, c: jnp.sum(
+      case.run(a, w, bias=c, activation="gelu") * ct), argnums=(0, 1, 2))(x, k, b)
+  assert_close(dx, gx)
+  assert_close(dk, gk)
+  assert_close(db, gb)
 
 
 def test_constraints_are_enforced_when_serving(tmp_path, rng):
