@@ -183,19 +183,41 @@ def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpe
   `op` is `"fwd"` (`_epilogue.epilogue_p`: x, kernel, bias -> y) or
   `"grad"` (`_epilogue.epilogue_grad_p`: x, kernel, r, ct -> g, dk, db).
   None means the unfused formula (`_epilogue.forward_formula`,
-  `grad_formula`), whose `dw5d_p` takes the steps above: so the epilogue is
+  `grad_formula`), whose `dw5d_p` takes the steps above. So the epilogue is
   fused exactly where the convolution (`"fwd"`) or its kernel gradient
-  (`"grad"`) would use the native kernels as they are, channels-last.
+  (`"grad"`) would use the native kernels, in the same layout (transposed
+  to channels-last around them where `transposed` says).
   """
   method = lowering(impl.method, platform, spec)
-  if method != "shift" or platform != "cpu" or not spec.channels_last:
+  if method != "shift" or platform != "cpu":
     return None
-  if native_layout(ctx, spec, "fwd" if op == "fwd" else "dk") != "as-is":
+  layout = native_layout(ctx, spec, "fwd" if op == "fwd" else "dk")
+  if layout is None:
     return None
+  native = spec._replace(channels_last=True) if layout == "transposed" else spec
   if op == "fwd":
-    return lambda x, k, b: _native.forward_epilogue(x, k, b, spec, activation)
-  from_output = _epilogue.variant(activation, spec.out_dtype) == "output"
-  return lambda x, k, r, ct: _native.epilogue_grad(x, k, r, ct, spec, activation, from_output)
+    def run(x, k, b):
+      return _native.forward_epilogue(x, k, b, native, activation)
+
+    data_in, data_out = (True, False, False), (True,)
+  else:
+    from_output = _epilogue.variant(activation, spec.out_dtype) == "output"
+
+    def run(x, k, r, ct):
+      return _native.epilogue_grad(x, k, r, ct, native, activation, from_output)
+
+    data_in, data_out = (True, False, from_output, True), (True, False, False)
+  if layout == "as-is":
+    return run
+
+  def transposed_run(*args):  # channels-first data operands and results, moved
+    args = [jnp.moveaxis(a, 1, -1) if d else a for a, d in zip(args, data_in)]
+    outs = run(*args)
+    if op == "fwd":
+      return jnp.moveaxis(outs, -1, 1)
+    return tuple(jnp.moveaxis(o, -1, 1) if d else o for o, d in zip(outs, data_out))
+
+  return transposed_run
 
 
 def _native_op(op: str, a: jax.Array, b: jax.Array, spec: ConvSpec, out_dtype: Any):

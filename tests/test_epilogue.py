@@ -73,6 +73,9 @@ CASES = [
     Case("3d", "NCDHW", "DHW", (1, 4, 3, 4, 5), (3, 2, 3, 4, 2), (1, 2, 1), 1, "SAME"),
     Case("2d", "NDHWC", "DW", (1, 3, 2, 7, 4), (3, 3, 4, 2), (2, 1), (1, 2), "VALID"),
     Case("2d", "NHWC", "HW", (2, 5, 6, 4), (3, 3, 4, 1), 1, 1, ((1, 0), (2, 1))),
+    # Channels-first and wide: the channels-first kernels (the NCDHW case above
+    # is narrow: transposed around the channels-last ones).
+    Case("2d", "NCDHW", "HW", (1, 3, 2, 3, 14), (3, 3, 3, 2), 1, 1, "SAME"),
 ]
 _IDS = [f"{c.op}-{c.layout}-{c.conv_axes}" for c in CASES]
 
@@ -246,15 +249,18 @@ def _custom_calls(text: str) -> set[str]:
   return set(re.findall(r"custom_call @(dw5d_\w+)", text))
 
 
+@pytest.mark.parametrize("layout", ["NDHWC", "NCDHW"])
 @pytest.mark.parametrize("act, grad_call", [
     ("gelu", "dw5d_epilogue_grad"), ("relu", "dw5d_epilogue_grad_y"),
     (None, "dw5d_bias_grad")])
-def test_native_calls_are_fused(act, grad_call):
-  """Channels-last float32: one forward call, one backward pass (+ the input gradient)."""
+def test_native_calls_are_fused(act, grad_call, layout):
+  """float32: one forward call, one backward pass (+ the input gradient)."""
   if _native_build.mode() == "off" or not dw.native_status().active:
     pytest.skip("native kernels off")
-  x, k, b = jnp.zeros((1, 4, 4, 8, 8)), jnp.zeros((3, 3, 3, 8, 1)), jnp.zeros(8)
-  loss = lambda a, w, c: jnp.sum(dw.depthwise_conv3d(a, w, bias=c, activation=act) ** 2)  # noqa: E731
+  x = jnp.zeros((1, 4, 4, 16, 8) if layout == "NDHWC" else (1, 8, 4, 4, 16))
+  k, b = jnp.zeros((3, 3, 3, 8, 1)), jnp.zeros(8)
+  loss = lambda a, w, c: jnp.sum(dw.depthwise_conv3d(  # noqa: E731
+      a, w, bias=c, activation=act, data_format=layout) ** 2)
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, k, b).as_text()
   assert _custom_calls(text) == {"dw5d_forward_epilogue", grad_call, "dw5d_input_grad"}
 

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "epilogue.h"
 #include "geometry.h"
 #include "kernels.h"
 #include "packets.h"
@@ -343,13 +344,44 @@ inline void CfPrefetch(const T* p, int64_t count) {
     __builtin_prefetch(c + b);
 }
 
+// The weights of channel c, multiplier index m: per tap (a, b, e), and per
+// (a, e, b) for the fixed H shapes.
+struct CfWeights {
+  std::vector<float> wk, wk_ae;
+  explicit CfWeights(const Geom& g) : wk(g.taps()), wk_ae(g.taps()) {}
+  void Load(const Geom& g, const float* w, int64_t c, int64_t m) {
+    for (int64_t k = 0; k < g.taps(); ++k) {
+      const int64_t a = k / (g.kh * g.kw), b = k / g.kw % g.kh, e = k % g.kw;
+      wk[k] = w[(k * g.m + m) * g.c + c];
+      wk_ae[(a * g.kw + e) * g.kh + b] = wk[k];
+    }
+  }
+};
+
+// Rows [i, i + R) of the band's output plane (CfInputPlanes::Plane) as
+// float32 tap sums, `os` apart, `packets` whole packets each.
+template <typename TI>
+inline void CfForwardRows(const Geom& g, const CfSumRowsFns& fns, const CfInputPlanes<TI>& in,
+                          const CfWeights& wt, int R, int64_t i, float* o, int64_t os,
+                          int64_t packets) {
+  if (fns.fixed[R]) {
+    fns.fn[R](in.src_ae.data(), wt.wk_ae.data(), static_cast<int>(g.kd * g.kw), i * in.rs,
+              in.rs, o, os, packets, in.rs1);
+  } else {
+    fns.fn[R](in.src.data(), wt.wk.data(), static_cast<int>(g.taps()), i * in.rs, in.rs, o, os,
+              packets, in.rs1);
+  }
+}
+
+// `e.bias` non-null: the epilogue applied to each block of rows after its
+// tap sums, while they are in L1, before they are stored.
 template <typename TI, typename TO>
 void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tiles& tiles,
-                   int64_t tile) {
+                   int64_t tile, const Epilogue& e) {
   const CfSumRowsFns fns(g);
   CfInputPlanes<TI> in(g, x, tiles, tile);
-  const int64_t nk = g.taps(), nae = g.kd * g.kw, packets = (g.ow + L - 1) / L;
-  std::vector<float> wk(nk), wk_ae(nk);  // per tap (a, b, e); per (a, e, b)
+  const int64_t packets = (g.ow + L - 1) / L;
+  CfWeights wt(g);
   // float32 rows of whole packets are written in place, others through `rows`.
   const bool direct = std::is_same<TO, float>::value && g.ow % L == 0;
   std::vector<float> rows(direct ? 0 : 8 * packets * L);
@@ -357,11 +389,7 @@ void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tile
     const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
     in.Plane(p);
     for (int64_t m = 0; m < g.m; ++m) {
-      for (int64_t k = 0; k < nk; ++k) {
-        const int64_t a = k / (g.kh * g.kw), b = k / g.kw % g.kh, e = k % g.kw;
-        wk[k] = w[(k * g.m + m) * g.c + c];
-        wk_ae[(a * g.kw + e) * g.kh + b] = wk[k];
-      }
+      wt.Load(g, w, c, m);
       TO* out = y + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
       CfRowBlocks(packets, in.h1 - in.h0, [&](auto r, int64_t i) {
         constexpr int R = decltype(r)::value;
@@ -369,13 +397,9 @@ void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tile
         CfPrefetchOut(out + i * g.ow, R * g.ow);
         float* o = direct ? reinterpret_cast<float*>(out + i * g.ow) : rows.data();
         const int64_t os = direct ? g.ow : packets * L;
-        if (fns.fixed[R]) {
-          fns.fn[R](in.src_ae.data(), wk_ae.data(), static_cast<int>(nae), i * in.rs, in.rs, o,
-                    os, packets, in.rs1);
-        } else {
-          fns.fn[R](in.src.data(), wk.data(), static_cast<int>(nk), i * in.rs, in.rs, o, os,
-                    packets, in.rs1);
-        }
+        CfForwardRows(g, fns, in, wt, R, i, o, os, packets);
+        if (e.bias != nullptr)
+          for (int j = 0; j < R; ++j) ActivateRowScalar(e.act, o + j * os, e.bias[c * g.m + m], g.ow);
         if (!direct)
           for (int j = 0; j < R; ++j) Convert(o + j * os, out + (i + j) * g.ow, g.ow);
       });
@@ -406,15 +430,23 @@ inline void CfDots(const float* const* src, int nk, int64_t off, int64_t rs,
 
 // One tile's kernel-gradient sums, dk-shaped (KD, KH, KW, M, C), into `part`:
 // per channel in packets (`acc`), reduced in a fixed order when the tile
-// moves on to another channel.
+// moves on to another channel. With the epilogue's backward (`e.db` set),
+// the cotangent rows are g = ct * act'(z) (z recomputed with the forward's
+// row sums, or act' from y), written to e.g, their sums added to `db_part`.
 template <typename TI, typename TC>
 void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, const Tiles& tiles,
-                      int64_t tile) {
+                      int64_t tile, const EpilogueGrad<TC>& e, float* db_part) {
+  const bool epilogue = e.db != nullptr;
   CfInputPlanes<TI> in(g, x, tiles, tile);
-  const int64_t nk = g.taps(), packets = (g.ow + L - 1) / L, rmax = 8;
+  const CfSumRowsFns fns(g);
+  CfWeights wt(g);
+  const int64_t nk = g.taps(), packets = (g.ow + L - 1) / L, rmax = 8, width = packets * L;
   // ct rows as float32 padded with zeros to whole packets (in place when they are).
-  const bool direct = std::is_same<TC, float>::value && g.ow % L == 0;
-  std::vector<float> cbuf(direct ? 0 : rmax * packets * L, 0.0f), acc(g.m * nk * L, 0.0f);
+  const bool direct = std::is_same<TC, float>::value && g.ow % L == 0 && !epilogue;
+  std::vector<float> cbuf(direct ? 0 : rmax * width, 0.0f), acc(g.m * nk * L, 0.0f);
+  // The epilogue's rows: g (the tail stays zero), and z or y.
+  std::vector<float> gbuf(epilogue ? rmax * width : 0, 0.0f),
+      vbuf(epilogue && e.g != nullptr ? rmax * width : 0, 0.0f);
   int64_t acc_c = -1;
   auto flush = [&]() {
     if (acc_c < 0) return;
@@ -434,7 +466,9 @@ void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, con
     }
     in.Plane(p);
     for (int64_t m = 0; m < g.m; ++m) {
-      const TC* crows = ct + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+      const int64_t first = ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+      const TC* crows = ct + first;
+      if (epilogue && e.w != nullptr) wt.Load(g, e.w, c, m);
       CfRowBlocks(packets, in.h1 - in.h0, [&](auto r, int64_t i) {
         constexpr int R = decltype(r)::value;
         in.Need(i + R);
@@ -444,9 +478,35 @@ void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, con
           if (direct) {
             cr[j] = reinterpret_cast<const float*>(crow);
           } else {
-            Convert(crow, &cbuf[j * packets * L], g.ow);  // the tail stays zero
-            cr[j] = &cbuf[j * packets * L];
+            Convert(crow, &cbuf[j * width], g.ow);  // the tail stays zero
+            cr[j] = &cbuf[j * width];
           }
+        }
+        if (epilogue) {
+          const int64_t cm = c * g.m + m;
+          if (e.g != nullptr) {
+            if (e.w != nullptr) {  // z, recomputed
+              CfForwardRows(g, fns, in, wt, R, i, vbuf.data(), width, packets);
+            } else {
+              for (int j = 0; j < R; ++j)
+                Convert(e.y + first + (i + j) * g.ow, &vbuf[j * width], g.ow);
+            }
+            for (int j = 0; j < R; ++j) {
+              float* grow = &gbuf[j * width];
+              if (e.w != nullptr) {
+                SlopeRowZScalar(e.epilogue.act, &vbuf[j * width], e.epilogue.bias[cm], cr[j], grow,
+                                g.ow);
+              } else {
+                SlopeRowY(e.epilogue.act, &vbuf[j * width], cr[j], grow, g.ow);
+              }
+              std::copy(grow, grow + g.ow, e.g + first + (i + j) * g.ow);
+              cr[j] = grow;
+            }
+          }
+          float sum = 0.0f;
+          for (int j = 0; j < R; ++j)
+            for (int64_t o = 0; o < g.ow; ++o) sum += cr[j][o];
+          db_part[cm] += sum;
         }
         const float* const* src = in.src.data();
         const int64_t off = i * in.rs;
@@ -601,25 +661,44 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
 
 template <typename TI, typename TO>
 void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y) {
+  RunForwardEpilogueCf(pool, g, x, w, Epilogue{}, y);
+}
+
+template <typename TI, typename TO>
+void RunForwardEpilogueCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                          const Epilogue& e, TO* y) {
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
-              [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i); });
+              [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i, e); });
 }
 
 template <typename TI, typename TC>
 void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk) {
-  const int64_t size = g.taps() * g.m * g.c;
+  RunEpilogueGradCf(pool, g, x, ct, EpilogueGrad<TC>{}, dk);
+}
+
+// Without e.db, the plain kernel gradient.
+template <typename TI, typename TC>
+void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                       const EpilogueGrad<TC>& e, float* dk) {
+  const int64_t size = g.taps() * g.m * g.c, cm = g.c * g.m;
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   const int64_t chunks = tiles.Count();
-  std::vector<float> parts(chunks * size, 0.0f);
+  const bool epilogue = e.db != nullptr;
+  std::vector<float> parts(chunks * size, 0.0f), db_parts(epilogue ? chunks * cm : 0, 0.0f);
   ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
-    CfKernelGradTile(g, x, ct, parts.data() + i * size, tiles, i);
+    CfKernelGradTile(g, x, ct, parts.data() + i * size, tiles, i, e,
+                     epilogue ? db_parts.data() + i * cm : nullptr);
   });
   std::fill(dk, dk + size, 0.0f);
   for (int64_t i = 0; i < chunks; ++i)
     for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
+  if (!epilogue) return;
+  std::fill(e.db, e.db + cm, 0.0f);
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t j = 0; j < cm; ++j) e.db[j] += db_parts[i * cm + j];
 }
 
 template <typename TC, typename TO>
@@ -633,6 +712,10 @@ void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const fl
 #define DW5D_INSTANTIATE(T1, T2)                                                              \
   template void RunForwardCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);    \
   template void RunKernelGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*); \
+  template void RunForwardEpilogueCf(ffi::ThreadPool*, const Geom&, const T1*, const float*,  \
+                                     const Epilogue&, T2*);                                   \
+  template void RunEpilogueGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*,        \
+                                  const EpilogueGrad<T2>&, float*);                           \
   template void RunInputGradCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
 DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
 #undef DW5D_INSTANTIATE

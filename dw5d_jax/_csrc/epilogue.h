@@ -223,6 +223,20 @@ void ActivateRowT(float* row, const float* bias, int64_t len) {
 }
 
 template <Act A>
+void ActivateRowScalarT(float* row, float bias, int64_t len) {
+  ForPackets(len, [&](int64_t i, int64_t n) {
+    StoreN(row + i, Apply<A>(LoadN(row + i, n) + bias), n);
+  });
+}
+
+template <Act A>
+void SlopeRowZScalarT(const float* z, float bias, const float* ct, float* g, int64_t len) {
+  ForPackets(len, [&](int64_t i, int64_t n) {
+    StoreN(g + i, LoadN(ct + i, n) * Slope<A>(LoadN(z + i, n) + bias), n);
+  });
+}
+
+template <Act A>
 void SlopeRowZT(const float* z, const float* bias, const float* ct, float* g, int64_t len) {
   ForPackets(len, [&](int64_t i, int64_t n) {
     V v = LoadN(z + i, n);
@@ -259,6 +273,17 @@ inline void WithAct(Act a, F&& f) {
 // row[i] = act(row[i] + bias[i]) for i < len.
 inline void ActivateRow(Act a, float* row, const float* bias, int64_t len) {
   epi::WithAct(a, [&](auto c) { epi::ActivateRowT<decltype(c)::value>(row, bias, len); });
+}
+
+// The same with one bias for the whole row (channels-first rows).
+inline void ActivateRowScalar(Act a, float* row, float bias, int64_t len) {
+  epi::WithAct(a, [&](auto c) { epi::ActivateRowScalarT<decltype(c)::value>(row, bias, len); });
+}
+
+inline void SlopeRowZScalar(Act a, const float* z, float bias, const float* ct, float* g,
+                            int64_t len) {
+  epi::WithAct(a,
+               [&](auto c) { epi::SlopeRowZScalarT<decltype(c)::value>(z, bias, ct, g, len); });
 }
 
 // g[i] = ct[i] * act'(z[i] + bias[i]) (bias null: act'(z[i])).

@@ -6,7 +6,7 @@
 //
 //   dw5d_forward(x, w) -> y    dw5d_input_grad(ct, w) -> dx    dw5d_kernel_grad(x, ct) -> dk
 //
-// and, with an epilogue y = act(conv(x, w) + b) (kernels.h, epilogue.h), channels-last only:
+// and, with an epilogue y = act(conv(x, w) + b) (kernels.h, epilogue.h):
 //
 //   dw5d_forward_epilogue(x, w, b) -> y
 //   dw5d_epilogue_grad(x, w, b, ct) -> (g, dk, db)   act'(z) from z, recomputed
@@ -350,7 +350,6 @@ ffi::Error Handle(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingR
                                   std::to_string(args.size()) + " and " +
                                   std::to_string(rets.size()));
   if constexpr (Op::kActivation) {
-    if (c.g.cf) return Invalid(Op::kName, "takes channels-last arrays only");
     if (Op::kOperands[1].role == Role::kOutput && !FromOutput(c.act))  // act'(z) from y
       return Invalid(Op::kName, "takes relu, relu6, sigmoid or tanh (act'(z) from y)");
   }

@@ -79,6 +79,12 @@ template <typename TI, typename TC>
 void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk);
 template <typename TC, typename TO>
 void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx);
+template <typename TI, typename TO>
+void RunForwardEpilogueCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                          const Epilogue& e, TO* y);
+template <typename TI, typename TC>
+void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                       const EpilogueGrad<TC>& e, float* dk);
 
 template <typename TI, typename TO>
 void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
@@ -103,12 +109,20 @@ void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* 
 template <typename TI, typename TO>
 void RunForwardEpilogue(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
                         const Epilogue& e, TO* y, bool generic = false) {
+  if (g.cf) {
+    RunForwardEpilogueCf(pool, g, x, w, e, y);
+    return;
+  }
   RunForwardEpilogueCl(pool, g, x, w, e, y, generic);
 }
 
 template <typename TI, typename TC>
 void RunEpilogueGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
                      const EpilogueGrad<TC>& e, float* dk, bool generic = false) {
+  if (g.cf) {
+    RunEpilogueGradCf(pool, g, x, ct, e, dk);
+    return;
+  }
   RunEpilogueGradCl(pool, g, x, ct, e, dk, generic);
 }
 

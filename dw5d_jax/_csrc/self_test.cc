@@ -127,24 +127,30 @@ bool SelfTestEpilogue(const Geom& g, uint64_t seed, bool generic, Act act) {
   for (auto& v : b) v = draw(3.0f);
   RunForwardEpilogue<TI, TO>(nullptr, g, x.data(), w.data(), Epilogue{act, b.data()}, y.data(),
                              generic);
-  // z in double, channels-last.
+  // z in double; chan[i]: output i's channel c * M + m.
   std::vector<double> z(ny, 0.0);
+  std::vector<int64_t> chan(ny);
   for (int64_t r = 0; r < g.rows(); ++r) {
     const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
     for (int64_t ow = 0; ow < g.ow; ++ow)
-      for (int64_t t = 0; t < g.taps(); ++t) {
-        const int64_t a = t / (g.kh * g.kw), bb = t / g.kw % g.kh, e = t % g.kw;
-        const int64_t id = od * g.sd + a * g.rd - g.pd, ih = oh * g.sh + bb * g.rh - g.ph,
-                      iw = ow * g.sw + e * g.rw - g.pw;
-        if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
-        for (int64_t c = 0; c < g.c; ++c)
-          for (int64_t m = 0; m < g.m; ++m)
-            z[(r * g.ow + ow) * cm + c * g.m + m] +=
-                ToDouble(x[(((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c]) *
-                w[(t * g.m + m) * g.c + c];
-      }
+      for (int64_t c = 0; c < g.c; ++c)
+        for (int64_t m = 0; m < g.m; ++m) {
+          const int64_t yi =
+              g.cf ? ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + oh) * g.ow + ow
+                   : (r * g.ow + ow) * cm + c * g.m + m;
+          chan[yi] = c * g.m + m;
+          z[yi] = b[c * g.m + m];
+          for (int64_t t = 0; t < g.taps(); ++t) {
+            const int64_t a = t / (g.kh * g.kw), bb = t / g.kw % g.kh, e = t % g.kw;
+            const int64_t id = od * g.sd + a * g.rd - g.pd, ih = oh * g.sh + bb * g.rh - g.ph,
+                          iw = ow * g.sw + e * g.rw - g.pw;
+            if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+            const int64_t xi = g.cf ? (((n * g.c + c) * g.d + id) * g.h + ih) * g.w + iw
+                                    : (((n * g.d + id) * g.h + ih) * g.w + iw) * g.c + c;
+            z[yi] += ToDouble(x[xi]) * w[(t * g.m + m) * g.c + c];
+          }
+        }
   }
-  for (int64_t i = 0; i < ny; ++i) z[i] += b[i % cm];
   const bool exact = std::is_same<TI, float>::value && std::is_same<TO, float>::value;
   const double tol = exact ? 1e-4 : 2e-2;
   for (int64_t i = 0; i < ny; ++i) {
@@ -170,7 +176,7 @@ bool SelfTestEpilogue(const Geom& g, uint64_t seed, bool generic, Act act) {
     for (int64_t i = 0; i < ny; ++i) {
       // Away from a kink the slope is smooth; at one (relu's 0), skip the element.
       want_g[i] = ToDouble(ct[i]) * SlopeD(act, z[i]);
-      want_db[i % cm] += want_g[i];
+      want_db[chan[i]] += want_g[i];
     }
     for (int64_t i = 0; i < ny; ++i) {
       const double got = act == Act::kNone ? ToDouble(ct[i]) : gout[i];
@@ -238,17 +244,18 @@ extern "C" int Dw5dSelfTest() {
       if (!dw5d::SelfTestOne<dw5d::bf16, float>(g, 3000 + k, generic)) return 200 + code;
     }
   }
-  // Every epilogue (forward, backward through z and through y), channels-last,
-  // on three of the cases (a multiplier, strides, every packet width).
-  const int epilogue_cases[] = {1, 2, 9};
+  // Every epilogue (forward, backward through z and through y) on three of the
+  // cases (a multiplier, strides, every packet width), channels-last
+  // (specialised and generic kernels) and channels-first.
+  const int epilogue_cases[] = {1, 2, 12};
   for (int i : epilogue_cases) {
     for (const dw5d::ActName& a : dw5d::kActNames) {
-      const int code = 5000 + 100 * i + static_cast<int>(a.act);
-      for (int generic = 0; generic < 2; ++generic) {
-        if (!dw5d::SelfTestEpilogue<float, float>(cases[i - 1], 4000 + i, generic, a.act))
-          return code;
-        if (!dw5d::SelfTestEpilogue<dw5d::bf16, dw5d::bf16>(cases[i - 1], 5000 + i, generic,
-                                                            a.act))
+      for (int variant = 0; variant < 3; ++variant) {
+        Geom g = cases[i - 1];
+        g.cf = variant == 2;
+        const int code = 5000 + 100 * i + static_cast<int>(a.act) + 1000 * variant;
+        if (!dw5d::SelfTestEpilogue<float, float>(g, 4000 + i, variant == 1, a.act)) return code;
+        if (!dw5d::SelfTestEpilogue<dw5d::bf16, dw5d::bf16>(g, 5000 + i, variant == 1, a.act))
           return 10000 + code;
       }
     }
