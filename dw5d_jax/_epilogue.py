@@ -18,12 +18,13 @@ path computes the same formula unfused:
   Native: one pass over x's windows and ct computes g, accumulates dk and
   db, and writes g once; the input gradient is then `dw5d_p`'s (`dx(g, k)`).
 
-`r` is what `act'(z)` is computed from. For relu, relu6, sigmoid and tanh
-it is the output y (`act'(z)` is a function of y, e.g. `y * (1 - y)` for
-the sigmoid), so the backward pass reads y; for gelu, silu and hard_swish
-it is the bias, and the backward pass recomputes z (the native pass
-already reads x's windows; no pre-activation is stored). Without an
-activation (bias only) `g = ct`.
+`r` is what `act'(z)` is computed from (`variant`). For relu, relu6,
+sigmoid and tanh with a float32 output it is the output y (`act'(z)` is a
+function of y, e.g. `y * (1 - y)` for the sigmoid), so the backward pass
+reads y; for gelu, silu and hard_swish (and a bfloat16 y, too coarse near
+the kinks) it is the bias, and the backward pass recomputes z: the native
+pass already reads x's windows, and no pre-activation is stored. Without
+an activation (bias only) `g = ct`.
 
 Derivatives of `epilogue_lin_p` and `epilogue_grad_p` (second order and
 beyond) differentiate `lin_formula` and `grad_formula`, which use only

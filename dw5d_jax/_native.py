@@ -17,7 +17,7 @@ which layout, is `_policy.py`'s decision:
   and the cotangent, every tap's sum accumulated together (XLA needs one
   pass per tap).
 
-With an epilogue `y = act(conv(x, w) + b)` (`_epilogue.py`), channels-last:
+With an epilogue `y = act(conv(x, w) + b)` (`_epilogue.py`), in either layout:
 
 * `dw5d_forward_epilogue(x, w, b) -> y`: the forward, the bias and the
   activation applied to each output row before it is stored;
@@ -88,7 +88,7 @@ def _cotangent_structs(x: jax.Array, kernel_dtype, spec: ConvSpec, with_g: bool)
 
 def forward_epilogue(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: ConvSpec,
                      activation: str | None) -> jax.Array:
-  """`act(conv(x, kernel) + bias)` in `spec.out_dtype`, channels-last."""
+  """`act(conv(x, kernel) + bias)` in `spec.out_dtype`, in the spec's layout."""
   out = jax.ShapeDtypeStruct(
       _shape(spec, x.shape[0], spec.out_spatial, spec.channels * spec.multiplier),
       spec.out_dtype)

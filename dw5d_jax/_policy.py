@@ -32,6 +32,12 @@ decides, in this order:
    the spec's layout, its operands and result are transposed at the
    boundary (`_channels_last`), here and nowhere else.
 
+A bias or activation (`bias=`, `activation=`) makes the op bind
+`_epilogue.epilogue_p` instead; its forward and backward pass are fused
+into the native kernels exactly where the convolution and its kernel
+gradient would use them (`epilogue_implementation`), and everywhere else
+computed by the unfused formula over `dw5d_p`, which takes the steps above.
+
 The native library is built (or loaded from its cache) at trace time, by
 `prepare`, the first time an op that may use it is traced with CPU as the
 default backend; lowering only asks whether it is loaded. So the ~25 s
