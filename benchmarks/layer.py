@@ -19,14 +19,16 @@ Issue 14's "Layer" target, on `(2, 32, 64, 64, 32)` float32 (N, D, H, W, C):
 "forward" is one call. "backward" is a training step's gradient: the loss
 `sum(y * ct)` and its gradient with respect to x, the kernel and the bias
 (`jax.value_and_grad`; PyTorch: the forward with autograd, then
-`backward`). `grad` is `jax.grad` alone, which for an activation whose
-derivative needs z (gelu) never runs the forward.
+`backward`). `grad` is `jax.grad` alone (the suite's "backward",
+benchmarks/suite.py), which for an activation whose derivative needs z
+(gelu) never runs the forward.
 
 Everything runs in one process, under the tuned allocator
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) and
 `OMP_WAIT_POLICY=PASSIVE` (the script re-executes itself with them set);
-cells are warmed up, then timed in interleaved rounds, and medians are
-reported with the load average, since the machine may be shared.
+cells are warmed up, then timed in interleaved rounds, and medians of wall
+time and of CPU time (all threads) are reported with the load average,
+since the machine may be shared: the ratios are the result.
 
 Usage: `python benchmarks/layer.py [--rounds 15] [--activation gelu] [--json out.json]`.
 """
@@ -142,36 +144,44 @@ def _block(r: Any) -> None:
       v.block_until_ready()
 
 
-def measure(cells: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-  """Median ms per cell: warmed up twice, then `rounds` interleaved rounds."""
+def measure(cells: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict, dict]:
+  """Median wall and CPU ms per cell: warmed up twice, then `rounds` interleaved rounds.
+
+  CPU time (`time.process_time`: every thread of the process) is the work
+  done, which other processes' load disturbs much less than wall time.
+  """
   for f in cells.values():
     _block(f())
     _block(f())
-  samples: dict[str, list[float]] = {name: [] for name in cells}
+  wall: dict[str, list[float]] = {name: [] for name in cells}
+  cpu: dict[str, list[float]] = {name: [] for name in cells}
   for _ in range(rounds):
     for name, f in cells.items():
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       _block(f())
-      samples[name].append(time.perf_counter() - t)
-  return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+      wall[name].append(time.perf_counter() - t)
+      cpu[name].append(time.process_time() - c)
+  return ({name: statistics.median(s) * 1e3 for name, s in wall.items()},
+          {name: statistics.median(s) * 1e3 for name, s in cpu.items()})
 
 
-def report(ms: dict[str, float], shape, loads) -> dict[str, Any]:
+def ratios(ms: dict[str, float], shape) -> dict[str, Any]:
   nbytes = int(np.prod(shape)) * 4
   bandwidth = 3 * nbytes / (ms["floor add"] * 1e-3)  # bytes/s: a, b read, c written
   floor = 2 * nbytes / bandwidth * 1e3  # x read, y written
-  fwd, bwd = ms["fused forward"], ms["fused backward"]
+  fwd, bwd, grad = ms["fused forward"], ms["fused backward"], ms["fused grad"]
   return {
       "ms": {k: round(v, 3) for k, v in ms.items()},
       "bandwidth_gb_s": round(bandwidth / 1e9, 1),
       "floor_ms": round(floor, 3),
       "forward_over_floor": round(fwd / floor, 2),
       "forward_over_torch": round(fwd / ms["torch forward"], 3),
+      "grad_over_forward": round(grad / fwd, 2),
       "backward_over_forward": round(bwd / fwd, 2),
-      "backward_over_torch": round(bwd / ms["torch backward"], 3),
+      "grad_over_torch_backward": round(grad / ms["torch backward"], 3),
+      "backward_over_torch_backward": round(bwd / ms["torch backward"], 3),
       "unfused_forward_over_fused": round(ms["unfused forward"] / fwd, 2),
       "unfused_backward_over_fused": round(ms["unfused backward"] / bwd, 2),
-      "load_before_after": loads,
   }
 
 
@@ -191,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
   ct = rng.standard_normal(shape, np.float32)
   cells = {**torch_cells(x, k, b, ct, args.activation), **jax_cells(x, k, b, ct, args.activation)}
   before = os.getloadavg()[0]
-  ms = measure(cells, args.rounds)
-  result = report(ms, shape, (round(before, 2), round(os.getloadavg()[0], 2)))
-  result.update(shape=list(shape), activation=args.activation, rounds=args.rounds,
-                cpus=os.cpu_count())
+  wall, cpu = measure(cells, args.rounds)
+  result = {"wall": ratios(wall, shape), "cpu": ratios(cpu, shape),
+            "load_before_after": (round(before, 2), round(os.getloadavg()[0], 2)),
+            "shape": list(shape), "activation": args.activation, "rounds": args.rounds,
+            "cpus": os.cpu_count()}
   print(json.dumps(result, indent=1))
   if args.json:
     with open(args.json, "w") as f:

@@ -482,6 +482,13 @@ __attribute__((noinline)) void Deinterleave(const Geom& g, const TC* in, float* 
         out[(m * g.ow + o) * g.c + c] = Pack<1>::Load(in + (o * g.c + c) * g.m + m);
 }
 
+// sum[j] += rows[o * len + j] for o < count (restrict: vectorised).
+inline void AddRows(const float* __restrict rows, int64_t count, int64_t len,
+                    float* __restrict sum) {
+  for (int64_t o = 0; o < count; ++o)
+    for (int64_t j = 0; j < len; ++j) sum[j] += rows[o * len + j];
+}
+
 // The epilogue's backward for the output rows of one tile (RunEpilogueGrad):
 // per row, g = ct * act'(z) written to `g`, its sum added to `db`, and g as
 // the kernel-gradient row kernels read it.
@@ -530,9 +537,7 @@ class EpilogueCotangents {
       }
       grow = out;
     }
-    const int64_t cm = g_.c * g_.m;
-    for (int64_t o = 0; o < g_.ow; ++o)
-      for (int64_t j = 0; j < cm; ++j) db_[j] += grow[o * cm + j];
+    AddRows(grow, g_.ow, g_.c * g_.m, db_);
     if (g_.m == 1) return grow;
     Deinterleave(g_, grow, deinterleaved_.data());
     return deinterleaved_.data();

@@ -53,7 +53,7 @@ inline V Splat(float f) { return Pack<kLanes>::Zero() + f; }
 inline V AtLeast(V x, float lo) { return x < lo ? Splat(lo) : x; }
 inline V AtMost(V x, float hi) { return x > hi ? Splat(hi) : x; }
 
-inline V Exp(V x) {
+__attribute__((always_inline)) inline V Exp(V x) {
   x = AtMost(AtLeast(x, -87.33654f), 88.37626f);  // 2^n stays a normal float
   // n = round(x / ln 2) by the 1.5 * 2^23 trick: its low bits are n.
   const V big = Splat(12582912.0f);
@@ -78,7 +78,7 @@ inline V Exp(V x) {
   return p * scale;
 }
 
-inline V Erf(V x) {
+__attribute__((always_inline)) inline V Erf(V x) {
   x = AtMost(AtLeast(x, -4.0f), 4.0f);
   const V x2 = x * x;
   V p = Splat(-2.72614225801306e-10f);
@@ -96,7 +96,7 @@ inline V Erf(V x) {
   return x * p / q;
 }
 
-inline V Tanh(V x) {
+__attribute__((always_inline)) inline V Tanh(V x) {
   x = AtMost(AtLeast(x, -9.0f), 9.0f);
   const V x2 = x * x;
   V p = Splat(-2.76076847742355e-16f);
