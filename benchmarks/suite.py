@@ -1,6 +1,6 @@
 """The CPU benchmark suite: workloads W1-W5, our methods and the peers, one process.
 
-Run by `dw5d bench` (interop/_bench.py), which starts this file once per
+Run by `dw5d bench` (interop/_app/bench.py), which starts this file once per
 allocator setting (`--allocator default|tuned`, the environment set before
 the interpreter starts, so every library in the process sees it) and merges
 the JSON results into benchmarks/RESULTS.md and a chart (benchmarks/report.py).

@@ -26,7 +26,7 @@ import dw5d_jax as dw
 import interop
 import interop._tf_ops
 from dw5d_jax._reference import depthwise_reference
-from interop._parity import MODES, Config, dynamic_spec, in_mode, tf_op
+from interop._app.parity import MODES, Config, dynamic_spec, in_mode, tf_op
 
 tf_conv2d, tf_conv3d = interop.tf_depthwise_conv2d, interop.tf_depthwise_conv3d
 
@@ -175,7 +175,7 @@ def test_classic_reshape_mistake_differs_from_axes_dw(rng):
 
 def test_importing_interop_does_not_import_tensorflow():
   """`dw5d demo` and friends must not pay for TF; the TF ops load on first use."""
-  code = ("import sys, interop, interop._cli; assert 'tensorflow' not in sys.modules; "
+  code = ("import sys, interop, interop._app.cli; assert 'tensorflow' not in sys.modules; "
           "interop.tf_depthwise_conv3d; assert 'tensorflow' in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
 

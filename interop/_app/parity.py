@@ -34,9 +34,6 @@ from typing import Any
 
 import numpy as np
 
-HELP = ("check dw5d_jax against the TensorFlow reference ops (outputs and gradients; eager, "
-        "graph and XLA modes)")
-
 MODES = ("eager", "graph", "xla")
 METHODS = ("auto", "conv", "shift")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -1,6 +1,6 @@
 """`dw5d demo`: the main job end to end, on embedded defaults (`make demo`).
 
-1. Data: noisy 16^3 volumes holding a sphere or a cube (interop/_demo_task.py),
+1. Data: noisy 16^3 volumes holding a sphere or a cube (demo_task.py),
    split into training and held-out sets. Nothing is downloaded.
 2. Training: a separable 3D CNN (`dw5d_jax.nn.DepthwiseConv3D` + pointwise
    dense layers, Flax NNX) trained under `jit` with optax, a progress bar
@@ -29,8 +29,6 @@ import sys
 import time
 from typing import Any
 
-HELP = ("train a separable 3D CNN on synthetic volumes, export it as a TensorFlow SavedModel, "
-        "serve it, and time the ops")
 DEFAULT_OUT = os.path.join("out", "demo_savedmodel")
 
 
@@ -117,7 +115,7 @@ def _header(i: int, title: str) -> None:
 def _step_data(s: Settings, seed: int) -> dict[str, Any]:
   import numpy as np
 
-  from interop import _demo_task as task
+  from interop._app import demo_task as task
 
   _header(1, "Data: spheres vs cubes in noisy volumes")
   rng = np.random.default_rng(seed)
@@ -143,7 +141,7 @@ def _step_train(s: Settings, data: dict[str, Any], seed: int,
   from flax import nnx
   from tqdm import tqdm
 
-  from interop import _demo_task as task
+  from interop._app import demo_task as task
 
   _header(2, "Training a separable 3D CNN (dw5d_jax.nn.DepthwiseConv3D + pointwise) "
              "under jit")
@@ -188,7 +186,7 @@ def _step_export(s: Settings, model: Any, data: dict[str, Any], out: str,
   from flax import nnx
 
   import interop
-  from interop import _demo_task as task
+  from interop._app import demo_task as task
 
   _header(3, "Export to a TensorFlow SavedModel (symbolic batch, D, H, W) and serve it")
   graphdef, state = nnx.split(model)

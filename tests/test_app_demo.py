@@ -1,4 +1,4 @@
-"""`dw5d demo` (interop._demo) and its learning task (interop._demo_task)."""
+"""`dw5d demo` (interop._app.demo) and its learning task (interop._app.demo_task)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from interop import _demo
-from interop import _demo_task as task
+from interop._app import demo
+from interop._app import demo_task as task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +99,7 @@ def test_docstring_examples():
 
 
 def test_quick_halves_everything():
-  full, quick = _demo.Settings(), _demo.Settings().halved()
+  full, quick = demo.Settings(), demo.Settings().halved()
   for name in ("train", "held_out", "steps", "served"):
     assert getattr(quick, name) == getattr(full, name) // 2
   assert quick.timing_x[0] == full.timing_x[0] // 2
@@ -117,23 +117,23 @@ def test_a_failed_check_fails_the_command(monkeypatch, capsys):
     checks.add("TF vs JAX logits", True, "a stand-in")
     return {"path": None, "rows": []}
 
-  monkeypatch.setattr(_demo, "_step_data", lambda settings, seed: {})
-  monkeypatch.setattr(_demo, "_step_train", train)
-  monkeypatch.setattr(_demo, "_step_export", export)
-  monkeypatch.setattr(_demo, "_step_timing", lambda settings, seed, checks: [])
-  monkeypatch.setattr(_demo, "_summary", lambda *args, **kwargs: None)
-  assert _demo.run(argparse.Namespace(quick=True, out="unused", seed=0)) == 1
+  monkeypatch.setattr(demo, "_step_data", lambda settings, seed: {})
+  monkeypatch.setattr(demo, "_step_train", train)
+  monkeypatch.setattr(demo, "_step_export", export)
+  monkeypatch.setattr(demo, "_step_timing", lambda settings, seed, checks: [])
+  monkeypatch.setattr(demo, "_summary", lambda *args, **kwargs: None)
+  assert demo.run(argparse.Namespace(quick=True, out="unused", seed=0)) == 1
   assert "[FAIL] held-out accuracy" in capsys.readouterr().out
 
 
 def test_export_refuses_a_directory_that_is_not_a_savedmodel(tmp_path, capsys):
   keep = tmp_path / "notes.txt"
   keep.write_text("mine")
-  settings = _demo.Settings(served=2)
+  settings = demo.Settings(served=2)
   data = {k: task.make_volumes(np.random.default_rng(0), 2, size, noise=0.25)
           for k, size in (("held_out", (16, 16, 16)), ("other", (17, 16, 18)))}
-  checks = _demo.Checks()
-  served = _demo._step_export(settings, task.ShapeNet(rngs=nnx.Rngs(0)), data, str(tmp_path),
+  checks = demo.Checks()
+  served = demo._step_export(settings, task.ShapeNet(rngs=nnx.Rngs(0)), data, str(tmp_path),
                               checks)
   assert served["path"] is None and checks.failed == ["SavedModel export"]
   assert "is a non-empty directory that is not a SavedModel" in capsys.readouterr().out
@@ -145,7 +145,7 @@ def test_quick_demo_end_to_end(tmp_path):
   """`dw5d demo --quick`: the five steps, every check passing, a SavedModel that serves."""
   out = tmp_path / "model"
   proc = subprocess.run(
-      [sys.executable, "-m", "interop._cli", "demo", "--quick", "--out", str(out)],
+      [sys.executable, "-m", "interop._app.cli", "demo", "--quick", "--out", str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   text = proc.stdout + proc.stderr
   assert proc.returncode == 0, text[-6000:]
@@ -153,7 +153,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert f"[{step}/5]" in proc.stdout
   assert re.search(r"all 4 checks passed", proc.stdout), text[-4000:]
   accuracy = float(re.search(r"\[ok\] held-out accuracy: ([0-9.]+)", proc.stdout).group(1))
-  assert accuracy >= _demo.Settings().min_accuracy
+  assert accuracy >= demo.Settings().min_accuracy
   assert len(re.findall(r"^  (?:per-slice 2D, axes (?:HW|DW)|3D) ", proc.stdout, re.M)) == 9
   assert f"SavedModel  {out}" in proc.stdout
   # The SavedModel serves a third size, with TensorFlow alone.

@@ -17,9 +17,6 @@ import sys
 
 import numpy as np
 
-HELP = ("export a depthwise op with given weights as a TensorFlow SavedModel, reload it and "
-        "verify it at two input sizes")
-
 # Relative tolerance of the checks by dtype (errors are scaled by the
 # reference's magnitude).
 _TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
