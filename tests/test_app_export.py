@@ -10,12 +10,11 @@ import re
 
 import numpy as np
 import pytest
-from cases import Case
-from conftest import assert_close, random_array
 
 import dw5d_jax._reference
 import interop
 from interop._app import cli
+from tests.helpers import Case, assert_close, random_array
 
 
 @pytest.fixture
@@ -78,7 +77,7 @@ def test_a_failed_check_exits_1(tmp_path, kernel_file, capsys, monkeypatch):
   out = str(tmp_path / "model")
   assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out]) == 1
   captured = capsys.readouterr()
-  assert captured.out.count("FAIL (tolerance 1e-04)") == 2
+  assert captured.out.count("FAIL (float32 tolerance: rtol 1e-05, atol 1e-05)") == 2
   assert f"dw5d export: the SavedModel at {out} FAILED 2 check(s)" in captured.err
 
 

@@ -7,7 +7,6 @@ test_tf_ops.py); the rows compare every dw5d_jax method with them.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from interop._app import cli, parity
@@ -66,12 +65,3 @@ def test_command_with_no_matching_case(capsys):
   assert cli.main(["parity", "--filter", "no such case"]) == 2
   assert "no case matches" in capsys.readouterr().out
 
-
-def test_compare():
-  b = np.array([[1.0, -4.0], [0.5, 2.0]])
-  abs_err, rel_err, ratio = parity.compare(b + 1e-6, b, "float32")
-  assert abs_err == pytest.approx(1e-6) and rel_err == pytest.approx(0.25e-6)
-  assert ratio < 1
-  assert parity.compare(b + 1e-3, b, "float32")[2] > 1
-  assert parity.compare(b + 1e-3, b, "bfloat16")[2] < 1
-  assert parity.compare(b[:1], b, "float32") == (np.inf, np.inf, np.inf)

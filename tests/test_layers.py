@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 from flax import nnx
 
 import dw5d_jax as dw
 from dw5d_jax._reference import depthwise_reference
 from dw5d_jax.nn import DepthwiseConv2D, DepthwiseConv3D
+from tests.helpers import assert_close, random_array
 
 
 def _params(layer) -> int:

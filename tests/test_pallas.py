@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import GRAD_CASES, Case, cases, reference_grads
-from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -26,6 +24,7 @@ from jax.test_util import check_grads
 import dw5d_jax as dw
 from dw5d_jax import _args, _dispatch
 from dw5d_jax._pallas import Tiles, pallas_lowering
+from tests.helpers import GRAD_CASES, Case, assert_close, cases, random_array, reference_grads
 
 INTERPRET = jax.default_backend() != "gpu"
 TINY = {"fwd": Tiles(2, 2, 2, 2), "dx": Tiles(1, 2, 2, 4), "dk": Tiles(1, 1, 2, 2, steps=2)}
@@ -48,12 +47,12 @@ FORWARD_CASES = [
 
 
 def _ids(case: Case) -> str:
-  return f"{case.op}-{case.layout}-{case.conv_axes}-{case.x_shape}"
+  return f"{case.op}-{case.layout}-{case.axes}-{case.x_shape}"
 
 
 def run(case: Case, x, k, *, tiles=TINY, preferred=None):
   """`case` through the public ops' normalisation and the interpret-mode lowering."""
-  fn, axes = "test_pallas", case.conv_axes
+  fn, axes = "test_pallas", case.axes
   x5, k5, spec = _args.normalize(
       fn, jnp.asarray(x), jnp.asarray(k), conv_axes=axes, layout=case.layout,
       strides=_args.int_tuple(fn, "strides", case.strides, len(axes), axes),
@@ -237,7 +236,7 @@ def test_lowers_to_triton_for_cuda(case, dtype):
   supported primitives); compiling that IR needs a GPU.
   """
   def loss(x, k, ct):
-    fn, axes = "test_pallas", case.conv_axes
+    fn, axes = "test_pallas", case.axes
     x5, k5, spec = _args.normalize(
         fn, x, k, conv_axes=axes, layout=case.layout,
         strides=_args.int_tuple(fn, "strides", case.strides, len(axes), axes),
