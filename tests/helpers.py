@@ -38,17 +38,21 @@ def random_array(rng: np.random.Generator, shape, dtype="float32") -> np.ndarray
 
 
 def assert_close(actual, expected, dtype="float32", err_msg: str = "") -> None:
-  """`actual`, computed in `dtype`, against a float64 `expected` (same shape).
+  """`actual`, computed in `dtype`, against a float64 `expected` of the same shape.
 
   The tolerance is `TOLERANCES[dtype]`, its absolute part scaled by the largest
   magnitude of `expected`, so the check holds for sums of many taps as well
-  as for small outputs.
+  as for small outputs. Both may be pytrees of the same structure (e.g. a
+  gradient pair); each leaf is scaled by itself.
   """
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  rtol, atol = tolerance(expected, dtype)
-  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol, strict=True,
-                              custom_message=err_msg)
+  chex.assert_trees_all_equal_structs(actual, expected)
+
+  def check(a, e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    rtol, atol = tolerance(e, dtype)
+    chex.assert_trees_all_close(a, e, rtol=rtol, atol=atol, strict=True, custom_message=err_msg)
+
+  jax.tree.map(check, actual, expected)
 
 
 # ----------------------------------------------------------------------------

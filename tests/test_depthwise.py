@@ -7,16 +7,18 @@ itself checked against brute force and TF in test_reference.py.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 
 import dw5d_jax as dw
 from dw5d_jax._reference import depthwise_reference
-from tests.helpers import METHODS, Case, assert_close, cases, random_array, run
+from tests.helpers import METHODS, Case, assert_close, cases, random_array, reference_grads, run
 
 
 @given(case=cases(), seed=st.integers(0, 2**31 - 1))
@@ -68,17 +70,33 @@ def test_rank4_is_a_drop_in_for_tf(rng, method):
   k = random_array(rng, (3, 3, 3, 2))
   y = dw.depthwise_conv2d(x, k, strides=2, method=method)
   want = tf.nn.depthwise_conv2d(x, k, strides=[1, 2, 2, 1], padding="SAME").numpy()
-  assert y.shape == want.shape
+  chex.assert_shape(y, (2, 5, 4, 6))
   assert_close(y, want)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_jit_matches_eager(rng, method):
-  case = Case("2d", "NDHWC", "DW", (2, 4, 5, 6, 3), (3, 3, 3, 2), 2, 1, "SAME")
-  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  eager = run(case, x, k, method=method)
-  jitted = jax.jit(lambda a, b: run(case, a, b, method=method))(x, k)
-  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
+class WithAndWithoutJitTest(chex.TestCase):
+  """Every method, traced under `jit` and run op by op, against the reference."""
+
+  CASE = Case("2d", "NDHWC", "DW", (2, 4, 5, 6, 3), (3, 3, 3, 2), 2, 1, "SAME")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*METHODS)
+  def test_forward(self, method):
+    rng = np.random.default_rng(0)
+    x, k = random_array(rng, self.CASE.x_shape), random_array(rng, self.CASE.k_shape)
+    y = self.variant(lambda a, b: run(self.CASE, a, b, method=method))(x, k)
+    chex.assert_shape(y, (2, 2, 5, 3, 6))  # D and W strided by 2, C * M = 6
+    assert_close(y, self.CASE.expected(x, k))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*METHODS)
+  def test_gradients(self, method):
+    rng = np.random.default_rng(1)
+    x, k = random_array(rng, self.CASE.x_shape), random_array(rng, self.CASE.k_shape)
+    ct = random_array(rng, (2, 2, 5, 3, 6))
+    grad = self.variant(jax.grad(lambda a, b: jnp.sum(run(self.CASE, a, b, method=method) * ct),
+                                 argnums=(0, 1)))
+    assert_close(grad(x, k), reference_grads(self.CASE, x, k, ct))
 
 
 @pytest.mark.parametrize("method", METHODS)
