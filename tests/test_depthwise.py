@@ -168,10 +168,11 @@ def test_nan_inf_reach_exactly_the_covering_outputs(rng, method, bad, strides):
 
 
 def test_classic_reshape_mistake_is_not_what_axes_dw_computes(rng):
-  """ORIGIN.md Examples 2 and 3: (B, D, H, W, C) -> (B*H, D, W, C) with no transpose.
+  """The classic mistake: fold H into batch by reshaping (B, D, H, W, C) to (B*H, D, W, C).
 
-  That reshape mixes positions from different H slices. `axes="DW"` must
-  convolve each H slice over (D, W) instead.
+  Without a transpose first, that reshape regroups memory so that each "slice"
+  mixes positions from different H rows (H is not next to batch).
+  `axes="DW"` must convolve each H slice over (D, W) instead.
   """
   b, d, h, w, c = 2, 4, 3, 5, 2
   x = random_array(rng, (b, d, h, w, c))
@@ -179,7 +180,7 @@ def test_classic_reshape_mistake_is_not_what_axes_dw_computes(rng):
   ours = np.asarray(dw.depthwise_conv2d(x, k, axes="DW"))
   # The correct answer: per H slice, from the reference.
   assert_close(ours, depthwise_reference(x, k, axes="DW"))
-  # The mistake, computed exactly as ORIGIN.md does, with the reference's 2D op.
+  # The mistake, reshape without transpose, with the reference's 2D op.
   wrong = depthwise_reference(x.reshape(b * h, d, w, c), k, axes="HW",
                               data_format="NHWC").reshape(b, h, d, w, c)
   wrong_as_ours = wrong.transpose(0, 2, 1, 3, 4)  # the same (B, D, H, W, C) layout

@@ -2,12 +2,12 @@
 
 Expected values come from the float64 NumPy reference
 (`dw5d_jax._reference`); expected gradients from its linearity
-(`cases.reference_grads`: one reference call per one-hot input). The
+(`tests.helpers.reference_grads`: the reference on one-hot inputs). The
 public `method="pallas"` only lowers for CUDA, so these tests normalise the
 arguments as the public ops do and call the lowering directly: in Pallas
 interpret mode where the default backend is not a GPU (CI), compiled Triton
-kernels where it is (`python3 -m pytest tests/test_pallas.py` on the lent
-GPU). Tiles are tiny so every case spans several programs with ragged edges
+kernels where it is (`python3 -m pytest tests/test_pallas.py` on a machine with a
+CUDA GPU). Tiles are tiny so every case spans several programs with ragged edges
 and masked channels.
 """
 
@@ -205,7 +205,7 @@ def test_oversized_sample_is_rejected():
 
 
 def test_auto_on_cuda_keeps_conv_until_measured():
-  """`_GPU_CHOICE` is empty pending H100 numbers: auto lowers to XLA's conv on CUDA."""
+  """`_GPU_CHOICE` is empty until GPU timings say otherwise: auto lowers to XLA's conv on CUDA."""
   assert _dispatch._GPU_CHOICE == {}
   lowered = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b)).trace(X5, K3).lower(
       lowering_platforms=("cuda",))

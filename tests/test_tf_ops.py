@@ -142,17 +142,18 @@ def test_variables_and_numpy_inputs(rng):
 
 
 def test_classic_reshape_mistake_differs_from_axes_dw(rng):
-  """ORIGIN.md Examples 2/3 reshape (B, D, H, W, C) to (B*H, D, W, C) without a transpose.
+  """The classic mistake: reshape (B, D, H, W, C) to (B*H, D, W, C) without a transpose.
 
-  That mixes H slices; `axes="DW"` convolves each H slice over (D, W), which is
-  the transpose-then-reshape fold and what the reference computes.
+  H is not next to batch, so that reshape mixes H slices; `axes="DW"`
+  convolves each H slice over (D, W), which is the transpose-then-reshape fold
+  and what the reference computes.
   """
   b, d, h, w, c = 2, 4, 3, 5, 2
   x = tf.constant(random_array(rng, (b, d, h, w, c)))
   k = tf.constant(random_array(rng, (3, 3, c, 1)))
   ours = tf_conv2d(x, k, axes="DW").numpy()
   assert_close(ours, depthwise_reference(x.numpy(), k.numpy(), axes="DW"))
-  # ORIGIN.md Example 2, verbatim apart from the learned kernel.
+  # The mistake as it is usually written, with tf.shape for the sizes.
   s = tf.shape(x)
   wrong = tf.nn.depthwise_conv2d(tf.reshape(x, (s[0] * s[2], s[1], s[3], s[4])), k,
                                  strides=[1, 1, 1, 1], padding="SAME")
