@@ -103,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
   return 1 if checks.failed else 0
 
 
-def _header(i: int, title: str) -> None:
-  print(f"\n[{i}/5] {title}", flush=True)
+# The steps in the order they run; a step's header gives its place ("[2/5]").
+STEPS = ("data", "train", "export", "timing", "summary")
+
+
+def _header(step: str, title: str) -> None:
+  print(f"\n[{STEPS.index(step) + 1}/{len(STEPS)}] {title}", flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def _step_data(s: Settings, seed: int) -> dict[str, Any]:
 
   from interop._app import demo_task as task
 
-  _header(1, "Data: spheres vs cubes in noisy volumes")
+  _header("data", "Data: spheres vs cubes in noisy volumes")
   rng = np.random.default_rng(seed)
   t = time.perf_counter()
   train = task.make_volumes(rng, s.train, s.volume, noise=s.noise)
@@ -142,7 +146,7 @@ def _step_train(s: Settings, data: dict[str, Any], seed: int,
 
   from interop._app import demo_task as task
 
-  _header(2, "Training a separable 3D CNN (dw5d_jax.nn.DepthwiseConv3D + pointwise) "
+  _header("train", "Training a separable 3D CNN (dw5d_jax.nn.DepthwiseConv3D + pointwise) "
              "under jit")
   model = task.ShapeNet(rngs=nnx.Rngs(seed))
   optimizer = task.make_optimizer(model, learning_rate=s.learning_rate, steps=s.steps)
@@ -187,7 +191,7 @@ def _step_export(s: Settings, model: Any, data: dict[str, Any], out: str,
   import interop
   from interop._app import demo_task as task
 
-  _header(3, "Export to a TensorFlow SavedModel (symbolic batch, D, H, W) and serve it")
+  _header("export", "Export to a TensorFlow SavedModel (symbolic batch, D, H, W) and serve it")
   graphdef, state = nnx.split(model)
   path = os.path.abspath(out)
   t = time.perf_counter()
@@ -236,7 +240,7 @@ def _step_timing(s: Settings, seed: int, checks: Checks) -> list[dict[str, Any]]
 
   tf.get_logger().setLevel("ERROR")
   c = s.timing_x[-1]
-  _header(4, f"Timing: x {s.timing_x} (N, D, H, W, C) float32, 3x3(x3) kernels, median of "
+  _header("timing", f"Timing: x {s.timing_x} (N, D, H, W, C) float32, 3x3(x3) kernels, median of "
              f"{s.timing_runs} runs after a warm-up")
   rng = np.random.default_rng(seed + 2)
   x = rng.standard_normal(s.timing_x).astype(np.float32)
@@ -303,7 +307,7 @@ def _median_ms(fn: Any, args: tuple[Any, ...], runs: int) -> float:
 
 def _summary(s: Settings, data: dict[str, Any], train: dict[str, Any], served: dict[str, Any],
              timings: list[dict[str, Any]], checks: Checks, *, wall: float, cpu: float) -> None:
-  _header(5, "Summary")
+  _header("summary", "Summary")
   dims = "x".join(map(str, s.volume))
   lines = [
       ("data", f"{len(data['train'].y)} training + {len(data['held_out'].y)} held-out "

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     spatial = iter(offsets)
     size = tuple(d if d is not None else batch if j == 0 else need.get(j, 1) + next(spatial)
                  for j, d in enumerate(shape))
-    y_err, g_err = _check(model, size, kernel, dtype, case, rng, gradient=not args.no_gradient)
+    y_err, g_err = _check(model.serve, size, kernel, dtype, case, rng,
+                          gradient=not args.no_gradient)
     ok = y_err.ok and (g_err is None or g_err <= atol)
     failed += not ok
     grad = "skipped" if g_err is None else f"{g_err:.1e}"
@@ -140,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def _check(model, shape, kernel, dtype, case, rng, *, gradient):
-  """The output against the reference at one shape, and the input gradient's error.
+def _check(serve, shape, kernel, dtype, case, rng, *, gradient):
+  """`serve`'s output against the reference at one shape, and its input gradient's error.
 
   The output's `Comparison` uses `TOLERANCES`' rule; the gradient's error is
   that of the adjoint identity relative to `sum|ct * conv(v)|`, to be held to
@@ -161,7 +162,7 @@ def _check(model, shape, kernel, dtype, case, rng, *, gradient):
   with tf.GradientTape() if gradient else contextlib.nullcontext() as tape:
     if gradient:
       tape.watch(xt)
-    y = model.serve(xt)
+    y = serve(xt)
     loss = tf.reduce_sum(tf.cast(y, acc) * ct.astype(acc))
   y_err = compare(y, want, dtype)
   if not gradient or not np.isfinite(y_err.ratio):
