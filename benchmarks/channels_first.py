@@ -10,10 +10,10 @@ one jitted callable per cell, every cell lowered under its own setting:
 
 * `xla`: XLA's shift lowering (`DW5D_JAX_NATIVE=0`);
 * `transposed`: the channels-last native kernels with the channels-first
-  arrays transposed around them (`_native.transposed` forced true);
-* `cfirst`: the channels-first native kernels (`_native.transposed` false);
+  arrays transposed around them (`_policy.transposed` forced true);
+* `cfirst`: the channels-first native kernels (`_policy.transposed` false);
 * `auto`: what the library picks by default (`DW5D_JAX_NATIVE=1`,
-  `_native.worthwhile` and `_native.transposed`);
+  `_policy.worthwhile` and `_policy.transposed`);
 * `ndhwc`: the same problem channels-last, native (the reference point).
 
 The allocator is tuned (`dw.tune_cpu_allocator()`); all cells are warmed up,
@@ -41,17 +41,17 @@ CELLS = ("xla", "transposed", "cfirst", "auto", "ndhwc")
 @contextlib.contextmanager
 def _setting(cell: str):
   """The environment and policy under which `cell` is lowered."""
-  from dw5d_jax import _native
-  saved_env, saved_policy = os.environ.get("DW5D_JAX_NATIVE"), _native.transposed
+  from dw5d_jax import _policy
+  saved_env, saved_policy = os.environ.get("DW5D_JAX_NATIVE"), _policy.transposed
   os.environ["DW5D_JAX_NATIVE"] = {"xla": "0", "auto": "1"}.get(cell, "all")
   if cell == "transposed":
-    _native.transposed = lambda spec, op: not spec.channels_last
+    _policy.transposed = lambda spec, op: not spec.channels_last
   elif cell == "cfirst":
-    _native.transposed = lambda spec, op: False
+    _policy.transposed = lambda spec, op: False
   try:
     yield
   finally:
-    _native.transposed = saved_policy
+    _policy.transposed = saved_policy
     if saved_env is None:
       os.environ.pop("DW5D_JAX_NATIVE", None)
     else:

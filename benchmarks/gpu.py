@@ -154,8 +154,8 @@ def jax_worker(w: Workload, args) -> dict[str, Any]:
   import numpy as np
 
   import dw5d_jax as dw
-  from dw5d_jax import _args
-  from dw5d_jax._pallas import Tiles, pallas_lowering
+  from dw5d_jax import _args, _pallas, _primitive
+  from dw5d_jax._pallas import Tiles
 
   timing = SMOKE_TIMING if args.smoke else FULL_TIMING
   dtype = jnp.dtype(w.dtype)
@@ -170,9 +170,9 @@ def jax_worker(w: Workload, args) -> dict[str, Any]:
       n = len(case.axes)
       x5, k5, spec = _args.normalize(
           "gpu.py", x, k, conv_axes=case.axes, layout="NDHWC",
-          strides=(case.strides,) * n, dilations=(case.dilations,) * n, padding="SAME",
+          strides=(case.strides,) * n, dilations=(case.dilations,) * n, padding=("SAME",) * n,
           precision=None, preferred=None)
-      return pallas_lowering(x5, k5, spec, interpret=args.smoke, tiles=tiles)
+      return _primitive.conv(x5, k5, spec, _pallas.impl(interpret=args.smoke, tiles=tiles))
     return pallas
 
   def fwd_bwd(f):

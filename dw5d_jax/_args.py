@@ -1,29 +1,9 @@
 """Argument checking and normalisation for the public ops.
 
 Everything user-facing is checked here, once, at trace time, and turned into a
-`ConvSpec`: one fixed internal form that every lowering consumes.
-
-The internal form is always a 3D depthwise convolution over a rank-5 array:
-
-* `x` is `(N, D, H, W, C)` (layout ``"NDHWC"``) or `(N, C, D, H, W)`
-  (``"NCDHW"``). A rank-4 input gets a unit `D` axis.
-* `kernel` is `(kd, kh, kw, C, M)`, its spatial dims in `D, H, W` order.
-* A spatial axis that is not convolved (the slice axis of a per-slice 2D
-  convolution, or the unit `D` of a rank-4 input) has window 1, stride 1,
-  dilation 1 and padding `(0, 0)`: it is carried through untouched.
-
-Output sizes follow TensorFlow. With effective window `e = (k - 1) * r + 1`
-along an axis of size `n` and stride `s`:
-
-* ``"SAME"``: `out = ceil(n / s)`, and the total padding
-  `max((out - 1) * s + e - n, 0)` is split with the smaller half low.
-  Worked example: n=6, k=3, r=1, s=2 gives out=3, total=max(2*2+3-6, 0)=1,
-  so pads (0, 1): outputs sample padded positions 0, 2, 4 (+ taps 0..2).
-* ``"VALID"``: `out = ceil((n - e + 1) / s)`.
-* explicit `(lo, hi)`: `out = floor((n + lo + hi - e) / s) + 1`.
-
-Sizes may be symbolic (`jax.export` shape polymorphism): the arithmetic above
-uses only `+ - * //` and `max`, which symbolic dimensions support.
+`ConvSpec` (`_geometry.py`): one fixed internal form that every lowering
+consumes, with the sizes and pads that `_geometry` derives. Checks that do not
+depend on shapes are also used by the layers, the TF ops and the command line.
 """
 
 from __future__ import annotations
@@ -31,7 +11,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +19,9 @@ import numpy as np
 from jax import core as jax_core
 from jax import lax
 
-SPATIAL = "DHW"
+from dw5d_jax import _geometry
+from dw5d_jax._geometry import PADDING_KINDS, SPATIAL, ConvSpec
+
 METHODS = ("auto", "conv", "shift", "pallas")
 
 
@@ -60,52 +42,6 @@ _INCONCLUSIVE = _inconclusive()
 
 _LAYOUTS_5D = ("NDHWC", "NCDHW")
 _LAYOUTS_4D = ("NHWC", "NCHW")
-
-
-class ConvSpec(NamedTuple):
-  """A checked, normalised depthwise convolution (see the module docstring).
-
-  Per-axis tuples are in `D, H, W` order.
-  """
-
-  channels_last: bool
-  window: tuple[int, int, int]
-  strides: tuple[int, int, int]
-  dilations: tuple[int, int, int]
-  padding: tuple[tuple[Any, Any], ...]  # ints, or symbolic dims under export
-  in_spatial: tuple[Any, Any, Any]
-  out_spatial: tuple[Any, Any, Any]
-  channels: int
-  multiplier: int
-  acc_dtype: Any
-  out_dtype: Any
-  precision: Any
-
-  @property
-  def spatial_axes(self) -> tuple[int, int, int]:
-    """Positions of `D, H, W` in the rank-5 array."""
-    return (1, 2, 3) if self.channels_last else (2, 3, 4)
-
-  @property
-  def channel_axis(self) -> int:
-    return 4 if self.channels_last else 1
-
-  def tight_padding(self, i: int) -> tuple[Any, Any]:
-    """`(lo, hi')` with `hi'` making the padded size exactly `(out - 1) * s + e`.
-
-    Positions past that are never read, so `hi'` (negative: a crop) gives the
-    same result as the full padding. With symbolic sizes it also lets JAX
-    prove slice bounds and simplify output sizes, which `max(...)` in the SAME
-    rule and VALID's `n >= e` otherwise block.
-    """
-    lo = self.padding[i][0]
-    e = (self.window[i] - 1) * self.dilations[i] + 1
-    return lo, (self.out_spatial[i] - 1) * self.strides[i] + e - self.in_spatial[i] - lo
-
-  def carried(self, i: int) -> bool:
-    """Whether spatial axis `i` is passed through untouched."""
-    return (self.window[i] == 1 and self.strides[i] == 1 and self.dilations[i] == 1
-            and _is_zero(self.padding[i][0]) and _is_zero(self.padding[i][1]))
 
 
 # ----------------------------------------------------------------------------
@@ -137,32 +73,53 @@ def int_tuple(fn: str, name: str, value: Any, n: int, axes: str) -> tuple[int, .
   return tuple(int(v) for v in values)
 
 
-def check_padding(fn: str, padding: Any, axes: str) -> str | tuple[tuple[int, int], ...]:
-  """`"SAME"`/`"VALID"` (any case) or one `(lo, hi)` pair per convolved axis."""
+def check_padding(fn: str, padding: Any, axes: str) -> tuple[Any, ...]:
+  """One entry per convolved axis: `"SAME"`, `"VALID"`, `"CAUSAL"` or `(lo, hi)`.
+
+  `padding` is one of those strings (any case) for every axis, or a sequence
+  of entries, one per letter of `axes`, each a string or a pair of
+  non-negative ints.
+  """
   n = len(axes)
+  kinds = ", ".join(map(repr, PADDING_KINDS))
+  expected = (f"{fn}: `padding` must be one of {kinds}, or a sequence of {n} entries, one "
+              f"per convolved axis ({', '.join(axes)}), each one of those or a (lo, hi) pair "
+              f"of non-negative ints")
   if isinstance(padding, str):
-    upper = padding.upper()
-    if upper not in ("SAME", "VALID"):
-      raise ValueError(
-          f"{fn}: `padding` must be 'SAME', 'VALID' or {n} (lo, hi) pairs, "
-          f"got {padding!r}.")
-    return upper
-  expected = (f"{fn}: `padding` must be 'SAME', 'VALID' or a sequence of {n} (lo, hi) "
-              f"pairs of non-negative ints, one per convolved axis ({', '.join(axes)})")
+    if padding.upper() not in PADDING_KINDS:
+      raise ValueError(f"{expected}; got {padding!r}.")
+    return (padding.upper(),) * n
   if not isinstance(padding, Sequence):
     raise TypeError(f"{expected}; got {type(padding).__name__} {padding!r}.")
-  pairs = tuple(padding)
-  if len(pairs) != n:
-    raise ValueError(f"{expected}; got {len(pairs)} entries {padding!r}.")
+  entries = tuple(padding)
+  if len(entries) != n:
+    raise ValueError(f"{expected}; got {len(entries)} entries {padding!r}.")
   out = []
-  for pair in pairs:
-    if (not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2
-        or not all(is_int(p) for p in pair)):
-      raise TypeError(f"{expected}; got entry {pair!r} in {padding!r}.")
-    if pair[0] < 0 or pair[1] < 0:
-      raise ValueError(f"{expected}; got negative padding {pair!r} in {padding!r}.")
-    out.append((int(pair[0]), int(pair[1])))
+  for entry in entries:
+    if isinstance(entry, str):
+      if entry.upper() not in PADDING_KINDS:
+        raise ValueError(f"{expected}; got entry {entry!r} in {padding!r}.")
+      out.append(entry.upper())
+      continue
+    if (not isinstance(entry, Sequence) or len(entry) != 2
+        or not all(is_int(p) for p in entry)):
+      raise TypeError(f"{expected}; got entry {entry!r} in {padding!r}.")
+    if entry[0] < 0 or entry[1] < 0:
+      raise ValueError(f"{expected}; got negative padding {entry!r} in {padding!r}.")
+    out.append((int(entry[0]), int(entry[1])))
   return tuple(out)
+
+
+def empty_output_error(fn: str, axis: str, n: Any, k: int, r: int, padding: Any) -> ValueError:
+  """The error for a window that does not fit along `axis` (`n` may be a string)."""
+  e = _geometry.effective(k, r)
+  shown = (0, 0) if isinstance(padding, str) else tuple(padding)
+  padded = n + shown[0] + shown[1] if isinstance(n, int) else "?"
+  return ValueError(
+      f"{fn}: along axis {axis} the window (kernel {k}, dilation {r}: effective size {e}) "
+      f"does not fit the padded input (size {padded} = {n} + padding {shown}) with padding "
+      f"{padding!r}; the output would be empty. Use a smaller kernel or dilation, or more "
+      f"padding.")
 
 
 def check_method(fn: str, method: Any) -> str:
@@ -246,7 +203,7 @@ def normalize(
     conv_axes: the convolved axes in kernel order, e.g. `"HW"`, `"WD"`, `"DHW"`.
     layout: one of `"NDHWC"`, `"NCDHW"`, `"NHWC"`, `"NCHW"`, matching x's rank.
     strides, dilations: one int per letter of `conv_axes`.
-    padding: `"SAME"`, `"VALID"` or one pair per letter of `conv_axes`.
+    padding: one entry per letter of `conv_axes` (`check_padding`).
     precision, preferred: already checked.
   """
   nk = len(conv_axes)
@@ -296,39 +253,9 @@ def normalize(
       continue
     i = conv_axes.index(a)
     k, s, r = int(kernel.shape[SPATIAL.index(a)]), strides[i], dilations[i]
-    e = (k - 1) * r + 1
-    if padding == "SAME":
-      out = (n + s - 1) // s
-      total = _max_dim((out - 1) * s + e - n, 0)
-      lo = total // 2
-      pad = (lo, total - lo)
-    elif padding == "VALID":
-      out = (n - e) // s + 1
-      pad = (0, 0)
-    else:
-      pad = padding[i]
-      out = (n + pad[0] + pad[1] - e) // s + 1
-    if jax.export.is_symbolic_dim(out):
-      try:
-        fits = out >= 1
-      except _INCONCLUSIVE:
-        need = max(e - pad[0] - pad[1], 1)
-        raise ValueError(
-            f"{fn}: along axis {a} the input size is the symbolic dimension {n}; with "
-            f"padding {padding!r} the window (kernel {k}, dilation {r}: effective size "
-            f"{e}) fits only if {n} >= {need}. Declare it, e.g. jax.export.symbolic_shape("
-            f"..., constraints=('{n} >= {need}',)),"
-            f" or use 'SAME' padding.") from None
-    else:
-      fits = out >= 1
-    if not fits:
-      padded = n + pad[0] + pad[1] if padding != "SAME" else n
-      raise ValueError(
-          f"{fn}: along axis {a} the window (kernel {k}, dilation {r}: effective size "
-          f"{e}) does not fit the padded input (size {padded} = {n} + padding "
-          f"{tuple(pad) if padding != 'SAME' else (0, 0)}) with padding {padding!r}; "
-          f"the output would be empty. Use a smaller kernel or dilation, or more padding.")
-    window.append(k), stride3.append(s), dil3.append(r), pads.append(pad), outs.append(out)
+    lo, hi, out = _geometry.resolve(n, k, s, r, padding[i])
+    _check_fits(fn, a, n, k, r, padding[i], out)
+    window.append(k), stride3.append(s), dil3.append(r), pads.append((lo, hi)), outs.append(out)
 
   acc_dtype = jnp.promote_types(x_dtype, jnp.float32)
   if preferred is not None:
@@ -371,14 +298,23 @@ def is_int(v: Any) -> bool:
   return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _is_zero(d: Any) -> bool:
-  return not jax.export.is_symbolic_dim(d) and d == 0
-
-
-def _max_dim(a: Any, b: int) -> Any:
-  if jax.export.is_symbolic_dim(a):
-    return jax_core.max_dim(a, b)
-  return max(a, b)
+def _check_fits(fn: str, axis: str, n: Any, k: int, r: int, padding: Any, out: Any) -> None:
+  """Raises unless the output along `axis` is non-empty (or, symbolic, declared so)."""
+  if jax.export.is_symbolic_dim(out):
+    try:
+      fits = out >= 1
+    except _INCONCLUSIVE:
+      need = _geometry.min_input_size(k, r, padding)
+      raise ValueError(
+          f"{fn}: along axis {axis} the input size is the symbolic dimension {n}; with "
+          f"padding {padding!r} the window (kernel {k}, dilation {r}: effective size "
+          f"{_geometry.effective(k, r)}) fits only if {n} >= {need}. Declare it, e.g. "
+          f"jax.export.symbolic_shape(..., constraints=('{n} >= {need}',)), or use 'SAME' "
+          f"padding.") from None
+  else:
+    fits = out >= 1
+  if not fits:
+    raise empty_output_error(fn, axis, n, k, r, padding)
 
 
 def _float_dtype(fn: str, name: str, a: Any) -> Any:

@@ -1,10 +1,11 @@
 """The `"conv"` lowering: fold carried axes into batch, one grouped XLA convolution.
 
-This is the design card's lowering for XLA on GPU/TPU: spatial axes that are
-carried through untouched (window 1, stride 1, dilation 1, no padding) are
-folded into the batch dimension (transposed next to it first when they are not
-adjacent, so no data is mixed), and the remaining axes go to
-`lax.conv_general_dilated` with `feature_group_count=C`.
+XLA's own convolution (cuDNN on GPU): spatial axes that are carried through
+untouched (window 1, stride 1, dilation 1, no padding) are folded into the
+batch dimension (transposed next to it first when they are not adjacent, so
+no data is mixed), and the remaining axes go to `lax.conv_general_dilated`
+with `feature_group_count=C`. The gradients are XLA's too: the transposes
+of that convolution, which JAX derives (`jax.linear_transpose`).
 
 TF-name to lax-name mapping: `strides` -> `window_strides`, `dilations` ->
 `rhs_dilation`, the layout -> `dimension_numbers`.
@@ -13,16 +14,17 @@ TF-name to lax-name mapping: `strides` -> `window_strides`, `dilations` ->
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import numpy as np
 from jax import lax
 
-from dw5d_jax._args import ConvSpec
+from dw5d_jax._geometry import ConvSpec
 
 
-def conv_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-  """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`."""
+def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+  """`fwd`: rank-5 `x` by `(kd, kh, kw, C, M)` `kernel`."""
   fold = [i for i in range(3) if spec.carried(i)]
   keep = [i for i in range(3) if i not in fold]
   if not keep:  # a 1x1x1 kernel with stride 1: convolve along W anyway.
@@ -77,4 +79,22 @@ def conv_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   y = y.reshape((n, *folded_sizes, *y.shape[1:]))
   inv = tuple(perm.index(i) for i in range(5))
   y = y if inv == tuple(range(5)) else y.transpose(inv)
-  return y.astype(spec.out_dtype)
+  return y.astype(out_dtype)
+
+
+def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+  """`dx`: the transpose of `conv` in x (XLA's transposed convolution)."""
+  n = ct.shape[0]
+  x_shape = ((n, *spec.in_spatial, spec.channels) if spec.channels_last
+             else (n, spec.channels, *spec.in_spatial))
+  fwd = lambda x: conv(x, kernel.astype(out_dtype), spec, ct.dtype)  # noqa: E731
+  (dx,) = jax.linear_transpose(fwd, jax.ShapeDtypeStruct(x_shape, out_dtype))(ct)
+  return dx
+
+
+def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+  """`dk`: the transpose of `conv` in the kernel."""
+  k_shape = (*spec.window, spec.channels, spec.multiplier)
+  fwd = lambda k: conv(x.astype(out_dtype), k, spec, ct.dtype)  # noqa: E731
+  (dk,) = jax.linear_transpose(fwd, jax.ShapeDtypeStruct(k_shape, out_dtype))(ct)
+  return dk

@@ -9,11 +9,10 @@ import jax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args
-from dw5d_jax._dispatch import lower
+from dw5d_jax import _args, _policy, _primitive
 
 _Ints = int | tuple[int, ...]
-_Padding = str | tuple[tuple[int, int], ...]
+_Padding = str | tuple[str | tuple[int, int], ...]
 
 
 def depthwise_conv2d(
@@ -48,8 +47,11 @@ def depthwise_conv2d(
     kernel: `(k0, k1, C, M)`, TF's depthwise filter layout: dim `i` runs along
       `axes[i]`, `M` is the depth multiplier. Same dtype as `x`.
     strides: a positive int, or one per convolved axis (in `axes` order).
-    padding: `"SAME"` or `"VALID"` (any case), TF's rules; or one `(lo, hi)`
-      pair of non-negative ints per convolved axis.
+    padding: `"SAME"` or `"VALID"` (any case), TF's rules, or `"CAUSAL"`
+      (pads `(e - 1, 0)`: output `o` reads inputs at or before `o * s`;
+      `ceil(n / s)` outputs); or one entry per convolved axis (in `axes`
+      order), each one of those strings or a `(lo, hi)` pair of
+      non-negative ints.
     dilations: a positive int, or one per convolved axis. Any combination
       with `strides` is allowed.
     axes: rank-5 only: two distinct letters of `D`, `H`, `W` naming the
@@ -66,7 +68,7 @@ def depthwise_conv2d(
 
   Returns:
     An array in x's layout with `C * M` channels ordered `c * M + m` (TF's
-    order) and, per convolved axis, `ceil(n / s)` (SAME),
+    order) and, per convolved axis, `ceil(n / s)` (SAME, CAUSAL),
     `ceil((n - e + 1) / s)` (VALID) or `floor((n + lo + hi - e) / s) + 1`
     positions, `e = (k - 1) * dilation + 1`.
 
@@ -130,8 +132,10 @@ def depthwise_conv3d(
       floating dtype.
     kernel: `(kd, kh, kw, C, M)`, `M` the depth multiplier; x's dtype.
     strides: a positive int, or three (D, H, W).
-    padding: `"SAME"` or `"VALID"` (any case), TF's rules; or three `(lo, hi)`
-      pairs of non-negative ints.
+    padding: `"SAME"`, `"VALID"` or `"CAUSAL"`, as for `depthwise_conv2d`;
+      or three entries (D, H, W), each such a string or a `(lo, hi)` pair of
+      non-negative ints, e.g. `("CAUSAL", "SAME", "SAME")` for a clip
+      `(N, T, H, W, C)` whose outputs see no future frame.
     dilations: a positive int, or three. Any combination with `strides`.
     data_format: `"NDHWC"` or `"NCDHW"`.
     method: `"auto"`, `"conv"`, `"shift"` or `"pallas"`, as for
@@ -177,12 +181,14 @@ def depthwise_conv3d(
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
            method: str, precision: Any, preferred: Any) -> jax.Array:
-  """Shape checks (at trace time), normalisation, lowering, restoring the layout."""
+  """Shape checks (at trace time), normalisation, the primitive, restoring the rank."""
   rank4 = x.ndim == 4
   x5, k5, spec = _args.normalize(
       fn, x, kernel, conv_axes=conv_axes, layout=layout, strides=strides,
       dilations=dilations, padding=padding, precision=precision, preferred=preferred)
-  y = lower(x5, k5, spec, method)
+  impl = _primitive.Impl(method)
+  _policy.prepare(spec, impl, x5.shape[0])
+  y = _primitive.conv(x5, k5, spec, impl)
   if rank4:
     y = y.squeeze(1 if spec.channels_last else 2)
   return y

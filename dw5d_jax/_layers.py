@@ -41,7 +41,6 @@ def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
 class _DepthwiseConv(nnx.Module):
   """Shared parameter handling; subclasses say how to call the op."""
 
-  _op_name: str
   _nconv: int
 
   def __init__(
@@ -51,7 +50,7 @@ class _DepthwiseConv(nnx.Module):
       *,
       depth_multiplier: int,
       strides: int | Sequence[int],
-      padding: str | Sequence[tuple[int, int]],
+      padding: str | Sequence[str | tuple[int, int]],
       dilations: int | Sequence[int],
       use_bias: bool,
       kernel_init: Initializer | None,
@@ -149,7 +148,7 @@ class DepthwiseConv3D(_DepthwiseConv):
       *,
       depth_multiplier: int = 1,
       strides: int | Sequence[int] = 1,
-      padding: str | Sequence[tuple[int, int]] = "SAME",
+      padding: str | Sequence[str | tuple[int, int]] = "SAME",
       dilations: int | Sequence[int] = 1,
       use_bias: bool = True,
       kernel_init: Initializer | None = None,
@@ -212,7 +211,7 @@ class DepthwiseConv2D(_DepthwiseConv):
       *,
       depth_multiplier: int = 1,
       strides: int | Sequence[int] = 1,
-      padding: str | Sequence[tuple[int, int]] = "SAME",
+      padding: str | Sequence[str | tuple[int, int]] = "SAME",
       dilations: int | Sequence[int] = 1,
       axes: str | None = None,
       use_bias: bool = True,

@@ -1,6 +1,7 @@
 """Builds, caches and loads the native CPU kernels (`dw5d_jax/_csrc/depthwise.cc`).
 
-The first CPU lowering that could use them calls `status()`, which:
+The first trace of an op that could use them, with CPU as the default
+backend, calls `status()` (`_policy.prepare`), which:
 
 1. returns at once if `DW5D_JAX_NATIVE=0` (or `false`/`no`/`off`; see `mode`);
 2. finds a C++ compiler (`$CXX`, else `c++`, `g++`, `clang++`) and asks it
@@ -108,11 +109,16 @@ def status() -> NativeStatus:
     return _status
 
 
+def loaded() -> NativeStatus | None:
+  """The status if `status()` has run (the library built or failed), else None; never builds."""
+  return _status
+
+
 def mode() -> str:
   """`DW5D_JAX_NATIVE`: `"off"` (0/false/no/off), `"all"`, or `"on"` (anything else).
 
   `"on"` uses the native kernels where they were measured faster than XLA's
-  lowering (`_native.worthwhile`), `"all"` wherever they apply (the test
+  lowering (`_policy.worthwhile`), `"all"` wherever they apply (the test
   suite uses it to run them on every configuration).
   """
   value = os.environ.get("DW5D_JAX_NATIVE", "1").strip().lower()

@@ -1,26 +1,14 @@
 """The `"pallas"` lowering: Pallas kernels (Triton backend, CUDA GPUs) for all three ops.
 
-Three bilinear ops on channels-last rank-5 arrays make up the convolution and
-its derivatives. With per-axis window `k`, stride `s`, dilation `r`, low
-padding `lo`, input size `n` and output size `O`, tap `t`, output position
-`o` and input position `p`:
+One kernel per op of `_primitive` (`fwd`, `dx`, `dk`), on channels-last
+rank-5 arrays (`_policy` transposes channels-first ones at the boundary):
 
-* `fwd(x, w)`: `y[n, o, c*M + m] = sum_t x[n, o*s + t*r - lo, c] * w[t, c, m]`
-  (x is zero outside `[0, n)`: the padding is never materialised).
-* `dx(ct, w)`: `dx[n, p, c] = sum_{t, m, o: o*s + t*r - lo = p} ct[n, o, c*M + m] * w[t, c, m]`,
-  the depthwise convolution of the stride-dilated cotangent with the flipped
-  kernel, computed as a gather (no zeros are ever stored).
-* `dk(x, ct)`: `dw[t, c, m] = sum_{n, o} x[n, o*s + t*r - lo, c] * ct[n, o, c*M + m]`,
-  a per-tap reduction: each program walks a few output tiles with one
+* `fwd`: x is zero outside `[0, n)`: the padding is never materialised.
+* `dx`: the depthwise convolution of the stride-dilated cotangent with the
+  flipped kernel, computed as a gather (no zeros are ever stored).
+* `dk`: a per-tap reduction: each program walks a few output tiles with one
   accumulator per tap, reduces each to `(c, M)` once, and writes one row of
   partial sums, which XLA adds up.
-
-They are the three partial gradients of the trilinear form
-`<fwd(x, w), ct>`, so each op's transposes are two of the others, e.g.
-`<dx(ct, w), g> = <ct, fwd(g, w)> = <w, dk(g, ct)>`. One JAX primitive with
-an `op` parameter carries all three, with `ad.defbilinear` (forward mode and
-transposition, hence reverse mode to any order, like `lax.conv`) and a
-batching rule that folds a vmapped axis into the batch or the channels.
 
 Kernel design (Triton): a program owns a power-of-two tile `(d, h, w, c)` of
 positions and channels (`Tiles`) and accumulates in float32 (float64 for
@@ -61,12 +49,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
 
-from dw5d_jax._args import ConvSpec
+from dw5d_jax._geometry import ConvSpec, is_static
+from dw5d_jax._primitive import OPS, Impl, out_shape
 
-GPU_PLATFORMS = ("cuda",)
 _MAX_ELEMENTS = 2**31
 
 
@@ -77,7 +63,7 @@ class Tiles(NamedTuple):
   `c` tiles channels. `steps` (`dk` only) is how many `h`-tiles one program
   walks, keeping one accumulator per tap in registers, so the per-tap
   reductions and partial-sum rows are amortised over `steps` tiles.
-  Defaults come from `default_tiles`, pending tuning on the H100
+  Defaults come from `default_tiles`, pending tuning on a GPU
   (`benchmarks/gpu.py --tune`).
   """
 
@@ -90,76 +76,69 @@ class Tiles(NamedTuple):
   num_stages: int = 1
 
 
-class Geometry(NamedTuple):
-  """The static part of a `ConvSpec` that the kernels need (channels-last)."""
-
-  window: tuple[int, int, int]
-  strides: tuple[int, int, int]
-  dilations: tuple[int, int, int]
-  lo: tuple[int, int, int]
-  in_spatial: tuple[int, int, int]
-  out_spatial: tuple[int, int, int]
-  channels: int
-  multiplier: int
-
-
-def pallas_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec, *,
-                    interpret: bool = False,
-                    tiles: Mapping[str, Tiles] | None = None) -> jax.Array:
-  """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`.
+def impl(*, interpret: bool = False, tiles: Mapping[str, Tiles] | None = None) -> Impl:
+  """`method="pallas"` with options: `Impl` for `_primitive.conv` (tests, benchmarks).
 
   Args:
-    x, kernel, spec: as for every lowering (`dw5d_jax._args.normalize`).
     interpret: run the kernels in Pallas interpret mode (any backend; slow;
       for tests). Otherwise the computation can only be lowered for CUDA.
     tiles: block sizes per kernel, `{"fwd": Tiles(...), "dx": ..., "dk": ...}`;
       a kernel left out gets `default_tiles`.
 
   Raises:
-    ValueError: symbolic shapes, a sample too large for int32 offsets, bad
-      tile sizes, or (at lowering time) a non-CUDA platform without
-      `interpret`.
+    ValueError: an unknown `tiles` key or bad tile sizes.
     TypeError: a `tiles` value that is not a `Tiles`.
   """
-  geom = geometry(spec, x.shape[0])
   tiles = dict(tiles or {})
-  if set(tiles) - set(_OPS):
-    raise ValueError(f"method='pallas': `tiles` keys must be among {_OPS}, got "
+  if set(tiles) - set(OPS):
+    raise ValueError(f"method='pallas': `tiles` keys must be among {OPS}, got "
                      f"{sorted(tiles)}.")
   for t in tiles.values():
     _check_tiles(t)
-  if not spec.channels_last:  # the kernels are channels-last: transpose at the boundary
-    x = x.transpose(0, 2, 3, 4, 1)
-  y = dw5d_pallas_p.bind(
-      x, kernel, op="fwd", geom=geom, out_dtype=np.dtype(spec.out_dtype),
-      acc_dtype=np.dtype(spec.acc_dtype), interpret=bool(interpret),
-      tiles=tuple(tiles.get(op) for op in _OPS))
-  if not spec.channels_last:
-    y = y.transpose(0, 4, 1, 2, 3)
-  return y
+  return Impl("pallas", bool(interpret), tuple(tiles.get(op) for op in OPS))
 
 
-def geometry(spec: ConvSpec, batch: Any = 1) -> Geometry:
-  """The kernels' static geometry; rejects symbolic or oversized shapes."""
-  dims = (batch, *spec.in_spatial, *spec.out_spatial,
-          *(p for pair in spec.padding for p in pair))
-  if any(jax.export.is_symbolic_dim(d) for d in dims):
+def check(spec: ConvSpec, batch: Any) -> None:
+  """Rejects what the kernels cannot run: symbolic shapes, oversized samples."""
+  if not spec.is_static() or not is_static(batch):
     raise ValueError(
         "method='pallas' needs static shapes, got symbolic sizes (input "
         f"{spec.in_spatial}, output {spec.out_spatial}); use method='conv' or 'shift' "
         "with jax.export shape polymorphism.")
-  geom = Geometry(
-      window=tuple(spec.window), strides=tuple(spec.strides),
-      dilations=tuple(spec.dilations), lo=tuple(int(p[0]) for p in spec.padding),
-      in_spatial=tuple(int(n) for n in spec.in_spatial),
-      out_spatial=tuple(int(n) for n in spec.out_spatial),
-      channels=spec.channels, multiplier=spec.multiplier)
-  _check_size(geom)
-  return geom
+  _check_size(spec)
 
 
-def default_tiles(geom: Geometry, op: str) -> Tiles:
-  """Block sizes for `op`, pending H100 tuning (see the module docstring).
+def run(op: str, a: jax.Array, b: jax.Array, spec: ConvSpec, out_dtype: Any, *,
+        interpret: bool, tiles: tuple[Any, Any, Any]) -> jax.Array:
+  """Kernel `op` on channels-last operands (the module docstring has the three ops)."""
+  check(spec, a.shape[0])
+  t = tiles[OPS.index(op)] or default_tiles(spec, op)
+  n = a.shape[0]
+  c, m = spec.channels, spec.multiplier
+  extent = spec.in_spatial if op == "dx" else spec.out_spatial
+  blocks = [pl.cdiv(e, s) for e, s in zip(extent, (t.d, t.h, t.w))]
+  body = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dk": _dk_kernel}[op]
+  body = functools.partial(body, g=spec, t=t, acc_dtype=np.dtype(spec.acc_dtype))
+  result = out_shape(op, a.shape, spec)
+  if op == "dk":  # one row of per-tap partial sums per program
+    blocks[1] = pl.cdiv(blocks[1], t.steps)
+    body = functools.partial(body, blocks=tuple(blocks))
+    flat = (n * math.prod(blocks), math.prod(spec.window) * c * m)
+    flat_type = spec.acc_dtype
+  else:
+    flat, flat_type = (n, math.prod(result[1:])), out_dtype
+  out = pl.pallas_call(
+      body, out_shape=jax.ShapeDtypeStruct(flat, flat_type),
+      grid=(n, *blocks, pl.cdiv(c, t.c)), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+      name=f"dw5d_{op}")(a.reshape(n, -1), b.reshape(n, -1) if op == "dk" else b.reshape(-1))
+  if op == "dk":
+    return out.sum(0).reshape(result).astype(out_dtype)
+  return out.reshape(result)
+
+
+def default_tiles(spec: ConvSpec, op: str) -> Tiles:
+  """Block sizes for `op`, pending tuning on a GPU (see the module docstring).
 
   `fwd`, `dx`: up to 32 channels (128 bytes of float32 per position) times
   8x8 positions in H and W, one in D. `dk`: one row of up to 16 positions,
@@ -167,12 +146,12 @@ def default_tiles(geom: Geometry, op: str) -> Tiles:
   about 8192 values per program. Tiles shrink to the extent so small
   problems do not launch mostly-masked programs.
   """
-  extent = geom.in_spatial if op == "dx" else geom.out_spatial
-  mp = _next_pow2(geom.multiplier)
-  c = min(_next_pow2(geom.channels), max(32 // mp, 1))
+  extent = spec.in_spatial if op == "dx" else spec.out_spatial
+  mp = _next_pow2(spec.multiplier)
+  c = min(_next_pow2(spec.channels), max(32 // mp, 1))
   if op != "dk":
     return Tiles(d=1, h=min(_next_pow2(extent[1]), 8), w=min(_next_pow2(extent[2]), 8), c=c)
-  taps = math.prod(geom.window)
+  taps = math.prod(spec.window)
   w = min(_next_pow2(extent[2]), 16)
   while w > 1 and taps * w * c * mp > 8192:
     w //= 2
@@ -182,156 +161,10 @@ def default_tiles(geom: Geometry, op: str) -> Tiles:
 
 
 # ----------------------------------------------------------------------------
-# The primitive: abstract evaluation, lowering, autodiff, batching.
-
-dw5d_pallas_p = Primitive("dw5d_pallas")
-
-_OPS = ("fwd", "dx", "dk")
-
-
-def _out_shape(op: str, a_shape: tuple[int, ...], geom: Geometry) -> tuple[int, ...]:
-  c, m = geom.channels, geom.multiplier
-  if op == "fwd":
-    return (a_shape[0], *geom.out_spatial, c * m)
-  if op == "dx":
-    return (a_shape[0], *geom.in_spatial, c)
-  return (*geom.window, c, m)
-
-
-def _abstract_eval(a, b, *, op, geom, out_dtype, **_):
-  del b
-  return jax.core.ShapedArray(_out_shape(op, a.shape, geom), out_dtype)
-
-
-def _lowering_rule(ctx, a, b, **params):
-  platforms = ctx.platforms or ctx.module_context.platforms
-  if not params["interpret"]:
-    bad = [p for p in platforms if p not in GPU_PLATFORMS]
-    if bad:
-      raise ValueError(
-          f"method='pallas' runs on CUDA GPUs only (a Pallas Triton kernel), but this "
-          f"computation is being lowered for platform {bad[0]!r}. Use method='auto', "
-          f"'conv' or 'shift' there.")
-  return mlir.lower_fun(functools.partial(_impl, **params), multiple_results=False)(ctx, a, b)
-
-
-@functools.cache
-def _jitted_bind(**params):
-  return jax.jit(functools.partial(dw5d_pallas_p.bind, **params))
-
-
-def _eager_impl(a, b, **params):
-  # Through jit, so eager calls take the same lowering rule (and its check).
-  return _jitted_bind(**params)(a, b)
-
-
-# Transposes from the trilinear form <fwd(x, w), ct> (module docstring): the
-# undefined operand's aval gives the dtype its cotangent must have.
-def _transpose_lhs(g, a, b, *, op, **params):
-  params.pop("out_dtype")
-  dtype = a.aval.dtype
-  if op == "fwd":  # a = x: dx(ct, w)
-    return dw5d_pallas_p.bind(g, b, op="dx", out_dtype=dtype, **params)
-  if op == "dx":  # a = ct: fwd(g, w)
-    return dw5d_pallas_p.bind(g, b, op="fwd", out_dtype=dtype, **params)
-  return dw5d_pallas_p.bind(b, g, op="dx", out_dtype=dtype, **params)  # dk, a = x
-
-
-def _transpose_rhs(g, a, b, *, op, **params):
-  params.pop("out_dtype")
-  dtype = b.aval.dtype
-  if op == "fwd":  # b = w: dk(x, ct)
-    return dw5d_pallas_p.bind(a, g, op="dk", out_dtype=dtype, **params)
-  if op == "dx":  # b = w: dk(g, ct)
-    return dw5d_pallas_p.bind(g, a, op="dk", out_dtype=dtype, **params)
-  return dw5d_pallas_p.bind(a, g, op="fwd", out_dtype=dtype, **params)  # dk, b = ct
-
-
-def _batch_rule(args, dims, *, op, geom, **params):
-  """vmap: into the batch axis where the kernel is shared, else into channels.
-
-  A depthwise convolution treats channels independently, so B problems with
-  their own kernels are one problem with B*C channels: channel b*C + c, and
-  output channel (b*C + c)*M + m = b*(C*M) + (c*M + m), so B splits off the
-  channel axis of every operand and result without reordering.
-  """
-  a, b = args
-  da, db = dims
-  if op in ("fwd", "dx") and db is None:
-    a = jnp.moveaxis(a, da, 0)
-    size, n = a.shape[0], a.shape[1]
-    out = dw5d_pallas_p.bind(a.reshape(size * n, *a.shape[2:]), b, op=op, geom=geom,
-                             **params)
-    return out.reshape(size, n, *out.shape[1:]), 0
-  size = a.shape[da] if da is not None else b.shape[db]
-  a, b = (_lead(v, d, size) for v, d in ((a, da), (b, db)))
-  fold = geom._replace(channels=size * geom.channels)
-  # Spatial-data operands (everything but a kernel) keep channels last; a
-  # kernel (kd, kh, kw, C, M) folds B into C.
-  def channels_last(v):  # (B, N, ..., X) -> (N, ..., B*X)
-    v = jnp.moveaxis(v, 0, -2)
-    return v.reshape(*v.shape[:-2], v.shape[-2] * v.shape[-1])
-
-  def kernel(v):  # (B, kd, kh, kw, C, M) -> (kd, kh, kw, B*C, M)
-    v = jnp.moveaxis(v, 0, 3)
-    return v.reshape(*v.shape[:3], size * v.shape[4], v.shape[5])
-
-  if op == "dk":
-    out = dw5d_pallas_p.bind(channels_last(a), channels_last(b), op=op, geom=fold,
-                             **params)
-    out = out.reshape(*out.shape[:3], size, geom.channels, geom.multiplier)
-    return jnp.moveaxis(out, 3, 0), 0
-  out = dw5d_pallas_p.bind(channels_last(a), kernel(b), op=op, geom=fold, **params)
-  out = out.reshape(*out.shape[:-1], size, out.shape[-1] // size)
-  return jnp.moveaxis(out, -2, 0), 0
-
-
-def _lead(v, d, size):
-  if d is None:
-    return jnp.broadcast_to(v[None], (size, *v.shape))
-  return jnp.moveaxis(v, d, 0)
-
-
-dw5d_pallas_p.def_abstract_eval(_abstract_eval)
-dw5d_pallas_p.def_impl(_eager_impl)
-mlir.register_lowering(dw5d_pallas_p, _lowering_rule)
-ad.defbilinear(dw5d_pallas_p, _transpose_lhs, _transpose_rhs)
-batching.primitive_batchers[dw5d_pallas_p] = _batch_rule
-
-
-# ----------------------------------------------------------------------------
 # The kernels.
 
 
-def _impl(a, b, *, op, geom, out_dtype, acc_dtype, interpret, tiles):
-  """Runs kernel `op` on channels-last operands (see the module docstring)."""
-  _check_size(geom)
-  t = tiles[_OPS.index(op)] or default_tiles(geom, op)
-  n = a.shape[0]
-  c, m = geom.channels, geom.multiplier
-  extent = geom.in_spatial if op == "dx" else geom.out_spatial
-  blocks = [pl.cdiv(e, s) for e, s in zip(extent, (t.d, t.h, t.w))]
-  body = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dk": _dk_kernel}[op]
-  body = functools.partial(body, g=geom, t=t, acc_dtype=acc_dtype)
-  if op == "dk":  # one row of per-tap partial sums per program
-    blocks[1] = pl.cdiv(blocks[1], t.steps)
-    body = functools.partial(body, blocks=tuple(blocks))
-    out_shape = (n * math.prod(blocks), math.prod(geom.window) * c * m)
-    out_type = acc_dtype
-  else:
-    out_shape = (n, math.prod(_out_shape(op, a.shape, geom)[1:]))
-    out_type = out_dtype
-  out = pl.pallas_call(
-      body, out_shape=jax.ShapeDtypeStruct(out_shape, out_type),
-      grid=(n, *blocks, pl.cdiv(c, t.c)), interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
-      name=f"dw5d_{op}")(a.reshape(n, -1), b.reshape(n, -1) if op == "dk" else b.reshape(-1))
-  if op == "dk":
-    return out.sum(0).reshape(*geom.window, c, m).astype(out_dtype)
-  return out.reshape(_out_shape(op, a.shape, geom))
-
-
-def _fwd_kernel(x_ref, w_ref, y_ref, *, g: Geometry, t: Tiles, acc_dtype):
+def _fwd_kernel(x_ref, w_ref, y_ref, *, g: ConvSpec, t: Tiles, acc_dtype):
   tile = _Tile(g, t, g.out_spatial)
   base = [tile.pos[i] * g.strides[i] - g.lo[i] for i in range(3)]
   x_strides = _strides(g.in_spatial, g.channels)
@@ -345,7 +178,7 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, g: Geometry, t: Tiles, acc_dtype):
   plgpu.store(y_ref.at[tile.n, y_off], acc.astype(y_ref.dtype), mask=tile.out_mask())
 
 
-def _dx_kernel(ct_ref, w_ref, dx_ref, *, g: Geometry, t: Tiles, acc_dtype):
+def _dx_kernel(ct_ref, w_ref, dx_ref, *, g: ConvSpec, t: Tiles, acc_dtype):
   tile = _Tile(g, t, g.in_spatial)
   cm = g.channels * g.multiplier
   ct_strides = _strides(g.out_spatial, cm)
@@ -375,7 +208,7 @@ def _dx_kernel(ct_ref, w_ref, dx_ref, *, g: Geometry, t: Tiles, acc_dtype):
   plgpu.store(dx_ref.at[tile.n, dx_off], acc.astype(dx_ref.dtype), mask=mask)
 
 
-def _dk_kernel(x_ref, ct_ref, part_ref, *, g: Geometry, t: Tiles, acc_dtype, blocks):
+def _dk_kernel(x_ref, ct_ref, part_ref, *, g: ConvSpec, t: Tiles, acc_dtype, blocks):
   taps = list(itertools.product(*map(range, g.window)))
   x_strides = _strides(g.in_spatial, g.channels)
   ct_strides = _strides(g.out_spatial, g.channels * g.multiplier)
@@ -416,7 +249,7 @@ class _Tile:
   to a power of two `mp` when M > 1; `m` is then the multiplier index vector.
   """
 
-  def __init__(self, g: Geometry, t: Tiles, extent: tuple[int, int, int], ids=None):
+  def __init__(self, g: ConvSpec, t: Tiles, extent: tuple[int, int, int], ids=None):
     # `ids`: (n, d, h, w, c) block indices; the program's own by default. (A
     # kernel reads program ids outside loops: interpret mode needs that.)
     self.g, self.extent = g, extent
@@ -480,7 +313,7 @@ class _Tile:
     return lax.broadcast_in_dim(w, self.shape, (3, 4))
 
 
-def _load_tap(x_ref, tile: _Tile, x_off, base, x_strides, tap, g: Geometry):
+def _load_tap(x_ref, tile: _Tile, x_off, base, x_strides, tap, g: ConvSpec):
   """The `(d, h, w, c)` input tile that tap `tap` reads, zero outside the input."""
   delta = sum(tap[i] * g.dilations[i] * x_strides[i] for i in range(3))
   pos = [base[i] + tap[i] * g.dilations[i] for i in range(3)]
@@ -516,7 +349,7 @@ def _check_tiles(t: Any) -> None:
     raise ValueError(f"method='pallas': `steps` must be positive, got {t.steps!r} in {t}.")
 
 
-def _check_size(g: Geometry) -> None:
+def _check_size(g: ConvSpec) -> None:
   c, m = g.channels, g.multiplier
   sizes = {"input": math.prod(g.in_spatial) * c, "output": math.prod(g.out_spatial) * c * m}
   for what, size in sizes.items():

@@ -1,7 +1,8 @@
 """An independent float64 NumPy reference, written from the definition.
 
 It shares no code with the lowerings or with the argument normalisation: it
-re-derives padding and output sizes from TensorFlow's rules and computes, for
+re-derives padding and output sizes from TensorFlow's rules (and CAUSAL:
+all of the window's reach before the output position) and computes, for
 every kernel tap, the input position each output reads:
 
     y[n, o, c*M + m] = sum_t xpad[n, o*s + t*r, c] * k[t, c, m]
@@ -58,7 +59,7 @@ def depthwise_reference(
     *,
     axes: str,
     strides: int | Sequence[int] = 1,
-    padding: str | Sequence[tuple[int, int]] = "SAME",
+    padding: str | Sequence[str | tuple[int, int]] = "SAME",
     dilations: int | Sequence[int] = 1,
     data_format: str | None = None,
 ) -> np.ndarray:
@@ -70,7 +71,8 @@ def depthwise_reference(
     axes: the convolved spatial axes as letters of x's layout, e.g. `"HW"`,
       `"DW"` or `"DHW"`.
     strides, dilations: an int or one per convolved axis.
-    padding: `"SAME"`, `"VALID"` or one `(lo, hi)` pair per convolved axis.
+    padding: `"SAME"`, `"VALID"` or `"CAUSAL"`, or one entry per convolved
+      axis, each such a string or a `(lo, hi)` pair.
     data_format: x's layout; `None` means channels-last.
 
   Returns:
@@ -88,18 +90,22 @@ def depthwise_reference(
   dilations = _per_axis(dilations, nconv)
   c, m = k.shape[-2], k.shape[-1]
 
+  entries = [padding] * nconv if isinstance(padding, str) else list(padding)
   index, valid, out_sizes = [], [], []
   for i, a in enumerate(axes):
     n = x.shape[1 + letters.index(a)]
     size, s, r = k.shape[i], strides[i], dilations[i]
     eff = (size - 1) * r + 1
-    if isinstance(padding, str) and padding.upper() == "SAME":
+    kind = entries[i].upper() if isinstance(entries[i], str) else None
+    if kind == "SAME":
       out = -(-n // s)
       lo = max((out - 1) * s + eff - n, 0) // 2
-    elif isinstance(padding, str):  # VALID
+    elif kind == "CAUSAL":  # all of the reach before: output o sees inputs <= o * s
+      out, lo = -(-n // s), eff - 1
+    elif kind == "VALID":
       out, lo = -(-(n - eff + 1) // s), 0
     else:
-      lo, hi = padding[i]
+      lo, hi = entries[i]
       out = (n + lo + hi - eff) // s + 1
     # pos[o, t]: the input position that output o reads at tap t.
     pos = np.arange(out)[:, None] * s + np.arange(size)[None, :] * r - lo
@@ -204,7 +210,7 @@ class Case:
   k_shape: tuple[int, ...]  # (k_0, ..., C, M), dim i along axes[i]
   strides: int | tuple[int, ...] = 1
   dilations: int | tuple[int, ...] = 1
-  padding: str | tuple[tuple[int, int], ...] = "SAME"
+  padding: str | tuple[str | tuple[int, int], ...] = "SAME"
 
   @property
   def op_name(self) -> str:
@@ -216,7 +222,7 @@ class Case:
     def ints(v):
       return str(v) if isinstance(v, int) else ",".join(map(str, v))
     pad = self.padding if isinstance(self.padding, str) else "pad" + "".join(
-        f"({lo},{hi})" for lo, hi in self.padding)
+        f"({p})" if isinstance(p, str) else f"({p[0]},{p[1]})" for p in self.padding)
     k = "x".join(map(str, self.k_shape[:-2]))
     return (f"{self.op} {self.axes} {self.layout} k{k} s{ints(self.strides)} "
             f"r{ints(self.dilations)} {pad} M{self.k_shape[-1]}")

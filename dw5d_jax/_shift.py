@@ -1,47 +1,57 @@
-"""The `"shift"` lowering: a sum over kernel taps of strided, shifted views.
+"""The portable `"shift"` lowering: the three ops as sums over kernel taps of shifted views.
 
-For tap `(a, b, e)` the output is accumulated from the padded input sampled at
-`(o * s + tap * r)` along each spatial axis, i.e. one strided slice of the
-padded input per tap, multiplied by that tap's `(C, M)` weights. On CPU, XLA
-turns this into two loops: one that writes the padded input, and one fused,
-vectorised loop over the output that reads each tap's slice from cache and
-multiplies-and-adds; far faster than its grouped convolution.
+For tap `(a, b, e)` the output accumulates the padded input sampled at
+`o * s + tap * r` along each spatial axis (`_geometry.tap_slice`), i.e. one
+strided slice of the padded input per tap, times that tap's `(C, M)`
+weights. On CPU, XLA turns this into two loops: one that writes the padded
+input, and one fused, vectorised loop over the output that reads each tap's
+slice from cache and multiplies-and-adds; far faster than its grouped
+convolution. The native CPU kernels (`_native.py`) do the same without the
+padded copy; this is what runs wherever they do not (other platforms,
+`jax.export`, symbolic shapes, float16/float64).
 
-Worked example of the slice bounds, one axis: n=7, k=3, r=2, s=2, SAME.
-e = 5, out = 4, total pad = max(3*2 + 5 - 7, 0) = 4 -> (2, 2), padded size 11.
-Tap t reads padded positions t*r + o*s for o = 0..3: start t*r, limit
-t*r + (out - 1)*s + 1, stride s; tap 2 reads 4, 6, 8, 10 (the last is padding).
+How the taps are sliced matters as much as what they compute:
 
-How the taps are sliced matters as much as what they compute (measured on
-the 2-core CPU, benchmarks/RESULTS.md):
-
-* The padding is written once, in x's dtype, and any channel
-  multiplier `M > 1` is applied in that same pass (each channel repeated `M`
-  times), so the tap loop is always the `M = 1` case: one multiply-add per
-  tap on `C * M` contiguous channels, with no broadcast inside the loop.
+* The padding is written once, in x's dtype, and any channel multiplier
+  `M > 1` is applied in that same pass (each channel repeated `M` times), so
+  the tap loop is always the `M = 1` case: one multiply-add per tap on
+  `C * M` contiguous channels, with no broadcast inside the loop.
 * Channels-last with a unit stride along W: W and the channels are merged
   into one minor axis (`W * C` floats), a tap's W offset becomes an offset of
   `tap * r * C` along it and its weights are tiled along W. The fused loop's
   innermost dimension is then thousands of contiguous floats instead of `C`.
 
-This module is the math only; `_shift_primitive.py` wraps it in a primitive
-with its own gradient and batching rules.
+The gradients:
+
+* input, `input_grad`: a depthwise convolution of the cotangent with the
+  flipped kernel, summed over the multiplier: the cotangent padded by
+  `e - 1 - pad` (`_geometry.transpose_pads`), dilated by the stride when
+  it is not 1, convolved with stride 1 by the primitive (so on CPU the
+  native forward kernel may run it);
+* kernel, `kernel_grad`: per tap, the sum of `slice(padded x) * ct`,
+  written so that XLA's CPU loop fusion does most of it.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dw5d_jax._args import ConvSpec
+from dw5d_jax import _primitive
+from dw5d_jax._geometry import ConvSpec, is_static
 
-
-def static_dims(*dims) -> bool:
-  return not any(jax.export.is_symbolic_dim(d) for d in dims)
+# The kernel gradient unrolls sums over at most this many leading rows, and
+# only while each row still holds this many elements (see kernel_grad): more
+# rows only grow the code, and short rows are cheaper to reduce directly (and
+# to trace and compile, e.g. in second-order gradients of small arrays).
+_MAX_UNROLL = 256
+_MIN_ROW = 4096
 
 
 def pad_input(x: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -49,7 +59,7 @@ def pad_input(x: jax.Array, spec: ConvSpec) -> jax.Array:
   cfg = [(0, 0, 0)] * 5
   for i, ax in enumerate(spec.spatial_axes):
     cfg[ax] = (*spec.tight_padding(i), 0)
-  if all(static_dims(*c) and c == (0, 0, 0) for c in cfg):
+  if all(is_static(*c) and c == (0, 0, 0) for c in cfg):
     return x
   return lax.pad(x, np.zeros((), x.dtype), cfg)
 
@@ -65,25 +75,28 @@ def repeat_channels(x: jax.Array, spec: ConvSpec) -> jax.Array:
   return x.reshape(*x.shape[:ch], spec.channels * m, *x.shape[ch + 2:])
 
 
-def shift_conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-  """Depthwise convolution of rank-5 `x` with `(kd, kh, kw, C, M)` `kernel`."""
+def _tap_view(xp: jax.Array, spec: ConvSpec, tap: tuple[int, ...]):
+  """`(start, limit, stride)` of tap `tap`'s slice of padded `xp`."""
+  start, limit, stride = [0] * xp.ndim, list(xp.shape), [1] * xp.ndim
+  for i, ax in enumerate(spec.spatial_axes):
+    start[ax], limit[ax], stride[ax] = spec.tap_slice(i, tap[i])
+  return start, limit, stride
+
+
+def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+  """`fwd`: rank-5 `x` by `(kd, kh, kw, C, M)` `kernel`."""
   # The padded copy keeps x's dtype (bfloat16 input: half the bytes written
   # and read again); each tap's slice is converted inside the fused loop.
   xp = pad_input(repeat_channels(x, spec), spec)
   cm = spec.channels * spec.multiplier
   kernel = kernel.astype(spec.acc_dtype).reshape(*spec.window, cm)
-  sp = spec.spatial_axes
   out = spec.out_spatial
-  merge_w = spec.channels_last and spec.strides[2] == 1 and static_dims(out[2], xp.shape[3])
+  merge_w = spec.channels_last and spec.strides[2] == 1 and is_static(out[2], xp.shape[3])
   if merge_w:  # (N, D, H, W, CM) -> (N, D, H, W * CM): see the module docstring.
     xp = xp.reshape(*xp.shape[:3], xp.shape[3] * cm)
   y = None
   for tap in itertools.product(*(range(k) for k in spec.window)):
-    start, limit, stride = [0] * xp.ndim, list(xp.shape), [1] * xp.ndim
-    for i, ax in enumerate(sp):
-      start[ax] = tap[i] * spec.dilations[i]
-      limit[ax] = start[ax] + (out[i] - 1) * spec.strides[i] + 1
-      stride[ax] = spec.strides[i]
+    start, limit, stride = _tap_view(xp, spec, tap)
     w = kernel[tap]  # (CM,); shapes below are explicit (no rank promotion).
     if merge_w:
       start[3], limit[3] = start[3] * cm, (start[3] + out[2]) * cm
@@ -94,4 +107,96 @@ def shift_conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
     y = term if y is None else y + term
   if merge_w:
     y = y.reshape(*y.shape[:3], out[2], cm)
-  return y.astype(spec.out_dtype)
+  return y.astype(out_dtype)
+
+
+def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+  """`dx`: a stride-1 convolution (the primitive) of `ct` with the flipped kernel."""
+  c, m = spec.channels, spec.multiplier
+  if ct.dtype == kernel.dtype:
+    # One dtype (bfloat16 too): the convolution converts as it reads and
+    # accumulates in acc_dtype, and with M = 1 writes the result's dtype, so
+    # no pass converts ct or the result.
+    in_dtype, conv_dtype = kernel.dtype, out_dtype if m == 1 else spec.acc_dtype
+  else:  # a preferred_element_type made ct wider than the kernel
+    in_dtype, conv_dtype = spec.acc_dtype, spec.acc_dtype
+  ct = ct.astype(in_dtype)
+  pads = tuple(spec.transpose_padding(i) for i in range(3))
+  if spec.strides == (1, 1, 1):
+    # The padding goes into the convolution's own spec, so the native kernel
+    # reads ct as it is (no padded copy; XLA's lowering pads).
+    ctp, padding = ct, pads
+  else:  # dilated by the strides and padded
+    cfg = [(0, 0, 0)] * 5
+    for i, ax in enumerate(spec.spatial_axes):
+      cfg[ax] = (*pads[i], spec.strides[i] - 1)
+    ctp, padding = lax.pad(ct, np.zeros((), ct.dtype), cfg), ((0, 0),) * 3
+  t_spec = spec._replace(
+      strides=(1, 1, 1), padding=padding,
+      in_spatial=tuple(ctp.shape[a] for a in spec.spatial_axes), out_spatial=spec.in_spatial,
+      channels=c * m, multiplier=1, out_dtype=conv_dtype)
+  flipped = kernel[::-1, ::-1, ::-1].reshape(*spec.window, c * m, 1)
+  g = _primitive.conv(ctp, flipped.astype(in_dtype), t_spec, _primitive.Impl("shift"))
+  if m > 1:  # sum over the multiplier: channel c*M + m -> c
+    # By explicit adds: a reduce here would make XLA hand the whole tap sum
+    # to a library reduction, writing every tap's slice to memory first
+    # (W3 input gradient: 166 ms instead of a few).
+    ch = spec.channel_axis
+    g = g.reshape(*g.shape[:ch], c, m, *g.shape[ch + 1:])
+    g = sum(lax.index_in_dim(g, i, ch + 1, keepdims=False) for i in range(m))
+  return g.astype(out_dtype)
+
+
+def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:
+  """`dk`: per tap, the sum of `slice(padded x) * ct`.
+
+  XLA on CPU hands a reduction to its library kernels only after writing
+  each tap's slice to memory (one full copy per tap). Instead, the leading
+  rows of the output grid (`N`, then the outer spatial axes while static, up
+  to `_MAX_UNROLL` rows) are summed by unrolled adds, which XLA fuses with
+  the slices and products into one vectorised loop per tap that writes a
+  small partial sum; only that partial sum goes through `jnp.sum`.
+  """
+  c, m = spec.channels, spec.multiplier
+  # x's channels repeated M times (in the padding pass) line up with ct's C*M.
+  xp = pad_input(repeat_channels(x, spec), spec)
+  ct = ct.astype(spec.acc_dtype)
+  ch, sp = spec.channel_axis, spec.spatial_axes
+
+  u, rows = 0, 1  # the number of unrolled leading axes, and their rows
+  while (u != ch and is_static(*ct.shape)
+         and rows * ct.shape[u] <= _MAX_UNROLL
+         and math.prod(ct.shape[u + 1:]) >= _MIN_ROW):
+    rows *= ct.shape[u]
+    u += 1
+  rest = tuple(a - u for a in range(ct.ndim) if a >= u and a != ch)
+
+  def view(tap, row):
+    """The slice of padded x that `tap` multiplies with `ct[row]`."""
+    start, limit, stride = _tap_view(xp, spec, tap)
+    for ax, r in enumerate(row):  # one position along each unrolled axis
+      start[ax] = r if ax == 0 else start[ax] + r * spec.strides[sp.index(ax)]
+      limit[ax], stride[ax] = start[ax] + 1, 1
+    v = lax.slice(xp, start, limit, stride)
+    return v.reshape(v.shape[len(row):]).astype(spec.acc_dtype)
+
+  # Every tap's partial sum is one fused loop, but only when the partial sums
+  # are stacked and reduced together: a `jnp.sum` per tap makes XLA split
+  # the unrolled adds into hundreds of loops (W1: 228 fusions instead of 11).
+  taps = []
+  for tap in np.ndindex(*spec.window):
+    part = None
+    for row in np.ndindex(*ct.shape[:u]):
+      term = view(tap, row) * _row(ct, row)
+      part = term if part is None else part + term
+    taps.append(part)
+  dk = jnp.sum(jnp.stack(taps), axis=tuple(a + 1 for a in rest))
+  return dk.reshape(*spec.window, c, m).astype(out_dtype)
+
+
+def _row(a: jax.Array, index: tuple[int, ...]) -> jax.Array:
+  """`a[index]` for leading static ints, as a plain slice (no gather)."""
+  u = len(index)
+  start = (*index, *(0,) * (a.ndim - u))
+  limit = (*(i + 1 for i in index), *a.shape[u:])
+  return lax.slice(a, start, limit).reshape(a.shape[u:])

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import keras
 
-from dw5d_jax import _args
+from dw5d_jax import _args, _geometry
 
 _PACKAGE = "dw5d"
 _BACKENDS = ("jax", "tensorflow")
@@ -174,15 +174,10 @@ class _DepthwiseConv(keras.layers.Layer):
       n = shape[pos]
       if n is None:
         continue
-      e = (self.kernel_size[i] - 1) * self.dilation_rate[i] + 1
-      s = self.strides[i]
-      out = -(-n // s) if self.padding == "same" else (n - e) // s + 1
+      k, r = self.kernel_size[i], self.dilation_rate[i]
+      out = _geometry.output_size(n, k, self.strides[i], r, self.padding.upper())
       if out < 1:
-        raise ValueError(
-            f"{fn}: along axis {a} the window (kernel {self.kernel_size[i]}, dilation "
-            f"{self.dilation_rate[i]}: effective size {e}) does not fit the input (size {n}) "
-            f"with padding 'valid'; the output would be empty. Use padding='same', a "
-            f"smaller kernel or dilation.")
+        raise _args.empty_output_error(fn, a, n, k, r, self.padding.upper())
       shape[pos] = out
     c = -1 if self._channels_last else 1
     shape[c] = shape[c] * self.depth_multiplier

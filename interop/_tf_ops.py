@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from dw5d_jax import _args
+from dw5d_jax import _args, _geometry
 
 _Ints = int | tuple[int, ...]
-_Padding = str | tuple[tuple[int, int], ...]
+_Padding = str | tuple[str | tuple[int, int], ...]
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
@@ -54,8 +54,8 @@ def tf_depthwise_conv2d(
     kernel: `(k0, k1, C, M)` with a static shape, dim `i` along `axes[i]`;
       x's dtype.
     strides: a positive int, or one per convolved axis (in `axes` order).
-    padding: `"SAME"` or `"VALID"` (TF's rules), or one `(lo, hi)` pair per
-      convolved axis.
+    padding: `"SAME"`, `"VALID"` (TF's rules) or `"CAUSAL"`, or one entry
+      per convolved axis, each such a string or a `(lo, hi)` pair.
     dilations: a positive int, or one per convolved axis; any combination
       with `strides`.
     axes: rank-5 only: two distinct letters of `D`, `H`, `W`, e.g. `"DW"`.
@@ -132,7 +132,8 @@ def tf_depthwise_conv3d(
       may be unknown while tracing; the channel size must be known.
     kernel: `(kd, kh, kw, C, M)` with a static shape; x's dtype.
     strides: a positive int, or three (D, H, W).
-    padding: `"SAME"` or `"VALID"` (TF's rules), or three `(lo, hi)` pairs.
+    padding: `"SAME"`, `"VALID"` or `"CAUSAL"`, or three entries, each such a
+      string or a `(lo, hi)` pair.
     dilations: a positive int, or three; any combination with `strides`.
     data_format: `"NDHWC"` or `"NCDHW"`.
 
@@ -161,8 +162,7 @@ def tf_depthwise_conv3d(
   dilations3 = _args.int_tuple(fn, "dilations", dilations, 3, "DHW")
   padding3 = _args.check_padding(fn, padding, "DHW")
   dtype = _check_operands(fn, x, kernel, "DHW", layout)
-  hw = _Conv2d(fn, "HW", strides=strides3[1:], dilations=dilations3[1:], padding=padding3,
-               first=1)
+  hw = _Conv2d(fn, "HW", strides=strides3[1:], dilations=dilations3[1:], padding=padding3[1:])
 
   perm = [layout.index(a) for a in "NDHWC"]
   xt = _cast(_transpose(x, perm), _compute_dtype(dtype))
@@ -170,7 +170,7 @@ def tf_depthwise_conv3d(
   kd, kh, kw, c, m = kernel.shape
   sd, rd = strides3[0], dilations3[0]
   n, d = _dim(xt, 0), _dim(xt, 1)
-  lo, hi, od = _window(fn, "D", d, kd, sd, rd, padding3, 0)
+  lo, hi, od = _window(fn, "D", d, kd, sd, rd, padding3[0])
   xt = _pad(xt, [(0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)])
   # Tap t reads padded depths t*rd, t*rd + sd, ..., t*rd + (od - 1)*sd.
   taps = [xt[:, t * rd:t * rd + (od - 1) * sd + 1:sd] for t in range(kd)]
@@ -187,12 +187,12 @@ def tf_depthwise_conv3d(
 class _Conv2d:
   """Checked settings of a 2D depthwise convolution over `(B, A0, A1, C)` inputs.
 
-  `padding` is the op's (checked) argument; with pairs, A0's is `padding[first]`.
+  `padding` holds one checked entry per axis (`_args.check_padding`).
   """
 
   def __init__(self, fn: str, axes: str, *, strides: tuple[int, ...],
-               dilations: tuple[int, ...], padding: Any, first: int = 0):
-    self.fn, self.axes, self.first = fn, axes, first
+               dilations: tuple[int, ...], padding: tuple[Any, ...]):
+    self.fn, self.axes = fn, axes
     self.strides, self.dilations, self.padding = tuple(strides), tuple(dilations), padding
 
   def __call__(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -216,7 +216,7 @@ class _Conv2d:
     pads, pre, dil, post = [(0, 0)] * 4, [1, 1], [1, 1], [1, 1]
     for i in sorted(range(2), key=lambda i: "DHW".index(self.axes[i])):  # dw5d_jax's order
       lo, hi, _ = _window(self.fn, self.axes[i], _dim(x, 1 + i), int(kernel.shape[i]),
-                          self.strides[i], self.dilations[i], self.padding, self.first + i)
+                          self.strides[i], self.dilations[i], self.padding[i])
       pads[1 + i] = (lo, hi)
       s, r = self.strides[i], self.dilations[i]
       if s > 1 and r % s == 0:
@@ -237,41 +237,24 @@ class _Conv2d:
     return y
 
 
-def _window(fn: str, axis: str, n: Any, k: int, s: int, r: int, padding: Any,
-            i: int) -> tuple[Any, Any, Any]:
-  """`(lo, hi, out)` along one axis by TF's rules (as in dw5d_jax._args).
-
-  `padding` is the op's checked argument: a string, or pairs of which the
-  axis's is `padding[i]`.
+def _window(fn: str, axis: str, n: Any, k: int, s: int, r: int,
+            padding: Any) -> tuple[Any, Any, Any]:
+  """`(lo, hi, out)` along one axis (`dw5d_jax._geometry.resolve`), checked.
 
   `n` is an int or, for a size unknown while tracing, an int32 scalar tensor;
   the results are then tensors too (TF's SAME split made at run time). An
   empty output raises at trace time when `n` is known, and at run time (an
   assertion; not under XLA) otherwise.
   """
-  e = (k - 1) * r + 1
-  if padding == "SAME":
-    out = (n + s - 1) // s
-    total = _maximum((out - 1) * s + e - n, 0)
-    lo = total // 2
-    pad = (lo, total - lo)
-  elif padding == "VALID":
-    out, pad = (n - e) // s + 1, (0, 0)
-  else:
-    pad = padding[i]
-    out = (n + pad[0] + pad[1] - e) // s + 1
-  shown = (0, 0) if padding == "SAME" else pad
-  message = (f"{fn}: along axis {axis} the window (kernel {k}, dilation {r}: effective size "
-             f"{e}) does not fit the padded input (size {{padded}} = {{n}} + padding "
-             f"{shown}) with padding {padding!r}; the output would be empty. Use a smaller "
-             f"kernel or dilation, or more padding.")
+  lo, hi, out = _geometry.resolve(n, k, s, r, padding)
   if isinstance(out, int):
     if out < 1:
-      raise ValueError(message.format(padded=n + shown[0] + shown[1], n=n))
+      raise _args.empty_output_error(fn, axis, n, k, r, padding)
   else:
-    tf.debugging.assert_positive(
-        out, message=message.format(padded="?", n=f"(run-time size of {axis})"))
-  return pad[0], pad[1], out
+    message = str(_args.empty_output_error(fn, axis, f"(run-time size of {axis})", k, r,
+                                           padding))
+    tf.debugging.assert_positive(out, message=message)
+  return lo, hi, out
 
 
 # ----------------------------------------------------------------------------
@@ -340,10 +323,6 @@ def _dim(x: tf.Tensor, i: int) -> Any:
   """x's size along axis `i`: an int when known while tracing, else a scalar tensor."""
   size = x.shape[i]
   return size if size is not None else tf.shape(x)[i]
-
-
-def _maximum(a: Any, b: int) -> Any:
-  return max(a, b) if isinstance(a, int) else tf.maximum(a, b)
 
 
 def _pad(x: tf.Tensor, pads: list[tuple[Any, Any]]) -> tf.Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 # The native CPU kernels on every configuration they support, not only where
-# they are faster (dw5d_jax._native.worthwhile), so that the whole suite
+# they are faster (dw5d_jax._policy.worthwhile), so that the whole suite
 # checks them; DW5D_JAX_NATIVE=0 in the environment runs it on XLA's lowering.
 os.environ.setdefault("DW5D_JAX_NATIVE", "all")
 

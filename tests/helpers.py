@@ -65,7 +65,7 @@ def x_shape(layout: str, n: int, sizes: dict[str, int], c: int) -> tuple[int, ..
 
 def output_nonempty(n: int, k: int, r: int, padding: Any) -> bool:
   e = (k - 1) * r + 1
-  if padding == "SAME":
+  if padding in ("SAME", "CAUSAL"):
     return n >= 1
   lo, hi = (0, 0) if padding == "VALID" else padding
   return n + lo + hi - e >= 0
@@ -73,7 +73,7 @@ def output_nonempty(n: int, k: int, r: int, padding: Any) -> bool:
 
 @st.composite
 def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4) -> Case:
-  """Any op, layout, fold axes, strides, dilations and padding; sizes from 1."""
+  """Any op, layout, fold axes, strides, dilations and padding (per axis too); sizes from 1."""
   op = draw(st.sampled_from(ops))
   if op == "3d":
     layout, axes = draw(st.sampled_from(["NDHWC", "NCDHW"])), "DHW"
@@ -86,12 +86,18 @@ def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4) -> Case:
   ks = [draw(st.integers(1, max_kernel)) for _ in range(nc)]
   ss = [draw(st.integers(1, 3)) for _ in range(nc)]
   rs = [draw(st.integers(1, 3)) for _ in range(nc)]
-  pad_kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
-  pads = [(draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nc)]
+  pair = st.tuples(st.integers(0, 3), st.integers(0, 3))
+  pad_kind = draw(st.sampled_from(["SAME", "VALID", "CAUSAL", "explicit", "per-axis"]))
+  if pad_kind == "explicit":
+    pads = [draw(pair) for _ in range(nc)]
+  elif pad_kind == "per-axis":  # a kind or a pair on each axis
+    pads = [draw(st.one_of(st.sampled_from(["SAME", "VALID", "CAUSAL"]), pair))
+            for _ in range(nc)]
+  else:
+    pads = [pad_kind] * nc
   sizes = {a: draw(st.integers(1, max_size)) for a in "DHW"}
   for i, a in enumerate(axes):
-    p = pads[i] if pad_kind == "explicit" else pad_kind
-    assume(output_nonempty(sizes[a], ks[i], rs[i], p))
+    assume(output_nonempty(sizes[a], ks[i], rs[i], pads[i]))
   c, m, n = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
   scalar = draw(st.booleans())
   return Case(
@@ -99,7 +105,7 @@ def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4) -> Case:
       x_shape=x_shape(layout, n, sizes, c), k_shape=(*ks, c, m),
       strides=ss[0] if scalar and len(set(ss)) == 1 else tuple(ss),
       dilations=rs[0] if scalar and len(set(rs)) == 1 else tuple(rs),
-      padding=tuple(pads) if pad_kind == "explicit" else pad_kind,
+      padding=pad_kind if pad_kind in ("SAME", "VALID", "CAUSAL") else tuple(pads),
   )
 
 

@@ -341,7 +341,8 @@ def test_bad_inputs_raise():
                      r"channels, got an input of shape \(1, 3, 4, 4, 4\)"):
     layer(np.ones((1, 3, 4, 4, 4), np.float32))
   with pytest.raises(ValueError, match=r"DepthwiseConv3D: along axis D the window \(kernel "
-                     r"5, dilation 1: effective size 5\) does not fit the input \(size 3\)"):
+                     r"5, dilation 1: effective size 5\) does not fit the padded input \(size 3 = 3 \+ "
+                     r"padding \(0, 0\)\) with padding 'VALID'"):
     DepthwiseConv3D(5)(np.ones((1, 3, 8, 8, 1), np.float32))
   with pytest.raises(ValueError, match=r"the channel dimension of the input must be known"):
     DepthwiseConv3D(3)(keras.Input((4, 4, 4, None)))

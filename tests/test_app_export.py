@@ -58,6 +58,21 @@ def test_conv2d_per_slice_valid_derives_constraints(tmp_path, rng, kernel_file, 
   assert_close(model.serve(x), case.expected(x, k))
 
 
+def test_conv3d_causal_and_explicit_per_axis(tmp_path, rng, kernel_file, capsys):
+  path, k = kernel_file((3, 2, 2, 3, 1))
+  out = str(tmp_path / "model")
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out,
+                   "--strides", "2,1,1", "--padding", "causal,0:0,SAME"]) == 0
+  text = capsys.readouterr().out
+  # Along H: VALID-like (0, 0) with a window of 2 needs h >= 2.
+  assert "x (b, d, h, w, 3), h >= 2; lowered for cpu, cuda" in text and "verified" in text
+  model = interop.load_savedmodel(out)
+  x = random_array(rng, (1, 5, 2, 3, 3))
+  case = Case("3d", "NDHWC", "DHW", x.shape, k.shape, (2, 1, 1), 1,
+              ("CAUSAL", (0, 0), "SAME"))
+  assert_close(model.serve(x), case.expected(x, k))
+
+
 def test_rank4_half_precision_without_gradient(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((2, 3, 3, 1))
   assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
@@ -88,8 +103,8 @@ def test_a_failed_check_exits_1(tmp_path, kernel_file, capsys, monkeypatch):
      r"dw5d export: error: `--kernel` for depthwise_conv3d must have rank 5, got shape "
      r"\(3, 3, 4, 1\)"),
     (["--padding", "1:1"], (3, 3, 3, 4, 1),
-     r"dw5d export: error: depthwise_conv3d: `padding` must be 'SAME', 'VALID' or a sequence "
-     r"of 3 \(lo, hi\) pairs"),
+     r"dw5d export: error: depthwise_conv3d: `padding` must be one of 'SAME', 'VALID', "
+     r"'CAUSAL', or a sequence of 3 entries"),
     (["--data-format", "NHWC"], (3, 3, 3, 4, 1),
      r"`--data-format` for depthwise_conv3d must be one of NDHWC, NCDHW, matching the rank of "
      r"`--input-shape`; got NHWC for rank 4"),

@@ -21,6 +21,8 @@ def test_quick_grid_covers_the_axes_of_variation():
   assert {c.axes for c in configs} >= {"HW", "DW", "HD", "WH", "DHW"}
   assert {d for _, d in QUICK} == set(parity.DTYPES)
   assert any(isinstance(c.padding, tuple) for c in configs)
+  assert any("CAUSAL" in c.name for c in configs)
+  assert any(isinstance(c.padding, tuple) and "CAUSAL" in c.padding for c in configs)
   assert any(c.strides == (1, 2) and c.dilations == (2, 1) for c in configs)
 
 

@@ -53,10 +53,14 @@ CASES = [
      r"`dilations` must be a positive int or a sequence of 3 positive ints, one per "
      r"convolved axis \(D, H, W\); got 2 values"),
     ("unknown padding", conv3d, X5, K3, {"padding": "FULL"}, ValueError,
-     r"depthwise_conv3d: `padding` must be 'SAME', 'VALID' or 3 \(lo, hi\) pairs, got 'FULL'"),
+     r"depthwise_conv3d: `padding` must be one of 'SAME', 'VALID', 'CAUSAL', or a sequence "
+     r"of 3 entries, one per convolved axis \(D, H, W\), each one of those or a \(lo, hi\) "
+     r"pair of non-negative ints; got 'FULL'\."),
+    ("unknown padding entry", conv2d, X5, K2, {"padding": ("SAME", "FULL")}, ValueError,
+     r"depthwise_conv2d: `padding` must be .*; got entry 'FULL' in \('SAME', 'FULL'\)\."),
     ("padding pairs count", conv2d, X5, K2, {"padding": ((1, 1),)}, ValueError,
-     r"depthwise_conv2d: `padding` must be .* a sequence of 2 \(lo, hi\) pairs of "
-     r"non-negative ints, one per convolved axis \(H, W\); got 1 entries"),
+     r"depthwise_conv2d: `padding` must be .* a sequence of 2 entries, one per convolved "
+     r"axis \(H, W\), .*; got 1 entries"),
     ("negative pad", conv2d, X5, K2, {"padding": ((1, 1), (-1, 0))}, ValueError,
      r"got negative padding \(-1, 0\)"),
     ("pad not a pair", conv2d, X5, K2, {"padding": ((1, 1), 2)}, TypeError,

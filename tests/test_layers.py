@@ -102,7 +102,7 @@ def test_dtypes():
     (lambda: DepthwiseConv2D(2, 3, axes="XY", rngs=nnx.Rngs(0)),
      r"DepthwiseConv2D: `axes` must be two distinct letters"),
     (lambda: DepthwiseConv2D(2, 3, padding="full", rngs=nnx.Rngs(0)),
-     r"DepthwiseConv2D: `padding` must be 'SAME', 'VALID'"),
+     r"DepthwiseConv2D: `padding` must be one of 'SAME', 'VALID', 'CAUSAL'"),
     (lambda: DepthwiseConv3D(2, 3, strides=0, rngs=nnx.Rngs(0)),
      r"DepthwiseConv3D: `strides` must be positive"),
 ])

@@ -7,7 +7,7 @@ computation, which `jax.export` always uses (an exported module must not
 name the custom call). conftest.py sets `DW5D_JAX_NATIVE=all`, so every
 float32/bfloat16 configuration in this file and in the rest of the suite
 runs natively (channels-first ones on the channels-first kernels, or
-transposed around the channels-last ones where `_native.transposed` says);
+transposed around the channels-last ones where `_policy.transposed` says);
 the build, the cache and the fallbacks are checked in fresh processes.
 """
 
@@ -187,7 +187,7 @@ def test_parallel_results_are_deterministic(rng, layout, x_shape):
 ])
 def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, width, strides,
                                                      window, want, transposes):
-  """DW5D_JAX_NATIVE unset: native where measured faster (_native.worthwhile).
+  """DW5D_JAX_NATIVE unset: native where measured faster (_policy.worthwhile).
 
   Channels-last: C % 4 == 0. Channels-first: the channels-first kernels
   (no transposes) from an output width of 12 (forward) or 6 (gradients);

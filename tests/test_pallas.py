@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import dw5d_jax as dw
-from dw5d_jax import _args, _dispatch
-from dw5d_jax._pallas import Tiles, pallas_lowering
+from dw5d_jax import _args, _pallas, _policy, _primitive
+from dw5d_jax._pallas import Tiles
 from tests.helpers import GRAD_CASES, Case, assert_close, cases, random_array, reference_grads
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -59,7 +59,7 @@ def run(case: Case, x, k, *, tiles=TINY, preferred=None):
       dilations=_args.int_tuple(fn, "dilations", case.dilations, len(axes), axes),
       padding=_args.check_padding(fn, case.padding, axes), precision=None,
       preferred=preferred)
-  y = pallas_lowering(x5, k5, spec, interpret=INTERPRET, tiles=tiles)
+  y = _primitive.conv(x5, k5, spec, _pallas.impl(interpret=INTERPRET, tiles=tiles))
   if len(case.x_shape) == 4:
     y = y.squeeze(1 if spec.channels_last else 2)
   return y
@@ -206,7 +206,7 @@ def test_oversized_sample_is_rejected():
 
 def test_auto_on_cuda_keeps_conv_until_measured():
   """`_GPU_CHOICE` is empty until GPU timings say otherwise: auto lowers to XLA's conv on CUDA."""
-  assert _dispatch._GPU_CHOICE == {}
+  assert _policy._GPU_CHOICE == {}
   lowered = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b)).trace(X5, K3).lower(
       lowering_platforms=("cuda",))
   text = lowered.as_text()
@@ -242,7 +242,7 @@ def test_lowers_to_triton_for_cuda(case, dtype):
         strides=_args.int_tuple(fn, "strides", case.strides, len(axes), axes),
         dilations=_args.int_tuple(fn, "dilations", case.dilations, len(axes), axes),
         padding=_args.check_padding(fn, case.padding, axes), precision=None, preferred=None)
-    y = pallas_lowering(x5, k5, spec)
+    y = _primitive.conv(x5, k5, spec, _pallas.impl())
     return jnp.sum(y.astype(jnp.float32) * ct)
 
   x = jax.ShapeDtypeStruct(case.x_shape, jnp.dtype(dtype))

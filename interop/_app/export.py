@@ -34,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--strides", type=_ints, default=1, help="an int or one per axis: 1,2,2")
   parser.add_argument("--dilations", type=_ints, default=1, help="an int or one per axis")
   parser.add_argument("--padding", type=_padding, default="SAME",
-                      help="SAME, VALID, or lo:hi per axis, e.g. 1:1,0:2,2:0")
+                      help="SAME, VALID, CAUSAL, or one of those or lo:hi per axis, e.g. "
+                           "CAUSAL,1:1,0:2")
   parser.add_argument("--axes", default="HW", help="depthwise_conv2d on rank 5: the two axes")
   parser.add_argument("--data-format", default=None,
                       help="NDHWC (default), NCDHW; NHWC or NCHW for a rank-4 depthwise_conv2d")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
   import dw5d_jax as dw
-  from dw5d_jax import _args
+  from dw5d_jax import _args, _geometry
   from interop._export import dim_names, export_savedmodel, load_savedmodel, poly_string
 
   try:
@@ -91,15 +92,13 @@ def run(args: argparse.Namespace) -> int:
   names = dim_names(rank, channel_axis)
   # x_shape: None for each symbolic size.
   case = Case("3d" if op3 else "2d", layout, conv_axes, shape, kernel.shape, args.strides,
-              args.dilations, padding)
+              args.dilations, args.padding)
   fn, op_kwargs = getattr(dw, case.op_name), case.kwargs()
 
   # The smallest size along each convolved axis that the window fits in.
   need = {}
   for i, a in enumerate(conv_axes):
-    e = (kernel.shape[i] - 1) * dilations[i] + 1
-    lo, hi = (e - 1, 0) if padding == "SAME" else (0, 0) if padding == "VALID" else padding[i]
-    need[layout.index(a)] = max(e - lo - hi, 1)
+    need[layout.index(a)] = _geometry.min_input_size(kernel.shape[i], dilations[i], padding[i])
   constraints = tuple(f"{names[j]} >= {n}" for j, n in need.items()
                       if shape[j] is None and n > 1)
 
@@ -192,14 +191,19 @@ def _ints(text: str) -> int | tuple[int, ...]:
   return values[0] if len(values) == 1 else values
 
 
+_KINDS = ("SAME", "VALID", "CAUSAL")
+
+
 def _padding(text: str):
-  if text.upper() in ("SAME", "VALID"):
+  if text.upper() in _KINDS:
     return text.upper()
   try:
-    return tuple(tuple(int(p) for p in pair.split(":", 1)) for pair in text.split(","))
+    return tuple(entry.upper() if entry.upper() in _KINDS else
+                 tuple(int(p) for p in entry.split(":", 1)) for entry in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected SAME, VALID or lo:hi per axis like 1:1,0:2, got {text!r}") from None
+        f"expected SAME, VALID, CAUSAL, or one of those or lo:hi per axis like "
+        f"CAUSAL,1:1,0:2, got {text!r}") from None
 
 
 def _shape(text: str) -> tuple[int | None, ...]:

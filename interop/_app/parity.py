@@ -43,7 +43,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 _C = Case
 # Every fold axis and layout, rank 4 and 5, each stride/dilation path of the TF
 # op (native, gcd stride, subsample-then-dilate, stride-1-then-slice), SAME,
-# VALID and explicit padding, multipliers 1-3, sizes smaller than the kernel.
+# VALID, CAUSAL, explicit and per-axis padding, multipliers 1-3, sizes smaller
+# than the kernel.
 GRID = (
     _C("2d", "NHWC", "HW", (2, 7, 6, 3), (3, 3, 3, 1)),
     _C("2d", "NCHW", "HW", (2, 2, 8, 7), (2, 3, 2, 2), (2, 1), 1, "VALID"),
@@ -61,9 +62,12 @@ GRID = (
        ((1, 1), (0, 2), (2, 0))),
     _C("3d", "NCDHW", "DHW", (2, 2, 4, 7, 6), (3, 3, 2, 2, 2), (1, 3, 2), 1, "VALID"),
     _C("3d", "NDHWC", "DHW", (1, 1, 2, 3, 2), (3, 5, 4, 2, 1), (1, 2, 1), (1, 1, 2)),
+    _C("3d", "NCDHW", "DHW", (1, 2, 5, 6, 7), (3, 2, 3, 2, 1), (2, 1, 2), (1, 2, 1),
+       ("CAUSAL", "SAME", (1, 0))),
+    _C("2d", "NDHWC", "DW", (2, 6, 3, 5, 2), (3, 2, 2, 2), (2, 1), (2, 1), "CAUSAL"),
 )
 # The test suite's compact grid: these cases, each in float32 and one half dtype.
-QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14)
+QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14, 15)
 
 
 @dataclasses.dataclass(frozen=True)

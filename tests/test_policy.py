@@ -1,4 +1,4 @@
-"""`method="auto"` resolves per platform (dw5d_jax._dispatch)."""
+"""`method="auto"` resolves per platform (dw5d_jax._policy)."""
 
 from __future__ import annotations
 

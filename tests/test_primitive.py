@@ -1,4 +1,4 @@
-"""The `"shift"` primitive's own rules (dw5d_jax._shift_primitive).
+"""The primitive's own rules (dw5d_jax._primitive) with the shift lowering (dw5d_jax._shift).
 
 Its input and kernel gradients are hand-written (a flipped-kernel shift
 convolution of the dilated cotangent, and per-tap partial sums), so they are
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dw5d_jax import _shift_primitive
+from dw5d_jax import _shift
 from tests.helpers import Case, assert_close, random_array, reference_grads, run
 
 ODD_CASES = [
@@ -32,8 +32,8 @@ ODD_CASES = [
 def unrolled(request, monkeypatch):
   """Runs a test with the kernel gradient's row unrolling off, and forced on."""
   if request.param:
-    monkeypatch.setattr(_shift_primitive, "_MIN_ROW", 1)
-    monkeypatch.setattr(_shift_primitive, "_MAX_UNROLL", 6)
+    monkeypatch.setattr(_shift, "_MIN_ROW", 1)
+    monkeypatch.setattr(_shift, "_MAX_UNROLL", 6)
   return request.param
 
 
@@ -56,7 +56,7 @@ def test_reverse_mode_has_no_slow_autodiff_transposes():
   jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(run(case, a, b, method="shift")),
                                   argnums=(0, 1)))(x, k)
   text = str(jaxpr)
-  assert "dw5d_shift_conv" in text
+  assert "dw5d_depthwise" in text
   # JAX's transpose of the forward's tap slices would be one pad per tap.
   assert text.count("pad[") <= 3, text
 

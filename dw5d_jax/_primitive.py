@@ -1,0 +1,185 @@
+"""The convolution and its two gradients as one JAX primitive, whatever computes them.
+
+Three bilinear ops on rank-5 arrays in the spec's layout make up the
+depthwise convolution and its derivatives (tap `t`, output position `o`,
+input position `p`, per axis `p = o * s + t * r - lo`):
+
+* `fwd(x, w)`: `y[n, o, c*M + m] = sum_t x[n, o*s + t*r - lo, c] * w[t, c, m]`;
+* `dx(ct, w)`: `dx[n, p, c] = sum_{t, m, o} ct[n, o, c*M + m] * w[t, c, m]`;
+* `dk(x, ct)`: `dw[t, c, m] = sum_{n, o} x[n, o*s + t*r - lo, c] * ct[n, o, c*M + m]`.
+
+They are the three partial derivatives of the trilinear form
+`<fwd(x, w), ct>`, so each op's transposes are two of the others, e.g.
+`<dx(ct, w), g> = <ct, fwd(g, w)> = <w, dk(g, ct)>`. One primitive,
+`dw5d_p`, carries all three (parameter `op`), with `ad.defbilinear`
+(forward mode, and by transposition reverse mode, to any order) and a
+batching rule. JAX therefore never differentiates a lowering: whichever
+code computes an op (`_policy.implementation`: XLA's grouped convolution,
+the shift lowering, the native CPU kernels, Pallas), its gradient is again
+this primitive, and a sharding rule or a lowering added for one op holds
+for the gradients too.
+
+Parameters: `op`, `spec` (a `ConvSpec`, the same for all three ops),
+`impl` (an `Impl`: the user's method and Pallas options) and `out_dtype`
+(the result's dtype: the spec's output dtype for the convolution, the
+dtype of the operand being differentiated for the gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from dw5d_jax._geometry import ConvSpec
+
+OPS = ("fwd", "dx", "dk")
+
+dw5d_p = Primitive("dw5d_depthwise")
+
+
+class Impl(NamedTuple):
+  """Which code computes the ops: the user's `method`, and Pallas options.
+
+  `tiles` holds one `_pallas.Tiles` (or None, the default) per op in `OPS`
+  order; `interpret` runs the Pallas kernels in interpret mode (any
+  platform, for tests).
+  """
+
+  method: str = "auto"
+  interpret: bool = False
+  tiles: tuple[Any, Any, Any] = (None, None, None)
+
+
+def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Impl,
+         out_dtype: Any = None) -> jax.Array:
+  """`fwd(x, kernel)`: the depthwise convolution, `spec.out_dtype` by default."""
+  out_dtype = spec.out_dtype if out_dtype is None else out_dtype
+  return dw5d_p.bind(x, kernel, op="fwd", spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+
+
+def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Impl,
+               out_dtype: Any) -> jax.Array:
+  """`dx(ct, kernel)`: `d <fwd(x, kernel), ct> / dx`."""
+  return dw5d_p.bind(ct, kernel, op="dx", spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+
+
+def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, impl: Impl,
+                out_dtype: Any) -> jax.Array:
+  """`dk(x, ct)`: `d <fwd(x, kernel), ct> / dkernel`."""
+  return dw5d_p.bind(x, ct, op="dk", spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+
+
+def out_shape(op: str, a_shape: tuple[Any, ...], spec: ConvSpec) -> tuple[Any, ...]:
+  """The result's shape for `op` with first operand of shape `a_shape`."""
+  c, m = spec.channels, spec.multiplier
+  if op == "dk":
+    return (*spec.window, c, m)
+  spatial, channels = (spec.out_spatial, c * m) if op == "fwd" else (spec.in_spatial, c)
+  if spec.channels_last:
+    return (a_shape[0], *spatial, channels)
+  return (a_shape[0], channels, *spatial)
+
+
+def _abstract_eval(a, b, *, op, spec, out_dtype, **_):
+  del b
+  return jax.core.ShapedArray(out_shape(op, a.shape, spec), out_dtype)
+
+
+@functools.cache
+def _jitted_bind(**params):
+  return jax.jit(functools.partial(dw5d_p.bind, **params))
+
+
+def _eager_impl(a, b, **params):
+  # Through jit, so an eager call (e.g. a gradient outside jit) takes the
+  # same lowering rules as a traced one.
+  return _jitted_bind(**params)(a, b)
+
+
+# Transposes from the trilinear form (module docstring): the undefined
+# operand's aval gives the dtype its cotangent must have.
+def _transpose_lhs(g, a, b, *, op, out_dtype, **params):
+  del out_dtype
+  dtype = a.aval.dtype
+  if op == "fwd":  # a = x: dx(g, w)
+    return dw5d_p.bind(g, b, op="dx", out_dtype=dtype, **params)
+  if op == "dx":  # a = ct: fwd(g, w)
+    return dw5d_p.bind(g, b, op="fwd", out_dtype=dtype, **params)
+  return dw5d_p.bind(b, g, op="dx", out_dtype=dtype, **params)  # dk, a = x: dx(ct, g)
+
+
+def _transpose_rhs(g, a, b, *, op, out_dtype, **params):
+  del out_dtype
+  dtype = b.aval.dtype
+  if op == "fwd":  # b = w: dk(x, g)
+    return dw5d_p.bind(a, g, op="dk", out_dtype=dtype, **params)
+  if op == "dx":  # b = w: dk(g, ct)
+    return dw5d_p.bind(g, a, op="dk", out_dtype=dtype, **params)
+  return dw5d_p.bind(a, g, op="fwd", out_dtype=dtype, **params)  # dk, b = ct: fwd(x, g)
+
+
+def _batch_rule(args, dims, *, op, spec: ConvSpec, **params):
+  """vmap: into the batch axis where the kernel is shared, else into the channels.
+
+  A depthwise convolution treats channels independently, so B problems with
+  their own kernels are one problem with B*C channels: channel b*C + c, and
+  output channel (b*C + c)*M + m = b*(C*M) + (c*M + m), so B splits off the
+  channel axis of every operand and result without reordering.
+  """
+  a, b = args
+  da, db = dims
+  if op in ("fwd", "dx") and db is None:
+    a = jnp.moveaxis(a, da, 0)
+    size, n = a.shape[0], a.shape[1]
+    out = dw5d_p.bind(a.reshape(size * n, *a.shape[2:]), b, op=op, spec=spec, **params)
+    return out.reshape(size, n, *out.shape[1:]), 0
+  size = a.shape[da] if da is not None else b.shape[db]
+  a, b = (_lead(v, d, size) for v, d in ((a, da), (b, db)))
+  folded = spec._replace(channels=size * spec.channels)
+  ch = spec.channel_axis
+
+  def data(v):  # (B, N, ...) with channels at 1 + ch -> B merged into the channels
+    v = jnp.moveaxis(v, 0, ch)
+    return v.reshape(*v.shape[:ch], size * v.shape[ch + 1], *v.shape[ch + 2:])
+
+  def kernel(v):  # (B, kd, kh, kw, C, M) -> (kd, kh, kw, B*C, M)
+    v = jnp.moveaxis(v, 0, 3)
+    return v.reshape(*v.shape[:3], size * v.shape[4], v.shape[5])
+
+  if op == "dk":
+    out = dw5d_p.bind(data(a), data(b), op=op, spec=folded, **params)
+    out = out.reshape(*out.shape[:3], size, spec.channels, spec.multiplier)
+    return jnp.moveaxis(out, 3, 0), 0
+  out = dw5d_p.bind(data(a), kernel(b), op=op, spec=folded, **params)
+  out = out.reshape(*out.shape[:ch], size, out.shape[ch] // size, *out.shape[ch + 1:])
+  return jnp.moveaxis(out, ch, 0), 0
+
+
+def _lead(v, d, size):
+  if d is None:
+    return jnp.broadcast_to(v[None], (size, *v.shape))
+  return jnp.moveaxis(v, d, 0)
+
+
+def _lowering(ctx, a, b, *, platform: str | None, **params):
+  # Imported here: the policy imports the lowerings, which bind this primitive.
+  from dw5d_jax import _policy
+
+  fn = _policy.implementation(ctx, platform=platform, **params)
+  return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b)
+
+
+dw5d_p.def_abstract_eval(_abstract_eval)
+dw5d_p.def_impl(_eager_impl)
+ad.defbilinear(dw5d_p, _transpose_lhs, _transpose_rhs)
+batching.primitive_batchers[dw5d_p] = _batch_rule
+mlir.register_lowering(dw5d_p, functools.partial(_lowering, platform=None))
+for _platform in ("cpu", "cuda"):
+  mlir.register_lowering(dw5d_p, functools.partial(_lowering, platform=_platform),
+                         platform=_platform)
