@@ -24,9 +24,9 @@ PER_BACKEND = {"interop._keras"}
 PUBLIC = {
     "dw5d_jax": ("depthwise_conv2d", "depthwise_conv3d", "native_status", "tune_cpu_allocator"),
     "dw5d_jax.nn": ("DepthwiseConv2D", "DepthwiseConv3D", "depthwise_kernel_init"),
-    "interop": ("DepthwiseWeights", "export_savedmodel", "kernel_from_keras_grouped",
-                "kernel_from_torch_grouped", "load_savedmodel", "tf_depthwise_conv2d",
-                "tf_depthwise_conv3d", "weights_from_keras"),
+    "interop": ("DepthwiseWeights", "export_litert", "export_savedmodel",
+                "kernel_from_keras_grouped", "kernel_from_torch_grouped", "load_savedmodel",
+                "tf_depthwise_conv2d", "tf_depthwise_conv3d", "weights_from_keras"),
     "interop.keras": ("DepthwiseConv2D", "DepthwiseConv3D"),
 }
 # Public objects whose docstring has no example yet: the mark fails (strict)

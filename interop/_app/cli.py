@@ -16,13 +16,14 @@ import sys
 SUBCOMMANDS = {
     "demo": ("interop._app.demo",
              "train a separable 3D CNN on synthetic volumes, export it as a TensorFlow "
-             "SavedModel, serve it, and time the ops"),
+             "SavedModel and a LiteRT flatbuffer, serve them, and time the ops"),
     "parity": ("interop._app.parity",
                "check dw5d_jax against the TensorFlow reference ops (outputs and gradients; "
                "eager, graph and XLA modes)"),
     "export": ("interop._app.export",
-               "export a depthwise op with given weights as a TensorFlow SavedModel, reload "
-               "it and verify it at two input sizes"),
+               "export a depthwise op with given weights as a TensorFlow SavedModel (or, with "
+               "--litert, a LiteRT flatbuffer), reload it and verify it against the float64 "
+               "reference"),
     "bench": ("interop._app.bench",
               "run the CPU benchmark suite and write benchmarks/RESULTS.md (source checkout "
               "only)"),
