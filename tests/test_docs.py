@@ -29,9 +29,6 @@ PUBLIC = {
                 "tf_depthwise_conv2d", "tf_depthwise_conv3d", "weights_from_keras"),
     "interop.keras": ("DepthwiseConv2D", "DepthwiseConv3D"),
 }
-# Public objects whose docstring has no example yet: the mark fails (strict)
-# once one is added, so that this list only shrinks.
-NO_EXAMPLE_YET = {"dw5d_jax.nn.depthwise_kernel_init"}
 
 
 def _modules() -> list[str]:
@@ -57,9 +54,7 @@ def test_public_names_are_the_listed_ones(module):
 
 
 @pytest.mark.parametrize("qualname", [
-    pytest.param(f"{m}.{n}", marks=[pytest.mark.xfail(strict=True, reason="no example yet")]
-                 if f"{m}.{n}" in NO_EXAMPLE_YET else [])
-    for m, names in sorted(PUBLIC.items()) for n in names])
+    f"{m}.{n}" for m, names in sorted(PUBLIC.items()) for n in names])
 def test_public_object_has_an_example(qualname):
   module, name = qualname.rsplit(".", 1)
   doc = getattr(importlib.import_module(module), name).__doc__ or ""
