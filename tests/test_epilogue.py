@@ -19,13 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import Case, reference_grads
-from conftest import assert_close, random_array
 from jax.test_util import check_grads
 from scipy import special
 
 import dw5d_jax as dw
 from dw5d_jax import _epilogue, _native_build
+from tests.helpers import Case, assert_close, random_array, reference_grads, run
 
 ACTS = (None, "relu", "relu6", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hard_swish")
 
@@ -77,7 +76,7 @@ CASES = [
     # is narrow: transposed around the channels-last ones).
     Case("2d", "NCDHW", "HW", (1, 3, 2, 3, 14), (3, 3, 3, 2), 1, 1, "SAME"),
 ]
-_IDS = [f"{c.op}-{c.layout}-{c.conv_axes}" for c in CASES]
+_IDS = [f"{c.op}-{c.layout}-{c.axes}" for c in CASES]
 
 
 def _data(rng, case: Case, dtype="float32", scale=1.0):
@@ -92,9 +91,9 @@ def _data(rng, case: Case, dtype="float32", scale=1.0):
 def test_forward_matches_reference(rng, case, act):
   x, k, b = _data(rng, case)
   want, _ = _reference(case, x, k, b, act)
-  assert_close(case.run(x, k, bias=b, activation=act), want, err_msg="bias")
+  assert_close(run(case, x, k, bias=b, activation=act), want, err_msg="bias")
   want, _ = _reference(case, x, k, None, act)
-  assert_close(jax.jit(lambda a, w: case.run(a, w, activation=act))(x, k), want,
+  assert_close(jax.jit(lambda a, w: run(case, a, w, activation=act))(x, k), want,
                err_msg="no bias")
 
 
@@ -104,7 +103,7 @@ def test_every_method_matches_reference(rng, method, act):
   case = CASES[0]
   x, k, b = _data(rng, case, scale=3.0)
   want, _ = _reference(case, x, k, b, act)
-  assert_close(case.run(x, k, bias=b, activation=act, method=method), want)
+  assert_close(run(case, x, k, bias=b, activation=act, method=method), want)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_IDS)
@@ -118,7 +117,7 @@ def test_gradients_match_reference(rng, case):
   for act in ACTS:
     _, z = _reference(case, x, k, b, act)
     g = ct * (_np_slope(act, z) if act is not None else 1.0)
-    loss = lambda a, w, c, act=act: jnp.sum(case.run(a, w, bias=c, activation=act) * ct)  # noqa: E731
+    loss = lambda a, w, c, act=act: jnp.sum(run(case, a, w, bias=c, activation=act) * ct)  # noqa: E731
     gx, gk, gb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b)
     assert_close(gx, (g.ravel() @ jx).reshape(x.shape), err_msg=f"dx {act}")
     assert_close(gk, (g.ravel() @ jk).reshape(k.shape), err_msg=f"dk {act}")
@@ -152,7 +151,7 @@ def test_second_order_check_grads(rng, act):
   modes = ["fwd", "rev"] if act in (None, "tanh", "gelu") else ["rev"]
   with jax.enable_x64(True):
     x, k, b = (jnp.asarray(v, jnp.float64) for v in _data(rng, case))
-    check_grads(jax.jit(lambda a, w, c: case.run(a, w, bias=c, activation=act)), (x, k, b),
+    check_grads(jax.jit(lambda a, w, c: run(case, a, w, bias=c, activation=act)), (x, k, b),
                 order=2, modes=modes)
 
 
@@ -164,7 +163,7 @@ def test_second_order_through_the_fused_kernels(rng, act):
   v = random_array(rng, case.x_shape)
 
   def hvp(a, w, c):
-    loss = lambda a, w, c: jnp.sum(jnp.sin(case.run(a, w, bias=c, activation=act)))  # noqa: E731
+    loss = lambda a, w, c: jnp.sum(jnp.sin(run(case, a, w, bias=c, activation=act)))  # noqa: E731
     grad_x = lambda a, w, c: jnp.sum(jax.grad(loss)(a, w, c) * v)  # noqa: E731
     return jax.grad(grad_x, argnums=(0, 1, 2))(a, w, c)
 
@@ -183,7 +182,7 @@ def test_vmap_matches_loop(rng, in_axes):
   n = 2
   args = [np.stack([a * (i + 1) for i in range(n)]) if ax == 0 else a
           for a, ax in zip((x, k, b), in_axes)]
-  layer = lambda a, w, c: case.run(a, w, bias=c, activation="gelu")  # noqa: E731
+  layer = lambda a, w, c: run(case, a, w, bias=c, activation="gelu")  # noqa: E731
   grad = jax.grad(lambda a, w, c: jnp.sum(jnp.sin(layer(a, w, c))), argnums=(0, 1, 2))
   got_y = jax.jit(jax.vmap(layer, in_axes=in_axes))(*args)
   got_g = jax.jit(jax.vmap(grad, in_axes=in_axes))(*args)
@@ -199,12 +198,12 @@ def test_bfloat16(rng):
   x, k, b = _data(rng, case, "bfloat16")
   for act in ("gelu", "relu6", "sigmoid"):
     want, z = _reference(case, *(np.asarray(a, np.float64) for a in (x, k, b)), act)
-    y = case.run(x, k, bias=b, activation=act)
+    y = run(case, x, k, bias=b, activation=act)
     assert y.dtype == jnp.bfloat16
     assert_close(y, want, "bfloat16", err_msg=act)
     ct = random_array(rng, z.shape, "bfloat16")
     gx, gk, gb = jax.grad(lambda a, w, c: jnp.sum(
-        case.run(a, w, bias=c, activation=act).astype(jnp.float32) * ct.astype(np.float32)),
+        run(case, a, w, bias=c, activation=act).astype(jnp.float32) * ct.astype(np.float32)),
         argnums=(0, 1, 2))(x, k, b)
     assert (gx.dtype, gk.dtype, gb.dtype) == (jnp.bfloat16,) * 3
     g = np.asarray(ct, np.float64) * _np_slope(act, z)
@@ -219,7 +218,7 @@ def test_preferred_element_type(rng):
   """The epilogue in the accumulator (float32), cast to the output dtype once."""
   case = CASES[0]
   x, k, b = _data(rng, case, "bfloat16")
-  y = case.run(x, k, bias=b, activation="silu", preferred_element_type=jnp.float32)
+  y = run(case, x, k, bias=b, activation="silu", preferred_element_type=jnp.float32)
   assert y.dtype == jnp.float32
   want, _ = _reference(case, *(np.asarray(a, np.float64) for a in (x, k, b)), "silu")
   assert_close(y, want, "float32")
@@ -270,7 +269,7 @@ def test_export_is_portable_and_equal(rng, act):
   """jax.export lowers the unfused formula (no custom call), with the same results."""
   case = CASES[0]
   x, k, b = _data(rng, case)
-  fn = jax.jit(lambda a, w, c: case.run(a, w, bias=c, activation=act))
+  fn = jax.jit(lambda a, w, c: run(case, a, w, bias=c, activation=act))
   exported = jax.export.export(fn)(x, k, b)
   assert not _custom_calls(exported.mlir_module())
   assert_close(exported.call(x, k, b), fn(x, k, b))
@@ -285,7 +284,7 @@ def test_symbolic_batch(rng):
   case = CASES[0]
   x, k, b = _data(rng, case)
   shape = jax.export.symbolic_shape("n, " + ", ".join(map(str, case.x_shape[1:])))
-  fn = jax.jit(lambda a, w, c: case.run(a, w, bias=c, activation="gelu"))
+  fn = jax.jit(lambda a, w, c: run(case, a, w, bias=c, activation="gelu"))
   exported = jax.export.export(fn)(jax.ShapeDtypeStruct(shape, np.float32), k, b)
   want, _ = _reference(case, x, k, b, "gelu")
   assert_close(exported.call(x, k, b), want)
