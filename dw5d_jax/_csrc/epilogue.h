@@ -10,6 +10,7 @@
 #ifndef DW5D_JAX_CSRC_EPILOGUE_H_
 #define DW5D_JAX_CSRC_EPILOGUE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
@@ -53,6 +54,14 @@ inline V Splat(float f) { return Pack<kLanes>::Zero() + f; }
 inline V AtLeast(V x, float lo) { return x < lo ? Splat(lo) : x; }
 inline V AtMost(V x, float hi) { return x > hi ? Splat(hi) : x; }
 
+// c[0] * x^(N-1) + ... + c[N-1] (Horner).
+template <size_t N>
+__attribute__((always_inline)) inline V Horner(V x, const float (&c)[N]) {
+  V p = Splat(c[0]);
+  for (size_t i = 1; i < N; ++i) p = p * x + c[i];
+  return p;
+}
+
 __attribute__((always_inline)) inline V Exp(V x) {
   x = AtMost(AtLeast(x, -87.33654f), 88.37626f);  // 2^n stays a normal float
   // n = round(x / ln 2) by the 1.5 * 2^23 trick: its low bits are n.
@@ -61,18 +70,12 @@ __attribute__((always_inline)) inline V Exp(V x) {
   const V n = t - big;
   I bits, nb;
   std::memcpy(&bits, &t, sizeof bits);
-  const V bigv = big;
-  std::memcpy(&nb, &bigv, sizeof nb);
-  const I ni = bits - nb;
+  std::memcpy(&nb, &big, sizeof nb);
   const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln 2, two parts
-  V p = Splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const I e = (ni + 127) << 23;
+  constexpr float kP[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                          4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  const V p = Horner(r, kP) * (r * r) + r + 1.0f;
+  const I e = (bits - nb + 127) << 23;
   V scale;
   std::memcpy(&scale, &e, sizeof scale);
   return p * scale;
@@ -81,36 +84,23 @@ __attribute__((always_inline)) inline V Exp(V x) {
 __attribute__((always_inline)) inline V Erf(V x) {
   x = AtMost(AtLeast(x, -4.0f), 4.0f);
   const V x2 = x * x;
-  V p = Splat(-2.72614225801306e-10f);
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 - 2.10102402082508e-06f;
-  p = p * x2 - 5.69250639462346e-05f;
-  p = p * x2 - 7.34990630326855e-04f;
-  p = p * x2 - 2.95459980854025e-03f;
-  p = p * x2 - 1.60960333262415e-02f;
-  V q = Splat(-1.45660718464996e-05f);
-  q = q * x2 - 2.13374055278905e-04f;
-  q = q * x2 - 1.68282697438203e-03f;
-  q = q * x2 - 7.37332916720468e-03f;
-  q = q * x2 - 1.42647390514189e-02f;
-  return x * p / q;
+  constexpr float kP[] = {-2.72614225801306e-10f, 2.77068142495902e-08f, -2.10102402082508e-06f,
+                          -5.69250639462346e-05f, -7.34990630326855e-04f, -2.95459980854025e-03f,
+                          -1.60960333262415e-02f};
+  constexpr float kQ[] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68282697438203e-03f,
+                          -7.37332916720468e-03f, -1.42647390514189e-02f};
+  return x * Horner(x2, kP) / Horner(x2, kQ);
 }
 
 __attribute__((always_inline)) inline V Tanh(V x) {
   x = AtMost(AtLeast(x, -9.0f), 9.0f);
   const V x2 = x * x;
-  V p = Splat(-2.76076847742355e-16f);
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  V q = Splat(1.19825839466702e-06f);
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return x * p / q;
+  constexpr float kP[] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467152213735e-11f,
+                          5.12229709037114e-08f,  1.48572235717979e-05f, 6.37261928875436e-04f,
+                          4.89352455891786e-03f};
+  constexpr float kQ[] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f,
+                          4.89352518554385e-03f};
+  return x * Horner(x2, kP) / Horner(x2, kQ);
 }
 
 inline V Sigmoid(V z) { return 1.0f / (1.0f + Exp(-z)); }
