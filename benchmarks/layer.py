@@ -16,12 +16,12 @@ Issue 14's "Layer" target, on `(2, 32, 64, 64, 32)` float32 (N, D, H, W, C):
 * `torch`: `conv3d(groups=C, bias)` on `channels_last_3d` tensors + the
   activation (`F.gelu`, exact), and `torch_conv` the convolution alone.
 
-"forward" is one call. "backward" is a training step's gradient: the loss
-`sum(y * ct)` and its gradient with respect to x, the kernel and the bias
-(`jax.value_and_grad`; PyTorch: the forward with autograd, then
-`backward`). `grad` is `jax.grad` alone (the suite's "backward",
-benchmarks/suite.py), which for an activation whose derivative needs z
-(gelu) never runs the forward.
+"forward" is one call. "backward" is what a training step runs for the
+layer: y, and the gradients with respect to x, the kernel and the bias for
+a cotangent ct (`jax.vjp`; PyTorch: the forward with autograd, then
+`y.backward(ct)`). "grad" is `jax.grad` of `sum(y * ct)` alone (the
+suite's "backward", benchmarks/suite.py), which for an activation whose
+derivative needs z (gelu) never runs the forward.
 
 Everything runs in one process, under the tuned allocator
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) and
@@ -30,7 +30,8 @@ cells are warmed up, then timed in interleaved rounds, and medians of wall
 time and of CPU time (all threads) are reported with the load average,
 since the machine may be shared: the ratios are the result.
 
-Usage: `python benchmarks/layer.py [--rounds 15] [--activation gelu] [--json out.json]`.
+Usage: `python benchmarks/layer.py [--rounds 15] [--activation gelu]
+[--data-format NCDHW] [--json out.json]`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _reexec_with_env() -> None:
   os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ENV})
 
 
-def jax_cells(x, k, b, ct, activation: str) -> dict[str, Callable[[], Any]]:
+def jax_cells(x, k, b, ct, activation: str, data_format: str) -> dict[str, Callable[[], Any]]:
   import jax
   import jax.numpy as jnp
 
@@ -67,26 +68,36 @@ def jax_cells(x, k, b, ct, activation: str) -> dict[str, Callable[[], Any]]:
   from dw5d_jax._epilogue import ACTIVATIONS
 
   act = ACTIVATIONS[activation].fn
+  first = data_format == "NCDHW"
+  if first:
+    x, ct = (np.ascontiguousarray(np.moveaxis(a, -1, 1)) for a in (x, ct))
   xj, kj, bj, ctj = (jnp.asarray(a) for a in (x, k, b, ct))
+  bias_shape = (1, -1, 1, 1, 1) if first else (1, 1, 1, 1, -1)
 
   def fused(x, k, b):
-    return dw.depthwise_conv3d(x, k, bias=b, activation=activation)
+    return dw.depthwise_conv3d(x, k, bias=b, activation=activation, data_format=data_format)
 
   def unfused(x, k, b):
-    return act(dw.depthwise_conv3d(x, k) + b)
+    return act(dw.depthwise_conv3d(x, k, data_format=data_format) + b.reshape(bias_shape))
 
   def conv(x, k, b):
     del b
-    return dw.depthwise_conv3d(x, k)
+    return dw.depthwise_conv3d(x, k, data_format=data_format)
+
+  def step(f):  # y and its pullback of ct, as a training step runs a layer
+    def fn(x, k, b, ct):
+      y, pullback = jax.vjp(f, x, k, b)
+      return y, pullback(ct)
+
+    return jax.jit(fn)
 
   cells = {}
   for name, f in (("fused", fused), ("unfused", unfused), ("conv", conv)):
-    fwd = jax.jit(f)
-    loss = lambda x, k, b, f=f: jnp.sum(f(x, k, b) * ctj)  # noqa: E731
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    fwd, bwd = jax.jit(f), step(f)
     cells[f"{name} forward"] = lambda fwd=fwd: fwd(xj, kj, bj)
-    cells[f"{name} backward"] = lambda step=step: step(xj, kj, bj)
+    cells[f"{name} backward"] = lambda bwd=bwd: bwd(xj, kj, bj, ctj)
     if name == "fused":
+      loss = lambda x, k, b, f=f: jnp.sum(f(x, k, b) * ctj)  # noqa: E731
       grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
       cells["fused grad"] = lambda grad=grad: grad(xj, kj, bj)
   return cells
@@ -189,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--activation", default="gelu")
-  parser.add_argument("--shape", type=int, nargs=5, default=SHAPE)
+  parser.add_argument("--shape", type=int, nargs=5, default=SHAPE, help="(N, D, H, W, C)")
+  parser.add_argument("--data-format", default="NDHWC", choices=("NDHWC", "NCDHW"),
+                      help="our layout (PyTorch's stays channels_last_3d)")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args(argv)
   _reexec_with_env()
@@ -199,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
   k = rng.standard_normal((*WINDOW, shape[-1], 1), np.float32)
   b = rng.standard_normal((shape[-1],), np.float32)
   ct = rng.standard_normal(shape, np.float32)
-  cells = {**torch_cells(x, k, b, ct, args.activation), **jax_cells(x, k, b, ct, args.activation)}
+  cells = {**torch_cells(x, k, b, ct, args.activation),
+           **jax_cells(x, k, b, ct, args.activation, args.data_format)}
   before = os.getloadavg()[0]
   wall, cpu = measure(cells, args.rounds)
   result = {"wall": ratios(wall, shape), "cpu": ratios(cpu, shape),
             "load_before_after": (round(before, 2), round(os.getloadavg()[0], 2)),
             "shape": list(shape), "activation": args.activation, "rounds": args.rounds,
+            "data_format": args.data_format,
             "cpus": os.cpu_count()}
   print(json.dumps(result, indent=1))
   if args.json:
