@@ -144,6 +144,89 @@ def input_span(o_start: Size, o_stop: Size, k: int, s: int, r: int,
   return o_start * s - lo, (o_stop - 1) * s + effective(k, r) - lo
 
 
+class Blocks(NamedTuple):
+  """One spatial axis split into `parts` blocks: what each block reads from its neighbours.
+
+  An op on a split axis exchanges one operand (x for the convolution and the
+  kernel gradient, the cotangent for the input gradient), whose block `i`
+  owns rows `[i * size, (i + 1) * size)` of `total` (the last blocks padded
+  when `parts` does not divide `total`: rows from `total` on are zeros).
+  Each block receives `halo = (before, after)` rows from the blocks below
+  and above it (from several blocks when a halo is wider than one), and
+  its op reads `window` rows of that extended block from row `starts[i]`.
+  The op on those rows is the local problem `local = (n, out, (lo, hi))`
+  along this axis; its result holds the block's own `rows` rows of the
+  op's result from row `crops[i]` (0 but for the input gradient with a
+  stride that does not divide the block). Blocks with no rows of the result
+  (past its end) compute padding, which is never read.
+  """
+
+  size: int
+  total: int
+  rows: int
+  halo: tuple[int, int]
+  starts: tuple[int, ...]
+  window: int
+  local: tuple[int, int, tuple[int, int]]
+  crops: tuple[int, ...]
+
+
+def output_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
+  """The convolution (and kernel gradient) with its outputs split into `parts` blocks.
+
+  Output block `i` is `[i * bo, (i + 1) * bo)`, `bo = ceil(out / parts)`,
+  the way XLA tiles the result; it reads the input rows `input_span` gives
+  (outside `[0, n)`: the padding, zeros) from the input blocks of
+  `ceil(n / parts)` rows, and computes them as a VALID convolution of
+  `(bo - 1) * s + e` rows. Worked example: n=16, k=3, s=1, r=1, SAME (lo=1),
+  4 parts: blocks of 4 rows, each reads one row from either neighbour:
+  halo (1, 1), window 6 from row 0 of the extended block of 6.
+  """
+  b, bo, e = -(-n // parts), -(-out // parts), effective(k, r)
+  window = (bo - 1) * s + e
+  firsts = [input_span(i * bo, (i + 1) * bo, k, s, r, lo)[0] for i in range(parts)]
+  active = [i for i in range(parts) if i * bo < out]
+  before = max(0, *(i * b - firsts[i] for i in active))
+  after = max(0, *(firsts[i] + window - (i + 1) * b for i in active))
+  starts = _clamped([firsts[i] - i * b + before for i in range(parts)],
+                    before + b + after - window)
+  return Blocks(b, n, bo, (before, after), starts, window, (window, bo, (0, 0)), (0,) * parts)
+
+
+def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
+  """The input gradient with its rows split into `parts` blocks of `ceil(n / parts)`.
+
+  Block `i` computes the input-gradient rows from `a = floor(i * b / s) * s`
+  (its first row, moved down to a multiple of the stride so that every
+  block is the same local problem) from the cotangent rows that reach them:
+  a transposed convolution of `m` cotangent rows with low pad `lo'` (the
+  smallest `>= e - s` congruent to `lo` modulo `s`, so that no earlier
+  cotangent row reaches row `a`). Worked example: n=8, k=3, s=2, SAME
+  (pads (0, 1), out=4), 2 parts: input blocks of 4, cotangent blocks of 2;
+  block 1 (rows 4..7) needs cotangent rows 1..3: halo (1, 0), local problem
+  n=4, out=3, pads (2, 1).
+  """
+  b, bo, e = -(-n // parts), -(-out // parts), effective(k, r)
+  n_loc = b if b % s == 0 else b + s - 1
+  base = max(e - s, 0)
+  lo_loc = base + (lo - base) % s
+  m = (n_loc - 1 + lo_loc) // s + 1
+  hi_loc = max((m - 1) * s + e - n_loc - lo_loc, 0)
+  firsts_in = [i * b // s * s for i in range(parts)]
+  firsts = [(a + lo - lo_loc) // s for a in firsts_in]
+  active = [i for i in range(parts) if i * b < n]
+  before = max(0, *(i * bo - firsts[i] for i in active))
+  after = max(0, *(firsts[i] + m - (i + 1) * bo for i in active))
+  starts = _clamped([firsts[i] - i * bo + before for i in range(parts)],
+                    before + bo + after - m)
+  crops = _clamped([i * b - a for i, a in enumerate(firsts_in)], n_loc - b)
+  return Blocks(bo, out, b, (before, after), starts, m, (n_loc, m, (lo_loc, hi_loc)), crops)
+
+
+def _clamped(values: list[int], top: int) -> tuple[int, ...]:
+  return tuple(min(max(v, 0), top) for v in values)
+
+
 class ConvSpec(NamedTuple):
   """A checked, normalised depthwise convolution: what every lowering consumes.
 

@@ -1,0 +1,410 @@
+"""Sharded depthwise convolutions: halo exchange and partition rules, in one place.
+
+Every method computes the three ops of `_primitive.dw5d_p` (`fwd`, `dx`,
+`dk`), so one partitioning of each op covers every method, every order of
+gradient and the layers. An op on sharded operands runs, on each device,
+`blockwise`: the same op on the device's blocks, as a smaller problem.
+
+* **Batch** split: the local op on the local samples; no communication,
+  except the kernel gradient's sum over the devices (`psum` of
+  kernel-sized data).
+* **Channels** split (the kernel's channels split alike): the local op on
+  the local channels; no communication at all.
+* **Spatial** axes split: each block first receives from its neighbours
+  the rows its windows reach past its own (its halo, `lax.ppermute` of
+  exactly those rows, from several blocks when a halo is wider than one
+  block), then computes its own rows as a VALID problem
+  (`_geometry.output_blocks` for the convolution and the kernel gradient,
+  which exchange x; `_geometry.input_blocks` for the input gradient, which
+  exchanges the cotangent). Rows past the array's ends, and the padding
+  of blocks that a size does not split evenly, are zeros: the global
+  zero padding.
+
+Three routes lead there:
+
+1. **`jit` with sharded arrays** (mesh axes `Auto` or `Explicit`): when an
+   op is lowered for several devices, `partitioned` wraps it in
+   `jax.experimental.custom_partitioning`, with a Shardy sharding rule per
+   op (`_RULES`) and a partition callback that keeps the operands'
+   batch, spatial and channel shardings and returns `blockwise`. XLA never
+   partitions the convolution itself (its partitioner computes a wrong
+   kernel gradient of some batch- and depth-sharded grouped convolutions,
+   and all-gathers the operands of custom calls). A single-device
+   lowering is untouched.
+2. **Explicit mesh axes**: the shardings are part of the types, so
+   `out_sharding` gives each op's result sharding at trace time (the
+   output is split like x; the kernel gradient like the kernel's
+   channels), and `like` gives every cotangent its primal's sharding.
+   Sizes that the mesh does not divide raise (`out_sharding`).
+3. **Inside `jax.shard_map`** (`split_axes=` of the public ops): the
+   operands are already the blocks; the primitive carries a `Layout` of
+   the split spatial axes and its lowering is `blockwise` (the kernel
+   gradient stays a per-block partial sum, which `shard_map` sums for a
+   replicated kernel).
+
+`jax.export` and jax2tf lowerings (`for_export`) keep the portable
+single-program computation: an exported artifact cannot carry a
+partitioning callback, so a sharded exported function is partitioned by
+XLA's own rules when it is compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax._src.interpreters import mlir as _mlir  # lower_with_sharding_in_types
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dw5d_jax import _geometry
+from dw5d_jax._geometry import SPATIAL, ConvSpec
+
+Axes = tuple[str, ...]  # the mesh axes one array axis is split over (() if none)
+
+
+class Layout(NamedTuple):
+  """Which mesh axes split each axis of the data operands (x, y, cotangents).
+
+  `sizes` holds `(name, size)` for every mesh axis named; `batch` is the
+  global batch size (the last batch block is padded when the axes do not
+  divide it).
+  """
+
+  batch_axes: Axes = ()
+  spatial: tuple[Axes, Axes, Axes] = ((), (), ())
+  channels: Axes = ()
+  sizes: tuple[tuple[str, int], ...] = ()
+  batch: int = 0
+
+  def parts(self, axes: Axes) -> int:
+    sizes = dict(self.sizes)
+    return math.prod(sizes[a] for a in axes)
+
+  @property
+  def reduced(self) -> Axes:
+    """The axes a kernel gradient is summed over: batch and spatial."""
+    return (*self.batch_axes, *(a for axes in self.spatial for a in axes))
+
+
+# ----------------------------------------------------------------------------
+# The op on one device's blocks.
+
+
+def blockwise(op: str, a: jax.Array, b: jax.Array, *, spec: ConvSpec, impl: Any,
+              out_dtype: Any, layout: Layout, reduce: bool) -> jax.Array:
+  """`op` on the local blocks `a`, `b` of operands split as `layout` says.
+
+  Runs inside a computation whose mesh axes are all manual (a partition
+  callback, or `shard_map`). `reduce`: sum the kernel gradient over the
+  batch and spatial axes (else each device returns its partial sum).
+  """
+  from dw5d_jax import _primitive  # the primitive's lowering imports this module
+
+  local = spec
+  crops = []
+  for i, axes in enumerate(layout.spatial):
+    if not axes:
+      continue
+    parts = layout.parts(axes)
+    args = (spec.in_spatial[i], spec.out_spatial[i], parts, spec.window[i], spec.strides[i],
+            spec.dilations[i], spec.lo[i])
+    blocks = (_geometry.input_blocks if op == "dx" else _geometry.output_blocks)(*args)
+    ax, index = spec.spatial_axes[i], lax.axis_index(axes)
+    a = _window(a, ax, axes, parts, index, blocks)
+    if op == "dk":  # the cotangent's own rows, zero past the output's end
+      b = _mask(b, ax, index, parts, spec.out_spatial[i])
+    if op == "dx":
+      crops.append((ax, index, blocks))
+    n, out, pad = blocks.local
+    local = local._replace(in_spatial=_put(local.in_spatial, i, n),
+                           out_spatial=_put(local.out_spatial, i, out),
+                           padding=_put(local.padding, i, pad))
+  if op == "dk" and layout.batch_axes:
+    a = _mask(a, 0, lax.axis_index(layout.batch_axes), layout.parts(layout.batch_axes),
+              layout.batch)
+  channels = b.shape[3] if op == "dx" else a.shape[spec.channel_axis]
+  local = local._replace(channels=channels)
+  y = _primitive.dw5d_p.bind(a, b, op=op, spec=local, impl=impl, out_dtype=out_dtype, split=None)
+  for ax, index, blocks in crops:
+    y = _slice(y, ax, blocks.crops, index, blocks.rows)
+  if op == "dk" and reduce and layout.reduced:
+    y = lax.psum(y, layout.reduced)
+  return y
+
+
+def _put(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
+  return (*values[:i], value, *values[i + 1:])
+
+
+def _window(v: jax.Array, axis: int, axes: Axes, parts: int, index: jax.Array,
+            blocks: _geometry.Blocks) -> jax.Array:
+  """This block's window: own rows plus the halo from its neighbours."""
+  v = _mask(v, axis, index, parts, blocks.total)
+  v = _halo(v, axis, axes, parts, *blocks.halo)
+  return _slice(v, axis, blocks.starts, index, blocks.window)
+
+
+def _mask(v: jax.Array, axis: int, index: jax.Array, parts: int, total: int) -> jax.Array:
+  """Zeros in the rows of block `index` of `parts` at or past `total` (padding)."""
+  size = v.shape[axis]
+  if size * parts <= total:
+    return v
+  rows = index * size + lax.broadcasted_iota(jnp.int32, (size,), 0)
+  keep = lax.broadcast_in_dim(rows < total, v.shape, (axis,))
+  return jnp.where(keep, v, jnp.zeros((), v.dtype))
+
+
+def _ceil(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _slice(v: jax.Array, axis: int, starts: tuple[int, ...], index: jax.Array,
+           size: int) -> jax.Array:
+  """Rows `[starts[index], + size)` along `axis` (a static slice when all starts agree)."""
+  if len(set(starts)) == 1:
+    if starts[0] == 0 and size == v.shape[axis]:
+      return v
+    return lax.slice_in_dim(v, starts[0], starts[0] + size, axis=axis)
+  start = jnp.asarray(np.array(starts, np.int32))[index]
+  return lax.dynamic_slice_in_dim(v, start, size, axis=axis)
+
+
+def _halo(v: jax.Array, axis: int, axes: Axes, parts: int, before: int,
+          after: int) -> jax.Array:
+  """`v` extended by `before` rows of the blocks below it and `after` of those above.
+
+  A halo wider than a block comes from several blocks, one `ppermute` per
+  distance; blocks past either end send nothing, so those rows are zeros.
+  """
+  size = v.shape[axis]
+  pieces = []
+  for hop in range(_ceil(before, size), 0, -1):  # farthest block first
+    rows = min(size, before - (hop - 1) * size)
+    pieces.append(_shift(lax.slice_in_dim(v, size - rows, size, axis=axis), axes, parts, hop))
+  pieces.append(v)
+  for hop in range(1, _ceil(after, size) + 1):
+    rows = min(size, after - (hop - 1) * size)
+    pieces.append(_shift(lax.slice_in_dim(v, 0, rows, axis=axis), axes, parts, -hop))
+  return lax.concatenate(pieces, axis) if len(pieces) > 1 else v
+
+
+def _shift(v: jax.Array, axes: Axes, parts: int, hop: int) -> jax.Array:
+  """Block `i` receives block `i - hop`'s `v` (zeros where there is none)."""
+  pairs = [(j, j + hop) for j in range(parts) if 0 <= j + hop < parts]
+  if not pairs:
+    return jnp.zeros_like(v)
+  return lax.ppermute(v, axes, pairs)
+
+
+# ----------------------------------------------------------------------------
+# jit: the lowered op partitioned by its own rule.
+
+# Shardy factors: n batch, d h w spatial (shared by an op's operands and
+# result, so a split spatial axis stays split through the op; where their
+# sizes differ, Shardy uses the smaller), c channels, m multiplier (the
+# output channels are (c m); Shardy wants no factor of size 1 in a
+# compound), i j k the kernel's taps (never split).
+def _rule(op: str, spec: ConvSpec) -> str:
+  def data(channels: str) -> str:
+    return f"n d h w {channels}" if spec.channels_last else f"n {channels} d h w"
+
+  cm = "(c m)" if spec.multiplier > 1 else "c"
+  if op == "fwd":
+    return f"{data('c')}, i j k c m -> {data(cm)}"
+  if op == "dx":
+    return f"{data(cm)}, i j k c m -> {data('c')}"
+  return f"{data('c')}, {data(cm)} -> i j k c m"
+
+
+def partitioned(ctx, fn, *, op: str, spec: ConvSpec, impl: Any, out_dtype: Any):
+  """`fn` (the op on whole arrays) with its partitioning rule when lowered for several devices.
+
+  Unchanged for one device, inside `shard_map` (every axis manual) and for
+  export.
+  """
+  module = ctx.module_context
+  if module.lowering_parameters.for_export or getattr(module.axis_context, "manual_axes", None):
+    return fn
+  if getattr(module.axis_context, "num_devices", 1) <= 1:
+    return fn
+  wrapped = custom_partitioning(fn)
+  wrapped.def_partition(
+      partition=functools.partial(_partition, op, spec, impl, out_dtype),
+      infer_sharding_from_operands=functools.partial(_infer, op, spec),
+      sharding_rule=_rule(op, spec),
+      reduction_factors=("n", "d", "h", "w") if op == "dk" else (),
+      need_replication_factors=("i", "j", "k", "m"))
+  return wrapped
+
+
+def _partition(op, spec, impl, out_dtype, mesh, arg_shapes, result_shape):
+  del result_shape
+  layout = _layout(op, spec, mesh, arg_shapes)
+  fn = functools.partial(blockwise, op, spec=spec, impl=impl, out_dtype=out_dtype,
+                         layout=layout, reduce=True)
+  *operands, result = _shardings(op, spec, mesh, layout)
+  return mesh, fn, result, tuple(operands)
+
+
+def _infer(op, spec, mesh, arg_shapes, result_shape):
+  del result_shape
+  return _shardings(op, spec, mesh, _layout(op, spec, mesh, arg_shapes))[-1]
+
+
+def _layout(op: str, spec: ConvSpec, mesh, arg_shapes) -> Layout:
+  """The split the operands arrive with in a partition callback (see `_pick`)."""
+  for s in arg_shapes:
+    if not isinstance(s.sharding, NamedSharding):
+      raise ValueError(
+          f"dw5d_jax: a sharded depthwise convolution needs its operands' shardings as "
+          f"NamedSharding over a mesh, got {s.sharding}. Place the arrays with "
+          f"jax.device_put(x, NamedSharding(mesh, spec)), or call it under jax.set_mesh(mesh).")
+  a, b = (_dims(s.sharding.spec, len(s.shape)) for s in arg_shapes)
+  return _pick(op, spec, a, b, mesh, int(arg_shapes[0].shape[0]))
+
+
+def _pick(op: str, spec: ConvSpec, a: list[Axes], b: list[Axes], mesh, batch: int) -> Layout:
+  """The split `blockwise` computes, from the operands' splits `a` and `b`.
+
+  The data operand's (x or the cotangent) batch, spatial and channel axes
+  stay split as they are (for the kernel gradient, where x's are not, the
+  cotangent's); the kernel's channels follow. Its taps and multiplier are
+  never split.
+  """
+  used: set[str] = set()
+
+  def pick(*choices: Axes) -> Axes:
+    for axes in choices:
+      if axes and not used & set(axes):
+        used.update(axes)
+        return axes
+    return ()
+
+  second = b if op == "dk" else [()] * 5
+  batch_axes = pick(a[0], second[0])
+  spatial = tuple(pick(a[ax], second[ax]) for ax in spec.spatial_axes)
+  channel = spec.channel_axis
+  channels = pick(a[channel], second[channel] if op == "dk" else b[3])
+  sizes = tuple((name, int(mesh.shape[name])) for name in sorted(used))
+  layout = Layout(batch_axes, spatial, channels, sizes, batch)
+  _check_channels(layout, spec)
+  return layout
+
+
+def _check_channels(layout: Layout, spec: ConvSpec) -> None:
+  parts = layout.parts(layout.channels)
+  if spec.multiplier > 1 and spec.channels % parts:
+    raise ValueError(
+        f"dw5d_jax: the channels (C={spec.channels}, depth multiplier {spec.multiplier}) are "
+        f"split over mesh axes {layout.channels} ({parts} devices), which do not divide C: "
+        f"the output's C*M channels would not split along the input's. Split the channels "
+        f"over a divisor of {spec.channels}, or leave them unsplit.")
+
+
+def _dims(pspec: P, ndim: int) -> list[Axes]:
+  """A PartitionSpec as one tuple of mesh axis names per array axis."""
+  entries = tuple(pspec) + (None,) * (ndim - len(pspec))
+  return [tuple(e) if isinstance(e, tuple) else (e,) if isinstance(e, str) else ()
+          for e in entries]
+
+
+def _entry(axes: Axes) -> Any:
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _data_spec(spec: ConvSpec, layout: Layout) -> P:
+  entries = [None] * 5
+  entries[0] = _entry(layout.batch_axes)
+  for ax, axes in zip(spec.spatial_axes, layout.spatial):
+    entries[ax] = _entry(axes)
+  entries[spec.channel_axis] = _entry(layout.channels)
+  return P(*entries)
+
+
+def _shardings(op: str, spec: ConvSpec, mesh, layout: Layout) -> tuple[NamedSharding, ...]:
+  """The operands' and the result's shardings for `layout`."""
+  data = NamedSharding(mesh, _data_spec(spec, layout))
+  kernel = NamedSharding(mesh, P(None, None, None, _entry(layout.channels), None))
+  if op == "dk":
+    return data, data, kernel
+  return data, kernel, data
+
+
+# ----------------------------------------------------------------------------
+# Explicit mesh axes: shardings in the types.
+
+
+def _explicit(mesh) -> bool:
+  return not mesh.empty and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+
+
+def out_sharding(op: str, a, b, spec: ConvSpec, shape: tuple[Any, ...]) -> Any:
+  """The result's sharding for operand avals `a`, `b` under explicit mesh axes, else None.
+
+  Raises where the result's size along a split axis is not divisible by
+  the devices it is split over (a type cannot say how uneven blocks lie).
+  """
+  mesh = a.sharding.mesh if not a.sharding.mesh.empty else b.sharding.mesh
+  if not _explicit(mesh):
+    return None
+  layout = _pick(op, spec, _dims(a.sharding.spec, a.ndim), _dims(b.sharding.spec, b.ndim),
+                 mesh, int(a.shape[0]))
+  if op == "dk":
+    pspec, names = P(None, None, None, _entry(layout.channels), None), _KERNEL_AXES
+  else:
+    pspec, names = _data_spec(spec, layout), _DATA_AXES[spec.channels_last]
+  for name, size, entry in zip(names, shape, tuple(pspec) + (None,) * 5):
+    parts = layout.parts(_dims(P(entry), 1)[0])
+    if size % parts:
+      what = {"fwd": "output", "dx": "input gradient"}[op]
+      raise ValueError(
+          f"dw5d_jax: with explicit mesh axes, the {what}'s axis {name} (size {size}) would be "
+          f"split over mesh axes {_dims(P(entry), 1)[0]} ({parts} devices), which do not divide "
+          f"it. Choose sizes, strides and padding that give a divisible size, or reshard x "
+          f"along {name} first (jax.sharding.reshard).")
+  return NamedSharding(mesh, pspec)
+
+
+_DATA_AXES = {True: ("N", "D", "H", "W", "C"), False: ("N", "C", "D", "H", "W")}
+_KERNEL_AXES = ("kd", "kh", "kw", "C", "M")
+
+
+def like(value: jax.Array, aval) -> jax.Array:
+  """`value` resharded to `aval`'s explicit sharding (a cotangent to its primal's)."""
+  target = aval.sharding
+  if not _explicit(target.mesh) or jax.typeof(value).sharding.spec == target.spec:
+    return value
+  return jax.sharding.reshard(value, target.spec)
+
+
+def vary(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Both operands varying over the same manual mesh axes (inside `shard_map`)."""
+  va, vb = (jax.typeof(v).manual_axis_type.varying for v in (a, b))
+  if va == vb:
+    return a, b
+  return (lax.pcast(a, tuple(sorted(vb - va)), to="varying") if vb - va else a,
+          lax.pcast(b, tuple(sorted(va - vb)), to="varying") if va - vb else b)
+
+
+def unsharded(ctx):
+  """`ctx` with explicit shardings dropped from its types, to trace a lowering in.
+
+  The implementations compute on whole arrays; the partitioning is this
+  module's (`partitioned`), not the traced operations' own rules.
+  """
+  if not any(_explicit(v.sharding.mesh) for v in (*ctx.avals_in, *ctx.avals_out)):
+    return ctx
+  plain = lambda avals: [v.update(sharding=None) for v in avals]  # noqa: E731
+  return ctx.replace(avals_in=plain(ctx.avals_in), avals_out=plain(ctx.avals_out))
+
+
+def constrain(ctx, out):
+  """The lowered result annotated with its explicit sharding (as JAX's own ops are)."""
+  return _mlir.lower_with_sharding_in_types(ctx, out, ctx.avals_out[0])
