@@ -204,6 +204,37 @@ def _shift(v: jax.Array, axes: Axes, parts: int, hop: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
+# shard_map: the public ops' `split_axes`.
+
+
+def split_layout(fn: str, axes: tuple[Axes, Axes, Axes]) -> Layout:
+  """The `Layout` that `split_axes` names, with the mesh axes' sizes (inside `shard_map`)."""
+  sizes = {}
+  for letter, names in zip(SPATIAL, axes):
+    for name in names:
+      try:
+        sizes[name] = int(lax.axis_size(name))
+      except NameError:
+        raise ValueError(
+            f"{fn}: `split_axes` splits axis {letter} over mesh axis {name!r}, which is not "
+            f"bound here: call the op inside jax.shard_map over a mesh with that axis (manual), "
+            f"on the blocks of x.") from None
+  return Layout(spatial=axes, sizes=tuple(sorted(sizes.items())))
+
+
+def check_split(fn: str, spec: ConvSpec, layout: Layout) -> None:
+  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs)."""
+  for letter, axes, n, out in zip(SPATIAL, layout.spatial, spec.in_spatial, spec.out_spatial):
+    parts = layout.parts(axes)
+    if axes and out % parts:
+      raise ValueError(
+          f"{fn}: along axis {letter}, x (size {n} in all, split over mesh axes {axes}: "
+          f"{parts} blocks) gives an output of size {out}, which does not split into {parts} "
+          f"equal blocks. Choose sizes, strides and padding whose output size along "
+          f"{letter} is divisible by {parts}.")
+
+
+# ----------------------------------------------------------------------------
 # jit: the lowered op partitioned by its own rule.
 
 # Shardy factors: n batch, d h w spatial (shared by an op's operands and
@@ -346,14 +377,18 @@ def _explicit(mesh) -> bool:
 
 
 def out_sharding(op: str, a, b, spec: ConvSpec, shape: tuple[Any, ...]) -> Any:
-  """The result's sharding for operand avals `a`, `b` under explicit mesh axes, else None.
+  """The result's sharding in the types, from operand avals `a`, `b`.
 
-  Raises where the result's size along a split axis is not divisible by
-  the devices it is split over (a type cannot say how uneven blocks lie).
+  Split as `_pick` says under explicit mesh axes; else unsplit on the
+  operands' mesh (None without one). Raises where the result's size along
+  a split axis is not divisible by the devices it is split over (a type
+  cannot say how uneven blocks lie).
   """
   mesh = a.sharding.mesh if not a.sharding.mesh.empty else b.sharding.mesh
-  if not _explicit(mesh):
+  if mesh.empty:
     return None
+  if not _explicit(mesh):
+    return NamedSharding(mesh, P())
   layout = _pick(op, spec, _dims(a.sharding.spec, a.ndim), _dims(b.sharding.spec, b.ndim),
                  mesh, int(a.shape[0]))
   if op == "dk":
