@@ -152,19 +152,22 @@ class Blocks(NamedTuple):
   owns rows `[i * size, (i + 1) * size)` of `total` (the last blocks padded
   when `parts` does not divide `total`: rows from `total` on are zeros).
   Each block receives `halo = (before, after)` rows from the blocks below
-  and above it (from several blocks when a halo is wider than one), and
-  its op reads `window` rows of that extended block from row `starts[i]`.
-  The op on those rows is the local problem `local = (n, out, (lo, hi))`
-  along this axis; its result holds the block's own `rows` rows of the
-  op's result from row `crops[i]` (0 but for the input gradient with a
-  stride that does not divide the block). Blocks with no rows of the result
-  (past its end) compute padding, which is never read.
+  and above it (from several blocks when a halo is wider than one): the
+  most any block's own results need from existing rows. `pad = (lo, hi)`
+  zero rows go around that (padding past the array's ends, never sent).
+  The op reads `window` rows of this extended block from row `starts[i]`,
+  as the local problem `local = (n, out, (lo, hi))` along this axis; its
+  result holds the block's own `rows` rows of the op's result from row
+  `crops[i]` (0 but for the input gradient with a stride that does not
+  divide the block). Blocks past the end of the result compute padding,
+  which is never read.
   """
 
   size: int
   total: int
   rows: int
   halo: tuple[int, int]
+  pad: tuple[int, int]
   starts: tuple[int, ...]
   window: int
   local: tuple[int, int, tuple[int, int]]
@@ -184,13 +187,10 @@ def output_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int)
   """
   b, bo, e = -(-n // parts), -(-out // parts), effective(k, r)
   window = (bo - 1) * s + e
-  firsts = [input_span(i * bo, (i + 1) * bo, k, s, r, lo)[0] for i in range(parts)]
-  active = [i for i in range(parts) if i * bo < out]
-  before = max(0, *(i * b - firsts[i] for i in active))
-  after = max(0, *(firsts[i] + window - (i + 1) * b for i in active))
-  starts = _clamped([firsts[i] - i * b + before for i in range(parts)],
-                    before + b + after - window)
-  return Blocks(b, n, bo, (before, after), starts, window, (window, bo, (0, 0)), (0,) * parts)
+  firsts = [input_span(i * bo, 0, k, s, r, lo)[0] for i in range(parts)]
+  needs = {i: input_span(i * bo, min((i + 1) * bo, out), k, s, r, lo)
+           for i in range(parts) if i * bo < out}
+  return _blocks(b, n, bo, parts, firsts, window, needs, (window, bo, (0, 0)), (0,) * parts)
 
 
 def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
@@ -214,13 +214,26 @@ def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) 
   hi_loc = max((m - 1) * s + e - n_loc - lo_loc, 0)
   firsts_in = [i * b // s * s for i in range(parts)]
   firsts = [(a + lo - lo_loc) // s for a in firsts_in]
-  active = [i for i in range(parts) if i * b < n]
-  before = max(0, *(i * bo - firsts[i] for i in active))
-  after = max(0, *(firsts[i] + m - (i + 1) * bo for i in active))
-  starts = _clamped([firsts[i] - i * bo + before for i in range(parts)],
-                    before + bo + after - m)
+  # Cotangent rows o reach input rows [p0, p1) when p0 <= o*s + t*r - lo < p1.
+  needs = {i: (-((e - 1 - i * b - lo) // s), (min((i + 1) * b, n) - 1 + lo) // s + 1)
+           for i in range(parts) if i * b < n}
   crops = _clamped([i * b - a for i, a in enumerate(firsts_in)], n_loc - b)
-  return Blocks(bo, out, b, (before, after), starts, m, (n_loc, m, (lo_loc, hi_loc)), crops)
+  return _blocks(bo, out, b, parts, firsts, m, needs, (n_loc, m, (lo_loc, hi_loc)), crops)
+
+
+def _blocks(size: int, total: int, rows: int, parts: int, firsts: list[int], window: int,
+            needs: dict[int, tuple[int, int]], local, crops) -> Blocks:
+  """`Blocks` from each block's window start and the rows its own results need."""
+  needs = {i: (max(a, 0), min(z, total)) for i, (a, z) in needs.items()}
+  before = max([0, *(i * size - a for i, (a, z) in needs.items() if z > a)])
+  after = max([0, *(z - (i + 1) * size for i, (a, z) in needs.items() if z > a)])
+  low = [i * size - before for i in range(parts)]  # first row of the exchanged rows
+  pad_lo = max([0, *(low[i] - firsts[i] for i in needs)])
+  pad_hi = max([0, *(firsts[i] + window - (low[i] + before + size + after) for i in needs)])
+  extent = pad_lo + before + size + after + pad_hi
+  starts = _clamped([firsts[i] - low[i] + pad_lo for i in range(parts)], extent - window)
+  return Blocks(size, total, rows, (before, after), (pad_lo, pad_hi), starts, window, local,
+                crops)
 
 
 def _clamped(values: list[int], top: int) -> tuple[int, ...]:

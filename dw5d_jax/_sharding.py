@@ -145,9 +145,13 @@ def _put(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
 
 def _window(v: jax.Array, axis: int, axes: Axes, parts: int, index: jax.Array,
             blocks: _geometry.Blocks) -> jax.Array:
-  """This block's window: own rows plus the halo from its neighbours."""
+  """This block's window: own rows, the halo from its neighbours, zeros past the ends."""
   v = _mask(v, axis, index, parts, blocks.total)
   v = _halo(v, axis, axes, parts, *blocks.halo)
+  if blocks.pad != (0, 0):
+    config = [(0, 0, 0)] * v.ndim
+    config[axis] = (*blocks.pad, 0)
+    v = lax.pad(v, jnp.zeros((), v.dtype), config)
   return _slice(v, axis, blocks.starts, index, blocks.window)
 
 
@@ -265,13 +269,16 @@ def partitioned(ctx, fn, *, op: str, spec: ConvSpec, impl: Any, out_dtype: Any):
     return fn
   if getattr(module.axis_context, "num_devices", 1) <= 1:
     return fn
+  rule = _rule(op, spec)
+  # Shardy wants special factors in the order the rule first names them.
+  order = functools.partial(rule.replace("(", " ").replace(")", " ").split().index)
   wrapped = custom_partitioning(fn)
   wrapped.def_partition(
       partition=functools.partial(_partition, op, spec, impl, out_dtype),
       infer_sharding_from_operands=functools.partial(_infer, op, spec),
-      sharding_rule=_rule(op, spec),
+      sharding_rule=rule,
       reduction_factors=("n", "d", "h", "w") if op == "dk" else (),
-      need_replication_factors=("i", "j", "k", "m"))
+      need_replication_factors=tuple(sorted("ijkm", key=order)))
   return wrapped
 
 
