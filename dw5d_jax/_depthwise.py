@@ -202,6 +202,9 @@ def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: 
       parts=(1, 1, 1) if blocks is None else tuple(map(blocks.parts, blocks.spatial)))
   if blocks is not None:
     _sharding.check_split(fn, spec, blocks)
+  else:  # explicit mesh axes: the result's split, checked with this function's name
+    _sharding.out_sharding("fwd", jax.typeof(x5), jax.typeof(k5), spec,
+                           _primitive.out_shape("fwd", x5.shape, spec), fn)
   impl = _primitive.Impl(method)
   _policy.prepare(spec, impl, x5.shape[0])
   y = _primitive.conv(x5, k5, spec, impl, split=blocks)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -297,24 +298,43 @@ def _infer(op, spec, mesh, arg_shapes, result_shape):
 
 
 def _layout(op: str, spec: ConvSpec, mesh, arg_shapes) -> Layout:
-  """The split the operands arrive with in a partition callback (see `_pick`)."""
+  """The split the operands arrive with, in a partition callback (see `_pick`).
+
+  Never raises (an exception in XLA's callback aborts the process): what it
+  cannot keep split it leaves unsplit, with a warning, and XLA gathers it.
+  """
+  dims = []
   for s in arg_shapes:
-    if not isinstance(s.sharding, NamedSharding):
-      raise ValueError(
-          f"dw5d_jax: a sharded depthwise convolution needs its operands' shardings as "
-          f"NamedSharding over a mesh, got {s.sharding}. Place the arrays with "
-          f"jax.device_put(x, NamedSharding(mesh, spec)), or call it under jax.set_mesh(mesh).")
-  a, b = (_dims(s.sharding.spec, len(s.shape)) for s in arg_shapes)
-  return _pick(op, spec, a, b, mesh, int(arg_shapes[0].shape[0]))
+    if s.sharding is None:  # not known yet (GSPMD's propagation)
+      dims.append([()] * len(s.shape))
+    elif isinstance(s.sharding, NamedSharding):
+      dims.append(_dims(s.sharding.spec, len(s.shape)))
+    else:
+      _warn(f"its operands' shardings are not over a named mesh ({s.sharding}); place the "
+            f"arrays with jax.device_put(x, NamedSharding(mesh, spec)) or call it under "
+            f"jax.set_mesh(mesh)")
+      dims.append([()] * len(s.shape))
+  batch = int(arg_shapes[0].shape[0])
+  try:
+    return _pick(op, spec, *dims, mesh, batch)
+  except ValueError as e:
+    _warn(str(e))
+    return _pick(op, spec, *dims, mesh, batch, split_channels=False)
 
 
-def _pick(op: str, spec: ConvSpec, a: list[Axes], b: list[Axes], mesh, batch: int) -> Layout:
+def _warn(what: str) -> None:
+  warnings.warn(f"dw5d_jax: a sharded depthwise convolution is computed with gathered "
+                f"operands: {what}", stacklevel=2)
+
+
+def _pick(op: str, spec: ConvSpec, a: list[Axes], b: list[Axes], mesh, batch: int,
+          split_channels: bool = True) -> Layout:
   """The split `blockwise` computes, from the operands' splits `a` and `b`.
 
   The data operand's (x or the cotangent) batch, spatial and channel axes
   stay split as they are (for the kernel gradient, where x's are not, the
   cotangent's); the kernel's channels follow. Its taps and multiplier are
-  never split.
+  never split. Raises ValueError for channels that cannot be split so.
   """
   used: set[str] = set()
 
@@ -329,21 +349,17 @@ def _pick(op: str, spec: ConvSpec, a: list[Axes], b: list[Axes], mesh, batch: in
   batch_axes = pick(a[0], second[0])
   spatial = tuple(pick(a[ax], second[ax]) for ax in spec.spatial_axes)
   channel = spec.channel_axis
-  channels = pick(a[channel], second[channel] if op == "dk" else b[3])
+  channels = pick(a[channel], second[channel] if op == "dk" else b[3]) if split_channels else ()
   sizes = tuple((name, int(mesh.shape[name])) for name in sorted(used))
   layout = Layout(batch_axes, spatial, channels, sizes, batch)
-  _check_channels(layout, spec)
-  return layout
-
-
-def _check_channels(layout: Layout, spec: ConvSpec) -> None:
-  parts = layout.parts(layout.channels)
+  parts = layout.parts(channels)
   if spec.multiplier > 1 and spec.channels % parts:
     raise ValueError(
-        f"dw5d_jax: the channels (C={spec.channels}, depth multiplier {spec.multiplier}) are "
-        f"split over mesh axes {layout.channels} ({parts} devices), which do not divide C: "
-        f"the output's C*M channels would not split along the input's. Split the channels "
-        f"over a divisor of {spec.channels}, or leave them unsplit.")
+        f"the channels (C={spec.channels}, depth multiplier {spec.multiplier}) are split over "
+        f"mesh axes {channels} ({parts} devices), which do not divide C, so the output's "
+        f"C*M channels would not split along the input's. Split the channels over a divisor "
+        f"of {spec.channels}, or leave them unsplit.")
+  return layout
 
 
 def _dims(pspec: P, ndim: int) -> list[Axes]:
@@ -383,34 +399,39 @@ def _explicit(mesh) -> bool:
   return not mesh.empty and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
 
 
-def out_sharding(op: str, a, b, spec: ConvSpec, shape: tuple[Any, ...]) -> Any:
+def out_sharding(op: str, a, b, spec: ConvSpec, shape: tuple[Any, ...],
+                 fn: str = "dw5d_jax") -> Any:
   """The result's sharding in the types, from operand avals `a`, `b`.
 
   Split as `_pick` says under explicit mesh axes; else unsplit on the
   operands' mesh (None without one). Raises where the result's size along
   a split axis is not divisible by the devices it is split over (a type
-  cannot say how uneven blocks lie).
+  cannot say how uneven blocks lie), or channels cannot be split.
   """
   mesh = a.sharding.mesh if not a.sharding.mesh.empty else b.sharding.mesh
   if mesh.empty:
     return None
   if not _explicit(mesh):
     return NamedSharding(mesh, P())
-  layout = _pick(op, spec, _dims(a.sharding.spec, a.ndim), _dims(b.sharding.spec, b.ndim),
-                 mesh, int(a.shape[0]))
+  try:
+    layout = _pick(op, spec, _dims(a.sharding.spec, a.ndim), _dims(b.sharding.spec, b.ndim),
+                   mesh, int(a.shape[0]))
+  except ValueError as e:
+    raise ValueError(f"{fn}: with explicit mesh axes, {e}") from None
   if op == "dk":
     pspec, names = P(None, None, None, _entry(layout.channels), None), _KERNEL_AXES
   else:
     pspec, names = _data_spec(spec, layout), _DATA_AXES[spec.channels_last]
   for name, size, entry in zip(names, shape, tuple(pspec) + (None,) * 5):
-    parts = layout.parts(_dims(P(entry), 1)[0])
-    if size % parts:
-      what = {"fwd": "output", "dx": "input gradient"}[op]
+    axes = _dims(P(entry), 1)[0]
+    if size % layout.parts(axes):
+      i = SPATIAL.find(name)
+      given = f" from an input of size {spec.in_spatial[i]}" if i >= 0 and op == "fwd" else ""
       raise ValueError(
-          f"dw5d_jax: with explicit mesh axes, the {what}'s axis {name} (size {size}) would be "
-          f"split over mesh axes {_dims(P(entry), 1)[0]} ({parts} devices), which do not divide "
-          f"it. Choose sizes, strides and padding that give a divisible size, or reshard x "
-          f"along {name} first (jax.sharding.reshard).")
+          f"{fn}: with explicit mesh axes, the result's axis {name} (size {size}{given}) would "
+          f"be split over mesh axes {axes} ({layout.parts(axes)} devices), which do not divide "
+          f"it. Choose sizes, strides and padding that give a divisible size, or reshard x so "
+          f"that axis {name} is not split (jax.sharding.reshard) before the call.")
   return NamedSharding(mesh, pspec)
 
 
@@ -436,15 +457,21 @@ def vary(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def unsharded(ctx):
-  """`ctx` with explicit shardings dropped from its types, to trace a lowering in.
+  """`ctx` with shardings and manual axes dropped from its types, to trace a lowering in.
 
-  The implementations compute on whole arrays; the partitioning is this
-  module's (`partitioned`), not the traced operations' own rules.
+  The implementations compute on whole arrays (or on one device's blocks):
+  the partitioning is this module's, not the traced operations' own rules,
+  and no transpose inside them may sum over manual axes (which it would
+  for a value varying over them).
   """
-  if not any(_explicit(v.sharding.mesh) for v in (*ctx.avals_in, *ctx.avals_out)):
+  if all(v.sharding.mesh.empty for v in (*ctx.avals_in, *ctx.avals_out)):
     return ctx
-  plain = lambda avals: [v.update(sharding=None) for v in avals]  # noqa: E731
+  plain = lambda avals: [  # noqa: E731
+      v.update(sharding=None, manual_axis_type=_NO_MANUAL_AXES) for v in avals]
   return ctx.replace(avals_in=plain(ctx.avals_in), avals_out=plain(ctx.avals_out))
+
+
+_NO_MANUAL_AXES = jax.core.ShapedArray((), np.float32).manual_axis_type
 
 
 def constrain(ctx, out):

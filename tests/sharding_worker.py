@@ -12,8 +12,8 @@ Each case places x (and, for channel splits, the kernel) on a mesh, compiles
 
 * the values against the same function on one device (float32 tolerance);
 * the result shardings (y and dx split like x);
-* the compiled HLO's collectives: no all-gather or all-to-all; all-reduce
-  and reduce-scatter only of kernel-sized data; collective-permute only
+* the compiled HLO's collectives: all-reduce, reduce-scatter, all-gather
+  and all-to-all only of kernel-sized data; collective-permute only
   where a spatial axis is split, moving in all at most 1.05x the halo
   rows that `_geometry.input_span` says each op's blocks read beyond
   their own (computed here from the definition, not from `Blocks`).
@@ -49,6 +49,7 @@ class Case:
   kernel_spec: tuple[Any, ...] = ()
   second_order: bool = False
   crop: tuple[int, ...] = ()  # x's shape inside the jit, cut from the placed `shape`
+  shard_map: bool = False  # the op on the blocks inside jax.shard_map (split_axes=)
 
   @property
   def op(self) -> str:
@@ -110,6 +111,18 @@ CASES = {
              (2, 8, 8, 6, 16), (3, 3, 3), kwargs=(("data_format", "NCDHW"),)),
         Case("channels", EXPLICIT, _4, (None, None, None, None, "d"), (2, 6, 6, 6, 8), (3, 3, 3),
              multiplier=2, kernel_spec=(None, None, None, "d", None)),
+        # x's channels split, the kernel's not: its gradient is resharded to match it.
+        Case("channels_kernel_replicated", EXPLICIT, _4, (None, None, None, None, "d"),
+             (2, 6, 6, 6, 8), (3, 3, 3), multiplier=2),
+    ],
+    "shard_map": [
+        Case("depth", EXPLICIT, _8, (None, "d"), (2, 16, 12, 10, 8), (3, 3, 3),
+             shard_map=True, second_order=True),
+        Case("depth_height_strided", AUTO, _2x4, (None, "data", "space"), (2, 8, 16, 6, 8),
+             (3, 3, 3), multiplier=2, kwargs=(("strides", 2),), shard_map=True),
+        Case("batch_width_2d_multi_hop", EXPLICIT, _2x4, ("data", None, None, "space"),
+             (4, 4, 6, 8, 8), (3, 5), kwargs=(("axes", "HW"), ("dilations", 2)),
+             shard_map=True, second_order=True),
     ],
 }
 
@@ -143,21 +156,19 @@ def halo_rows(op: str, n: int, out: int, parts: int, k: int, s: int, r: int, lo:
 
 
 def analytic_halo_bytes(spec, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
-                        split: list[tuple[int, int]], itemsize: int) -> int:
+                        parts: list[int], itemsize: int) -> int:
   """Bytes each device sends for fwd, dx and dk: halo rows times the rest of the block.
 
-  `split`: (spatial index, parts) of the split spatial axes, in D, H, W order;
-  a later axis's halo rows span the earlier axes' extended blocks.
+  `parts`: how many blocks each axis of x (and y) is split into; a later
+  spatial axis's halo rows span the earlier axes' extended blocks.
   """
   total = 0
   for op, shape in (("fwd", x_shape), ("dx", y_shape), ("dk", x_shape)):
-    block = list(shape)
-    for i, parts in split:
-      ax = spec.spatial_axes[i]
-      block[ax] = -(-block[ax] // parts)
-    for i, parts in split:
-      ax = spec.spatial_axes[i]
-      rows = halo_rows(op, spec.in_spatial[i], spec.out_spatial[i], parts, spec.window[i],
+    block = [-(-d // p) for d, p in zip(shape, parts)]
+    for i, ax in enumerate(spec.spatial_axes):
+      if parts[ax] == 1:
+        continue
+      rows = halo_rows(op, spec.in_spatial[i], spec.out_spatial[i], parts[ax], spec.window[i],
                        spec.strides[i], spec.dilations[i], spec.lo[i])
       total += rows * math.prod(block) // block[ax] * itemsize
       block[ax] += rows
@@ -175,13 +186,17 @@ _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4, "pred": 1
 
 
 def collectives(hlo: str) -> list[tuple[str, int, int]]:
-  """`(kind, elements, bytes)` of every collective in compiled HLO text."""
+  """`(kind, elements, bytes)` of every collective in compiled HLO text.
+
+  `elements`: of the largest array it moves (XLA combines several
+  all-reduces into one of a tuple); `bytes`: of all of them.
+  """
   out = []
   for m in _COLLECTIVE.finditer(hlo):
     shapes = _SHAPE.findall(m.group(1))
     if m.group(3):  # async start: (operand, result[, ...]); count the result
       shapes = shapes[1:2]
-    elems = sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in shapes)
+    elems = max(math.prod(int(d) for d in dims.split(",") if d) for _, dims in shapes)
     nbytes = sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(t, 4)
                  for t, dims in shapes)
     out.append((m.group(2), elems, nbytes))
@@ -193,9 +208,7 @@ def check_collectives(found: list[tuple[str, int, int]], kernel_elems: int,
   """What is wrong with the collectives `found` (empty: nothing)."""
   errors = []
   for kind, elems, _ in found:
-    if kind in ("all-gather", "all-to-all"):
-      errors.append(f"{kind} of {elems} elements")
-    if kind in ("all-reduce", "reduce-scatter") and elems > kernel_elems:
+    if kind != "collective-permute" and elems > kernel_elems:
       errors.append(f"{kind} of {elems} elements (kernel: {kernel_elems})")
   moved = sum(b for kind, _, b in found if kind == "collective-permute")
   if not halo_bytes and moved:
@@ -217,7 +230,6 @@ def _pspec(entries: tuple[Any, ...]):
 
 def run_case(case: Case, method: str) -> dict[str, Any]:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import AxisType, NamedSharding
 
@@ -230,8 +242,8 @@ def run_case(case: Case, method: str) -> dict[str, Any]:
   x = rng.standard_normal(shape).astype(np.float32)
   k = rng.standard_normal((*case.window, channels, case.multiplier)).astype(np.float32)
   op = getattr(dw, case.op)
-  f = lambda x, k: op(x, k, method=method, **kw)  # noqa: E731
-  y_shape = jax.eval_shape(f, x, k).shape
+  plain = lambda x, k: op(x, k, method=method, **kw)  # noqa: E731
+  y_shape = jax.eval_shape(plain, x, k).shape
   ct = rng.standard_normal(y_shape).astype(np.float32)
 
   types = {AUTO: AxisType.Auto, EXPLICIT: AxisType.Explicit}[case.axis_types]
@@ -239,39 +251,26 @@ def run_case(case: Case, method: str) -> dict[str, Any]:
   data = NamedSharding(mesh, _pspec(case.x_spec))
   parts = [math.prod(mesh.shape[n] for n in _names(e)) if e else 1
            for e in (*case.x_spec, *(None,) * 5)[:5]]
-  even = lambda shape: tuple(-(-d // p) * p for d, p in zip(shape, parts))  # noqa: E731
+  sharded = plain
+  if case.shard_map:
+    spatial = (2, 3, 4) if kw.get("data_format", "").startswith("NC") else (1, 2, 3)
+    split = {a: case.x_spec[ax] for a, ax in zip("DHW", spatial)
+             if ax < len(case.x_spec) and case.x_spec[ax]}
+    sharded = jax.shard_map(lambda x, k: op(x, k, method=method, split_axes=split, **kw),
+                            mesh=mesh, in_specs=(data.spec, _pspec(case.kernel_spec)),
+                            out_specs=data.spec)
 
-  def cut(v, shape):  # the uneven array inside the jit, split like x
-    if v.shape == shape:
-      return v
-    return jax.lax.with_sharding_constraint(v[tuple(slice(0, d) for d in shape)], data)
-
-  def grow(v):  # back to a size the mesh divides, with the same blocks: no data moves
-    pads = [(0, e - d) for d, e in zip(v.shape, even(v.shape))]
-    return v if not any(p for _, p in pads) else jnp.pad(v, pads)
-
-  def step(x, k, ct):
-    y, vjp = jax.vjp(f, cut(x, shape), k)
-    dx, dk = vjp(cut(ct, y_shape))
-    return grow(y), grow(dx), dk
-
-  def second(x, k, ct):  # d/dx |dk|^2 and d/dk |dx|^2: the transposes of dk and dx
-    return (jax.grad(lambda x: (step(x, k, ct)[2] ** 2).sum())(x),
-            jax.grad(lambda k: (step(x, k, ct)[1] ** 2).sum())(k))
-
-  def place(v, sharding):
-    v = np.pad(v, [(0, e - d) for d, e in zip(v.shape, even(v.shape))])
-    return jax.device_put(v, sharding)
-
-  xs, cts = place(x, data), place(ct, data)
+  xs, cts = _place(x, data, parts), _place(ct, data, parts)
   ks = jax.device_put(k, NamedSharding(mesh, _pspec(case.kernel_spec)))
   errors, summary, moved, halo = [], {}, 0, 0
-  for name, fn in (("step", step), ("second order", second)):
+  for name in ("step", "second order"):
     if name == "second order" and not case.second_order:
       continue
-    expected = jax.jit(fn)(np.asarray(xs), k, np.asarray(cts))
+    expected = jax.jit(_program(name, plain, shape, y_shape, None, parts))(
+        np.asarray(xs), k, np.asarray(cts))
     with jax.set_mesh(mesh):
-      compiled = jax.jit(fn).lower(xs, ks, cts).compile()
+      compiled = jax.jit(_program(name, sharded, shape, y_shape, data, parts)).lower(
+          xs, ks, cts).compile()
       got = compiled(xs, ks, cts)
     for what, a, b in zip(("y", "dx", "dk") if name == "step" else ("d2x", "d2k"), got,
                           expected):
@@ -285,14 +284,58 @@ def run_case(case: Case, method: str) -> dict[str, Any]:
         if _dims(a.sharding.spec) != _dims(data.spec):
           errors.append(f"{what} sharded {a.sharding.spec}, x {data.spec}")
       spec = _spec(case, x, k)
-      split = [(i, parts[ax]) for i, ax in enumerate(spec.spatial_axes) if parts[ax] > 1]
-      halo = analytic_halo_bytes(spec, x.shape, y_shape, split, 4)
+      halo = analytic_halo_bytes(spec, x.shape, y_shape, parts, 4)
       found = collectives(compiled.as_text())
       errors += check_collectives(found, k.size, halo)
       summary = {kind: sum(1 for c in found if c[0] == kind) for kind, _, _ in found}
       moved = sum(b for kind, _, b in found if kind == "collective-permute")
   return {"case": case.name, "method": method, "errors": errors, "collectives": summary,
           "permute_bytes": moved, "halo_bytes": halo}
+
+
+def _even(shape, parts):
+  return tuple(-(-d // p) * p for d, p in zip(shape, parts))
+
+
+def _place(v, sharding, parts):
+  """`v` zero-padded to sizes the mesh divides, on the mesh."""
+  import jax
+  import numpy as np
+
+  return jax.device_put(np.pad(v, [(0, e - d) for d, e in zip(v.shape, _even(v.shape, parts))]),
+                        sharding)
+
+
+def _program(name: str, f, x_shape, y_shape, data, parts):
+  """`(x, k, ct) -> (y, dx, dk)` through `f` (or the second-order terms), on padded arrays.
+
+  x and ct arrive padded to sizes the mesh divides; inside they are cut to
+  the problem's (uneven) sizes, split like x, and y and dx are padded back
+  (the same blocks: no data moves).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def cut(v, shape):
+    if v.shape == shape:
+      return v
+    v = v[tuple(slice(0, d) for d in shape)]
+    return v if data is None else jax.lax.with_sharding_constraint(v, data)
+
+  def grow(v):
+    pads = [(0, e - d) for d, e in zip(v.shape, _even(v.shape, parts))]
+    return v if not any(p for _, p in pads) else jnp.pad(v, pads)
+
+  def step(x, k, ct):
+    y, vjp = jax.vjp(f, cut(x, x_shape), k)
+    dx, dk = vjp(cut(ct, y_shape))
+    return grow(y), grow(dx), dk
+
+  def second(x, k, ct):  # d/dx |dk|^2 and d/dk |dx|^2: the transposes of dk and dx
+    return (jax.grad(lambda x: (step(x, k, ct)[2] ** 2).sum())(x),
+            jax.grad(lambda k: (step(x, k, ct)[1] ** 2).sum())(k))
+
+  return step if name == "step" else second
 
 
 def _dims(pspec) -> tuple[tuple[str, ...], ...]:
@@ -321,10 +364,81 @@ def _spec(case: Case, x, k):
       precision=None, preferred=None)[2]
 
 
+# ----------------------------------------------------------------------------
+# Layers: a training step's gradients through a sharded jit.
+
+LAYER_CASES = (("flax", AUTO), ("flax", EXPLICIT), ("keras", AUTO), ("keras", EXPLICIT))
+
+
+def run_layers(library: str, axis_types: str) -> dict[str, Any]:
+  """Loss and parameter gradients of two layers, x split over batch and depth (2x4)."""
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  x = np.random.default_rng(0).standard_normal((4, 8, 12, 10, 8)).astype(np.float32)
+  if library == "flax":
+    from flax import nnx
+
+    from dw5d_jax.nn import DepthwiseConv2D, DepthwiseConv3D
+
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(DepthwiseConv3D(8, 3, depth_multiplier=2, rngs=rngs),
+                           DepthwiseConv2D(16, (3, 5), axes="HW", strides=(1, 2), rngs=rngs))
+    graph, params = nnx.split(model)
+    apply = lambda params, x: nnx.merge(graph, params)(x)  # noqa: E731
+  else:
+    import keras
+
+    from interop.keras import DepthwiseConv3D
+
+    layer = DepthwiseConv3D(kernel_size=3, depth_multiplier=2, padding="same")
+    layer.build(x.shape)
+    params = [v.value for v in layer.trainable_variables]
+    apply = lambda params, x: layer.stateless_call(params, [], x)[0]  # noqa: E731
+    del keras
+
+  loss = lambda params, x: (apply(params, x) ** 2).mean()  # noqa: E731
+  step = jax.value_and_grad(loss)
+  expected = jax.jit(step)(params, x)
+  types = {AUTO: AxisType.Auto, EXPLICIT: AxisType.Explicit}[axis_types]
+  mesh = jax.make_mesh((2, 4), ("data", "space"), axis_types=(types,) * 2)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", "space")))
+  ps = jax.device_put(params, NamedSharding(mesh, P()))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(step).lower(ps, xs).compile()
+    got = compiled(ps, xs)
+  errors = []
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    err = float(np.abs(a - b).max()) / max(1e-30, float(np.abs(b).max()))
+    if not err <= 2e-5:
+      errors.append(f"{jax.tree_util.keystr(path)} differs from one device by {err:.2e}")
+  largest = max(np.size(p) for p in jax.tree.leaves(params))
+  found = collectives(compiled.as_text())
+  errors += [f"{kind} of {elems} elements" for kind, elems, _ in found
+             if kind != "collective-permute" and elems > largest]
+  if not any(kind == "collective-permute" for kind, _, _ in found):
+    errors.append("no halo exchange")
+  summary = {kind: sum(1 for c in found if c[0] == kind) for kind, _, _ in found}
+  return {"case": f"{library}_{axis_types}", "method": "auto", "errors": errors,
+          "collectives": summary}
+
+
 def main(group: str) -> None:
   import jax
 
   assert jax.device_count() == 8, jax.devices()
+  if group == "layers":
+    for library, axis_types in LAYER_CASES:
+      try:
+        result = run_layers(library, axis_types)
+      except Exception:  # noqa: BLE001 - reported to the parent as the case's failure
+        result = {"case": f"{library}_{axis_types}", "method": "auto",
+                  "errors": [traceback.format_exc()]}
+      print(json.dumps(result), flush=True)
+    return
   for case in CASES[group]:
     for method in case.methods:
       try:
@@ -336,4 +450,5 @@ def main(group: str) -> None:
 
 if __name__ == "__main__":
   os.environ.setdefault("DW5D_JAX_NATIVE", "all")
+  os.environ.setdefault("KERAS_BACKEND", "jax")
   main(sys.argv[1])
