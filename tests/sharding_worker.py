@@ -426,10 +426,69 @@ def run_layers(library: str, axis_types: str) -> dict[str, Any]:
           "collectives": summary}
 
 
+# ----------------------------------------------------------------------------
+# Errors, and export.
+
+
+def run_misc() -> list[dict[str, Any]]:
+  """Errors for splits a type cannot hold, and `jax.export` of a sharded function."""
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import dw5d_jax as dw
+
+  results = []
+
+  def expect_error(name, fn, *fragments):
+    try:
+      fn()
+      errors = ["no error"]
+    except ValueError as e:
+      errors = [f"{f!r} not in {str(e)!r}" for f in fragments if f not in str(e)]
+    results.append({"case": name, "method": "auto", "errors": errors})
+
+  x = np.ones((2, 16, 6, 6, 8), np.float32)
+  k = np.ones((3, 3, 3, 8, 1), np.float32)
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+  xs = jax.device_put(x, NamedSharding(mesh, P(None, "d")))
+  expect_error("explicit_indivisible_output",
+               lambda: dw.depthwise_conv3d(xs, k, padding="VALID"),
+               "depthwise_conv3d: with explicit mesh axes", "axis D (size 14 from an input of "
+               "size 16)", "mesh axes ('d',) (8 devices)", "jax.sharding.reshard")
+  split = jax.shard_map(lambda x: dw.depthwise_conv2d(x, k[0], axes="HW", padding="VALID",
+                                                      split_axes={"H": "d"}),
+                        mesh=mesh, in_specs=P(None, None, "d"), out_specs=P(None, None, "d"))
+  xh = jax.device_put(np.ones((2, 4, 16, 6, 8), np.float32), NamedSharding(mesh, P(None, None, "d")))
+  expect_error("split_axes_indivisible_output", lambda: split(xh),
+               "depthwise_conv2d: along axis H, x (size 16 in all, split over mesh axes ('d',): "
+               "8 blocks) gives an output of size 14")
+
+  # An exported artifact keeps the portable single-program computation.
+  auto = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+  sharding = NamedSharding(auto, P(None, "d"))
+  f = jax.jit(lambda x: dw.depthwise_conv3d(x, k), in_shardings=sharding, out_shardings=sharding)
+  errors = []
+  exported = jax.export.export(f)(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+  if "CustomSPMDPartitioning" in exported.mlir_module():
+    errors.append("the exported module names the partitioning callback")
+  got = exported.call(jax.device_put(x, sharding))
+  want = dw.depthwise_conv3d(x, k)
+  if not np.allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5):
+    errors.append("the exported function computes something else")
+  results.append({"case": "export", "method": "auto", "errors": errors})
+  return results
+
+
 def main(group: str) -> None:
   import jax
 
   assert jax.device_count() == 8, jax.devices()
+  if group == "misc":
+    for result in run_misc():
+      print(json.dumps(result), flush=True)
+    return
   if group == "layers":
     for library, axis_types in LAYER_CASES:
       try:
