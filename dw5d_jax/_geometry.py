@@ -161,6 +161,13 @@ class Blocks(NamedTuple):
   `crops[i]` (0 but for the input gradient with a stride that does not
   divide the block). Blocks past the end of the result compute padding,
   which is never read.
+
+  Where every block is the same problem (`rows * s == size` for the
+  convolution, `size * s == rows` for the input gradient: the splits line
+  up with the stride), `pieces` gives the same result without the
+  extended block (a copy of the block): the op on the block's own rows,
+  with its global padding, plus small ops on the halos alone added to the
+  rows they reach (the ops are linear). Else `pieces` is empty.
   """
 
   size: int
@@ -172,6 +179,23 @@ class Blocks(NamedTuple):
   window: int
   local: tuple[int, int, tuple[int, int]]
   crops: tuple[int, ...]
+  pieces: tuple[Piece, ...] = ()
+
+
+class Piece(NamedTuple):
+  """One term of a split op (`Blocks.pieces`): the op on some rows, added to some rows.
+
+  It reads rows `rows` of its `source` (-1: the halo before the block, 0:
+  the block's own rows, 1: the halo after it; rows counted from the
+  source's first) and adds the local problem `local = (n, out, (lo, hi))`
+  to rows `result` of the block's result (for the kernel gradient: it
+  reads those rows of the block's cotangent).
+  """
+
+  source: int
+  rows: tuple[int, int]
+  result: tuple[int, int]
+  local: tuple[int, int, tuple[int, int]]
 
 
 def output_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
@@ -190,7 +214,26 @@ def output_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int)
   firsts = [input_span(i * bo, 0, k, s, r, lo)[0] for i in range(parts)]
   needs = {i: input_span(i * bo, min((i + 1) * bo, out), k, s, r, lo)
            for i in range(parts) if i * bo < out}
-  return _blocks(b, n, bo, parts, firsts, window, needs, (window, bo, (0, 0)), (0,) * parts)
+  blocks = _blocks(b, n, bo, parts, firsts, window, needs, (window, bo, (0, 0)), (0,) * parts)
+  if parts == 1 or b != bo * s:
+    return blocks
+  before, after = blocks.halo
+
+  def piece(source: int, x0: int, x1: int, o0: int, o1: int) -> Piece | None:
+    # Input rows [x0, x1) and outputs [o0, o1) in the block's frame, where output o
+    # reads input o*s + t*r - lo; cut to the rows those outputs read.
+    x0, x1 = max(x0, o0 * s - lo), min(x1, (o1 - 1) * s + e - lo)
+    if o1 <= o0 or x1 <= x0:
+      return None
+    lo_p = lo + x0 - o0 * s
+    first = {-1: -before, 0: 0, 1: b}[source]
+    return Piece(source, (x0 - first, x1 - first), (o0, o1),
+                 (x1 - x0, o1 - o0, (lo_p, (o1 - o0 - 1) * s + e - (x1 - x0) - lo_p)))
+
+  pieces = (piece(0, 0, b, 0, bo),
+            piece(-1, -before, 0, 0, min(bo, -(-lo // s))),
+            piece(1, b, b + after, max(0, -(-(b - e + 1 + lo) // s)), bo))
+  return blocks._replace(pieces=tuple(p for p in pieces if p is not None))
 
 
 def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
@@ -218,7 +261,24 @@ def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) 
   needs = {i: (-((e - 1 - i * b - lo) // s), (min((i + 1) * b, n) - 1 + lo) // s + 1)
            for i in range(parts) if i * b < n}
   crops = _clamped([i * b - a for i, a in enumerate(firsts_in)], n_loc - b)
-  return _blocks(bo, out, b, parts, firsts, m, needs, (n_loc, m, (lo_loc, hi_loc)), crops)
+  blocks = _blocks(bo, out, b, parts, firsts, m, needs, (n_loc, m, (lo_loc, hi_loc)), crops)
+  if parts == 1 or b != bo * s:
+    return blocks
+  before, after = blocks.halo
+
+  def piece(source: int, o0: int, o1: int) -> Piece | None:
+    # Cotangent rows [o0, o1) in the block's frame, added to the block's input rows
+    # they reach (o*s + t*r - lo).
+    p0, p1 = max(0, o0 * s - lo), min(b, (o1 - 1) * s + e - lo)
+    if o1 <= o0 or p1 <= p0:
+      return None
+    lo_p = lo + p0 - o0 * s
+    first = {-1: -before, 0: 0, 1: bo}[source]
+    return Piece(source, (o0 - first, o1 - first), (p0, p1),
+                 (p1 - p0, o1 - o0, (lo_p, (o1 - o0 - 1) * s + e - (p1 - p0) - lo_p)))
+
+  pieces = (piece(0, 0, bo), piece(-1, -before, 0), piece(1, bo, bo + after))
+  return blocks._replace(pieces=tuple(p for p in pieces if p is not None))
 
 
 def _blocks(size: int, total: int, rows: int, parts: int, firsts: list[int], window: int,

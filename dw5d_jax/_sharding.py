@@ -105,34 +105,41 @@ def blockwise(op: str, a: jax.Array, b: jax.Array, *, spec: ConvSpec, impl: Any,
   Runs inside a computation whose mesh axes are all manual (a partition
   callback, or `shard_map`). `reduce`: sum the kernel gradient over the
   batch and spatial axes (else each device returns its partial sum).
+
+  Each split spatial axis extends the exchanged operand by its halo
+  (`_window`), except the last one where the blocks line up with the
+  stride: there the op runs on the block's own rows and, separately, on
+  the halos (`_geometry.Blocks.pieces`), which saves a copy of the block.
   """
   from dw5d_jax import _primitive  # the primitive's lowering imports this module
 
+  def bind(a, b, local):
+    return _primitive.dw5d_p.bind(a, b, op=op, spec=local, impl=impl, out_dtype=out_dtype,
+                                  split=None)
+
   local = spec
-  crops = []
-  for i, axes in enumerate(layout.spatial):
-    if not axes:
-      continue
-    parts = layout.parts(axes)
+  crops, pieces = [], None
+  split = [(i, axes, layout.parts(axes)) for i, axes in enumerate(layout.spatial) if axes]
+  for j, (i, axes, parts) in enumerate(split):
     args = (spec.in_spatial[i], spec.out_spatial[i], parts, spec.window[i], spec.strides[i],
             spec.dilations[i], spec.lo[i])
     blocks = (_geometry.input_blocks if op == "dx" else _geometry.output_blocks)(*args)
     ax, index = spec.spatial_axes[i], lax.axis_index(axes)
-    a = _window(a, ax, axes, parts, index, blocks)
     if op == "dk":  # the cotangent's own rows, zero past the output's end
       b = _mask(b, ax, index, parts, spec.out_spatial[i])
+    if j == len(split) - 1 and blocks.pieces:
+      a = _mask(a, ax, index, parts, blocks.total)
+      pieces = (i, ax, blocks, _halos(a, ax, axes, parts, *blocks.halo))
+      continue
+    a = _window(a, ax, axes, parts, index, blocks)
     if op == "dx":
       crops.append((ax, index, blocks))
-    n, out, pad = blocks.local
-    local = local._replace(in_spatial=_put(local.in_spatial, i, n),
-                           out_spatial=_put(local.out_spatial, i, out),
-                           padding=_put(local.padding, i, pad))
+    local = _along(local, i, blocks.local)
   if op == "dk" and layout.batch_axes:
     a = _mask(a, 0, lax.axis_index(layout.batch_axes), layout.parts(layout.batch_axes),
               layout.batch)
-  channels = b.shape[3] if op == "dx" else a.shape[spec.channel_axis]
-  local = local._replace(channels=channels)
-  y = _primitive.dw5d_p.bind(a, b, op=op, spec=local, impl=impl, out_dtype=out_dtype, split=None)
+  local = local._replace(channels=b.shape[3] if op == "dx" else a.shape[spec.channel_axis])
+  y = bind(a, b, local) if pieces is None else _by_pieces(op, a, b, local, bind, *pieces)
   for ax, index, blocks in crops:
     y = _slice(y, ax, blocks.crops, index, blocks.rows)
   if op == "dk" and reduce and layout.reduced:
@@ -140,15 +147,53 @@ def blockwise(op: str, a: jax.Array, b: jax.Array, *, spec: ConvSpec, impl: Any,
   return y
 
 
+def _along(spec: ConvSpec, i: int, local: tuple[int, int, tuple[int, int]]) -> ConvSpec:
+  """`spec` with the problem `(n, out, (lo, hi))` along spatial axis `i`."""
+  n, out, pad = local
+  return spec._replace(in_spatial=_put(spec.in_spatial, i, n),
+                       out_spatial=_put(spec.out_spatial, i, out),
+                       padding=_put(spec.padding, i, pad))
+
+
 def _put(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
   return (*values[:i], value, *values[i + 1:])
+
+
+def _by_pieces(op, a, b, local, bind, i, ax, blocks, halos) -> jax.Array:
+  """The op as the sum of `blocks.pieces`: own rows, then each halo added where it reaches."""
+  y = None
+  for piece in blocks.pieces:
+    source = _rows((halos[0], a, halos[1])[piece.source + 1], ax, piece.rows)
+    if op == "dk":
+      term = bind(source, _rows(b, ax, piece.result), _along(local, i, piece.local))
+      y = term if y is None else y + term
+      continue
+    term = bind(source, b, _along(local, i, piece.local))
+    r0, r1 = piece.result
+    if y is None:
+      if (r0, r1) == (0, blocks.rows):
+        y = term
+        continue
+      shape = list(term.shape)
+      shape[ax] = blocks.rows
+      y = jnp.zeros(shape, term.dtype)
+    y = lax.dynamic_update_slice_in_dim(y, lax.slice_in_dim(y, r0, r1, axis=ax) + term, r0,
+                                        axis=ax)
+  return y
+
+
+def _rows(v: jax.Array, axis: int, rows: tuple[int, int]) -> jax.Array:
+  if rows == (0, v.shape[axis]):
+    return v
+  return lax.slice_in_dim(v, *rows, axis=axis)
 
 
 def _window(v: jax.Array, axis: int, axes: Axes, parts: int, index: jax.Array,
             blocks: _geometry.Blocks) -> jax.Array:
   """This block's window: own rows, the halo from its neighbours, zeros past the ends."""
   v = _mask(v, axis, index, parts, blocks.total)
-  v = _halo(v, axis, axes, parts, *blocks.halo)
+  before, after = _halos(v, axis, axes, parts, *blocks.halo)
+  v = lax.concatenate([h for h in (before, v, after) if h is not None], axis)
   if blocks.pad != (0, 0):
     config = [(0, 0, 0)] * v.ndim
     config[axis] = (*blocks.pad, 0)
@@ -174,30 +219,29 @@ def _slice(v: jax.Array, axis: int, starts: tuple[int, ...], index: jax.Array,
            size: int) -> jax.Array:
   """Rows `[starts[index], + size)` along `axis` (a static slice when all starts agree)."""
   if len(set(starts)) == 1:
-    if starts[0] == 0 and size == v.shape[axis]:
-      return v
-    return lax.slice_in_dim(v, starts[0], starts[0] + size, axis=axis)
+    return _rows(v, axis, (starts[0], starts[0] + size))
   start = jnp.asarray(np.array(starts, np.int32))[index]
   return lax.dynamic_slice_in_dim(v, start, size, axis=axis)
 
 
-def _halo(v: jax.Array, axis: int, axes: Axes, parts: int, before: int,
-          after: int) -> jax.Array:
-  """`v` extended by `before` rows of the blocks below it and `after` of those above.
+def _halos(v: jax.Array, axis: int, axes: Axes, parts: int, before: int,
+           after: int) -> tuple[jax.Array | None, jax.Array | None]:
+  """The `before` rows of the blocks below `v`'s and the `after` rows above (None if 0).
 
   A halo wider than a block comes from several blocks, one `ppermute` per
   distance; blocks past either end send nothing, so those rows are zeros.
   """
   size = v.shape[axis]
-  pieces = []
+  low = []
   for hop in range(_ceil(before, size), 0, -1):  # farthest block first
     rows = min(size, before - (hop - 1) * size)
-    pieces.append(_shift(lax.slice_in_dim(v, size - rows, size, axis=axis), axes, parts, hop))
-  pieces.append(v)
+    low.append(_shift(lax.slice_in_dim(v, size - rows, size, axis=axis), axes, parts, hop))
+  high = []
   for hop in range(1, _ceil(after, size) + 1):
     rows = min(size, after - (hop - 1) * size)
-    pieces.append(_shift(lax.slice_in_dim(v, 0, rows, axis=axis), axes, parts, -hop))
-  return lax.concatenate(pieces, axis) if len(pieces) > 1 else v
+    high.append(_shift(lax.slice_in_dim(v, 0, rows, axis=axis), axes, parts, -hop))
+  return tuple(lax.concatenate(h, axis) if len(h) > 1 else h[0] if h else None
+               for h in (low, high))
 
 
 def _shift(v: jax.Array, axes: Axes, parts: int, hop: int) -> jax.Array:

@@ -16,7 +16,8 @@ Each case places x (and, for channel splits, the kernel) on a mesh, compiles
   and all-to-all only of kernel-sized data; collective-permute only
   where a spatial axis is split, moving in all at most 1.05x the halo
   rows that `_geometry.input_span` says each op's blocks read beyond
-  their own (computed here from the definition, not from `Blocks`).
+  their own (`benchmarks/sharding.py`'s `analytic_halo_bytes`, from the
+  definition, not from `_geometry.Blocks`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import dataclasses
 import json
 import math
 import os
-import re
+import pathlib
 import sys
 import traceback
 from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+from sharding import analytic_halo_bytes, collectives, halo_rows  # noqa: E402, F401
 
 AUTO, EXPLICIT = "auto", "explicit"
 
@@ -88,6 +92,9 @@ CASES = {
         # Sizes the mesh does not divide: 21 inputs in blocks of 3, 11 outputs in blocks of 2.
         Case("depth_uneven", AUTO, _8, (None, "d"), (2, 24, 6, 6, 8), (3, 3, 3),
              kwargs=(("strides", 2),), crop=(2, 21, 6, 6, 8)),
+        # 30 rows in blocks of 8, the last half padding (blocks line up: the op in pieces).
+        Case("height_uneven_pieces", AUTO, _4, (None, None, "d"), (2, 4, 32, 6, 8), (3, 3, 3),
+             crop=(2, 4, 30, 6, 8)),
         # VALID: outputs 28 in blocks of 14 read inputs in blocks of 16 (moving offsets).
         Case("height_valid_offsets", AUTO, ((2,), ("d",)), (None, None, "d"), (2, 4, 32, 6, 8),
              (5, 5), kwargs=(("padding", "VALID"), ("axes", "HW"))),
@@ -128,79 +135,8 @@ CASES = {
 
 
 # ----------------------------------------------------------------------------
-# Analytic halo rows, from the definition (`input_span`), per op and split axis.
-
-
-def halo_rows(op: str, n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> int:
-  """The most rows any block of the op's exchanged operand needs from other blocks."""
-  from dw5d_jax import _geometry as g
-
-  b, bo, e = -(-n // parts), -(-out // parts), g.effective(k, r)
-  before = after = 0
-  for i in range(parts):
-    if op == "dx":  # cotangent rows o with o*s + t*r - lo in the block's input rows
-      p0, p1 = i * b, min((i + 1) * b, n)
-      if p0 >= p1:
-        continue
-      first, stop = -((e - 1 - p0 - lo) // s), (p1 - 1 + lo) // s + 1
-      own0, own1, total = i * bo, (i + 1) * bo, out
-    else:
-      o0, o1 = i * bo, min((i + 1) * bo, out)
-      if o0 >= o1:
-        continue
-      first, stop = g.input_span(o0, o1, k, s, r, lo)
-      own0, own1, total = i * b, (i + 1) * b, n
-    first, stop = max(first, 0), min(stop, total)
-    before, after = max(before, own0 - first), max(after, stop - own1)
-  return before + after
-
-
-def analytic_halo_bytes(spec, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
-                        parts: list[int], itemsize: int) -> int:
-  """Bytes each device sends for fwd, dx and dk: halo rows times the rest of the block.
-
-  `parts`: how many blocks each axis of x (and y) is split into; a later
-  spatial axis's halo rows span the earlier axes' extended blocks.
-  """
-  total = 0
-  for op, shape in (("fwd", x_shape), ("dx", y_shape), ("dk", x_shape)):
-    block = [-(-d // p) for d, p in zip(shape, parts)]
-    for i, ax in enumerate(spec.spatial_axes):
-      if parts[ax] == 1:
-        continue
-      rows = halo_rows(op, spec.in_spatial[i], spec.out_spatial[i], parts[ax], spec.window[i],
-                       spec.strides[i], spec.dilations[i], spec.lo[i])
-      total += rows * math.prod(block) // block[ax] * itemsize
-      block[ax] += rows
-  return total
-
-
-# ----------------------------------------------------------------------------
-# Collectives in the compiled HLO.
-
-_COLLECTIVE = re.compile(
-    r"= (\([^)]*\)|\S+) (all-gather|all-reduce|collective-permute|reduce-scatter|all-to-all)"
-    r"(-start)?\(")
-_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4, "pred": 1}
-
-
-def collectives(hlo: str) -> list[tuple[str, int, int]]:
-  """`(kind, elements, bytes)` of every collective in compiled HLO text.
-
-  `elements`: of the largest array it moves (XLA combines several
-  all-reduces into one of a tuple); `bytes`: of all of them.
-  """
-  out = []
-  for m in _COLLECTIVE.finditer(hlo):
-    shapes = _SHAPE.findall(m.group(1))
-    if m.group(3):  # async start: (operand, result[, ...]); count the result
-      shapes = shapes[1:2]
-    elems = max(math.prod(int(d) for d in dims.split(",") if d) for _, dims in shapes)
-    nbytes = sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(t, 4)
-                 for t, dims in shapes)
-    out.append((m.group(2), elems, nbytes))
-  return out
+# Collectives in the compiled HLO (the analytic halo and the HLO reading are the
+# sharding benchmark's: benchmarks/sharding.py).
 
 
 def check_collectives(found: list[tuple[str, int, int]], kernel_elems: int,

@@ -163,6 +163,41 @@ def test_blocks_compute_their_share_of_each_op(ax, padding, parts, seed):
       np.testing.assert_allclose(got[:len(own)], own, rtol=1e-12, atol=1e-12)
 
 
+@given(axis, pad, st.integers(2, 8), st.integers(0, 2**31 - 1))
+def test_pieces_add_up_to_each_block(ax, padding, parts, seed):
+  """Where splits line up with the stride, the op on a block's own rows (its global
+  padding) plus the ops on its halos alone give its share, with no extended block."""
+  n, k, s, r = ax
+  n *= s * parts  # blocks of whole strides
+  lo, _, out = g.resolve(n, k, s, r, padding)
+  if out < 1:
+    return
+  rng = np.random.default_rng(seed)
+  x, ct, w = rng.standard_normal(n), rng.standard_normal(out), rng.standard_normal(k)
+  for op, v, want in (("fwd", x, _gather(x, w, out, s, r, lo)),
+                      ("dx", ct, _scatter(ct, w, n, s, r, lo))):
+    blocks = (g.output_blocks if op == "fwd" else g.input_blocks)(n, out, parts, k, s, r, lo)
+    if (blocks.size * s != blocks.rows) if op == "dx" else (blocks.rows * s != blocks.size):
+      assert not blocks.pieces
+      continue
+    assert blocks.pieces and blocks.pieces[0].source == 0
+    for i in range(parts):
+      ext = _extended(v, i, blocks._replace(pad=(0, 0)))
+      sources = {-1: ext[:blocks.halo[0]], 0: ext[blocks.halo[0]:blocks.halo[0] + blocks.size],
+                 1: ext[blocks.halo[0] + blocks.size:]}
+      got = np.zeros(blocks.rows)
+      for piece in blocks.pieces:
+        n_loc, out_loc, (lo_loc, hi_loc) = piece.local
+        assert min(lo_loc, hi_loc) >= 0
+        assert (n_loc + lo_loc + hi_loc - g.effective(k, r)) // s + 1 == out_loc
+        rows = sources[piece.source][piece.rows[0]:piece.rows[1]]
+        term = (_gather(rows, w, out_loc, s, r, lo_loc) if op == "fwd"
+                else _scatter(rows, w, n_loc, s, r, lo_loc))
+        got[piece.result[0]:piece.result[1]] += term
+      own = want[i * blocks.rows:(i + 1) * blocks.rows]
+      np.testing.assert_allclose(got[:len(own)], own, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("op", ["fwd", "dx"])
 def test_halos_are_what_the_blocks_read(op):
   """n=16, k=3, SAME, stride 1, 4 blocks: one row from either side; stride 2: the
