@@ -197,10 +197,51 @@ def _run(fn, args) -> None:
   jax.block_until_ready(fn(*args))
 
 
+def _cpu_times(cells: dict[str, tuple[Any, tuple]], rounds: int) -> dict[str, list[float]]:
+  """Process CPU time per call of each cell, in interleaved rounds (after a warm-up)."""
+  for fn, a in cells.values():
+    _run(fn, a)
+    _run(fn, a)
+  times: dict[str, list[float]] = {c: [] for c in cells}
+  for _ in range(rounds):
+    for cell, (fn, a) in cells.items():
+      t0 = time.process_time()
+      _run(fn, a)
+      times[cell].append(time.process_time() - t0)
+  return times
+
+
+def _calibration(x: np.ndarray, n: int, rounds: int) -> dict[str, Any]:
+  """What simulated devices cost without any convolution: a one-pass program on x split
+  along H over `n` devices, and the same with two one-row halo exchanges (ppermute)."""
+  import jax
+  from jax import lax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((n,), ("d",), devices=jax.devices()[:n])
+
+  def halo(v):
+    up = lax.ppermute(v[:, :, -1:], "d", [(j, j + 1) for j in range(n - 1)])
+    down = lax.ppermute(v[:, :, :1], "d", [(j + 1, j) for j in range(n - 1)])
+    return v * 2, up, down
+
+  spec = P(None, None, "d")
+  exchange = jax.jit(jax.shard_map(halo, mesh=mesh, in_specs=spec, out_specs=(spec,) * 3))
+  double = jax.jit(lambda v: v * 2)
+  xs = jax.device_put(x, NamedSharding(mesh, spec))
+  times = _cpu_times({"one": (double, (x,)), "pass": (double, (xs,)),
+                      "exchange": (exchange, (xs,))}, rounds)
+  return {"devices": n, **{f"{c}_ms": 1e3 * min(t) for c, t in times.items()}}
+
+
 def child_ab(workloads: list[str], rounds: int) -> None:
   """Parts (a) and (b): 8 devices, one core."""
   import jax
 
+  x = _problem(WORKLOADS[workloads[-1]])[1]
+  for n in DEVICES:
+    print(json.dumps({"calibration": _calibration(x, n, rounds)}), flush=True)
   results = []
   for name in workloads:
     op, x, k, ct, spec = _problem(WORKLOADS[name])
@@ -216,15 +257,8 @@ def child_ab(workloads: list[str], rounds: int) -> None:
         ops = ("fwd",) if what == "fwd" else ("fwd", "dx", "dk")
         y_shape = jax.eval_shape(op, x, k).shape
         halo = analytic_halo_bytes(spec, x.shape, y_shape, parts, 4, ops)
-        cells = {"sharded": (sharded[what], args), "one": (one[what], (x, k, ct))}
-        for fn, a in cells.values():
-          _run(fn, a)  # compile and warm up
-        times: dict[str, list[float]] = {c: [] for c in cells}
-        for _ in range(rounds):
-          for cell, (fn, a) in cells.items():
-            t0 = time.process_time()
-            _run(fn, a)
-            times[cell].append(time.process_time() - t0)
+        times = _cpu_times({"sharded": (sharded[what], args), "one": (one[what], (x, k, ct))},
+                           rounds)
         results.append({
             "workload": w.name, "split": split, "devices": n, "what": what,
             "permute_bytes": sum(b for kind, _, b in found if kind == "collective-permute"),
@@ -288,6 +322,17 @@ def _kib(b: float) -> str:
 
 def report(ab: list[dict[str, Any]], c: list[dict[str, Any]], header: list[str]) -> str:
   lines = [*header, ""]
+  calibration = [r["calibration"] for r in ab if "calibration" in r]
+  ab = [r for r in ab if "calibration" not in r]
+  if calibration:
+    lines += [
+        "Simulated devices' own cost (no convolution; CPU ms on one core, best of the "
+        "rounds): a one-pass program (`x * 2`) on one device and on x split along H, and the "
+        "split one with two one-row halo exchanges.", "",
+        "| devices | 1 device | split | split + 2 ppermutes |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['devices']} | {r['one_ms']:.1f} | {r['pass_ms']:.1f} | "
+              f"{r['exchange_ms']:.1f} |" for r in calibration]
+    lines.append("")
   if ab:
     lines += [
         "(a) bytes each device sends per call (HLO) vs the analytic halo volume; (b) CPU "
