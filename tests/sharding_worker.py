@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import traceback
 from typing import Any
@@ -414,6 +415,22 @@ def run_misc() -> list[dict[str, Any]]:
   if not np.allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5):
     errors.append("the exported function computes something else")
   results.append({"case": "export", "method": "auto", "errors": errors})
+
+  # README's "Scaling out" code, on 8 devices (the docs test runs it on one).
+  readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+  scaling = [b for b in blocks if "make_mesh" in b or "shard_map" in b]
+  namespace: dict = {}
+  errors = [] if len(scaling) >= 2 else ["README has no Scaling out code"]
+  for block in [blocks[0], *scaling]:
+    exec(compile(block, "README.md", "exec"), namespace)
+  y, xd, kernel = namespace["y"], namespace["xd"], namespace["kernel"]
+  if tuple(y.sharding.spec)[:2] != (None, "dev"):
+    errors.append(f"y split {y.sharding.spec}")
+  want = dw.depthwise_conv3d(np.asarray(xd), np.asarray(kernel))
+  if not np.allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5):
+    errors.append("the shard_map example computes something else")
+  results.append({"case": "readme", "method": "auto", "errors": errors})
   return results
 
 

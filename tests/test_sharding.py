@@ -76,7 +76,7 @@ def test_layers_through_a_sharded_jit(library, axis_types):
 
 
 @pytest.mark.parametrize("case", ["explicit_indivisible_output", "split_axes_indivisible_output",
-                                  "export"])
+                                  "export", "readme"])
 def test_errors_and_export(case):
   _check("misc", case, "auto")
 
