@@ -218,21 +218,10 @@ def output_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int)
   if parts == 1 or b != bo * s:
     return blocks
   before, after = blocks.halo
-
-  def piece(source: int, x0: int, x1: int, o0: int, o1: int) -> Piece | None:
-    # Input rows [x0, x1) and outputs [o0, o1) in the block's frame, where output o
-    # reads input o*s + t*r - lo; cut to the rows those outputs read.
-    x0, x1 = max(x0, o0 * s - lo), min(x1, (o1 - 1) * s + e - lo)
-    if o1 <= o0 or x1 <= x0:
-      return None
-    lo_p = lo + x0 - o0 * s
-    first = {-1: -before, 0: 0, 1: b}[source]
-    return Piece(source, (x0 - first, x1 - first), (o0, o1),
-                 (x1 - x0, o1 - o0, (lo_p, (o1 - o0 - 1) * s + e - (x1 - x0) - lo_p)))
-
-  pieces = (piece(0, 0, b, 0, bo),
-            piece(-1, -before, 0, 0, min(bo, -(-lo // s))),
-            piece(1, b, b + after, max(0, -(-(b - e + 1 + lo) // s)), bo))
+  pieces = (_piece(0, 0, (0, b), (0, bo), s, e, lo, False),
+            _piece(-1, -before, (-before, 0), (0, min(bo, -(-lo // s))), s, e, lo, False),
+            _piece(1, b, (b, b + after), (max(0, -(-(b - e + 1 + lo) // s)), bo), s, e, lo,
+                   False))
   return blocks._replace(pieces=tuple(p for p in pieces if p is not None))
 
 
@@ -265,20 +254,30 @@ def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) 
   if parts == 1 or b != bo * s:
     return blocks
   before, after = blocks.halo
-
-  def piece(source: int, o0: int, o1: int) -> Piece | None:
-    # Cotangent rows [o0, o1) in the block's frame, added to the block's input rows
-    # they reach (o*s + t*r - lo).
-    p0, p1 = max(0, o0 * s - lo), min(b, (o1 - 1) * s + e - lo)
-    if o1 <= o0 or p1 <= p0:
-      return None
-    lo_p = lo + p0 - o0 * s
-    first = {-1: -before, 0: 0, 1: bo}[source]
-    return Piece(source, (o0 - first, o1 - first), (p0, p1),
-                 (p1 - p0, o1 - o0, (lo_p, (o1 - o0 - 1) * s + e - (p1 - p0) - lo_p)))
-
-  pieces = (piece(0, 0, bo), piece(-1, -before, 0), piece(1, bo, bo + after))
+  pieces = (_piece(0, 0, (0, b), (0, bo), s, e, lo, True),
+            _piece(-1, -before, (0, b), (-before, 0), s, e, lo, True),
+            _piece(1, bo, (0, b), (bo, bo + after), s, e, lo, True))
   return blocks._replace(pieces=tuple(p for p in pieces if p is not None))
+
+
+def _piece(source: int, first: int, inputs: tuple[int, int], outputs: tuple[int, int], s: int,
+           e: int, lo: int, transposed: bool) -> Piece | None:
+  """The `Piece` relating input rows `inputs` and output rows `outputs` (block frame).
+
+  Output `o` reads input `o*s + t*r - lo`; the inputs are cut to those the
+  outputs read. The source is the inputs (convolution) or, `transposed`,
+  the outputs (the input gradient's cotangent); `first`: the source's
+  first row in the block's frame.
+  """
+  (p0, p1), (o0, o1) = inputs, outputs
+  p0, p1 = max(p0, o0 * s - lo), min(p1, (o1 - 1) * s + e - lo)
+  if o1 <= o0 or p1 <= p0:
+    return None
+  lo_p = lo + p0 - o0 * s
+  local = (p1 - p0, o1 - o0, (lo_p, (o1 - o0 - 1) * s + e - (p1 - p0) - lo_p))
+  if transposed:
+    return Piece(source, (o0 - first, o1 - first), (p0, p1), local)
+  return Piece(source, (p0 - first, p1 - first), (o0, o1), local)
 
 
 def _blocks(size: int, total: int, rows: int, parts: int, firsts: list[int], window: int,

@@ -122,30 +122,22 @@ def _eager_impl(a, b, **params):
   return _jitted_bind(**params)(a, b)
 
 
-# Transposes from the trilinear form (module docstring): the undefined
-# operand's aval gives the dtype its cotangent must have.
-# Each result takes the undefined operand's sharding (explicit mesh axes).
-def _transpose_lhs(g, a, b, *, op, out_dtype, **params):
-  del out_dtype
-  aval = a.aval
-  if op == "fwd":  # a = x: dx(g, w)
-    out = _bind(g, b, op="dx", out_dtype=aval.dtype, **params)
-  elif op == "dx":  # a = ct: fwd(g, w)
-    out = _bind(g, b, op="fwd", out_dtype=aval.dtype, **params)
-  else:  # dk, a = x: dx(ct, g)
-    out = _bind(b, g, op="dx", out_dtype=aval.dtype, **params)
-  return _sharding.like(out, aval)
+# Transposes from the trilinear form (module docstring): (op, the undefined
+# operand: 0 for a, 1 for b) -> the op computing its cotangent, on operands
+# named g (the output's cotangent), a and b. E.g. fwd(x, w) in x: dx(g, w).
+_TRANSPOSES = {
+    ("fwd", 0): ("dx", "gb"), ("dx", 0): ("fwd", "gb"), ("dk", 0): ("dx", "bg"),
+    ("fwd", 1): ("dk", "ag"), ("dx", 1): ("dk", "ga"), ("dk", 1): ("fwd", "ag"),
+}
 
 
-def _transpose_rhs(g, a, b, *, op, out_dtype, **params):
+def _transpose(undefined: int, g, a, b, *, op, out_dtype, **params):
+  """The cotangent of operand `undefined`, in its aval's dtype and (explicit) sharding."""
   del out_dtype
-  aval = b.aval
-  if op == "fwd":  # b = w: dk(x, g)
-    out = _bind(a, g, op="dk", out_dtype=aval.dtype, **params)
-  elif op == "dx":  # b = w: dk(g, ct)
-    out = _bind(g, a, op="dk", out_dtype=aval.dtype, **params)
-  else:  # dk, b = ct: fwd(x, g)
-    out = _bind(a, g, op="fwd", out_dtype=aval.dtype, **params)
+  aval = (a, b)[undefined].aval
+  new_op, names = _TRANSPOSES[op, undefined]
+  values = {"g": g, "a": a, "b": b}
+  out = _bind(*(values[n] for n in names), op=new_op, out_dtype=aval.dtype, **params)
   return _sharding.like(out, aval)
 
 
@@ -208,7 +200,7 @@ def _lowering(ctx, a, b, *, platform: str | None, split: Layout | None, **params
 
 dw5d_p.def_abstract_eval(_abstract_eval)
 dw5d_p.def_impl(_eager_impl)
-ad.defbilinear(dw5d_p, _transpose_lhs, _transpose_rhs)
+ad.defbilinear(dw5d_p, functools.partial(_transpose, 0), functools.partial(_transpose, 1))
 batching.primitive_batchers[dw5d_p] = _batch_rule
 # The lowering may partition the op (`_sharding.partitioned`), which needs the
 # devices it is lowered for: JAX passes them only for primitives in this set.
