@@ -10,32 +10,36 @@ gradient and the layers. An op on sharded operands runs, on each device,
   kernel-sized data).
 * **Channels** split (the kernel's channels split alike): the local op on
   the local channels; no communication at all.
-* **Spatial** axes split: each block first receives from its neighbours
-  the rows its windows reach past its own (its halo, `lax.ppermute` of
-  exactly those rows, from several blocks when a halo is wider than one
-  block), then computes its own rows as a VALID problem
-  (`_geometry.output_blocks` for the convolution and the kernel gradient,
-  which exchange x; `_geometry.input_blocks` for the input gradient, which
-  exchanges the cotangent). Rows past the array's ends, and the padding
-  of blocks that a size does not split evenly, are zeros: the global
-  zero padding.
+* **Spatial** axes split: each block receives from its neighbours the rows
+  its windows reach past its own (its halo: `lax.ppermute` of exactly
+  those rows, from several blocks when a halo is wider than one block).
+  `_geometry.output_blocks` (the convolution and the kernel gradient,
+  which exchange x) and `_geometry.input_blocks` (the input gradient,
+  which exchanges the cotangent) say which rows, and how each block
+  computes its share: as the op on its own rows plus small ops on the
+  halos alone where the blocks line up with the stride (`Blocks.pieces`),
+  else as a VALID problem on the block extended by its halo. Rows past the
+  array's ends, and the padding of blocks that a size does not split
+  evenly (their rows are masked), are zeros: the global zero padding.
 
 Three routes lead there:
 
 1. **`jit` with sharded arrays** (mesh axes `Auto` or `Explicit`): when an
    op is lowered for several devices, `partitioned` wraps it in
    `jax.experimental.custom_partitioning`, with a Shardy sharding rule per
-   op (`_RULES`) and a partition callback that keeps the operands'
-   batch, spatial and channel shardings and returns `blockwise`. XLA never
-   partitions the convolution itself (its partitioner computes a wrong
-   kernel gradient of some batch- and depth-sharded grouped convolutions,
-   and all-gathers the operands of custom calls). A single-device
-   lowering is untouched.
+   op (`_rule`; GSPMD's callbacks too) and a partition callback that keeps
+   the operands' batch, spatial and channel splits (`_layout`) and returns
+   `blockwise`. XLA never partitions the convolution itself (its
+   partitioner all-gathers the operands of custom calls, and computes a
+   wrong kernel gradient of some batch- and depth-split grouped
+   convolutions). A single-device lowering is untouched. The callbacks
+   never raise (an exception there aborts XLA's compilation): what they
+   cannot keep split, XLA gathers, with a warning.
 2. **Explicit mesh axes**: the shardings are part of the types, so
    `out_sharding` gives each op's result sharding at trace time (the
    output is split like x; the kernel gradient like the kernel's
    channels), and `like` gives every cotangent its primal's sharding.
-   Sizes that the mesh does not divide raise (`out_sharding`).
+   A result size that the mesh does not divide raises there.
 3. **Inside `jax.shard_map`** (`split_axes=` of the public ops): the
    operands are already the blocks; the primitive carries a `Layout` of
    the split spatial axes and its lowering is `blockwise` (the kernel
@@ -45,7 +49,10 @@ Three routes lead there:
 `jax.export` and jax2tf lowerings (`for_export`) keep the portable
 single-program computation: an exported artifact cannot carry a
 partitioning callback, so a sharded exported function is partitioned by
-XLA's own rules when it is compiled.
+XLA's own rules when it is compiled. Because a lowering may partition, the
+primitive is one that needs its devices while lowering
+(`_primitive.py`), so exporting under an `AbstractMesh` (no devices)
+raises; a concrete mesh works.
 """
 
 from __future__ import annotations
