@@ -36,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchma
 from sharding import analytic_halo_bytes, collectives, halo_rows  # noqa: E402, F401
 
 AUTO, EXPLICIT = "auto", "explicit"
+PALLAS = "pallas-interpret"  # method: the Pallas kernels in interpret mode (any platform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,12 @@ CASES = {
         Case("channels_kernel_replicated", EXPLICIT, _4, (None, None, None, None, "d"),
              (2, 6, 6, 6, 8), (3, 3, 3), multiplier=2),
     ],
+    # Slow (the Pallas interpreter): run by tests/test_sharding.py on request only.
+    "pallas": [
+        Case("depth", AUTO, _4, (None, "d"), (1, 8, 6, 6, 4), (3, 3, 3), methods=(PALLAS,)),
+        Case("batch_height", EXPLICIT, ((2, 2), ("data", "space")), ("data", None, "space"),
+             (2, 4, 8, 6, 4), (3, 3, 3), methods=(PALLAS,)),
+    ],
     "shard_map": [
         Case("depth", EXPLICIT, _8, (None, "d"), (2, 16, 12, 10, 8), (3, 3, 3),
              shard_map=True, second_order=True),
@@ -178,7 +185,7 @@ def run_case(case: Case, method: str) -> dict[str, Any]:
   channels = shape[1 if kw.get("data_format", "").startswith("NC") else -1]
   x = rng.standard_normal(shape).astype(np.float32)
   k = rng.standard_normal((*case.window, channels, case.multiplier)).astype(np.float32)
-  op = getattr(dw, case.op)
+  op = getattr(dw, case.op) if method != PALLAS else _pallas_op
   plain = lambda x, k: op(x, k, method=method, **kw)  # noqa: E731
   y_shape = jax.eval_shape(plain, x, k).shape
   ct = rng.standard_normal(y_shape).astype(np.float32)
@@ -228,6 +235,18 @@ def run_case(case: Case, method: str) -> dict[str, Any]:
       moved = sum(b for kind, _, b in found if kind == "collective-permute")
   return {"case": case.name, "method": method, "errors": errors, "collectives": summary,
           "permute_bytes": moved, "halo_bytes": halo}
+
+
+def _pallas_op(x, k, *, method, **kw):
+  """`depthwise_conv3d` (channels-last, SAME) through the Pallas kernels in interpret mode."""
+  from dw5d_jax import _args, _pallas, _primitive
+
+  del method
+  assert not kw, kw
+  x5, k5, spec = _args.normalize("pallas", x, k, conv_axes="DHW", layout="NDHWC",
+                                 strides=(1, 1, 1), dilations=(1, 1, 1),
+                                 padding=("SAME",) * 3, precision=None, preferred=None)
+  return _primitive.conv(x5, k5, spec, _pallas.impl(interpret=True))
 
 
 def _even(shape, parts):
