@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 
-import multiprocess_worker as worker
 import numpy as np
 import pytest
+
+from tests import multiprocess_worker as worker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300

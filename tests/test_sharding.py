@@ -18,10 +18,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-import sharding_worker as worker
 
 import dw5d_jax as dw
 from dw5d_jax import _args
+from tests import sharding_worker as worker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _RESULTS: dict[str, dict[tuple[str, str], dict]] = {}
