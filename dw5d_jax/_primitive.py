@@ -20,9 +20,16 @@ this primitive, and a sharding rule or a lowering added for one op holds
 for the gradients too.
 
 Parameters: `op`, `spec` (a `ConvSpec`, the same for all three ops),
-`impl` (an `Impl`: the user's method and Pallas options) and `out_dtype`
+`impl` (an `Impl`: the user's method and Pallas options), `out_dtype`
 (the result's dtype: the spec's output dtype for the convolution, the
-dtype of the operand being differentiated for the gradients).
+dtype of the operand being differentiated for the gradients) and `split`
+(None, or inside `shard_map` the `_sharding.Layout` of the spatial axes
+the operands are blocks of; `spec` then describes the whole arrays).
+
+Sharding (`_sharding.py`): the abstract evaluation gives results their
+sharding under explicit mesh axes, the transposes give cotangents their
+primal's, and a lowering for several devices partitions the op by its own
+rule, so XLA never partitions the convolution.
 """
 
 from __future__ import annotations
