@@ -54,7 +54,7 @@ def x_shape(layout: str, n: int, sizes: dict[str, int], c: int) -> tuple[int, ..
 
 def output_nonempty(n: int, k: int, s: int, r: int, padding: Any) -> bool:
   e = (k - 1) * r + 1
-  if padding == "SAME":
+  if padding in ("SAME", "CAUSAL"):
     return n >= 1
   lo, hi = (0, 0) if padding == "VALID" else padding
   return n + lo + hi - e >= 0
@@ -75,12 +75,15 @@ def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4):
   ks = [draw(st.integers(1, max_kernel)) for _ in range(nc)]
   ss = [draw(st.integers(1, 3)) for _ in range(nc)]
   rs = [draw(st.integers(1, 3)) for _ in range(nc)]
-  pad_kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
+  # "mixed": one entry per axis, each a kind or a pair (e.g. ("CAUSAL", (1, 0), "SAME")).
+  pad_kind = draw(st.sampled_from(["SAME", "VALID", "CAUSAL", "explicit", "mixed"]))
   pads = [(draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nc)]
+  if pad_kind == "mixed":
+    pads = [draw(st.sampled_from(["SAME", "VALID", "CAUSAL", "causal", p])) for p in pads]
   sizes = {a: draw(st.integers(1, max_size)) for a in "DHW"}
   for i, a in enumerate(conv_axes):
-    p = pads[i] if pad_kind == "explicit" else pad_kind
-    assume(output_nonempty(sizes[a], ks[i], ss[i], rs[i], p))
+    p = pads[i] if pad_kind in ("explicit", "mixed") else pad_kind
+    assume(output_nonempty(sizes[a], ks[i], ss[i], rs[i], p.upper() if isinstance(p, str) else p))
   c, m, n = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
   scalar = draw(st.booleans())
   return Case(
@@ -88,7 +91,7 @@ def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4):
       x_shape=x_shape(layout, n, sizes, c), k_shape=(*ks, c, m),
       strides=ss[0] if scalar and len(set(ss)) == 1 else tuple(ss),
       dilations=rs[0] if scalar and len(set(rs)) == 1 else tuple(rs),
-      padding=tuple(pads) if pad_kind == "explicit" else pad_kind,
+      padding=tuple(pads) if pad_kind in ("explicit", "mixed") else pad_kind,
   )
 
 
@@ -117,4 +120,6 @@ GRAD_CASES = [
     Case("3d", "NCDHW", "DHW", (2, 2, 3, 4, 5), (3, 1, 2, 2, 1), 2, 1, ((1, 0), (0, 2), (1, 1))),
     Case("2d", "NDHWC", "DW", (1, 5, 2, 4, 2), (3, 2, 2, 2), (2, 1), (1, 2), "SAME"),
     Case("2d", "NCHW", "HW", (2, 3, 6, 5), (2, 3, 3, 1), (1, 2), 1, "VALID"),
+    Case("3d", "NDHWC", "DHW", (1, 5, 3, 4, 2), (3, 2, 2, 2, 1), (2, 1, 1), (2, 1, 1),
+         ("CAUSAL", "SAME", (1, 0))),
 ]
