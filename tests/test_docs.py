@@ -11,12 +11,13 @@ import pytest
 import dw5d_jax._depthwise
 import dw5d_jax._layers
 import dw5d_jax._native_build
+import dw5d_jax._streaming
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("module", [dw5d_jax._depthwise, dw5d_jax._layers,
-                                    dw5d_jax._native_build],
+                                    dw5d_jax._native_build, dw5d_jax._streaming],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
