@@ -17,6 +17,9 @@ Keras (these layers)   dw5d_jax / interop ops
                        before), which is what Keras's `"same"` does on the JAX
                        and TensorFlow backends. Keras's default is `"valid"`;
                        the ops and the Flax layers default to `"SAME"`.
+                       `"causal"` is `"CAUSAL"` along the first spatial axis
+                       (as Keras's Conv1D along its only one) and `"SAME"`
+                       along the others, e.g. `("CAUSAL", "SAME", "SAME")`.
 `data_format=None`     `keras.config.image_data_format()`, then
                        `"channels_last"` is `"NDHWC"` (`"NHWC"` for rank-4
                        input) and `"channels_first"` is `"NCDHW"` (`"NCHW"`).
@@ -101,10 +104,11 @@ class _DepthwiseConv(keras.layers.Layer):
     self.kernel_size = _args.int_tuple(fn, "kernel_size", kernel_size, self._rank, axes)
     self.strides = _args.int_tuple(fn, "strides", strides, self._rank, axes)
     self.dilation_rate = _args.int_tuple(fn, "dilation_rate", dilation_rate, self._rank, axes)
-    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
-      raise ValueError(f"{fn}: `padding` must be 'valid' or 'same' (any case), got "
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same", "causal"):
+      raise ValueError(f"{fn}: `padding` must be 'valid', 'same' or 'causal' (any case), got "
                        f"{padding!r}.")
     self.padding = padding.lower()
+    self._padding_entries()  # 'causal' on a carried axis fails here
     if not _args.is_int(depth_multiplier) or depth_multiplier < 1:
       raise ValueError(f"{fn}: `depth_multiplier` must be a positive int, got "
                        f"{depth_multiplier!r}.")
@@ -136,6 +140,25 @@ class _DepthwiseConv(keras.layers.Layer):
 
   def _op_kwargs(self) -> dict[str, Any]:
     return {}
+
+  def _padding_entries(self) -> tuple[str, ...]:
+    """The ops' padding, one entry per convolved axis (kernel order).
+
+    `"causal"` is CAUSAL along the first spatial axis (`D` of 5D input, the
+    time `T` of a clip `(N, T, H, W, C)`; `H` of 4D input), as Keras's
+    Conv1D along its only one, and SAME along the others.
+    """
+    axes = self._conv_axes()
+    if self.padding != "causal":
+      return (self.padding.upper(),) * len(axes)
+    first = "DHW"[-(self._input_rank - 2)]
+    if first not in axes:
+      raise ValueError(
+          f"{type(self).__name__}: padding='causal' is causal along the first spatial axis, "
+          f"{first}, which axes={axes!r} carries (convolves {axes[0]} and {axes[1]} only): "
+          f"CAUSAL on a carried axis means nothing. Use axes that include {first!r}, or "
+          f"padding 'same' or 'valid'.")
+    return tuple("CAUSAL" if a == first else "SAME" for a in axes)
 
   # -- shapes -----------------------------------------------------------------
 
@@ -169,15 +192,15 @@ class _DepthwiseConv(keras.layers.Layer):
     shape = list(self._check_shape(input_shape))
     spatial = "DHW"[-(len(shape) - 2):]
     first = 1 if self._channels_last else 2
-    for i, a in enumerate(self._conv_axes()):
+    for i, (a, padding) in enumerate(zip(self._conv_axes(), self._padding_entries())):
       pos = first + spatial.index(a)
       n = shape[pos]
       if n is None:
         continue
       k, r = self.kernel_size[i], self.dilation_rate[i]
-      out = _geometry.output_size(n, k, self.strides[i], r, self.padding.upper())
+      out = _geometry.output_size(n, k, self.strides[i], r, padding)
       if out < 1:
-        raise _args.empty_output_error(fn, a, n, k, r, self.padding.upper())
+        raise _args.empty_output_error(fn, a, n, k, r, padding)
       shape[pos] = out
     c = -1 if self._channels_last else 1
     shape[c] = shape[c] * self.depth_multiplier
@@ -208,7 +231,7 @@ class _DepthwiseConv(keras.layers.Layer):
     # `.value` is the backend array (a tf.Variable on TensorFlow, so tapes see
     # it), cast to the compute dtype under a mixed-precision policy.
     kernel = self.kernel.value
-    y = op(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
+    y = op(inputs, kernel, strides=self.strides, padding=self._padding_entries(),
            dilations=self.dilation_rate,
            data_format=_LAYOUTS[self._input_rank, self._channels_last], **self._op_kwargs())
     if self.use_bias:
@@ -261,7 +284,9 @@ class DepthwiseConv3D(_DepthwiseConv):
   Args:
     kernel_size: an int or `(kd, kh, kw)`.
     strides: an int or three.
-    padding: `"valid"` (default, as Keras) or `"same"` (TF's rule), any case.
+    padding: `"valid"` (default, as Keras), `"same"` (TF's rule) or
+      `"causal"` (CAUSAL along `D`, the time of a clip `(N, T, H, W, C)`:
+      outputs see no later frame; SAME along `H` and `W`), any case.
     depth_multiplier: filters per input channel.
     data_format: `"channels_last"`, `"channels_first"`, or None for
       `keras.config.image_data_format()`.
@@ -315,6 +340,8 @@ class DepthwiseConv2D(_DepthwiseConv):
   Args:
     kernel_size: an int or `(k0, k1)` (along `axes`, default `H, W`).
     axes: None (4D input) or two distinct letters of `D`, `H`, `W` (5D).
+      With `padding="causal"` they must include the first spatial axis
+      (`D`, or `H` of 4D input), the causal one.
     strides, dilation_rate: an int or two, along the convolved axes.
     padding, depth_multiplier, data_format, activation, use_bias, the
       initializers, regularizers and constraints, **kwargs: as in

@@ -55,8 +55,12 @@ def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
   kernel = _np(layer.kernel) if kernel is None else kernel
   rank = np.ndim(x)
   axes = "DHW" if isinstance(layer, DepthwiseConv3D) else layer.axes or "HW"
-  y = depthwise_reference(x, kernel, axes=axes, strides=layer.strides,
-                          padding=layer.padding.upper(), dilations=layer.dilation_rate,
+  padding = layer.padding.upper()
+  if padding == "CAUSAL":  # along the first spatial axis only (D; H of 4D input)
+    first = "D" if rank == 5 else "H"
+    padding = tuple("CAUSAL" if a.upper() == first else "SAME" for a in axes)
+  y = depthwise_reference(x, kernel, axes=axes.upper(), strides=layer.strides,
+                          padding=padding, dilations=layer.dilation_rate,
                           data_format=_LAYOUT[rank, layer.data_format])
   if layer.use_bias:
     shape = [1] * rank
@@ -78,6 +82,10 @@ CONV3D = [
           padding="SAME", data_format="channels_first"), (2, 2, 4, 5, 3)),
     # Input smaller than the kernel.
     (dict(kernel_size=3, padding="same", activation="relu"), (1, 2, 1, 2, 2)),
+    # Causal along D (time), SAME along H and W; strided and dilated in time.
+    (dict(kernel_size=(3, 2, 3), strides=(2, 1, 2), dilation_rate=(2, 1, 1),
+          padding="causal"), (2, 5, 4, 6, 2)),
+    (dict(kernel_size=3, padding="CAUSAL", data_format="channels_first"), (1, 2, 2, 3, 4)),
 ]
 
 CONV2D = [
@@ -89,6 +97,9 @@ CONV2D = [
     (dict(kernel_size=(3, 2), axes="wd", strides=2, dilation_rate=2, padding="same",
           data_format="channels_first"), (1, 2, 5, 4, 6)),
     (dict(kernel_size=5, axes="DH", padding="same", activation="relu"), (1, 2, 3, 4, 2)),
+    # Causal along the first spatial axis: D (second in axes="WD"), or H of 4D input.
+    (dict(kernel_size=(2, 3), axes="WD", strides=(1, 2), padding="causal"), (2, 5, 3, 4, 2)),
+    (dict(kernel_size=3, dilation_rate=(2, 1), padding="causal"), (2, 6, 5, 3)),
 ]
 
 
@@ -137,9 +148,10 @@ def test_mixed_precision(rng):
 # Symbolic shapes, gradients, training.
 
 
-def test_functional_model_with_unknown_sizes(rng):
+@pytest.mark.parametrize("padding", ["same", "causal"])
+def test_functional_model_with_unknown_sizes(rng, padding):
   inputs = keras.Input((None, None, None, 3))
-  layer = DepthwiseConv3D(3, depth_multiplier=2, strides=(2, 1, 2), padding="same",
+  layer = DepthwiseConv3D(3, depth_multiplier=2, strides=(2, 1, 2), padding=padding,
                           bias_initializer="random_normal")
   outputs = layer(inputs)
   assert tuple(outputs.shape) == (None, None, None, None, 6)
@@ -275,7 +287,7 @@ def test_save_for_other_backend(rng):
   inputs = keras.Input((None, None, None, 3))
   h = DepthwiseConv3D(3, depth_multiplier=2, strides=(1, 2, 2), padding="same",
                       activation="relu", bias_initializer="random_normal")(inputs)
-  outputs = DepthwiseConv2D((3, 2), axes="DW", padding="valid",
+  outputs = DepthwiseConv2D((3, 2), axes="DW", padding="causal",
                             bias_initializer="random_normal")(h)
   model = keras.Model(inputs, outputs)
   x = random_array(rng, (2, 5, 7, 8, 3))
@@ -305,7 +317,12 @@ def test_load_model_saved_on_other_backend():
 
 @pytest.mark.parametrize("make, error, pattern", [
     (lambda: DepthwiseConv3D(3, padding="full"), ValueError,
-     r"DepthwiseConv3D: `padding` must be 'valid' or 'same' \(any case\), got 'full'"),
+     r"DepthwiseConv3D: `padding` must be 'valid', 'same' or 'causal' \(any case\), got "
+     r"'full'"),
+    (lambda: DepthwiseConv2D(3, axes="HW", padding="causal"), ValueError,
+     r"DepthwiseConv2D: padding='causal' is causal along the first spatial axis, D, which "
+     r"axes='HW' carries \(convolves H and W only\): CAUSAL on a carried axis means nothing\. "
+     r"Use axes that include 'D', or padding 'same' or 'valid'\."),
     (lambda: DepthwiseConv3D((3, 3)), ValueError,
      r"DepthwiseConv3D: `kernel_size` must be a positive int or a sequence of 3 positive "
      r"ints, one per convolved axis \(D, H, W\); got 2 values"),
