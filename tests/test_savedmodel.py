@@ -347,5 +347,6 @@ def test_load_errors(tmp_path):
   other.v = tf.Variable(1.0)
   tf.saved_model.save(other, str(tmp_path / "other"))
   with pytest.raises(ValueError, match=r"load_savedmodel: the SavedModel at '.*other' has no "
-                     r"`serve` function; it was not written by export_savedmodel"):
+                     r"`serve` function \(nor a streaming `step`\); it was not written by "
+                     r"export_savedmodel or export_streaming_savedmodel\."):
     interop.load_savedmodel(tmp_path / "other")
