@@ -178,9 +178,24 @@ def is_causal(k: int, r: int, padding: Pad) -> bool:
 # These work on ints and on traced integer scalars alike (`+ - * // %` only).
 
 
-def stream_history(k: int, r: int) -> int:
-  """Frames a stream keeps between chunks: `e - 1`."""
-  return effective(k, r) - 1
+def stream_ring(k: int, r: int) -> int:
+  """Slots of a stream's ring buffer: the `e - 1` kept frames and a free one.
+
+  None (0) when nothing is kept, `e == 1`.
+  """
+  e = effective(k, r)
+  return e if e > 1 else 0
+
+
+def stream_oldest(head: Size, size: int) -> Size:
+  """The ring slot of the oldest kept frame, the one after the free slot `head`.
+
+  Worked example: e=3, slots [f4, f2, f3] after frames f2, f3, f4 with head
+  0 (f4 just written there): the window in order is f2, f3, f4 = slots 1, 2,
+  0, from slot `oldest = 1`; slot j meets tap `(j - 1) mod 3`, i.e. the
+  taps rotated by 1.
+  """
+  return (head + 1) % size
 
 
 def stream_slots(length: Size, s: int) -> Size:

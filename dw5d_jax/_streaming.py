@@ -10,9 +10,9 @@ too. The state is a pytree (`StreamState`), so steps run under `jit`,
 How a step works (the arithmetic and a worked example are in `_geometry`,
 "Streaming along a causal axis"): the state holds the last `e - 1` input
 frames (`e = (k - 1) * dilation + 1` along time; zeros at first, which is
-the causal padding) and the phase. A step concatenates them with the chunk,
-reads that from the phase on with VALID padding along time (the other axes
-keep their padding) and keeps the last `e - 1` frames for the next step.
+the causal padding) and the phase. A step puts them before the chunk, reads
+that from the phase on with VALID padding along time (the other axes keep
+their padding) and keeps the last `e - 1` frames for the next step.
 
 **Strides along time.** With stride `s`, a chunk of `L` frames holds
 `floor(L / s)` or `ceil(L / s)` outputs, depending on where the previous
@@ -26,11 +26,19 @@ concatenate. A step can also take a chunk of which only the first `valid`
 frames are real (the output of a strided stream, `valid=state.emitted`), so
 strided streams chain.
 
-**The state update** copies the `e - 1` frames of history (2 frames for a
-3x3x3 kernel), not the sequence: benchmarks/streaming.py measured it against
-a ring buffer updated in place with `lax.dynamic_update_slice`, which must
-still assemble the same `e - 1 + L` contiguous frames for the convolution
-(benchmarks/RESULTS.md, "Streaming").
+**The frames are kept in a ring** of `e` slots (`StreamState.buffer`;
+`head` is the free slot, the other `e - 1` hold the history, oldest at
+`head + 1`). A 1-frame step, the common streaming case, copies only the new
+frame: it writes it into the free slot with `lax.dynamic_update_slice` (in
+place under `jit` when the state is donated, and in `lax.scan`) and
+convolves the ring as it lies, with the kernel's time taps rotated into the
+ring's order (without dilation along time; a rotation of the kernel, not of
+the frames). Copying the frames into order for the convolution made a
+1-frame step about twice as slow (benchmarks/RESULTS.md, "Streaming").
+Longer chunks need the history and the chunk in one contiguous window; they
+copy the `e - 1` history frames and put the ring back in order. Rotated
+taps sum in another order, so 1-frame steps equal the full op within
+rounding; longer chunks give it bitwise.
 """
 
 from __future__ import annotations
@@ -75,24 +83,23 @@ class StreamConfig(NamedTuple):
     return self.axes.index(self.axis) if self.axis in self.axes else None
 
   @property
-  def history(self) -> int:
-    """Frames kept between chunks, `e - 1` along the streamed axis."""
-    i = self.time
-    return 0 if i is None else _geometry.stream_history(self.window[i], self.dilations[i])
-
-  @property
-  def stride(self) -> int:
-    return 1 if self.time is None else self.strides[self.time]
+  def ring(self) -> int:
+    """Slots of the ring buffer: `e`, or 0 where nothing is kept (`e == 1`)."""
+    return _geometry.stream_ring(self.window[self.time], self.dilations[self.time]) \
+        if self.time is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamState:
-  """The state of a stream between chunks (a pytree: `buffer`, `phase`, `emitted`).
+  """The state of a stream between chunks (a pytree: `buffer`, `head`, `phase`, `emitted`).
 
   Attributes:
-    buffer: the last `e - 1` input frames along the streamed axis, oldest
-      first, in the input's layout and dtype: `(N, e - 1, H, W, C)` for a
-      clip `(N, T, H, W, C)` streamed along `T` (zeros before the first chunk).
+    buffer: a ring of `e` frames along the streamed axis (none if `e == 1`)
+      in the input's layout and dtype: `(N, e, H, W, C)` for a clip
+      `(N, T, H, W, C)` streamed along `T`. It holds the last `e - 1` input
+      frames (zeros before the first chunk) in every slot but `head`.
+    head: int32 scalar, the ring's free slot; the oldest frame is in slot
+      `(head + 1) % e`.
     phase: int32 scalar, frames of the next chunk before its first output's
       anchor frame (always 0 with stride 1 along time).
     emitted: int32 scalar, how many leading frames of the last step's
@@ -102,12 +109,14 @@ class StreamState:
   """
 
   buffer: jax.Array
+  head: jax.Array
   phase: jax.Array
   emitted: jax.Array
   config: StreamConfig
 
 
-jax.tree_util.register_dataclass(StreamState, data_fields=["buffer", "phase", "emitted"],
+jax.tree_util.register_dataclass(StreamState,
+                                 data_fields=["buffer", "head", "phase", "emitted"],
                                  meta_fields=["config"])
 
 
@@ -159,8 +168,8 @@ def stream_init(
     >>> import dw5d_jax as dw
     >>> k = jnp.ones((3, 3, 3, 4, 1))                      # (kt, kh, kw, C, M)
     >>> state = dw.stream_init(jnp.zeros((1, 1, 8, 8, 4)), k)
-    >>> state.buffer.shape                                  # the last kt - 1 frames
-    (1, 2, 8, 8, 4)
+    >>> state.buffer.shape                # a ring of kt frames: the last kt - 1 and the next
+    (1, 3, 8, 8, 4)
   """
   fn = "stream_init"
   config = _configure(fn, chunk, kernel, strides=strides, padding=padding, dilations=dilations,
@@ -171,14 +180,16 @@ def stream_init(
   _check_length(fn, shape[t], config)
   # Checks the rest (kernel shape and dtype, channels, a window that does not
   # fit along another axis) as the op would, on one frame, computing nothing.
-  shape[t] = config.history + 1
+  shape[t] = max(config.ring, 1)
   jax.eval_shape(functools.partial(_conv, config=config, fn=fn, method="auto",
                                    precision=None, preferred=None),
                  jax.ShapeDtypeStruct(tuple(shape), dtype),
                  jax.ShapeDtypeStruct(tuple(kernel.shape), _dtype_of(kernel)))
-  shape[t] = config.history
-  return StreamState(buffer=jnp.zeros(shape, dtype), phase=jnp.zeros((), jnp.int32),
-                     emitted=jnp.zeros((), jnp.int32), config=config)
+  shape[t] = config.ring
+  # Separate arrays, so that a jitted step can donate the whole state.
+  head, phase, emitted = (jnp.zeros((), jnp.int32) for _ in range(3))
+  return StreamState(buffer=jnp.zeros(shape, dtype), head=head, phase=phase, emitted=emitted,
+                     config=config)
 
 
 def stream_step(
@@ -255,44 +266,61 @@ def stream_step(
   _check_chunk(fn, state, chunk)
   length = chunk.shape[config.layout.index(config.axis)]
   count, traced = _check_valid(fn, valid, length)
-  buffer, phase, emitted, y = _step(
-      state.buffer, state.phase, chunk, kernel, traced, count=count, config=config,
+  buffer, head, phase, emitted, y = _step(
+      state.buffer, state.head, state.phase, chunk, kernel, traced, count=count, config=config,
       method=_args.check_method(fn, method), precision=_args.check_precision(fn, precision),
       preferred=_args.check_preferred(fn, preferred_element_type))
-  return StreamState(buffer, phase, emitted, config), y
+  return StreamState(buffer, head, phase, emitted, config), y
 
 
 @functools.partial(jax.jit, static_argnames=("count", "config", "method", "precision",
                                              "preferred"))
-def _step(buffer, phase, chunk, kernel, traced, *, count: int | None, config: StreamConfig,
+def _step(ring, head, phase, chunk, kernel, traced, *, count: int | None, config: StreamConfig,
           method: str, precision: Any, preferred: Any):
-  """The step's arithmetic: `traced` real frames if given, else `count` (None: all)."""
+  """The step's arithmetic: `traced` real frames if given, else `count` (None: all).
+
+  Returns the new ring, head, phase and emitted count, and the output slots.
+  """
   t = config.layout.index(config.axis)
   length = chunk.shape[t]
-  if traced is not None:
-    count = traced
-  elif count is None:
-    count = length
+  count = traced if traced is not None else length if count is None else count
+  valid = jnp.asarray(count, jnp.int32)
   conv = functools.partial(_conv, config=config, fn="stream_step", method=method,
                            precision=precision, preferred=preferred)
   i = config.time
   if i is None:  # a carried axis: every frame on its own
-    return buffer, phase, jnp.asarray(count, jnp.int32), conv(chunk, kernel)
+    return ring, head, phase, valid, conv(chunk, kernel)
   k, s, r = config.window[i], config.strides[i], config.dilations[i]
-  history = config.history
-  x = lax.concatenate([buffer, chunk], t) if history else chunk
-  if traced is not None:
-    new_buffer = lax.dynamic_slice_in_dim(x, count, history, t)
-  else:
-    new_buffer = lax.slice_in_dim(x, count, count + history, axis=t)
+  size = config.ring
+  emitted = _geometry.stream_emitted(valid, phase, s)
+  phase_after = _geometry.stream_phase(phase, valid, s)
+  if size and r == 1 and _geometry.is_static(length) and length == 1:
+    # One frame into the free slot; the ring, oldest frame at `head + 1`,
+    # convolved with the time taps rotated to match: slot j meets tap
+    # (j - oldest) mod e. A frame that is not real (valid 0) stays in the
+    # free slot: `head` does not move.
+    ring = lax.dynamic_update_slice_in_dim(ring, chunk, head, t)
+    oldest = _geometry.stream_oldest(head, size)
+    y = conv(ring, jnp.roll(kernel, oldest, axis=i), window_padding=True)
+    return ring, (head + valid) % size, phase_after, emitted, y
+  x = chunk
+  if size:  # [history; chunk], the history in order: e - 1 slots from the oldest on
+    ordered = jnp.roll(ring, -_geometry.stream_oldest(head, size), axis=t)
+    x = lax.concatenate([lax.slice_in_dim(ordered, 0, size - 1, axis=t), chunk], t)
+    if traced is not None:
+      history = lax.dynamic_slice_in_dim(x, valid, size - 1, t)
+    else:
+      history = lax.slice_in_dim(x, count, count + size - 1, axis=t)
+    pads = [(0, 0, 0)] * x.ndim
+    pads[t] = (0, 1, 0)
+    ring = lax.pad(history, jnp.zeros((), x.dtype), pads)  # in order, the free slot last
+    head = jnp.asarray(size - 1, jnp.int32)
   if s > 1:
     pads = [(0, 0, 0)] * x.ndim
     pads[t] = (0, _geometry.stream_tail(length, s), 0)
     x = lax.pad(x, jnp.zeros((), x.dtype), pads)
     x = lax.dynamic_slice_in_dim(x, phase, _geometry.stream_window(length, k, s, r), t)
-  emitted = _geometry.stream_emitted(jnp.asarray(count, jnp.int32), phase, s)
-  new_phase = _geometry.stream_phase(phase, jnp.asarray(count, jnp.int32), s)
-  return new_buffer, new_phase, emitted, conv(x, kernel, window_padding=True)
+  return ring, head, phase_after, emitted, conv(x, kernel, window_padding=True)
 
 
 def _conv(x, kernel, *, config: StreamConfig, fn: str, method: str, precision: Any,

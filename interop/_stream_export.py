@@ -9,8 +9,9 @@ new state and the chunk's output, e.g. `dw5d_jax.stream_init` and
 
 The state is a pytree of arrays (a `dw5d_jax.StreamState`, a tuple of them
 for a model). In the SavedModel it is a flat dict of tensors named after
-their paths in the tree: `state_buffer`, `state_phase`, `state_emitted` for
-one `StreamState`, `state_0_buffer`, `state_1_buffer`, ... for a tuple. The
+their paths in the tree: `state_buffer`, `state_head`, `state_phase`,
+`state_emitted` for one `StreamState`; `state_0_buffer`, `state_1_buffer`,
+... for a tuple. The
 SavedModel serves with TensorFlow alone:
 
 * `initial_state(chunk)`: the state before the first chunk (only the
@@ -89,7 +90,7 @@ def export_streaming_savedmodel(
     >>> frame = tf.ones((1, 1, 8, 8, 4))
     >>> state = model.initial_state(frame)
     >>> sorted(state)
-    ['state_buffer', 'state_emitted', 'state_phase']
+    ['state_buffer', 'state_emitted', 'state_head', 'state_phase']
     >>> state, y = model.step(state, frame)
     >>> y.shape
     TensorShape([1, 1, 8, 8, 4])

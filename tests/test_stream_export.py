@@ -63,8 +63,8 @@ def test_stream_round_trip(tmp_path, rng):
                                              input_shape=(None, None, None, None, 3))
   model = interop.load_savedmodel(path)
   assert sorted(model.signatures) == ["initial_state", "serving_default"]
-  names = ["state_0_buffer", "state_0_emitted", "state_0_phase", "state_1_buffer",
-           "state_1_emitted", "state_1_phase"]
+  names = [f"state_{i}_{field}" for i in (0, 1)
+           for field in ("buffer", "emitted", "head", "phase")]
   for shape, length in [((1, 9, 5, 4, 3), 3), ((2, 5, 3, 6, 3), 1), ((1, 4, 2, 2, 3), 4)]:
     x = random_array(rng, shape)
     state = model.initial_state(x[:, :1])
@@ -106,9 +106,10 @@ def test_errors(tmp_path):
   shape = (None, None, None, None, 4)
   with pytest.raises(ValueError, match=r"export_streaming_savedmodel: `step_fn` must return "
                      r"the state with the structure, shapes and dtypes `init_fn` gives it; "
-                     r"`init_fn` gives \[\('.buffer', \(b, 2, h, w, 4\), 'float32'\), "
-                     r"\('.phase', \(\), 'int32'\), \('.emitted', \(\), 'int32'\)\], "
-                     r"`step_fn` returns \[\('', \(b, 2, h, w, 4\), 'float32'\)\]\."):
+                     r"`init_fn` gives \[\('.buffer', \(b, 3, h, w, 4\), 'float32'\), "
+                     r"\('.head', \(\), 'int32'\), \('.phase', \(\), 'int32'\), "
+                     r"\('.emitted', \(\), 'int32'\)\], `step_fn` returns "
+                     r"\[\('', \(b, 3, h, w, 4\), 'float32'\)\]\."):
     interop.export_streaming_savedmodel(
         init_one, lambda k, s, c: (s.buffer, step_one(k, s, c)[1]), K, tmp_path / "a",
         input_shape=shape)
