@@ -224,6 +224,66 @@ def test_fit_reduces_loss_under_the_backend_compiler(rng):
 
 
 # ----------------------------------------------------------------------------
+# Streaming.
+
+
+def _stream(layer, x: np.ndarray, chunks, compiled: bool) -> np.ndarray:
+  """Feeds `x` along its first spatial axis in chunks; the real outputs, concatenated."""
+  t = 1 if layer.data_format == "channels_last" else 2
+  state = layer.stream_init(x.shape)
+  step = layer.stream_step
+  if compiled and BACKEND == "jax":
+    import jax
+
+    step = jax.jit(step)
+  elif compiled:
+    import tensorflow as tf
+
+    step = tf.function(step)
+  outs, start = [], 0
+  for length in chunks:
+    state, y = step(state, np.take(x, range(start, start + length), axis=t))
+    outs.append(np.take(_np(y), range(int(_np(state["emitted"]))), axis=t))
+    start += length
+  return np.concatenate(outs, axis=t)
+
+
+@pytest.mark.parametrize("cls, config, x_shape", [
+    (DepthwiseConv3D, dict(kernel_size=(3, 2, 3), depth_multiplier=2, strides=(2, 1, 2),
+                           dilation_rate=(2, 1, 1), padding="causal"), (2, 7, 4, 5, 2)),
+    (DepthwiseConv3D, dict(kernel_size=3, padding="causal", data_format="channels_first",
+                           activation="relu"), (1, 2, 6, 3, 4)),
+    (DepthwiseConv2D, dict(kernel_size=(2, 3), axes="WD", padding="causal"), (2, 6, 3, 4, 2)),
+    (DepthwiseConv2D, dict(kernel_size=3, axes="HW", strides=2, padding="same"), (1, 6, 5, 4, 2)),
+    (DepthwiseConv2D, dict(kernel_size=3, strides=(2, 1), padding="causal"), (2, 7, 5, 3)),
+], ids=["3d-strided", "3d-channels-first", "2d-WD", "2d-HW-per-frame", "2d-rank4"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stream_equals_call(rng, cls, config, x_shape, compiled):
+  layer = cls(**config, bias_initializer="random_normal")
+  x = random_array(rng, x_shape)
+  want = _np(layer(x))
+  t = 1 if layer.data_format == "channels_last" else 2
+  chunks = [3, 1, 2] + [1] * (x_shape[t] - 6)
+  assert_close(_stream(layer, x, chunks, compiled), want)
+
+
+def test_stream_errors():
+  layer = DepthwiseConv3D(3, padding="same")
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: streaming needs the layer "
+                     r"causal along D \(the first spatial axis\): padding='causal', got "
+                     r"padding='same'\."):
+    layer.stream_init((1, 1, 4, 4, 2))
+  causal = DepthwiseConv3D(3, padding="causal")
+  state = causal.stream_init((1, 1, 4, 4, 2))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `chunk` has shape "
+                     r"\(1, 1, 4, 5, 2\), but the state was made for chunks \(1, 'L', 4, 4, "
+                     r"2\) \(L >= 1 frames along time, axis 1\)\."):
+    causal.stream_step(state, np.zeros((1, 1, 4, 5, 2), np.float32))
+  with pytest.raises(ValueError, match=r"stream_init: `input_shape` must be fully known"):
+    causal.stream_init((None, 1, 4, 4, 2))
+
+
+# ----------------------------------------------------------------------------
 # Serialisation.
 
 
