@@ -1,7 +1,7 @@
 """interop: the TensorFlow side of dw5d-jax.
 
-Reference TF implementations, the JAX-vs-TF parity suite and SavedModel
-export through jax2tf. This package may import `dw5d_jax`; `dw5d_jax` never
+Reference TF implementations, the JAX-vs-TF parity suite, SavedModel
+export through jax2tf and LiteRT export. This package may import `dw5d_jax`; `dw5d_jax` never
 imports TensorFlow.
 
 Public API:
@@ -11,6 +11,8 @@ Public API:
     jax2tf, with symbolic batch and spatial dims.
   export_streaming_savedmodel: a stream (`dw5d_jax.stream_init`/`stream_step`,
     or a model's) to a SavedModel with `step(state, chunk) -> (state, output)`.
+  export_litert: Keras models and JAX functions to LiteRT (TFLite)
+    flatbuffers of builtin ops only, float32, float16 or int8.
   weights_from_keras, kernel_from_keras_grouped, kernel_from_torch_grouped,
     DepthwiseWeights: kernels from Keras/PyTorch layouts to `(..., C, M)`.
   keras: Keras 3 layers `DepthwiseConv3D`, `DepthwiseConv2D` (JAX and
@@ -28,6 +30,7 @@ _LAZY = {
     "export_savedmodel": "interop._export",
     "export_streaming_savedmodel": "interop._stream_export",
     "load_savedmodel": "interop._export",
+    "export_litert": "interop._litert",
     "DepthwiseWeights": "interop._weights",
     "kernel_from_keras_grouped": "interop._weights",
     "kernel_from_torch_grouped": "interop._weights",
