@@ -85,8 +85,8 @@ class StreamConfig(NamedTuple):
   @property
   def ring(self) -> int:
     """Slots of the ring buffer: `e`, or 0 where nothing is kept (`e == 1`)."""
-    return _geometry.stream_ring(self.window[self.time], self.dilations[self.time]) \
-        if self.time is not None else 0
+    i = self.time
+    return 0 if i is None else _geometry.stream_ring(self.window[i], self.dilations[i])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,8 +161,14 @@ def test_scan_with_a_time_stride(rng, length):
   assert int(final.phase) == (-(steps * length)) % 2
 
 
-def test_strided_streams_chain_with_valid(rng):
-  """A stride-2 stream feeding a causal one, `valid=emitted`, in one jitted scan."""
+@pytest.mark.parametrize("length", [1, 3])
+def test_strided_streams_chain_with_valid(rng, length):
+  """A stride-2 stream feeding a causal one, `valid=emitted`, in one jitted scan.
+
+  With 1-frame chunks the second stream gets 1-frame chunks that are real
+  every other step (valid 1, 0, 1, ...); with 3-frame chunks, 2 slots of
+  which 2, 1, 2 are real.
+  """
   x = random_array(rng, (2, 9, 4, 5, 2))
   k1 = random_array(rng, (2, 3, 3, 2, 2))
   k2 = random_array(rng, (3, 1, 2, 4, 1))
@@ -177,10 +183,11 @@ def test_strided_streams_chain_with_valid(rng):
 
   s1 = dw.stream_init(x[:, :1], k1, **kw1)
   s2 = dw.stream_init(jnp.zeros((2, 1, 4, 5, 4)), k2, **kw2)
-  chunks = jnp.moveaxis(x.reshape(2, 3, 3, 4, 5, 2), 1, 0)  # 3 steps of 3 frames
+  steps = 9 // length
+  chunks = jnp.moveaxis(x.reshape(2, steps, length, 4, 5, 2), 1, 0)
   _, (ys, emitted) = jax.jit(lambda s, c: lax.scan(body, s, c))((s1, s2), chunks)
-  assert emitted.tolist() == [2, 1, 2]
-  got = np.concatenate([ys[i, :, :int(emitted[i])] for i in range(3)], axis=1)
+  assert emitted.tolist() == ([1, 0] * 4 + [1] if length == 1 else [2, 1, 2])
+  got = np.concatenate([ys[i, :, :int(emitted[i])] for i in range(steps)], axis=1)
   hidden = depthwise_reference(x, k1, axes="DHW", **kw1)
   assert_close(got, depthwise_reference(hidden, k2, axes="DHW", **kw2))
 
@@ -201,14 +208,17 @@ def test_vmap_over_streams(rng):
                                              padding=("CAUSAL", "SAME", "SAME")))
 
 
-def test_export_step_with_symbolic_sizes(rng):
-  """jax.export of a step: symbolic batch, height, width and chunk length."""
+@pytest.mark.parametrize("length, dilation", [("l", 2), ("1", 1)], ids=["any-length", "1-frame"])
+def test_export_step_with_symbolic_sizes(rng, length, dilation):
+  """jax.export of a step: symbolic batch, height, width, and chunk length or 1-frame chunks."""
   k = random_array(rng, (3, 3, 2, 3, 1))
-  kw = dict(strides=(1, 2, 1), dilations=(2, 1, 1))
-  spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, l, h, w, 3"), jnp.float32)
+  kw = dict(strides=(1, 2, 1), dilations=(dilation, 1, 1))
+  spec = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {length}, h, w, 3"), jnp.float32)
   state_spec = jax.eval_shape(lambda c: dw.stream_init(c, k, **kw), spec)
   exp = export.export(jax.jit(lambda s, c: dw.stream_step(s, c, k, **kw)))(state_spec, spec)
-  for shape, chunks in [((1, 5, 6, 4, 3), [2, 1, 2]), ((2, 4, 3, 7, 3), [4])]:
+  cases = [((1, 5, 6, 4, 3), [2, 1, 2]), ((2, 4, 3, 7, 3), [4])] if length == "l" else [
+      ((1, 4, 6, 4, 3), [1] * 4), ((2, 3, 3, 7, 3), [1] * 3)]
+  for shape, chunks in cases:
     x = random_array(rng, shape)
     state = dw.stream_init(x[:, :1], k, **kw)
     outs, start = [], 0
