@@ -139,6 +139,17 @@ class _DepthwiseConv(nnx.Module):
       chunk: `(*batch, L, ...)`, `L >= 1` frames, the rest as in `stream_init`.
       valid: how many leading frames of `chunk` are real (see
         `dw5d_jax.stream_step`); None: all.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> from dw5d_jax.nn import DepthwiseConv3D
+      >>> layer = DepthwiseConv3D(4, 3, padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0))
+      >>> clip = jnp.ones((1, 5, 8, 8, 4))                  # (N, T, H, W, C)
+      >>> state = layer.stream_init(clip[:, :1])
+      >>> state, y = layer.stream_step(state, clip[:, :2])  # two frames in, two out
+      >>> y.shape
+      (1, 2, 8, 8, 4)
     """
     batch_shape, x = self._flatten(chunk)
     x, kernel, bias = self._promote(x)
