@@ -106,6 +106,17 @@ class StreamState:
       output are real (all of them unless the stride along time does not
       divide the chunk length; see the module docstring).
     config: the stream's `StreamConfig` (static: part of the tree structure).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import dw5d_jax as dw
+    >>> k = jnp.ones((3, 3, 3, 4, 1))
+    >>> state = dw.stream_init(jnp.zeros((1, 1, 8, 8, 4)), k, strides=(2, 1, 1))
+    >>> state, y = dw.stream_step(state, jnp.ones((1, 3, 8, 8, 4)), k, strides=(2, 1, 1))
+    >>> y.shape[1], int(state.emitted), int(state.phase)   # 2 slots, both real
+    (2, 2, 1)
+    >>> [leaf.shape for leaf in jax.tree.leaves(state)]   # buffer, head, phase, emitted
+    [(1, 3, 8, 8, 4), (), (), ()]
   """
 
   buffer: jax.Array

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close, random_array
 
 import dw5d_jax as dw
 import interop
 import interop._stream_export
 from dw5d_jax._reference import depthwise_reference
+from tests.helpers import assert_close, random_array
 
 # A strided causal depthwise layer (stride 2 in time), a pointwise matmul and
 # a dilated causal depthwise layer fed the real frames of the first
