@@ -192,7 +192,7 @@ def depthwise_conv3d(
     "precision", "preferred", "split"))
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
-           method: str, precision: Any, preferred: Any, split: Any) -> jax.Array:
+           method: str, precision: Any, preferred: Any, split: Any = None) -> jax.Array:
   """Shape checks (at trace time), normalisation, the primitive, restoring the rank."""
   rank4 = x.ndim == 4
   blocks = None if split is None else _sharding.split_layout(fn, split)
