@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args, _epilogue, _policy, _primitive
+from dw5d_jax import _args, _epilogue, _policy, _primitive, _sharding
 
 _Ints = int | tuple[int, ...]
 _Padding = str | tuple[str | tuple[int, int], ...]
@@ -28,6 +28,7 @@ def depthwise_conv2d(
     method: str = "auto",
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    split_axes: dict[str, str | tuple[str, ...]] | None = None,
     bias: ArrayLike | None = None,
     activation: str | None = None,
 ) -> jax.Array:
@@ -68,6 +69,12 @@ def depthwise_conv2d(
       the other methods compute in `preferred_element_type` or float32.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.
+    split_axes: inside `jax.shard_map` only: x is one block of an array split
+      along spatial axes, e.g. `{"D": "space"}` (axis letter -> mesh axis
+      name, or a tuple of names). The op exchanges the halos its windows
+      need with the neighbouring blocks and returns this block of the
+      whole array's result (gradients too). Not needed under `jit` with
+      sharded arrays, which partitions the op by itself.
     bias: None, or `(C * M,)` in x's dtype, added to output channel
       `c * M + m`.
     activation: None, or one of `"relu"`, `"relu6"`, `"gelu"` (exact, with
@@ -123,7 +130,8 @@ def depthwise_conv2d(
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
       preferred=_args.check_preferred(fn, preferred_element_type),
-      bias=_bias_arg(fn, bias), activation=_args.check_activation(fn, activation))
+      bias=_bias_arg(fn, bias), activation=_args.check_activation(fn, activation),
+      split=_args.check_split_axes(fn, split_axes, "HW" if x.ndim == 4 else "DHW"))
 
 
 def depthwise_conv3d(
@@ -137,6 +145,7 @@ def depthwise_conv3d(
     method: str = "auto",
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    split_axes: dict[str, str | tuple[str, ...]] | None = None,
     bias: ArrayLike | None = None,
     activation: str | None = None,
 ) -> jax.Array:
@@ -166,6 +175,8 @@ def depthwise_conv3d(
     precision: passed to `lax.conv_general_dilated` by the `"conv"` method.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.
+    split_axes: inside `jax.shard_map`: the spatial axes along which x is
+      one block of a split array, as for `depthwise_conv2d`.
     bias: None, or `(C * M,)` in x's dtype.
     activation: None or a name, as for `depthwise_conv2d`: the result is
       `activation(conv(x, kernel) + bias)`, fused on CPU.
@@ -204,34 +215,42 @@ def depthwise_conv3d(
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
       preferred=_args.check_preferred(fn, preferred_element_type),
-      bias=_bias_arg(fn, bias), activation=_args.check_activation(fn, activation))
+      bias=_bias_arg(fn, bias), activation=_args.check_activation(fn, activation),
+      split=_args.check_split_axes(fn, split_axes, "DHW"))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "fn", "conv_axes", "layout", "strides", "dilations", "padding", "method",
-    "precision", "preferred", "activation"))
+    "precision", "preferred", "split", "activation"))
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
-           method: str, precision: Any, preferred: Any, bias: jax.Array | None = None,
-           activation: str | None = None) -> jax.Array:
+           method: str, precision: Any, preferred: Any, split: Any = None,
+           bias: jax.Array | None = None, activation: str | None = None) -> jax.Array:
   """Shape checks (at trace time), normalisation, the primitive, restoring the rank.
 
   Without an epilogue the primitive is `dw5d_p` alone, as if the epilogue
   did not exist; with one, `_epilogue.apply`.
   """
   rank4 = x.ndim == 4
+  blocks = None if split is None else _sharding.split_layout(fn, split)
   x5, k5, spec = _args.normalize(
       fn, x, kernel, conv_axes=conv_axes, layout=layout, strides=strides,
-      dilations=dilations, padding=padding, precision=precision, preferred=preferred)
+      dilations=dilations, padding=padding, precision=precision, preferred=preferred,
+      parts=(1, 1, 1) if blocks is None else tuple(map(blocks.parts, blocks.spatial)))
+  if blocks is not None:
+    _sharding.check_split(fn, spec, blocks)
+  else:  # explicit mesh axes: the result's split, checked with this function's name
+    _sharding.out_sharding("fwd", jax.typeof(x5), jax.typeof(k5), spec,
+                           _primitive.out_shape("fwd", x5.shape, spec), fn)
   impl = _primitive.Impl(method)
   _policy.prepare(spec, impl, x5.shape[0])
   if bias is None and activation is None:
-    y = _primitive.conv(x5, k5, spec, impl)
+    y = _primitive.conv(x5, k5, spec, impl, split=blocks)
   else:
     if bias is None:
       bias = jnp.zeros((spec.channels * spec.multiplier,), x5.dtype)
     _args.check_bias(fn, bias, x5.dtype, spec)
-    y = _epilogue.apply(x5, k5, bias, spec, impl, activation)
+    y = _epilogue.apply(x5, k5, bias, spec, impl, activation, split=blocks)
   if rank4:
     y = y.squeeze(1 if spec.channels_last else 2)
   return y

@@ -41,6 +41,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -125,15 +126,19 @@ def _bias(b: jax.Array, spec: ConvSpec, dtype: Any) -> jax.Array:
   return b.astype(dtype).reshape(shape)
 
 
-def _pre_activation(x, k, b, spec: ConvSpec, impl: Impl) -> jax.Array:
+def _pre_activation(x, k, b, spec: ConvSpec, impl: Impl, split: Any = None) -> jax.Array:
   """`z = conv(x, k) + b` in the accumulator dtype."""
   acc = spec.acc_dtype
-  return _primitive.conv(x, k, spec, impl, acc) + _bias(b, spec, acc)
+  return _primitive.conv(x, k, spec, impl, acc, split=split) + _bias(b, spec, acc)
 
 
-def forward_formula(x, k, b, *, spec: ConvSpec, impl: Impl, activation: str | None):
-  """`activation(conv(x, k) + b)`, computed in the accumulator dtype, cast to the output's."""
-  z = _pre_activation(x, k, b, spec, impl)
+def forward_formula(x, k, b, *, spec: ConvSpec, impl: Impl, activation: str | None,
+                    split: Any = None):
+  """`activation(conv(x, k) + b)`, computed in the accumulator dtype, cast to the output's.
+
+  `split`: x is a block inside `shard_map` (`_primitive.conv`'s `split`).
+  """
+  z = _pre_activation(x, k, b, spec, impl, split)
   y = z if activation is None else ACTIVATIONS[activation].fn(z)
   return y.astype(spec.out_dtype)
 
@@ -187,9 +192,23 @@ epilogue_grad_p = Primitive("dw5d_epilogue_grad")
 epilogue_grad_p.multiple_results = True
 
 
-def apply(x, k, b, spec: ConvSpec, impl: Impl, activation: str | None) -> jax.Array:
-  """`activation(conv(x, k) + b)`, fused where the native kernels run."""
+def apply(x, k, b, spec: ConvSpec, impl: Impl, activation: str | None,
+          split: Any = None) -> jax.Array:
+  """`activation(conv(x, k) + b)`, fused where the native kernels run.
+
+  Blocks inside `shard_map` (`split`, or operands varying over manual mesh
+  axes) and arrays sharded in their types (explicit mesh axes) take the
+  formula at once: its `dw5d_p` carries their partitioning (`_sharding`),
+  its bias and activation are elementwise.
+  """
+  if split is not None or any(_sharded(v) for v in (x, k, b)):
+    return forward_formula(x, k, b, spec=spec, impl=impl, activation=activation, split=split)
   return epilogue_p.bind(x, k, b, spec=spec, impl=impl, activation=activation)
+
+
+def _sharded(v: jax.Array) -> bool:
+  aval = jax.typeof(v)
+  return not aval.sharding.mesh.empty or bool(aval.manual_axis_type.varying)
 
 
 def _out_aval(a_shape, spec: ConvSpec, dtype) -> jax.core.ShapedArray:
@@ -322,6 +341,9 @@ def _lowering(op: str, formula, multiple_results: bool):
 
 
 def _register(prim: Primitive, abstract, formula, op: str | None) -> None:
+  # Lowered for several devices, the formula's dw5d_p partitions itself
+  # (`_sharding.partitioned`), which needs the devices while lowering.
+  dispatch.prim_requires_devices_during_lowering.add(prim)
   prim.def_abstract_eval(abstract)
   prim.def_impl(_eager(prim))
   batching.primitive_batchers[prim] = _batch_rule(prim)

@@ -192,11 +192,13 @@ def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpe
   `grad_formula`), whose `dw5d_p` takes the steps above. So the epilogue is
   fused exactly where the convolution (`"fwd"`) or its kernel gradient
   (`"grad"`) would use the native kernels, in the same layout (transposed
-  to channels-last around them where `transposed` says).
+  to channels-last around them where `transposed` says), on one device.
   """
   method = lowering(impl.method, platform, spec)
   if method != "shift" or platform != "cpu":
     return None
+  if getattr(ctx.module_context.axis_context, "num_devices", 1) > 1:
+    return None  # the formula's dw5d_p is partitioned (`_sharding.partitioned`)
   layout = native_layout(ctx, spec, "fwd" if op == "fwd" else "dk")
   if layout is None:
     return None
