@@ -7,8 +7,9 @@ every kernel tap, the input position each output reads:
 
     y[n, o, c*M + m] = sum_t xpad[n, o*s + t*r, c] * k[t, c, m]
 
-with `xpad` the zero-padded input (so `xpad[p] = x[p - lo]` inside the input
-and 0 outside), summed over the taps `t` of every convolved axis. Inputs are
+with `xpad` the padded input (so `xpad[p] = x[p - lo]` inside the input
+and 0 outside, or, with a border mode, what `numpy.pad` puts there),
+summed over the taps `t` of every convolved axis. Inputs are
 assumed valid (the library's checks are tested separately). It is slow and
 meant for small tests, the parity suite and export verification.
 """
@@ -30,6 +31,7 @@ def depthwise_reference(
     padding: str | Sequence[str | tuple[int, int]] = "SAME",
     dilations: int | Sequence[int] = 1,
     data_format: str | None = None,
+    padding_mode: str | Sequence[str] = "zeros",
 ) -> np.ndarray:
   """Depthwise convolution in float64 by a direct sum over kernel taps.
 
@@ -42,6 +44,9 @@ def depthwise_reference(
     padding: `"SAME"`, `"VALID"` or `"CAUSAL"`, or one entry per convolved
       axis, each such a string or a `(lo, hi)` pair.
     data_format: x's layout; `None` means channels-last.
+    padding_mode: `"zeros"`, `"reflect"`, `"symmetric"`, `"edge"` or
+      `"circular"` (`numpy.pad`'s `"constant"`, `"reflect"`, `"symmetric"`,
+      `"edge"`, `"wrap"`), or one per convolved axis.
 
   Returns:
     A float64 array in x's layout with `C * M` channels ordered `c * M + m`.
@@ -59,7 +64,8 @@ def depthwise_reference(
   c, m = k.shape[-2], k.shape[-1]
 
   entries = [padding] * nconv if isinstance(padding, str) else list(padding)
-  index, valid, out_sizes = [], [], []
+  modes = [padding_mode] * nconv if isinstance(padding_mode, str) else list(padding_mode)
+  index, valid, out_sizes, widths = [], [], [], [(0, 0)] * x.ndim
   for i, a in enumerate(axes):
     n = x.shape[1 + letters.index(a)]
     size, s, r = k.shape[i], strides[i], dilations[i]
@@ -77,9 +83,22 @@ def depthwise_reference(
       out = (n + lo + hi - eff) // s + 1
     # pos[o, t]: the input position that output o reads at tap t.
     pos = np.arange(out)[:, None] * s + np.arange(size)[None, :] * r - lo
-    index.append(np.clip(pos, 0, n - 1))
-    valid.append((pos >= 0) & (pos < n))
+    if modes[i] == "zeros":
+      index.append(np.clip(pos, 0, n - 1))
+      valid.append((pos >= 0) & (pos < n))
+    else:  # x is padded by numpy.pad below: position p is at p + lo there
+      hi_read = max(int(pos.max()) - (n - 1), 0)
+      widths[1 + letters.index(a)] = (lo, hi_read)
+      index.append(pos + lo)
+      valid.append(np.ones(pos.shape, dtype=bool))
     out_sizes.append(out)
+
+  for (lo, hi), a in zip(widths[1:], letters):
+    mode = modes[axes.index(a)] if a in axes else "zeros"
+    if mode != "zeros":
+      ax = 1 + letters.index(a)
+      x = np.pad(x, [w if j == ax else (0, 0) for j, w in enumerate(widths)],
+                 mode=_NUMPY_MODES[mode])
 
   out_shape = list(x.shape[:-1]) + [c, m]
   for i, a in enumerate(axes):
@@ -100,6 +119,10 @@ def depthwise_reference(
   if channels_first:
     y = np.moveaxis(y, -1, 1)
   return y
+
+
+_NUMPY_MODES = {"reflect": "reflect", "symmetric": "symmetric", "edge": "edge",
+                "circular": "wrap"}
 
 
 def _per_axis(v: int | Sequence[int], n: int) -> tuple[int, ...]:
