@@ -18,7 +18,9 @@ kernel), one jitted callable per cell:
 
 All cells are warmed up, then timed in interleaved rounds (one call per
 cell per round, so load from other processes hits every cell alike); the
-table has the medians in ms and each mode's ratio to `zeros`.
+table has the medians in ms and, per mode, the median over rounds of its
+time divided by `zeros`'s in the same round (on a shared machine, the
+paired ratio is steadier than a ratio of medians).
 """
 
 from __future__ import annotations
@@ -82,8 +84,13 @@ def _cells(w: Workload, seed: int = 0):
   return cells
 
 
-def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], float]:
-  """Median ms per cell, interleaved rounds after `warmup` calls of each."""
+def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], tuple]:
+  """Per cell: the median ms, and the median over rounds of its ratio to `zeros`.
+
+  Interleaved rounds after `warmup` calls of each cell: one call per cell per
+  round, each mode right after the `zeros` call of its pass, so a burst of
+  load from other processes hits both sides of a ratio alike.
+  """
   import jax
   cells = _cells(w)
   for fn in cells.values():
@@ -95,7 +102,12 @@ def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], 
       t0 = time.perf_counter()
       jax.block_until_ready(fn())
       times[key].append(time.perf_counter() - t0)
-  return {key: 1e3 * statistics.median(v) for key, v in times.items()}
+  out = {}
+  for (cell, pass_), v in times.items():
+    base = times[("zeros", pass_)]
+    ratio = statistics.median(a / b for a, b in zip(v, base))
+    out[(cell, pass_)] = (1e3 * statistics.median(v), ratio)
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
   if not status.active:
     print(f"the native kernels are not active ({status.detail}); nothing to compare")
     return 1
-  print(f"median ms over {args.rounds} interleaved rounds; ratio to zeros in brackets")
+  print(f"median ms over {args.rounds} interleaved rounds; in brackets the median over "
+        f"rounds of the ratio to zeros in the same round")
   print(f"| workload | pass | {' | '.join(CELLS)} |")
   print(f"|---|---|{'---:|' * len(CELLS)}")
   for name in args.workloads:
-    ms = measure(WORKLOADS[name], args.rounds)
+    res = measure(WORKLOADS[name], args.rounds)
     for pass_ in ("forward", "backward"):
-      base = ms[("zeros", pass_)]
-      row = [f"{ms[(c, pass_)]:.2f}" + ("" if c == "zeros" else f" ({ms[(c, pass_)] / base:.2f}x)")
+      row = [f"{res[(c, pass_)][0]:.2f}" + ("" if c == "zeros" else f" ({res[(c, pass_)][1]:.2f}x)")
              for c in CELLS]
       print(f"| {name} | {pass_} | {' | '.join(row)} |", flush=True)
   return 0

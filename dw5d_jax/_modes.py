@@ -158,22 +158,39 @@ def add_rows(y: jax.Array, rows: jax.Array, axis: int, start: int) -> jax.Array:
 
 
 def pad(x: jax.Array, spec: ConvSpec) -> jax.Array:
-  """`P x`: x padded by mode along every mode axis, to its tight extent."""
-  for i, ax in enumerate(spec.spatial_axes):
+  """`P x`: x padded by mode along every mode axis, to its tight extent.
+
+  With static sizes: x zero-padded (one pass), then each face of the
+  padding written in place (`slab`). With symbolic sizes: one gather per
+  mode axis (`take`).
+  """
+  ax = spec.spatial_axes
+  if not spec.is_static():
+    for i in range(3):
+      if spec.modes[i] != "zeros":
+        lo, hi = spec.tight_padding(i)
+        n = spec.in_spatial[i]
+        x = take(x, ax[i], spec.modes[i], n, -lo, n + hi)
+    return x
+  cfg = [(0, 0, 0)] * x.ndim
+  for i in range(3):
     if spec.modes[i] != "zeros":
-      lo, hi = spec.tight_padding(i)
-      n = spec.in_spatial[i]
-      x = take(x, ax, spec.modes[i], n, -lo, n + hi)
-  return x
+      cfg[ax[i]] = (*spec.tight_padding(i), 0)
+  xp = lax.pad(x, np.zeros((), x.dtype), cfg)
+  for i, start, stop, box in _pad_faces(spec, xp.shape):
+    v = slab(x, spec, i, start, stop)
+    v = lax.slice(v, [0] * v.ndim, [b[1] - b[0] for b in box])  # as tightly cropped
+    xp = lax.dynamic_update_slice(xp, v, [b[0] for b in box])
+  return xp
 
 
 def unpad(g: jax.Array, spec: ConvSpec) -> jax.Array:
   """`P^T g`: the padded array's gradient folded back onto x.
 
   With static sizes: the inside of `g` (one copy, cropped by negative
-  padding) plus, for each side of each mode axis, that padding's rows
-  folded onto the input rows they copy (`fold`, added in place). With
-  symbolic sizes, JAX's transpose of `pad` (a scatter-add).
+  padding) plus each face of the padding folded onto the input rows it
+  copies (`fold`, added in place). With symbolic sizes, JAX's transpose of
+  `pad` (a scatter-add).
   """
   if not spec.is_static():
     x = jax.ShapeDtypeStruct(_primitive.out_shape("dx", g.shape, spec), g.dtype)
@@ -185,24 +202,35 @@ def unpad(g: jax.Array, spec: ConvSpec) -> jax.Array:
       lo, hi = spec.tight_padding(i)
       crop[ax[i]] = (-lo, -hi, 0)
   dx = lax.pad(g, np.zeros((), g.dtype), crop)
+  for i, start, stop, box in _pad_faces(spec, g.shape):
+    first, rows = fold(lax.slice(g, *zip(*box)), spec, i, start, stop)
+    dx = add_rows(dx, rows, ax[i], first)
+  return dx
+
+
+def _pad_faces(spec: ConvSpec, shape: tuple[int, ...]) -> list[tuple[int, int, int, list]]:
+  """`(axis, start, stop, box)` per face of the padding of `pad(x, spec)` (of `shape`).
+
+  Face `(i, side)`: positions `[start, stop)` of that side's padding along
+  `i`, inside along earlier mode axes, anything along later ones; `box`
+  holds its `(start, limit, stride)` per dimension of the padded array.
+  """
+  ax, out = spec.spatial_axes, []
   for i in range(3):
     if spec.modes[i] == "zeros":
       continue
-    lo, hi = spec.tight_padding(i)
-    n = spec.in_spatial[i]
-    # The face: earlier mode axes inside, axis i in one side's padding.
-    box = [(0, d, 1) for d in g.shape]
+    box = [(0, d, 1) for d in shape]
     for j in range(i):  # inside, or what the tight extent keeps of it
       if spec.modes[j] != "zeros":
         lo_j, hi_j = spec.tight_padding(j)
         box[ax[j]] = (lo_j, lo_j + spec.in_spatial[j] + min(hi_j, 0), 1)
+    lo, hi = spec.tight_padding(i)
+    n = spec.in_spatial[i]
     for start, stop in ((-lo, 0), (n, n + hi)):
       if stop > start:
         box[ax[i]] = (start + lo, stop + lo, 1)
-        part = lax.slice(g, *zip(*box))
-        first, rows = fold(part, spec, i, start, stop)
-        dx = add_rows(dx, rows, ax[i], first)
-  return dx
+        out.append((i, start, stop, list(box)))
+  return out
 
 
 def padded_spec(spec: ConvSpec) -> ConvSpec:
