@@ -296,7 +296,7 @@ def normalize(
     mode = "zeros" if padding_mode is None else padding_mode[i]
     if _geometry.is_static(lo, hi) and lo == hi == 0:
       mode = "zeros"  # nothing to fill
-    _check_mode_fits(fn, a, mode, n, k, r, padding[i], lo, hi)
+    check_mode_fits(fn, a, mode, n, k, r, padding[i], lo, hi)
     window.append(k), stride3.append(s), dil3.append(r), pads.append((lo, hi)), outs.append(out)
     modes.append(mode)
 
@@ -360,26 +360,37 @@ def _check_fits(fn: str, axis: str, n: Any, k: int, r: int, padding: Any, out: A
     raise empty_output_error(fn, axis, n, k, r, padding)
 
 
-def _check_mode_fits(fn: str, axis: str, mode: str, n: Any, k: int, r: int, padding: Any,
-                     lo: Any, hi: Any) -> None:
+def mode_width_error(fn: str, axis: str, mode: str, n: Any, padding: Any,
+                     pads: tuple[Any, Any] | None) -> ValueError:
+  """The error for padding wider than `mode` fills (`n` a string and `pads` None: unknown)."""
+  rule = {"reflect": "n - 1", "symmetric": "n", "circular": "n"}[mode]
+  if pads is None:
+    most, pad = rule, "more"
+  else:
+    most, pad = f"{rule} = {_geometry.mode_limit(mode, n)}", f"{tuple(pads)}"
+  return ValueError(
+      f"{fn}: `padding_mode` {mode!r} along axis {axis} fills at most {most} positions per "
+      f"side of an input of size {n}, but `padding` {padding!r} pads {pad} there. Use a "
+      f"smaller kernel, dilation or padding, or 'edge' or 'zeros'.")
+
+
+def check_mode_fits(fn: str, axis: str, mode: str, n: Any, k: int, r: int, padding: Any,
+                    lo: Any, hi: Any) -> None:
   """Raises unless `mode` can fill the pads `(lo, hi)` along `axis` (`_geometry.mode_limit`).
 
-  With a symbolic size the pads may be symbolic too (SAME with a stride);
-  the check then uses their static bounds (`_geometry.pad_bound`), and asks
-  for a declared constraint where the size's own bounds do not decide it.
+  `n` is an int or a JAX symbolic dimension. With a symbolic size the pads
+  may be symbolic too (SAME with a stride); the check then uses their
+  static bounds (`_geometry.pad_bound`), and asks for a declared constraint
+  where the size's own bounds do not decide it.
   """
   limit = _geometry.mode_limit(mode, n)
   if limit is None:
     return
-  rule = {"reflect": "n - 1", "symmetric": "n", "circular": "n"}[mode]
   if _geometry.is_static(n, lo, hi):
     if max(lo, hi) > limit:
-      raise ValueError(
-          f"{fn}: `padding_mode` {mode!r} along axis {axis} fills at most {rule} = {limit} "
-          f"positions per side of an input of size {n}, but `padding` {padding!r} pads "
-          f"{(lo, hi)} there. Use a smaller kernel, dilation or padding, or 'edge' or "
-          f"'zeros'.")
+      raise mode_width_error(fn, axis, mode, n, padding, (lo, hi))
     return
+  rule = {"reflect": "n - 1", "symmetric": "n", "circular": "n"}[mode]
   bound = max(_geometry.pad_bound(k, r, padding))
   need = _geometry.min_size_for_mode(mode, bound)
   try:
