@@ -51,6 +51,7 @@ class _DepthwiseConv(nnx.Module):
       depth_multiplier: int,
       strides: int | Sequence[int],
       padding: str | Sequence[str | tuple[int, int]],
+      padding_mode: str | Sequence[str],
       dilations: int | Sequence[int],
       use_bias: bool,
       kernel_init: Initializer | None,
@@ -73,6 +74,7 @@ class _DepthwiseConv(nnx.Module):
     self.strides = _args.int_tuple(fn, "strides", strides, self._nconv, axes)
     self.dilations = _args.int_tuple(fn, "dilations", dilations, self._nconv, axes)
     self.padding = _args.check_padding(fn, padding, axes)
+    self.padding_mode = _args.check_padding_mode(fn, padding_mode, self.padding, axes)
     self.method = _args.check_method(fn, method)
     self.precision = _args.check_precision(fn, precision)
     self.in_features = in_features
@@ -99,8 +101,8 @@ class _DepthwiseConv(nnx.Module):
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
     y = self._op(x, kernel, strides=self.strides, padding=self.padding,
-                 dilations=self.dilations, method=self.method, precision=self.precision,
-                 **op_kwargs)
+                 padding_mode=self.padding_mode, dilations=self.dilations, method=self.method,
+                 precision=self.precision, **op_kwargs)
     if bias is not None:
       y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y.reshape((*batch_shape, *y.shape[1:]))
@@ -119,8 +121,9 @@ class DepthwiseConv3D(_DepthwiseConv):
     in_features: number of input channels `C`.
     kernel_size: an int or `(kd, kh, kw)`.
     depth_multiplier: filters per input channel `M`.
-    strides, padding, dilations, method, precision: as in
-      `dw5d_jax.depthwise_conv3d`.
+    strides, padding, padding_mode, dilations, method, precision: as in
+      `dw5d_jax.depthwise_conv3d` (`padding_mode`: `"zeros"`, `"reflect"`,
+      `"symmetric"`, `"edge"` or `"circular"`, or one per axis).
     use_bias: add a bias of shape `(C * M,)`.
     kernel_init: default `depthwise_kernel_init()` (lecun normal with the
       per-filter fan-in `kd * kh * kw`).
@@ -149,6 +152,7 @@ class DepthwiseConv3D(_DepthwiseConv):
       depth_multiplier: int = 1,
       strides: int | Sequence[int] = 1,
       padding: str | Sequence[str | tuple[int, int]] = "SAME",
+      padding_mode: str | Sequence[str] = "zeros",
       dilations: int | Sequence[int] = 1,
       use_bias: bool = True,
       kernel_init: Initializer | None = None,
@@ -161,9 +165,9 @@ class DepthwiseConv3D(_DepthwiseConv):
   ):
     super().__init__(
         in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
-        padding=padding, dilations=dilations, use_bias=use_bias, kernel_init=kernel_init,
-        bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
-        method=method, axes="DHW", rngs=rngs)
+        padding=padding, padding_mode=padding_mode, dilations=dilations, use_bias=use_bias,
+        kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
+        precision=precision, method=method, axes="DHW", rngs=rngs)
 
   def _op(self, x, kernel, **kwargs):
     return depthwise_conv3d(x, kernel, **kwargs)
@@ -188,7 +192,7 @@ class DepthwiseConv2D(_DepthwiseConv):
     kernel_size: an int or `(k0, k1)`.
     depth_multiplier: filters per input channel `M`.
     axes: `None` for 4D input, or e.g. `"HW"`, `"DW"` for per-slice 5D input.
-    strides, padding, dilations, method, precision: as in
+    strides, padding, padding_mode, dilations, method, precision: as in
       `dw5d_jax.depthwise_conv2d`.
     use_bias, kernel_init, bias_init, dtype, param_dtype, rngs: as in
       `DepthwiseConv3D`.
@@ -212,6 +216,7 @@ class DepthwiseConv2D(_DepthwiseConv):
       depth_multiplier: int = 1,
       strides: int | Sequence[int] = 1,
       padding: str | Sequence[str | tuple[int, int]] = "SAME",
+      padding_mode: str | Sequence[str] = "zeros",
       dilations: int | Sequence[int] = 1,
       axes: str | None = None,
       use_bias: bool = True,
@@ -226,9 +231,9 @@ class DepthwiseConv2D(_DepthwiseConv):
     self.axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
     super().__init__(
         in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
-        padding=padding, dilations=dilations, use_bias=use_bias, kernel_init=kernel_init,
-        bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
-        method=method, axes=self.axes or "HW", rngs=rngs)
+        padding=padding, padding_mode=padding_mode, dilations=dilations, use_bias=use_bias,
+        kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
+        precision=precision, method=method, axes=self.axes or "HW", rngs=rngs)
 
   @property
   def _shape_doc(self) -> str:
