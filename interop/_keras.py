@@ -17,6 +17,10 @@ Keras (these layers)   dw5d_jax / interop ops
                        before), which is what Keras's `"same"` does on the JAX
                        and TensorFlow backends. Keras's default is `"valid"`;
                        the ops and the Flax layers default to `"SAME"`.
+`padding_mode`         the same argument of the ops (no Keras counterpart):
+                       `"zeros"` (default), `"reflect"`, `"symmetric"`,
+                       `"edge"` or `"circular"`, or one per convolved axis;
+                       a mode other than `"zeros"` needs `padding="same"`.
 `data_format=None`     `keras.config.image_data_format()`, then
                        `"channels_last"` is `"NDHWC"` (`"NHWC"` for rank-4
                        input) and `"channels_first"` is `"NCDHW"` (`"NCHW"`).
@@ -79,6 +83,7 @@ class _DepthwiseConv(keras.layers.Layer):
       *,
       strides: int | Sequence[int] = 1,
       padding: str = "valid",
+      padding_mode: str | Sequence[str] = "zeros",
       depth_multiplier: int = 1,
       data_format: str | None = None,
       dilation_rate: int | Sequence[int] = 1,
@@ -105,6 +110,9 @@ class _DepthwiseConv(keras.layers.Layer):
       raise ValueError(f"{fn}: `padding` must be 'valid' or 'same' (any case), got "
                        f"{padding!r}.")
     self.padding = padding.lower()
+    modes = _args.check_padding_mode(fn, padding_mode, (self.padding.upper(),) * self._rank,
+                                     axes)
+    self.padding_mode = modes[0] if len(set(modes)) == 1 else modes
     if not _args.is_int(depth_multiplier) or depth_multiplier < 1:
       raise ValueError(f"{fn}: `depth_multiplier` must be a positive int, got "
                        f"{depth_multiplier!r}.")
@@ -136,6 +144,11 @@ class _DepthwiseConv(keras.layers.Layer):
 
   def _op_kwargs(self) -> dict[str, Any]:
     return {}
+
+  def _modes(self) -> tuple[str, ...]:
+    """`padding_mode` per convolved axis."""
+    mode = self.padding_mode
+    return (mode,) * self._rank if isinstance(mode, str) else tuple(mode)
 
   # -- shapes -----------------------------------------------------------------
 
@@ -174,10 +187,11 @@ class _DepthwiseConv(keras.layers.Layer):
       n = shape[pos]
       if n is None:
         continue
-      k, r = self.kernel_size[i], self.dilation_rate[i]
-      out = _geometry.output_size(n, k, self.strides[i], r, self.padding.upper())
+      k, s, r = self.kernel_size[i], self.strides[i], self.dilation_rate[i]
+      lo, hi, out = _geometry.resolve(n, k, s, r, self.padding.upper())
       if out < 1:
         raise _args.empty_output_error(fn, a, n, k, r, self.padding.upper())
+      _args.check_mode_fits(fn, a, self._modes()[i], n, k, r, self.padding.upper(), lo, hi)
       shape[pos] = out
     c = -1 if self._channels_last else 1
     shape[c] = shape[c] * self.depth_multiplier
@@ -209,7 +223,7 @@ class _DepthwiseConv(keras.layers.Layer):
     # it), cast to the compute dtype under a mixed-precision policy.
     kernel = self.kernel.value
     y = op(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
-           dilations=self.dilation_rate,
+           padding_mode=self.padding_mode, dilations=self.dilation_rate,
            data_format=_LAYOUTS[self._input_rank, self._channels_last], **self._op_kwargs())
     if self.use_bias:
       shape = [1] * self._input_rank
@@ -225,6 +239,7 @@ class _DepthwiseConv(keras.layers.Layer):
         kernel_size=self.kernel_size,
         strides=self.strides,
         padding=self.padding,
+        padding_mode=self.padding_mode,
         depth_multiplier=self.depth_multiplier,
         data_format=self.data_format,
         dilation_rate=self.dilation_rate,
@@ -262,6 +277,9 @@ class DepthwiseConv3D(_DepthwiseConv):
     kernel_size: an int or `(kd, kh, kw)`.
     strides: an int or three.
     padding: `"valid"` (default, as Keras) or `"same"` (TF's rule), any case.
+    padding_mode: what fills the `"same"` padding: `"zeros"` (default),
+      `"reflect"`, `"symmetric"`, `"edge"` or `"circular"` (numpy.pad's
+      meanings), or one per convolved axis.
     depth_multiplier: filters per input channel.
     data_format: `"channels_last"`, `"channels_first"`, or None for
       `keras.config.image_data_format()`.
@@ -278,9 +296,10 @@ class DepthwiseConv3D(_DepthwiseConv):
 
   Raises:
     ValueError: a backend other than JAX or TensorFlow; bad `kernel_size`,
-      `strides`, `dilation_rate`, `padding`, `depth_multiplier` or
-      `data_format`; when built or called, an input of the wrong rank, an
-      unknown or changed channel size, or an empty output.
+      `strides`, `dilation_rate`, `padding`, `padding_mode`,
+      `depth_multiplier` or `data_format`; when built or called, an input of
+      the wrong rank, an unknown or changed channel size, an empty output, or
+      padding wider than the mode fills.
     TypeError: non-int sizes.
 
   Example:
@@ -316,9 +335,9 @@ class DepthwiseConv2D(_DepthwiseConv):
     kernel_size: an int or `(k0, k1)` (along `axes`, default `H, W`).
     axes: None (4D input) or two distinct letters of `D`, `H`, `W` (5D).
     strides, dilation_rate: an int or two, along the convolved axes.
-    padding, depth_multiplier, data_format, activation, use_bias, the
-      initializers, regularizers and constraints, **kwargs: as in
-      `DepthwiseConv3D`.
+    padding, padding_mode, depth_multiplier, data_format, activation,
+      use_bias, the initializers, regularizers and constraints, **kwargs: as
+      in `DepthwiseConv3D`.
 
   Raises:
     ValueError, TypeError: as `DepthwiseConv3D`, and bad `axes`.

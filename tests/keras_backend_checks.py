@@ -57,7 +57,8 @@ def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
   axes = "DHW" if isinstance(layer, DepthwiseConv3D) else layer.axes or "HW"
   y = depthwise_reference(x, kernel, axes=axes, strides=layer.strides,
                           padding=layer.padding.upper(), dilations=layer.dilation_rate,
-                          data_format=_LAYOUT[rank, layer.data_format])
+                          data_format=_LAYOUT[rank, layer.data_format],
+                          padding_mode=layer.padding_mode)
   if layer.use_bias:
     shape = [1] * rank
     shape[-1 if layer.data_format == "channels_last" else 1] = -1
@@ -78,6 +79,10 @@ CONV3D = [
           padding="SAME", data_format="channels_first"), (2, 2, 4, 5, 3)),
     # Input smaller than the kernel.
     (dict(kernel_size=3, padding="same", activation="relu"), (1, 2, 1, 2, 2)),
+    (dict(kernel_size=3, strides=(1, 2, 1), padding="same", padding_mode="reflect"),
+     (2, 4, 5, 6, 2)),
+    (dict(kernel_size=(2, 3, 3), padding="same", data_format="channels_first",
+          padding_mode=("edge", "circular", "symmetric")), (1, 2, 3, 4, 5)),
 ]
 
 CONV2D = [
@@ -89,6 +94,8 @@ CONV2D = [
     (dict(kernel_size=(3, 2), axes="wd", strides=2, dilation_rate=2, padding="same",
           data_format="channels_first"), (1, 2, 5, 4, 6)),
     (dict(kernel_size=5, axes="DH", padding="same", activation="relu"), (1, 2, 3, 4, 2)),
+    (dict(kernel_size=3, axes="DW", padding="same", padding_mode=("edge", "reflect")),
+     (2, 4, 3, 5, 2)),
 ]
 
 
@@ -217,7 +224,8 @@ def test_fit_reduces_loss_under_the_backend_compiler(rng):
 
 def test_config_round_trip(rng):
   layer = DepthwiseConv2D(
-      (3, 2), axes="DW", strides=(1, 2), padding="same", depth_multiplier=2,
+      (3, 2), axes="DW", strides=(1, 2), padding="same", padding_mode=("circular", "edge"),
+      depth_multiplier=2,
       data_format="channels_first", dilation_rate=(2, 1), activation="relu",
       depthwise_initializer=keras.initializers.RandomNormal(0.0, 0.3, seed=1),
       bias_initializer="random_normal",
@@ -274,7 +282,8 @@ def test_save_for_other_backend(rng):
   keras.utils.set_random_seed(1)
   inputs = keras.Input((None, None, None, 3))
   h = DepthwiseConv3D(3, depth_multiplier=2, strides=(1, 2, 2), padding="same",
-                      activation="relu", bias_initializer="random_normal")(inputs)
+                      padding_mode="reflect", activation="relu",
+                      bias_initializer="random_normal")(inputs)
   outputs = DepthwiseConv2D((3, 2), axes="DW", padding="valid",
                             bias_initializer="random_normal")(h)
   model = keras.Model(inputs, outputs)
@@ -313,6 +322,17 @@ def test_load_model_saved_on_other_backend():
      r"DepthwiseConv3D: `strides` must be positive, got 0"),
     (lambda: DepthwiseConv2D(3, dilation_rate=1.5), TypeError,
      r"DepthwiseConv2D: `dilation_rate` must be a positive int or a sequence of 2"),
+    (lambda: DepthwiseConv3D(3, padding_mode="reflect"), ValueError,
+     r"DepthwiseConv3D: `padding_mode` 'reflect' along axis D fills padding, but `padding` "
+     r"is 'VALID' there"),
+    (lambda: DepthwiseConv2D(3, padding="same", padding_mode="mirror"), ValueError,
+     r"DepthwiseConv2D: `padding_mode` must be one of 'zeros', 'reflect', 'symmetric', "
+     r"'edge', 'circular', or a sequence of 2 of them, one per convolved axis \(H, W\); "
+     r"got 'mirror'"),
+    (lambda: DepthwiseConv2D(3, padding="same", padding_mode="reflect").build((1, 1, 4, 2)),
+     ValueError, r"DepthwiseConv2D: `padding_mode` 'reflect' along axis H fills at most "
+     r"n - 1 = 0 positions per side of an input of size 1, but `padding` 'SAME' pads "
+     r"\(1, 1\) there"),
     (lambda: DepthwiseConv2D(3, depth_multiplier=0), ValueError,
      r"DepthwiseConv2D: `depth_multiplier` must be a positive int, got 0"),
     (lambda: DepthwiseConv2D(3, axes="XY"), ValueError,
