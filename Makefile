@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-core
-EXTRAS ?= interop-cpu,flax,test
+EXTRAS ?= interop-cpu,litert,flax,test
 
 .PHONY: demo test bench bench-quick parity lint clean
 

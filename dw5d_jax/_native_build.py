@@ -1,4 +1,4 @@
-"""Builds, caches and loads the native CPU kernels (`dw5d_jax/_csrc/depthwise.cc`).
+"""Builds, caches and loads the native CPU kernels (the C++ sources in `dw5d_jax/_csrc/`).
 
 The first trace of an op that could use them, with CPU as the default
 backend, calls `status()` (`_policy.prepare`), which:
@@ -8,13 +8,16 @@ backend, calls `status()` (`_policy.prepare`), which:
    which instruction set `-march=native` means here;
 3. looks for a library in the cache directory (`$DW5D_JAX_CACHE_DIR`, else
    `$XDG_CACHE_HOME/dw5d_jax`, else `~/.cache/dw5d_jax`) whose name is a hash
-   of everything the binary depends on: the source, the compiler and its
-   version, the flags, that instruction set, jaxlib's version and its FFI
-   headers. A cache shared between machines therefore never hands a binary
-   to a CPU it was not built for;
-4. otherwise compiles it (`-O3 -march=native -shared -fPIC`, about 25 s)
-   under a file lock, so parallel processes (pytest workers) compile once,
-   into a temporary file that is renamed into place;
+   of everything the binary depends on: every file of `_csrc/` (sources and
+   headers, with their names), the compiler and its version, the flags, that
+   instruction set, jaxlib's version and its FFI headers. A cache shared
+   between machines therefore never hands a binary to a CPU it was not
+   built for;
+4. otherwise compiles it under a file lock, so parallel processes (pytest
+   workers) compile once: each `.cc` file to an object (`-O3 -march=native
+   -fPIC`, in parallel on up to one process per CPU; about 20 s on 2
+   cores), linked with `-shared` into a temporary file that is renamed into
+   place;
 5. loads it, runs its self-test (every code path against plain loops) and
    registers the FFI targets with XLA for the CPU platform.
 
@@ -26,6 +29,7 @@ lowering, so the build can never cause a wrong result or a crash.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -44,7 +48,7 @@ import jaxlib
 
 TARGETS = {"dw5d_forward": "Dw5dForward", "dw5d_input_grad": "Dw5dInputGrad",
            "dw5d_kernel_grad": "Dw5dKernelGrad"}
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-ffp-contract=fast")
 ARCH_FLAG = "-march=native"
 _COMPILE_TIMEOUT_S = 600
 
@@ -80,7 +84,7 @@ def native_status() -> NativeStatus:
   or `DW5D_JAX_NATIVE=0`), results are the same, computed by XLA's lowering.
 
   The first call builds or loads the library if that has not happened yet
-  (a few seconds the first time on a machine); later calls return the
+  (about 20 s the first time on a machine); later calls return the
   same answer.
 
   Returns:
@@ -161,7 +165,7 @@ def build() -> tuple[NativeStatus, ctypes.CDLL | None]:
   cxx = _compiler()
   if cxx is None:
     return NativeStatus(False, "no C++ compiler found (set CXX)"), None
-  source = importlib.resources.files("dw5d_jax").joinpath("_csrc", "depthwise.cc").read_bytes()
+  sources = _sources()
   include = jax.ffi.include_dir()
   flags = [*FLAGS, ARCH_FLAG]
   target = _probe(cxx, flags)
@@ -171,7 +175,9 @@ def build() -> tuple[NativeStatus, ctypes.CDLL | None]:
     if target is None:
       return NativeStatus(False, f"the C++ compiler {cxx} does not run"), None
   key = hashlib.sha256()
-  for part in (source, cxx.encode(), target, " ".join(flags).encode(),
+  for name, data in sources.items():
+    key.update(name.encode() + b"\0" + data + b"\0")
+  for part in (cxx.encode(), target, " ".join(flags).encode(),
                jaxlib.__version__.encode(), sys.platform.encode()):
     key.update(part)
     key.update(b"\0")
@@ -189,7 +195,7 @@ def build() -> tuple[NativeStatus, ctypes.CDLL | None]:
   if not os.path.exists(path):
     with _file_lock(path + ".lock"):
       if not os.path.exists(path):  # another process may have built it meanwhile
-        error = _compile(cxx, flags, include, source, path)
+        error = _compile(cxx, flags, include, sources, path)
         if error:
           return NativeStatus(False, error), None
         how = "compiled"
@@ -215,30 +221,51 @@ def _probe(cxx: str, flags: list[str]) -> bytes | None:
   return version.stdout + b"\0" + macros.stdout
 
 
-def _compile(cxx: str, flags: list[str], include: str, source: bytes, path: str) -> str | None:
-  """Compiles `source` to `path` (atomically); the error message, or None."""
-  directory = os.path.dirname(path)
-  fd, tmp_lib = tempfile.mkstemp(prefix=".build-", suffix=os.path.splitext(path)[1], dir=directory)
-  os.close(fd)
-  tmp_src = tmp_lib + ".cc"
-  try:
-    with open(tmp_src, "wb") as f:
-      f.write(source)
-    cmd = [cxx, *flags, "-isystem", include, tmp_src, "-o", tmp_lib]
-    try:
-      done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
-                            check=False)
-    except (OSError, subprocess.SubprocessError) as e:
-      return f"compiling failed: {e}"
-    if done.returncode != 0:
-      tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-      return f"compiling with {' '.join(cmd)} failed (exit {done.returncode}): {tail}"
+def _sources() -> dict[str, bytes]:
+  """Every file of `_csrc/` (the `.cc` files and the headers they share), by name, sorted."""
+  root = importlib.resources.files("dw5d_jax").joinpath("_csrc")
+  files = sorted((f for f in root.iterdir() if f.is_file()), key=lambda f: f.name)
+  return {f.name: f.read_bytes() for f in files}
+
+
+def _compile(cxx: str, flags: list[str], include: str, sources: dict[str, bytes],
+             path: str) -> str | None:
+  """Compiles `sources` to the library `path` (atomically); the error message, or None.
+
+  Every `.cc` file is compiled to an object, in parallel (the largest
+  first), then they are linked.
+  """
+  with tempfile.TemporaryDirectory(prefix=".build-", dir=os.path.dirname(path)) as build:
+    for name, data in sources.items():
+      with open(os.path.join(build, name), "wb") as f:
+        f.write(data)
+    units = sorted((n for n in sources if n.endswith(".cc")), key=lambda n: -len(sources[n]))
+    objects = [os.path.join(build, n + ".o") for n in units]
+    commands = [[cxx, *flags, "-isystem", include, "-c", os.path.join(build, n), "-o", o]
+                for n, o in zip(units, objects)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      errors = list(pool.map(_run, commands))
+    if any(errors):
+      return next(e for e in errors if e)
+    tmp_lib = os.path.join(build, "library" + os.path.splitext(path)[1])
+    error = _run([cxx, *flags, "-shared", *objects, "-o", tmp_lib])
+    if error:
+      return error
     os.replace(tmp_lib, path)
     return None
-  finally:
-    for p in (tmp_src, tmp_lib):
-      with contextlib.suppress(OSError):
-        os.remove(p)
+
+
+def _run(cmd: list[str]) -> str | None:
+  """Runs a compiler command; the error message, or None."""
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
+                          check=False)
+  except (OSError, subprocess.SubprocessError) as e:
+    return f"compiling failed: {e}"
+  if done.returncode != 0:
+    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+    return f"compiling with {' '.join(cmd)} failed (exit {done.returncode}): {tail}"
+  return None
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ decides, in this order:
 
    * CPU: `"shift"`, for every configuration: XLA's CPU grouped convolution
      was 14-690x slower in every measured cell, forward and backward
-     (benchmarks/RESULTS.md, "Where the time goes").
+     (benchmarks/RESULTS.md, "Method choice on CPU").
    * CUDA GPUs: `_GPU_CHOICE` per configuration class, `"conv"` (cuDNN)
      until GPU measurements fill it.
    * anything else (TPU, ROCm): `"conv"`, XLA's own convolution.

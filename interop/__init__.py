@@ -1,7 +1,7 @@
 """interop: the TensorFlow side of dw5d-jax.
 
-Reference TF implementations, the JAX-vs-TF parity suite and SavedModel
-export through jax2tf. This package may import `dw5d_jax`; `dw5d_jax` never
+Reference TF implementations, the JAX-vs-TF parity suite, SavedModel
+export through jax2tf and LiteRT export. This package may import `dw5d_jax`; `dw5d_jax` never
 imports TensorFlow.
 
 Public API:
@@ -9,6 +9,8 @@ Public API:
     TensorFlow ops only (reference implementations, return `tf.Tensor`).
   export_savedmodel, load_savedmodel: JAX functions to TF SavedModels through
     jax2tf, with symbolic batch and spatial dims.
+  export_litert: Keras models and JAX functions to LiteRT (TFLite)
+    flatbuffers of builtin ops only, float32, float16 or int8.
   weights_from_keras, kernel_from_keras_grouped, kernel_from_torch_grouped,
     DepthwiseWeights: kernels from Keras/PyTorch layouts to `(..., C, M)`.
   keras: Keras 3 layers `DepthwiseConv3D`, `DepthwiseConv2D` (JAX and
@@ -25,6 +27,7 @@ _LAZY = {
     "tf_depthwise_conv3d": "interop._tf_ops",
     "export_savedmodel": "interop._export",
     "load_savedmodel": "interop._export",
+    "export_litert": "interop._litert",
     "DepthwiseWeights": "interop._weights",
     "kernel_from_keras_grouped": "interop._weights",
     "kernel_from_torch_grouped": "interop._weights",

@@ -8,7 +8,10 @@
    (chance is 0.5).
 3. Export: `interop.export_savedmodel` with symbolic batch, D, H and W; the
    SavedModel is reloaded with TensorFlow and its logits must match JAX's on
-   held-out volumes and on volumes of another size.
+   held-out volumes and on volumes of another size. Then `interop.export_litert`
+   writes the model for one 16^3 volume as a LiteRT flatbuffer (`<out>.tflite`,
+   builtin ops only), which the LiteRT interpreter runs on the held-out
+   volumes: its logits must match JAX's too.
 4. Timing: per-slice 2D and 3D depthwise ops, `dw5d_jax` (method "auto") vs
    the TF reshape path (`interop.tf_depthwise_conv2d/3d` in a `tf.function`)
    vs XLA's grouped convolution (method "conv"): median of a few runs after a
@@ -29,8 +32,8 @@ import sys
 import time
 from typing import Any
 
-HELP = ("train a separable 3D CNN on synthetic volumes, export it as a TensorFlow SavedModel, "
-        "serve it, and time the ops")
+HELP = ("train a separable 3D CNN on synthetic volumes, export it as a TensorFlow SavedModel "
+        "and a LiteRT flatbuffer, serve them, and time the ops")
 DEFAULT_OUT = os.path.join("out", "demo_savedmodel")
 
 
@@ -82,7 +85,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="half the data, training steps and timing work (for CI)")
   parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                       help=f"where to write the SavedModel (default {DEFAULT_OUT}; an existing "
-                           f"SavedModel there is replaced)")
+                           f"SavedModel there is replaced) and, as DIR.tflite, the LiteRT "
+                           f"flatbuffer")
   parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
 
 
@@ -190,7 +194,8 @@ def _step_export(s: Settings, model: Any, data: dict[str, Any], out: str,
   import interop
   from interop import _demo_task as task
 
-  _header(3, "Export to a TensorFlow SavedModel (symbolic batch, D, H, W) and serve it")
+  _header(3, "Export to a TensorFlow SavedModel (symbolic batch, D, H, W) and to LiteRT, "
+             "and serve them")
   graphdef, state = nnx.split(model)
   path = os.path.abspath(out)
   t = time.perf_counter()
@@ -218,7 +223,41 @@ def _step_export(s: Settings, model: Any, data: dict[str, Any], out: str,
     checks.add(f"TF vs JAX logits, {dims} ({name})", err <= s.serve_rtol * scale,
                f"max |TF - JAX| {err:.1e} (allowed {s.serve_rtol * scale:.1e}); same class "
                f"for {same}/{len(x)}; TF accuracy {rows[-1]['accuracy']:.3f}")
-  return {"path": path, "rows": rows}
+  litert = _export_litert(s, model, graphdef, state, data["held_out"], path + ".tflite", checks)
+  return {"path": path, "rows": rows, "litert": litert}
+
+
+def _export_litert(s: Settings, model: Any, graphdef: Any, state: Any, volumes: Any, path: str,
+                   checks: Checks) -> dict[str, Any] | None:
+  """The model for one volume as a LiteRT flatbuffer, run by the LiteRT interpreter."""
+  import numpy as np
+  from flax import nnx
+
+  import interop
+  from interop import _demo_task as task
+  from interop import _litert
+
+  t = time.perf_counter()
+  try:
+    interop.export_litert(lambda state, x: nnx.merge(graphdef, state)(x), path, params=state,
+                          input_shape=(1, *s.volume, 1), overwrite=True)
+    interpreter = _litert.interpreter(path, num_threads=2)
+  except (ValueError, ImportError) as err:
+    checks.add("LiteRT export", False, str(err))
+    return None
+  print(f"  wrote {path} (LiteRT, builtin ops only, x (1, {', '.join(map(str, s.volume))}, 1)) "
+        f"and loaded it in the LiteRT interpreter ({time.perf_counter() - t:.1f} s)")
+  x = volumes.x[:s.served]
+  want = task.predict_all(model, x)
+  got = np.concatenate([_litert.run(interpreter, v[None]) for v in x])
+  err = float(np.max(np.abs(got.astype(np.float64) - want)))
+  scale = max(1.0, float(np.max(np.abs(want))))
+  same = int(np.sum(np.argmax(got, -1) == np.argmax(want, -1)))
+  dims = "x".join(map(str, s.volume))
+  checks.add(f"LiteRT vs JAX logits, {dims}", err <= s.serve_rtol * scale,
+             f"max |LiteRT - JAX| {err:.1e} (allowed {s.serve_rtol * scale:.1e}); same class "
+             f"for {same}/{len(x)}")
+  return {"path": path, "max_abs": err, "same": same, "n": len(x)}
 
 
 # ----------------------------------------------------------------------------
@@ -325,6 +364,11 @@ def _summary(s: Settings, data: dict[str, Any], train: dict[str, Any], served: d
   for row in served["rows"]:
     lines.append(("TF vs JAX", f"{row['size']}: max |logit diff| {row['max_abs']:.1e}, same "
                                f"class {row['same']}/{row['n']}"))
+  litert = served.get("litert")
+  if litert:
+    lines.append(("LiteRT", f"{litert['path']} (one {dims} volume per call)"))
+    lines.append(("LiteRT/JAX", f"max |logit diff| {litert['max_abs']:.1e}, same class "
+                                f"{litert['same']}/{litert['n']}"))
   if timings:
     worst = max(r["rel_err"] for r in timings)
     lines.append(("ops", f"{len(timings)} outputs within {worst:.1e} of the float64 reference"))

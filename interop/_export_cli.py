@@ -7,6 +7,11 @@ at two input sizes against the float64 reference: the output directly, the
 input gradient (through `tf.GradientTape`) by the adjoint identity
 `<dL/dx, v> = <ct, conv(v)>` for a random `v`, which holds because the op is
 linear in x. Exits non-zero unless every check passes.
+
+With `--litert` the op is written instead as a LiteRT (`.tflite`) flatbuffer
+of builtin ops through `export_litert` (a static `--input-shape`, optional
+`--quantize`), reloaded with the LiteRT interpreter and checked on two inputs
+against the float64 reference, within `interop._litert.TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import sys
 
 import numpy as np
 
-HELP = ("export a depthwise op with given weights as a TensorFlow SavedModel, reload it and "
-        "verify it at two input sizes")
+HELP = ("export a depthwise op with given weights as a TensorFlow SavedModel (or, with "
+        "--litert, a LiteRT flatbuffer), reload it and verify it against the float64 reference")
 
 # Relative tolerance of the checks by dtype (errors are scaled by the
 # reference's magnitude).
@@ -51,6 +56,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="save no gradient (and skip its check)")
   parser.add_argument("--overwrite", action="store_true", help="replace a SavedModel at DIR")
   parser.add_argument("--seed", type=int, default=0, help="seed of the check data")
+  parser.add_argument("--litert", action="store_true",
+                      help="write a LiteRT (.tflite) flatbuffer of builtin ops to --out instead "
+                           "(needs --input-shape with every size an int), checked with the "
+                           "LiteRT interpreter")
+  parser.add_argument("--quantize", choices=("float16", "int8"), default=None,
+                      help="--litert: float16 weights, or int8 (needs --calibration)")
+  parser.add_argument("--calibration", metavar="FILE.npy", default=None,
+                      help="--litert --quantize int8: typical inputs, an array "
+                           "(n, *input_shape); the check runs on the first two")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
   conv = dict(strides=args.strides, padding=padding, dilations=args.dilations)
   op_kwargs = dict(conv, data_format=layout, **({} if op3 else {"axes": conv_axes}))
   fn = dw.depthwise_conv3d if op3 else dw.depthwise_conv2d
+  if args.litert or args.quantize or args.calibration:
+    return _run_litert(args, fn=fn, kernel=kernel, shape=args.input_shape,
+                       conv_axes=conv_axes, op_kwargs=op_kwargs)
 
   # The smallest size along each convolved axis that the window fits in.
   need = {}
@@ -132,11 +149,74 @@ def run(args: argparse.Namespace) -> int:
     grad = "skipped" if g_err is None else f"{g_err:.1e}"
     print(f"  x {size}: output error {y_err:.1e}, input-gradient error {grad}"
           f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  return _verdict(failed, f"the SavedModel at {args.out}",
+                  "the reloaded SavedModel matches the float64 reference at 2 input sizes")
+
+
+def _run_litert(args, *, fn, kernel, shape, conv_axes, op_kwargs) -> int:
+  """`--litert`: export with `export_litert`, reload with LiteRT, check two inputs."""
+  from dw5d_jax._reference import depthwise_reference
+  from interop import _litert
+
+  if not args.litert:
+    return _fail("`--quantize` and `--calibration` apply to `--litert` exports only.")
+  if shape is None or any(d is None for d in shape):
+    return _fail(f"`--litert` needs `--input-shape` with every size an int (LiteRT needs "
+                 f"static shapes), e.g. 1,16,32,32,{kernel.shape[-2]}; got "
+                 f"{'none' if shape is None else shape}.")
+  if args.dtype != "float32":
+    return _fail(f"`--litert` exports float32 models (use --quantize for float16 or int8 "
+                 f"weights), got --dtype {args.dtype}.")
+  if args.quantize == "int8" and not args.calibration:
+    return _fail("`--quantize int8` needs `--calibration FILE.npy`: typical inputs, an array "
+                 "(n, *input_shape), from which the converter calibrates the int8 ranges.")
+  calibration = None
+  if args.calibration:
+    try:
+      calibration = list(np.load(args.calibration, allow_pickle=False))
+    except (OSError, ValueError) as err:
+      return _fail(f"`--calibration` {args.calibration!r} could not be read as a .npy "
+                   f"array: {err}")
+  try:
+    _litert.export_litert(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
+                          input_shape=shape, quantize=args.quantize,
+                          representative_data=calibration, overwrite=args.overwrite)
+  except (ValueError, TypeError, ImportError) as err:
+    return _fail(str(err))
+  with open(args.out, "rb") as f:
+    ops = sorted(set(_litert.builtin_ops(f.read())))
+  print(f"exported {args.op} (kernel {kernel.shape} float32, {_describe(op_kwargs)}) to "
+        f"{args.out} as LiteRT ({args.quantize or 'float32'})")
+  print(f"  x {tuple(shape)}; builtin ops only: {', '.join(ops)}")
+  it = _litert.interpreter(args.out)
+  rng = np.random.default_rng(args.seed)
+  # int8 is checked on data it was calibrated for; inputs outside that range clip.
+  inputs = calibration[:2] if calibration else [
+      rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+  tol = _litert.TOLERANCE[args.quantize]
+  failed = 0
+  for i, x in enumerate(inputs):
+    want = depthwise_reference(x, kernel, axes=conv_axes, **{
+        k: v for k, v in op_kwargs.items() if k != "axes"})
+    y = np.asarray(_litert.run(it, x), np.float64)
+    err = (float("inf") if y.shape != want.shape
+           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
+    ok = err <= tol
+    failed += not ok
+    print(f"  input {i + 1}{' (calibration)' if calibration else ''}: output error "
+          f"{err:.1e} of max|reference|{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  return _verdict(failed, f"the LiteRT model at {args.out}",
+                  f"the reloaded flatbuffer matches the float64 reference on {len(inputs)} "
+                  f"inputs (LiteRT interpreter, XNNPACK)")
+
+
+def _verdict(failed: int, what: str, verified: str) -> int:
+  """Exit status 1 (and why, on stderr) if any check failed, else 0."""
   if failed:
-    print(f"dw5d export: the SavedModel at {args.out} FAILED {failed} check(s) against the "
-          f"float64 reference", file=sys.stderr)
+    print(f"dw5d export: {what} FAILED {failed} check(s) against the float64 reference",
+          file=sys.stderr)
     return 1
-  print("verified: the reloaded SavedModel matches the float64 reference at 2 input sizes")
+  print(f"verified: {verified}")
   return 0
 
 

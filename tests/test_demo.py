@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import doctest
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -151,7 +152,9 @@ def test_quick_demo_end_to_end(tmp_path):
   assert proc.returncode == 0, text[-6000:]
   for step in range(1, 6):
     assert f"[{step}/5]" in proc.stdout
-  assert re.search(r"all 4 checks passed", proc.stdout), text[-4000:]
+  assert re.search(r"all 5 checks passed", proc.stdout), text[-4000:]
+  assert "[ok] LiteRT vs JAX logits, 16x16x16" in proc.stdout, text[-4000:]
+  assert pathlib.Path(f"{out}.tflite").is_file()
   accuracy = float(re.search(r"\[ok\] held-out accuracy: ([0-9.]+)", proc.stdout).group(1))
   assert accuracy >= _demo.Settings().min_accuracy
   assert len(re.findall(r"^  (?:per-slice 2D, axes (?:HW|DW)|3D) ", proc.stdout, re.M)) == 9

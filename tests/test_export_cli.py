@@ -138,3 +138,54 @@ def test_unparsable_arguments(tmp_path, capsys):
   assert info.value.code == 2
   assert "argument --strides: expected an int or ints like 1,2,2, got '1,two'" \
       in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# --litert: a LiteRT flatbuffer, checked with the LiteRT interpreter.
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_litert(tmp_path, rng, kernel_file, capsys, quantize):
+  from interop import _litert
+
+  path, k = kernel_file((3, 2, 3, 2))
+  out = tmp_path / "dw2d.tflite"
+  extra = []
+  if quantize:
+    calibration = random_array(rng, (6, 1, 3, 7, 6, 9))
+    np.save(tmp_path / "cal.npy", calibration)
+    extra = ["--quantize", quantize, "--calibration", str(tmp_path / "cal.npy")]
+  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out", str(out),
+                    "--litert", "--input-shape", "1,3,7,6,9", "--data-format", "NCDHW",
+                    "--axes", "DW", "--strides", "2,1", *extra]) == 0
+  text = capsys.readouterr().out
+  assert f"as LiteRT ({quantize or 'float32'})" in text
+  assert "builtin ops only: " in text and "DEPTHWISE_CONV_2D" in text
+  assert text.count("output error") == 2 and "FAIL" not in text
+  assert "verified: the reloaded flatbuffer matches the float64 reference on 2 inputs" in text
+  # Our own check, on an input the command did not try (int8: one it was calibrated on).
+  x = calibration[3] if quantize else random_array(rng, (1, 3, 7, 6, 9))
+  want = Case("2d", "NCDHW", "DW", x.shape, k.shape, (2, 1), 1, "SAME").expected(x, k)
+  y = _litert.run(_litert.interpreter(out), x)
+  assert np.max(np.abs(y - want)) <= _litert.TOLERANCE[quantize] * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--litert"], r"`--litert` needs `--input-shape` with every size an int \(LiteRT needs "
+     r"static shapes\), e\.g\. 1,16,32,32,2; got none\."),
+    (["--litert", "--input-shape", "None,4,4,4,2"], r"`--litert` needs `--input-shape` with "
+     r"every size an int"),
+    (["--litert", "--input-shape", "1,4,4,4,2", "--quantize", "int8"], r"`--quantize int8` "
+     r"needs `--calibration FILE\.npy`"),
+    (["--quantize", "float16"], r"`--quantize` and `--calibration` apply to `--litert` "
+     r"exports only\."),
+    (["--litert", "--input-shape", "1,4,4,4,2", "--dtype", "float16"], r"`--litert` exports "
+     r"float32 models"),
+])
+def test_litert_errors_exit_2(tmp_path, kernel_file, capsys, extra, message):
+  path, _ = kernel_file((3, 3, 3, 2, 1))
+  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                    str(tmp_path / "m.tflite"), *extra]) == 2
+  err = capsys.readouterr().err
+  assert re.search("dw5d export: error: " + message, err), err
+  assert not (tmp_path / "m.tflite").exists()

@@ -1,4 +1,4 @@
-"""The native CPU kernels (dw5d_jax/_native.py, _native_build.py, _csrc/depthwise.cc).
+"""The native CPU kernels (dw5d_jax/_native.py, _native_build.py, _csrc/).
 
 Expected values come from the float64 reference (`depthwise_reference`, and
 the linearity identities `dL/dx[p] = <ref(e_p, k), ct>`, `dL/dk[q] =
@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ from jax import export
 import dw5d_jax as dw
 from dw5d_jax import _native_build
 from dw5d_jax._native_build import NativeStatus
+from dw5d_jax._reference import depthwise_reference
 
 TARGETS = ("dw5d_forward", "dw5d_input_grad", "dw5d_kernel_grad")
 
@@ -226,22 +230,48 @@ def test_export_keeps_the_portable_computation(rng, symbolic):
   _check_against_reference(case, x, k, ct, exp.call(x, k, ct))
 
 
-def test_handler_rejects_a_mismatched_config(rng):
-  """A bad call is an error from XLA, never a crash or a wrong answer."""
+# A valid call of dw5d_forward: x (1, 2, 3, 4, 4), 1x3x3 window, SAME padding.
+_ATTRS = dict(batch=1, channels=4, multiplier=1, channels_first=False,
+              in_spatial=np.array([2, 3, 4]), out_spatial=np.array([2, 3, 4]),
+              window=np.array([1, 3, 3]), strides=np.array([1, 1, 1]),
+              dilations=np.array([1, 1, 1]), padding_low=np.array([0, 1, 1]))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(), None),
+    (dict(strides=np.array([1, 0, 1])),
+     "attribute `strides` must be 3 int64 in [1, 2147483648], got (1, 0, 1)"),
+    (dict(dilations=np.array([1, 1])),
+     "attribute `dilations` must be 3 int64 in [1, 2147483648], got (1, 1)"),
+    (dict(window=np.array([1.0, 3.0, 3.0])), "attribute `window` must be 3 int64 in [1, "),
+    (dict(window=None), "attribute `window` is missing (3 int64 in [1, 2147483648])"),
+    (dict(batch=-1), "attribute `batch` must be an int64 in [0, 2147483648], got -1"),
+    (dict(channels=np.int32(4)), "attribute `channels` must be an int64 in [1, 2147483648]: "),
+    (dict(channels_first=1), "attribute `channels_first` must be a bool: "),
+    (dict(config=np.arange(22)), "unknown attribute `config`"),
+    (dict(in_spatial=np.array([2, 3, 5])),
+     "`x` has shape (1, 2, 3, 4, 4), the attributes give (1, 2, 3, 5, 4)"),
+    (dict(multiplier=2), "`w` has shape (1, 3, 3, 4, 1), the attributes give (1, 3, 3, 4, 2)"),
+    (dict(channels_first=True), "`x` has shape (1, 2, 3, 4, 4), the attributes give (1, 4, 2, 3, 4)"),
+    (dict(w_dtype=jnp.float16), "`w` must be float32 or bfloat16"),
+], ids=["valid", "stride-0", "2-dilations", "float-window", "no-window", "batch-1",
+        "int32-channels", "int-layout", "unknown", "x-shape", "w-shape", "layout", "w-dtype"])
+def test_handler_checks_every_attribute_by_name(rng, change, message):
+  """A bad call is an error from XLA naming the attribute or operand, never a crash or a wrong answer.
+
+  The FFI target is called directly, with the attributes `_native._attrs` builds.
+  """
+  change = dict(change)
   x = jnp.asarray(random_array(rng, (1, 2, 3, 4, 4)))
-  w = jnp.ones((1, 3, 3, 1, 4), jnp.float32)
-  config = np.array([1, 2, 3, 5, 4, 1, 2, 3, 4, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0], np.int64)
+  k = jnp.asarray(random_array(rng, (1, 3, 3, 4, 1)), change.pop("w_dtype", jnp.float32))
+  attrs = {name: v for name, v in {**_ATTRS, **change}.items() if v is not None}
   call = jax.ffi.ffi_call("dw5d_forward", jax.ShapeDtypeStruct(x.shape, x.dtype))
-
-  def run(cfg):
-    return jax.block_until_ready(jax.jit(lambda a, b: call(a, b, config=cfg))(x, w))
-
-  with pytest.raises(Exception, match="dw5d_forward: shapes do not match the config"):
-    run(config)
-  with pytest.raises(Exception, match="dw5d: bad config size"):
-    run(config[:-1])
-  with pytest.raises(Exception, match="dw5d: bad layout in config"):
-    run(np.array([*config[:-1], 2], np.int64))
+  run = jax.jit(lambda a, b: call(a, b, **attrs))
+  if message is None:
+    assert_close(run(x, k), depthwise_reference(x, k[0], axes="HW"))
+  else:
+    with pytest.raises(Exception, match=re.escape(f"dw5d_forward: {message}")):
+      jax.block_until_ready(run(x, k))
 
 
 def test_failed_self_test_turns_the_kernels_off(monkeypatch):
@@ -274,7 +304,8 @@ _PROBE = textwrap.dedent("""
     fn = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b))
     err = float(np.max(np.abs(np.asarray(fn(x, k)) - depthwise_reference(x, k, axes="DHW"))))
     print(json.dumps(dict(status._asdict(), warned=[str(w.message) for w in caught], err=err,
-                          calls=re.findall(r"custom_call @(dw5d_\\w+)", fn.lower(x, k).as_text()))))
+                          calls=re.findall(r"custom_call @(dw5d_\\w+)", fn.lower(x, k).as_text()),
+                          file=dw.__file__)))
 """)
 
 
@@ -284,9 +315,9 @@ def _probe_env(cache_dir, **env) -> dict[str, str]:
   return out
 
 
-def _probe(cache_dir, **env) -> dict:
+def _probe(cache_dir, cwd=None, **env) -> dict:
   done = subprocess.run([sys.executable, "-c", _PROBE], env=_probe_env(cache_dir, **env),
-                        capture_output=True, text=True, timeout=600, check=False)
+                        capture_output=True, text=True, timeout=600, check=False, cwd=cwd)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -339,3 +370,45 @@ def test_parallel_processes_compile_once_then_reuse_the_cache(tmp_path):
     assert r["active"] and r["warned"] == [] and r["err"] < 1e-4
     assert r["calls"] == ["dw5d_forward"]
   assert [p.suffix for p in tmp_path.iterdir()].count(".so") == 1
+
+
+# ---------------------------------------------------------------------------
+# The package as installed: every source ships, and it builds from there.
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _build_wheel(tmp_path) -> pathlib.Path:
+  """The project's wheel, built from a copy of it (no `build/` left in the checkout)."""
+  src = tmp_path / "src"
+  src.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(_ROOT / name, src / name)
+  for package in ("dw5d_jax", "interop"):
+    shutil.copytree(_ROOT / package, src / package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+  done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                         "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (wheel,) = (tmp_path / "wheel").glob("*.whl")
+  return wheel
+
+
+def test_wheel_ships_every_native_source(tmp_path):
+  """Every file of `_csrc/` (the build hashes and compiles them all), and nothing else there."""
+  names = zipfile.ZipFile(_build_wheel(tmp_path)).namelist()
+  shipped = {n for n in names if n.startswith("dw5d_jax/_csrc/")}
+  assert shipped == {f"dw5d_jax/_csrc/{p.name}" for p in (_ROOT / "dw5d_jax" / "_csrc").iterdir()}
+  assert any(n.endswith(".h") for n in shipped) and any(n.endswith(".cc") for n in shipped)
+
+
+@pytest.mark.slow
+def test_installed_wheel_compiles_self_tests_and_computes(tmp_path):
+  """The wheel, unpacked outside the checkout (as pip installs it): a fresh build, used."""
+  site = tmp_path / "site"
+  zipfile.ZipFile(_build_wheel(tmp_path)).extractall(site)
+  got = _probe(tmp_path / "cache", cwd=tmp_path, PYTHONPATH=str(site))
+  assert pathlib.Path(got["file"]).is_relative_to(site), got["file"]
+  assert (got["active"], got["detail"], got["warned"]) == (True, "compiled", [])
+  assert got["calls"] == ["dw5d_forward"] and got["err"] < 1e-4

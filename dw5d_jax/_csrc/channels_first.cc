@@ -1,0 +1,640 @@
+// Channels-first kernels: (N, C, D, H, W) arrays, vectorised along W.
+//
+// Every (n, c) is its own D x H x W volume, so these kernels vectorise
+// along W instead of over channels. A tile (a run of planes (n, c, od)
+// times a band of rows, see Tiles) first copies the rows its band reads of
+// each input plane, converted to float32, into a zero-padded buffer
+// (`CfPlanes`; rows and planes outside the volume are zeros), each row
+// de-interleaved into SW phases so that tap e of consecutive outputs is one
+// contiguous load at a fixed offset (`CfRows::eoff`). Every output row is
+// then the same list of (weight, shifted buffer row) terms, summed for R
+// rows x NV packets of outputs at once in registers; the zero padding takes
+// part in the sums, so a non-finite weight meets it as in XLA's lowering
+// (0 * inf = NaN). Outputs are padded to whole packets in the buffers; the
+// tail of a row is stored through a scratch packet.
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "geometry.h"
+#include "kernels.h"
+#include "packets.h"
+#include "threads.h"
+
+namespace dw5d {
+namespace {
+
+constexpr int L = kLanes;
+constexpr int64_t kCfMinBand = 8;  // rows: whole blocks of rows (CfRowBlocks) in a band
+constexpr int64_t kPrefetchBytes = 4 << 10;  // how far ahead input rows are prefetched
+using CfV = Pack<kLanes>::V;
+
+// Rows per block for NV packets: R * NV accumulators fill about half the
+// vector registers.
+template <int NV>
+constexpr int CfRowsPerBlock() {
+  return std::max(1, std::min(8, kRegisters / 2 / NV));
+}
+
+// Shuffle masks that interleave two packets a, b: a0 b0 a1 b1 ... (lo, hi half).
+inline Pack<L>::U Weave(int half) {
+  Pack<L>::U m{};
+  for (int i = 0; i < L; ++i) m[i] = static_cast<uint32_t>(half * L / 2 + i / 2 + (i % 2) * L);
+  return m;
+}
+const Pack<L>::U kWeaveLo = Weave(0), kWeaveHi = Weave(1);
+
+inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The padded, phased copy of a row of `width` values read with stride `s`,
+// dilation `r`, low padding `p` and `k` taps by `out` outputs (rounded up to
+// packets): buffer[ph * q + i] = row[i * s + ph - p] (zero outside).
+struct CfRows {
+  int64_t s, p, width, q, len;
+  std::vector<int64_t> eoff;  // tap e at output o reads buffer[eoff[e] + o]
+  CfRows(int64_t width_, int64_t out, int64_t k, int64_t s_, int64_t r, int64_t p_)
+      : s(s_), p(p_), width(width_) {
+    q = RoundUp(out, L) + (k - 1) * r / s;
+    len = s * q;
+    for (int64_t e = 0; e < k; ++e) eoff.push_back((e * r % s) * q + e * r / s);
+  }
+  template <typename T>
+  void Fill(const T* row, float* out) const {
+    if (s == 1) {
+      const int64_t lo = std::min(q, std::max<int64_t>(0, p));
+      const int64_t hi = std::max(lo, std::min(q, p + width));
+      std::fill(out, out + lo, 0.0f);
+      Convert(row + (lo - p), out + lo, hi - lo);
+      std::fill(out + hi, out + q, 0.0f);
+      return;
+    }
+    for (int64_t ph = 0; ph < s; ++ph) {  // i * s + ph - p in [0, width) for i in [lo, hi)
+      const int64_t lo = std::min(q, std::max<int64_t>(0, CeilDiv(p - ph, s)));
+      const int64_t hi = std::max(lo, std::min(q, CeilDiv(width + p - ph, s)));
+      float* o = out + ph * q;
+      std::fill(o, o + lo, 0.0f);
+      const T* in = row + ph - p;
+      for (int64_t i = lo; i < hi; ++i) o[i] = Pack<1>::Load(in + i * s);
+      std::fill(o + hi, o + q, 0.0f);
+    }
+  }
+};
+
+// Buffers of `count` rows of `len` floats for the `span` planes read last
+// (slot key % span; the planes one output plane reads have consecutive keys).
+// Rows are filled on demand, in order (`FillTo`), so that reading the
+// input from memory interleaves with the arithmetic on rows already there.
+class CfPlanes {
+ public:
+  CfPlanes(int64_t len, int64_t count, int64_t span)
+      : len_(len), count_(count), span_(span), keys_(span, -1), filled_(span, 0),
+        data_(span * len * count) {}
+  // The slot of plane `key` (emptied when it held another plane).
+  int64_t Slot(int64_t key) {
+    const int64_t slot = key % span_;
+    if (keys_[slot] != key) keys_[slot] = key, filled_[slot] = 0;
+    return slot;
+  }
+  float* Data(int64_t slot) { return &data_[slot * len_ * count_]; }
+  // fill(i, out) writes row i of the slot's plane, for the rows [filled, rows).
+  template <typename Fill>
+  void FillTo(int64_t slot, int64_t rows, Fill&& fill) {
+    rows = std::min(rows, count_);
+    for (int64_t i = filled_[slot]; i < rows; ++i) fill(i, Data(slot) + i * len_);
+    filled_[slot] = std::max(filled_[slot], rows);
+  }
+
+ private:
+  int64_t len_, count_, span_;
+  std::vector<int64_t> keys_, filled_;
+  std::vector<float> data_;
+};
+
+// acc[j][v] = sum over k of wk[k] * (src[k] + j * rs)[col + v * L + (0 : L)].
+template <int R, int NV>
+inline void CfSums(const float* const* src, const float* wk, int nk, int64_t col, int64_t rs,
+                   CfV (&acc)[R][NV]) {
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[j][v] = Pack<L>::Zero();
+  for (int k = 0; k < nk; ++k) {
+    const CfV wv = Pack<L>::Zero() + wk[k];
+    const float* s = src[k] + col;  // stepped by rs: no register per (row, packet) offset
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j, s += rs)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[j][v] += wv * Pack<L>::Load(s + v * L);
+  }
+}
+
+// CfSums for a fixed H shape (KH taps, stride SH, dilation RH): the R rows
+// read the buffer rows i = j * SH + b * RH from `src[k] + col` (k = (a, e),
+// rows `rs1` apart), each loaded packet feeding every (row, tap b) that
+// reads it; wk[k * KH + b] are the weights.
+template <int KH, int SH, int RH, int R, int NV>
+inline void CfSumsH(const float* const* src, const float* wk, int nk, int64_t col, int64_t rs1,
+                    CfV (&acc)[R][NV]) {
+  constexpr int I = (R - 1) * SH + (KH - 1) * RH + 1;
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[j][v] = Pack<L>::Zero();
+  for (int k = 0; k < nk; ++k) {
+    CfV wv[KH];
+#pragma GCC unroll 8
+    for (int b = 0; b < KH; ++b) wv[b] = Pack<L>::Zero() + wk[k * KH + b];
+    const float* s = src[k] + col;
+#pragma GCC unroll 32
+    for (int i = 0; i < I; ++i, s += rs1)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const CfV xv = Pack<L>::Load(s + v * L);
+#pragma GCC unroll 8
+        for (int b = 0; b < KH; ++b) {
+          const int q = i - b * RH;
+          if (q >= 0 && q % SH == 0 && q / SH < R) acc[q / SH][v] += wv[b] * xv;
+        }
+      }
+  }
+}
+
+// Fixed H shapes with their own CfSumsH; HShape<0, 0, 0>: any other.
+template <int KH, int SH, int RH>
+struct HShape {
+  static constexpr int kh = KH, sh = SH, rh = RH;
+};
+
+// Calls pick(HShape) for g's H shape.
+template <typename Pick>
+auto WithHShape(const Geom& g, Pick&& pick) {
+  switch (g.kh * 100 + g.sh * 10 + g.rh) {
+    case 311: return pick(HShape<3, 1, 1>{});
+    case 312: return pick(HShape<3, 1, 2>{});
+    case 321: return pick(HShape<3, 2, 1>{});
+    case 511: return pick(HShape<5, 1, 1>{});
+    case 521: return pick(HShape<5, 2, 1>{});
+    case 711: return pick(HShape<7, 1, 1>{});
+    default: return pick(HShape<0, 0, 0>{});
+  }
+}
+
+// R rows out + j * os, `packets` whole packets: the term sums of rows
+// `src[k] + off + j * rs` (with a fixed H shape H: of CfSumsH(src, wk, nk,
+// ..., rs1)). Not inlined: one copy serves every dtype and caller.
+template <int R, typename H = HShape<0, 0, 0>>
+__attribute__((noinline)) void CfSumRows(const float* const* src, const float* wk, int nk,
+                                         int64_t off, int64_t rs, float* out, int64_t os,
+                                         int64_t packets, int64_t rs1) {
+  int64_t v0 = 0;
+  auto block = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    for (; v0 + NV <= packets; v0 += NV) {
+      CfV acc[R][NV];
+      if constexpr (H::kh > 0) {
+        CfSumsH<H::kh, H::sh, H::rh, R, NV>(src, wk, nk, off + v0 * L, rs1, acc);
+      } else {
+        CfSums<R, NV>(src, wk, nk, off + v0 * L, rs, acc);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) Pack<L>::Store(out + j * os + (v0 + v) * L, acc[j][v]);
+    }
+  };
+  block(Int<4>{});
+  block(Int<2>{});
+  block(Int<1>{});
+}
+
+using CfSumRowsFn = void (*)(const float* const*, const float*, int, int64_t, int64_t, float*,
+                             int64_t, int64_t, int64_t);
+
+// CfSumRows<R> for every block size R that CfRowBlocks uses (1, 2, 4, 8),
+// those of more than 2 rows with g's fixed H shape when it has one.
+struct CfSumRowsFns {
+  CfSumRowsFn fn[9] = {};
+  bool fixed[9] = {};  // fn[r] has a fixed H shape (sources and weights per (a, e))
+  explicit CfSumRowsFns(const Geom& g) {
+    fn[1] = &CfSumRows<1>, fn[2] = &CfSumRows<2>, fn[4] = &CfSumRows<4>, fn[8] = &CfSumRows<8>;
+    WithHShape(g, [&](auto h) {
+      using H = decltype(h);
+      if constexpr (H::kh > 0) {
+        fn[4] = &CfSumRows<4, H>, fn[8] = &CfSumRows<8, H>;
+        fixed[4] = fixed[8] = true;
+      }
+      return 0;
+    });
+  }
+};
+
+// Calls f(Int<R>, i) over rows [0, count) in blocks of R, as many as fit
+// the packets of a row.
+template <typename F>
+void CfRowBlocks(int64_t packets, int64_t count, F&& f) {
+  int64_t i = 0;
+  auto go = [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    for (; i + R <= count; i += R) f(r, i);
+  };
+  if (packets >= 4) {
+    go(Int<CfRowsPerBlock<4>()>{});
+  } else if (packets >= 2) {
+    go(Int<CfRowsPerBlock<2>()>{});
+  } else {
+    go(Int<CfRowsPerBlock<1>()>{});
+  }
+  go(Int<2>{});
+  go(Int<1>{});
+}
+
+// The input side of a forward / kernel-gradient tile: for output plane p,
+// src[k] (k = tap (a, b, e)) points at the buffered input row that output
+// row h0 of the band reads through tap k; output row h0 + i reads
+// src[k] + i * rs.
+template <typename TI>
+class CfInputPlanes {
+ public:
+  CfInputPlanes(const Geom& g, const TI* x, const Tiles& tiles, int64_t tile)
+      : g_(g), x_(x), rows_(g.w, g.ow, g.kw, g.sw, g.rw, g.pw) {
+    const int64_t b = tile % tiles.Bands(), q = tile / tiles.Bands();
+    p0 = q * tiles.run, p1 = std::min(tiles.planes, (q + 1) * tiles.run);
+    h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
+    lo_ = h0 * g.sh - g.ph;
+    count_ = (h1 - 1 - h0) * g.sh + (g.kh - 1) * g.rh + 1;
+    planes_ = std::make_unique<CfPlanes>(rows_.len, count_, (g.kd - 1) * g.rd + 1);
+    zero_.assign(rows_.len * count_, 0.0f);
+    rs = g.sh * rows_.len;
+    rs1 = rows_.len;
+    src.resize(g.taps());
+    src_ae.resize(g.kd * g.kw);
+  }
+
+  int64_t p0, p1, h0, h1, rs, rs1;
+  std::vector<const float*> src;     // per tap (a, b, e)
+  std::vector<const float*> src_ae;  // per (a, e): src of (a, 0, e)
+
+  // Output plane p: src for its taps (the rows are filled by `Need`).
+  void Plane(int64_t p) {
+    const int64_t vol = p / g_.od, od = p % g_.od;
+    live_.clear();
+    for (int64_t a = 0; a < g_.kd; ++a) {
+      const int64_t id = od * g_.sd + a * g_.rd - g_.pd;
+      const float* plane = zero_.data();
+      if (id >= 0 && id < g_.d) {
+        const int64_t slot = planes_->Slot(vol * g_.d + id);
+        live_.emplace_back(slot, x_ + (vol * g_.d + id) * g_.h * g_.w);
+        plane = planes_->Data(slot);
+      }
+      for (int64_t b = 0; b < g_.kh; ++b)
+        for (int64_t e = 0; e < g_.kw; ++e)
+          src[(a * g_.kh + b) * g_.kw + e] = plane + b * g_.rh * rows_.len + rows_.eoff[e];
+      for (int64_t e = 0; e < g_.kw; ++e) src_ae[a * g_.kw + e] = plane + rows_.eoff[e];
+    }
+  }
+
+  // Fills the input rows that the band's output rows [h0, h0 + rows) read.
+  void Need(int64_t rows) {
+    const int64_t upto = (rows - 1) * g_.sh + (g_.kh - 1) * g_.rh + 1;
+    for (const auto& [slot, xp] : live_)
+      planes_->FillTo(slot, upto, [&, xp = xp](int64_t i, float* out) {
+        const int64_t ih = lo_ + i;
+        if (ih >= 0 && ih < g_.h) {
+          rows_.Fill(xp + ih * g_.w, out);
+          // Ahead of the next blocks (into the next plane at the end: the
+          // planes of a volume follow each other in memory).
+          const char* ahead = reinterpret_cast<const char*>(xp + ih * g_.w) + kPrefetchBytes;
+          for (int64_t b = 0; b < static_cast<int64_t>(g_.w * sizeof(TI)); b += 64)
+            __builtin_prefetch(ahead + b);
+        } else {
+          std::fill(out, out + rows_.len, 0.0f);
+        }
+      });
+  }
+
+ private:
+  const Geom& g_;
+  const TI* x_;
+  CfRows rows_;
+  int64_t lo_, count_;
+  std::unique_ptr<CfPlanes> planes_;
+  std::vector<float> zero_;
+  std::vector<std::pair<int64_t, const TI*>> live_;  // slot, plane of x
+};
+
+// Prefetches for writing the `count` outputs kPrefetchBytes after `out`
+// (without it, the stores wait for their lines to come from memory).
+template <typename TO>
+inline void CfPrefetchOut(const TO* out, int64_t count) {
+  const char* ahead = reinterpret_cast<const char*>(out) + kPrefetchBytes;
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(TO)); b += 64)
+    __builtin_prefetch(ahead + b, 1);
+}
+
+// Prefetches `count` values from `p` for reading.
+template <typename T>
+inline void CfPrefetch(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64)
+    __builtin_prefetch(c + b);
+}
+
+template <typename TI, typename TO>
+void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tiles& tiles,
+                   int64_t tile) {
+  const CfSumRowsFns fns(g);
+  CfInputPlanes<TI> in(g, x, tiles, tile);
+  const int64_t nk = g.taps(), nae = g.kd * g.kw, packets = (g.ow + L - 1) / L;
+  std::vector<float> wk(nk), wk_ae(nk);  // per tap (a, b, e); per (a, e, b)
+  // float32 rows of whole packets are written in place, others through `rows`.
+  const bool direct = std::is_same<TO, float>::value && g.ow % L == 0;
+  std::vector<float> rows(direct ? 0 : 8 * packets * L);
+  for (int64_t p = in.p0; p < in.p1; ++p) {
+    const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
+    in.Plane(p);
+    for (int64_t m = 0; m < g.m; ++m) {
+      for (int64_t k = 0; k < nk; ++k) {
+        const int64_t a = k / (g.kh * g.kw), b = k / g.kw % g.kh, e = k % g.kw;
+        wk[k] = w[(k * g.m + m) * g.c + c];
+        wk_ae[(a * g.kw + e) * g.kh + b] = wk[k];
+      }
+      TO* out = y + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+      CfRowBlocks(packets, in.h1 - in.h0, [&](auto r, int64_t i) {
+        constexpr int R = decltype(r)::value;
+        in.Need(i + R);
+        CfPrefetchOut(out + i * g.ow, R * g.ow);
+        float* o = direct ? reinterpret_cast<float*>(out + i * g.ow) : rows.data();
+        const int64_t os = direct ? g.ow : packets * L;
+        if (fns.fixed[R]) {
+          fns.fn[R](in.src_ae.data(), wk_ae.data(), static_cast<int>(nae), i * in.rs, in.rs, o,
+                    os, packets, in.rs1);
+        } else {
+          fns.fn[R](in.src.data(), wk.data(), static_cast<int>(nk), i * in.rs, in.rs, o, os,
+                    packets, in.rs1);
+        }
+        if (!direct)
+          for (int j = 0; j < R; ++j) Convert(o + j * os, out + (i + j) * g.ow, g.ow);
+      });
+    }
+  }
+}
+
+// part[k] (L floats) += sum over rows j and packets v of
+// ct[j][col + v] * (src[k] + off + j * rs)[col + v].
+template <int R, int NV>
+inline void CfDots(const float* const* src, int nk, int64_t off, int64_t rs,
+                   const float* const* ct, int64_t col, float* part) {
+  CfV cv[R][NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) cv[j][v] = Pack<L>::Load(ct[j] + col + v * L);
+  for (int k = 0; k < nk; ++k) {
+    const float* s = src[k] + off + col;
+    CfV sum[2] = {Pack<L>::Zero(), Pack<L>::Zero()};
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j, s += rs)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) sum[(j * NV + v) & 1] += cv[j][v] * Pack<L>::Load(s + v * L);
+    Pack<L>::Store(part + k * L, Pack<L>::Load(part + k * L) + (sum[0] + sum[1]));
+  }
+}
+
+// One tile's kernel-gradient sums, dk-shaped (KD, KH, KW, M, C), into `part`:
+// per channel in packets (`acc`), reduced in a fixed order when the tile
+// moves on to another channel.
+template <typename TI, typename TC>
+void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, const Tiles& tiles,
+                      int64_t tile) {
+  CfInputPlanes<TI> in(g, x, tiles, tile);
+  const int64_t nk = g.taps(), packets = (g.ow + L - 1) / L, rmax = 8;
+  // ct rows as float32 padded with zeros to whole packets (in place when they are).
+  const bool direct = std::is_same<TC, float>::value && g.ow % L == 0;
+  std::vector<float> cbuf(direct ? 0 : rmax * packets * L, 0.0f), acc(g.m * nk * L, 0.0f);
+  int64_t acc_c = -1;
+  auto flush = [&]() {
+    if (acc_c < 0) return;
+    for (int64_t m = 0; m < g.m; ++m)
+      for (int64_t k = 0; k < nk; ++k) {
+        float s = 0.0f;
+        for (int l = 0; l < L; ++l) s += acc[(m * nk + k) * L + l];
+        part[(k * g.m + m) * g.c + acc_c] += s;
+      }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+  };
+  for (int64_t p = in.p0; p < in.p1; ++p) {
+    const int64_t vol = p / g.od, c = vol % g.c, n = vol / g.c, od = p % g.od;
+    if (c != acc_c) {
+      flush();
+      acc_c = c;
+    }
+    in.Plane(p);
+    for (int64_t m = 0; m < g.m; ++m) {
+      const TC* crows = ct + ((((n * g.c + c) * g.m + m) * g.od + od) * g.oh + in.h0) * g.ow;
+      CfRowBlocks(packets, in.h1 - in.h0, [&](auto r, int64_t i) {
+        constexpr int R = decltype(r)::value;
+        in.Need(i + R);
+        const float* cr[R];
+        for (int j = 0; j < R; ++j) {
+          const TC* crow = crows + (i + j) * g.ow;
+          if (direct) {
+            cr[j] = reinterpret_cast<const float*>(crow);
+          } else {
+            Convert(crow, &cbuf[j * packets * L], g.ow);  // the tail stays zero
+            cr[j] = &cbuf[j * packets * L];
+          }
+        }
+        const float* const* src = in.src.data();
+        const int64_t off = i * in.rs;
+        float* pm = &acc[m * nk * L];
+        const int n_k = static_cast<int>(nk);
+        int64_t v0 = 0;
+        for (; v0 + 4 <= packets; v0 += 4) CfDots<R, 4>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 + 2 <= packets; v0 += 2) CfDots<R, 2>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 < packets; ++v0) CfDots<R, 1>(src, n_k, off, in.rs, cr, v0 * L, pm);
+      });
+    }
+  }
+  flush();
+}
+
+// Input gradient in gather form (strides or M > 1). Along W, position
+// u = iw + PW = i * SW + ph sums, over the taps e with
+// (e * RW - ph) % SW == 0, ct[i - (e * RW - ph) / SW] * w[e]: per phase ph
+// the taps and their offsets in a zero-padded ct row covering every o read
+// (`Fill`: out[i] = ct[q0 - smax + i]).
+struct CfGather {
+  int64_t q0, qn, smax, len;
+  std::vector<std::vector<int64_t>> taps, offs;  // per phase
+  explicit CfGather(const Geom& g) : taps(g.sw), offs(g.sw) {
+    q0 = FloorDiv(g.pw, g.sw);
+    qn = RoundUp(FloorDiv(g.pw + g.w - 1, g.sw) - q0 + 1, L);
+    smax = (g.kw - 1) * g.rw / g.sw;
+    len = qn + smax;
+    for (int64_t ph = 0; ph < g.sw; ++ph)
+      for (int64_t e = 0; e < g.kw; ++e)
+        if ((e * g.rw - ph) % g.sw == 0) {
+          taps[ph].push_back(e);
+          offs[ph].push_back(smax - (e * g.rw - ph) / g.sw);
+        }
+  }
+  template <typename T>
+  void Fill(const Geom& g, const T* row, float* out) const {
+    const int64_t first = q0 - smax;  // out[i] = row[first + i]
+    const int64_t lo = std::min(len, std::max<int64_t>(0, -first));
+    const int64_t hi = std::max(lo, std::min(len, g.ow - first));
+    std::fill(out, out + lo, 0.0f);
+    Convert(row + first + lo, out + lo, hi - lo);
+    std::fill(out + hi, out + len, 0.0f);
+  }
+};
+
+// dx rows of a tile: plane p = (n, c, id), rows [h0, h1) taken by class
+// (rows h, h + SH, ...: the same ct rows shifted by one, the same taps).
+template <typename TC, typename TO>
+void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const Tiles& tiles,
+                     int64_t tile) {
+  const CfGather gather(g);
+  const int64_t b = tile % tiles.Bands(), q = tile / tiles.Bands();
+  const int64_t p0 = q * tiles.run, p1 = std::min(tiles.planes, (q + 1) * tiles.run);
+  const int64_t h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
+  // The ct rows the band reads: [lo, lo + count).
+  const int64_t lo = FloorDiv(h0 + g.ph - (g.kh - 1) * g.rh, g.sh);
+  const int64_t count = FloorDiv(h1 - 1 + g.ph, g.sh) - lo + 1;
+  std::vector<std::unique_ptr<CfPlanes>> planes;
+  for (int64_t m = 0; m < g.m; ++m)
+    planes.push_back(std::make_unique<CfPlanes>(gather.len, count, (g.kd - 1) * g.rd / g.sd + 1));
+  const int64_t cm = g.c * g.m, nkmax = g.taps() * g.m, rmax = 8;
+  std::vector<const float*> pa(g.kd * g.m), src(g.sw * nkmax);
+  std::vector<int64_t> valid_a;
+  std::vector<int> nks(g.sw);
+  std::vector<float> wk(g.sw * nkmax), phases(rmax * g.sw * gather.qn), woven(2 * gather.qn);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t vol = p / g.d, c = vol % g.c, n = vol / g.c, id = p % g.d;
+    valid_a.clear();
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t nd = id + g.pd - a * g.rd;
+      if (nd % g.sd != 0 || nd < 0 || nd / g.sd >= g.od) continue;
+      const int64_t od = nd / g.sd;
+      valid_a.push_back(a);
+      for (int64_t m = 0; m < g.m; ++m) {
+        const TC* base = ct + ((n * cm + c * g.m + m) * g.od + od) * g.oh * g.ow;
+        const int64_t slot = planes[m]->Slot(vol * g.od + od);
+        planes[m]->FillTo(slot, count, [&](int64_t i, float* out) {
+          const int64_t oh = lo + i;
+          if (oh >= 0 && oh < g.oh) {
+            gather.Fill(g, base + oh * g.ow, out);
+          } else {
+            std::fill(out, out + gather.len, 0.0f);
+          }
+        });
+        pa[a * g.m + m] = planes[m]->Data(slot);
+        CfPrefetch(base + g.oh * g.ow, g.oh * g.ow);  // the next plane's (from memory)
+      }
+    }
+    for (int64_t first = h0; first < std::min(h1, h0 + g.sh); ++first) {
+      // The terms of row `first` per W phase; row first + i * SH reads the
+      // same rows shifted by i.
+      for (int64_t ph = 0; ph < g.sw; ++ph) {
+        const auto& taps = gather.taps[ph];
+        const auto& offs = gather.offs[ph];
+        int nk = 0;
+        for (int64_t a : valid_a)
+          for (int64_t bb = 0; bb < g.kh; ++bb) {
+            const int64_t nh = first + g.ph - bb * g.rh;
+            if (FloorDiv(nh, g.sh) * g.sh != nh) continue;
+            const int64_t row = nh / g.sh - lo;
+            for (int64_t m = 0; m < g.m; ++m)
+              for (size_t i = 0; i < taps.size(); ++i, ++nk) {
+                wk[ph * nkmax + nk] = w[(((a * g.kh + bb) * g.kw + taps[i]) * g.m + m) * g.c + c];
+                src[ph * nkmax + nk] = pa[a * g.m + m] + row * gather.len + offs[i];
+              }
+          }
+        nks[ph] = nk;
+      }
+      CfRowBlocks(gather.qn / L, (h1 - 1 - first) / g.sh + 1, [&](auto r, int64_t i) {
+        constexpr int R = decltype(r)::value;
+        const int64_t os = g.sw * gather.qn;  // between the rows of `phases`
+        for (int64_t ph = 0; ph < g.sw; ++ph) {
+          float* out = &phases[ph * gather.qn];
+          if (nks[ph] == 0) {
+            for (int j = 0; j < R; ++j) std::fill(out + j * os, out + j * os + gather.qn, 0.0f);
+          } else {
+            CfSumRows<R>(&src[ph * nkmax], &wk[ph * nkmax], nks[ph], i * gather.len, gather.len,
+                         out, os, gather.qn / L, 0);
+          }
+        }
+        for (int j = 0; j < R; ++j) {  // the phases interleaved into dx
+          TO* xrow = dx + (p * g.h + first + (i + j) * g.sh) * g.w;
+          CfPrefetchOut(xrow, g.w);
+          const float* row = &phases[j * os];
+          if (g.sw == 1) {
+            Convert(row + (g.pw - gather.q0), xrow, g.w);
+            continue;
+          }
+          if (g.sw == 2) {  // interleaved in packets: woven[u - 2 * q0]
+            for (int64_t v = 0; v < gather.qn; v += L) {
+              const CfV a = Pack<L>::Load(row + v), b = Pack<L>::Load(row + gather.qn + v);
+              Pack<L>::Store(&woven[2 * v], __builtin_shuffle(a, b, kWeaveLo));
+              Pack<L>::Store(&woven[2 * v + L], __builtin_shuffle(a, b, kWeaveHi));
+            }
+            Convert(woven.data() + g.pw - 2 * gather.q0, xrow, g.w);
+            continue;
+          }
+          for (int64_t ph = 0; ph < g.sw; ++ph) {  // iw = iw0 + t * SW: u = (u0 + t) * SW + ph
+            const int64_t iw0 = ((ph - g.pw) % g.sw + g.sw) % g.sw;
+            const float* in = row + ph * gather.qn + (iw0 + g.pw - ph) / g.sw - gather.q0;
+            for (int64_t iw = iw0, t = 0; iw < g.w; iw += g.sw, ++t)
+              Pack<1>::Store(xrow + iw, in[t]);
+          }
+        }
+      });
+    }
+  }
+}
+
+}  // namespace
+
+template <typename TI, typename TO>
+void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y) {
+  const Tiles tiles =
+      MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i); });
+}
+
+template <typename TI, typename TC>
+void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk) {
+  const int64_t size = g.taps() * g.m * g.c;
+  const Tiles tiles =
+      MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
+  const int64_t chunks = tiles.Count();
+  std::vector<float> parts(chunks * size, 0.0f);
+  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
+    CfKernelGradTile(g, x, ct, parts.data() + i * size, tiles, i);
+  });
+  std::fill(dk, dk + size, 0.0f);
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
+}
+
+template <typename TC, typename TO>
+void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx) {
+  const Tiles tiles = MakeTiles(g.n * g.c * g.d, g.h, g.ow * sizeof(TC) * g.m,
+                                CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh), kCfMinBand);
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { CfInputGradTile(g, ct, w, dx, tiles, i); });
+}
+
+#define DW5D_INSTANTIATE(T1, T2)                                                              \
+  template void RunForwardCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);    \
+  template void RunKernelGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*); \
+  template void RunInputGradCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
+DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
+#undef DW5D_INSTANTIATE
+
+}  // namespace dw5d

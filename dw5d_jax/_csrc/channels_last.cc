@@ -1,0 +1,778 @@
+// Channels-last kernels: (N, D, H, W, C) arrays, vectorised over channels.
+//
+// Channels are innermost and contiguous, so every inner loop is a
+// multiply-add over packets of channels (packets.h), with several output
+// positions x two packets of accumulators in registers. For the common
+// kernel widths, strides and dilations along W the blocks are unrolled at
+// compile time (`Fixed`), so that each input packet is loaded once and
+// feeds every (output, tap) pair that reads it.
+//
+// Output rows (n, od, oh) are split into tiles (geometry.h: Tiles), taken
+// by the threads of ParallelFor (threads.h). The loops skip the taps that
+// land in the zero padding.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "geometry.h"
+#include "kernels.h"
+#include "packets.h"
+#include "threads.h"
+
+namespace dw5d {
+namespace {
+
+// Calls block(Int<N>, Int<NV>, c0) over the channels [0, c): NV packets of
+// N floats from c0. Pairs of the widest packets first, then one packet of
+// each narrower width, then single floats.
+template <typename Block>
+inline void ForChannels(int64_t c, Block&& block) {
+  int64_t c0 = 0;
+  for (; c0 + 2 * kLanes <= c; c0 += 2 * kLanes) block(Int<kLanes>{}, Int<2>{}, c0);
+  for (; c0 + kLanes <= c; c0 += kLanes) block(Int<kLanes>{}, Int<1>{}, c0);
+  if constexpr (kLanes > 8) {
+    for (; c0 + 8 <= c; c0 += 8) block(Int<8>{}, Int<1>{}, c0);
+  }
+  if constexpr (kLanes > 4) {
+    for (; c0 + 4 <= c; c0 += 4) block(Int<4>{}, Int<1>{}, c0);
+  }
+  for (; c0 < c; ++c0) block(Int<1>{}, Int<1>{}, c0);
+}
+
+// The input rows that output row r reads: rows[t] indexes x viewed as
+// N * D * H rows of W * C values, taps[t] = a * KH + b is its tap row.
+int RowTaps(const Geom& g, int64_t r, int64_t* rows, int64_t* taps) {
+  const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
+  int nt = 0;
+  for (int64_t a = 0; a < g.kd; ++a) {
+    const int64_t id = od * g.sd + a * g.rd - g.pd;
+    if (id < 0 || id >= g.d) continue;
+    for (int64_t b = 0; b < g.kh; ++b) {
+      const int64_t ih = oh * g.sh + b * g.rh - g.ph;
+      if (ih < 0 || ih >= g.h) continue;
+      rows[nt] = (n * g.d + id) * g.h + ih;
+      taps[nt] = a * g.kh + b;
+      ++nt;
+    }
+  }
+  return nt;
+}
+
+
+// Rows of an array as float32, each converted once into a direct-mapped
+// cache: row r = plane * height + h goes to slot (plane mod dspan) * hspan +
+// (h mod hspan). The rows one output row reads lie within dspan consecutive
+// planes and hspan consecutive rows, so they never share a slot (a pointer
+// handed out stays valid for that output row), and with hspan covering a
+// tile's band the next plane finds most of its rows converted.
+class RowCache {
+ public:
+  RowCache(int64_t height, int64_t len, int64_t dspan, int64_t hspan)
+      : height_(height), len_(len), dspan_(dspan), hspan_(hspan), keys_(dspan * hspan, -1),
+        data_(dspan * hspan * len) {}
+
+  template <typename Fill>
+  const float* Get(int64_t row, Fill&& fill) {
+    const int64_t slot = (row / height_ % dspan_) * hspan_ + row % height_ % hspan_;
+    float* data = &data_[slot * len_];
+    if (keys_[slot] != row) {
+      fill(row, data);
+      keys_[slot] = row;
+    }
+    return data;
+  }
+
+ private:
+  int64_t height_, len_, dspan_, hspan_;
+  std::vector<int64_t> keys_;
+  std::vector<float> data_;
+};
+
+// Input rows as float32 for the compute kernels: x itself when it is
+// float32, bfloat16 rows converted through a RowCache.
+template <typename TI>
+class InputRows {
+ public:
+  InputRows(const Geom& g, const TI* x, const Tiles& tiles)
+      : x_(x), len_(g.w * g.c),
+        cache_(g.h, len_, (g.kd - 1) * g.rd + 1, (tiles.band - 1) * g.sh + (g.kh - 1) * g.rh + 1) {}
+
+  const float* Get(int64_t row) {
+    return cache_.Get(row, [&](int64_t r, float* out) { Convert(x_ + r * len_, out, len_); });
+  }
+
+ private:
+  const TI* x_;
+  int64_t len_;
+  RowCache cache_;
+};
+
+template <>
+class InputRows<float> {
+ public:
+  InputRows(const Geom& g, const float* x, const Tiles&) : x_(x), len_(g.w * g.c) {}
+  const float* Get(int64_t row) const { return x_ + row * len_; }
+
+ private:
+  const float* x_;
+  int64_t len_;
+};
+
+// ---------------------------------------------------------------------------
+// Shapes of the W axis with their own unrolled kernels: kernel width KW,
+// stride SW and dilation RW known at compile time, so that every input
+// packet of a row is loaded once and multiplied into every (output, tap)
+// pair that reads it, from registers. Other shapes take `Generic`.
+
+struct Generic {
+  static constexpr int KW = 0, SW = 0, RW = 0;
+};
+template <int K, int S, int R>
+struct Fixed {
+  static constexpr int KW = K, SW = S, RW = R;
+};
+
+constexpr int kRegisters = kLanes >= 16 ? 32 : 16;
+
+// Output positions per forward block: as many as fit in registers next to
+// the KW x NV weight packets (at least 8 independent sums hide the latency).
+template <int KW, int NV>
+constexpr int ForwardPositions() {
+  return (8 + KW) * NV + 2 <= kRegisters ? 8 : (4 + KW) * NV + 2 <= kRegisters ? 4 : 2;
+}
+
+// ---------------------------------------------------------------------------
+// Forward: y[o, c, m] = sum over taps of x[o * s + t * r - p, c] * w[t, m, c].
+// The row kernels below see float32 rows `xr[t]` (the nt input rows the
+// output row reads) and weight rows `wr[t]` ((KW, M, C) of tap row t, offset
+// to multiplier index m), and write float32 (OW, M, C).
+
+// acc[p][v] = the tap sum for NP output positions `xp` elements apart (the
+// first one's W taps e0..e1-1 start at offset `off` of every input row) and
+// NV packets of channels from c0 (`off` includes c0).
+// With NP = 1, the taps alternate between two sets of sums (more chains).
+template <int N, int NV, int NP>
+inline void TapSums(const Geom& g, const float* const* xr, const float* const* wr, int nt,
+                    int64_t off, int64_t c0, int64_t e0, int64_t e1,
+                    typename Pack<N>::V (&acc)[NP][NV]) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N, S = NP == 1 ? 2 : 1;
+  const int64_t xe = g.rw * g.c, we = g.m * g.c, xp = g.sw * g.c;
+  V sums[S][NP][NV];
+  for (int s = 0; s < S; ++s)
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < NV; ++v) sums[s][p][v] = Pack<N>::Zero();
+  int k = 0;
+  for (int t = 0; t < nt; ++t) {
+    const float* x = xr[t] + off + e0 * xe;
+    const float* w = wr[t] + c0 + e0 * we;
+    for (int64_t e = e0; e < e1; ++e, x += xe, w += we, k ^= S - 1) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Pack<N>::Load(w + v * L);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < NV; ++v) sums[k][p][v] += Pack<N>::Load(x + p * xp + v * L) * wv[v];
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < NV; ++v) {
+      acc[p][v] = sums[0][p][v];
+      if constexpr (S > 1) acc[p][v] += sums[1][p][v];
+    }
+}
+
+// TapSums for all KW taps of NP interior positions, with F's W shape: input
+// position j (relative to the first output's first tap) feeds output p
+// through tap e where j = p * SW + e * RW.
+template <typename F, int N, int NV, int NP>
+inline void TapSumsFixed(const float* const* xr, const float* const* wr, int nt, int64_t off,
+                         int64_t c0, int64_t c, int64_t mc, typename Pack<N>::V (&acc)[NP][NV]) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N, KW = F::KW, SW = F::SW, RW = F::RW;
+  constexpr int J = (NP - 1) * SW + (KW - 1) * RW + 1;
+#pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[p][v] = Pack<N>::Zero();
+  for (int t = 0; t < nt; ++t) {
+    const float* x = xr[t] + off;
+    const float* w = wr[t] + c0;
+    V wv[KW][NV];
+#pragma GCC unroll 16
+    for (int e = 0; e < KW; ++e, w += mc)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[e][v] = Pack<N>::Load(w + v * L);
+    // One pointer stepped by c (not j * c offsets, which need a register each).
+#pragma GCC unroll 64
+    for (int j = 0; j < J; ++j, x += c) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const V xv = Pack<N>::Load(x + v * L);
+#pragma GCC unroll 16
+        for (int e = 0; e < KW; ++e) {
+          const int q = j - e * RW;
+          if (q >= 0 && q % SW == 0 && q / SW < NP) acc[q / SW][v] += xv * wv[e][v];
+        }
+      }
+    }
+  }
+}
+
+// Channels [c0, c0 + NV * width) of multiplier index m, for one output row.
+// Positions [lo, hi) read all W taps inside x; the others are the edges.
+template <typename F, int N, int NV>
+void ForwardBlock(const Geom& g, const float* const* xr, const float* const* wr, int nt,
+                  int64_t c0, int64_t m, int64_t lo, int64_t hi, float* out) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N;
+  const int64_t os = g.m * g.c;  // between output positions
+  auto emit = [&](int64_t o, const V* acc) {
+    for (int v = 0; v < NV; ++v) Pack<N>::Store(out + o * os + m * g.c + c0 + v * L, acc[v]);
+  };
+  auto edge = [&](int64_t o) {
+    const int64_t base = o * g.sw - g.pw;
+    const int64_t e0 = std::max<int64_t>(0, CeilDiv(-base, g.rw));
+    const int64_t e1 = std::min<int64_t>(g.kw, FloorDiv(g.w - 1 - base, g.rw) + 1);
+    V acc[1][NV];
+    TapSums<N, NV, 1>(g, xr, wr, e1 > e0 ? nt : 0, base * g.c + c0, c0, e0, std::max(e0, e1),
+                      acc);
+    emit(o, acc[0]);
+  };
+  for (int64_t o = 0; o < lo; ++o) edge(o);
+  int64_t o = lo;
+  if constexpr (F::KW > 0) {
+    // Blocks of NP outputs, then of NP / 2, ... for the rest of the interior.
+    auto blocks = [&](auto np) {
+      constexpr int NP = decltype(np)::value;
+      for (; o + NP <= hi; o += NP) {
+        V acc[NP][NV];
+        TapSumsFixed<F, N, NV, NP>(xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, g.c, os, acc);
+        for (int p = 0; p < NP; ++p) emit(o + p, acc[p]);
+      }
+    };
+    constexpr int NP = ForwardPositions<F::KW, NV>();
+    blocks(std::integral_constant<int, NP>{});
+    if constexpr (NP >= 8) blocks(std::integral_constant<int, 4>{});
+    if constexpr (NP >= 4) blocks(std::integral_constant<int, 2>{});
+  } else {
+    constexpr int NP = 4;
+    for (; o + NP <= hi; o += NP) {
+      V acc[NP][NV];
+      TapSums<N, NV, NP>(g, xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, 0, g.kw, acc);
+      for (int p = 0; p < NP; ++p) emit(o + p, acc[p]);
+    }
+  }
+  for (; o < hi; ++o) {
+    V acc[1][NV];
+    TapSums<N, NV, 1>(g, xr, wr, nt, (o * g.sw - g.pw) * g.c + c0, c0, 0, g.kw, acc);
+    emit(o, acc[0]);
+  }
+  for (o = hi; o < g.ow; ++o) edge(o);
+}
+
+// One output row: `wb[t]` is tap row t's (KW, M, C) weights, `wr` scratch.
+template <typename F>
+void ForwardRow(const Geom& g, const float* const* xr, const float* const* wb, int nt, int64_t lo,
+                int64_t hi, float* out, const float** wr) {
+  for (int64_t m = 0; m < g.m; ++m) {
+    for (int t = 0; t < nt; ++t) wr[t] = wb[t] + m * g.c;
+    ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
+      ForwardBlock<F, n, nv>(g, xr, wr, nt, c0, m, lo, hi, out);
+    });
+  }
+}
+
+using ForwardRowFn = void (*)(const Geom&, const float* const*, const float* const*, int, int64_t,
+                              int64_t, float*, const float**);
+
+// (OW, M, C) float32 -> y's (OW, C * M) row in y's dtype.
+template <typename TO>
+void StoreRow(const Geom& g, const float* in, TO* y) {
+  if (g.m == 1) {
+    Convert(in, y, g.ow * g.c);
+    return;
+  }
+  for (int64_t o = 0; o < g.ow; ++o)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t m = 0; m < g.m; ++m)
+        Pack<1>::Store(y + (o * g.c + c) * g.m + m, in[(o * g.m + m) * g.c + c]);
+}
+
+template <typename TI, typename TO>
+void ForwardRows(const Geom& g, ForwardRowFn row_fn, const TI* x, const float* w, TO* y,
+                 const Tiles& tiles, int64_t tile) {
+  const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
+  InputRows<TI> in(g, x, tiles);
+  std::vector<int64_t> rows(taps), tap(taps);
+  std::vector<const float*> xr(taps), wb(taps), wr(taps);
+  // float32 y with M = 1 has the row kernels' layout: written in place.
+  const bool direct = std::is_same<TO, float>::value && g.m == 1;
+  std::vector<float> tmp(direct ? 0 : g.ow * cm);
+  int64_t lo0, hi0, lo1, hi1;  // outputs whose first / last W tap is inside x
+  ValidRange(g.w, g.ow, g.sw, -g.pw, &lo0, &hi0);
+  ValidRange(g.w, g.ow, g.sw, (g.kw - 1) * g.rw - g.pw, &lo1, &hi1);
+  int64_t lo = std::max(lo0, lo1), hi = std::min(hi0, hi1);
+  if (hi <= lo) lo = hi = g.ow;
+  tiles.ForRows(tile, [&](int64_t r) {
+    const int nt = RowTaps(g, r, rows.data(), tap.data());
+    for (int t = 0; t < nt; ++t) {
+      xr[t] = in.Get(rows[t]);
+      wb[t] = w + tap[t] * g.kw * cm;
+    }
+    TO* yrow = y + r * g.ow * cm;
+    float* out = direct ? reinterpret_cast<float*>(yrow) : tmp.data();
+    row_fn(g, xr.data(), wb.data(), nt, lo, hi, out, wr.data());
+    if (!direct) StoreRow(g, tmp.data(), yrow);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Kernel gradient: dk[t, m, c] = sum over outputs o of
+// x[o * s + t * r - p, c] * ct[o, c * M + m], in one pass over x and ct.
+// The row kernels see float32 input rows `xr[t]`, the cotangent row as
+// float32 (M, OW, C), and accumulate into `pr[t]`, tap row t's (KW, M, C)
+// partial sums.
+
+// out[0 : NV * width] += sum_i x[i * xs] * ct[i * cs] (packets of channels).
+// Four independent partial sums per packet hide the multiply-add latency.
+template <int N, int NV>
+inline void GradDot(const float* x, const float* ct, int64_t count, int64_t xs, int64_t cs,
+                    float* out) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N;
+  constexpr int U = 4;
+  V acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = Pack<N>::Zero();
+  int64_t i = 0;
+  for (; i + U <= count; i += U)
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < NV; ++v)
+        acc[u][v] += Pack<N>::Load(x + (i + u) * xs + v * L) *
+                     Pack<N>::Load(ct + (i + u) * cs + v * L);
+  for (; i < count; ++i)
+    for (int v = 0; v < NV; ++v)
+      acc[0][v] += Pack<N>::Load(x + i * xs + v * L) * Pack<N>::Load(ct + i * cs + v * L);
+  for (int v = 0; v < NV; ++v) {
+    V s = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    Pack<N>::Store(out + v * L, Pack<N>::Load(out + v * L) + s);
+  }
+}
+
+// GradDot for all KW taps of `count` interior outputs at once, with F's W
+// shape: per block of NB outputs, NB cotangent packets stay in registers and
+// every input packet is loaded once. out[e * ms] is tap e's partial sum.
+template <typename F, int N, int NV>
+inline void GradDotFixed(const float* x, const float* ct, int64_t count, int64_t c, float* out,
+                         int64_t ms) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N, KW = F::KW, SW = F::SW, RW = F::RW;
+  constexpr int NB = 4, S = KW * NV >= 8 ? 1 : 2;  // S sets of sums: >= 8 chains
+  constexpr int J = (NB - 1) * SW + (KW - 1) * RW + 1;
+  V acc[S][KW][NV];
+#pragma GCC unroll 2
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int e = 0; e < KW; ++e)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[s][e][v] = Pack<N>::Zero();
+  int64_t i = 0;
+  for (; i + NB <= count; i += NB) {
+    V cv[NB][NV];
+    const float* cb = ct + i * c;
+#pragma GCC unroll 8
+    for (int p = 0; p < NB; ++p, cb += c)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) cv[p][v] = Pack<N>::Load(cb + v * L);
+    const float* xb = x + i * SW * c;
+#pragma GCC unroll 64
+    for (int j = 0; j < J; ++j, xb += c) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const V xv = Pack<N>::Load(xb + v * L);
+#pragma GCC unroll 16
+        for (int e = 0; e < KW; ++e) {
+          const int q = j - e * RW;
+          if (q >= 0 && q % SW == 0 && q / SW < NB) acc[(q / SW) % S][e][v] += xv * cv[q / SW][v];
+        }
+      }
+    }
+  }
+  for (; i < count; ++i)
+    for (int e = 0; e < KW; ++e)
+      for (int v = 0; v < NV; ++v)
+        acc[0][e][v] += Pack<N>::Load(x + (i * SW + e * RW) * c + v * L) *
+                        Pack<N>::Load(ct + i * c + v * L);
+  for (int e = 0; e < KW; ++e)
+    for (int v = 0; v < NV; ++v) {
+      V sum = acc[0][e][v];
+      if constexpr (S > 1) sum += acc[1][e][v];
+      Pack<N>::Store(out + e * ms + v * L, Pack<N>::Load(out + e * ms + v * L) + sum);
+    }
+}
+
+// Channels [c0, c0 + NV * width) of one tap row: the interior [a, b) (all
+// taps inside x) with GradDotFixed when F is fixed, the rest with GradDot.
+template <typename F, int N, int NV>
+void GradBlock(const Geom& g, const float* xrow, const float* cs, float* pt, const int64_t* lo,
+               const int64_t* hi, int64_t a, int64_t b, int64_t c0) {
+  const int64_t xs = g.sw * g.c, ms = g.m * g.c;
+  const bool fixed = F::KW > 0 && b > a;
+  if constexpr (F::KW > 0) {
+    if (fixed)
+      GradDotFixed<F, N, NV>(xrow + (a * g.sw - g.pw) * g.c + c0, cs + a * g.c + c0, b - a, g.c,
+                             pt + c0, ms);
+  }
+  for (int64_t e = 0; e < g.kw; ++e) {
+    const float* xe = xrow + (e * g.rw - g.pw) * g.c + c0;
+    float* out = pt + e * ms + c0;
+    if (fixed) {
+      if (a > lo[e])
+        GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, a - lo[e], xs, g.c, out);
+      if (hi[e] > b) GradDot<N, NV>(xe + b * xs, cs + b * g.c + c0, hi[e] - b, xs, g.c, out);
+    } else if (hi[e] > lo[e]) {
+      GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, hi[e] - lo[e], xs, g.c, out);
+    }
+  }
+}
+
+// One output row. `lo[e], hi[e]`: the outputs that tap e reads inside x.
+template <typename F>
+void KernelGradRow(const Geom& g, const float* const* xr, float* const* pr, int nt,
+                   const float* cs, const int64_t* lo, const int64_t* hi, int64_t a, int64_t b) {
+  for (int t = 0; t < nt; ++t) {
+    for (int64_t m = 0; m < g.m; ++m) {
+      float* pt = pr[t] + m * g.c;
+      const float* cm = cs + m * g.ow * g.c;
+      ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
+        GradBlock<F, n, nv>(g, xr[t], cm, pt, lo, hi, a, b, c0);
+      });
+    }
+  }
+}
+
+using KernelGradRowFn = void (*)(const Geom&, const float* const*, float* const*, int,
+                                 const float*, const int64_t*, const int64_t*, int64_t, int64_t);
+
+// A cotangent row (OW, C * M) as float32 (M, OW, C). Not inlined: inside
+// the row loops of its callers this loop lost registers to them (15% of the
+// input gradient with M = 2).
+template <typename TC>
+__attribute__((noinline)) void Deinterleave(const Geom& g, const TC* in, float* out) {
+  for (int64_t o = 0; o < g.ow; ++o)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t m = 0; m < g.m; ++m)
+        out[(m * g.ow + o) * g.c + c] = Pack<1>::Load(in + (o * g.c + c) * g.m + m);
+}
+
+template <typename TI, typename TC>
+void KernelGradRows(const Geom& g, KernelGradRowFn row_fn, const TI* x, const TC* ct, float* part,
+                    const Tiles& tiles, int64_t tile) {
+  const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
+  InputRows<TI> in(g, x, tiles);
+  std::vector<int64_t> rows(taps), tap(taps);
+  std::vector<const float*> xr(taps);
+  std::vector<float*> pr(taps);
+  // ct rows as float32 (M, OW, C): in place for float32 with M = 1, else
+  // converted and de-interleaved once per row.
+  const bool direct = std::is_same<TC, float>::value && g.m == 1;
+  std::vector<float> cbuf(direct ? 0 : g.ow * cm);
+  std::vector<int64_t> lo(g.kw), hi(g.kw);
+  for (int64_t e = 0; e < g.kw; ++e)
+    ValidRange(g.w, g.ow, g.sw, e * g.rw - g.pw, &lo[e], &hi[e]);
+  const int64_t a = *std::max_element(lo.begin(), lo.end());
+  const int64_t b = *std::min_element(hi.begin(), hi.end());
+  tiles.ForRows(tile, [&](int64_t r) {
+    const TC* crow = ct + r * g.ow * cm;
+    const float* cs;
+    if (direct) {
+      cs = reinterpret_cast<const float*>(crow);
+    } else if (g.m == 1) {
+      Convert(crow, cbuf.data(), g.ow * g.c);
+      cs = cbuf.data();
+    } else {
+      Deinterleave(g, crow, cbuf.data());
+      cs = cbuf.data();
+    }
+    const int nt = RowTaps(g, r, rows.data(), tap.data());
+    for (int t = 0; t < nt; ++t) {
+      xr[t] = in.Get(rows[t]);
+      pr[t] = part + tap[t] * g.kw * cm;
+    }
+    row_fn(g, xr.data(), pr.data(), nt, cs, lo.data(), hi.data(), a, b);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Input gradient: dx[i, c] = sum over taps t and multiplier indices m with
+// i = o * s + t * r - p of ct[o, c * M + m] * w[t, m, c]. With unit strides
+// and M = 1 this is a forward convolution of ct with the flipped kernel
+// (RunInputGrad hands it to the forward kernels); otherwise the transposed
+// convolution in gather form below, which needs no dilated or padded copy
+// of ct and sums the multiplier as it goes.
+
+// Cotangent rows as float32 (M, OW, C): ct itself for float32 with M = 1,
+// else converted and de-interleaved through a RowCache.
+template <typename TC>
+class CotangentRows {
+ public:
+  // The ct rows of one dx row span (K - 1) * R / S + 1 planes and rows; a
+  // band of dx rows about (band + (K - 1) * R) / S + 1 rows.
+  CotangentRows(const Geom& g, const TC* ct, const Tiles& tiles)
+      : g_(g), ct_(ct), len_(g.ow * g.c * g.m),
+        direct_(std::is_same<TC, float>::value && g.m == 1),
+        cache_(g.oh, direct_ ? 0 : len_, (g.kd - 1) * g.rd / g.sd + 1,
+               (tiles.band + (g.kh - 1) * g.rh) / g.sh + 2) {}
+
+  const float* Get(int64_t row) {
+    if (direct_) return reinterpret_cast<const float*>(ct_ + row * len_);
+    return cache_.Get(row, [&](int64_t r, float* out) {
+      const TC* in = ct_ + r * len_;
+      if (g_.m == 1) {
+        Convert(in, out, len_);
+        return;
+      }
+      Deinterleave(g_, in, out);
+    });
+  }
+
+ private:
+  const Geom& g_;
+  const TC* ct_;
+  int64_t len_;
+  bool direct_;
+  RowCache cache_;
+};
+
+// acc[p][v] = sum over rows t and taps k of
+// src[t][base + off[k] + p * ps + c0 + v * width] * wr[t][woff[k] + c0 + v * width].
+template <int N, int NV, int NP>
+inline void GatherSums(const float* const* src, const float* const* wr, int nt,
+                       const int64_t* off, const int64_t* woff, int nk, int64_t base, int64_t ps,
+                       int64_t c0, typename Pack<N>::V (&acc)[NP][NV]) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N, S = NP == 1 ? 2 : 1;
+  V sums[S][NP][NV];
+  for (int s = 0; s < S; ++s)
+    for (int p = 0; p < NP; ++p)
+      for (int v = 0; v < NV; ++v) sums[s][p][v] = Pack<N>::Zero();
+  int h = 0;
+  for (int t = 0; t < nt; ++t) {
+    const float* x = src[t] + base + c0;
+    const float* w = wr[t] + c0;
+    for (int k = 0; k < nk; ++k, h ^= S - 1) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Pack<N>::Load(w + woff[k] + v * L);
+      for (int p = 0; p < NP; ++p)
+        for (int v = 0; v < NV; ++v)
+          sums[h][p][v] += Pack<N>::Load(x + off[k] + p * ps + v * L) * wv[v];
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int v = 0; v < NV; ++v) {
+      acc[p][v] = sums[0][p][v];
+      if constexpr (S > 1) acc[p][v] += sums[1][p][v];
+    }
+}
+
+// The W taps of the inputs iw = rho + SW * q (one residue class rho): for
+// every (e, m) whose output o = q + delta is an integer, the offsets of
+// ct[o] (in the (M, OW, C) row) and of w[e, m] (in the (KW, M, C) row).
+struct ResidueTaps {
+  std::vector<int64_t> delta, off, woff;
+  int64_t qlo = 0, qhi = 0, count = 0;  // interior [qlo, qhi) of [0, count)
+};
+
+inline ResidueTaps MakeResidueTaps(const Geom& g, int64_t rho) {
+  ResidueTaps rt;
+  rt.count = std::max<int64_t>(0, CeilDiv(g.w - rho, g.sw));
+  int64_t dmin = 0, dmax = 0;
+  for (int64_t e = 0; e < g.kw; ++e) {
+    const int64_t num = rho + g.pw - e * g.rw;
+    if (num % g.sw != 0) continue;
+    const int64_t delta = num / g.sw;
+    if (rt.delta.empty()) dmin = dmax = delta;
+    dmin = std::min(dmin, delta);
+    dmax = std::max(dmax, delta);
+    for (int64_t m = 0; m < g.m; ++m) {
+      rt.delta.push_back(delta);
+      rt.off.push_back((m * g.ow + delta) * g.c);
+      rt.woff.push_back((e * g.m + m) * g.c);
+    }
+  }
+  rt.qlo = std::min(rt.count, std::max<int64_t>(0, -dmin));
+  rt.qhi = std::max(rt.qlo, std::min(rt.count, g.ow - dmax));
+  return rt;
+}
+
+// One input row, channels [c0, c0 + NV * width), residue class `rt`;
+// `out` is the (W, C) float32 row; ek/eoff/ewoff are scratch.
+template <int N, int NV>
+void InputGradBlock(const Geom& g, const float* const* src, const float* const* wr, int nt,
+                    const ResidueTaps& rt, int64_t rho, int64_t c0, float* out, int64_t* eoff,
+                    int64_t* ewoff) {
+  using V = typename Pack<N>::V;
+  constexpr int L = N;
+  const int nk = static_cast<int>(rt.off.size());
+  auto emit = [&](int64_t q, const V* acc) {
+    for (int v = 0; v < NV; ++v) Pack<N>::Store(out + (rho + q * g.sw) * g.c + c0 + v * L, acc[v]);
+  };
+  auto edge = [&](int64_t q) {  // only the taps whose output lies in [0, OW)
+    int n = 0;
+    for (int k = 0; k < nk; ++k) {
+      const int64_t o = q + rt.delta[k];
+      if (o < 0 || o >= g.ow) continue;
+      eoff[n] = rt.off[k];
+      ewoff[n] = rt.woff[k];
+      ++n;
+    }
+    V acc[1][NV];
+    GatherSums<N, NV, 1>(src, wr, n > 0 ? nt : 0, eoff, ewoff, n, q * g.c, g.c, c0, acc);
+    emit(q, acc[0]);
+  };
+  int64_t q = 0;
+  for (; q < rt.qlo; ++q) edge(q);
+  for (; q + 4 <= rt.qhi; q += 4) {
+    V acc[4][NV];
+    GatherSums<N, NV, 4>(src, wr, nt, rt.off.data(), rt.woff.data(), nk, q * g.c, g.c, c0, acc);
+    for (int p = 0; p < 4; ++p) emit(q + p, acc[p]);
+  }
+  for (; q < rt.qhi; ++q) {
+    V acc[1][NV];
+    GatherSums<N, NV, 1>(src, wr, nt, rt.off.data(), rt.woff.data(), nk, q * g.c, g.c, c0, acc);
+    emit(q, acc[0]);
+  }
+  for (; q < rt.count; ++q) edge(q);
+}
+
+template <typename TC, typename TO>
+void InputGradRows(const Geom& g, const TC* ct, const float* w, TO* dx, const Tiles& tiles,
+                   int64_t tile) {
+  const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
+  CotangentRows<TC> rows(g, ct, tiles);
+  std::vector<const float*> src(taps), wr(taps);
+  std::vector<ResidueTaps> classes;
+  for (int64_t rho = 0; rho < g.sw; ++rho) classes.push_back(MakeResidueTaps(g, rho));
+  std::vector<int64_t> eoff(g.kw * g.m), ewoff(g.kw * g.m);
+  const bool direct = std::is_same<TO, float>::value;
+  std::vector<float> tmp(direct ? 0 : g.w * g.c);
+  tiles.ForRows(tile, [&](int64_t r) {
+    const int64_t n = r / (g.d * g.h), id = (r / g.h) % g.d, ih = r % g.h;
+    int nt = 0;
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t nd = id + g.pd - a * g.rd;
+      if (nd % g.sd != 0 || nd < 0 || nd / g.sd >= g.od) continue;
+      for (int64_t b = 0; b < g.kh; ++b) {
+        const int64_t nh = ih + g.ph - b * g.rh;
+        if (nh % g.sh != 0 || nh < 0 || nh / g.sh >= g.oh) continue;
+        src[nt] = rows.Get((n * g.od + nd / g.sd) * g.oh + nh / g.sh);
+        wr[nt] = w + (a * g.kh + b) * g.kw * cm;
+        ++nt;
+      }
+    }
+    TO* xrow = dx + r * g.w * g.c;
+    float* out = direct ? reinterpret_cast<float*>(xrow) : tmp.data();
+    for (int64_t rho = 0; rho < g.sw; ++rho) {
+      const ResidueTaps& rt = classes[rho];
+      ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
+        InputGradBlock<n, nv>(g, src.data(), wr.data(), nt, rt, rho, c0, out, eoff.data(),
+                              ewoff.data());
+      });
+    }
+    if (!direct) Convert(tmp.data(), xrow, g.w * g.c);
+  });
+}
+
+// The row kernels for g's W shape (a Fixed one when there is one).
+template <typename Pick>
+auto WithShape(const Geom& g, bool generic, Pick pick) {
+  switch (generic ? 0 : g.kw * 100 + g.sw * 10 + g.rw) {
+    case 311: return pick(Fixed<3, 1, 1>{});
+    case 321: return pick(Fixed<3, 2, 1>{});
+    case 312: return pick(Fixed<3, 1, 2>{});
+    case 511: return pick(Fixed<5, 1, 1>{});
+    case 521: return pick(Fixed<5, 2, 1>{});
+    case 512: return pick(Fixed<5, 1, 2>{});
+    case 711: return pick(Fixed<7, 1, 1>{});
+    case 721: return pick(Fixed<7, 2, 1>{});
+    default: return pick(Generic{});
+  }
+}
+
+// The loops skip the zero padding, but 0 * inf and 0 * NaN are NaN: with a
+// non-finite weight, every output whose tap with that weight lands in the
+// padding is NaN (as in the float64 reference and XLA's lowerings). Only
+// then (rare) this pass marks those outputs, one float at a time.
+template <typename TO>
+void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
+  std::vector<int64_t> bad;  // (tap, m, c) of the non-finite weights
+  for (int64_t i = 0; i < g.taps() * g.m * g.c; ++i)
+    if (!std::isfinite(w[i])) bad.push_back(i);
+  if (bad.empty()) return;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t r = 0; r < g.rows(); ++r) {
+    const int64_t od = (r / g.oh) % g.od, oh = r % g.oh;
+    for (int64_t o = 0; o < g.ow; ++o) {
+      for (int64_t i : bad) {
+        const int64_t c = i % g.c, m = i / g.c % g.m, t = i / (g.c * g.m);
+        const int64_t a = t / (g.kh * g.kw), b = t / g.kw % g.kh, e = t % g.kw;
+        const int64_t id = od * g.sd + a * g.rd - g.pd, ih = oh * g.sh + b * g.rh - g.ph;
+        const int64_t iw = o * g.sw + e * g.rw - g.pw;
+        if (id < 0 || id >= g.d || ih < 0 || ih >= g.h || iw < 0 || iw >= g.w)
+          Pack<1>::Store(y + (r * g.ow + o) * g.c * g.m + c * g.m + m, nan);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename TI, typename TO>
+void RunForwardCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
+                  bool generic) {
+  const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
+  const ForwardRowFn row_fn =
+      WithShape(g, generic, [](auto shape) -> ForwardRowFn { return ForwardRow<decltype(shape)>; });
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { ForwardRows(g, row_fn, x, w, y, tiles, i); });
+  PoisonPaddedTaps(g, w, y);
+}
+
+template <typename TI, typename TC>
+void RunKernelGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk,
+                     bool generic) {
+  const int64_t size = g.taps() * g.m * g.c;
+  std::fill(dk, dk + size, 0.0f);
+  const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
+  const int64_t chunks = tiles.Count();
+  const KernelGradRowFn row_fn = WithShape(
+      g, generic, [](auto shape) -> KernelGradRowFn { return KernelGradRow<decltype(shape)>; });
+  std::vector<float> parts(chunks * size, 0.0f);
+  ParallelFor(pool, chunks, Work(g) >= kMinParallelWork, [&](int64_t i) {
+    KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, tiles, i);
+  });
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
+}
+
+template <typename TC, typename TO>
+void RunInputGradCl(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx) {
+  // Rows of dx; each reads about KD / SD planes and KH / SH rows of ct.
+  const Tiles tiles = MakeTiles(g.n * g.d, g.h, g.ow * g.c * g.m * sizeof(TC),
+                                CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh));
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+              [&](int64_t i) { InputGradRows(g, ct, w, dx, tiles, i); });
+}
+
+#define DW5D_INSTANTIATE(T1, T2)                                                                 \
+  template void RunForwardCl(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*, bool); \
+  template void RunKernelGradCl(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*,     \
+                                bool);                                                           \
+  template void RunInputGradCl(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
+DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
+#undef DW5D_INSTANTIATE
+
+}  // namespace dw5d

@@ -1,0 +1,479 @@
+"""LiteRT (TFLite) export with builtin ops only: Keras models and JAX functions.
+
+`export_litert` writes a `.tflite` flatbuffer that the LiteRT interpreter
+(the `ai-edge-litert` package) runs on phones and embedded devices without
+TensorFlow's Flex delegate: the converter is limited to LiteRT's builtin ops,
+and the written flatbuffer's operator codes are read back to make sure.
+
+Two graphs are possible for a JAX function (`dw5d_jax`'s ops inside):
+
+* `"depthwise"` (the default): the ops traced as grouped 2D convolutions
+  (interop/_litert_lowering.py), which become DEPTHWISE_CONV_2D;
+* `"jax2tf"`: the function as `export_savedmodel` lowers it, whose CPU
+  lowering of the ops (the portable "shift" computation) becomes an
+  elementwise graph (PAD, SLICE, MUL, ADD per tap).
+
+Under the LiteRT interpreter (XNNPACK, 2 threads) the first ran 5.5-7.2x
+faster on a W1-size 2D op, 7.2-8.3x on a W2-size 3D op and 2.6-3.2x on the
+demo model (three runs on a loaded 2-core machine; benchmarks/RESULTS.md,
+"LiteRT (TFLite) export"). Keras models on the TensorFlow backend convert as
+a `tf.function` of `model.stateless_call`; `interop.keras` layers there are
+`interop`'s TF ops, which also become DEPTHWISE_CONV_2D. Keras models on the
+JAX backend convert as the JAX function `model.stateless_call`, through the
+default route. Weights are constants in the graph either way.
+
+TensorFlow and the LiteRT packages are imported inside the functions, so
+`import interop` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core
+import numpy as np
+
+_FN = "export_litert"
+QUANTIZE = (None, "float16", "int8")
+ROUTES = ("depthwise", "jax2tf")
+DEFAULT_ROUTE = "depthwise"
+# Largest error of an exported flatbuffer's output, relative to max|expected|,
+# by `quantize` (tests, `dw5d export --litert`). Measured on the tests' ops and
+# models: float32 up to 2e-7, float16 (weights rounded) up to 3e-4, int8 up to
+# 2e-2 on single ops and 3.4e-2 on a small three-layer model, when the
+# calibration data covers the input's range (inputs beyond it clip: single
+# ops reached 0.1 to 0.25 with 8 calibration samples that did not).
+TOLERANCE = {None: 1e-5, "float16": 1e-3, "int8": 5e-2}
+# Op names the converter's errors mention; TensorFlow's and StableHLO's dialects.
+_OP_IN_ERROR = re.compile(r"'((?:tf|stablehlo|vhlo|mhlo|chlo|tfl)\.[\w.]+)' op")
+# What to use instead, for ops users hit with depthwise models.
+_HINTS = {
+    "Conv3D": "a grouped 3D convolution (e.g. keras.layers.Conv3D(groups=C), or "
+              "lax.conv_general_dilated on rank-5 input with feature_group_count) has no "
+              "builtin op; for depthwise 3D use interop.keras.DepthwiseConv3D or "
+              "dw5d_jax.depthwise_conv3d, which export to DEPTHWISE_CONV_2D",
+}
+
+
+def export_litert(
+    model_or_fn: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int],
+    params: Any = None,
+    quantize: str | None = None,
+    representative_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    overwrite: bool = False,
+) -> str:
+  """Exports a Keras model or a JAX function as a LiteRT (`.tflite`) flatbuffer.
+
+  The flatbuffer uses LiteRT's builtin ops only (no Flex/`SELECT_TF_OPS`, no
+  custom ops), so the plain LiteRT interpreter runs it, with the XNNPACK
+  delegate on CPU. It takes one float32 input `x` of shape `input_shape`
+  and returns the model's outputs (float32 for every `quantize`).
+
+  `dw5d_jax` ops in a JAX function (or a Keras model on the JAX backend)
+  become DEPTHWISE_CONV_2D ops: a 2D op per slice is one, a 3D op one per
+  depth tap, their results added. That graph ran 5.5-8.3x faster under
+  XNNPACK (2 threads) than the elementwise graph of `export_savedmodel`'s
+  jax2tf lowering on W1/W2-size ops, 2.6-3.2x on the demo model.
+
+  Args:
+    model_or_fn: a Keras 3 model or layer (`interop.keras` layers and Keras's
+      own), on the TensorFlow or JAX backend; or a JAX function
+      `apply_fn(params, x)` as for `export_savedmodel` (e.g. a Flax NNX model
+      split with `nnx.split`: `lambda state, x: nnx.merge(graphdef, state)(x)`).
+    path: the `.tflite` file to write (missing parent directories are made).
+    input_shape: the shape of `x`, an int per dimension: LiteRT needs static
+      shapes.
+    params: the pytree of arrays `apply_fn` takes (stored as constants in the
+      flatbuffer); None for a Keras model, whose weights are its own.
+    quantize: None (float32 weights and compute), `"float16"` (float16
+      weights, half the size; computed in float32 on CPU), or `"int8"`
+      (post-training full-integer quantization: int8 weights and
+      activations, calibrated on `representative_data`; float32 input and
+      output). Measured errors: see the README's "LiteRT" section.
+    representative_data: `"int8"` only: an iterable of float arrays of shape
+      `input_shape` (or a function returning one), typical inputs from
+      which the converter picks each activation's int8 range; about 100 is
+      customary.
+    overwrite: replace an existing file at `path`.
+
+  Returns:
+    `path`, as a string.
+
+  Raises:
+    ImportError: the `ai-edge-litert` package is missing.
+    TypeError: `input_shape` not a sequence of ints.
+    ValueError: a `None` or symbolic size in `input_shape`; a bad
+      `quantize`; `"int8"` without `representative_data`, or data of the
+      wrong shape; `path` exists (without `overwrite`), is a directory or
+      cannot be written; `params` with a Keras model; a Keras backend other
+      than TensorFlow or JAX; a model or function that fails on
+      `input_shape`; an op outside LiteRT's builtin set (the message names
+      it).
+
+  Example:
+    >>> import pathlib, tempfile, numpy as np
+    >>> import dw5d_jax as dw
+    >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_litert(lambda k, x: dw.depthwise_conv3d(x, k), tmp.name + "/dw3d.tflite",
+    ...                      params=k, input_shape=(1, 8, 8, 8, 4))
+    >>> sorted(set(builtin_ops(pathlib.Path(path).read_bytes())))
+    ['ADD', 'DEPTHWISE_CONV_2D', 'PAD', 'RESHAPE', 'SLICE']
+  """
+  shape = _check_input_shape(input_shape)
+  _check_quantize(quantize, representative_data)
+  _litert_module("schema_py_generated")  # the builtin-ops check needs it: fail early
+  path = os.fspath(path)
+  _check_path(path, overwrite)
+  samples = (None if representative_data is None
+             else _representative_samples(representative_data, shape))
+  if _keras_backend(model_or_fn) is not None:
+    if params is not None:
+      raise ValueError(f"{_FN}: `params` is for JAX functions; a Keras model exports its "
+                       f"own weights, so pass params=None (got {type(params).__name__}).")
+    concrete, owner = keras_concrete_function(model_or_fn, shape)
+  elif callable(model_or_fn):
+    concrete, owner = jax_concrete_function(model_or_fn, params, shape)
+  else:
+    raise TypeError(f"{_FN}: `model_or_fn` must be a Keras model or a JAX function "
+                    f"apply_fn(params, x), got {type(model_or_fn).__name__}.")
+  flatbuffer = convert(concrete, owner, quantize=quantize, samples=samples)
+  _write(path, flatbuffer)
+  return path
+
+
+# ----------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+  if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
+    raise TypeError(f"{_FN}: `input_shape` must be a sequence of ints, got {input_shape!r}.")
+  symbolic = [i for i, d in enumerate(input_shape) if d is None or isinstance(d, str)]
+  if symbolic:
+    raise ValueError(
+        f"{_FN}: LiteRT needs static shapes: every size in `input_shape` must be an int, "
+        f"got {tuple(input_shape)!r} (symbolic at axis {', '.join(map(str, symbolic))}). "
+        f"Export once per input size you serve, or use export_savedmodel for symbolic "
+        f"sizes.")
+  if not input_shape or not all(_is_int(d) and d >= 1 for d in input_shape):
+    raise TypeError(f"{_FN}: `input_shape` must be a non-empty sequence of positive ints, "
+                    f"got {input_shape!r}.")
+  return tuple(int(d) for d in input_shape)
+
+
+def _check_quantize(quantize: Any, representative_data: Any) -> None:
+  if quantize not in QUANTIZE:
+    raise ValueError(f"{_FN}: `quantize` must be None, 'float16' or 'int8', got "
+                     f"{quantize!r}.")
+  if quantize == "int8" and representative_data is None:
+    raise ValueError(f"{_FN}: quantize='int8' needs `representative_data`: typical inputs "
+                     f"(arrays of shape `input_shape`, about 100) from which the converter "
+                     f"calibrates each activation's int8 range.")
+  if quantize != "int8" and representative_data is not None:
+    raise ValueError(f"{_FN}: `representative_data` calibrates int8 quantization; it is "
+                     f"unused with quantize={quantize!r}, so pass None or quantize='int8'.")
+
+
+def _representative_samples(data: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
+  items = data() if callable(data) else data
+  samples = []
+  for i, item in enumerate(items):
+    a = np.asarray(item)
+    if a.shape != shape or a.dtype.kind != "f":
+      raise ValueError(f"{_FN}: `representative_data` item {i} must be a float array of "
+                       f"shape `input_shape` {shape}, got {a.dtype} {a.shape}.")
+    samples.append(a.astype(np.float32))
+  if not samples:
+    raise ValueError(f"{_FN}: `representative_data` is empty; give typical inputs of shape "
+                     f"{shape} (about 100).")
+  return samples
+
+
+def _check_path(path: str, overwrite: bool) -> None:
+  if os.path.isdir(path):
+    raise ValueError(f"{_FN}: `path` {path!r} is a directory; give the path of the .tflite "
+                     f"file to write.")
+  if os.path.lexists(path) and not overwrite:
+    raise ValueError(f"{_FN}: `path` {path!r} exists; choose a new path or pass "
+                     f"overwrite=True to replace it.")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:  # fail before the (slow) conversion, not after it
+    os.makedirs(parent, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".tflite", dir=parent)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as err:
+    raise ValueError(f"{_FN}: `path` {path!r} cannot be written ({err.strerror or err}: "
+                     f"{parent!r}); choose a path in a writable directory.") from None
+
+
+def _write(path: str, flatbuffer: bytes) -> None:
+  # Written next to `path` and moved into place: a failed write leaves an
+  # existing file untouched.
+  fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tflite",
+                             dir=os.path.dirname(os.path.abspath(path)))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(flatbuffer)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _keras_backend(obj: Any) -> str | None:
+  """The Keras backend of a Keras layer or model, or None for anything else."""
+  keras = sys.modules.get("keras")  # a Keras object means Keras is imported
+  if keras is None or not isinstance(obj, keras.layers.Layer):
+    return None
+  return keras.backend.backend()
+
+
+# ----------------------------------------------------------------------------
+# Models and functions as TensorFlow concrete functions.
+
+
+def keras_concrete_function(model: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
+  """`model` as a concrete function of one float32 `x` of `shape`, and its owner.
+
+  Raises:
+    ValueError: a backend other than TensorFlow or JAX; `model` fails on `shape`.
+  """
+  import keras
+
+  backend = keras.backend.backend()
+  if backend not in ("jax", "tensorflow"):
+    raise ValueError(
+        f"{_FN}: a Keras model on the {backend!r} backend cannot be converted; LiteRT export "
+        f"runs on the TensorFlow or JAX backend. Save the model (model.save('m.keras')) and "
+        f"load it in a process with KERAS_BACKEND=tensorflow (after `import interop.keras` "
+        f"if it uses its layers), then export that.")
+  if not model.built:
+    model(np.zeros(shape, np.float32))
+  if backend == "jax":
+    weights = ([v.value for v in model.trainable_variables],
+               [v.value for v in model.non_trainable_variables])
+
+    def apply_fn(weights, x):
+      return model.stateless_call(*weights, x, training=False)[0]
+
+    return jax_concrete_function(apply_fn, weights, shape)
+  import tensorflow as tf
+
+  # The weights as constants: captured as variables, the converter would keep
+  # some as uninitialised resource variables (VAR_HANDLE, READ_VARIABLE).
+  weights = ([tf.constant(v.value) for v in model.trainable_variables],
+             [tf.constant(v.value) for v in model.non_trainable_variables])
+  fn = tf.function(lambda x: model.stateless_call(*weights, x, training=False)[0],
+                   input_signature=[tf.TensorSpec(shape, tf.float32, name="x")])
+  try:
+    return fn.get_concrete_function(), model
+  except Exception as err:  # the model is user code: any error means the same
+    raise ValueError(f"{_FN}: the Keras model fails on an input of shape {shape} "
+                     f"(`input_shape`): {type(err).__name__}: {err}") from err
+
+
+def jax_concrete_function(apply_fn: Callable[[Any, jax.Array], Any], params: Any,
+                          shape: tuple[int, ...], *,
+                          route: str = DEFAULT_ROUTE) -> tuple[Any, Any]:
+  """`apply_fn(params, x)` as a concrete function of one float32 `x`, and its owner.
+
+  `route` is `"depthwise"` (`dw5d_jax` ops as grouped 2D convolutions) or
+  `"jax2tf"` (as `export_savedmodel` lowers them); see the module docstring.
+
+  Raises:
+    ValueError: `apply_fn` fails on `shape` with `params`; a bad `route`.
+  """
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  if route not in ROUTES:
+    raise ValueError(f"{_FN}: `route` must be one of {ROUTES}, got {route!r}.")
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  leaves = [np.asarray(a) for a in leaves]
+  leaf_specs = [jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype))
+                for a in leaves]
+
+  def flat_fn(leaves, x):
+    return jax.tree_util.tree_leaves(apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), x))
+
+  closed = _trace(flat_fn, leaf_specs, jax.ShapeDtypeStruct(shape, np.float32), route)
+
+  def jaxpr_fn(leaves, x):
+    return jax.extend.core.jaxpr_as_fun(closed)(*leaves, x)
+
+  converted = jax2tf.convert(jaxpr_fn, native_serialization_platforms=("cpu",),
+                             with_gradient=False)
+  # The params as constants, as for Keras models (see keras_concrete_function).
+  constants = [tf.constant(a.astype(s.dtype)) for a, s in zip(leaves, leaf_specs)]
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec(shape, tf.float32, name="x")])
+  def serve(x):
+    ys = converted(constants, x)
+    return ys[0] if len(ys) == 1 else tuple(ys)
+
+  # The converter takes the function's owner (an empty module: nothing to track).
+  return serve.get_concrete_function(), tf.Module()
+
+
+def _trace(flat_fn, leaf_specs, x_spec, route) -> Any:
+  from interop import _litert_lowering
+
+  context = (_litert_lowering.depthwise_conv2d_graph if route == "depthwise"
+             else contextlib.nullcontext)
+  for attempt in range(2):
+    try:
+      with context():
+        closed = jax.make_jaxpr(flat_fn)(leaf_specs, x_spec)
+    except Exception as err:  # apply_fn is user code
+      raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape {x_spec.shape} "
+                       f"(`input_shape`) with `params`: {type(err).__name__}: {err}") from err
+    if route != "depthwise" or not _litert_lowering.unsubstituted(closed):
+      return closed
+    if attempt == 0:
+      # A jitted apply_fn replayed its cached trace, dw5d_jax ops included.
+      jax.clear_caches()
+  raise ValueError(f"{_FN}: could not trace the dw5d_jax ops in `model_or_fn` as "
+                   f"DEPTHWISE_CONV_2D graphs (a cached trace was replayed).")
+
+
+# ----------------------------------------------------------------------------
+# Conversion and the builtin-ops check.
+
+
+def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
+            samples: Sequence[np.ndarray] | None = None) -> bytes:
+  """Converts a concrete function to a flatbuffer of LiteRT builtin ops.
+
+  Raises:
+    ValueError: the converter fails (the message names the ops it could not
+      express) or the flatbuffer holds Flex or custom ops.
+  """
+  import tensorflow as tf
+
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], owner)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  if quantize == "float16":
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+  elif quantize == "int8":
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.representative_dataset = lambda: ([s] for s in samples)
+  try:
+    flatbuffer = converter.convert()
+  except Exception as err:  # ConverterError, or errors of the calibration run
+    raise _conversion_error(err, quantize) from err
+  check_builtin_ops(flatbuffer)
+  return flatbuffer
+
+
+def _conversion_error(err: Exception, quantize: str | None) -> ValueError:
+  text = str(err)
+  ops = list(dict.fromkeys(_OP_IN_ERROR.findall(text)))
+  select = re.search(r"TF Select ops: ([^\n]*)", text)
+  if select:
+    ops += [f"tf.{op.strip()}" for op in select.group(1).split(",")
+            if f"tf.{op.strip()}" not in ops]
+  # The converter lists each offending op with its operand types after "Details:".
+  details = re.search(r"Details:\n((?:\t[^\n]*\n?)+)", text)
+  said = ("\n".join(line.strip() for line in details.group(1).splitlines())
+          if details else _first_lines(text))
+  if not ops:
+    return ValueError(f"{_FN}: the LiteRT converter failed"
+                      f"{' to quantize to int8' if quantize == 'int8' else ''}: "
+                      f"{type(err).__name__}: {said}")
+  hints = [h for name, h in _HINTS.items() if any(op.split(".")[-1] == name for op in ops)]
+  return ValueError(
+      f"{_FN}: LiteRT's builtin op set cannot express {', '.join(ops)}: the flatbuffer "
+      f"would need TensorFlow's Flex ops (SELECT_TF_OPS) or custom ops, which this export "
+      f"refuses." + (f" Note: {'; '.join(hints)}." if hints else "")
+      + f"\nThe converter said: {said}")
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+  lines = [line for line in text.splitlines() if line.strip()]
+  return "\n".join(lines[:n]) + ("\n..." if len(lines) > n else "")
+
+
+def builtin_ops(flatbuffer: bytes) -> list[str]:
+  """The operator codes of a `.tflite` flatbuffer, by name, in the model's order.
+
+  Builtin ops by their `BuiltinOperator` name (`DEPTHWISE_CONV_2D`), custom
+  ops (Flex ops included: `FlexConv3D`) by their custom code.
+  """
+  schema = _litert_module("schema_py_generated")
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+  model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+  out = []
+  for code in model.operatorCodes or ():
+    if code.customCode:
+      out.append(code.customCode.decode())
+    else:  # codes past 127 live in builtinCode only (the schema's deprecation scheme)
+      out.append(names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?"))
+  return out
+
+
+def check_builtin_ops(flatbuffer: bytes) -> None:
+  """Raises a ValueError naming the Flex or custom ops in `flatbuffer`, if any."""
+  schema = _litert_module("schema_py_generated")
+  builtin = {k for k in vars(schema.BuiltinOperator) if not k.startswith("_")} - {"CUSTOM"}
+  bad = [op for op in dict.fromkeys(builtin_ops(flatbuffer)) if op not in builtin]
+  if bad:
+    flex = [op for op in bad if op.startswith("Flex")]
+    raise ValueError(
+        f"{_FN}: the flatbuffer holds ops outside LiteRT's builtin set: {', '.join(bad)}"
+        + (f" ({', '.join(flex)}: TensorFlow ops run by the Flex delegate, SELECT_TF_OPS)"
+           if flex else "")
+        + "; the plain LiteRT interpreter cannot run it.")
+
+
+def _litert_module(name: str) -> Any:
+  """`ai_edge_litert.<name>`, or an ImportError that says how to install it."""
+  import importlib
+
+  try:
+    return importlib.import_module(f"ai_edge_litert.{name}")
+  except ImportError as err:
+    raise ImportError(f"{_FN}: LiteRT export and its checks need the ai-edge-litert package "
+                      f"(`pip install ai-edge-litert`, or this project's `litert` extra): "
+                      f"{err}") from None
+
+
+# ----------------------------------------------------------------------------
+# Running a flatbuffer (tests, `dw5d export --litert`, benchmarks).
+
+
+def interpreter(model: str | os.PathLike | bytes, *, num_threads: int = 2) -> Any:
+  """A LiteRT interpreter (XNNPACK delegate on CPU) with tensors allocated."""
+  make = _litert_module("interpreter").Interpreter
+  if isinstance(model, bytes):
+    it = make(model_content=model, num_threads=num_threads)
+  else:
+    it = make(model_path=os.fspath(model), num_threads=num_threads)
+  it.allocate_tensors()
+  return it
+
+
+def run(it: Any, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+  """Runs `it` on `x`: its output, or the list of its outputs."""
+  it.set_tensor(it.get_input_details()[0]["index"], np.asarray(x, np.float32))
+  it.invoke()
+  outs = [it.get_tensor(d["index"]) for d in it.get_output_details()]
+  return outs[0] if len(outs) == 1 else outs
