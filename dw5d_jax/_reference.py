@@ -93,12 +93,11 @@ def depthwise_reference(
       valid.append(np.ones(pos.shape, dtype=bool))
     out_sizes.append(out)
 
-  for (lo, hi), a in zip(widths[1:], letters):
-    mode = modes[axes.index(a)] if a in axes else "zeros"
-    if mode != "zeros":
+  for i, a in enumerate(axes):  # one axis at a time: each mode fills its own axis
+    if modes[i] != "zeros":
       ax = 1 + letters.index(a)
       x = np.pad(x, [w if j == ax else (0, 0) for j, w in enumerate(widths)],
-                 mode=_NUMPY_MODES[mode])
+                 mode=_NUMPY_MODES[modes[i]])
 
   out_shape = list(x.shape[:-1]) + [c, m]
   for i, a in enumerate(axes):

@@ -87,6 +87,20 @@ def test_op_is_depthwise_conv2d_graph_matching_reference(tmp_path, rng, case):
   assert _error(y, case.expected(x, k)) <= TOLERANCE[None]
 
 
+def test_padding_modes_match_reference(tmp_path, rng):
+  """Border modes: the input padded by slices and reversals, then DEPTHWISE_CONV_2D."""
+  for j, (case, mode) in enumerate(((OP_CASES[4], ("reflect", "edge", "circular")),
+                                    (OP_CASES[1], "symmetric"))):
+    x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+    y, ops = _export_and_run(tmp_path, lambda k, x, c=case, m=mode: c.run(
+        x, k, padding_mode=m), k, x, rng, name=f"m{j}")
+    assert "DEPTHWISE_CONV_2D" in ops
+    assert not ops & {"MUL", "CONV_3D"}, ops  # (edge repeats a row: BROADCAST_TO)
+    want = depthwise_reference(x, k, **{**case.kwargs(), "axes": case.conv_axes,
+                                        "padding_mode": mode})
+    assert _error(y, want) <= TOLERANCE[None], (case, mode)
+
+
 @pytest.mark.parametrize("quantize", ["float16", "int8"])
 def test_quantized_op_matches_reference(tmp_path, rng, quantize):
   case = OP_CASES[4]

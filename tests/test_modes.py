@@ -31,7 +31,6 @@ from dw5d_jax import _geometry, _modes, _pallas, _policy, _primitive
 from dw5d_jax._reference import depthwise_reference
 
 MODES = ("reflect", "symmetric", "edge", "circular")
-_NUMPY = {"reflect": "reflect", "symmetric": "symmetric", "edge": "edge", "circular": "wrap"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,31 +65,6 @@ CASES = [
 
 def _ids(case: Case) -> str:
   return f"{case.op}-{case.layout}-{case.conv_axes}"
-
-
-# ----------------------------------------------------------------------------
-# Geometry.
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_source_matches_numpy_pad(mode):
-  """`_geometry.source` fills exactly as numpy.pad, up to the mode's limit."""
-  for n in range(1, 6):
-    limit = _geometry.mode_limit(mode, n)
-    widest = n + 2 if limit is None else limit
-    for lo in range(widest + 1):
-      for hi in range(widest + 1):
-        want = np.pad(np.arange(n), (lo, hi), mode=_NUMPY[mode])
-        got = _geometry.source(mode, np.arange(-lo, n + hi), n)
-        np.testing.assert_array_equal(got, want, err_msg=f"{mode} n={n} pads {(lo, hi)}")
-
-
-def test_face_worked_example():
-  assert _geometry.face(5, 3, 2, 1, 1, 3, "lo") == _geometry.Face(0, 1, -1, 0, (0, 2))
-  assert _geometry.face(5, 3, 2, 1, 1, 3, "hi") == _geometry.Face(2, 3, 5, 6, (2, 0))
-  # Stride past the window, pads (0, 3): output 2 reads padding 6, 7 only (5 is skipped).
-  assert _geometry.face(5, 2, 3, 1, 0, 3, "hi") == _geometry.Face(2, 3, 6, 8, (0, 0))
-  assert _geometry.face(5, 2, 3, 1, 0, 3, "lo") is None
 
 
 # ----------------------------------------------------------------------------
