@@ -23,6 +23,7 @@ from test_savedmodel_tf_only import reference_input_grad, reference_kernel_grad
 import dw5d_jax as dw
 import interop
 import interop._export
+from dw5d_jax._reference import depthwise_reference
 
 
 def export_case(case: Case, kernel, path, input_shape, **kw):
@@ -82,6 +83,30 @@ def test_round_trip_with_constraints(tmp_path, rng, entry):
     assert_close(dx, reference_input_grad(x.shape, ct, lambda v: concrete.expected(v, k)),
                  err_msg=f"d/dx at {shape}")
     assert_close(dk, reference_kernel_grad(k.shape, ct, lambda e: concrete.expected(x, e)),
+                 err_msg=f"d/dk at {shape}")
+
+
+def test_padding_modes_round_trip(tmp_path, rng):
+  """Border modes with every size symbolic: reflect needs the declared bound h >= 2."""
+  k = random_array(rng, (3, 3, 2, 3, 2))
+  kw = dict(strides=(1, 2, 1), padding=("CAUSAL", "SAME", "SAME"),
+            padding_mode=("edge", "reflect", "circular"))
+  path = interop.export_savedmodel(lambda p, x: dw.depthwise_conv3d(x, p, **kw), k,
+                                   tmp_path / "m", input_shape=(None, None, None, None, 3),
+                                   constraints=("h >= 2",))
+  model = interop.load_savedmodel(path)
+  for shape in [(1, 2, 2, 1, 3), (2, 4, 7, 5, 3)]:
+    x = random_array(rng, shape)
+
+    def ref(v, kernel=k):
+      return depthwise_reference(v, kernel, axes="DHW", **kw)
+
+    want = ref(x)
+    ct = random_array(rng, want.shape)
+    y, dx, (dk,) = serve_with_grads(model, x, ct)
+    assert_close(y, want, err_msg=f"forward at {shape}")
+    assert_close(dx, reference_input_grad(x.shape, ct, ref), err_msg=f"d/dx at {shape}")
+    assert_close(dk, reference_kernel_grad(k.shape, ct, lambda e, x=x: ref(x, e)),
                  err_msg=f"d/dk at {shape}")
 
 
