@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from channels_first import interleaved  # noqa: E402
 from suite import WORKLOADS, Workload  # noqa: E402
 
 CELLS = ("zeros", "reflect", "edge", "reflect-padded")
@@ -64,15 +65,9 @@ def _cells(w: Workload, seed: int = 0):
   k = jnp.asarray(rng.standard_normal(w.k_shape), jnp.float32)
   cells = {}
   for cell in CELLS:
-    mode = cell.split("-")[0]
-    if w.op == "2d":
-      def op(a, b, mode=mode):
-        return dw.depthwise_conv2d(a, b, strides=w.stride, dilations=w.dilation,
-                                   padding="SAME", padding_mode=mode)
-    else:
-      def op(a, b, mode=mode):
-        return dw.depthwise_conv3d(a, b, strides=w.stride, dilations=w.dilation,
-                                   padding="SAME", padding_mode=mode)
+    op = functools.partial(dw.depthwise_conv2d if w.op == "2d" else dw.depthwise_conv3d,
+                           strides=w.stride, dilations=w.dilation, padding="SAME",
+                           padding_mode=cell.split("-")[0])
     ct = jnp.asarray(rng.standard_normal(jax.eval_shape(op, x, k).shape), jnp.float32)
     fwd = jax.jit(op)
     bwd = jax.jit(jax.grad(lambda a, b, c, op=op: jnp.sum(op(a, b) * c), argnums=(0, 1)))
@@ -91,17 +86,7 @@ def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], 
   round, each mode right after the `zeros` call of its pass, so a burst of
   load from other processes hits both sides of a ratio alike.
   """
-  import jax
-  cells = _cells(w)
-  for fn in cells.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times = {key: [] for key in cells}
-  for _ in range(rounds):
-    for key, fn in cells.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[key].append(time.perf_counter() - t0)
+  times = interleaved(_cells(w), rounds, warmup)
   out = {}
   for (cell, pass_), v in times.items():
     base = times[("zeros", pass_)]
