@@ -62,7 +62,7 @@ def timing_table(res: dict[str, Any]) -> list[str]:
 
 
 def targets(res: dict[str, Any], tuned: bool) -> list[tuple[str, float | None, str, bool | None]]:
-  """(target, measured value, bound, met) for the issue's targets."""
+  """(target, measured value, bound, met) for the CPU performance targets listed here."""
   w = res["workloads"]
 
   def ms(name, peer, kind):

@@ -28,6 +28,13 @@ def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
   from the shape. The base initializer (default: `lecun_normal`, as
   `nnx.Conv`) draws the kernel as `(*window, 1, C * M)`, the grouped-conv
   layout, which has exactly that fan-in; it is then reshaped.
+
+  Example:
+    >>> import jax
+    >>> from dw5d_jax.nn import depthwise_kernel_init
+    >>> k = depthwise_kernel_init()(jax.random.key(0), (3, 3, 3, 8, 2))
+    >>> k.shape, bool(0.05 < float(k.std()) < 0.4)   # std ~ 1 / sqrt(27)
+    ((3, 3, 3, 8, 2), True)
   """
   base = nnx.initializers.lecun_normal() if base is None else base
 

@@ -1,8 +1,10 @@
 """interop: the TensorFlow side of dw5d-jax.
 
-Reference TF implementations, the JAX-vs-TF parity suite, SavedModel
-export through jax2tf and LiteRT export. This package may import `dw5d_jax`; `dw5d_jax` never
-imports TensorFlow.
+Reference TF implementations of the ops, SavedModel export through jax2tf,
+LiteRT export, weight converters and Keras 3 layers. This package may import
+`dw5d_jax`; `dw5d_jax` never imports TensorFlow. The `dw5d` command (demo,
+parity, export, bench) is an application built on it, in the private
+`interop._app`.
 
 Public API:
   tf_depthwise_conv2d, tf_depthwise_conv3d: the dw5d_jax ops written with

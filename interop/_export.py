@@ -168,6 +168,21 @@ def load_savedmodel(path: str | os.PathLike) -> Any:
   Raises:
     ValueError: `path` does not exist, is not a SavedModel directory, cannot
       be loaded, or has no `serve` function.
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> import dw5d_jax as dw
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_savedmodel(
+    ...     lambda k, x: dw.depthwise_conv2d(x, k), np.ones((3, 3, 2, 1), np.float32),
+    ...     tmp.name + "/m", input_shape=(None, None, None, 2), with_gradient=False)
+    >>> model = load_savedmodel(path)   # keep it: its variables live with it
+    >>> model.serve(np.ones((1, 4, 5, 2), np.float32)).shape
+    TensorShape([1, 4, 5, 2])
+    >>> load_savedmodel(tmp.name)
+    Traceback (most recent call last):
+    ...
+    ValueError: load_savedmodel: `path` '...' is not a SavedModel directory (expected ...
   """
   fn = "load_savedmodel"
   path = os.fspath(path)

@@ -22,11 +22,11 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 
 from dw5d_jax._reference import depthwise_reference
 from interop import _keras
 from interop.keras import DepthwiseConv2D, DepthwiseConv3D
+from tests.helpers import assert_close, random_array
 
 BACKEND = keras.backend.backend()
 OTHER = {"jax": "tensorflow", "tensorflow": "jax"}[BACKEND]

@@ -3,7 +3,7 @@
 Expected values come from `dw5d_jax._reference.depthwise_reference`, which
 pads with `numpy.pad` before its direct sum (no code shared with
 `_geometry.source` or `_modes.py`); expected gradients from its linearity
-(`cases.reference_grads`). The suite runs with `DW5D_JAX_NATIVE=all`
+(`tests.helpers.reference_grads`). The suite runs with `DW5D_JAX_NATIVE=all`
 (conftest), so for float32 `"auto"` and `"shift"` take the native kernels
 with border corrections (`_modes`, "borders") and `"conv"` pads a copy
 ("padded"): comparing them compares the two ways.
@@ -19,35 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import METHODS, Case, reference_grads, x_shape
-from conftest import assert_close, random_array
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from jax import export
 from jax.test_util import check_grads
 
 import dw5d_jax as dw
-from dw5d_jax import _geometry, _modes, _pallas, _policy, _primitive
-from dw5d_jax._reference import depthwise_reference
+from dw5d_jax import _args, _geometry, _modes, _pallas, _policy, _primitive
+from tests.helpers import METHODS, Case, assert_close, random_array, reference_grads, run, x_shape
 
 MODES = ("reflect", "symmetric", "edge", "circular")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModeCase(Case):
-  padding_mode: Any = "zeros"
-
-  def kwargs(self) -> dict[str, Any]:
-    return {**super().kwargs(), "padding_mode": self.padding_mode}
-
-  def expected(self, x, k) -> np.ndarray:
-    return depthwise_reference(x, k, axes=self.conv_axes, strides=self.strides,
-                               dilations=self.dilations, padding=self.padding,
-                               data_format=self.layout, padding_mode=self.padding_mode)
-
-
-def _case(case: Case, mode: Any) -> ModeCase:
-  return ModeCase(**dataclasses.asdict(case), padding_mode=mode)
+def _case(case: Case, mode: Any) -> Case:
+  return dataclasses.replace(case, padding_mode=mode)
 
 
 CASES = [
@@ -64,7 +49,7 @@ CASES = [
 
 
 def _ids(case: Case) -> str:
-  return f"{case.op}-{case.layout}-{case.conv_axes}"
+  return f"{case.op}-{case.layout}-{case.axes}"
 
 
 # ----------------------------------------------------------------------------
@@ -78,20 +63,20 @@ def _ids(case: Case) -> str:
 def test_forward_matches_reference(rng, case, mode, method):
   case = _case(case, mode)
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  assert_close(case.run(x, k, method=method), case.expected(x, k), err_msg=str(case))
+  assert_close(run(case, x, k, method=method), case.expected(x, k), err_msg=str(case))
 
 
 def test_one_mode_per_axis(rng):
   case = _case(CASES[0], ("circular", "edge", "reflect"))
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   for method in METHODS:
-    assert_close(case.run(x, k, method=method), case.expected(x, k), err_msg=method)
+    assert_close(run(case, x, k, method=method), case.expected(x, k), err_msg=method)
 
 
 def test_zeros_is_the_default(rng):
   case = CASES[0]
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  np.testing.assert_array_equal(case.run(x, k), _case(case, "zeros").run(x, k))
+  np.testing.assert_array_equal(run(case, x, k), run(_case(case, "zeros"), x, k))
 
 
 @st.composite
@@ -120,8 +105,8 @@ def mode_cases(draw, max_size=6, max_kernel=3):
     assume(limit is None or max(lo, hi) <= limit)
     ks.append(k), ss.append(s), rs.append(r), pads.append(pad), modes.append(mode)
   c, m = draw(st.integers(1, 3)), draw(st.integers(1, 2))
-  return ModeCase(op, layout, conv_axes, x_shape(layout, draw(st.integers(1, 2)), sizes, c),
-                  (*ks, c, m), tuple(ss), tuple(rs), tuple(pads), padding_mode=tuple(modes))
+  return Case(op, layout, conv_axes, x_shape(layout, draw(st.integers(1, 2)), sizes, c),
+              (*ks, c, m), tuple(ss), tuple(rs), tuple(pads), padding_mode=tuple(modes))
 
 
 @settings(max_examples=15)
@@ -139,7 +124,7 @@ def test_random_cases_every_method(case, seed):
   ex = np.zeros(case.x_shape)
   ex[p] = 1.0
   for method in METHODS:
-    y, pullback = jax.vjp(lambda a, b, m=method: case.run(a, b, method=m), x, k)
+    y, pullback = jax.vjp(lambda a, b, m=method: run(case, a, b, method=m), x, k)
     assert_close(y, want, err_msg=f"{case} {method}")
     gx, gk = pullback(jnp.asarray(ct))
     assert_close(gk[q], np.sum(case.expected(x, e) * ct), err_msg=f"dk {case} {method}")
@@ -153,10 +138,10 @@ def test_random_cases_every_method(case, seed):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", CASES[:2], ids=_ids)
 def test_grads_match_reference(rng, case, method):
-  case = _case(case, ("reflect", "circular", "edge")[:len(case.conv_axes)])
+  case = _case(case, ("reflect", "circular", "edge")[:len(case.axes)])
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
-  gx, gk = jax.grad(lambda a, b: jnp.sum(case.run(a, b, method=method) * ct),
+  gx, gk = jax.grad(lambda a, b: jnp.sum(run(case, a, b, method=method) * ct),
                     argnums=(0, 1))(x, k)
   want_gx, want_gk = reference_grads(case, x, k, ct)
   assert_close(gx, want_gx)
@@ -172,7 +157,7 @@ def test_check_grads_second_order(rng, method, mode):
   with jax.enable_x64(True):
     x = jnp.asarray(random_array(rng, case.x_shape, "float64"))
     k = jnp.asarray(random_array(rng, case.k_shape, "float64"))
-    check_grads(lambda a, b: case.run(a, b, method=method), (x, k), order=2,
+    check_grads(lambda a, b: run(case, a, b, method=method), (x, k), order=2,
                 modes=["fwd", "rev"])
 
 
@@ -185,7 +170,7 @@ def test_second_order_borders_match_padded(rng):
 
   def hvp(method):
     def loss(a, b):
-      return jnp.sum(case.run(a, b, method=method) * ct) ** 2
+      return jnp.sum(run(case, a, b, method=method) * ct) ** 2
     return jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (dx, dk))[1]
 
   for got, want in zip(hvp("auto"), hvp("conv")):
@@ -199,7 +184,7 @@ def test_vmap_matches_loop(rng, method, in_axes):
   b = 2
   xs = random_array(rng, (b, *case.x_shape) if in_axes[0] == 0 else case.x_shape)
   ks = random_array(rng, (b, *case.k_shape) if in_axes[1] == 0 else case.k_shape)
-  got = jax.vmap(lambda a, w: case.run(a, w, method=method), in_axes=in_axes)(xs, ks)
+  got = jax.vmap(lambda a, w: run(case, a, w, method=method), in_axes=in_axes)(xs, ks)
   for i in range(b):
     xi = xs[i] if in_axes[0] == 0 else xs
     ki = ks[i] if in_axes[1] == 0 else ks
@@ -210,7 +195,7 @@ def test_vmap_matches_loop(rng, method, in_axes):
 def test_low_precision(rng, dtype):
   case = _case(CASES[0], "edge")
   x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
-  y = case.run(x, k)
+  y = run(case, x, k)
   assert y.dtype == jnp.dtype(dtype)
   assert_close(y, case.expected(np.float32(x), np.float32(k)), dtype)
 
@@ -221,7 +206,6 @@ def test_pallas_interpret(rng):
                     ("CAUSAL", "SAME", (1, 2))), ("edge", "reflect", "circular"))
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   fn = "test_modes"
-  from dw5d_jax import _args
   padding = _args.check_padding(fn, case.padding, "DHW")
   x5, k5, spec = _args.normalize(
       fn, jnp.asarray(x), jnp.asarray(k), conv_axes="DHW", layout=case.layout,
@@ -268,7 +252,6 @@ def test_padded_and_borders_agree(rng):
   case = _case(CASES[0], ("reflect", "edge", "circular"))
   x = jnp.asarray(random_array(rng, case.x_shape))
   k = jnp.asarray(random_array(rng, case.k_shape))
-  from dw5d_jax import _args
   fn = "test_modes"
   _, _, spec = _args.normalize(fn, x, k, conv_axes="DHW", layout=case.layout,
                                strides=case.strides, dilations=case.dilations,
@@ -295,12 +278,12 @@ def test_export_symbolic_forward_and_vjp(rng, method, mode):
   k = jnp.asarray(random_array(rng, case.k_shape))
 
   def vjp(x, ct):
-    y, pullback = jax.vjp(lambda a, b: case.run(a, b, method=method), x, k)
+    y, pullback = jax.vjp(lambda a, b: run(case, a, b, method=method), x, k)
     return y, *pullback(ct)
 
   x_spec = jax.ShapeDtypeStruct(export.symbolic_shape(
       "b, d, h, w, 3", constraints=("d >= 3", "h >= 3", "w >= 3")), jnp.float32)
-  y_shape = jax.eval_shape(lambda x: case.run(x, k, method=method), x_spec).shape
+  y_shape = jax.eval_shape(lambda x: run(case, x, k, method=method), x_spec).shape
   exp = export.export(jax.jit(vjp))(x_spec, jax.ShapeDtypeStruct(y_shape, jnp.float32))
   for shape in [(2, 5, 6, 7, 3), (1, 3, 4, 3, 3)]:
     concrete = dataclasses.replace(case, x_shape=shape)
@@ -309,7 +292,7 @@ def test_export_symbolic_forward_and_vjp(rng, method, mode):
     ct = random_array(rng, want.shape)
     y, gx, gk = exp.call(x, ct)
     assert_close(y, want, err_msg=str(shape))
-    ref_gx, ref_gk = jax.vjp(lambda a, b: concrete.run(a, b, method="conv"), x, k)[1](ct)
+    ref_gx, ref_gk = jax.vjp(lambda a, b: run(concrete, a, b, method="conv"), x, k)[1](ct)
     assert_close(gx, ref_gx, err_msg=str(shape))
     assert_close(gk, ref_gk, err_msg=str(shape))
 

@@ -9,7 +9,6 @@ with `jit_compile=True` ("xla").
 
 from __future__ import annotations
 
-import doctest
 import re
 import subprocess
 import sys
@@ -17,29 +16,22 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from cases import Case, cases
-from conftest import assert_close, random_array
 from hypothesis import given
 from hypothesis import strategies as st
 
 import dw5d_jax as dw
 import interop
-import interop._tf_ops
 from dw5d_jax._reference import depthwise_reference
-from interop._parity import MODES, Config, dynamic_spec, in_mode, tf_op
+from interop._app.parity import MODES, dynamic_spec, in_mode, tf_op
+from tests.helpers import Case, assert_close, cases, random_array
 
 tf_conv2d, tf_conv3d = interop.tf_depthwise_conv2d, interop.tf_depthwise_conv3d
-
-
-def _config(case: Case) -> Config:
-  return Config(case.op, case.layout, case.conv_axes, case.x_shape, case.k_shape,
-                case.strides, case.dilations, case.padding)
 
 
 def _run(case: Case, x, k, mode: str) -> tf.Tensor:
   """The TF op on `case` in `mode` (graph/xla: only the channel size is static)."""
   c = case.x_shape[case.layout.index("C")]
-  fn = in_mode(tf_op(_config(case)), mode, [dynamic_spec(case.layout, c, x.dtype),
+  fn = in_mode(tf_op(case), mode, [dynamic_spec(case.layout, c, x.dtype),
                                             tf.TensorSpec(k.shape, k.dtype)])
   return fn(tf.constant(x), tf.constant(k))
 
@@ -117,7 +109,7 @@ def test_gradients_are_the_adjoint(rng, op):
   k = tf.constant(random_array(rng, case.k_shape, "float64"))
   with tf.GradientTape() as tape:
     tape.watch([x, k])
-    y = tf_op(_config(case))(x, k)
+    y = tf_op(case)(x, k)
     ct = tf.constant(random_array(rng, y.shape, "float64"))
     loss = tf.reduce_sum(y * ct)
   gx, gk = tape.gradient(loss, [x, k])
@@ -136,7 +128,7 @@ def test_dtypes(rng, dtype):
   """x's dtype is kept; half precision is computed in float32 (as dw5d_jax does)."""
   case = Case("3d", "NCDHW", "DHW", (2, 3, 4, 6, 5), (3, 3, 2, 3, 2), (1, 2, 1), 1, "SAME")
   x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
-  y = tf_op(_config(case))(x, k)
+  y = tf_op(case)(x, k)
   assert y.dtype == tf.as_dtype(dtype)
   want = case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64))
   assert_close(np.asarray(y.numpy(), np.float64), want, dtype)
@@ -150,17 +142,18 @@ def test_variables_and_numpy_inputs(rng):
 
 
 def test_classic_reshape_mistake_differs_from_axes_dw(rng):
-  """ORIGIN.md Examples 2/3 reshape (B, D, H, W, C) to (B*H, D, W, C) without a transpose.
+  """The classic mistake: reshape (B, D, H, W, C) to (B*H, D, W, C) without a transpose.
 
-  That mixes H slices; `axes="DW"` convolves each H slice over (D, W), which is
-  the transpose-then-reshape fold and what the reference computes.
+  H is not next to batch, so that reshape mixes H slices; `axes="DW"`
+  convolves each H slice over (D, W), which is the transpose-then-reshape fold
+  and what the reference computes.
   """
   b, d, h, w, c = 2, 4, 3, 5, 2
   x = tf.constant(random_array(rng, (b, d, h, w, c)))
   k = tf.constant(random_array(rng, (3, 3, c, 1)))
   ours = tf_conv2d(x, k, axes="DW").numpy()
   assert_close(ours, depthwise_reference(x.numpy(), k.numpy(), axes="DW"))
-  # ORIGIN.md Example 2, verbatim apart from the learned kernel.
+  # The mistake as it is usually written, with tf.shape for the sizes.
   s = tf.shape(x)
   wrong = tf.nn.depthwise_conv2d(tf.reshape(x, (s[0] * s[2], s[1], s[3], s[4])), k,
                                  strides=[1, 1, 1, 1], padding="SAME")
@@ -175,15 +168,9 @@ def test_classic_reshape_mistake_differs_from_axes_dw(rng):
 
 def test_importing_interop_does_not_import_tensorflow():
   """`dw5d demo` and friends must not pay for TF; the TF ops load on first use."""
-  code = ("import sys, interop, interop._cli; assert 'tensorflow' not in sys.modules; "
+  code = ("import sys, interop, interop._app.cli; assert 'tensorflow' not in sys.modules; "
           "interop.tf_depthwise_conv3d; assert 'tensorflow' in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_docstring_examples():
-  failures, tried = doctest.testmod(interop._tf_ops, optionflags=doctest.ELLIPSIS)
-  assert tried > 0
-  assert failures == 0
 
 
 # ----------------------------------------------------------------------------
@@ -318,30 +305,21 @@ def test_empty_output_at_run_time_is_an_error(rng):
 # and circular, against the reference's numpy.pad.
 
 MODE_CASES = [
-    # (op, layout, axes, x shape, kernel shape, strides, dilations, padding, padding_mode)
-    ("3d", "NCDHW", "DHW", (1, 3, 4, 6, 5), (3, 2, 3, 3, 2), (2, 1, 1), (1, 1, 2),
-     ("CAUSAL", "SAME", (2, 1)), ("edge", "reflect", "circular")),
-    ("2d", "NDHWC", "DW", (2, 5, 3, 6, 2), (3, 3, 2, 1), (1, 2), (2, 1), "SAME", "symmetric"),
-    ("2d", "NHWC", "HW", (1, 6, 5, 3), (2, 3, 3, 1), 1, 1, ((1, 0), (2, 2)), "reflect"),
-    ("3d", "NDHWC", "DHW", (1, 3, 4, 5, 2), (3, 3, 3, 2, 1), 1, 1, "SAME", "circular"),
+    Case("3d", "NCDHW", "DHW", (1, 3, 4, 6, 5), (3, 2, 3, 3, 2), (2, 1, 1), (1, 1, 2),
+         ("CAUSAL", "SAME", (2, 1)), padding_mode=("edge", "reflect", "circular")),
+    Case("2d", "NDHWC", "DW", (2, 5, 3, 6, 2), (3, 3, 2, 1), (1, 2), (2, 1),
+         padding_mode="symmetric"),
+    Case("2d", "NHWC", "HW", (1, 6, 5, 3), (2, 3, 3, 1), 1, 1, ((1, 0), (2, 2)),
+         padding_mode="reflect"),
+    Case("3d", "NDHWC", "DHW", (1, 3, 4, 5, 2), (3, 3, 3, 2, 1), padding_mode="circular"),
 ]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("entry", MODE_CASES, ids=lambda e: f"{e[0]}-{e[2]}-{e[8]}")
-def test_padding_modes_match_reference(rng, entry, mode):
-  op, layout, axes, xs, ks, strides, dilations, padding, padding_mode = entry
-  kw = dict(strides=strides, dilations=dilations, padding=padding, padding_mode=padding_mode,
-            data_format=layout)
-  if op == "2d" and len(xs) == 5:
-    kw["axes"] = axes
-  fn = tf_conv2d if op == "2d" else tf_conv3d
-  x, k = random_array(rng, xs), random_array(rng, ks)
-  run = in_mode(lambda a, b: fn(a, b, **kw), mode,
-                [dynamic_spec(layout, xs[layout.index("C")], tf.float32),
-                 tf.TensorSpec(ks, tf.float32)])
-  want = depthwise_reference(x, k, **{"axes": axes, **kw})
-  assert_close(run(tf.constant(x), tf.constant(k)).numpy(), want, err_msg=str(entry))
+@pytest.mark.parametrize("case", MODE_CASES, ids=lambda c: c.name)
+def test_padding_modes_match_reference(rng, case, mode):
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  assert_close(_run(case, x, k, mode).numpy(), case.expected(x, k), err_msg=case.name)
 
 
 def test_padding_mode_errors():

@@ -4,7 +4,7 @@ The exported model has every batch and spatial dimension symbolic. A separate
 venv (tests/tf_only_env.py) with neither JAX nor this project loads it and runs
 it at three input sizes, forward and `tf.GradientTape` gradients. Expected
 values come from the float64 reference: the forward pass directly, and the
-gradients from its linearity (`reference_input_grad`, `reference_kernel_grad`).
+gradients from its linearity (`tests.helpers.input_grad`, `kernel_grad`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import subprocess
 
 import numpy as np
 import pytest
-import tf_only_env
-from conftest import assert_close, random_array
 
 import dw5d_jax as dw
 import interop
 from dw5d_jax._reference import depthwise_reference
+from tests import tf_only_env
+from tests.helpers import assert_close, input_grad, kernel_grad, random_array
 
 RUNNER = pathlib.Path(__file__).with_name("tf_only_runner.py")
 
@@ -40,28 +40,6 @@ def linear_reference(x, params):
   """The model without its bias, in float64: the part that gradients see."""
   y = depthwise_reference(x, params["k3"], **CONV3)
   return depthwise_reference(y, params["k2"], **CONV2)
-
-
-def reference_input_grad(x_shape, ct, linear):
-  """d/dx sum(ct * linear(x)) for a linear map, from the map alone.
-
-  Row p of the map's matrix is `linear(e_p)`; one call on a batch holding every
-  basis input of one batch item gives them all (batch items do not mix).
-  """
-  item = x_shape[1:]
-  p = int(np.prod(item))
-  rows = linear(np.eye(p).reshape(p, *item)).reshape(p, -1)
-  return (ct.reshape(ct.shape[0], -1) @ rows.T).reshape(x_shape)
-
-
-def reference_kernel_grad(k_shape, ct, linear_in_k):
-  """d/dk sum(ct * linear_in_k(k)), one basis kernel at a time."""
-  grad = np.zeros(k_shape)
-  for q in np.ndindex(*k_shape):
-    e = np.zeros(k_shape)
-    e[q] = 1.0
-    grad[q] = np.sum(ct * linear_in_k(e))
-  return grad
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +79,10 @@ def test_savedmodel_runs_without_jax(tmp_path, rng, tf_only_python):
     want = linear_reference(x, params) + params["b"]
     assert_close(out[f"y{i}"], want, err_msg=f"forward at {shape}")
     assert_close(out[f"sig{i}"], want, err_msg=f"serving_default at {shape}")
-    want_dx = reference_input_grad(x.shape, ct, lambda v: linear_reference(v, params))
+    want_dx = input_grad(lambda v: linear_reference(v, params), x.shape, ct)
     assert_close(out[f"dx{i}"], want_dx, err_msg=f"d/dx at {shape}")
     assert_close(out[f"dp{i}_0"], ct.sum(axis=(0, 1, 2, 3)), err_msg=f"d/db at {shape}")
-    want_dk3 = reference_kernel_grad(params["k3"].shape, ct, lambda e: depthwise_reference(
-        depthwise_reference(x, e, **CONV3), params["k2"], **CONV2))
+    want_dk3 = kernel_grad(lambda e: depthwise_reference(
+        depthwise_reference(x, e, **CONV3), params["k2"], **CONV2), params["k3"].shape, ct)
     assert_close(out[f"dp{i}_2"], want_dk3, err_msg=f"d/dk3 at {shape}")
     assert [out[f"dp{i}_{j}"].shape for j in range(3)] == [a.shape for a in leaves]
