@@ -17,7 +17,8 @@ which computes them by binding the primitive again with zero-padding specs
 
 * **padded** (XLA's convolution and shift lowering, Pallas, and everything
   exported): pad by mode, one copy of x, then the zero-padding op; `dx`
-  folds the padded gradient back with `jax.linear_transpose` of the padding.
+  crops the padded gradient and folds each face of the padding back onto
+  the input rows it copies (`unpad`).
 * **borders** (the native CPU kernels, which read x without a padded copy;
   a copy of the whole input would cost as much as the convolution): split
   `P = Z + sum_b B_b`, `Z` the zero padding and `B_b` the mode's values on
@@ -34,8 +35,10 @@ which computes them by binding the primitive again with zero-padding specs
 
 Worked example, one axis: n=6, k=3, pads (1, 1), reflect: the low face is
 output 0 reading positions [-1, 2), of which -1 is padding (source 1); its
-slab is `[x[1], 0, 0]` convolved VALID into output row 0. The high face is
-output 5 reading [4, 7), padding 6 (source 4): slab `[0, 0, x[4]]`.
+slab is the one row `x[1]`, convolved with zero padding (0, 2) into output
+row 0 and added there. The high face is output 5 reading [4, 7), padding 6
+(source 4): the row `x[4]` with zero padding (2, 0). In the gradient, face
+rows of `dx` fold back: the low face's onto `dx[1]`, the high's onto `dx[4]`.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def mode_cases(draw, max_size=6, max_kernel=3):
               (*ks, c, m), tuple(ss), tuple(rs), tuple(pads), padding_mode=tuple(modes))
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(case=mode_cases(), seed=st.integers(0, 2**31 - 1))
 def test_random_cases_every_method(case, seed):
   """Forward and both gradients of every method against the reference."""
@@ -135,7 +135,7 @@ def test_random_cases_every_method(case, seed):
 # Gradients and transformations.
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["auto", "conv"])
 @pytest.mark.parametrize("case", CASES[:2], ids=_ids)
 def test_grads_match_reference(rng, case, method):
   case = _case(case, ("reflect", "circular", "edge")[:len(case.axes)])
@@ -270,8 +270,7 @@ def test_padded_and_borders_agree(rng):
 # Symbolic shapes.
 
 
-@pytest.mark.parametrize("method", ["auto", "conv"])
-@pytest.mark.parametrize("mode", ["reflect", "circular"])
+@pytest.mark.parametrize("method, mode", [("auto", "reflect"), ("conv", "circular")])
 def test_export_symbolic_forward_and_vjp(rng, method, mode):
   case = _case(Case("3d", "NDHWC", "DHW", (2, 5, 6, 7, 3), (3, 3, 2, 3, 1), (2, 1, 1), 1,
                     ("SAME", "CAUSAL", (1, 1))), mode)
