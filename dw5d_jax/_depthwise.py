@@ -200,8 +200,8 @@ def depthwise_conv3d(
     "method", "precision", "preferred"))
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
-           padding_mode: tuple[str, ...], method: str, precision: Any,
-           preferred: Any) -> jax.Array:
+           method: str, precision: Any, preferred: Any,
+           padding_mode: tuple[str, ...] | None = None) -> jax.Array:
   """Shape checks (at trace time), normalisation, the primitive, restoring the rank."""
   rank4 = x.ndim == 4
   x5, k5, spec = _args.normalize(

@@ -54,6 +54,10 @@ ROUND_TRIPS = [
      [(1, 2, 3, 3, 3), (2, 2, 6, 5, 8)]),
     (Case("2d", "NDHWC", "HW", (), (2, 3, 3, 1), 1, (2, 1), ((0, 1), (2, 0))),
      (None, None, None, None, 3), ("h >= 2",), [(1, 2, 2, 1, 3), (2, 3, 5, 4, 3)]),
+    # CAUSAL needs no bound: any size >= 1 has ceil(n / s) outputs.
+    (Case("3d", "NDHWC", "DHW", (), (3, 2, 2, 2, 1), (2, 1, 2), (2, 1, 1),
+          ("CAUSAL", "SAME", "CAUSAL")),
+     (None, None, None, None, 2), (), [(1, 1, 3, 2, 2), (2, 6, 4, 5, 2)]),
     # Border modes, every size symbolic: reflect along H needs h >= 2.
     (Case("3d", "NDHWC", "DHW", (), (3, 3, 2, 3, 2), (1, 2, 1), 1,
           ("CAUSAL", "SAME", "SAME"), padding_mode=("edge", "reflect", "circular")),
@@ -62,7 +66,8 @@ ROUND_TRIPS = [
 
 
 @pytest.mark.parametrize("entry", ROUND_TRIPS,
-                         ids=["3d-NCDHW-VALID", "2d-HW-explicit", "3d-padding-modes"])
+                         ids=["3d-NCDHW-VALID", "2d-HW-explicit", "3d-CAUSAL",
+                              "3d-padding-modes"])
 def test_round_trip_with_constraints(tmp_path, rng, entry):
   case, input_shape, constraints, sizes = entry
   k = random_array(rng, case.k_shape)
@@ -335,5 +340,6 @@ def test_load_errors(tmp_path):
   other.v = tf.Variable(1.0)
   tf.saved_model.save(other, str(tmp_path / "other"))
   with pytest.raises(ValueError, match=r"load_savedmodel: the SavedModel at '.*other' has no "
-                     r"`serve` function; it was not written by export_savedmodel"):
+                     r"`serve` function \(nor a streaming `step`\); it was not written by "
+                     r"export_savedmodel or export_streaming_savedmodel\."):
     interop.load_savedmodel(tmp_path / "other")

@@ -5,6 +5,8 @@ venv (tests/tf_only_env.py) with neither JAX nor this project loads it and runs
 it at three input sizes, forward and `tf.GradientTape` gradients. Expected
 values come from the float64 reference: the forward pass directly, and the
 gradients from its linearity (`tests.helpers.input_grad`, `kernel_grad`).
+A streaming SavedModel (`interop.export_streaming_savedmodel`) is fed clips
+chunk by chunk there, and must give the reference on the whole clip.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import interop
 from dw5d_jax._reference import depthwise_reference
 from tests import tf_only_env
 from tests.helpers import assert_close, input_grad, kernel_grad, random_array
+from tests.test_stream_export import gather, init_fn, model_params, model_reference, step_fn
 
 RUNNER = pathlib.Path(__file__).with_name("tf_only_runner.py")
+STREAM_RUNNER = pathlib.Path(__file__).with_name("tf_only_stream_runner.py")
 
 # A small linear model: strided SAME 3D depthwise, then a dilated per-slice 2D
 # depthwise over (D, W) with a depth multiplier, then a bias.
@@ -86,3 +90,32 @@ def test_savedmodel_runs_without_jax(tmp_path, rng, tf_only_python):
         depthwise_reference(x, e, **CONV3), params["k2"], **CONV2), params["k3"].shape, ct)
     assert_close(out[f"dp{i}_2"], want_dk3, err_msg=f"d/dk3 at {shape}")
     assert [out[f"dp{i}_{j}"].shape for j in range(3)] == [a.shape for a in leaves]
+
+
+@pytest.mark.slow
+def test_streaming_savedmodel_runs_without_jax(tmp_path, rng, tf_only_python):
+  """Strided and chained causal streams (test_stream_export.py's model), TF only."""
+  params = model_params(rng)
+  path = interop.export_streaming_savedmodel(init_fn, step_fn, params, tmp_path / "stream",
+                                             input_shape=(None, None, None, None, 3))
+  clips = [((1, 9, 5, 4, 3), 3), ((2, 5, 3, 6, 3), 1)]  # chunk lengths 3 and 1
+  inputs = {}
+  for i, (shape, length) in enumerate(clips):
+    inputs[f"x{i}"], inputs[f"len{i}"] = random_array(rng, shape), np.int32(length)
+  np.savez(tmp_path / "in.npz", **inputs)
+  proc = subprocess.run(
+      [str(tf_only_python), "-I", str(STREAM_RUNNER), path, tmp_path / "in.npz",
+       tmp_path / "out.npz"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["importable"] == [] and not report["jax_imported"], report
+  assert report["steps"] == 3 + 5
+  out = np.load(tmp_path / "out.npz")
+  for i, (shape, length) in enumerate(clips):
+    steps = range(-(-shape[1] // length))
+    emitted = [out[f"s{i}_{j}_state_1_emitted"] for j in steps]
+    want = model_reference(params, inputs[f"x{i}"])
+    assert_close(gather([out[f"y{i}_{j}"] for j in steps], emitted), want,
+                 err_msg=f"step at {shape}")
+    assert_close(gather([out[f"sig{i}_{j}"] for j in steps], emitted), want,
+                 err_msg=f"serving_default at {shape}")

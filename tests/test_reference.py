@@ -77,6 +77,24 @@ def test_reference_padding_modes_match_brute_force(rng, modes):
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("strides,dilations", [((1, 1, 1), (1, 1, 1)), ((2, 1, 3), (1, 2, 2)),
+                                               ((3, 2, 1), (2, 1, 3))])
+def test_reference_causal_is_the_whole_reach_low(rng, strides, dilations):
+  """CAUSAL: pads (e - 1, 0) on every axis, so output o reads inputs <= o * s only."""
+  x = rng.standard_normal((2, 5, 2, 4, 3))  # H smaller than the dilated kernel
+  k = rng.standard_normal((2, 3, 2, 3, 2))
+  pads = [((k.shape[i] - 1) * dilations[i], 0) for i in range(3)]
+  got = depthwise_reference(x, k, axes="DHW", strides=strides, dilations=dilations,
+                            padding="CAUSAL")
+  np.testing.assert_allclose(got, _brute_force(x, k, strides, dilations, pads), rtol=1e-12)
+  assert got.shape[1:4] == tuple(-(-n // s) for n, s in zip(x.shape[1:4], strides))
+  # Mixed entries: causal along D only.
+  mixed = depthwise_reference(x, k, axes="DHW", strides=strides, dilations=dilations,
+                              padding=("causal", (2, 2), (2, 0)))
+  np.testing.assert_allclose(
+      mixed, _brute_force(x, k, strides, dilations, [pads[0], (2, 2), (2, 0)]), rtol=1e-12)
+
+
 @pytest.mark.parametrize("axes", ["HW", "DW", "DH", "WD"])
 def test_reference_matches_brute_force_per_slice(rng, axes):
   """Per-slice 2D: move the carried axis into batch by hand, then brute force."""

@@ -26,6 +26,10 @@ SYMBOLIC_CASES = [
     (Case("3d", "NCDHW", "DHW", (1, 2, 5, 6, 7), (2, 2, 2, 2, 1), 3, 1,
           ((1, 0), (0, 2), (1, 1))),
      "b, 2, d, h, w", [(2, 2, 4, 4, 4), (1, 2, 7, 3, 5)], ()),
+    # Causal along D and W, strided and dilated: sizes below the window too.
+    (Case("3d", "NCDHW", "DHW", (1, 2, 7, 5, 6), (3, 2, 3, 2, 1), (2, 1, 2), (2, 1, 1),
+          ("CAUSAL", "SAME", "CAUSAL")),
+     "b, 2, d, h, w", [(2, 2, 1, 3, 2), (1, 2, 4, 6, 9)], ()),
 ]
 
 
