@@ -374,3 +374,21 @@ def test_policy_sends_modes_to_modes():
            if e.primitive is _primitive.dw5d_p]
   assert [s.modes for s in specs] == [("edge",) * 3]
   assert _policy.lowering("auto", "cpu", specs[0]) == "shift"
+
+
+def test_stream_with_modes_along_the_other_axes(rng):
+  """A causal stream with reflect/circular in-plane equals the full op; time must be zeros."""
+  x = random_array(rng, (1, 6, 5, 4, 3))  # (N, T, H, W, C)
+  k = random_array(rng, (3, 3, 2, 3, 1))
+  modes = ("zeros", "reflect", "circular")
+  full = dw.depthwise_conv3d(x, k, padding=("CAUSAL", "SAME", "SAME"), padding_mode=modes)
+  state = dw.stream_init(x[:, :1], k, padding_mode=modes)
+  outs = []
+  for t0, t1 in ((0, 2), (2, 3), (3, 6)):
+    state, y = dw.stream_step(state, x[:, t0:t1], k, padding_mode=modes)
+    outs.append(y)
+  assert_close(jnp.concatenate(outs, axis=1), full)
+  with pytest.raises(ValueError, match=re.escape(
+      "stream_init: `padding_mode` along the streamed axis D must be 'zeros' (the state "
+      "starts from the causal zeros), got 'edge'")):
+    dw.stream_init(x[:, :1], k, padding_mode="edge")
