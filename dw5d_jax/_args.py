@@ -204,6 +204,37 @@ def check_preferred(fn: str, preferred: Any) -> Any:
   return jax.dtypes.canonicalize_dtype(dtype)
 
 
+def check_split_axes(fn: str, split_axes: Any, letters: str) -> tuple[tuple[str, ...], ...] | None:
+  """`None`, or a dict from spatial axis letters to a mesh axis name or a tuple of them.
+
+  Returns one tuple of mesh axis names per letter of `D, H, W` (empty where
+  the axis is not split). `letters`: the spatial axes x has (`"HW"` for
+  rank-4 x).
+  """
+  if split_axes is None:
+    return None
+  expected = (f"{fn}: `split_axes` must be None or a dict mapping spatial axes of x "
+              f"({', '.join(map(repr, letters))}) to the mesh axis name (or tuple of names) "
+              f"that splits it inside jax.shard_map, e.g. {{'{letters[0]}': 'space'}}")
+  if not isinstance(split_axes, dict):
+    raise TypeError(f"{expected}; got {type(split_axes).__name__} {split_axes!r}.")
+  out: dict[str, tuple[str, ...]] = {}
+  seen: list[str] = []
+  for key, names in split_axes.items():
+    letter = key.upper() if isinstance(key, str) else key
+    if letter not in tuple(letters):
+      raise ValueError(f"{expected}; got key {key!r}.")
+    names = (names,) if isinstance(names, str) else names
+    if (not isinstance(names, tuple) or not names
+        or not all(isinstance(n, str) for n in names)):
+      raise TypeError(f"{expected}; got {split_axes[key]!r} for {key!r}.")
+    if set(names) & set(seen) or len(set(names)) != len(names):
+      raise ValueError(f"{expected}; a mesh axis may split one axis only, got {split_axes!r}.")
+    seen.extend(names)
+    out[letter] = names
+  return tuple(out.get(a, ()) for a in SPATIAL)
+
+
 def check_array(fn: str, name: str, a: Any) -> None:
   if not isinstance(a, (jax.Array, np.ndarray)):
     raise TypeError(f"{fn}: `{name}` must be a jax.Array or numpy.ndarray, "
@@ -227,6 +258,7 @@ def normalize(
     precision: Any,
     preferred: Any,
     padding_mode: tuple[str, ...] | None = None,
+    parts: tuple[int, int, int] = (1, 1, 1),
 ) -> tuple[jax.Array, jax.Array, ConvSpec]:
   """Checks shapes and dtypes and returns rank-5 `x`, rank-5 `kernel` and the spec.
 
@@ -242,6 +274,8 @@ def normalize(
     precision, preferred: already checked.
     padding_mode: one mode per letter of `conv_axes` (`check_padding_mode`);
       None for zeros everywhere.
+    parts: x is one of `parts[i]` equal blocks of the whole array along
+      spatial axis `i` (D, H, W): the spec describes the whole array.
   """
   nk = len(conv_axes)
   x_dtype = _float_dtype(fn, "x", x)
@@ -283,7 +317,7 @@ def normalize(
 
   window, stride3, dil3, pads, outs, ins, modes = [], [], [], [], [], [], []
   for a in SPATIAL:
-    n = x.shape[spatial_axes[SPATIAL.index(a)]]
+    n = x.shape[spatial_axes[SPATIAL.index(a)]] * parts[SPATIAL.index(a)]
     ins.append(n)
     if a not in conv_axes:
       window.append(1), stride3.append(1), dil3.append(1), pads.append((0, 0)), outs.append(n)

@@ -9,7 +9,7 @@ import jax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args, _policy, _primitive
+from dw5d_jax import _args, _policy, _primitive, _sharding
 
 _Ints = int | tuple[int, ...]
 _Padding = str | tuple[str | tuple[int, int], ...]
@@ -29,6 +29,7 @@ def depthwise_conv2d(
     method: str = "auto",
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    split_axes: dict[str, str | tuple[str, ...]] | None = None,
 ) -> jax.Array:
   """2D depthwise convolution, per slice of a 5D tensor or on a 4D one.
 
@@ -74,6 +75,12 @@ def depthwise_conv2d(
       the other methods compute in `preferred_element_type` or float32.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.
+    split_axes: inside `jax.shard_map` only: x is one block of an array split
+      along spatial axes, e.g. `{"D": "space"}` (axis letter -> mesh axis
+      name, or a tuple of names). The op exchanges the halos its windows
+      need with the neighbouring blocks and returns this block of the
+      whole array's result (gradients too). Not needed under `jit` with
+      sharded arrays, which partitions the op by itself.
 
   Returns:
     An array in x's layout with `C * M` channels ordered `c * M + m` (TF's
@@ -113,7 +120,8 @@ def depthwise_conv2d(
       padding_mode=_args.check_padding_mode(fn, padding_mode, padding, axes),
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
-      preferred=_args.check_preferred(fn, preferred_element_type))
+      preferred=_args.check_preferred(fn, preferred_element_type),
+      split=_args.check_split_axes(fn, split_axes, "HW" if x.ndim == 4 else "DHW"))
 
 
 def depthwise_conv3d(
@@ -128,6 +136,7 @@ def depthwise_conv3d(
     method: str = "auto",
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
+    split_axes: dict[str, str | tuple[str, ...]] | None = None,
 ) -> jax.Array:
   """True 3D depthwise convolution of a 5D tensor.
 
@@ -158,6 +167,8 @@ def depthwise_conv3d(
     precision: passed to `lax.conv_general_dilated` by the `"conv"` method.
     preferred_element_type: output dtype; by default x's dtype. float16 and
       bfloat16 inputs always accumulate in at least float32.
+    split_axes: inside `jax.shard_map`: the spatial axes along which x is
+      one block of a split array, as for `depthwise_conv2d`.
 
   Returns:
     An array in x's layout with `C * M` channels ordered `c * M + m`; spatial
@@ -192,25 +203,33 @@ def depthwise_conv3d(
       padding_mode=_args.check_padding_mode(fn, padding_mode, padding, "DHW"),
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
-      preferred=_args.check_preferred(fn, preferred_element_type))
+      preferred=_args.check_preferred(fn, preferred_element_type),
+      split=_args.check_split_axes(fn, split_axes, "DHW"))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "fn", "conv_axes", "layout", "strides", "dilations", "padding", "padding_mode",
-    "method", "precision", "preferred"))
+    "fn", "conv_axes", "layout", "strides", "dilations", "padding", "method",
+    "precision", "preferred", "split", "padding_mode"))
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
-           method: str, precision: Any, preferred: Any,
+           method: str, precision: Any, preferred: Any, split: Any = None,
            padding_mode: tuple[str, ...] | None = None) -> jax.Array:
   """Shape checks (at trace time), normalisation, the primitive, restoring the rank."""
   rank4 = x.ndim == 4
+  blocks = None if split is None else _sharding.split_layout(fn, split)
   x5, k5, spec = _args.normalize(
       fn, x, kernel, conv_axes=conv_axes, layout=layout, strides=strides,
       dilations=dilations, padding=padding, precision=precision, preferred=preferred,
+      parts=(1, 1, 1) if blocks is None else tuple(map(blocks.parts, blocks.spatial)),
       padding_mode=padding_mode)
+  if blocks is not None:
+    _sharding.check_split(fn, spec, blocks)
+  else:  # explicit mesh axes: the result's split, checked with this function's name
+    _sharding.out_sharding("fwd", jax.typeof(x5), jax.typeof(k5), spec,
+                           _primitive.out_shape("fwd", x5.shape, spec), fn)
   impl = _primitive.Impl(method)
   _policy.prepare(spec, impl, x5.shape[0])
-  y = _primitive.conv(x5, k5, spec, impl)
+  y = _primitive.conv(x5, k5, spec, impl, split=blocks)
   if rank4:
     y = y.squeeze(1 if spec.channels_last else 2)
   return y

@@ -261,6 +261,162 @@ def face(n: int, k: int, s: int, r: int, lo: int, out: int, side: str) -> Face |
   return Face(o_start, o_stop, p_start, p_stop, (p_start - first, stop - p_stop))
 
 
+
+
+class Blocks(NamedTuple):
+  """One spatial axis split into `parts` blocks: what each block reads from its neighbours.
+
+  An op on a split axis exchanges one operand (x for the convolution and the
+  kernel gradient, the cotangent for the input gradient), whose block `i`
+  owns rows `[i * size, (i + 1) * size)` of `total` (the last blocks padded
+  when `parts` does not divide `total`: rows from `total` on are zeros).
+  Each block receives `halo = (before, after)` rows from the blocks below
+  and above it (from several blocks when a halo is wider than one): the
+  most any block's own results need from existing rows. `pad = (lo, hi)`
+  zero rows go around that (padding past the array's ends, never sent).
+  The op reads `window` rows of this extended block from row `starts[i]`,
+  as the local problem `local = (n, out, (lo, hi))` along this axis; its
+  result holds the block's own `rows` rows of the op's result from row
+  `crops[i]` (0 but for the input gradient with a stride that does not
+  divide the block). Blocks past the end of the result compute padding,
+  which is never read.
+
+  Where every block is the same problem (`rows * s == size` for the
+  convolution, `size * s == rows` for the input gradient: the splits line
+  up with the stride), `pieces` gives the same result without the
+  extended block (a copy of the block): the op on the block's own rows,
+  with its global padding, plus small ops on the halos alone added to the
+  rows they reach (the ops are linear). Else `pieces` is empty.
+  """
+
+  size: int
+  total: int
+  rows: int
+  halo: tuple[int, int]
+  pad: tuple[int, int]
+  starts: tuple[int, ...]
+  window: int
+  local: tuple[int, int, tuple[int, int]]
+  crops: tuple[int, ...]
+  pieces: tuple[Piece, ...] = ()
+
+
+class Piece(NamedTuple):
+  """One term of a split op (`Blocks.pieces`): the op on some rows, added to some rows.
+
+  It reads rows `rows` of its `source` (-1: the halo before the block, 0:
+  the block's own rows, 1: the halo after it; rows counted from the
+  source's first) and adds the local problem `local = (n, out, (lo, hi))`
+  to rows `result` of the block's result (for the kernel gradient: it
+  reads those rows of the block's cotangent).
+  """
+
+  source: int
+  rows: tuple[int, int]
+  result: tuple[int, int]
+  local: tuple[int, int, tuple[int, int]]
+
+
+def output_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
+  """The convolution (and kernel gradient) with its outputs split into `parts` blocks.
+
+  Output block `i` is `[i * bo, (i + 1) * bo)`, `bo = ceil(out / parts)`,
+  the way XLA tiles the result; it reads the input rows `input_span` gives
+  (outside `[0, n)`: the padding, zeros) from the input blocks of
+  `ceil(n / parts)` rows, and computes them as a VALID convolution of
+  `(bo - 1) * s + e` rows. Worked example: n=16, k=3, s=1, r=1, SAME (lo=1),
+  4 parts: blocks of 4 rows, each reads one row from either neighbour:
+  halo (1, 1), window 6 from row 0 of the extended block of 6.
+  """
+  b, bo, e = -(-n // parts), -(-out // parts), effective(k, r)
+  window = (bo - 1) * s + e
+  firsts = [input_span(i * bo, 0, k, s, r, lo)[0] for i in range(parts)]
+  needs = {i: input_span(i * bo, min((i + 1) * bo, out), k, s, r, lo)
+           for i in range(parts) if i * bo < out}
+  blocks = _blocks(b, n, bo, parts, firsts, window, needs, (window, bo, (0, 0)), (0,) * parts)
+  if parts == 1 or b != bo * s:
+    return blocks
+  before, after = blocks.halo
+  pieces = (_piece(0, 0, (0, b), (0, bo), s, e, lo, False),
+            _piece(-1, -before, (-before, 0), (0, min(bo, -(-lo // s))), s, e, lo, False),
+            _piece(1, b, (b, b + after), (max(0, -(-(b - e + 1 + lo) // s)), bo), s, e, lo,
+                   False))
+  return blocks._replace(pieces=tuple(p for p in pieces if p is not None))
+
+
+def input_blocks(n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> Blocks:
+  """The input gradient with its rows split into `parts` blocks of `ceil(n / parts)`.
+
+  Block `i` computes the input-gradient rows from `a = floor(i * b / s) * s`
+  (its first row, moved down to a multiple of the stride so that every
+  block is the same local problem) from the cotangent rows that reach them:
+  a transposed convolution of `m` cotangent rows with low pad `lo'` (the
+  smallest `>= e - s` congruent to `lo` modulo `s`, so that no earlier
+  cotangent row reaches row `a`). Worked example: n=8, k=3, s=2, SAME
+  (pads (0, 1), out=4), 2 parts: input blocks of 4, cotangent blocks of 2;
+  block 1 (rows 4..7) needs cotangent rows 1..3: halo (1, 0), local problem
+  n=4, out=3, pads (2, 1).
+  """
+  b, bo, e = -(-n // parts), -(-out // parts), effective(k, r)
+  n_loc = b if b % s == 0 else b + s - 1
+  base = max(e - s, 0)
+  lo_loc = base + (lo - base) % s
+  m = (n_loc - 1 + lo_loc) // s + 1
+  hi_loc = max((m - 1) * s + e - n_loc - lo_loc, 0)
+  firsts_in = [i * b // s * s for i in range(parts)]
+  firsts = [(a + lo - lo_loc) // s for a in firsts_in]
+  # Cotangent rows o reach input rows [p0, p1) when p0 <= o*s + t*r - lo < p1.
+  needs = {i: (-((e - 1 - i * b - lo) // s), (min((i + 1) * b, n) - 1 + lo) // s + 1)
+           for i in range(parts) if i * b < n}
+  crops = _clamped([i * b - a for i, a in enumerate(firsts_in)], n_loc - b)
+  blocks = _blocks(bo, out, b, parts, firsts, m, needs, (n_loc, m, (lo_loc, hi_loc)), crops)
+  if parts == 1 or b != bo * s:
+    return blocks
+  before, after = blocks.halo
+  pieces = (_piece(0, 0, (0, b), (0, bo), s, e, lo, True),
+            _piece(-1, -before, (0, b), (-before, 0), s, e, lo, True),
+            _piece(1, bo, (0, b), (bo, bo + after), s, e, lo, True))
+  return blocks._replace(pieces=tuple(p for p in pieces if p is not None))
+
+
+def _piece(source: int, first: int, inputs: tuple[int, int], outputs: tuple[int, int], s: int,
+           e: int, lo: int, transposed: bool) -> Piece | None:
+  """The `Piece` relating input rows `inputs` and output rows `outputs` (block frame).
+
+  Output `o` reads input `o*s + t*r - lo`; the inputs are cut to those the
+  outputs read. The source is the inputs (convolution) or, `transposed`,
+  the outputs (the input gradient's cotangent); `first`: the source's
+  first row in the block's frame.
+  """
+  (p0, p1), (o0, o1) = inputs, outputs
+  p0, p1 = max(p0, o0 * s - lo), min(p1, (o1 - 1) * s + e - lo)
+  if o1 <= o0 or p1 <= p0:
+    return None
+  lo_p = lo + p0 - o0 * s
+  local = (p1 - p0, o1 - o0, (lo_p, (o1 - o0 - 1) * s + e - (p1 - p0) - lo_p))
+  if transposed:
+    return Piece(source, (o0 - first, o1 - first), (p0, p1), local)
+  return Piece(source, (p0 - first, p1 - first), (o0, o1), local)
+
+
+def _blocks(size: int, total: int, rows: int, parts: int, firsts: list[int], window: int,
+            needs: dict[int, tuple[int, int]], local, crops) -> Blocks:
+  """`Blocks` from each block's window start and the rows its own results need."""
+  needs = {i: (max(a, 0), min(z, total)) for i, (a, z) in needs.items()}
+  before = max([0, *(i * size - a for i, (a, z) in needs.items() if z > a)])
+  after = max([0, *(z - (i + 1) * size for i, (a, z) in needs.items() if z > a)])
+  low = [i * size - before for i in range(parts)]  # first row of the exchanged rows
+  pad_lo = max([0, *(low[i] - firsts[i] for i in needs)])
+  pad_hi = max([0, *(firsts[i] + window - (low[i] + before + size + after) for i in needs)])
+  extent = pad_lo + before + size + after + pad_hi
+  starts = _clamped([firsts[i] - low[i] + pad_lo for i in range(parts)], extent - window)
+  return Blocks(size, total, rows, (before, after), (pad_lo, pad_hi), starts, window, local,
+                crops)
+
+
+def _clamped(values: list[int], top: int) -> tuple[int, ...]:
+  return tuple(min(max(v, 0), top) for v in values)
+
 def is_causal(k: int, r: int, padding: Pad) -> bool:
   """Whether `padding` pads `(e - 1, 0)` along an axis of any size.
 

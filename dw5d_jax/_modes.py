@@ -59,9 +59,20 @@ Fn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def implementation(op: str, spec: ConvSpec, impl: _primitive.Impl, out_dtype: Any, *,
                    borders: bool) -> Fn:
-  """`op` of a spec with modes as a function of its two operands (module docstring)."""
-  run = _BORDERS[op] if borders else _PADDED[op]
-  return functools.partial(run, spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+  """`op` of a spec with modes as a function of its two operands (module docstring).
+
+  It is traced inside the op's lowering on whole arrays, outside any mesh:
+  under a mesh with explicit axes, the nested ops' lowerings partition
+  them (`_sharding.partitioned`), not the types of the arrays in between.
+  """
+  run = functools.partial(_BORDERS[op] if borders else _PADDED[op], spec=spec, impl=impl,
+                          out_dtype=np.dtype(out_dtype))
+
+  def fn(a, b):
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+      return run(a, b)
+
+  return fn
 
 
 # ----------------------------------------------------------------------------

@@ -20,9 +20,16 @@ this primitive, and a sharding rule or a lowering added for one op holds
 for the gradients too.
 
 Parameters: `op`, `spec` (a `ConvSpec`, the same for all three ops),
-`impl` (an `Impl`: the user's method and Pallas options) and `out_dtype`
+`impl` (an `Impl`: the user's method and Pallas options), `out_dtype`
 (the result's dtype: the spec's output dtype for the convolution, the
-dtype of the operand being differentiated for the gradients).
+dtype of the operand being differentiated for the gradients) and `split`
+(None, or inside `shard_map` the `_sharding.Layout` of the spatial axes
+the operands are blocks of; `spec` then describes the whole arrays).
+
+Sharding (`_sharding.py`): the abstract evaluation gives results their
+sharding under explicit mesh axes, the transposes give cotangents their
+primal's, and a lowering for several devices partitions the op by its own
+rule, so XLA never partitions the convolution.
 """
 
 from __future__ import annotations
@@ -33,10 +40,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from dw5d_jax import _sharding
 from dw5d_jax._geometry import ConvSpec
+from dw5d_jax._sharding import Layout
 
 OPS = ("fwd", "dx", "dk")
 
@@ -57,38 +67,55 @@ class Impl(NamedTuple):
 
 
 def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Impl,
-         out_dtype: Any = None) -> jax.Array:
-  """`fwd(x, kernel)`: the depthwise convolution, `spec.out_dtype` by default."""
+         out_dtype: Any = None, split: Layout | None = None) -> jax.Array:
+  """`fwd(x, kernel)`: the depthwise convolution, `spec.out_dtype` by default.
+
+  `split`: x is one block of an array split along spatial axes inside
+  `shard_map` (`_sharding.Layout`); `spec` describes the whole array.
+  """
   out_dtype = spec.out_dtype if out_dtype is None else out_dtype
-  return dw5d_p.bind(x, kernel, op="fwd", spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+  return _bind(x, kernel, op="fwd", spec=spec, impl=impl, out_dtype=out_dtype, split=split)
 
 
 def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Impl,
-               out_dtype: Any) -> jax.Array:
+               out_dtype: Any, split: Layout | None = None) -> jax.Array:
   """`dx(ct, kernel)`: `d <fwd(x, kernel), ct> / dx`."""
-  return dw5d_p.bind(ct, kernel, op="dx", spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+  return _bind(ct, kernel, op="dx", spec=spec, impl=impl, out_dtype=out_dtype, split=split)
 
 
 def kernel_grad(x: jax.Array, ct: jax.Array, spec: ConvSpec, impl: Impl,
-                out_dtype: Any) -> jax.Array:
+                out_dtype: Any, split: Layout | None = None) -> jax.Array:
   """`dk(x, ct)`: `d <fwd(x, kernel), ct> / dkernel`."""
-  return dw5d_p.bind(x, ct, op="dk", spec=spec, impl=impl, out_dtype=np.dtype(out_dtype))
+  return _bind(x, ct, op="dk", spec=spec, impl=impl, out_dtype=out_dtype, split=split)
 
 
-def out_shape(op: str, a_shape: tuple[Any, ...], spec: ConvSpec) -> tuple[Any, ...]:
-  """The result's shape for `op` with first operand of shape `a_shape`."""
+def _bind(a, b, *, out_dtype, **params):
+  a, b = _sharding.vary(a, b)
+  return dw5d_p.bind(a, b, out_dtype=np.dtype(out_dtype), **params)
+
+
+def out_shape(op: str, a_shape: tuple[Any, ...], spec: ConvSpec,
+              split: Layout | None = None) -> tuple[Any, ...]:
+  """The result's shape for `op` with first operand of shape `a_shape`.
+
+  With `split`, the shape of one block (split spatial axes divided evenly).
+  """
   c, m = spec.channels, spec.multiplier
   if op == "dk":
     return (*spec.window, c, m)
   spatial, channels = (spec.out_spatial, c * m) if op == "fwd" else (spec.in_spatial, c)
+  if split is not None:
+    spatial = tuple(d // split.parts(axes) for d, axes in zip(spatial, split.spatial))
   if spec.channels_last:
     return (a_shape[0], *spatial, channels)
   return (a_shape[0], channels, *spatial)
 
 
-def _abstract_eval(a, b, *, op, spec, out_dtype, **_):
-  del b
-  return jax.core.ShapedArray(out_shape(op, a.shape, spec), out_dtype)
+def _abstract_eval(a, b, *, op, spec, out_dtype, split, **_):
+  shape = out_shape(op, a.shape, spec, split)
+  return jax.core.ShapedArray(shape, out_dtype,
+                              sharding=_sharding.out_sharding(op, a, b, spec, shape),
+                              manual_axis_type=a.manual_axis_type)
 
 
 @functools.cache
@@ -102,26 +129,23 @@ def _eager_impl(a, b, **params):
   return _jitted_bind(**params)(a, b)
 
 
-# Transposes from the trilinear form (module docstring): the undefined
-# operand's aval gives the dtype its cotangent must have.
-def _transpose_lhs(g, a, b, *, op, out_dtype, **params):
-  del out_dtype
-  dtype = a.aval.dtype
-  if op == "fwd":  # a = x: dx(g, w)
-    return dw5d_p.bind(g, b, op="dx", out_dtype=dtype, **params)
-  if op == "dx":  # a = ct: fwd(g, w)
-    return dw5d_p.bind(g, b, op="fwd", out_dtype=dtype, **params)
-  return dw5d_p.bind(b, g, op="dx", out_dtype=dtype, **params)  # dk, a = x: dx(ct, g)
+# Transposes from the trilinear form (module docstring): (op, the undefined
+# operand: 0 for a, 1 for b) -> the op computing its cotangent, on operands
+# named g (the output's cotangent), a and b. E.g. fwd(x, w) in x: dx(g, w).
+_TRANSPOSES = {
+    ("fwd", 0): ("dx", "gb"), ("dx", 0): ("fwd", "gb"), ("dk", 0): ("dx", "bg"),
+    ("fwd", 1): ("dk", "ag"), ("dx", 1): ("dk", "ga"), ("dk", 1): ("fwd", "ag"),
+}
 
 
-def _transpose_rhs(g, a, b, *, op, out_dtype, **params):
+def _transpose(undefined: int, g, a, b, *, op, out_dtype, **params):
+  """The cotangent of operand `undefined`, in its aval's dtype and (explicit) sharding."""
   del out_dtype
-  dtype = b.aval.dtype
-  if op == "fwd":  # b = w: dk(x, g)
-    return dw5d_p.bind(a, g, op="dk", out_dtype=dtype, **params)
-  if op == "dx":  # b = w: dk(g, ct)
-    return dw5d_p.bind(g, a, op="dk", out_dtype=dtype, **params)
-  return dw5d_p.bind(a, g, op="fwd", out_dtype=dtype, **params)  # dk, b = ct: fwd(x, g)
+  aval = (a, b)[undefined].aval
+  new_op, names = _TRANSPOSES[op, undefined]
+  values = {"g": g, "a": a, "b": b}
+  out = _bind(*(values[n] for n in names), op=new_op, out_dtype=aval.dtype, **params)
+  return _sharding.like(out, aval)
 
 
 def _batch_rule(args, dims, *, op, spec: ConvSpec, **params):
@@ -167,18 +191,28 @@ def _lead(v, d, size):
   return jnp.moveaxis(v, d, 0)
 
 
-def _lowering(ctx, a, b, *, platform: str | None, **params):
+def _lowering(ctx, a, b, *, platform: str | None, split: Layout | None, **params):
   # Imported here: the policy imports the lowerings, which bind this primitive.
   from dw5d_jax import _policy
 
-  fn = _policy.implementation(ctx, platform=platform, **params)
-  return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b)
+  if split is not None:  # blocks inside shard_map: halo exchange, then the local op
+    fn = functools.partial(_sharding.blockwise, params.pop("op"), layout=split, reduce=False,
+                           **params)
+  else:
+    fn = _policy.implementation(_sharding.unsharded(ctx), platform=platform, **params)
+    if not params["spec"].has_modes:  # border modes bind zero-padding ops: those partition
+      fn = _sharding.partitioned(ctx, fn, **params)
+  (out,) = mlir.lower_fun(fn, multiple_results=False)(_sharding.unsharded(ctx), a, b)
+  return [_sharding.constrain(ctx, out)]
 
 
 dw5d_p.def_abstract_eval(_abstract_eval)
 dw5d_p.def_impl(_eager_impl)
-ad.defbilinear(dw5d_p, _transpose_lhs, _transpose_rhs)
+ad.defbilinear(dw5d_p, functools.partial(_transpose, 0), functools.partial(_transpose, 1))
 batching.primitive_batchers[dw5d_p] = _batch_rule
+# The lowering may partition the op (`_sharding.partitioned`), which needs the
+# devices it is lowered for: JAX passes them only for primitives in this set.
+dispatch.prim_requires_devices_during_lowering.add(dw5d_p)
 mlir.register_lowering(dw5d_p, functools.partial(_lowering, platform=None))
 for _platform in ("cpu", "cuda"):
   mlir.register_lowering(dw5d_p, functools.partial(_lowering, platform=_platform),

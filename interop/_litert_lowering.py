@@ -81,8 +81,11 @@ def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax
 
 
 def _forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Any,
-             out_dtype: Any = None) -> jax.Array:
-  """`_primitive.conv`'s signature, computed by `depthwise2d_lowering`."""
+             out_dtype: Any = None, split: Any = None) -> jax.Array:
+  """`_primitive.conv`'s signature, computed by `depthwise2d_lowering` (whole arrays only)."""
+  if split is not None:
+    raise ValueError("LiteRT export: `split_axes` (blocks inside jax.shard_map) cannot be "
+                     "exported; export the function on whole arrays.")
   y = depthwise2d_lowering(x, kernel, spec)
   return y if out_dtype is None else y.astype(out_dtype)
 

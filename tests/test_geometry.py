@@ -112,6 +112,104 @@ def test_transpose_pads_give_the_input_gradient(ax, padding, seed):
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def _scatter(ct, w, n: int, s: int, r: int, lo: int) -> np.ndarray:
+  """The input gradient from the definition: `dx[p] += ct[o] * w[t]` where o reads p at t."""
+  dx = np.zeros(n)
+  for o, c in enumerate(ct):
+    for t, p in enumerate(_reads(o, len(w), s, r, lo)):
+      if 0 <= p < n:
+        dx[p] += c * w[t]
+  return dx
+
+
+def _gather(x, w, out: int, s: int, r: int, lo: int) -> np.ndarray:
+  """The convolution from the definition (zeros outside `x`)."""
+  return np.array([sum(x[p] * w[t] for t, p in enumerate(_reads(o, len(w), s, r, lo))
+                       if 0 <= p < len(x)) for o in range(out)])
+
+
+def _extended(v, i: int, blocks: g.Blocks) -> np.ndarray:
+  """Block `i`'s rows with its halo (zeros outside `v`) and the zero pad around them."""
+  a = i * blocks.size - blocks.halo[0]
+  z = (i + 1) * blocks.size + blocks.halo[1]
+  rows = [v[j] if 0 <= j < len(v) else 0.0 for j in range(a, z)]
+  return np.concatenate([np.zeros(blocks.pad[0]), rows, np.zeros(blocks.pad[1])])
+
+
+@given(axis, pad, st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_blocks_compute_their_share_of_each_op(ax, padding, parts, seed):
+  """Split outputs (convolution) or inputs (input gradient) into `parts` blocks: each
+  block's window of its extended block, as the local problem, gives its own rows."""
+  n, k, s, r = ax
+  lo, _, out = g.resolve(n, k, s, r, padding)
+  if out < 1:
+    return
+  rng = np.random.default_rng(seed)
+  x, ct, w = rng.standard_normal(n), rng.standard_normal(out), rng.standard_normal(k)
+  y, dx = _gather(x, w, out, s, r, lo), _scatter(ct, w, n, s, r, lo)
+  for op, v, want in (("fwd", x, y), ("dx", ct, dx)):
+    blocks = (g.output_blocks if op == "fwd" else g.input_blocks)(n, out, parts, k, s, r, lo)
+    n_loc, out_loc, (lo_loc, hi_loc) = blocks.local
+    assert (n_loc + lo_loc + hi_loc - g.effective(k, r)) // s + 1 == out_loc
+    assert min(lo_loc, hi_loc) >= 0
+    for i in range(parts):
+      window = _extended(v, i, blocks)[blocks.starts[i]:blocks.starts[i] + blocks.window]
+      assert len(window) == blocks.window
+      if op == "fwd":
+        got = _gather(window, w, out_loc, s, r, lo_loc)
+      else:
+        got = _scatter(window, w, n_loc, s, r, lo_loc)[blocks.crops[i]:]
+      own = want[i * blocks.rows:(i + 1) * blocks.rows]
+      np.testing.assert_allclose(got[:len(own)], own, rtol=1e-12, atol=1e-12)
+
+
+@given(axis, pad, st.integers(2, 8), st.integers(0, 2**31 - 1))
+def test_pieces_add_up_to_each_block(ax, padding, parts, seed):
+  """Where splits line up with the stride, the op on a block's own rows (its global
+  padding) plus the ops on its halos alone give its share, with no extended block."""
+  n, k, s, r = ax
+  n *= s * parts  # blocks of whole strides
+  lo, _, out = g.resolve(n, k, s, r, padding)
+  if out < 1:
+    return
+  rng = np.random.default_rng(seed)
+  x, ct, w = rng.standard_normal(n), rng.standard_normal(out), rng.standard_normal(k)
+  for op, v, want in (("fwd", x, _gather(x, w, out, s, r, lo)),
+                      ("dx", ct, _scatter(ct, w, n, s, r, lo))):
+    blocks = (g.output_blocks if op == "fwd" else g.input_blocks)(n, out, parts, k, s, r, lo)
+    if (blocks.size * s != blocks.rows) if op == "dx" else (blocks.rows * s != blocks.size):
+      assert not blocks.pieces
+      continue
+    assert blocks.pieces and blocks.pieces[0].source == 0
+    for i in range(parts):
+      ext = _extended(v, i, blocks._replace(pad=(0, 0)))
+      sources = {-1: ext[:blocks.halo[0]], 0: ext[blocks.halo[0]:blocks.halo[0] + blocks.size],
+                 1: ext[blocks.halo[0] + blocks.size:]}
+      got = np.zeros(blocks.rows)
+      for piece in blocks.pieces:
+        n_loc, out_loc, (lo_loc, hi_loc) = piece.local
+        assert min(lo_loc, hi_loc) >= 0
+        assert (n_loc + lo_loc + hi_loc - g.effective(k, r)) // s + 1 == out_loc
+        rows = sources[piece.source][piece.rows[0]:piece.rows[1]]
+        term = (_gather(rows, w, out_loc, s, r, lo_loc) if op == "fwd"
+                else _scatter(rows, w, n_loc, s, r, lo_loc))
+        got[piece.result[0]:piece.result[1]] += term
+      own = want[i * blocks.rows:(i + 1) * blocks.rows]
+      np.testing.assert_allclose(got[:len(own)], own, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+def test_halos_are_what_the_blocks_read(op):
+  """n=16, k=3, SAME, stride 1, 4 blocks: one row from either side; stride 2: the
+  convolution reads one row after (pads (0, 1)), its input gradient one cotangent row
+  before; a dilation of 4 (reach 9) needs 4 rows each side: two blocks of 2 (8 parts)."""
+  blocks = g.output_blocks if op == "fwd" else g.input_blocks
+  assert blocks(16, 16, 4, 3, 1, 1, 1).halo == (1, 1)
+  assert blocks(16, 8, 4, 3, 2, 1, 0).halo == ((0, 1) if op == "fwd" else (1, 0))
+  assert blocks(16, 16, 8, 3, 1, 4, 4).halo == (4, 4)
+  assert blocks(16, 16, 1, 3, 1, 1, 1).halo == (0, 0)
+
+
 _NUMPY_MODES = {"reflect": "reflect", "symmetric": "symmetric", "edge": "edge",
                 "circular": "wrap"}
 

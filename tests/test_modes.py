@@ -392,3 +392,72 @@ def test_stream_with_modes_along_the_other_axes(rng):
       "stream_init: `padding_mode` along the streamed axis D must be 'zeros' (the state "
       "starts from the causal zeros), got 'edge'")):
     dw.stream_init(x[:, :1], k, padding_mode="edge")
+
+
+# ----------------------------------------------------------------------------
+# Sharding (simulated CPU devices, in a process of their own: the device count
+# must be set before JAX starts).
+
+_SHARDED = r'''
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import dw5d_jax as dw
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((4, 8, 6, 5, 4)).astype(np.float32)
+k = rng.standard_normal((3, 3, 3, 4, 1)).astype(np.float32)
+ct = rng.standard_normal(x.shape).astype(np.float32)
+worst = {}
+for types in (AxisType.Auto, AxisType.Explicit):
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(types,))
+  for spec in (P(None, "d"), P("d"), P(None, None, None, None, "d")):
+    for modes, method in ((("circular", "edge", "reflect"), "auto"), ("symmetric", "conv")):
+      f = lambda a, b: dw.depthwise_conv3d(a, b, padding_mode=modes, method=method)
+      vjp = lambda a, b: (lambda y, pb: (y, *pb(ct)))(*jax.vjp(f, a, b))
+      want = vjp(x, k)
+      kspec = P(None, None, None, "d") if spec == P(None, None, None, None, "d") else P()
+      with jax.set_mesh(mesh):
+        got = jax.jit(vjp)(jax.device_put(x, NamedSharding(mesh, spec)),
+                           jax.device_put(k, NamedSharding(mesh, kspec)))
+      name = f"{types.name} {tuple(spec)} {modes} {method}"
+      worst[name] = max(float(np.abs(np.asarray(g) - w).max() / max(1.0, np.abs(w).max()))
+                        for g, w in zip(got, want))
+mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
+modes = ("zeros", "reflect", "circular")
+f = lambda a: dw.depthwise_conv3d(a, k, padding_mode=modes, split_axes={"D": "d"})
+got = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(None, "d"), out_specs=P(None, "d")))(
+    jax.device_put(x, NamedSharding(mesh, P(None, "d"))))
+want = dw.depthwise_conv3d(x, k, padding_mode=modes)
+worst["shard_map"] = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+try:
+  f = lambda a: dw.depthwise_conv3d(a, k, padding_mode="edge", split_axes={"D": "d"})
+  jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(None, "d"), out_specs=P(None, "d")))(
+      jax.device_put(x, NamedSharding(mesh, P(None, "d"))))
+  error = None
+except ValueError as e:
+  error = str(e)
+print(json.dumps({"worst": worst, "error": error}))
+'''
+
+
+def test_sharded_arrays_and_shard_map():
+  """jit on arrays split along D, batch or channels (Auto and Explicit mesh axes): the
+  forward and both gradients equal one device's; inside shard_map, modes on unsplit axes."""
+  import json
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, capture_output=True,
+                        text=True, timeout=600,
+                        env={**__import__("os").environ, "PYTHONPATH": str(root)})
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  bad = {name: err for name, err in out["worst"].items() if not err <= 1e-5}
+  assert len(out["worst"]) == 13 and not bad, bad
+  assert out["error"].startswith(
+      "depthwise_conv3d: `padding_mode` 'edge' along axis D, which `split_axes` splits over "
+      "mesh axes ('d',): inside shard_map the blocks pad their ends with zeros only.")
