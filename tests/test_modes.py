@@ -177,20 +177,6 @@ def test_second_order_borders_match_padded(rng):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)])
-def test_vmap_matches_loop(rng, method, in_axes):
-  case = _case(CASES[1], "symmetric")
-  b = 2
-  xs = random_array(rng, (b, *case.x_shape) if in_axes[0] == 0 else case.x_shape)
-  ks = random_array(rng, (b, *case.k_shape) if in_axes[1] == 0 else case.k_shape)
-  got = jax.vmap(lambda a, w: run(case, a, w, method=method), in_axes=in_axes)(xs, ks)
-  for i in range(b):
-    xi = xs[i] if in_axes[0] == 0 else xs
-    ki = ks[i] if in_axes[1] == 0 else ks
-    assert_close(got[i], case.expected(xi, ki))
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision(rng, dtype):
   case = _case(CASES[0], "edge")
