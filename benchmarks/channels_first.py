@@ -94,10 +94,13 @@ def _cells(w: Workload, seed: int = 0):
   return cells
 
 
-def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], float]:
-  """Median ms per cell, interleaved rounds after `warmup` calls of each."""
+def interleaved(cells: dict, rounds: int, warmup: int = 3) -> dict:
+  """Seconds per call of each jitted cell: `rounds` samples, one call per cell per round.
+
+  Every cell is called `warmup` times first; in a round the cells run in
+  order, so load from other processes hits all cells alike.
+  """
   import jax
-  cells = _cells(w)
   for fn in cells.values():
     for _ in range(warmup):
       jax.block_until_ready(fn())
@@ -107,6 +110,12 @@ def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], 
       t0 = time.perf_counter()
       jax.block_until_ready(fn())
       times[key].append(time.perf_counter() - t0)
+  return times
+
+
+def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], float]:
+  """Median ms per cell, interleaved rounds after `warmup` calls of each."""
+  times = interleaved(_cells(w), rounds, warmup)
   return {key: 1e3 * statistics.median(v) for key, v in times.items()}
 
 

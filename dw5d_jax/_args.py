@@ -20,7 +20,7 @@ from jax import core as jax_core
 from jax import lax
 
 from dw5d_jax import _epilogue, _geometry
-from dw5d_jax._geometry import PADDING_KINDS, SPATIAL, ConvSpec
+from dw5d_jax._geometry import MODES, PADDING_KINDS, SPATIAL, ConvSpec
 
 METHODS = ("auto", "conv", "shift", "pallas")
 
@@ -108,6 +108,40 @@ def check_padding(fn: str, padding: Any, axes: str) -> tuple[Any, ...]:
       raise ValueError(f"{expected}; got negative padding {entry!r} in {padding!r}.")
     out.append((int(entry[0]), int(entry[1])))
   return tuple(out)
+
+
+def check_padding_mode(fn: str, padding_mode: Any, padding: tuple[Any, ...],
+                       axes: str) -> tuple[str, ...]:
+  """One mode per convolved axis (`_geometry.MODES`), given the checked `padding`.
+
+  `padding_mode` is one mode for every axis or a sequence of one per letter
+  of `axes`. A mode other than `"zeros"` needs padding to fill: `"VALID"`
+  along its axis is refused.
+  """
+  n = len(axes)
+  names = ", ".join(map(repr, MODES))
+  expected = (f"{fn}: `padding_mode` must be one of {names}, or a sequence of {n} of them, "
+              f"one per convolved axis ({', '.join(axes)})")
+  if isinstance(padding_mode, str):
+    modes = (padding_mode,) * n
+  elif isinstance(padding_mode, Sequence):
+    modes = tuple(padding_mode)
+    if len(modes) != n:
+      raise ValueError(f"{expected}; got {len(modes)} entries {padding_mode!r}.")
+  else:
+    raise TypeError(f"{expected}; got {type(padding_mode).__name__} {padding_mode!r}.")
+  for mode in modes:
+    if mode not in MODES:
+      shown = repr(padding_mode) if isinstance(padding_mode, str) else \
+          f"entry {mode!r} in {padding_mode!r}"
+      raise ValueError(f"{expected}; got {shown}.")
+  for a, mode, pad in zip(axes, modes, padding):
+    if mode != "zeros" and pad == "VALID":
+      raise ValueError(
+          f"{fn}: `padding_mode` {mode!r} along axis {a} fills padding, but `padding` is "
+          f"'VALID' there (no padding); use 'SAME', 'CAUSAL' or a (lo, hi) pair along {a}, "
+          f"or `padding_mode` 'zeros'.")
+  return modes
 
 
 def empty_output_error(fn: str, axis: str, n: Any, k: int, r: int, padding: Any) -> ValueError:
@@ -245,6 +279,7 @@ def normalize(
     padding: str | tuple[tuple[int, int], ...],
     precision: Any,
     preferred: Any,
+    padding_mode: tuple[str, ...] | None = None,
     parts: tuple[int, int, int] = (1, 1, 1),
 ) -> tuple[jax.Array, jax.Array, ConvSpec]:
   """Checks shapes and dtypes and returns rank-5 `x`, rank-5 `kernel` and the spec.
@@ -259,6 +294,8 @@ def normalize(
     strides, dilations: one int per letter of `conv_axes`.
     padding: one entry per letter of `conv_axes` (`check_padding`).
     precision, preferred: already checked.
+    padding_mode: one mode per letter of `conv_axes` (`check_padding_mode`);
+      None for zeros everywhere.
     parts: x is one of `parts[i]` equal blocks of the whole array along
       spatial axis `i` (D, H, W): the spec describes the whole array.
   """
@@ -300,18 +337,24 @@ def normalize(
     if a not in conv_axes:
       kernel = lax.expand_dims(kernel, (SPATIAL.index(a),))
 
-  window, stride3, dil3, pads, outs, ins = [], [], [], [], [], []
+  window, stride3, dil3, pads, outs, ins, modes = [], [], [], [], [], [], []
   for a in SPATIAL:
     n = x.shape[spatial_axes[SPATIAL.index(a)]] * parts[SPATIAL.index(a)]
     ins.append(n)
     if a not in conv_axes:
       window.append(1), stride3.append(1), dil3.append(1), pads.append((0, 0)), outs.append(n)
+      modes.append("zeros")
       continue
     i = conv_axes.index(a)
     k, s, r = int(kernel.shape[SPATIAL.index(a)]), strides[i], dilations[i]
     lo, hi, out = _geometry.resolve(n, k, s, r, padding[i])
     _check_fits(fn, a, n, k, r, padding[i], out)
+    mode = "zeros" if padding_mode is None else padding_mode[i]
+    if _geometry.is_static(lo, hi) and lo == hi == 0:
+      mode = "zeros"  # nothing to fill
+    check_mode_fits(fn, a, mode, n, k, r, padding[i], lo, hi)
     window.append(k), stride3.append(s), dil3.append(r), pads.append((lo, hi)), outs.append(out)
+    modes.append(mode)
 
   acc_dtype = jnp.promote_types(x_dtype, jnp.float32)
   if preferred is not None:
@@ -323,7 +366,7 @@ def normalize(
       channels=int(channels), multiplier=multiplier,
       acc_dtype=jax.dtypes.canonicalize_dtype(acc_dtype),
       out_dtype=preferred if preferred is not None else x_dtype,
-      precision=precision)
+      precision=precision, modes=tuple(modes))
   return x, kernel, spec
 
 
@@ -383,6 +426,52 @@ def _check_fits(fn: str, axis: str, n: Any, k: int, r: int, padding: Any, out: A
     fits = out >= 1
   if not fits:
     raise empty_output_error(fn, axis, n, k, r, padding)
+
+
+def mode_width_error(fn: str, axis: str, mode: str, n: Any, padding: Any,
+                     pads: tuple[Any, Any] | None) -> ValueError:
+  """The error for padding wider than `mode` fills (`n` a string and `pads` None: unknown)."""
+  rule = {"reflect": "n - 1", "symmetric": "n", "circular": "n"}[mode]
+  if pads is None:
+    most, pad = rule, "more"
+  else:
+    most, pad = f"{rule} = {_geometry.mode_limit(mode, n)}", f"{tuple(pads)}"
+  return ValueError(
+      f"{fn}: `padding_mode` {mode!r} along axis {axis} fills at most {most} positions per "
+      f"side of an input of size {n}, but `padding` {padding!r} pads {pad} there. Use a "
+      f"smaller kernel, dilation or padding, or 'edge' or 'zeros'.")
+
+
+def check_mode_fits(fn: str, axis: str, mode: str, n: Any, k: int, r: int, padding: Any,
+                    lo: Any, hi: Any) -> None:
+  """Raises unless `mode` can fill the pads `(lo, hi)` along `axis` (`_geometry.mode_limit`).
+
+  `n` is an int or a JAX symbolic dimension. With a symbolic size the pads
+  may be symbolic too (SAME with a stride); the check then uses their
+  static bounds (`_geometry.pad_bound`), and asks for a declared constraint
+  where the size's own bounds do not decide it.
+  """
+  limit = _geometry.mode_limit(mode, n)
+  if limit is None:
+    return
+  if _geometry.is_static(n, lo, hi):
+    if max(lo, hi) > limit:
+      raise mode_width_error(fn, axis, mode, n, padding, (lo, hi))
+    return
+  rule = {"reflect": "n - 1", "symmetric": "n", "circular": "n"}[mode]
+  bound = max(_geometry.pad_bound(k, r, padding))
+  need = _geometry.min_size_for_mode(mode, bound)
+  try:
+    fits = n >= need
+  except _INCONCLUSIVE:
+    fits = None
+  if not fits:
+    raise ValueError(
+        f"{fn}: along axis {axis} the input size is the symbolic dimension {n}; "
+        f"`padding_mode` {mode!r} fills at most {rule} positions per side and `padding` "
+        f"{padding!r} (kernel {k}, dilation {r}) pads up to {bound}, so it needs "
+        f"{n} >= {need}. Declare it, e.g. jax.export.symbolic_shape(..., "
+        f"constraints=('{n} >= {need}',)).")
 
 
 def _float_dtype(fn: str, name: str, a: Any) -> Any:

@@ -14,6 +14,7 @@ from dw5d_jax import _args, _epilogue, _policy, _primitive, _sharding
 
 _Ints = int | tuple[int, ...]
 _Padding = str | tuple[str | tuple[int, int], ...]
+_Modes = str | tuple[str, ...]
 
 
 def depthwise_conv2d(
@@ -22,6 +23,7 @@ def depthwise_conv2d(
     *,
     strides: _Ints = 1,
     padding: _Padding = "SAME",
+    padding_mode: _Modes = "zeros",
     dilations: _Ints = 1,
     axes: str = "HW",
     data_format: str | None = None,
@@ -56,6 +58,13 @@ def depthwise_conv2d(
       `ceil(n / s)` outputs); or one entry per convolved axis (in `axes`
       order), each one of those strings or a `(lo, hi)` pair of
       non-negative ints.
+    padding_mode: what fills the padding, with `numpy.pad`'s meanings:
+      `"zeros"` (numpy's `"constant"`), `"reflect"` (`c b | a b c d | c b`),
+      `"symmetric"` (`b a | a b c d | d c`), `"edge"` (`a a | ... | d d`) or
+      `"circular"` (numpy's `"wrap"`: `c d | a b c d | a b`); one for every
+      convolved axis or one per convolved axis. Reflect fills at most
+      `n - 1` positions per side, symmetric and circular at most `n`; a
+      mode other than `"zeros"` needs padding (not `"VALID"`) on its axis.
     dilations: a positive int, or one per convolved axis. Any combination
       with `strides` is allowed.
     axes: rank-5 only: two distinct letters of `D`, `H`, `W` naming the
@@ -97,8 +106,8 @@ def depthwise_conv2d(
     TypeError: non-array inputs, non-floating or mismatched dtypes (bias
       too), a non-string activation.
     ValueError: wrong ranks or layouts, channel mismatch, bad strides,
-      dilations, padding, axes, method, bias shape or activation, or an
-      empty output.
+      dilations, padding, padding_mode, axes, method, bias shape or
+      activation, or an empty output.
 
   Example:
     >>> import jax.numpy as jnp
@@ -122,11 +131,13 @@ def depthwise_conv2d(
   if x.ndim == 4 and axes != "HW":
     raise ValueError(f"{fn}: `axes` applies to rank-5 `x` only; rank-4 `x` ({layout}) "
                      f"is always convolved over H and W, got axes={axes!r}.")
+  padding = _args.check_padding(fn, padding, axes)
   return _apply(
       x, kernel, fn=fn, conv_axes=axes, layout=layout,
       strides=_args.int_tuple(fn, "strides", strides, 2, axes),
       dilations=_args.int_tuple(fn, "dilations", dilations, 2, axes),
-      padding=_args.check_padding(fn, padding, axes),
+      padding=padding,
+      padding_mode=_args.check_padding_mode(fn, padding_mode, padding, axes),
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
       preferred=_args.check_preferred(fn, preferred_element_type),
@@ -140,6 +151,7 @@ def depthwise_conv3d(
     *,
     strides: _Ints = 1,
     padding: _Padding = "SAME",
+    padding_mode: _Modes = "zeros",
     dilations: _Ints = 1,
     data_format: str = "NDHWC",
     method: str = "auto",
@@ -168,6 +180,9 @@ def depthwise_conv3d(
       or three entries (D, H, W), each such a string or a `(lo, hi)` pair of
       non-negative ints, e.g. `("CAUSAL", "SAME", "SAME")` for a clip
       `(N, T, H, W, C)` whose outputs see no future frame.
+    padding_mode: `"zeros"`, `"reflect"`, `"symmetric"`, `"edge"` or
+      `"circular"` (what fills the padding, as for `depthwise_conv2d`), or
+      three of them (D, H, W).
     dilations: a positive int, or three. Any combination with `strides`.
     data_format: `"NDHWC"` or `"NCDHW"`.
     method: `"auto"`, `"conv"`, `"shift"` or `"pallas"`, as for
@@ -189,8 +204,8 @@ def depthwise_conv3d(
     TypeError: non-array inputs, non-floating or mismatched dtypes (bias
       too), a non-string activation.
     ValueError: wrong ranks or layouts, channel mismatch, bad strides,
-      dilations, padding, method, bias shape or activation, or an empty
-      output.
+      dilations, padding, padding_mode, method, bias shape or activation,
+      or an empty output.
 
   Example:
     >>> import jax.numpy as jnp
@@ -202,16 +217,21 @@ def depthwise_conv3d(
     >>> b = jnp.full((4,), -30.0)          # (C * M,)
     >>> dw.depthwise_conv3d(x, k, bias=b, activation="relu").max()  # relu(27 - 30)
     Array(0., dtype=float32)
+    >>> y = dw.depthwise_conv3d(x, k, padding_mode="reflect")  # no dark border
+    >>> float(y.min()), float(y.max())
+    (27.0, 27.0)
   """
   fn = "depthwise_conv3d"
   _args.check_array(fn, "x", x)
   _args.check_array(fn, "kernel", kernel)
   layout = _args.check_layout(fn, x, data_format, allowed_5d=True, allowed_4d=False)
+  padding = _args.check_padding(fn, padding, "DHW")
   return _apply(
       x, kernel, fn=fn, conv_axes="DHW", layout=layout,
       strides=_args.int_tuple(fn, "strides", strides, 3, "DHW"),
       dilations=_args.int_tuple(fn, "dilations", dilations, 3, "DHW"),
-      padding=_args.check_padding(fn, padding, "DHW"),
+      padding=padding,
+      padding_mode=_args.check_padding_mode(fn, padding_mode, padding, "DHW"),
       method=_args.check_method(fn, method),
       precision=_args.check_precision(fn, precision),
       preferred=_args.check_preferred(fn, preferred_element_type),
@@ -221,11 +241,12 @@ def depthwise_conv3d(
 
 @functools.partial(jax.jit, static_argnames=(
     "fn", "conv_axes", "layout", "strides", "dilations", "padding", "method",
-    "precision", "preferred", "split", "activation"))
+    "precision", "preferred", "split", "padding_mode", "activation"))
 def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: str,
            strides: tuple[int, ...], dilations: tuple[int, ...], padding: Any,
            method: str, precision: Any, preferred: Any, split: Any = None,
-           bias: jax.Array | None = None, activation: str | None = None) -> jax.Array:
+           padding_mode: tuple[str, ...] | None = None, bias: jax.Array | None = None,
+           activation: str | None = None) -> jax.Array:
   """Shape checks (at trace time), normalisation, the primitive, restoring the rank.
 
   Without an epilogue the primitive is `dw5d_p` alone, as if the epilogue
@@ -236,7 +257,8 @@ def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: 
   x5, k5, spec = _args.normalize(
       fn, x, kernel, conv_axes=conv_axes, layout=layout, strides=strides,
       dilations=dilations, padding=padding, precision=precision, preferred=preferred,
-      parts=(1, 1, 1) if blocks is None else tuple(map(blocks.parts, blocks.spatial)))
+      parts=(1, 1, 1) if blocks is None else tuple(map(blocks.parts, blocks.spatial)),
+      padding_mode=padding_mode)
   if blocks is not None:
     _sharding.check_split(fn, spec, blocks)
   else:  # explicit mesh axes: the result's split, checked with this function's name

@@ -18,6 +18,23 @@ Padding rules (TensorFlow's for SAME and VALID):
   only inputs at or before `o * s`; `out = ceil(n / s)`, as for SAME.
 * explicit `(lo, hi)`: `out = floor((n + lo + hi - e) / s) + 1`.
 
+Border modes (`padding_mode`, numpy.pad's meanings) say what the padding
+holds: `source` maps a position outside `[0, n)` to the input position
+whose value it takes. With n=4 (inputs a b c d) and pads (2, 2):
+
+    zeros      0 0 | a b c d | 0 0
+    reflect    c b | a b c d | c b     -p,      2(n-1) - p
+    symmetric  b a | a b c d | d c     -1 - p,  2n - 1 - p
+    edge       a a | a b c d | d d     0,       n - 1
+    circular   c d | a b c d | a b     p mod n
+
+A single reflection must suffice, so reflect pads at most `n - 1` per
+side, symmetric and circular at most `n` (PyTorch's limits; numpy.pad
+repeats the reflection instead). The native CPU kernels zero-pad, and a
+mode is added there as a correction on the border only (`_modes.py`):
+`face` gives the rows of outputs that read one side's padding along an
+axis and the slab of padded positions they read.
+
 Sizes may be Python ints, JAX symbolic dimensions (`jax.export` shape
 polymorphism) or TensorFlow int32 scalars (sizes unknown while tracing a
 `tf.function`): the arithmetic uses only `+ - * //` and `maximum`.
@@ -34,6 +51,8 @@ from jax import core as jax_core
 
 SPATIAL = "DHW"
 PADDING_KINDS = ("SAME", "VALID", "CAUSAL")
+MODES = ("zeros", "reflect", "symmetric", "edge", "circular")
+ZEROS = ("zeros",) * 3
 
 Size = Any  # an int, a JAX symbolic dimension or a TF int32 scalar
 Pad = Any  # "SAME", "VALID", "CAUSAL" or a (lo, hi) pair
@@ -90,6 +109,20 @@ def resolve(n: Size, k: int, s: int, r: int, padding: Pad) -> tuple[Size, Size, 
   return lo, hi, output_size(n, k, s, r, padding)
 
 
+def pad_bound(k: int, r: int, padding: Pad) -> tuple[int, int]:
+  """Static upper bounds on `(lo, hi)` for any input size.
+
+  SAME pads `max((ceil(n / s) - 1) * s + e - n, 0) <= e - 1` in total
+  (`(ceil(n / s) - 1) * s <= n - 1`), the smaller half low.
+  """
+  e = effective(k, r)
+  if padding == "SAME":
+    return (e - 1) // 2, e - 1 - (e - 1) // 2
+  if padding in ("VALID", "CAUSAL"):
+    return pads(1, k, 1, r, padding)
+  return padding[0], padding[1]
+
+
 def min_input_size(k: int, r: int, padding: Pad) -> int:
   """The smallest input size with a non-empty output (any stride)."""
   if padding in ("SAME", "CAUSAL"):
@@ -142,6 +175,92 @@ def input_span(o_start: Size, o_stop: Size, k: int, s: int, r: int,
   [8, 16) read inputs [7, 17), one row each side of [8, 16).
   """
   return o_start * s - lo, (o_stop - 1) * s + effective(k, r) - lo
+
+
+def _min(a: Any, b: Any) -> Any:
+  return (a + b - abs(a - b)) // 2
+
+
+def _max(a: Any, b: Any) -> Any:
+  return (a + b + abs(a - b)) // 2
+
+
+def source(mode: str, p: Any, n: Size) -> Any:
+  """The input position whose value `mode` puts at position `p` (in `[0, n)`: `p`).
+
+  `p` is an int or an integer array (NumPy, JAX or TF), `n` the axis size;
+  only `+ - // % abs` are used, so it works on all of them. Positions must
+  be within the mode's reach (`mode_limit`). Worked example, n=4, p=-2:
+  reflect 2, symmetric 1, edge 0, circular 2; p=5: reflect 1, symmetric 2,
+  edge 3, circular 1. For `"zeros"` (which reads no input outside `[0, n)`)
+  it returns `p`.
+  """
+  if mode == "reflect":
+    return (n - 1) - abs((n - 1) - abs(p))
+  if mode == "symmetric":
+    q = _max(p, -1 - p)
+    return _min(q, 2 * n - 1 - q)
+  if mode == "edge":
+    return _min(_max(p, 0), n - 1)
+  if mode == "circular":
+    return p % n
+  return p
+
+
+def mode_limit(mode: str, n: Size) -> Size | None:
+  """The widest padding per side that `mode` fills along an axis of size `n` (None: any)."""
+  if mode == "reflect":
+    return n - 1
+  if mode in ("symmetric", "circular"):
+    return n
+  return None
+
+
+def min_size_for_mode(mode: str, pad: int) -> int:
+  """The smallest axis size on which `mode` can fill `pad` positions per side."""
+  return pad + 1 if mode == "reflect" else pad if mode in ("symmetric", "circular") else 1
+
+
+class Face(NamedTuple):
+  """The outputs reading one side's padding along an axis, and what they read.
+
+  Outputs `[o_start, o_stop)` read padded positions `[p_start - pads[0],
+  p_stop + pads[1])` (input coordinates): the padding positions `[p_start,
+  p_stop)` of that side, and `pads` other positions next to them (inputs,
+  or the other side's padding) that the face leaves to other terms.
+  """
+
+  o_start: int
+  o_stop: int
+  p_start: int
+  p_stop: int
+  pads: tuple[int, int]
+
+
+def face(n: int, k: int, s: int, r: int, lo: int, out: int, side: str) -> Face | None:
+  """The low (`side="lo"`) or high padding's `Face` along an axis; None if never read.
+
+  Output `o` reads `o * s + t * r - lo`: below 0 at tap 0 exactly when
+  `o * s < lo`, at or past `n` at its last tap exactly when
+  `o * s + e - 1 - lo >= n`. Worked example: n=5, k=3, r=1, s=2, pads
+  (1, 1), out=3: the low face is output 0 reading [-1, 2), padding [-1, 0)
+  and pads (0, 2); the high face is output 2 reading [3, 6), padding
+  [5, 6) and pads (2, 0).
+  """
+  e = effective(k, r)
+  if side == "lo":
+    o_start, o_stop = 0, min(-(-lo // s), out)
+  else:
+    o_start, o_stop = min(max(-(-(n + lo - e + 1) // s), 0), out), out
+  if o_stop <= o_start:
+    return None
+  first, stop = input_span(o_start, o_stop, k, s, r, lo)
+  p_start, p_stop = (first, min(stop, 0)) if side == "lo" else (max(first, n), stop)
+  if p_stop <= p_start:
+    return None
+  return Face(o_start, o_stop, p_start, p_stop, (p_start - first, stop - p_stop))
+
+
 
 
 class Blocks(NamedTuple):
@@ -394,7 +513,9 @@ class ConvSpec(NamedTuple):
   axis of a per-slice 2D convolution, or the unit `D` of a rank-4 input) has
   window 1, stride 1, dilation 1 and padding `(0, 0)`: it is carried.
   Per-axis tuples are in `D, H, W` order; `padding` holds resolved
-  `(lo, hi)` pairs (ints, or symbolic dimensions under `jax.export`).
+  `(lo, hi)` pairs (ints, or symbolic dimensions under `jax.export`), and
+  `modes` what fills them (`MODES`; `"zeros"` wherever there is no padding,
+  carried axes included).
   """
 
   channels_last: bool
@@ -409,6 +530,12 @@ class ConvSpec(NamedTuple):
   acc_dtype: Any
   out_dtype: Any
   precision: Any
+  modes: tuple[str, str, str] = ZEROS
+
+  @property
+  def has_modes(self) -> bool:
+    """Whether some padding is filled by a mode other than zeros."""
+    return self.modes != ZEROS
 
   @property
   def spatial_axes(self) -> tuple[int, int, int]:

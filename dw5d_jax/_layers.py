@@ -88,6 +88,7 @@ class _DepthwiseConv(nnx.Module):
       depth_multiplier: int,
       strides: int | Sequence[int],
       padding: str | Sequence[str | tuple[int, int]],
+      padding_mode: str | Sequence[str],
       dilations: int | Sequence[int],
       use_bias: bool,
       activation: Activation,
@@ -111,6 +112,7 @@ class _DepthwiseConv(nnx.Module):
     self.strides = _args.int_tuple(fn, "strides", strides, self._nconv, axes)
     self.dilations = _args.int_tuple(fn, "dilations", dilations, self._nconv, axes)
     self.padding = _args.check_padding(fn, padding, axes)
+    self.padding_mode = _args.check_padding_mode(fn, padding_mode, self.padding, axes)
     self.method = _args.check_method(fn, method)
     self.activation = activation
     self._fused_activation, self._after = resolve_activation(fn, activation)
@@ -132,8 +134,8 @@ class _DepthwiseConv(nnx.Module):
     batch_shape, x = self._flatten(x)
     x, kernel, bias = self._promote(x)
     y = self._op(x, kernel, strides=self.strides, padding=self.padding,
-                 dilations=self.dilations, method=self.method, precision=self.precision,
-                 bias=bias, activation=self._fused_activation)
+                 padding_mode=self.padding_mode, dilations=self.dilations, method=self.method,
+                 precision=self.precision, bias=bias, activation=self._fused_activation)
     return self._finish(y, None, batch_shape, fused=True)
 
   # -- streaming --------------------------------------------------------------
@@ -198,8 +200,8 @@ class _DepthwiseConv(nnx.Module):
   # -- shared pieces ----------------------------------------------------------
 
   def _stream_kwargs(self) -> dict[str, Any]:
-    return dict(strides=self.strides, padding=self.padding, dilations=self.dilations,
-                axes=self._conv_axes)
+    return dict(strides=self.strides, padding=self.padding, padding_mode=self.padding_mode,
+                dilations=self.dilations, axes=self._conv_axes)
 
   def _flat_shape(self, fn: str, shape: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """`(batch_shape, shape with the leading batch dims as one)`."""
@@ -250,8 +252,9 @@ class DepthwiseConv3D(_DepthwiseConv):
     in_features: number of input channels `C`.
     kernel_size: an int or `(kd, kh, kw)`.
     depth_multiplier: filters per input channel `M`.
-    strides, padding, dilations, method, precision: as in
-      `dw5d_jax.depthwise_conv3d`.
+    strides, padding, padding_mode, dilations, method, precision: as in
+      `dw5d_jax.depthwise_conv3d` (`padding_mode`: `"zeros"`, `"reflect"`,
+      `"symmetric"`, `"edge"` or `"circular"`, or one per axis).
     use_bias: add a bias of shape `(C * M,)`.
     activation: None, a name the ops take (`"relu"`, `"relu6"`, `"gelu"`
       (exact), `"gelu_tanh"`, `"silu"`, `"sigmoid"`, `"tanh"`,
@@ -290,6 +293,7 @@ class DepthwiseConv3D(_DepthwiseConv):
       depth_multiplier: int = 1,
       strides: int | Sequence[int] = 1,
       padding: str | Sequence[str | tuple[int, int]] = "SAME",
+      padding_mode: str | Sequence[str] = "zeros",
       dilations: int | Sequence[int] = 1,
       use_bias: bool = True,
       activation: Activation = None,
@@ -303,10 +307,9 @@ class DepthwiseConv3D(_DepthwiseConv):
   ):
     super().__init__(
         in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
-        padding=padding, dilations=dilations, use_bias=use_bias, activation=activation,
-        kernel_init=kernel_init,
-        bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
-        method=method, axes="DHW", rngs=rngs)
+        padding=padding, padding_mode=padding_mode, dilations=dilations, use_bias=use_bias,
+        activation=activation, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+        param_dtype=param_dtype, precision=precision, method=method, axes="DHW", rngs=rngs)
 
   _spatial = 3
   _conv_axes = "DHW"
@@ -330,7 +333,7 @@ class DepthwiseConv2D(_DepthwiseConv):
     kernel_size: an int or `(k0, k1)`.
     depth_multiplier: filters per input channel `M`.
     axes: `None` for 4D input, or e.g. `"HW"`, `"DW"` for per-slice 5D input.
-    strides, padding, dilations, method, precision: as in
+    strides, padding, padding_mode, dilations, method, precision: as in
       `dw5d_jax.depthwise_conv2d`.
     use_bias, activation, kernel_init, bias_init, dtype, param_dtype, rngs: as
       in `DepthwiseConv3D`.
@@ -354,6 +357,7 @@ class DepthwiseConv2D(_DepthwiseConv):
       depth_multiplier: int = 1,
       strides: int | Sequence[int] = 1,
       padding: str | Sequence[str | tuple[int, int]] = "SAME",
+      padding_mode: str | Sequence[str] = "zeros",
       dilations: int | Sequence[int] = 1,
       axes: str | None = None,
       use_bias: bool = True,
@@ -369,10 +373,10 @@ class DepthwiseConv2D(_DepthwiseConv):
     self.axes = None if axes is None else _args.check_axes(type(self).__name__, axes)
     super().__init__(
         in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
-        padding=padding, dilations=dilations, use_bias=use_bias, activation=activation,
-        kernel_init=kernel_init,
-        bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
-        method=method, axes=self.axes or "HW", rngs=rngs)
+        padding=padding, padding_mode=padding_mode, dilations=dilations, use_bias=use_bias,
+        activation=activation, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+        param_dtype=param_dtype, precision=precision, method=method, axes=self.axes or "HW",
+        rngs=rngs)
 
   @property
   def _shape_doc(self) -> str:

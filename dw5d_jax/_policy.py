@@ -24,6 +24,9 @@ decides, in this order:
    the lowering is for export (an exported artifact must not name a custom
    call that only this process knows). Everything else uses XLA's shift
    lowering (`_shift.py`), with the same results.
+   A spec with border modes (`padding_mode`) is computed by `_modes.py`
+   from zero-padding ops, which come back here: on the border alone where
+   the native kernels run, from a padded copy elsewhere.
 3. **Layout.** XLA's convolution and shift lowering take both layouts as
    they are (dimension numbers, axis positions); so do the native kernels
    (channels-first ones are vectorised along W), except where `transposed`
@@ -35,8 +38,9 @@ decides, in this order:
 A bias or activation (`bias=`, `activation=`) makes the op bind
 `_epilogue.epilogue_p` instead; its forward and backward pass are fused
 into the native kernels exactly where the convolution and its kernel
-gradient would use them (`epilogue_implementation`), and everywhere else
-computed by the unfused formula over `dw5d_p`, which takes the steps above.
+gradient would use them (`epilogue_implementation`) without border modes,
+and everywhere else computed by the unfused formula over `dw5d_p`, which
+takes the steps above.
 
 The native library is built (or loaded from its cache) at trace time, by
 `prepare`, the first time an op that may use it is traced with CPU as the
@@ -57,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dw5d_jax import _conv, _epilogue, _native, _native_build, _pallas, _shift
+from dw5d_jax import _conv, _epilogue, _modes, _native, _native_build, _pallas, _shift
 from dw5d_jax._geometry import ConvSpec, is_static
 from dw5d_jax._primitive import Impl
 
@@ -159,6 +163,12 @@ def implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: 
   """The function computing `op` in the lowering `ctx` for `platform` (None: any other)."""
   platforms = (platform,) if platform else tuple(ctx.platforms or ctx.module_context.platforms)
   method = lowering(impl.method, platforms[0] if platform else None, spec)
+  if spec.has_modes:
+    # Border modes bind zero-padding ops, which come back here (`_modes.py`):
+    # the native kernels get corrections on the border, the rest a padded copy.
+    borders = (method == "shift" and platform == "cpu"
+               and native_layout(ctx, spec, op) is not None)
+    return _modes.implementation(op, spec, impl, out_dtype, borders=borders)
   if method == "pallas":
     bad = [p for p in platforms if p != "cuda"]
     if bad and not impl.interpret:
@@ -195,8 +205,8 @@ def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpe
   to channels-last around them where `transposed` says), on one device.
   """
   method = lowering(impl.method, platform, spec)
-  if method != "shift" or platform != "cpu":
-    return None
+  if method != "shift" or platform != "cpu" or spec.has_modes:
+    return None  # border modes: the formula's dw5d_p corrects the borders (`_modes`)
   if getattr(ctx.module_context.axis_context, "num_devices", 1) > 1:
     return None  # the formula's dw5d_p is partitioned (`_sharding.partitioned`)
   layout = native_layout(ctx, spec, "fwd" if op == "fwd" else "dk")

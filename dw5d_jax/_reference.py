@@ -7,8 +7,9 @@ every kernel tap, the input position each output reads:
 
     y[n, o, c*M + m] = sum_t xpad[n, o*s + t*r, c] * k[t, c, m]
 
-with `xpad` the zero-padded input (so `xpad[p] = x[p - lo]` inside the input
-and 0 outside), summed over the taps `t` of every convolved axis. Inputs are
+with `xpad` the padded input (so `xpad[p] = x[p - lo]` inside the input
+and 0 outside, or, with a border mode, what `numpy.pad` puts there),
+summed over the taps `t` of every convolved axis. Inputs are
 assumed valid (the library's checks are tested separately). It is slow and
 meant for small tests, the parity suite and export verification.
 
@@ -62,6 +63,7 @@ def depthwise_reference(
     padding: str | Sequence[str | tuple[int, int]] = "SAME",
     dilations: int | Sequence[int] = 1,
     data_format: str | None = None,
+    padding_mode: str | Sequence[str] = "zeros",
 ) -> np.ndarray:
   """Depthwise convolution in float64 by a direct sum over kernel taps.
 
@@ -74,6 +76,9 @@ def depthwise_reference(
     padding: `"SAME"`, `"VALID"` or `"CAUSAL"`, or one entry per convolved
       axis, each such a string or a `(lo, hi)` pair.
     data_format: x's layout; `None` means channels-last.
+    padding_mode: `"zeros"`, `"reflect"`, `"symmetric"`, `"edge"` or
+      `"circular"` (`numpy.pad`'s `"constant"`, `"reflect"`, `"symmetric"`,
+      `"edge"`, `"wrap"`), or one per convolved axis.
 
   Returns:
     A float64 array in x's layout with `C * M` channels ordered `c * M + m`.
@@ -91,7 +96,8 @@ def depthwise_reference(
   c, m = k.shape[-2], k.shape[-1]
 
   entries = [padding] * nconv if isinstance(padding, str) else list(padding)
-  index, valid, out_sizes = [], [], []
+  modes = [padding_mode] * nconv if isinstance(padding_mode, str) else list(padding_mode)
+  index, valid, out_sizes, widths = [], [], [], [(0, 0)] * x.ndim
   for i, a in enumerate(axes):
     n = x.shape[1 + letters.index(a)]
     size, s, r = k.shape[i], strides[i], dilations[i]
@@ -109,9 +115,21 @@ def depthwise_reference(
       out = (n + lo + hi - eff) // s + 1
     # pos[o, t]: the input position that output o reads at tap t.
     pos = np.arange(out)[:, None] * s + np.arange(size)[None, :] * r - lo
-    index.append(np.clip(pos, 0, n - 1))
-    valid.append((pos >= 0) & (pos < n))
+    if modes[i] == "zeros":
+      index.append(np.clip(pos, 0, n - 1))
+      valid.append((pos >= 0) & (pos < n))
+    else:  # x is padded by numpy.pad below: position p is at p + lo there
+      hi_read = max(int(pos.max()) - (n - 1), 0)
+      widths[1 + letters.index(a)] = (lo, hi_read)
+      index.append(pos + lo)
+      valid.append(np.ones(pos.shape, dtype=bool))
     out_sizes.append(out)
+
+  for i, a in enumerate(axes):  # one axis at a time: each mode fills its own axis
+    if modes[i] != "zeros":
+      ax = 1 + letters.index(a)
+      x = np.pad(x, [w if j == ax else (0, 0) for j, w in enumerate(widths)],
+                 mode=_NUMPY_MODES[modes[i]])
 
   out_shape = list(x.shape[:-1]) + [c, m]
   for i, a in enumerate(axes):
@@ -132,6 +150,10 @@ def depthwise_reference(
   if channels_first:
     y = np.moveaxis(y, -1, 1)
   return y
+
+
+_NUMPY_MODES = {"reflect": "reflect", "symmetric": "symmetric", "edge": "edge",
+                "circular": "wrap"}
 
 
 def _per_axis(v: int | Sequence[int], n: int) -> tuple[int, ...]:
@@ -211,6 +233,7 @@ class Case:
   strides: int | tuple[int, ...] = 1
   dilations: int | tuple[int, ...] = 1
   padding: str | tuple[str | tuple[int, int], ...] = "SAME"
+  padding_mode: str | tuple[str, ...] = "zeros"
 
   @property
   def op_name(self) -> str:
@@ -224,19 +247,23 @@ class Case:
     pad = self.padding if isinstance(self.padding, str) else "pad" + "".join(
         f"({p})" if isinstance(p, str) else f"({p[0]},{p[1]})" for p in self.padding)
     k = "x".join(map(str, self.k_shape[:-2]))
+    mode = self.padding_mode
+    mode = "" if mode == "zeros" else f" {mode if isinstance(mode, str) else ','.join(mode)}"
     return (f"{self.op} {self.axes} {self.layout} k{k} s{ints(self.strides)} "
-            f"r{ints(self.dilations)} {pad} M{self.k_shape[-1]}")
+            f"r{ints(self.dilations)} {pad}{mode} M{self.k_shape[-1]}")
 
   def kwargs(self) -> dict[str, Any]:
-    """The op's keyword arguments (`axes` only where the op takes it)."""
+    """The op's keyword arguments (`axes` only where the op takes it, `padding_mode` if set)."""
     kw = {"strides": self.strides, "dilations": self.dilations, "padding": self.padding,
           "data_format": self.layout}
     if self.op == "2d" and len(self.layout) == 5:
       kw["axes"] = self.axes
+    if self.padding_mode != "zeros":
+      kw["padding_mode"] = self.padding_mode
     return kw
 
   def expected(self, x: Any, kernel: Any) -> np.ndarray:
     """The reference's output in float64 (x may have another shape than `x_shape`)."""
     return depthwise_reference(x, kernel, axes=self.axes, strides=self.strides,
                                dilations=self.dilations, padding=self.padding,
-                               data_format=self.layout)
+                               data_format=self.layout, padding_mode=self.padding_mode)

@@ -279,7 +279,18 @@ def split_layout(fn: str, axes: tuple[Axes, Axes, Axes]) -> Layout:
 
 
 def check_split(fn: str, spec: ConvSpec, layout: Layout) -> None:
-  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs)."""
+  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs).
+
+  A border mode (`padding_mode`) must not fill a split axis: the blocks
+  exchange halos of their neighbours' rows, and zeros past the ends.
+  """
+  for letter, axes, mode in zip(SPATIAL, layout.spatial, spec.modes):
+    if axes and mode != "zeros":
+      raise ValueError(
+          f"{fn}: `padding_mode` {mode!r} along axis {letter}, which `split_axes` splits over "
+          f"mesh axes {axes}: inside shard_map the blocks pad their ends with zeros only. Split "
+          f"another axis, use 'zeros' along {letter}, or call the op under jit on the sharded "
+          f"array (XLA partitions the padding).")
   for letter, axes, n, out in zip(SPATIAL, layout.spatial, spec.in_spatial, spec.out_spatial):
     parts = layout.parts(axes)
     if axes and out % parts:

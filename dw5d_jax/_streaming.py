@@ -76,6 +76,7 @@ class StreamConfig(NamedTuple):
   strides: tuple[int, ...]
   dilations: tuple[int, ...]
   padding: tuple[Any, ...]
+  modes: tuple[str, ...] = ()  # padding_mode per convolved axis ("zeros" along time)
 
   @property
   def time(self) -> int | None:
@@ -137,6 +138,7 @@ def stream_init(
     *,
     strides: _Ints = 1,
     padding: _Padding = None,
+    padding_mode: str | tuple[str, ...] = "zeros",
     dilations: _Ints = 1,
     axes: str | None = None,
     axis: str | None = None,
@@ -159,6 +161,8 @@ def stream_init(
     padding: as for the ops; along `axis` it must pad `(e - 1, 0)`
       (`"CAUSAL"`). `None` (default): `"CAUSAL"` along `axis` and `"SAME"`
       along the other convolved axes.
+    padding_mode: as for the ops; along `axis` it must be `"zeros"` (the
+      state starts from the causal zeros).
     axes: `"DHW"` for the 3D op, two letters of `D`, `H`, `W` for the
       per-slice 2D op; `None`: from the kernel's rank (`"DHW"` or `"HW"`).
     axis: the streamed axis, a letter of `D`, `H`, `W`; `None`: the first
@@ -172,7 +176,7 @@ def stream_init(
 
   Raises:
     TypeError, ValueError: anything the op refuses, and a padding along
-      `axis` that is not causal.
+      `axis` that is not causal, or filled by a mode other than zeros.
 
   Example:
     >>> import jax.numpy as jnp
@@ -183,8 +187,9 @@ def stream_init(
     (1, 3, 8, 8, 4)
   """
   fn = "stream_init"
-  config = _configure(fn, chunk, kernel, strides=strides, padding=padding, dilations=dilations,
-                      axes=axes, axis=axis, data_format=data_format)
+  config = _configure(fn, chunk, kernel, strides=strides, padding=padding,
+                      padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
+                      data_format=data_format)
   dtype = _check_float(fn, "chunk", chunk)
   t = config.layout.index(config.axis)
   shape = list(chunk.shape)
@@ -210,6 +215,7 @@ def stream_step(
     *,
     strides: _Ints = 1,
     padding: _Padding = None,
+    padding_mode: str | tuple[str, ...] = "zeros",
     dilations: _Ints = 1,
     axes: str | None = None,
     axis: str | None = None,
@@ -229,8 +235,8 @@ def stream_step(
     chunk: the next `L >= 1` frames along the streamed axis, every other
       size, the layout and the dtype as in `stream_init`'s `chunk`.
     kernel: the kernel.
-    strides, padding, dilations, axes, axis, data_format: as for
-      `stream_init`.
+    strides, padding, padding_mode, dilations, axes, axis, data_format: as
+      for `stream_init`.
     method, precision, preferred_element_type: as for the ops (they do not
       change the state).
     valid: `None` (every frame of `chunk` is real), or how many leading
@@ -271,8 +277,9 @@ def stream_step(
                     f"got {type(state).__name__}.")
   _args.check_array(fn, "chunk", chunk)
   _args.check_array(fn, "kernel", kernel)
-  config = _configure(fn, chunk, kernel, strides=strides, padding=padding, dilations=dilations,
-                      axes=axes, axis=axis, data_format=data_format)
+  config = _configure(fn, chunk, kernel, strides=strides, padding=padding,
+                      padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
+                      data_format=data_format)
   _check_same_config(fn, state.config, config)
   _check_chunk(fn, state, chunk)
   length = chunk.shape[config.layout.index(config.axis)]
@@ -343,15 +350,15 @@ def _conv(x, kernel, *, config: StreamConfig, fn: str, method: str, precision: A
   return _depthwise._apply(
       x, kernel, fn=fn, conv_axes=config.axes, layout=config.layout, strides=config.strides,
       dilations=config.dilations, padding=tuple(padding), method=method, precision=precision,
-      preferred=preferred)
+      preferred=preferred, padding_mode=config.modes)
 
 
 # ----------------------------------------------------------------------------
 # Checks.
 
 
-def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, dilations, axes, axis,
-               data_format) -> StreamConfig:
+def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, padding_mode, dilations,
+               axes, axis, data_format) -> StreamConfig:
   """Checks the configuration arguments and returns the stream's config."""
   for name, a in (("chunk", chunk), ("kernel", kernel)):
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
@@ -381,6 +388,7 @@ def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, dilations,
   if padding is None:
     padding = tuple("CAUSAL" if a == axis else "SAME" for a in axes)
   padding = _args.check_padding(fn, padding, axes)
+  modes = _args.check_padding_mode(fn, padding_mode, padding, axes)
   if len(kernel.shape) != n + 2:
     names = ", ".join(f"k{a.lower()}" for a in axes)
     raise ValueError(f"{fn}: `kernel` must have rank {n + 2} ({names}, in_channels, "
@@ -394,9 +402,14 @@ def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, dilations,
           f"{fn}: `padding` along the streamed axis {axis} must be 'CAUSAL' (pads "
           f"(e - 1, 0) = ({e - 1}, 0) for kernel {window[i]}, dilation {dilations[i]}): a "
           f"stream's outputs may read only past and present frames; got {padding[i]!r}.")
+    if modes[i] != "zeros":
+      raise ValueError(
+          f"{fn}: `padding_mode` along the streamed axis {axis} must be 'zeros' (the state "
+          f"starts from the causal zeros), got {modes[i]!r}; other modes are fine along the "
+          f"other axes.")
   return StreamConfig(axes=axes, axis=axis, layout=layout, window=window,
                       multiplier=int(kernel.shape[-1]), strides=strides, dilations=dilations,
-                      padding=padding)
+                      padding=padding, modes=modes)
 
 
 def _check_valid(fn: str, valid: Any, length: Any) -> tuple[int | None, jax.Array | None]:

@@ -20,6 +20,11 @@ Keras (these layers)   dw5d_jax / interop ops
                        `"causal"` is `"CAUSAL"` along the first spatial axis
                        (as Keras's Conv1D along its only one) and `"SAME"`
                        along the others, e.g. `("CAUSAL", "SAME", "SAME")`.
+`padding_mode`         the same argument of the ops (no Keras counterpart):
+                       `"zeros"` (default), `"reflect"`, `"symmetric"`,
+                       `"edge"` or `"circular"`, or one per convolved axis;
+                       a mode other than `"zeros"` needs `padding="same"`
+                       or `"causal"` (streaming: `"zeros"` along time).
 `data_format=None`     `keras.config.image_data_format()`, then
                        `"channels_last"` is `"NDHWC"` (`"NHWC"` for rank-4
                        input) and `"channels_first"` is `"NCDHW"` (`"NCHW"`).
@@ -82,6 +87,7 @@ class _DepthwiseConv(keras.layers.Layer):
       *,
       strides: int | Sequence[int] = 1,
       padding: str = "valid",
+      padding_mode: str | Sequence[str] = "zeros",
       depth_multiplier: int = 1,
       data_format: str | None = None,
       dilation_rate: int | Sequence[int] = 1,
@@ -108,7 +114,9 @@ class _DepthwiseConv(keras.layers.Layer):
       raise ValueError(f"{fn}: `padding` must be 'valid', 'same' or 'causal' (any case), got "
                        f"{padding!r}.")
     self.padding = padding.lower()
-    self._padding_entries()  # 'causal' on a carried axis fails here
+    # 'causal' on a carried axis fails in _padding_entries.
+    modes = _args.check_padding_mode(fn, padding_mode, self._padding_entries(), axes)
+    self.padding_mode = modes[0] if len(set(modes)) == 1 else modes
     if not _args.is_int(depth_multiplier) or depth_multiplier < 1:
       raise ValueError(f"{fn}: `depth_multiplier` must be a positive int, got "
                        f"{depth_multiplier!r}.")
@@ -140,6 +148,11 @@ class _DepthwiseConv(keras.layers.Layer):
 
   def _op_kwargs(self) -> dict[str, Any]:
     return {}
+
+  def _modes(self) -> tuple[str, ...]:
+    """`padding_mode` per convolved axis."""
+    mode = self.padding_mode
+    return (mode,) * self._rank if isinstance(mode, str) else tuple(mode)
 
   def _padding_entries(self) -> tuple[str, ...]:
     """The ops' padding, one entry per convolved axis (kernel order).
@@ -197,10 +210,11 @@ class _DepthwiseConv(keras.layers.Layer):
       n = shape[pos]
       if n is None:
         continue
-      k, r = self.kernel_size[i], self.dilation_rate[i]
-      out = _geometry.output_size(n, k, self.strides[i], r, padding)
+      k, s, r = self.kernel_size[i], self.strides[i], self.dilation_rate[i]
+      lo, hi, out = _geometry.resolve(n, k, s, r, padding)
       if out < 1:
         raise _args.empty_output_error(fn, a, n, k, r, padding)
+      _args.check_mode_fits(fn, a, self._modes()[i], n, k, r, padding, lo, hi)
       shape[pos] = out
     c = -1 if self._channels_last else 1
     shape[c] = shape[c] * self.depth_multiplier
@@ -234,7 +248,8 @@ class _DepthwiseConv(keras.layers.Layer):
     # `.value` is the backend array (a tf.Variable on TensorFlow, so tapes see
     # it), cast to the compute dtype under a mixed-precision policy.
     kernel = self.kernel.value
-    kwargs = dict(strides=self.strides, padding=padding, dilations=self.dilation_rate,
+    kwargs = dict(strides=self.strides, padding=padding, padding_mode=self.padding_mode,
+                  dilations=self.dilation_rate,
                   data_format=_LAYOUTS[self._input_rank, self._channels_last],
                   **self._op_kwargs())
     fused = self._fused_activation() if keras.backend.backend() == "jax" else None
@@ -356,6 +371,10 @@ class _DepthwiseConv(keras.layers.Layer):
                                self._padding_entries()[i]):
       raise ValueError(f"{fn}: streaming needs the layer causal along {first} (the first "
                        f"spatial axis): padding='causal', got padding={self.padding!r}.")
+    if self._modes()[i] != "zeros":
+      raise ValueError(f"{fn}: streaming needs `padding_mode` 'zeros' along {first} (the "
+                       f"state starts from the causal zeros), got {self._modes()[i]!r}; "
+                       f"other modes are fine along the other axes.")
     return i, t
 
   def get_config(self) -> dict[str, Any]:
@@ -364,6 +383,7 @@ class _DepthwiseConv(keras.layers.Layer):
         kernel_size=self.kernel_size,
         strides=self.strides,
         padding=self.padding,
+        padding_mode=self.padding_mode,
         depth_multiplier=self.depth_multiplier,
         data_format=self.data_format,
         dilation_rate=self.dilation_rate,
@@ -403,6 +423,10 @@ class DepthwiseConv3D(_DepthwiseConv):
     padding: `"valid"` (default, as Keras), `"same"` (TF's rule) or
       `"causal"` (CAUSAL along `D`, the time of a clip `(N, T, H, W, C)`:
       outputs see no later frame; SAME along `H` and `W`), any case.
+    padding_mode: what fills the `"same"` or `"causal"` padding: `"zeros"`
+      (default), `"reflect"`, `"symmetric"`, `"edge"` or `"circular"`
+      (numpy.pad's meanings), or one per convolved axis. Along a causal
+      time axis only `"zeros"` and `"edge"` keep outputs causal.
     depth_multiplier: filters per input channel.
     data_format: `"channels_last"`, `"channels_first"`, or None for
       `keras.config.image_data_format()`.
@@ -423,9 +447,10 @@ class DepthwiseConv3D(_DepthwiseConv):
 
   Raises:
     ValueError: a backend other than JAX or TensorFlow; bad `kernel_size`,
-      `strides`, `dilation_rate`, `padding`, `depth_multiplier` or
-      `data_format`; when built or called, an input of the wrong rank, an
-      unknown or changed channel size, or an empty output.
+      `strides`, `dilation_rate`, `padding`, `padding_mode`,
+      `depth_multiplier` or `data_format`; when built or called, an input of
+      the wrong rank, an unknown or changed channel size, an empty output, or
+      padding wider than the mode fills.
     TypeError: non-int sizes.
 
   Example:
@@ -463,9 +488,9 @@ class DepthwiseConv2D(_DepthwiseConv):
       With `padding="causal"` they must include the first spatial axis
       (`D`, or `H` of 4D input), the causal one.
     strides, dilation_rate: an int or two, along the convolved axes.
-    padding, depth_multiplier, data_format, activation, use_bias, the
-      initializers, regularizers and constraints, **kwargs: as in
-      `DepthwiseConv3D`.
+    padding, padding_mode, depth_multiplier, data_format, activation,
+      use_bias, the initializers, regularizers and constraints, **kwargs: as
+      in `DepthwiseConv3D`.
 
   Raises:
     ValueError, TypeError: as `DepthwiseConv3D`, and bad `axes`.

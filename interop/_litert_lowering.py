@@ -39,7 +39,7 @@ import jax.extend.core
 import numpy as np
 from jax import lax
 
-from dw5d_jax import _conv, _depthwise, _primitive
+from dw5d_jax import _conv, _depthwise, _modes, _primitive
 from dw5d_jax import _epilogue as _epilogue_module
 from dw5d_jax._geometry import ConvSpec
 
@@ -56,7 +56,11 @@ def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax
   Worked example, depth only: D=5, kd=3, sd=2, rd=1, SAME: out 3, pads (1, 1),
   padded size 7 (tight: exactly (3 - 1) * 2 + 3 = 7). Tap t reads padded
   depths t, t + 2, t + 4 (`spec.tap_slice(0, t)`): [0:5:2], [1:6:2], [2:7:2].
+  Border modes (`padding_mode`) pad x by mode first (`_modes.pad`: a zero
+  pad, slices and reversals written in place).
   """
+  if spec.has_modes:
+    x, spec = _modes.pad(x, spec), _modes.padded_spec(spec)
   if any(spec.carried(i) for i in range(3)):
     return _conv.conv(x, kernel, spec, spec.out_dtype)
   if not spec.channels_last:

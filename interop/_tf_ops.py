@@ -14,6 +14,9 @@ explicit padding with dilations). Padding is always applied explicitly with
 `tf.pad` (TF's SAME split computed from `tf.shape` when sizes are unknown
 while tracing), then a VALID convolution runs, and strides it cannot take
 are applied by strided slicing, before the convolution where that is exact.
+Border modes pad with `tf.pad`'s `"REFLECT"` and `"SYMMETRIC"`, and with
+slices and concatenation for `"edge"` and `"circular"` (TF has neither),
+written independently of `dw5d_jax`'s own padding code.
 
 Like `dw5d_jax`, float16 and bfloat16 inputs are computed in float32 and the
 result is rounded back to the input dtype.
@@ -40,6 +43,7 @@ def tf_depthwise_conv2d(
     *,
     strides: _Ints = 1,
     padding: _Padding = "SAME",
+    padding_mode: str | tuple[str, ...] = "zeros",
     dilations: _Ints = 1,
     axes: str = "HW",
     data_format: str | None = None,
@@ -57,6 +61,10 @@ def tf_depthwise_conv2d(
     strides: a positive int, or one per convolved axis (in `axes` order).
     padding: `"SAME"`, `"VALID"` (TF's rules) or `"CAUSAL"`, or one entry
       per convolved axis, each such a string or a `(lo, hi)` pair.
+    padding_mode: `"zeros"`, `"reflect"`, `"symmetric"`, `"edge"` or
+      `"circular"` (numpy.pad's meanings, as in `dw5d_jax`), or one per
+      convolved axis. With sizes unknown while tracing, padding wider than
+      the mode fills fails when the graph runs.
     dilations: a positive int, or one per convolved axis; any combination
       with `strides`.
     axes: rank-5 only: two distinct letters of `D`, `H`, `W`, e.g. `"DW"`.
@@ -69,7 +77,7 @@ def tf_depthwise_conv2d(
   Raises:
     TypeError: non-tensor inputs, non-floating or mismatched dtypes.
     ValueError: unknown rank, wrong ranks or layouts, channel mismatch, bad
-      strides, dilations, padding or axes, or an empty output.
+      strides, dilations, padding, padding_mode or axes, or an empty output.
 
   Example:
     >>> import numpy as np
@@ -87,11 +95,12 @@ def tf_depthwise_conv2d(
   if x.shape.rank == 4 and axes != "HW":
     raise ValueError(f"{fn}: `axes` applies to rank-5 `x` only; rank-4 `x` ({layout}) "
                      f"is always convolved over H and W, got axes={axes!r}.")
+  padding = _args.check_padding(fn, padding, axes)
   conv = _Conv2d(
       fn, axes,
       strides=_args.int_tuple(fn, "strides", strides, 2, axes),
       dilations=_args.int_tuple(fn, "dilations", dilations, 2, axes),
-      padding=_args.check_padding(fn, padding, axes))
+      padding=padding, modes=_args.check_padding_mode(fn, padding_mode, padding, axes))
   dtype = _check_operands(fn, x, kernel, axes, layout)
 
   # One transpose takes x from its layout to (N, [F,] A0, A1, C): F the carried
@@ -116,6 +125,7 @@ def tf_depthwise_conv3d(
     *,
     strides: _Ints = 1,
     padding: _Padding = "SAME",
+    padding_mode: str | tuple[str, ...] = "zeros",
     dilations: _Ints = 1,
     data_format: str = "NDHWC",
 ) -> tf.Tensor:
@@ -135,6 +145,8 @@ def tf_depthwise_conv3d(
     strides: a positive int, or three (D, H, W).
     padding: `"SAME"`, `"VALID"` or `"CAUSAL"`, or three entries, each such a
       string or a `(lo, hi)` pair.
+    padding_mode: `"zeros"`, `"reflect"`, `"symmetric"`, `"edge"` or
+      `"circular"`, or three of them, as for `tf_depthwise_conv2d`.
     dilations: a positive int, or three; any combination with `strides`.
     data_format: `"NDHWC"` or `"NCDHW"`.
 
@@ -145,7 +157,7 @@ def tf_depthwise_conv3d(
   Raises:
     TypeError: non-tensor inputs, non-floating or mismatched dtypes.
     ValueError: unknown rank, wrong rank or layout, channel mismatch, bad
-      strides, dilations or padding, or an empty output.
+      strides, dilations, padding or padding_mode, or an empty output.
 
   Example:
     >>> import numpy as np
@@ -162,8 +174,10 @@ def tf_depthwise_conv3d(
   strides3 = _args.int_tuple(fn, "strides", strides, 3, "DHW")
   dilations3 = _args.int_tuple(fn, "dilations", dilations, 3, "DHW")
   padding3 = _args.check_padding(fn, padding, "DHW")
+  modes3 = _args.check_padding_mode(fn, padding_mode, padding3, "DHW")
   dtype = _check_operands(fn, x, kernel, "DHW", layout)
-  hw = _Conv2d(fn, "HW", strides=strides3[1:], dilations=dilations3[1:], padding=padding3[1:])
+  hw = _Conv2d(fn, "HW", strides=strides3[1:], dilations=dilations3[1:], padding=padding3[1:],
+               modes=modes3[1:])
 
   perm = [layout.index(a) for a in "NDHWC"]
   xt = _cast(_transpose(x, perm), _compute_dtype(dtype))
@@ -171,8 +185,8 @@ def tf_depthwise_conv3d(
   kd, kh, kw, c, m = kernel.shape
   sd, rd = strides3[0], dilations3[0]
   n, d = _dim(xt, 0), _dim(xt, 1)
-  lo, hi, od = _window(fn, "D", d, kd, sd, rd, padding3[0])
-  xt = _pad(xt, [(0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)])
+  lo, hi, od = _window(fn, "D", d, kd, sd, rd, padding3[0], modes3[0])
+  xt = _pad(xt, [(0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)], [modes3[0]] * 5)
   # Tap t reads padded depths t*rd, t*rd + sd, ..., t*rd + (od - 1)*sd.
   taps = [xt[:, t * rd:t * rd + (od - 1) * sd + 1:sd] for t in range(kd)]
   stacked = tf.stack(taps, axis=4)  # (N, Od, H, W, kd, C)
@@ -188,13 +202,15 @@ def tf_depthwise_conv3d(
 class _Conv2d:
   """Checked settings of a 2D depthwise convolution over `(B, A0, A1, C)` inputs.
 
-  `padding` holds one checked entry per axis (`_args.check_padding`).
+  `padding` and `modes` hold one checked entry per axis
+  (`_args.check_padding`, `_args.check_padding_mode`).
   """
 
   def __init__(self, fn: str, axes: str, *, strides: tuple[int, ...],
-               dilations: tuple[int, ...], padding: tuple[Any, ...]):
+               dilations: tuple[int, ...], padding: tuple[Any, ...], modes: tuple[str, ...]):
     self.fn, self.axes = fn, axes
     self.strides, self.dilations, self.padding = tuple(strides), tuple(dilations), padding
+    self.modes = modes
 
   def __call__(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     """`(B, A0, A1, C)` by `(k0, k1, C, M)` to `(B, O0, O1, C * M)`.
@@ -217,14 +233,14 @@ class _Conv2d:
     pads, pre, dil, post = [(0, 0)] * 4, [1, 1], [1, 1], [1, 1]
     for i in sorted(range(2), key=lambda i: "DHW".index(self.axes[i])):  # dw5d_jax's order
       lo, hi, _ = _window(self.fn, self.axes[i], _dim(x, 1 + i), int(kernel.shape[i]),
-                          self.strides[i], self.dilations[i], self.padding[i])
+                          self.strides[i], self.dilations[i], self.padding[i], self.modes[i])
       pads[1 + i] = (lo, hi)
       s, r = self.strides[i], self.dilations[i]
       if s > 1 and r % s == 0:
         pre[i], dil[i] = s, r // s
       else:
         dil[i], post[i] = r, s
-    x = _pad(x, pads)
+    x = _pad(x, pads, ["zeros", *self.modes, "zeros"])
     if pre != [1, 1]:
       x = x[:, ::pre[0], ::pre[1]]
     native = 1
@@ -238,23 +254,29 @@ class _Conv2d:
     return y
 
 
-def _window(fn: str, axis: str, n: Any, k: int, s: int, r: int,
-            padding: Any) -> tuple[Any, Any, Any]:
+def _window(fn: str, axis: str, n: Any, k: int, s: int, r: int, padding: Any,
+            mode: str) -> tuple[Any, Any, Any]:
   """`(lo, hi, out)` along one axis (`dw5d_jax._geometry.resolve`), checked.
 
   `n` is an int or, for a size unknown while tracing, an int32 scalar tensor;
   the results are then tensors too (TF's SAME split made at run time). An
-  empty output raises at trace time when `n` is known, and at run time (an
-  assertion; not under XLA) otherwise.
+  empty output, or padding wider than `mode` fills, raises at trace time
+  when `n` is known, and at run time (an assertion; not under XLA)
+  otherwise.
   """
   lo, hi, out = _geometry.resolve(n, k, s, r, padding)
   if isinstance(out, int):
     if out < 1:
       raise _args.empty_output_error(fn, axis, n, k, r, padding)
-  else:
-    message = str(_args.empty_output_error(fn, axis, f"(run-time size of {axis})", k, r,
-                                           padding))
-    tf.debugging.assert_positive(out, message=message)
+    _args.check_mode_fits(fn, axis, mode, n, k, r, padding, lo, hi)
+    return lo, hi, out
+  at_run_time = f"(run-time size of {axis})"
+  message = str(_args.empty_output_error(fn, axis, at_run_time, k, r, padding))
+  tf.debugging.assert_positive(out, message=message)
+  limit = _geometry.mode_limit(mode, n)
+  if limit is not None:
+    message = str(_args.mode_width_error(fn, axis, mode, at_run_time, padding, None))
+    tf.debugging.assert_less_equal(tf.maximum(lo, hi), limit, message=message)
   return lo, hi, out
 
 
@@ -326,10 +348,40 @@ def _dim(x: tf.Tensor, i: int) -> Any:
   return size if size is not None else tf.shape(x)[i]
 
 
-def _pad(x: tf.Tensor, pads: list[tuple[Any, Any]]) -> tf.Tensor:
-  if all(isinstance(p, int) and p == 0 for pair in pads for p in pair):
-    return x
-  return tf.pad(x, [list(pair) for pair in pads])
+def _pad(x: tf.Tensor, pads: list[tuple[Any, Any]], modes: list[str]) -> tf.Tensor:
+  """x padded by `pads[i]` along axis `i`, filled by `modes[i]` (numpy.pad's meanings).
+
+  Zeros, reflect and symmetric are one `tf.pad` each; edge and circular
+  (which TF's pad lacks) concatenate slices, with pad widths that may be
+  tensors (sizes unknown while tracing). Each mode maps an index along its
+  own axis, so the order of the axes does not change the corners.
+  """
+  def zero(pair):
+    return all(isinstance(p, int) and p == 0 for p in pair)
+
+  for mode in ("zeros", "reflect", "symmetric"):
+    group = [pair if m == mode else (0, 0) for pair, m in zip(pads, modes)]
+    if not all(zero(pair) for pair in group):
+      x = tf.pad(x, [list(pair) for pair in group],
+                 mode="CONSTANT" if mode == "zeros" else mode.upper())
+  for axis, ((lo, hi), mode) in enumerate(zip(pads, modes)):
+    if mode in ("edge", "circular") and not zero((lo, hi)):
+      n = _dim(x, axis)
+      if mode == "edge":
+        before = tf.repeat(_rows(x, axis, 0, 1), lo, axis=axis)
+        after = tf.repeat(_rows(x, axis, n - 1, n), hi, axis=axis)
+      else:  # the last `lo` rows before, the first `hi` after
+        before, after = _rows(x, axis, n - lo, n), _rows(x, axis, 0, hi)
+      x = tf.concat([before, x, after], axis=axis)
+  return x
+
+
+def _rows(x: tf.Tensor, axis: int, start: Any, stop: Any) -> tf.Tensor:
+  """`x[..., start:stop, ...]` along `axis` (bounds may be tensors)."""
+  begin = [0] * x.shape.rank
+  size = [-1] * x.shape.rank
+  begin[axis], size[axis] = start, stop - start
+  return tf.slice(x, tf.stack(begin), tf.stack(size))
 
 
 def _transpose(x: tf.Tensor, perm: list[int]) -> tf.Tensor:

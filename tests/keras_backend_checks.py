@@ -79,7 +79,8 @@ def pre_activation(layer, x: np.ndarray, kernel=None) -> np.ndarray:
     padding = tuple("CAUSAL" if a.upper() == first else "SAME" for a in axes)
   y = depthwise_reference(x, kernel, axes=axes.upper(), strides=layer.strides,
                           padding=padding, dilations=layer.dilation_rate,
-                          data_format=_LAYOUT[rank, layer.data_format])
+                          data_format=_LAYOUT[rank, layer.data_format],
+                          padding_mode=layer.padding_mode)
   if layer.use_bias:
     shape = [1] * rank
     shape[-1 if layer.data_format == "channels_last" else 1] = -1
@@ -112,6 +113,10 @@ CONV3D = [
     (dict(kernel_size=(3, 2, 3), strides=(2, 1, 2), dilation_rate=(2, 1, 1),
           padding="causal"), (2, 5, 4, 6, 2)),
     (dict(kernel_size=3, padding="CAUSAL", data_format="channels_first"), (1, 2, 2, 3, 4)),
+    (dict(kernel_size=3, strides=(1, 2, 1), padding="same", padding_mode="reflect"),
+     (2, 4, 5, 6, 2)),
+    (dict(kernel_size=(2, 3, 3), padding="same", data_format="channels_first",
+          padding_mode=("edge", "circular", "symmetric")), (1, 2, 3, 4, 5)),
 ]
 
 CONV2D = [
@@ -129,6 +134,8 @@ CONV2D = [
     # Causal along the first spatial axis: D (second in axes="WD"), or H of 4D input.
     (dict(kernel_size=(2, 3), axes="WD", strides=(1, 2), padding="causal"), (2, 5, 3, 4, 2)),
     (dict(kernel_size=3, dilation_rate=(2, 1), padding="causal"), (2, 6, 5, 3)),
+    (dict(kernel_size=3, axes="DW", padding="same", padding_mode=("edge", "reflect")),
+     (2, 4, 3, 5, 2)),
 ]
 
 
@@ -332,7 +339,10 @@ def _stream(layer, x: np.ndarray, chunks, compiled: bool) -> np.ndarray:
      (2, 6, 3, 4, 2)),
     (DepthwiseConv2D, dict(kernel_size=3, axes="HW", strides=2, padding="same"), (1, 6, 5, 4, 2)),
     (DepthwiseConv2D, dict(kernel_size=3, strides=(2, 1), padding="causal"), (2, 7, 5, 3)),
-], ids=["3d-strided", "3d-channels-first", "2d-WD", "2d-HW-per-frame", "2d-rank4"])
+    (DepthwiseConv3D, dict(kernel_size=3, padding="causal",
+                           padding_mode=("zeros", "reflect", "circular")), (1, 7, 4, 5, 2)),
+], ids=["3d-strided", "3d-channels-first", "2d-WD", "2d-HW-per-frame", "2d-rank4",
+        "3d-padding-modes"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_stream_equals_call(rng, cls, config, x_shape, compiled):
   layer = cls(**config, bias_initializer="random_normal")
@@ -357,6 +367,10 @@ def test_stream_errors():
     causal.stream_step(state, np.zeros((1, 1, 4, 5, 2), np.float32))
   with pytest.raises(ValueError, match=r"stream_init: `input_shape` must be fully known"):
     causal.stream_init((None, 1, 4, 4, 2))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: streaming needs "
+                     r"`padding_mode` 'zeros' along D \(the state starts from the causal "
+                     r"zeros\), got 'edge'"):
+    DepthwiseConv3D(3, padding="causal", padding_mode="edge").stream_init((1, 1, 4, 4, 2))
 
 
 # ----------------------------------------------------------------------------
@@ -365,7 +379,8 @@ def test_stream_errors():
 
 def test_config_round_trip(rng):
   layer = DepthwiseConv2D(
-      (3, 2), axes="DW", strides=(1, 2), padding="same", depth_multiplier=2,
+      (3, 2), axes="DW", strides=(1, 2), padding="same", padding_mode=("circular", "edge"),
+      depth_multiplier=2,
       data_format="channels_first", dilation_rate=(2, 1), activation="relu",
       depthwise_initializer=keras.initializers.RandomNormal(0.0, 0.3, seed=1),
       bias_initializer="random_normal",
@@ -422,7 +437,8 @@ def test_save_for_other_backend(rng):
   keras.utils.set_random_seed(1)
   inputs = keras.Input((None, None, None, 3))
   h = DepthwiseConv3D(3, depth_multiplier=2, strides=(1, 2, 2), padding="same",
-                      activation="relu", bias_initializer="random_normal")(inputs)
+                      padding_mode="reflect", activation="relu",
+                      bias_initializer="random_normal")(inputs)
   outputs = DepthwiseConv2D((3, 2), axes="DW", padding="causal",
                             bias_initializer="random_normal")(h)
   model = keras.Model(inputs, outputs)
@@ -466,6 +482,17 @@ def test_load_model_saved_on_other_backend():
      r"DepthwiseConv3D: `strides` must be positive, got 0"),
     (lambda: DepthwiseConv2D(3, dilation_rate=1.5), TypeError,
      r"DepthwiseConv2D: `dilation_rate` must be a positive int or a sequence of 2"),
+    (lambda: DepthwiseConv3D(3, padding_mode="reflect"), ValueError,
+     r"DepthwiseConv3D: `padding_mode` 'reflect' along axis D fills padding, but `padding` "
+     r"is 'VALID' there"),
+    (lambda: DepthwiseConv2D(3, padding="same", padding_mode="mirror"), ValueError,
+     r"DepthwiseConv2D: `padding_mode` must be one of 'zeros', 'reflect', 'symmetric', "
+     r"'edge', 'circular', or a sequence of 2 of them, one per convolved axis \(H, W\); "
+     r"got 'mirror'"),
+    (lambda: DepthwiseConv2D(3, padding="same", padding_mode="reflect").build((1, 1, 4, 2)),
+     ValueError, r"DepthwiseConv2D: `padding_mode` 'reflect' along axis H fills at most "
+     r"n - 1 = 0 positions per side of an input of size 1, but `padding` 'SAME' pads "
+     r"\(1, 1\) there"),
     (lambda: DepthwiseConv2D(3, depth_multiplier=0), ValueError,
      r"DepthwiseConv2D: `depth_multiplier` must be a positive int, got 0"),
     (lambda: DepthwiseConv2D(3, axes="XY"), ValueError,

@@ -24,6 +24,9 @@ def test_quick_grid_covers_the_axes_of_variation():
   assert any("CAUSAL" in c.name for c in configs)
   assert any(isinstance(c.padding, tuple) and "CAUSAL" in c.padding for c in configs)
   assert any(c.strides == (1, 2) and c.dilations == (2, 1) for c in configs)
+  modes = {m for c in configs for m in
+           ((c.padding_mode,) if isinstance(c.padding_mode, str) else c.padding_mode)}
+  assert modes == {"zeros", "reflect", "symmetric", "edge", "circular"}
 
 
 @pytest.mark.parametrize("pair", QUICK, ids=[f"{c.name} {d}" for c, d in QUICK])

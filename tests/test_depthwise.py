@@ -101,8 +101,11 @@ class WithAndWithoutJitTest(chex.TestCase):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("in_axes", [(0, None), (0, 0), (None, 0)])
-def test_vmap_matches_loop(rng, method, in_axes):
-  case = Case("3d", "NCDHW", "DHW", (1, 2, 4, 5, 3), (2, 3, 2, 2, 2), (1, 2, 1), 1, "SAME")
+@pytest.mark.parametrize("mode", ["zeros", ("symmetric", "reflect", "circular")])
+def test_vmap_matches_loop(rng, method, in_axes, mode):
+  """Batched x, and batched kernels (folded into the channels), border modes too."""
+  case = Case("3d", "NCDHW", "DHW", (1, 2, 4, 5, 3), (2, 3, 2, 2, 2), (1, 2, 1), 1, "SAME",
+              padding_mode=mode)
   b = 3
   xs = random_array(rng, (b, *case.x_shape) if in_axes[0] == 0 else case.x_shape)
   ks = random_array(rng, (b, *case.k_shape) if in_axes[1] == 0 else case.k_shape)

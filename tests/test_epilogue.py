@@ -13,6 +13,7 @@ convolution and XLA's epilogue.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -77,6 +78,12 @@ CASES = [
     Case("2d", "NCDHW", "HW", (1, 3, 2, 3, 14), (3, 3, 3, 2), 1, 1, "SAME"),
 ]
 _IDS = [f"{c.op}-{c.layout}-{c.axes}" for c in CASES]
+# Border modes: the native kernels do not fuse them, the formula corrects the borders.
+MODE_CASES = [
+    dataclasses.replace(CASES[0], padding_mode="reflect"),
+    dataclasses.replace(CASES[1], padding_mode=("edge", "circular", "symmetric")),
+]
+_MODE_IDS = ["reflect-NDHWC", "modes-NCDHW"]
 
 
 def _data(rng, case: Case, dtype="float32", scale=1.0):
@@ -106,7 +113,16 @@ def test_every_method_matches_reference(rng, method, act):
   assert_close(run(case, x, k, bias=b, activation=act, method=method), want)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_IDS)
+@pytest.mark.parametrize("case", MODE_CASES, ids=_MODE_IDS)
+def test_border_modes_match_reference(rng, case):
+  x, k, b = _data(rng, case)
+  for act in ("gelu", "relu"):
+    want, _ = _reference(case, x, k, b, act)
+    assert_close(jax.jit(lambda a, w, c, act=act: run(case, a, w, bias=c, activation=act))(
+        x, k, b), want, err_msg=act)
+
+
+@pytest.mark.parametrize("case", CASES + MODE_CASES, ids=_IDS + _MODE_IDS)
 def test_gradients_match_reference(rng, case):
   """x, kernel and bias gradients of `sum(y * ct)`, from the reference alone, every activation."""
   x, k, b = _data(rng, case)

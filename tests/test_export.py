@@ -59,11 +59,16 @@ ROUND_TRIPS = [
     (Case("3d", "NDHWC", "DHW", (), (3, 2, 2, 2, 1), (2, 1, 2), (2, 1, 1),
           ("CAUSAL", "SAME", "CAUSAL")),
      (None, None, None, None, 2), (), [(1, 1, 3, 2, 2), (2, 6, 4, 5, 2)]),
+    # Border modes, every size symbolic: reflect along H needs h >= 2.
+    (Case("3d", "NDHWC", "DHW", (), (3, 3, 2, 3, 2), (1, 2, 1), 1,
+          ("CAUSAL", "SAME", "SAME"), padding_mode=("edge", "reflect", "circular")),
+     (None, None, None, None, 3), ("h >= 2",), [(1, 2, 2, 1, 3), (2, 4, 7, 5, 3)]),
 ]
 
 
 @pytest.mark.parametrize("entry", ROUND_TRIPS,
-                         ids=["3d-NCDHW-VALID", "2d-HW-explicit", "3d-CAUSAL"])
+                         ids=["3d-NCDHW-VALID", "2d-HW-explicit", "3d-CAUSAL",
+                              "3d-padding-modes"])
 def test_round_trip_with_constraints(tmp_path, rng, entry):
   case, input_shape, constraints, sizes = entry
   k = random_array(rng, case.k_shape)

@@ -210,6 +210,65 @@ def test_halos_are_what_the_blocks_read(op):
   assert blocks(16, 16, 1, 3, 1, 1, 1).halo == (0, 0)
 
 
+_NUMPY_MODES = {"reflect": "reflect", "symmetric": "symmetric", "edge": "edge",
+                "circular": "wrap"}
+
+
+@pytest.mark.parametrize("mode", sorted(_NUMPY_MODES))
+def test_source_fills_as_numpy_pad(mode):
+  """`source` puts exactly numpy.pad's values, up to the mode's limit."""
+  for n in range(1, 6):
+    limit = g.mode_limit(mode, n)
+    widest = n + 2 if limit is None else limit
+    assert g.min_size_for_mode(mode, widest) <= n
+    for lo in range(widest + 1):
+      for hi in range(widest + 1):
+        want = np.pad(np.arange(n), (lo, hi), mode=_NUMPY_MODES[mode])
+        got = g.source(mode, np.arange(-lo, n + hi), n)
+        np.testing.assert_array_equal(got, want, err_msg=f"{mode} n={n} pads {(lo, hi)}")
+        if (lo, hi) == (1, 2):  # ints, as well as arrays
+          assert [g.source(mode, p, n) for p in range(-lo, n + hi)] == list(want)
+
+
+@given(axis, pad)
+def test_faces_are_the_outputs_reading_each_side(ax, padding):
+  """`face`: exactly the outputs reading below 0 (or past n - 1), and the span they read."""
+  n, k, s, r = ax
+  lo, _, out = g.resolve(n, k, s, r, padding)
+  if out < 1:
+    return
+  for side, outside in (("lo", lambda p: p < 0), ("hi", lambda p: p >= n)):
+    rows = [o for o in range(out) if any(outside(p) for p in _reads(o, k, s, r, lo))]
+    f = g.face(n, k, s, r, lo, out, side)
+    if not rows:
+      assert f is None
+      continue
+    assert (f.o_start, f.o_stop) == (rows[0], rows[-1] + 1) == (rows[0], rows[0] + len(rows))
+    reads = [p for o in rows for p in _reads(o, k, s, r, lo)]
+    padding_read = [p for p in reads if outside(p)]
+    assert f.p_start <= min(padding_read) and max(padding_read) < f.p_stop
+    assert all(outside(p) for p in range(f.p_start, f.p_stop))
+    assert (f.p_start - f.pads[0], f.p_stop + f.pads[1]) == (min(reads), max(reads) + 1)
+
+
+def test_face_worked_examples():
+  assert g.face(5, 3, 2, 1, 1, 3, "lo") == g.Face(0, 1, -1, 0, (0, 2))
+  assert g.face(5, 3, 2, 1, 1, 3, "hi") == g.Face(2, 3, 5, 6, (2, 0))
+  # Stride past the window, pads (0, 3): output 2 reads padding 6, 7 only (5 is skipped).
+  assert g.face(5, 2, 3, 1, 0, 3, "hi") == g.Face(2, 3, 6, 8, (0, 0))
+  assert g.face(5, 2, 3, 1, 0, 3, "lo") is None
+
+
+def test_pad_bound_holds_for_every_size():
+  for k, r in ((3, 1), (4, 1), (3, 2), (2, 3)):
+    for padding in ("SAME", "CAUSAL", "VALID", (2, 1)):
+      blo, bhi = g.pad_bound(k, r, padding)
+      for n in range(1, 20):
+        for s in (1, 2, 3):
+          lo, hi = g.pads(n, k, s, r, padding)
+          assert lo <= blo and hi <= bhi, (k, r, padding, n, s)
+
+
 def test_symbolic_sizes():
   b, n = jax.export.symbolic_shape("b, n", constraints=("n >= 5",))
   lo, hi, out = g.resolve(n, 3, 2, 2, "SAME")

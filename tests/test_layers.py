@@ -148,6 +148,12 @@ def test_dtypes():
      r"DepthwiseConv3D: `strides` must be positive"),
     (lambda: DepthwiseConv3D(2, 3, activation="elu", rngs=nnx.Rngs(0)),
      r"DepthwiseConv3D: `activation` must be None or one of 'relu', .*; got 'elu'\."),
+    (lambda: DepthwiseConv3D(2, 3, padding_mode="replicate", rngs=nnx.Rngs(0)),
+     r"DepthwiseConv3D: `padding_mode` must be one of 'zeros', 'reflect', 'symmetric', "
+     r"'edge', 'circular', or a sequence of 3 of them"),
+    (lambda: DepthwiseConv2D(2, 3, padding="VALID", padding_mode="edge", rngs=nnx.Rngs(0)),
+     r"DepthwiseConv2D: `padding_mode` 'edge' along axis H fills padding, but `padding` is "
+     r"'VALID' there"),
 ])
 def test_bad_construction_raises(make, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -158,6 +164,26 @@ def test_bad_activation_type_raises():
   with pytest.raises(TypeError, match=r"DepthwiseConv2D: `activation` must be None, a name "
                      r"\(e.g. 'gelu'\) or a callable, got int 3\."):
     DepthwiseConv2D(2, 3, activation=3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", ("circular", "edge", "symmetric")])
+def test_padding_mode(rng, padding_mode):
+  """Border modes under nnx.jit and grad, against the reference and the functional op."""
+  layer = DepthwiseConv3D(3, (3, 2, 3), depth_multiplier=2, padding=("CAUSAL", "SAME", "SAME"),
+                          padding_mode=padding_mode, rngs=nnx.Rngs(1))
+  x = random_array(rng, (2, 4, 5, 6, 3))
+  kernel, bias = np.asarray(layer.kernel[...]), np.asarray(layer.bias[...])
+  want = depthwise_reference(x, kernel, axes="DHW", padding=("CAUSAL", "SAME", "SAME"),
+                             padding_mode=padding_mode) + bias
+  assert_close(nnx.jit(lambda m, a: m(a))(layer, x), want)
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  want_gk = jax.grad(lambda k: jnp.sum((dw.depthwise_conv3d(
+      x, k, padding=("CAUSAL", "SAME", "SAME"), padding_mode=padding_mode)
+      + bias.reshape(1, 1, 1, 1, -1)) ** 2))(jnp.asarray(kernel))
+  assert_close(grads.kernel[...], want_gk)
+  layer2 = DepthwiseConv2D(3, 3, axes="DW", padding_mode="edge", rngs=nnx.Rngs(2))
+  assert_close(layer2(x), depthwise_reference(x, np.asarray(layer2.kernel[...]), axes="DW",
+                                              padding_mode="edge"))
 
 
 def test_bad_input_raises():

@@ -9,6 +9,7 @@ Errors are relative to max|expected|, within `interop._litert.TOLERANCE`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -77,6 +78,19 @@ def test_op_is_depthwise_conv2d_graph_matching_reference(tmp_path, rng, case):
   assert "DEPTHWISE_CONV_2D" in ops
   assert not ops & {"MUL", "BROADCAST_TO", "CONV_3D"}, ops  # no elementwise taps
   assert _error(y, case.expected(x, k)) <= TOLERANCE[None]
+
+
+def test_padding_modes_match_reference(tmp_path, rng):
+  """Border modes: the input padded by slices and reversals, then DEPTHWISE_CONV_2D."""
+  for j, (case, mode) in enumerate(((OP_CASES[4], ("reflect", "edge", "circular")),
+                                    (OP_CASES[1], "symmetric"))):
+    case = dataclasses.replace(case, padding_mode=mode)
+    x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+    y, ops = _export_and_run(tmp_path, lambda k, x, c=case: run(c, x, k), k, x, rng,
+                             name=f"m{j}")
+    assert "DEPTHWISE_CONV_2D" in ops
+    assert not ops & {"MUL", "CONV_3D"}, ops  # (edge repeats a row: BROADCAST_TO)
+    assert _error(y, case.expected(x, k)) <= TOLERANCE[None], case.name
 
 
 @pytest.mark.parametrize("quantize", ["float16", "int8"])

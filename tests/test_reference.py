@@ -19,7 +19,22 @@ from dw5d_jax._reference import TOLERANCES, Case, compare, depthwise_reference, 
 from tests.helpers import random_array
 
 
-def _brute_force(x, k, strides, dilations, pads):
+def _fill(mode: str, p: int, n: int) -> int | None:
+  """The input position a padded position `p` reads, from the modes' definitions."""
+  if 0 <= p < n:
+    return p
+  if mode == "edge":  # the nearest input
+    return 0 if p < 0 else n - 1
+  if mode == "circular":  # the input repeated
+    return p % n
+  if mode == "reflect":  # mirrored about the first or last input
+    return -p if p < 0 else 2 * (n - 1) - p
+  if mode == "symmetric":  # mirrored about the input's edge
+    return -p - 1 if p < 0 else 2 * n - 1 - p
+  return None  # zeros
+
+
+def _brute_force(x, k, strides, dilations, pads, modes=None):
   """One output element at a time; x channels-last (N, *S, C), S = convolved axes only."""
   nsp = x.ndim - 2
   n, c, m = x.shape[0], x.shape[-1], k.shape[-1]
@@ -30,8 +45,9 @@ def _brute_force(x, k, strides, dilations, pads):
     for ch, mm in itertools.product(range(c), range(m)):
       total = 0.0
       for t in itertools.product(*(range(s) for s in k.shape[:nsp])):
-        p = [o[i] * strides[i] + t[i] * dilations[i] - pads[i][0] for i in range(nsp)]
-        if all(0 <= p[i] < x.shape[1 + i] for i in range(nsp)):
+        p = [_fill(modes[i] if modes else "zeros", o[i] * strides[i] + t[i] * dilations[i]
+                   - pads[i][0], x.shape[1 + i]) for i in range(nsp)]
+        if None not in p:
           total += x[(b, *p, ch)] * k[(*t, ch, mm)]
       y[(b, *o, ch * m + mm)] = total
   return y
@@ -47,6 +63,18 @@ def test_reference_matches_brute_force_3d(rng, strides, dilations, pads):
   k = rng.standard_normal((2, 3, 2, 3, 2))
   got = depthwise_reference(x, k, axes="DHW", strides=strides, dilations=dilations, padding=pads)
   np.testing.assert_allclose(got, _brute_force(x, k, strides, dilations, pads), rtol=1e-12)
+
+
+@pytest.mark.parametrize("modes", [("reflect", "symmetric", "edge"),
+                                   ("circular", "zeros", "reflect"), ("edge",) * 3])
+def test_reference_padding_modes_match_brute_force(rng, modes):
+  x = rng.standard_normal((1, 4, 5, 3, 2))
+  k = rng.standard_normal((3, 2, 3, 2, 1))
+  strides, dilations, pads = (2, 1, 1), (1, 2, 1), ((2, 1), (1, 2), (2, 2))
+  got = depthwise_reference(x, k, axes="DHW", strides=strides, dilations=dilations,
+                            padding=pads, padding_mode=modes)
+  want = _brute_force(x, k, strides, dilations, pads, modes)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("strides,dilations", [((1, 1, 1), (1, 1, 1)), ((2, 1, 3), (1, 2, 2)),

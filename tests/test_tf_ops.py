@@ -298,3 +298,53 @@ def test_empty_output_at_run_time_is_an_error(rng):
                      match=r"tf_depthwise_conv2d: along axis H the window \(kernel 3, "
                      r"dilation 2: effective size 5\) does not fit"):
     fn(random_array(rng, (1, 4, 6, 3)))
+
+
+# ----------------------------------------------------------------------------
+# Border modes (`padding_mode`): tf.pad's REFLECT and SYMMETRIC, slices for edge
+# and circular, against the reference's numpy.pad.
+
+MODE_CASES = [
+    Case("3d", "NCDHW", "DHW", (1, 3, 4, 6, 5), (3, 2, 3, 3, 2), (2, 1, 1), (1, 1, 2),
+         ("CAUSAL", "SAME", (2, 1)), padding_mode=("edge", "reflect", "circular")),
+    Case("2d", "NDHWC", "DW", (2, 5, 3, 6, 2), (3, 3, 2, 1), (1, 2), (2, 1),
+         padding_mode="symmetric"),
+    Case("2d", "NHWC", "HW", (1, 6, 5, 3), (2, 3, 3, 1), 1, 1, ((1, 0), (2, 2)),
+         padding_mode="reflect"),
+    Case("3d", "NDHWC", "DHW", (1, 3, 4, 5, 2), (3, 3, 3, 2, 1), padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", MODE_CASES, ids=lambda c: c.name)
+def test_padding_modes_match_reference(rng, case, mode):
+  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
+  assert_close(_run(case, x, k, mode).numpy(), case.expected(x, k), err_msg=case.name)
+
+
+def test_padding_mode_errors():
+  x = np.ones((1, 3, 6, 2), np.float32)
+  with pytest.raises(ValueError, match=re.escape(
+      "tf_depthwise_conv2d: `padding_mode` 'reflect' along axis H fills at most n - 1 = 2 "
+      "positions per side of an input of size 3, but `padding` (3, 0) pads (3, 0) there.")):
+    tf_conv2d(x, K2[:, :, :2], padding=((3, 0), (1, 1)), padding_mode="reflect")
+  with pytest.raises(ValueError, match=re.escape(
+      "tf_depthwise_conv2d: `padding_mode` 'edge' along axis W fills padding, but `padding` "
+      "is 'VALID' there")):
+    tf_conv2d(x, K2[:, :, :2], padding=("SAME", "VALID"), padding_mode="edge")
+  with pytest.raises(ValueError, match=re.escape("got 'wrap'.")):
+    tf_conv2d(x, K2[:, :, :2], padding_mode="wrap")
+
+
+def test_padding_wider_than_the_axis_at_run_time(rng):
+  """With sizes unknown while tracing, padding wider than the mode fills fails when run."""
+  fn = tf.function(lambda a: tf_conv2d(a, K2, padding="CAUSAL", padding_mode="circular"),
+                   input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+  x = random_array(rng, (1, 2, 5, 3))
+  assert_close(fn(x).numpy(), depthwise_reference(x, K2, axes="HW", padding="CAUSAL",
+                                                  padding_mode="circular"))
+  # (TF shows the message's quotes escaped.)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(
+      "along axis H fills at most n positions per side of an input of size (run-time size "
+      "of H), but `padding`")):
+    fn(random_array(rng, (1, 1, 5, 3)))

@@ -1,6 +1,6 @@
 """`dw5d parity`: dw5d_jax against the TensorFlow reference ops, on a grid of cases.
 
-For every caseuration (op, fold axes, layout, strides, dilations, padding,
+For every case (op, fold axes, layout, strides, dilations, padding, padding mode,
 multiplier) and dtype, the same rounded random `x`, `kernel` and cotangent
 `ct` go to both sides, which return `y` and the gradients of `sum(y * ct)`
 with respect to `x` and `kernel`:
@@ -65,9 +65,18 @@ GRID = (
     _C("3d", "NCDHW", "DHW", (1, 2, 5, 6, 7), (3, 2, 3, 2, 1), (2, 1, 2), (1, 2, 1),
        ("CAUSAL", "SAME", (1, 0))),
     _C("2d", "NDHWC", "DW", (2, 6, 3, 5, 2), (3, 2, 2, 2), (2, 1), (2, 1), "CAUSAL"),
+    # Border modes (padding_mode), one per axis too, with CAUSAL and explicit pads.
+    _C("3d", "NCDHW", "DHW", (1, 2, 5, 6, 7), (3, 2, 3, 2, 2), (2, 1, 1), (1, 1, 2),
+       ("CAUSAL", (2, 1), "SAME"), padding_mode=("edge", "circular", "symmetric")),
+    _C("3d", "NDHWC", "DHW", (1, 4, 5, 6, 2), (3, 3, 3, 2, 1), (1, 2, 1), 1,
+       padding_mode="reflect"),
+    _C("2d", "NCDHW", "DW", (2, 2, 6, 3, 5), (3, 3, 2, 1), (1, 2), (2, 1),
+       padding_mode=("symmetric", "edge")),
+    _C("2d", "NHWC", "HW", (2, 6, 7, 3), (3, 2, 3, 2), 2, 1, ((2, 1), (1, 1)),
+       padding_mode="circular"),
 )
 # The test suite's compact grid: these cases, each in float32 and one half dtype.
-QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14, 15)
+QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14, 15, 17, 18)
 
 
 @dataclasses.dataclass(frozen=True)
