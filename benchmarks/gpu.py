@@ -1,6 +1,7 @@
-"""GPU benchmark: every lowering against PyTorch and the memory floor (issue 6).
+"""GPU benchmark: every lowering against PyTorch and the memory floor.
 
-One command on the lent H100, from the repository root (results under $OUT):
+One command on a machine with a CUDA GPU, from the repository root (results
+under $OUT, else ./out):
 
     python3 benchmarks/gpu.py            # all workloads, methods conv/shift/pallas + torch
     python3 benchmarks/gpu.py --tune     # also sweep Pallas tiles (prints the best)
@@ -15,7 +16,7 @@ Workloads (float32 channels-last unless noted; backward = gradient of
   W4 per-slice 2D x (4,16,64,64,32), 3x3, dilation 2, SAME
   W5 W2 in bfloat16
 
-Method (see /work/.library/device/METHOD.md): each framework runs in its own
+Method: each framework runs in its own
 process (JAX one per workload, so a kernel that fails to compile costs one
 row, not the run). Before timing, every result is checked on fresh random
 data: forward sample 0 against the float64 NumPy reference
@@ -50,6 +51,8 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository's dw5d_jax, installed or not
 
+from dw5d_jax._reference import Case  # (after sys.path is set)
+
 METHODS = ("conv", "shift", "pallas")
 TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}  # rel. L2 error; 1e-3 admits TF32 convs
 
@@ -57,37 +60,29 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}  # rel. L2 error; 1e-3 admits TF
 @dataclasses.dataclass(frozen=True)
 class Workload:
   name: str
-  op: str  # "2d" (per-slice over H, W) or "3d"
-  x_shape: tuple[int, ...]  # (N, D, H, W, C)
-  k_shape: tuple[int, ...]  # (kh, kw, C, M) or (kd, kh, kw, C, M)
-  strides: int
-  dilations: int
+  # NDHWC, SAME; "2d" per slice over H, W. Strides and dilations are ints.
+  case: Case
   dtype: str
 
-  @property
-  def axes(self) -> str:
-    return "HW" if self.op == "2d" else "DHW"
 
-  def kwargs(self) -> dict[str, Any]:
-    kw = dict(strides=self.strides, dilations=self.dilations, padding="SAME")
-    if self.op == "2d":
-      kw["axes"] = "HW"
-    return kw
+def _workload(name, op, x_shape, k_shape, strides, dilations, dtype) -> Workload:
+  axes = "HW" if op == "2d" else "DHW"
+  return Workload(name, Case(op, "NDHWC", axes, x_shape, k_shape, strides, dilations), dtype)
 
 
 FULL = [
-    Workload("W1", "2d", (4, 16, 64, 64, 32), (3, 3, 32, 1), 1, 1, "float32"),
-    Workload("W2", "3d", (2, 32, 64, 64, 32), (3, 3, 3, 32, 1), 1, 1, "float32"),
-    Workload("W3", "2d", (4, 16, 64, 64, 16), (5, 5, 16, 2), 2, 1, "float32"),
-    Workload("W4", "2d", (4, 16, 64, 64, 32), (3, 3, 32, 1), 1, 2, "float32"),
-    Workload("W5", "3d", (2, 32, 64, 64, 32), (3, 3, 3, 32, 1), 1, 1, "bfloat16"),
+    _workload("W1", "2d", (4, 16, 64, 64, 32), (3, 3, 32, 1), 1, 1, "float32"),
+    _workload("W2", "3d", (2, 32, 64, 64, 32), (3, 3, 3, 32, 1), 1, 1, "float32"),
+    _workload("W3", "2d", (4, 16, 64, 64, 16), (5, 5, 16, 2), 2, 1, "float32"),
+    _workload("W4", "2d", (4, 16, 64, 64, 32), (3, 3, 32, 1), 1, 2, "float32"),
+    _workload("W5", "3d", (2, 32, 64, 64, 32), (3, 3, 3, 32, 1), 1, 1, "bfloat16"),
 ]
 SMOKE = [
-    Workload("W1", "2d", (2, 2, 6, 7, 3), (3, 3, 3, 1), 1, 1, "float32"),
-    Workload("W2", "3d", (1, 3, 5, 6, 3), (3, 3, 3, 3, 1), 1, 1, "float32"),
-    Workload("W3", "2d", (2, 2, 7, 8, 2), (5, 5, 2, 2), 2, 1, "float32"),
-    Workload("W4", "2d", (2, 2, 6, 7, 3), (3, 3, 3, 1), 1, 2, "float32"),
-    Workload("W5", "3d", (1, 3, 5, 6, 3), (3, 3, 3, 3, 1), 1, 1, "bfloat16"),
+    _workload("W1", "2d", (2, 2, 6, 7, 3), (3, 3, 3, 1), 1, 1, "float32"),
+    _workload("W2", "3d", (1, 3, 5, 6, 3), (3, 3, 3, 3, 1), 1, 1, "float32"),
+    _workload("W3", "2d", (2, 2, 7, 8, 2), (5, 5, 2, 2), 2, 1, "float32"),
+    _workload("W4", "2d", (2, 2, 6, 7, 3), (3, 3, 3, 1), 1, 2, "float32"),
+    _workload("W5", "3d", (1, 3, 5, 6, 3), (3, 3, 3, 3, 1), 1, 1, "bfloat16"),
 ]
 
 
@@ -103,17 +98,18 @@ SMOKE_TIMING = Timing(sets=2, runs=1, trials=2)
 
 
 def out_shape(w: Workload) -> tuple[int, ...]:
-  n, d, h, wd, c = w.x_shape
-  m = w.k_shape[-1]
-  s = w.strides
-  if w.op == "2d":
+  case = w.case
+  n, d, h, wd, c = case.x_shape
+  m = case.k_shape[-1]
+  s = case.strides
+  if case.op == "2d":
     return (n, d, -(-h // s), -(-wd // s), c * m)
   return (n, -(-d // s), -(-h // s), -(-wd // s), c * m)
 
 
 def floor_bytes(w: Workload) -> dict[str, int]:
   item = 2 if w.dtype == "bfloat16" else 4
-  x, k, y = (_prod(s) for s in (w.x_shape, w.k_shape, out_shape(w)))
+  x, k, y = (_prod(s) for s in (w.case.x_shape, w.case.k_shape, out_shape(w)))
   return {"fwd": (x + k + y) * item, "bwd": (2 * x + 2 * k + y) * item}
 
 
@@ -128,8 +124,9 @@ def random_inputs(w: Workload, seed: int):
   """Fresh normal data (never zeros): x, kernel, cotangent, as float32 NumPy."""
   import numpy as np
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal(w.x_shape, dtype=np.float32),
-          rng.standard_normal(w.k_shape, dtype=np.float32) / np.sqrt(_prod(w.k_shape[:-2])),
+  x_shape, k_shape = w.case.x_shape, w.case.k_shape
+  return (rng.standard_normal(x_shape, dtype=np.float32),
+          rng.standard_normal(k_shape, dtype=np.float32) / np.sqrt(_prod(k_shape[:-2])),
           rng.standard_normal(out_shape(w), dtype=np.float32))
 
 
@@ -144,9 +141,7 @@ def rel_err(out, ref) -> float:
 
 def reference_forward(w: Workload, x, k, padding="SAME"):
   """Float64 NumPy reference on sample 0 (samples are independent)."""
-  from dw5d_jax._reference import depthwise_reference
-  return depthwise_reference(x[:1], k, axes=w.axes, strides=w.strides,
-                             dilations=w.dilations, padding=padding)
+  return dataclasses.replace(w.case, padding=padding).expected(x[:1], k)
 
 
 # ----------------------------------------------------------------------------
@@ -164,17 +159,18 @@ def jax_worker(w: Workload, args) -> dict[str, Any]:
 
   timing = SMOKE_TIMING if args.smoke else FULL_TIMING
   dtype = jnp.dtype(w.dtype)
-  fn = dw.depthwise_conv2d if w.op == "2d" else dw.depthwise_conv3d
+  case = w.case
+  fn = getattr(dw, case.op_name)
 
   def op(method, tiles=None):
     if method != "pallas" or (tiles is None and not args.smoke):
-      return lambda x, k: fn(x, k, method=method, **w.kwargs())
+      return lambda x, k: fn(x, k, method=method, **case.kwargs())
 
     def pallas(x, k):  # through the lowering: interpret mode (smoke) or explicit tiles
-      n = len(w.axes)
+      n = len(case.axes)
       x5, k5, spec = _args.normalize(
-          "gpu.py", x, k, conv_axes=w.axes, layout="NDHWC",
-          strides=(w.strides,) * n, dilations=(w.dilations,) * n, padding=("SAME",) * n,
+          "gpu.py", x, k, conv_axes=case.axes, layout="NDHWC",
+          strides=(case.strides,) * n, dilations=(case.dilations,) * n, padding=("SAME",) * n,
           precision=None, preferred=None)
       return _primitive.conv(x5, k5, spec, _pallas.impl(interpret=args.smoke, tiles=tiles))
     return pallas
@@ -233,8 +229,8 @@ def jax_worker(w: Workload, args) -> dict[str, Any]:
 
 def tune(w: Workload, measure, Tiles) -> dict[str, Any]:
   """A small sweep of Pallas tiles per kernel; the best per direction wins."""
-  mp = 1 << (w.k_shape[-1] - 1).bit_length()
-  c = min(max(32 // mp, 1), 1 << (w.x_shape[-1] - 1).bit_length())
+  mp = 1 << (w.case.k_shape[-1] - 1).bit_length()
+  c = min(max(32 // mp, 1), 1 << (w.case.x_shape[-1] - 1).bit_length())
   fwd = [Tiles(1, 8, 8, c), Tiles(1, 4, 16, c), Tiles(2, 4, 8, c), Tiles(1, 8, 8, c, num_warps=8),
          Tiles(1, 16, 8, c, num_warps=8), Tiles(1, 8, 16, c, num_warps=8),
          Tiles(1, 8, 8, max(c // 2, 1)), Tiles(1, 4, 8, c, num_warps=2)]
@@ -324,16 +320,17 @@ def torch_rows(torch, w: Workload, dev: str, timing: Timing) -> list[dict[str, A
   """Forward and backward rows of the PyTorch peer for one workload."""
   import torch.nn.functional as F
 
+  case = w.case
   tdtype = getattr(torch, w.dtype)
-  kd = 1 if w.op == "2d" else w.k_shape[0]
-  kh, kw, c, m = w.k_shape[-4:]
-  stride = (1, w.strides, w.strides) if w.op == "2d" else (w.strides,) * 3
-  dil = (1, w.dilations, w.dilations) if w.op == "2d" else (w.dilations,) * 3
+  kd = 1 if case.op == "2d" else case.k_shape[0]
+  kh, kw, c, m = case.k_shape[-4:]
+  stride = (1, case.strides, case.strides) if case.op == "2d" else (case.strides,) * 3
+  dil = (1, case.dilations, case.dilations) if case.op == "2d" else (case.dilations,) * 3
   # TF SAME can pad asymmetrically (W3: 1 low, 2 high). Conv3d pads both
   # sides alike, so the peer pads max(lo, hi) both sides: the same output
   # size and work, checked against the reference with that padding.
   pads = []
-  for n, k, s, r in zip(w.x_shape[1:4], (kd, kh, kw), stride, dil):
+  for n, k, s, r in zip(case.x_shape[1:4], (kd, kh, kw), stride, dil):
     total = max((-(-n // s) - 1) * s + (k - 1) * r + 1 - n, 0)
     pads.append(max(total // 2, total - total // 2))
 
@@ -363,7 +360,7 @@ def torch_rows(torch, w: Workload, dev: str, timing: Timing) -> list[dict[str, A
   # The reference sees the inputs as rounded to the workload's dtype.
   x0, k0 = (torch.from_numpy(a).to(tdtype).double().numpy() for a in (x0, k0))
   explicit = [(p, p) for p in pads]
-  ref_y = reference_forward(w, x0, k0, padding=explicit[1:] if w.op == "2d" else explicit)
+  ref_y = reference_forward(w, x0, k0, padding=explicit[1:] if case.op == "2d" else explicit)
   x64, k64 = to_torch(x0, k0, torch.float64)
   x64.requires_grad_(), k64.requires_grad_()
   ct64 = torch.from_numpy(ct0).to(dev, torch.float64).permute(0, 4, 1, 2, 3)
@@ -551,8 +548,8 @@ def markdown(results, workloads, args) -> str:
       f"{bandwidth / 1e9:.0f} GB/s",
       "- floor bytes: fwd = x + kernel + y; bwd = x + kernel + ct (read) + dx + dkernel "
       "(write). x floor = time / floor time (1.0 is the floor); vs torch = time / torch time "
-      "(< 1 is faster than PyTorch). target: issue 6's bound on x floor (fwd 1.5 for W1, W2, "
-      "W5; bwd 3.0) and vs torch < 1, met or not.",
+      "(< 1 is faster than PyTorch). targets: x floor at most 1.5 forward (W1, W2, W5) and "
+      "3.0 backward, and vs torch < 1, met or not.",
       "",
       "| workload | dir | method | time (us) | floor (us) | x floor | vs torch | rel err | "
       "target | note |",
@@ -589,7 +586,7 @@ def markdown(results, workloads, args) -> str:
 
 
 def _target(row, us, floor_us, peer_us) -> str:
-  """Issue 6's targets for this row: the floor bound where one applies, and PyTorch."""
+  """The GPU targets for this row: the floor bound where one applies, and PyTorch."""
   if row["method"] == "torch" or not us or not row.get("ok"):
     return "-"
   bound = 3.0 if row["dir"] == "bwd" else 1.5 if row["workload"] in ("W1", "W2", "W5") else None

@@ -6,7 +6,7 @@ benchmarks/RESULTS.md ("LiteRT").
 
 Three problems at batch 1: W1 and W2 of benchmarks/suite.py (2D 3x3 per depth
 slice on (1, 16, 64, 64, 32); 3D 3x3x3 on (1, 32, 64, 64, 32)) and the demo
-model (`interop._demo_task.ShapeNet` after 150 training steps, on a
+model (`interop._app.demo_task.ShapeNet` after 150 training steps, on a
 (1, 16, 16, 16, 1) volume). Rows:
 
 * `litert f32 depthwise`: `export_litert`'s default route (dw5d_jax ops as
@@ -61,7 +61,7 @@ def _problem(name: str, rng: np.random.Generator):
   if name == "demo":
     from flax import nnx
 
-    from interop import _demo_task as task
+    from interop._app import demo_task as task
 
     model = _trained_demo_model(rng)
     graphdef, state = nnx.split(model)
@@ -93,7 +93,7 @@ def _trained_demo_model(rng: np.random.Generator, steps: int = 150):
   import jax.numpy as jnp
   from flax import nnx
 
-  from interop import _demo_task as task
+  from interop._app import demo_task as task
 
   model = task.ShapeNet(rngs=nnx.Rngs(0))
   optimizer = task.make_optimizer(model, learning_rate=1e-2, steps=steps)

@@ -65,11 +65,11 @@ def timing_table(res: dict[str, Any]) -> list[str]:
 
 
 def targets(res: dict[str, Any], tuned: bool) -> list[tuple[str, float | None, str, bool | None]]:
-  """(target, measured value, bound, met) for the issues' targets.
+  """(target, measured value, bound, met) for the CPU performance targets.
 
-  Tuned allocator: issue 14's (W1 forward within 1.1x the floor and faster
-  than PyTorch; W2 and W5 forward within 1.5x; backward at most 0.15x
-  PyTorch on W1 and W2) and the earlier ones they keep. Default allocator:
+  Tuned allocator: W1 forward within 1.1x the floor and faster than
+  PyTorch; W2 and W5 forward within 1.5x; backward at most 0.15x PyTorch on
+  W1 and W2; and the earlier targets these keep. Default allocator:
   forward within 1.5x of the JAX pass, which allocates its output as the
   ops do (under glibc's defaults every fresh buffer is page-faulted).
   """

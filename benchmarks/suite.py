@@ -1,6 +1,6 @@
 """The CPU benchmark suite: workloads W1-W5, our methods and the peers, one process.
 
-Run by `dw5d bench` (interop/_bench.py), which starts this file once per
+Run by `dw5d bench` (interop/_app/bench.py), which starts this file once per
 allocator setting (`--allocator default|tuned`, the environment set before
 the interpreter starts, so every library in the process sees it) and merges
 the JSON results into benchmarks/RESULTS.md and a chart (benchmarks/report.py).
@@ -22,8 +22,9 @@ Peers (a peer that is not installed, or cannot run a workload, is n/a):
   passes reach about half PyTorch's bandwidth, and it allocates its output,
   so it includes the page faults of a fresh buffer under glibc's defaults).
   Without PyTorch, the floor is the JAX pass scaled to x's and y's bytes.
-* `tf`, `tf_xla`: TensorFlow's reshape path (ORIGIN.md Example 1: fold D
-  into batch, `tf.nn.depthwise_conv2d`) in `tf.function`, and with
+* `tf`, `tf_xla`: TensorFlow's reshape path (fold D into batch, which is
+  right for axes H, W because D is next to batch, then
+  `tf.nn.depthwise_conv2d`) in `tf.function`, and with
   `jit_compile=True`; for 3D workloads `interop.tf_depthwise_conv3d` when
   the installed `interop` has it.
 * `torch`: `torch.nn.functional.conv3d(groups=C)` on `channels_last_3d`
@@ -142,7 +143,7 @@ def tf_cells(w: Workload, x, k, ct, peers) -> dict[str, tuple[Callable, Callable
   xt, kt, ctt = (tf.constant(a.astype(np.float32), dtype) for a in (x, k, ct))
   n, d, h, ww, c = w.x_shape
   if w.op == "2d":
-    def op(a, b):  # ORIGIN.md Example 1: fold depth into batch.
+    def op(a, b):  # Fold depth into batch (D is next to batch: no transpose needed).
       y = tf.nn.depthwise_conv2d(tf.reshape(a, (n * d, h, ww, c)), b,
                                  strides=[1, w.stride, w.stride, 1], padding="SAME",
                                  dilations=[w.dilation] * 2)

@@ -4,6 +4,8 @@ Public API:
   depthwise_conv2d: 2D depthwise convolution per slice of a 5D tensor (or a
     drop-in for `tf.nn.depthwise_conv2d` on 4D tensors).
   depthwise_conv3d: true 3D depthwise convolution.
+  stream_init, stream_step, StreamState: a convolution that is causal along
+    one axis (time), fed chunk by chunk (streaming inference).
   nn: Flax NNX layers (`DepthwiseConv3D`, `DepthwiseConv2D`), imported on
     first access; needs the `flax` extra.
   tune_cpu_allocator: opt-in glibc malloc setting that makes large CPU
@@ -17,10 +19,14 @@ from dw5d_jax._allocator import tune_cpu_allocator as tune_cpu_allocator
 from dw5d_jax._depthwise import depthwise_conv2d as depthwise_conv2d
 from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
 from dw5d_jax._native_build import native_status as native_status
+from dw5d_jax._streaming import StreamState as StreamState
+from dw5d_jax._streaming import stream_init as stream_init
+from dw5d_jax._streaming import stream_step as stream_step
 
 __version__ = "0.1.0"
 
-__all__ = ["depthwise_conv2d", "depthwise_conv3d", "native_status", "tune_cpu_allocator"]
+__all__ = ["StreamState", "depthwise_conv2d", "depthwise_conv3d", "native_status",
+           "stream_init", "stream_step", "tune_cpu_allocator"]
 
 
 def __getattr__(name: str):

@@ -144,6 +144,93 @@ def input_span(o_start: Size, o_stop: Size, k: int, s: int, r: int,
   return o_start * s - lo, (o_stop - 1) * s + effective(k, r) - lo
 
 
+def is_causal(k: int, r: int, padding: Pad) -> bool:
+  """Whether `padding` pads `(e - 1, 0)` along an axis of any size.
+
+  That is `"CAUSAL"`, the pair `(e - 1, 0)`, or, for a window of one frame
+  (`e == 1`, nothing to pad), `"SAME"` and `"VALID"` too.
+  """
+  e = effective(k, r)
+  if isinstance(padding, str):
+    return padding == "CAUSAL" or e == 1
+  return tuple(padding) == (e - 1, 0)
+
+
+# ----------------------------------------------------------------------------
+# Streaming along a causal axis (`_streaming.py`).
+#
+# With CAUSAL padding along an axis (time), output `o` reads input frames
+# `o * s + t * r - (e - 1)`, t = 0..k-1: frames `o*s - (e - 1) .. o*s`. It can
+# be computed as soon as frame `o * s`, its *anchor*, arrives, from that frame
+# and the `e - 1` before it. A stream therefore keeps the last `e - 1` frames
+# (the history; zeros before the first chunk, which is the causal padding) and
+# the *phase*: how many frames of the next chunk come before the next anchor,
+# `(-p) mod s` after `p` frames. A step reads `[history; chunk]` from the
+# phase on and returns a fixed number of output *slots*, `ceil(L / s)` for a
+# chunk of `L` frames; `emitted` of them (all but possibly the last) are real.
+#
+# Worked example: k=3, r=1 (e=3), s=2, chunks of L=3 frames. Anchors are the
+# frames 0, 2, 4, 6, ... Step 1 (frames 0-2, phase 0): 2 slots, anchors 0 and
+# 2, both real; phase (0 - 3) mod 2 = 1. Step 2 (frames 3-5, phase 1): anchor
+# 4 only, so 1 real slot of 2; phase (1 - 3) mod 2 = 0. Concatenating the real
+# slots gives outputs 0, 1, 2: the full op's ceil(6 / 2) = 3 outputs.
+#
+# These work on ints and on traced integer scalars alike (`+ - * // %` only).
+
+
+def stream_ring(k: int, r: int) -> int:
+  """Slots of a stream's ring buffer: the `e - 1` kept frames and a free one.
+
+  None (0) when nothing is kept, `e == 1`.
+  """
+  e = effective(k, r)
+  return e if e > 1 else 0
+
+
+def stream_oldest(head: Size, size: int) -> Size:
+  """The ring slot of the oldest kept frame, the one after the free slot `head`.
+
+  Worked example: e=3, slots [f4, f2, f3] after frames f2, f3, f4 with head
+  0 (f4 just written there): the window in order is f2, f3, f4 = slots 1, 2,
+  0, from slot `oldest = 1`; slot j meets tap `(j - 1) mod 3`, i.e. the
+  taps rotated by 1.
+  """
+  return (head + 1) % size
+
+
+def stream_slots(length: Size, s: int) -> Size:
+  """Output frames a step of `length` frames returns: `ceil(length / s)`."""
+  return same_size(length, s)
+
+
+def stream_window(length: Size, k: int, s: int, r: int) -> Size:
+  """Frames of `[history; chunk]`, from the phase on, that the slots read."""
+  return (stream_slots(length, s) - 1) * s + effective(k, r)
+
+
+def stream_tail(length: Size, s: int) -> Size:
+  """Zero frames appended to `[history; chunk]` so the window fits at any phase.
+
+  The window ends at `phase + (slots - 1) * s + e <= slots * s + e - 1`, and
+  `[history; chunk]` has `e - 1 + length` frames; a last slot whose anchor
+  lies past the chunk reads these zeros (and is not emitted).
+  """
+  return stream_slots(length, s) * s - length
+
+
+def stream_emitted(valid: Size, phase: Size, s: int) -> Size:
+  """Anchors among the first `valid` frames of a chunk: the real output slots.
+
+  `ceil((valid - phase) / s)`, never negative because `phase < s`.
+  """
+  return (valid - phase + s - 1) // s
+
+
+def stream_phase(phase: Size, valid: Size, s: int) -> Size:
+  """The phase after a chunk of `valid` frames: `(phase - valid) mod s`."""
+  return (phase - valid) % s
+
+
 class ConvSpec(NamedTuple):
   """A checked, normalised depthwise convolution: what every lowering consumes.
 

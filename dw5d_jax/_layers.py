@@ -13,8 +13,9 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 from jax.typing import DTypeLike
 
-from dw5d_jax import _args
+from dw5d_jax import _args, _streaming
 from dw5d_jax._depthwise import depthwise_conv2d, depthwise_conv3d
+from dw5d_jax._streaming import StreamState
 
 Initializer = Any
 _ZEROS = nnx.initializers.zeros_init()  # the default bias initializer, as nnx.Conv
@@ -28,6 +29,13 @@ def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
   from the shape. The base initializer (default: `lecun_normal`, as
   `nnx.Conv`) draws the kernel as `(*window, 1, C * M)`, the grouped-conv
   layout, which has exactly that fan-in; it is then reshaped.
+
+  Example:
+    >>> import jax
+    >>> from dw5d_jax.nn import depthwise_kernel_init
+    >>> k = depthwise_kernel_init()(jax.random.key(0), (3, 3, 3, 8, 2))
+    >>> k.shape, bool(0.05 < float(k.std()) < 0.4)   # std ~ 1 / sqrt(27)
+    ((3, 3, 3, 8, 2), True)
   """
   base = nnx.initializers.lecun_normal() if base is None else base
 
@@ -39,9 +47,12 @@ def depthwise_kernel_init(base: Initializer | None = None) -> Initializer:
 
 
 class _DepthwiseConv(nnx.Module):
-  """Shared parameter handling; subclasses say how to call the op."""
+  """Shared parameter handling, call and streaming; subclasses say how to call the op."""
 
   _nconv: int
+  _spatial: int  # spatial axes of the input (after the batch dims)
+  _conv_axes: str
+  _shape_doc: str
 
   def __init__(
       self,
@@ -87,20 +98,100 @@ class _DepthwiseConv(nnx.Module):
     self.bias = (nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
                  if use_bias else None)
 
-  def _apply(self, x: jax.Array, spatial: int, **op_kwargs: Any) -> jax.Array:
-    """Flattens leading batch dims (or adds one), calls the op, adds the bias."""
-    fn = type(self).__name__
-    if x.ndim < spatial + 1:
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `(*batch, D, H, W, C)` (`(*batch, H, W, C)`: 2D, no `axes`)."""
+    batch_shape, x = self._flatten(x)
+    x, kernel, bias = self._promote(x)
+    y = self._op(x, kernel, strides=self.strides, padding=self.padding,
+                 dilations=self.dilations, method=self.method, precision=self.precision)
+    return self._finish(y, bias, batch_shape)
+
+  # -- streaming --------------------------------------------------------------
+
+  def stream_init(self, chunk: Any) -> StreamState:
+    """The initial state for streaming chunks like `chunk` along the first spatial axis.
+
+    The layer must be causal along that axis (the time `T` of a clip
+    `(*batch, T, H, W, C)`; `H` for 2D layers without `axes`), e.g.
+    `padding=("CAUSAL", "SAME", "SAME")`, or, for a 2D layer, carry it
+    (`axes="HW"`: every frame on its own). See `dw5d_jax.stream_init`.
+
+    Args:
+      chunk: an array or `jax.ShapeDtypeStruct` shaped like the chunks
+        (any length along time).
+
+    Returns:
+      A `dw5d_jax.StreamState` (leading batch dims flattened into one).
+    """
+    fn = f"{type(self).__name__}.stream_init"
+    batch_shape, shape = self._flat_shape(fn, chunk.shape)
+    del batch_shape
+    bias = () if self.bias is None else (self.bias[...].dtype,)
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(
+        chunk.dtype, self.kernel[...].dtype, *bias)
+    return _streaming.stream_init(jax.ShapeDtypeStruct(shape, dtype), self.kernel[...],
+                                  **self._stream_kwargs())
+
+  def stream_step(self, state: StreamState, chunk: jax.Array, *,
+                  valid: Any = None) -> tuple[StreamState, jax.Array]:
+    """The next chunk of a stream: `(state, y)`, as `dw5d_jax.stream_step`.
+
+    Concatenating the first `state.emitted` frames of every `y` along time
+    gives `self(x)` on the whole sequence (all frames, with stride 1 along
+    time). Runs under `nnx.jit` and inside `lax.scan` (split the layer with
+    `nnx.split` and merge it in the scanned function).
+
+    Args:
+      state: from `stream_init` or the previous step.
+      chunk: `(*batch, L, ...)`, `L >= 1` frames, the rest as in `stream_init`.
+      valid: how many leading frames of `chunk` are real (see
+        `dw5d_jax.stream_step`); None: all.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> from dw5d_jax.nn import DepthwiseConv3D
+      >>> layer = DepthwiseConv3D(4, 3, padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0))
+      >>> clip = jnp.ones((1, 5, 8, 8, 4))                  # (N, T, H, W, C)
+      >>> state = layer.stream_init(clip[:, :1])
+      >>> state, y = layer.stream_step(state, clip[:, :2])  # two frames in, two out
+      >>> y.shape
+      (1, 2, 8, 8, 4)
+    """
+    batch_shape, x = self._flatten(chunk)
+    x, kernel, bias = self._promote(x)
+    state, y = _streaming.stream_step(state, x, kernel, method=self.method,
+                                      precision=self.precision, valid=valid,
+                                      **self._stream_kwargs())
+    return state, self._finish(y, bias, batch_shape)
+
+  # -- shared pieces ----------------------------------------------------------
+
+  def _stream_kwargs(self) -> dict[str, Any]:
+    return dict(strides=self.strides, padding=self.padding, dilations=self.dilations,
+                axes=self._conv_axes)
+
+  def _flat_shape(self, fn: str, shape: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """`(batch_shape, shape with the leading batch dims as one)`."""
+    if len(shape) < self._spatial + 1:
       raise ValueError(f"{fn}: input must have shape (*batch, {self._shape_doc}), got "
-                       f"shape {tuple(x.shape)}.")
-    batch_shape = x.shape[:x.ndim - spatial - 1]
-    x = x.reshape((math.prod(batch_shape), *x.shape[len(batch_shape):]))
+                       f"shape {tuple(shape)}.")
+    batch_shape = tuple(shape[:len(shape) - self._spatial - 1])
+    return batch_shape, (math.prod(batch_shape), *shape[len(batch_shape):])
+
+  def _flatten(self, x: jax.Array) -> tuple[tuple[Any, ...], jax.Array]:
+    """Flattens leading batch dims into one (or adds one)."""
+    batch_shape, shape = self._flat_shape(type(self).__name__, x.shape)
+    return batch_shape, x.reshape(shape)
+
+  def _promote(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
-    x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
-    y = self._op(x, kernel, strides=self.strides, padding=self.padding,
-                 dilations=self.dilations, method=self.method, precision=self.precision,
-                 **op_kwargs)
+    return nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+
+  def _finish(self, y: jax.Array, bias: jax.Array | None,
+              batch_shape: tuple[Any, ...]) -> jax.Array:
+    """Adds the bias and restores the leading batch dims."""
     if bias is not None:
       y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y.reshape((*batch_shape, *y.shape[1:]))
@@ -165,12 +256,11 @@ class DepthwiseConv3D(_DepthwiseConv):
         bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
         method=method, axes="DHW", rngs=rngs)
 
+  _spatial = 3
+  _conv_axes = "DHW"
+
   def _op(self, x, kernel, **kwargs):
     return depthwise_conv3d(x, kernel, **kwargs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the layer to `(*batch, D, H, W, C)` input."""
-    return self._apply(x, 3)
 
 
 class DepthwiseConv2D(_DepthwiseConv):
@@ -234,11 +324,15 @@ class DepthwiseConv2D(_DepthwiseConv):
   def _shape_doc(self) -> str:
     return "H, W, C" if self.axes is None else "D, H, W, C"
 
+  @property
+  def _spatial(self) -> int:
+    return 2 if self.axes is None else 3
+
+  @property
+  def _conv_axes(self) -> str:
+    return self.axes or "HW"
+
   def _op(self, x, kernel, **kwargs):
     if self.axes is not None:
       kwargs["axes"] = self.axes
     return depthwise_conv2d(x, kernel, **kwargs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the layer to `(*batch, H, W, C)` or, with `axes`, `(*batch, D, H, W, C)`."""
-    return self._apply(x, 2 if self.axes is None else 3)

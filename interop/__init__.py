@@ -1,14 +1,18 @@
 """interop: the TensorFlow side of dw5d-jax.
 
-Reference TF implementations, the JAX-vs-TF parity suite, SavedModel
-export through jax2tf and LiteRT export. This package may import `dw5d_jax`; `dw5d_jax` never
-imports TensorFlow.
+Reference TF implementations of the ops, SavedModel export through jax2tf,
+LiteRT export, weight converters and Keras 3 layers. This package may import
+`dw5d_jax`; `dw5d_jax` never imports TensorFlow. The `dw5d` command (demo,
+parity, export, bench) is an application built on it, in the private
+`interop._app`.
 
 Public API:
   tf_depthwise_conv2d, tf_depthwise_conv3d: the dw5d_jax ops written with
     TensorFlow ops only (reference implementations, return `tf.Tensor`).
   export_savedmodel, load_savedmodel: JAX functions to TF SavedModels through
     jax2tf, with symbolic batch and spatial dims.
+  export_streaming_savedmodel: a stream (`dw5d_jax.stream_init`/`stream_step`,
+    or a model's) to a SavedModel with `step(state, chunk) -> (state, output)`.
   export_litert: Keras models and JAX functions to LiteRT (TFLite)
     flatbuffers of builtin ops only, float32, float16 or int8.
   weights_from_keras, kernel_from_keras_grouped, kernel_from_torch_grouped,
@@ -26,6 +30,7 @@ _LAZY = {
     "tf_depthwise_conv2d": "interop._tf_ops",
     "tf_depthwise_conv3d": "interop._tf_ops",
     "export_savedmodel": "interop._export",
+    "export_streaming_savedmodel": "interop._stream_export",
     "load_savedmodel": "interop._export",
     "export_litert": "interop._litert",
     "DepthwiseWeights": "interop._weights",

@@ -152,7 +152,7 @@ def export_savedmodel(
 
 
 def load_savedmodel(path: str | os.PathLike) -> Any:
-  """Loads a SavedModel written by `export_savedmodel`.
+  """Loads a SavedModel written by `export_savedmodel` or `export_streaming_savedmodel`.
 
   Plain `tf.saved_model.load(path)` does the same (and is what a process
   without this project uses); this adds clear errors for a wrong `path`.
@@ -161,13 +161,29 @@ def load_savedmodel(path: str | os.PathLike) -> Any:
     path: the SavedModel directory.
 
   Returns:
-    The loaded object: `.serve(x)`, `.signatures["serving_default"]`,
-    `.params` (the `tf.Variable`s). Keep it referenced while calling its
-    functions: TensorFlow frees the variables with it.
+    The loaded object: `.serve(x)` (or, streaming, `.initial_state(chunk)`
+    and `.step(state, chunk)`), `.signatures["serving_default"]`, `.params`
+    (the `tf.Variable`s). Keep it referenced while calling its functions:
+    TensorFlow frees the variables with it.
 
   Raises:
     ValueError: `path` does not exist, is not a SavedModel directory, cannot
       be loaded, or has no `serve` function.
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> import dw5d_jax as dw
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_savedmodel(
+    ...     lambda k, x: dw.depthwise_conv2d(x, k), np.ones((3, 3, 2, 1), np.float32),
+    ...     tmp.name + "/m", input_shape=(None, None, None, 2), with_gradient=False)
+    >>> model = load_savedmodel(path)   # keep it: its variables live with it
+    >>> model.serve(np.ones((1, 4, 5, 2), np.float32)).shape
+    TensorShape([1, 4, 5, 2])
+    >>> load_savedmodel(tmp.name)
+    Traceback (most recent call last):
+    ...
+    ValueError: load_savedmodel: `path` '...' is not a SavedModel directory (expected ...
   """
   fn = "load_savedmodel"
   path = os.fspath(path)
@@ -184,9 +200,10 @@ def load_savedmodel(path: str | os.PathLike) -> Any:
   except Exception as err:  # TF raises several types for damaged files.
     raise ValueError(f"{fn}: `path` {path!r} holds a SavedModel that TensorFlow cannot "
                      f"load: {type(err).__name__}: {err}") from err
-  if not hasattr(model, "serve"):
-    raise ValueError(f"{fn}: the SavedModel at {path!r} has no `serve` function; it was "
-                     f"not written by export_savedmodel.")
+  if not hasattr(model, "serve") and not hasattr(model, "step"):
+    raise ValueError(f"{fn}: the SavedModel at {path!r} has no `serve` function (nor a "
+                     f"streaming `step`); it was not written by export_savedmodel or "
+                     f"export_streaming_savedmodel.")
   return model
 
 
@@ -194,60 +211,60 @@ def load_savedmodel(path: str | os.PathLike) -> Any:
 # Argument checks.
 
 
-def _check_input_shape(input_shape: Any, channel_axis: Any
+def _check_input_shape(input_shape: Any, channel_axis: Any, fn: str = _FN
                        ) -> tuple[tuple[int | None, ...], tuple[str | None, ...]]:
   if (not isinstance(input_shape, Sequence) or isinstance(input_shape, str)
       or not all(d is None or _is_int(d) for d in input_shape)):
-    raise TypeError(f"{_FN}: `input_shape` must be a sequence of ints and None (one per "
+    raise TypeError(f"{fn}: `input_shape` must be a sequence of ints and None (one per "
                     f"dimension of x, None for a symbolic size), got {input_shape!r}.")
   shape = tuple(None if d is None else int(d) for d in input_shape)
   if not shape:
-    raise ValueError(f"{_FN}: `input_shape` must have at least one dimension, got "
+    raise ValueError(f"{fn}: `input_shape` must have at least one dimension, got "
                      f"{input_shape!r}.")
   if any(d is not None and d < 1 for d in shape):
-    raise ValueError(f"{_FN}: `input_shape` sizes must be positive ints or None, got "
+    raise ValueError(f"{fn}: `input_shape` sizes must be positive ints or None, got "
                      f"{input_shape!r}.")
   if not _is_int(channel_axis) or not -len(shape) <= channel_axis < len(shape):
-    raise ValueError(f"{_FN}: `channel_axis` must be an int in [-{len(shape)}, "
+    raise ValueError(f"{fn}: `channel_axis` must be an int in [-{len(shape)}, "
                      f"{len(shape)}) for a rank-{len(shape)} `input_shape`, got "
                      f"{channel_axis!r}.")
   if shape[channel_axis] is None:
-    raise ValueError(f"{_FN}: the channel dimension of `input_shape` (axis {channel_axis}) "
+    raise ValueError(f"{fn}: the channel dimension of `input_shape` (axis {channel_axis}) "
                      f"must be an int: the params fix the number of channels, only batch "
                      f"and spatial sizes can be symbolic; got input_shape {input_shape!r}.")
   return shape, dim_names(len(shape), channel_axis)
 
 
-def _check_dtype(dtype: Any) -> np.dtype:
+def _check_dtype(dtype: Any, fn: str = _FN) -> np.dtype:
   try:
     dtype = jnp.dtype(dtype)
   except TypeError:
-    raise TypeError(f"{_FN}: `dtype` must be a dtype or its name (e.g. 'float32'), got "
+    raise TypeError(f"{fn}: `dtype` must be a dtype or its name (e.g. 'float32'), got "
                     f"{dtype!r}.") from None
   canonical = jax.dtypes.canonicalize_dtype(dtype)
   if canonical != dtype:
-    raise ValueError(f"{_FN}: `dtype` {dtype} needs JAX's 64-bit mode, which is off (JAX "
+    raise ValueError(f"{fn}: `dtype` {dtype} needs JAX's 64-bit mode, which is off (JAX "
                      f"would compute in {canonical}); export inside "
                      f"`with jax.enable_x64(True):`, or use {canonical}.")
   return dtype
 
 
-def _check_platforms(platforms: Any) -> tuple[str, ...]:
+def _check_platforms(platforms: Any, fn: str = _FN) -> tuple[str, ...]:
   items = (platforms,) if isinstance(platforms, str) else tuple(platforms)
   if not items or any(p not in _PLATFORMS for p in items) or len(set(items)) != len(items):
-    raise ValueError(f"{_FN}: `platforms` must be a non-empty sequence of distinct names "
+    raise ValueError(f"{fn}: `platforms` must be a non-empty sequence of distinct names "
                      f"from {', '.join(map(repr, _PLATFORMS))}, got {platforms!r}.")
   return items
 
 
-def _check_constraints(constraints: Any) -> tuple[str, ...]:
+def _check_constraints(constraints: Any, fn: str = _FN) -> tuple[str, ...]:
   if isinstance(constraints, str) or not all(isinstance(c, str) for c in constraints):
-    raise TypeError(f"{_FN}: `constraints` must be a sequence of strings such as "
+    raise TypeError(f"{fn}: `constraints` must be a sequence of strings such as "
                     f"'h >= 3', got {constraints!r}.")
   return tuple(constraints)
 
 
-def _param_leaves(params: Any) -> tuple[list[np.ndarray], Any]:
+def _param_leaves(params: Any, fn: str = _FN) -> tuple[list[np.ndarray], Any]:
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   out = []
   for path, leaf in with_paths:
@@ -256,25 +273,25 @@ def _param_leaves(params: Any) -> tuple[list[np.ndarray], Any]:
     except Exception:  # anything NumPy cannot take
       array = np.asarray(None)
     if array.dtype.kind in "OUS" or array.dtype.names is not None:
-      raise TypeError(f"{_FN}: `params` must be a pytree of arrays, got "
+      raise TypeError(f"{fn}: `params` must be a pytree of arrays, got "
                       f"{type(leaf).__name__} at {jax.tree_util.keystr(path) or 'the root'}.")
     # The dtype JAX computes in (float64 is float32 unless 64-bit mode is on).
     out.append(array.astype(jax.dtypes.canonicalize_dtype(array.dtype)))
   return out, treedef
 
 
-def _check_path(path: str, overwrite: bool) -> None:
+def _check_path(path: str, overwrite: bool, fn: str = _FN) -> None:
   if not os.path.lexists(path):
     return
   if not os.path.isdir(path):
-    raise ValueError(f"{_FN}: `path` {path!r} exists and is not a directory.")
+    raise ValueError(f"{fn}: `path` {path!r} exists and is not a directory.")
   if not os.listdir(path):
     return
   if not overwrite:
-    raise ValueError(f"{_FN}: `path` {path!r} exists and is not empty; choose a new path "
+    raise ValueError(f"{fn}: `path` {path!r} exists and is not empty; choose a new path "
                      f"or pass overwrite=True to replace the SavedModel there.")
   if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-    raise ValueError(f"{_FN}: `path` {path!r} is a non-empty directory that is not a "
+    raise ValueError(f"{fn}: `path` {path!r} is a non-empty directory that is not a "
                      f"SavedModel (no saved_model.pb); overwrite=True replaces only a "
                      f"SavedModel, so nothing was deleted.")
 
@@ -292,6 +309,15 @@ def _symbolic_spec(shape, names, dtype, constraints) -> jax.ShapeDtypeStruct:
       jax.export.symbolic_shape(poly_string(shape, names), constraints=constraints), dtype)
 
 
+def _input_spec(shape, names, dtype, constraints, caller: str = _FN) -> jax.ShapeDtypeStruct:
+  """The symbolic spec of x, or a ValueError naming bad `constraints`."""
+  try:
+    return _symbolic_spec(shape, names, dtype, constraints)
+  except ValueError as err:
+    raise ValueError(f"{caller}: `constraints` {constraints!r} are not valid for the symbolic "
+                     f"dimensions {poly_string(shape, names)}: {err}") from None
+
+
 def _check_traceable(flat_fn, leaves, shape, names, dtype, platforms, constraints,
                      with_gradient) -> jax.export.Exported:
   """Exports `flat_fn` (and its VJP) with jax.export, or raises a clear ValueError.
@@ -299,11 +325,7 @@ def _check_traceable(flat_fn, leaves, shape, names, dtype, platforms, constraint
   Returns the forward export, whose output shapes and tree `_save` uses.
   """
   leaf_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
-  try:
-    x_spec = _symbolic_spec(shape, names, dtype, constraints)
-  except ValueError as err:
-    raise ValueError(f"{_FN}: `constraints` {constraints!r} are not valid for the symbolic "
-                     f"dimensions {poly_string(shape, names)}: {err}") from None
+  x_spec = _input_spec(shape, names, dtype, constraints)
   exported = _export_or_explain("`apply_fn`", flat_fn, leaf_specs, x_spec, shape, names,
                                 dtype, platforms, constraints)
   if not with_gradient:
@@ -323,11 +345,18 @@ def _check_traceable(flat_fn, leaves, shape, names, dtype, platforms, constraint
 
 
 def _export_or_explain(what, fn, leaf_specs, x_spec, shape, names, dtype, platforms,
-                       constraints) -> jax.export.Exported:
+                       constraints, *, caller: str = _FN,
+                       subject: str = "`apply_fn`") -> jax.export.Exported:
+  """`jax.export` of `fn(leaf_specs, x_spec)`; a failure explained (`_explain`).
+
+  `caller` and `subject` name the public function and the user's function(s)
+  in the message.
+  """
   try:
     return jax.export.export(jax.jit(fn), platforms=platforms)(leaf_specs, x_spec)
   except Exception as err:  # apply_fn is user code: any error is explained the same way.
-    raise _explain(err, what, fn, leaf_specs, shape, names, dtype, constraints) from err
+    raise _explain(err, what, fn, leaf_specs, shape, names, dtype, constraints,
+                   caller=caller, subject=subject) from err
 
 
 def _eval_error(fn, leaf_specs, x_spec) -> Exception | None:
@@ -338,15 +367,16 @@ def _eval_error(fn, leaf_specs, x_spec) -> Exception | None:
   return None
 
 
-def _explain(err, what, fn, leaf_specs, shape, names, dtype, constraints) -> ValueError:
+def _explain(err, what, fn, leaf_specs, shape, names, dtype, constraints, *, caller: str,
+             subject: str) -> ValueError:
   """Tells a mismatch (fails at concrete sizes too) from a symbolic-shape failure."""
   sample = tuple(_SAMPLE_SIZE if d is None else d for d in shape)
   concrete = _eval_error(fn, leaf_specs, jax.ShapeDtypeStruct(sample, dtype))
   if concrete is not None:
     return ValueError(
-        f"{_FN}: {what} fails on an input of shape {sample} (`input_shape` "
+        f"{caller}: {what} fails on an input of shape {sample} (`input_shape` "
         f"{tuple(shape)} with each None set to {_SAMPLE_SIZE}), so `input_shape` does not "
-        f"match `apply_fn` and `params`: {type(concrete).__name__}: {concrete}")
+        f"match {subject} and `params`: {type(concrete).__name__}: {concrete}")
   symbolic = [i for i, d in enumerate(shape) if d is None]
   # The dimensions that fail on their own, the others set to concrete sizes.
   culprits = [i for i in symbolic if _eval_error(fn, leaf_specs, _symbolic_spec(
@@ -354,10 +384,10 @@ def _explain(err, what, fn, leaf_specs, shape, names, dtype, constraints) -> Val
       names, dtype, constraints)) is not None] or symbolic
   dims = ", ".join(f"{names[i]} (axis {i})" for i in culprits)
   return ValueError(
-      f"{_FN}: {what} works at concrete sizes but fails with the symbolic "
+      f"{caller}: {what} works at concrete sizes but fails with the symbolic "
       f"dimension{'s' if len(culprits) > 1 else ''} {dims} of x "
       f"{poly_string(shape, names)}: {type(err).__name__}: {err}\n"
-      f"Make `apply_fn` work for any size there, fix the size with an int in "
+      f"Make {subject} work for any size there, fix the size with an int in "
       f"`input_shape`, or, where the size needs a bound, declare it with "
       f"`constraints=`, e.g. constraints=('{names[culprits[0]]} >= 3',).")
 
@@ -429,15 +459,22 @@ def _save(flat_fn, leaves, path, shape, names, dtype, platforms, constraints,
     return {f"output_{i}": y for i, y in enumerate(ys)}
 
   module.serve = serve
-  # Written next to `path` and moved into place, so a failed export leaves an
-  # existing SavedModel untouched.
+  _write(module, path, {"serving_default": serving_default.get_concrete_function()},
+         tf.saved_model.SaveOptions(experimental_custom_gradients=with_gradient))
+
+
+def _write(module: Any, path: str, signatures: dict[str, Any], options: Any = None) -> None:
+  """`tf.saved_model.save` next to `path`, then moved into place.
+
+  So a failed export leaves an existing SavedModel untouched.
+  """
+  import tensorflow as tf
+
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    tf.saved_model.save(
-        module, tmp, signatures={"serving_default": serving_default.get_concrete_function()},
-        options=tf.saved_model.SaveOptions(experimental_custom_gradients=with_gradient))
+    tf.saved_model.save(module, tmp, signatures=signatures, options=options)
     if os.path.isdir(path):
       shutil.rmtree(path)
     os.rename(tmp, path)

@@ -17,6 +17,9 @@ Keras (these layers)   dw5d_jax / interop ops
                        before), which is what Keras's `"same"` does on the JAX
                        and TensorFlow backends. Keras's default is `"valid"`;
                        the ops and the Flax layers default to `"SAME"`.
+                       `"causal"` is `"CAUSAL"` along the first spatial axis
+                       (as Keras's Conv1D along its only one) and `"SAME"`
+                       along the others, e.g. `("CAUSAL", "SAME", "SAME")`.
 `data_format=None`     `keras.config.image_data_format()`, then
                        `"channels_last"` is `"NDHWC"` (`"NHWC"` for rank-4
                        input) and `"channels_first"` is `"NCDHW"` (`"NCHW"`).
@@ -101,10 +104,11 @@ class _DepthwiseConv(keras.layers.Layer):
     self.kernel_size = _args.int_tuple(fn, "kernel_size", kernel_size, self._rank, axes)
     self.strides = _args.int_tuple(fn, "strides", strides, self._rank, axes)
     self.dilation_rate = _args.int_tuple(fn, "dilation_rate", dilation_rate, self._rank, axes)
-    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
-      raise ValueError(f"{fn}: `padding` must be 'valid' or 'same' (any case), got "
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same", "causal"):
+      raise ValueError(f"{fn}: `padding` must be 'valid', 'same' or 'causal' (any case), got "
                        f"{padding!r}.")
     self.padding = padding.lower()
+    self._padding_entries()  # 'causal' on a carried axis fails here
     if not _args.is_int(depth_multiplier) or depth_multiplier < 1:
       raise ValueError(f"{fn}: `depth_multiplier` must be a positive int, got "
                        f"{depth_multiplier!r}.")
@@ -136,6 +140,25 @@ class _DepthwiseConv(keras.layers.Layer):
 
   def _op_kwargs(self) -> dict[str, Any]:
     return {}
+
+  def _padding_entries(self) -> tuple[str, ...]:
+    """The ops' padding, one entry per convolved axis (kernel order).
+
+    `"causal"` is CAUSAL along the first spatial axis (`D` of 5D input, the
+    time `T` of a clip `(N, T, H, W, C)`; `H` of 4D input), as Keras's
+    Conv1D along its only one, and SAME along the others.
+    """
+    axes = self._conv_axes()
+    if self.padding != "causal":
+      return (self.padding.upper(),) * len(axes)
+    first = "DHW"[-(self._input_rank - 2)]
+    if first not in axes:
+      raise ValueError(
+          f"{type(self).__name__}: padding='causal' is causal along the first spatial axis, "
+          f"{first}, which axes={axes!r} carries (convolves {axes[0]} and {axes[1]} only): "
+          f"CAUSAL on a carried axis means nothing. Use axes that include {first!r}, or "
+          f"padding 'same' or 'valid'.")
+    return tuple("CAUSAL" if a == first else "SAME" for a in axes)
 
   # -- shapes -----------------------------------------------------------------
 
@@ -169,15 +192,15 @@ class _DepthwiseConv(keras.layers.Layer):
     shape = list(self._check_shape(input_shape))
     spatial = "DHW"[-(len(shape) - 2):]
     first = 1 if self._channels_last else 2
-    for i, a in enumerate(self._conv_axes()):
+    for i, (a, padding) in enumerate(zip(self._conv_axes(), self._padding_entries())):
       pos = first + spatial.index(a)
       n = shape[pos]
       if n is None:
         continue
       k, r = self.kernel_size[i], self.dilation_rate[i]
-      out = _geometry.output_size(n, k, self.strides[i], r, self.padding.upper())
+      out = _geometry.output_size(n, k, self.strides[i], r, padding)
       if out < 1:
-        raise _args.empty_output_error(fn, a, n, k, r, self.padding.upper())
+        raise _args.empty_output_error(fn, a, n, k, r, padding)
       shape[pos] = out
     c = -1 if self._channels_last else 1
     shape[c] = shape[c] * self.depth_multiplier
@@ -202,13 +225,16 @@ class _DepthwiseConv(keras.layers.Layer):
       self.bias = None
 
   def call(self, inputs: Any) -> Any:
-    fn = type(self).__name__
     self._check_shape(inputs.shape)
-    op = backend_op(fn, keras.backend.backend(), self._rank)
+    return self._apply(inputs, self._padding_entries())
+
+  def _apply(self, inputs: Any, padding: tuple[Any, ...]) -> Any:
+    """The op with `padding` (one entry per convolved axis), bias, activation."""
+    op = backend_op(type(self).__name__, keras.backend.backend(), self._rank)
     # `.value` is the backend array (a tf.Variable on TensorFlow, so tapes see
     # it), cast to the compute dtype under a mixed-precision policy.
     kernel = self.kernel.value
-    y = op(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
+    y = op(inputs, kernel, strides=self.strides, padding=padding,
            dilations=self.dilation_rate,
            data_format=_LAYOUTS[self._input_rank, self._channels_last], **self._op_kwargs())
     if self.use_bias:
@@ -218,6 +244,98 @@ class _DepthwiseConv(keras.layers.Layer):
     if self.activation is not None:
       y = self.activation(y)
     return y
+
+  # -- streaming --------------------------------------------------------------
+
+  def stream_init(self, input_shape: Sequence[int]) -> dict[str, Any]:
+    """The state before the first chunk of a stream along the first spatial axis.
+
+    The layer must be causal along that axis (`padding="causal"`; the time
+    `T` of a clip `(N, T, H, W, C)`, `H` of 4D input) or, a `DepthwiseConv2D`
+    with `axes`, carry it (every frame on its own). The state is a dict of
+    backend tensors: `"buffer"`, the last `e - 1` frames (zeros at first:
+    the causal padding), `"phase"` and `"emitted"` (int32 scalars, as in
+    `dw5d_jax.StreamState`). Builds the layer if needed.
+
+    Args:
+      input_shape: the shape of the chunks, their length along time aside
+        (any value there).
+
+    Raises:
+      ValueError: a padding along time that is not causal; a bad shape.
+    """
+    fn = f"{type(self).__name__}.stream_init"
+    shape = list(self._check_shape(input_shape))
+    if any(d is None for d in shape):
+      raise ValueError(f"{fn}: `input_shape` must be fully known, got {tuple(shape)}.")
+    if not self.built:
+      self.build(shape)
+    i, t = self._stream_axes(fn)
+    shape[t] = 0 if i is None else _geometry.effective(self.kernel_size[i],
+                                                        self.dilation_rate[i]) - 1
+    return {"buffer": keras.ops.zeros(shape, self.compute_dtype),
+            "phase": keras.ops.convert_to_tensor(0, "int32"),
+            "emitted": keras.ops.convert_to_tensor(0, "int32")}
+
+  def stream_step(self, state: dict[str, Any], chunk: Any) -> tuple[dict[str, Any], Any]:
+    """The next chunk of a stream: `(state, y)`, as `dw5d_jax.stream_step`.
+
+    `y` has `ceil(L / s)` frames along time for a chunk of `L` frames (`s`
+    the stride along time); the first `state["emitted"]` are the layer's
+    next outputs on the whole sequence (all of them when `s` divides `L`).
+    Runs on both backends, eagerly and under `jax.jit`/`tf.function`.
+
+    Raises:
+      ValueError: a chunk whose shape differs from the state's apart from
+        its length along time, or with no frame.
+    """
+    fn = f"{type(self).__name__}.stream_step"
+    i, t = self._stream_axes(fn)
+    buffer, phase = state["buffer"], state["phase"]
+    want, got = tuple(buffer.shape), tuple(chunk.shape)
+    length = got[t] if len(got) == len(want) else None
+    if (length is None or length < 1
+        or any(a != b for j, (a, b) in enumerate(zip(got, want)) if j != t)):
+      shown = tuple("L" if j == t else d for j, d in enumerate(want))
+      raise ValueError(f"{fn}: `chunk` has shape {got}, but the state was made for chunks "
+                       f"{shown} (L >= 1 frames along time, axis {t}).")
+    chunk = keras.ops.cast(chunk, buffer.dtype)
+    padding = list(self._padding_entries())
+    if i is None:
+      return {**state, "emitted": keras.ops.convert_to_tensor(length, "int32")}, \
+          self._apply(chunk, tuple(padding))
+    k, s, r = self.kernel_size[i], self.strides[i], self.dilation_rate[i]
+    history = want[t]
+    x = keras.ops.concatenate([buffer, chunk], axis=t) if history else chunk
+    after = x[(slice(None),) * t + (slice(length, length + history),)]
+    if s > 1:  # the slots' window from the phase on (see dw5d_jax._streaming)
+      pads = [(0, 0)] * len(want)
+      pads[t] = (0, _geometry.stream_tail(length, s))
+      x = keras.ops.pad(x, pads)
+      start = [0] * len(want)
+      start[t] = phase
+      size = list(x.shape)
+      size[t] = _geometry.stream_window(length, k, s, r)
+      x = keras.ops.slice(x, start, size)
+    padding[i] = (0, 0)
+    y = self._apply(x, tuple(padding))
+    return {"buffer": after, "phase": _geometry.stream_phase(phase, length, s),
+            "emitted": _geometry.stream_emitted(length, phase, s)}, y
+
+  def _stream_axes(self, fn: str) -> tuple[int | None, int]:
+    """`(index of the time axis in the convolved axes or None, its position in x)`."""
+    rank = self._input_rank
+    first = "DHW"[-(rank - 2)]
+    axes = self._conv_axes()
+    t = 1 if self._channels_last else 2
+    if first not in axes:
+      return None, t
+    i = axes.index(first)
+    if not _geometry.is_causal(self.kernel_size[i], self.dilation_rate[i],
+                               self._padding_entries()[i]):
+      raise ValueError(f"{fn}: streaming needs the layer causal along {first} (the first "
+                       f"spatial axis): padding='causal', got padding={self.padding!r}.")
+    return i, t
 
   def get_config(self) -> dict[str, Any]:
     config = super().get_config()
@@ -261,7 +379,9 @@ class DepthwiseConv3D(_DepthwiseConv):
   Args:
     kernel_size: an int or `(kd, kh, kw)`.
     strides: an int or three.
-    padding: `"valid"` (default, as Keras) or `"same"` (TF's rule), any case.
+    padding: `"valid"` (default, as Keras), `"same"` (TF's rule) or
+      `"causal"` (CAUSAL along `D`, the time of a clip `(N, T, H, W, C)`:
+      outputs see no later frame; SAME along `H` and `W`), any case.
     depth_multiplier: filters per input channel.
     data_format: `"channels_last"`, `"channels_first"`, or None for
       `keras.config.image_data_format()`.
@@ -315,6 +435,8 @@ class DepthwiseConv2D(_DepthwiseConv):
   Args:
     kernel_size: an int or `(k0, k1)` (along `axes`, default `H, W`).
     axes: None (4D input) or two distinct letters of `D`, `H`, `W` (5D).
+      With `padding="causal"` they must include the first spatial axis
+      (`D`, or `H` of 4D input), the causal one.
     strides, dilation_rate: an int or two, along the convolved axes.
     padding, depth_multiplier, data_format, activation, use_bias, the
       initializers, regularizers and constraints, **kwargs: as in

@@ -1,9 +1,10 @@
 """TensorFlow reference ops: the dw5d_jax ops written with TF ops only.
 
-`tf_depthwise_conv2d` is the classic recipe of ORIGIN.md's Example 1 done
-right: the carried spatial axis is transposed next to batch *before* the
-reshape that folds it in (Examples 2 and 3 skip that and mix rows), then
-`tf.nn.depthwise_conv2d` runs on the 4D result. `tf_depthwise_conv3d` stacks
+`tf_depthwise_conv2d` is the classic recipe (fold the carried spatial axis
+into batch, run `tf.nn.depthwise_conv2d` on the 4D result) done right: the
+carried axis is transposed next to batch *before* the reshape that folds it
+in. Reshaping without that transpose when the carried axis is not next to
+batch regroups the data and silently mixes rows of different slices. `tf_depthwise_conv3d` stacks
 the depth taps into channels and makes one `tf.nn.depthwise_conv2d` call,
 because TF's grouped `conv3d` has no CPU kernel.
 

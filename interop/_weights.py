@@ -31,6 +31,13 @@ class DepthwiseWeights(NamedTuple):
     options: `strides`, `padding`, `dilations` and `data_format` of the layer,
       as keyword arguments of `depthwise_conv2d` (2D kernel) or
       `depthwise_conv3d` (3D kernel) for the layer's own input rank.
+
+  Example:
+    >>> import dw5d_jax as dw
+    >>> w = DepthwiseWeights(np.ones((3, 3, 2, 1), np.float32), None,
+    ...                      {"strides": (2, 2), "padding": "SAME", "data_format": "NHWC"})
+    >>> dw.depthwise_conv2d(np.ones((1, 6, 6, 2), np.float32), w.kernel, **w.options).shape
+    (1, 3, 3, 2)
   """
 
   kernel: np.ndarray
@@ -57,6 +64,19 @@ def weights_from_keras(layer: Any) -> DepthwiseWeights:
     TypeError: not one of the layers above.
     ValueError: the layer is not built, or its groups see more than one
       input channel each (not a depthwise convolution).
+
+  Example:
+    >>> import keras
+    >>> import dw5d_jax as dw
+    >>> layer = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same")
+    >>> x = np.random.default_rng(0).standard_normal((1, 5, 6, 4)).astype(np.float32)
+    >>> y = keras.ops.convert_to_numpy(layer(x))
+    >>> w = weights_from_keras(layer)
+    >>> w.kernel.shape, w.bias.shape, w.options["padding"]
+    ((3, 3, 4, 2), (8,), 'SAME')
+    >>> ours = np.asarray(dw.depthwise_conv2d(x, w.kernel, **w.options)) + w.bias
+    >>> np.allclose(ours, y, atol=1e-5)
+    True
   """
   fn = "weights_from_keras"
   bases = {cls.__name__ for cls in type(layer).__mro__}

@@ -1,4 +1,7 @@
-"""Shared test set-up: strict JAX mode, hypothesis profile, tolerances, data."""
+"""Test configuration and fixtures: strict JAX mode, hypothesis profiles, `rng`.
+
+Shared helpers (cases, tolerances, reference gradients) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
@@ -25,33 +28,6 @@ hypothesis.settings.register_profile(
     "dev", deadline=None, max_examples=150,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-# Tolerances keyed by input dtype: (rtol, atol) relative to the output scale.
-TOLERANCES = {
-    "float64": (1e-10, 1e-10),
-    "float32": (1e-5, 1e-5),
-    "float16": (2e-3, 2e-3),
-    "bfloat16": (1.6e-2, 1.6e-2),
-}
-
-
-def assert_close(actual, expected, dtype="float32", err_msg=""):
-  """Compares to a float64 reference with the dtype's tolerance.
-
-  The absolute tolerance is scaled by the largest magnitude of the reference,
-  so the check holds for sums of many taps as well as for small outputs.
-  """
-  rtol, atol = TOLERANCES[str(np.dtype(dtype))]
-  actual = np.asarray(actual, dtype=np.float64)
-  expected = np.asarray(expected, dtype=np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
-  scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
-
-
-def random_array(rng: np.random.Generator, shape, dtype="float32"):
-  """Normal random data (never zeros or ones alone)."""
-  return rng.standard_normal(shape).astype(jax.numpy.dtype(dtype))
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 
 from dw5d_jax._reference import depthwise_reference
 from interop import _keras
 from interop.keras import DepthwiseConv2D, DepthwiseConv3D
+from tests.helpers import assert_close, random_array
 
 BACKEND = keras.backend.backend()
 OTHER = {"jax": "tensorflow", "tensorflow": "jax"}[BACKEND]
@@ -55,8 +55,12 @@ def reference(layer, x: np.ndarray, kernel=None) -> np.ndarray:
   kernel = _np(layer.kernel) if kernel is None else kernel
   rank = np.ndim(x)
   axes = "DHW" if isinstance(layer, DepthwiseConv3D) else layer.axes or "HW"
-  y = depthwise_reference(x, kernel, axes=axes, strides=layer.strides,
-                          padding=layer.padding.upper(), dilations=layer.dilation_rate,
+  padding = layer.padding.upper()
+  if padding == "CAUSAL":  # along the first spatial axis only (D; H of 4D input)
+    first = "D" if rank == 5 else "H"
+    padding = tuple("CAUSAL" if a.upper() == first else "SAME" for a in axes)
+  y = depthwise_reference(x, kernel, axes=axes.upper(), strides=layer.strides,
+                          padding=padding, dilations=layer.dilation_rate,
                           data_format=_LAYOUT[rank, layer.data_format])
   if layer.use_bias:
     shape = [1] * rank
@@ -78,6 +82,10 @@ CONV3D = [
           padding="SAME", data_format="channels_first"), (2, 2, 4, 5, 3)),
     # Input smaller than the kernel.
     (dict(kernel_size=3, padding="same", activation="relu"), (1, 2, 1, 2, 2)),
+    # Causal along D (time), SAME along H and W; strided and dilated in time.
+    (dict(kernel_size=(3, 2, 3), strides=(2, 1, 2), dilation_rate=(2, 1, 1),
+          padding="causal"), (2, 5, 4, 6, 2)),
+    (dict(kernel_size=3, padding="CAUSAL", data_format="channels_first"), (1, 2, 2, 3, 4)),
 ]
 
 CONV2D = [
@@ -89,6 +97,9 @@ CONV2D = [
     (dict(kernel_size=(3, 2), axes="wd", strides=2, dilation_rate=2, padding="same",
           data_format="channels_first"), (1, 2, 5, 4, 6)),
     (dict(kernel_size=5, axes="DH", padding="same", activation="relu"), (1, 2, 3, 4, 2)),
+    # Causal along the first spatial axis: D (second in axes="WD"), or H of 4D input.
+    (dict(kernel_size=(2, 3), axes="WD", strides=(1, 2), padding="causal"), (2, 5, 3, 4, 2)),
+    (dict(kernel_size=3, dilation_rate=(2, 1), padding="causal"), (2, 6, 5, 3)),
 ]
 
 
@@ -137,9 +148,10 @@ def test_mixed_precision(rng):
 # Symbolic shapes, gradients, training.
 
 
-def test_functional_model_with_unknown_sizes(rng):
+@pytest.mark.parametrize("padding", ["same", "causal"])
+def test_functional_model_with_unknown_sizes(rng, padding):
   inputs = keras.Input((None, None, None, 3))
-  layer = DepthwiseConv3D(3, depth_multiplier=2, strides=(2, 1, 2), padding="same",
+  layer = DepthwiseConv3D(3, depth_multiplier=2, strides=(2, 1, 2), padding=padding,
                           bias_initializer="random_normal")
   outputs = layer(inputs)
   assert tuple(outputs.shape) == (None, None, None, None, 6)
@@ -212,6 +224,66 @@ def test_fit_reduces_loss_under_the_backend_compiler(rng):
 
 
 # ----------------------------------------------------------------------------
+# Streaming.
+
+
+def _stream(layer, x: np.ndarray, chunks, compiled: bool) -> np.ndarray:
+  """Feeds `x` along its first spatial axis in chunks; the real outputs, concatenated."""
+  t = 1 if layer.data_format == "channels_last" else 2
+  state = layer.stream_init(x.shape)
+  step = layer.stream_step
+  if compiled and BACKEND == "jax":
+    import jax
+
+    step = jax.jit(step)
+  elif compiled:
+    import tensorflow as tf
+
+    step = tf.function(step)
+  outs, start = [], 0
+  for length in chunks:
+    state, y = step(state, np.take(x, range(start, start + length), axis=t))
+    outs.append(np.take(_np(y), range(int(_np(state["emitted"]))), axis=t))
+    start += length
+  return np.concatenate(outs, axis=t)
+
+
+@pytest.mark.parametrize("cls, config, x_shape", [
+    (DepthwiseConv3D, dict(kernel_size=(3, 2, 3), depth_multiplier=2, strides=(2, 1, 2),
+                           dilation_rate=(2, 1, 1), padding="causal"), (2, 7, 4, 5, 2)),
+    (DepthwiseConv3D, dict(kernel_size=3, padding="causal", data_format="channels_first",
+                           activation="relu"), (1, 2, 6, 3, 4)),
+    (DepthwiseConv2D, dict(kernel_size=(2, 3), axes="WD", padding="causal"), (2, 6, 3, 4, 2)),
+    (DepthwiseConv2D, dict(kernel_size=3, axes="HW", strides=2, padding="same"), (1, 6, 5, 4, 2)),
+    (DepthwiseConv2D, dict(kernel_size=3, strides=(2, 1), padding="causal"), (2, 7, 5, 3)),
+], ids=["3d-strided", "3d-channels-first", "2d-WD", "2d-HW-per-frame", "2d-rank4"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stream_equals_call(rng, cls, config, x_shape, compiled):
+  layer = cls(**config, bias_initializer="random_normal")
+  x = random_array(rng, x_shape)
+  want = _np(layer(x))
+  t = 1 if layer.data_format == "channels_last" else 2
+  chunks = [3, 1, 2] + [1] * (x_shape[t] - 6)
+  assert_close(_stream(layer, x, chunks, compiled), want)
+
+
+def test_stream_errors():
+  layer = DepthwiseConv3D(3, padding="same")
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: streaming needs the layer "
+                     r"causal along D \(the first spatial axis\): padding='causal', got "
+                     r"padding='same'\."):
+    layer.stream_init((1, 1, 4, 4, 2))
+  causal = DepthwiseConv3D(3, padding="causal")
+  state = causal.stream_init((1, 1, 4, 4, 2))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `chunk` has shape "
+                     r"\(1, 1, 4, 5, 2\), but the state was made for chunks \(1, 'L', 4, 4, "
+                     r"2\) \(L >= 1 frames along time, axis 1\)\."):
+    causal.stream_step(state, np.zeros((1, 1, 4, 5, 2), np.float32))
+  with pytest.raises(ValueError, match=r"stream_init: `input_shape` must be fully known"):
+    causal.stream_init((None, 1, 4, 4, 2))
+
+
+# ----------------------------------------------------------------------------
 # Serialisation.
 
 
@@ -275,7 +347,7 @@ def test_save_for_other_backend(rng):
   inputs = keras.Input((None, None, None, 3))
   h = DepthwiseConv3D(3, depth_multiplier=2, strides=(1, 2, 2), padding="same",
                       activation="relu", bias_initializer="random_normal")(inputs)
-  outputs = DepthwiseConv2D((3, 2), axes="DW", padding="valid",
+  outputs = DepthwiseConv2D((3, 2), axes="DW", padding="causal",
                             bias_initializer="random_normal")(h)
   model = keras.Model(inputs, outputs)
   x = random_array(rng, (2, 5, 7, 8, 3))
@@ -305,7 +377,12 @@ def test_load_model_saved_on_other_backend():
 
 @pytest.mark.parametrize("make, error, pattern", [
     (lambda: DepthwiseConv3D(3, padding="full"), ValueError,
-     r"DepthwiseConv3D: `padding` must be 'valid' or 'same' \(any case\), got 'full'"),
+     r"DepthwiseConv3D: `padding` must be 'valid', 'same' or 'causal' \(any case\), got "
+     r"'full'"),
+    (lambda: DepthwiseConv2D(3, axes="HW", padding="causal"), ValueError,
+     r"DepthwiseConv2D: padding='causal' is causal along the first spatial axis, D, which "
+     r"axes='HW' carries \(convolves H and W only\): CAUSAL on a carried axis means nothing\. "
+     r"Use axes that include 'D', or padding 'same' or 'valid'\."),
     (lambda: DepthwiseConv3D((3, 3)), ValueError,
      r"DepthwiseConv3D: `kernel_size` must be a positive int or a sequence of 3 positive "
      r"ints, one per convolved axis \(D, H, W\); got 2 values"),

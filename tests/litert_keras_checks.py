@@ -17,16 +17,16 @@ import jax
 import keras
 import numpy as np
 import pytest
-from conftest import random_array
 
 import interop
 import interop.keras as ik
 from dw5d_jax._reference import depthwise_reference
 from interop import _litert
 from interop._litert import TOLERANCE
+from tests.helpers import random_array
 
 # Keras's own layers broadcast by rank promotion (Dense's bias on the JAX backend),
-# which conftest.py makes an error for the library's sake.
+# which tests/conftest.py makes an error for the library's sake.
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
 BACKEND = keras.backend.backend()

@@ -7,17 +7,18 @@ itself checked against brute force and TF in test_reference.py.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import METHODS, Case, cases
-from conftest import assert_close, random_array
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 
 import dw5d_jax as dw
 from dw5d_jax._reference import depthwise_reference
+from tests.helpers import METHODS, Case, assert_close, cases, random_array, reference_grads, run
 
 
 @given(case=cases(), seed=st.integers(0, 2**31 - 1))
@@ -27,7 +28,7 @@ def test_every_method_matches_reference(case: Case, seed):
   k = random_array(rng, case.k_shape)
   want = case.expected(x, k)
   for method in METHODS:
-    y = case.run(x, k, method=method)
+    y = run(case, x, k, method=method)
     assert y.dtype == jnp.float32
     assert_close(y, want, "float32", err_msg=f"{case} method={method}")
 
@@ -41,7 +42,7 @@ def test_per_slice_grid(rng, method, layout, axes):
               x_shape=((2, 5, 7, 9, 3) if layout == "NDHWC" else (2, 3, 5, 7, 9)),
               k_shape=(3, 2, 3, 2), strides=(2, 1), dilations=(1, 2), padding="SAME")
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  assert_close(case.run(x, k, method=method), case.expected(x, k))
+  assert_close(run(case, x, k, method=method), case.expected(x, k))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -50,7 +51,7 @@ def test_3d_grid(rng, method, padding):
   case = Case("3d", "NDHWC", "DHW", x_shape=(2, 6, 7, 5, 4), k_shape=(3, 2, 3, 4, 2),
               strides=(1, 2, 3), dilations=(2, 1, 1), padding=padding)
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  assert_close(case.run(x, k, method=method), case.expected(x, k))
+  assert_close(run(case, x, k, method=method), case.expected(x, k))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -59,7 +60,7 @@ def test_inputs_smaller_than_kernel(rng, method):
   case = Case("3d", "NDHWC", "DHW", x_shape=(1, 1, 2, 3, 2), k_shape=(3, 5, 4, 2, 1),
               strides=(1, 2, 1), dilations=(1, 1, 2), padding="SAME")
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  assert_close(case.run(x, k, method=method), case.expected(x, k))
+  assert_close(run(case, x, k, method=method), case.expected(x, k))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -69,17 +70,33 @@ def test_rank4_is_a_drop_in_for_tf(rng, method):
   k = random_array(rng, (3, 3, 3, 2))
   y = dw.depthwise_conv2d(x, k, strides=2, method=method)
   want = tf.nn.depthwise_conv2d(x, k, strides=[1, 2, 2, 1], padding="SAME").numpy()
-  assert y.shape == want.shape
+  chex.assert_shape(y, (2, 5, 4, 6))
   assert_close(y, want)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_jit_matches_eager(rng, method):
-  case = Case("2d", "NDHWC", "DW", (2, 4, 5, 6, 3), (3, 3, 3, 2), 2, 1, "SAME")
-  x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  eager = case.run(x, k, method=method)
-  jitted = jax.jit(lambda a, b: case.run(a, b, method=method))(x, k)
-  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
+class WithAndWithoutJitTest(chex.TestCase):
+  """Every method, traced under `jit` and run op by op, against the reference."""
+
+  CASE = Case("2d", "NDHWC", "DW", (2, 4, 5, 6, 3), (3, 3, 3, 2), 2, 1, "SAME")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*METHODS)
+  def test_forward(self, method):
+    rng = np.random.default_rng(0)
+    x, k = random_array(rng, self.CASE.x_shape), random_array(rng, self.CASE.k_shape)
+    y = self.variant(lambda a, b: run(self.CASE, a, b, method=method))(x, k)
+    chex.assert_shape(y, (2, 2, 5, 3, 6))  # D and W strided by 2, C * M = 6
+    assert_close(y, self.CASE.expected(x, k))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*METHODS)
+  def test_gradients(self, method):
+    rng = np.random.default_rng(1)
+    x, k = random_array(rng, self.CASE.x_shape), random_array(rng, self.CASE.k_shape)
+    ct = random_array(rng, (2, 2, 5, 3, 6))
+    grad = self.variant(jax.grad(lambda a, b: jnp.sum(run(self.CASE, a, b, method=method) * ct),
+                                 argnums=(0, 1)))
+    assert_close(grad(x, k), reference_grads(self.CASE, x, k, ct))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -89,7 +106,7 @@ def test_vmap_matches_loop(rng, method, in_axes):
   b = 3
   xs = random_array(rng, (b, *case.x_shape) if in_axes[0] == 0 else case.x_shape)
   ks = random_array(rng, (b, *case.k_shape) if in_axes[1] == 0 else case.k_shape)
-  got = jax.vmap(lambda a, w: case.run(a, w, method=method), in_axes=in_axes)(xs, ks)
+  got = jax.vmap(lambda a, w: run(case, a, w, method=method), in_axes=in_axes)(xs, ks)
   for i in range(b):
     xi = xs[i] if in_axes[0] == 0 else xs
     ki = ks[i] if in_axes[1] == 0 else ks
@@ -102,7 +119,7 @@ def test_low_precision_dtypes(rng, method, dtype):
   """Output keeps x's dtype; accumulation is float32 so errors stay at input rounding."""
   case = Case("3d", "NDHWC", "DHW", (2, 4, 6, 5, 3), (3, 3, 3, 3, 2), (1, 2, 1), 1, "SAME")
   x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
-  y = case.run(x, k, method=method)
+  y = run(case, x, k, method=method)
   assert y.dtype == jnp.dtype(dtype)
   want = case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64))
   assert_close(y, want, dtype)
@@ -113,7 +130,7 @@ def test_preferred_element_type(rng, method):
   case = Case("2d", "NHWC", "HW", (2, 7, 6, 3), (3, 3, 3, 1), 1, 1, "VALID")
   x = random_array(rng, case.x_shape, "bfloat16")
   k = random_array(rng, case.k_shape, "bfloat16")
-  y = case.run(x, k, method=method, preferred_element_type=jnp.float32)
+  y = run(case, x, k, method=method, preferred_element_type=jnp.float32)
   assert y.dtype == jnp.float32
   # Products of bfloat16 values are exact in float32; only the sum rounds.
   assert_close(y, case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64)),
@@ -125,7 +142,7 @@ def test_float64(rng, method):
   with jax.enable_x64(True):
     case = Case("3d", "NCDHW", "DHW", (1, 2, 5, 4, 6), (2, 3, 3, 2, 2), 1, (1, 2, 1), "SAME")
     x, k = random_array(rng, case.x_shape, "float64"), random_array(rng, case.k_shape, "float64")
-    y = case.run(jnp.asarray(x), jnp.asarray(k), method=method)
+    y = run(case, jnp.asarray(x), jnp.asarray(k), method=method)
     assert y.dtype == jnp.float64
     assert_close(y, case.expected(x, k), "float64")
 
@@ -140,7 +157,7 @@ def test_nan_inf_reach_exactly_the_covering_outputs(rng, method, bad, strides):
   k = random_array(rng, case.k_shape)
   pos = (1, 2, 3, 4, 1)
   x[pos] = bad
-  y = np.asarray(case.run(x, k, method=method))
+  y = np.asarray(run(case, x, k, method=method))
   # Which outputs read position `pos`: the reference on an indicator input.
   indicator = np.zeros(case.x_shape)
   indicator[pos] = 1.0
@@ -151,10 +168,11 @@ def test_nan_inf_reach_exactly_the_covering_outputs(rng, method, bad, strides):
 
 
 def test_classic_reshape_mistake_is_not_what_axes_dw_computes(rng):
-  """ORIGIN.md Examples 2 and 3: (B, D, H, W, C) -> (B*H, D, W, C) with no transpose.
+  """The classic mistake: fold H into batch by reshaping (B, D, H, W, C) to (B*H, D, W, C).
 
-  That reshape mixes positions from different H slices. `axes="DW"` must
-  convolve each H slice over (D, W) instead.
+  Without a transpose first, that reshape regroups memory so that each "slice"
+  mixes positions from different H rows (H is not next to batch).
+  `axes="DW"` must convolve each H slice over (D, W) instead.
   """
   b, d, h, w, c = 2, 4, 3, 5, 2
   x = random_array(rng, (b, d, h, w, c))
@@ -162,7 +180,7 @@ def test_classic_reshape_mistake_is_not_what_axes_dw_computes(rng):
   ours = np.asarray(dw.depthwise_conv2d(x, k, axes="DW"))
   # The correct answer: per H slice, from the reference.
   assert_close(ours, depthwise_reference(x, k, axes="DW"))
-  # The mistake, computed exactly as ORIGIN.md does, with the reference's 2D op.
+  # The mistake, reshape without transpose, with the reference's 2D op.
   wrong = depthwise_reference(x.reshape(b * h, d, w, c), k, axes="HW",
                               data_format="NHWC").reshape(b, h, d, w, c)
   wrong_as_ours = wrong.transpose(0, 2, 1, 3, 4)  # the same (B, D, H, W, C) layout

@@ -124,3 +124,50 @@ def test_symbolic_sizes():
 @pytest.mark.parametrize("a, b, want", [(3, 5, 5), (-2, 0, 0), (7, 7, 7)])
 def test_maximum_of_ints(a, b, want):
   assert g.maximum(a, b) == want
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
+       st.lists(st.integers(0, 5), min_size=1, max_size=6))
+def test_stream_steps_follow_the_anchors(k, s, r, valids):
+  """Chunks of `valid` frames: the real slots are the anchors (outputs o at frame o * s).
+
+  Anchors are enumerated: output o reads frames o*s - (e - 1) .. o*s (CAUSAL,
+  `_reads` with lo = e - 1), the last being its anchor. The step reads the
+  window `[history; chunk]` from the phase on: slot j, tap t at window index
+  phase + j*s + t*r, i.e. frame p - (e - 1) + phase + j*s + t*r.
+  """
+  e = g.effective(k, r)
+  assert g.is_causal(k, r, "CAUSAL") and g.is_causal(k, r, (e - 1, 0))
+  assert g.is_causal(k, r, "SAME") == (e == 1) and not g.is_causal(k, r, (e, 0))
+  assert g.stream_ring(k, r) == (e if e > 1 else 0)
+  p, phase = 0, 0  # frames seen, the phase
+  for valid in valids:
+    length = max(valid, 1)  # a chunk of `length` frames, the first `valid` real
+    anchors = [o for o in range(p + valid) if p <= o * s < p + valid]
+    assert g.stream_emitted(valid, phase, s) == len(anchors)
+    slots = g.stream_slots(length, s)
+    assert slots >= len(anchors)
+    window = e - 1 + length + g.stream_tail(length, s)  # [history; chunk; zeros]
+    for j, o in enumerate(anchors):
+      frames = [p - (e - 1) + phase + j * s + t * r for t in range(k)]
+      assert frames == _reads(o, k, s, r, e - 1)
+    # Every slot's window fits [history; chunk; zeros] at any phase < s.
+    assert phase + g.stream_window(length, k, s, r) <= window
+    assert (s - 1) + g.stream_window(length, k, s, r) <= window
+    p += valid
+    phase = g.stream_phase(phase, valid, s)
+    assert phase == (-p) % s
+
+
+def test_stream_ring_rotation():
+  """After the frame goes into the free slot, slot j meets tap (j - oldest) mod e."""
+  e = 4
+  ring = [None] * e
+  head = 0
+  for frame in range(10):
+    ring[head] = frame
+    oldest = g.stream_oldest(head, e)
+    # Tap t reads frame - (e - 1) + t (undilated, causal).
+    assert [ring[(oldest + t) % e] for t in range(e)] == [
+        frame - (e - 1) + t if frame - (e - 1) + t >= 0 else None for t in range(e)]
+    head = (head + 1) % e

@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py (the H100 measurement script) in its CPU smoke mode.
+"""benchmarks/gpu.py (the GPU measurement script) in its CPU smoke mode.
 
 Not a benchmark: it checks that the one command a GPU session runs works end
 to end (subprocess workers, the correctness check before timing, the JSON and

@@ -12,31 +12,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import GRAD_CASES, METHODS, cases, reference_grads
-from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
+from tests.helpers import (
+  GRAD_CASES,
+  METHODS,
+  assert_close,
+  cases,
+  random_array,
+  reference_grads,
+  run,
+)
+
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.conv_axes}")
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.axes}")
 def test_check_grads_second_order(rng, method, case):
   with jax.enable_x64(True):
     x = jnp.asarray(random_array(rng, case.x_shape, "float64"))
     k = jnp.asarray(random_array(rng, case.k_shape, "float64"))
-    check_grads(lambda a, b: case.run(a, b, method=method), (x, k), order=2,
+    check_grads(lambda a, b: run(case, a, b, method=method), (x, k), order=2,
                 modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.conv_axes}")
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.axes}")
 def test_grads_match_reference(rng, method, case):
   x = random_array(rng, case.x_shape)
   k = random_array(rng, case.k_shape)
   y_shape = case.expected(x, k).shape
   ct = random_array(rng, y_shape)
-  gx, gk = jax.grad(lambda a, b: jnp.sum(case.run(a, b, method=method) * ct),
+  gx, gk = jax.grad(lambda a, b: jnp.sum(run(case, a, b, method=method) * ct),
                     argnums=(0, 1))(x, k)
   want_gx, want_gk = reference_grads(case, x, k, ct)
   assert_close(gx, want_gx)
@@ -50,7 +58,7 @@ def test_random_grads_agree_across_methods(case, seed):
   rng = np.random.default_rng(seed)
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
-  grads = {m: jax.grad(lambda a, b, m=m: jnp.sum(case.run(a, b, method=m) * ct),
+  grads = {m: jax.grad(lambda a, b, m=m: jnp.sum(run(case, a, b, method=m) * ct),
                        argnums=(0, 1))(x, k) for m in METHODS}
   for m in METHODS:
     assert_close(grads[m][0], grads["conv"][0], err_msg=f"dx {m} {case}")

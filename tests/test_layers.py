@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 from flax import nnx
 
 import dw5d_jax as dw
 from dw5d_jax._reference import depthwise_reference
 from dw5d_jax.nn import DepthwiseConv2D, DepthwiseConv3D
+from tests.helpers import assert_close, random_array
 
 
 def _params(layer) -> int:
@@ -22,13 +23,13 @@ def _params(layer) -> int:
 def test_conv3d_shapes_params_and_reference(rng, use_bias):
   layer = DepthwiseConv3D(3, (3, 2, 3), depth_multiplier=2, strides=(1, 2, 1), dilations=(2, 1, 1),
                           use_bias=use_bias, rngs=nnx.Rngs(0))
-  assert layer.kernel.shape == (3, 2, 3, 3, 2)
+  chex.assert_shape(layer.kernel[...], (3, 2, 3, 3, 2))
   assert _params(layer) == 3 * 2 * 3 * 3 * 2 + (6 if use_bias else 0)
   if use_bias:
     layer.bias[...] = jnp.asarray(random_array(rng, (6,)))
   x = random_array(rng, (2, 5, 6, 7, 3))
   y = layer(x)
-  assert y.shape == (2, 5, 3, 7, 6)
+  chex.assert_shape(y, (2, 5, 3, 7, 6))
   want = depthwise_reference(x, np.asarray(layer.kernel[...]), axes="DHW", strides=(1, 2, 1),
                              dilations=(2, 1, 1))
   if use_bias:
@@ -45,17 +46,16 @@ def test_conv2d_matches_functional_api(rng, axes):
   kw = {} if axes is None else {"axes": axes}
   want = dw.depthwise_conv2d(x, layer.kernel[...], padding="VALID", **kw)
   want = want + layer.bias[...].reshape((1,) * (want.ndim - 1) + (12,))
-  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(layer(x), want, rtol=1e-6, atol=1e-6)
 
 
 def test_leading_batch_dims_and_unbatched_input(rng):
   layer = DepthwiseConv3D(2, 3, rngs=nnx.Rngs(0))
   x = random_array(rng, (3, 2, 4, 5, 6, 2))  # two batch dims
   y = layer(x)
-  assert y.shape == (3, 2, 4, 5, 6, 2)
-  np.testing.assert_allclose(np.asarray(y[1]), np.asarray(layer(x[1])), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(layer(x[1, 0])), np.asarray(y[1, 0]), rtol=1e-6,
-                             atol=1e-6)
+  chex.assert_shape(y, (3, 2, 4, 5, 6, 2))
+  chex.assert_trees_all_close((layer(x[1]), layer(x[1, 0])), (y[1], y[1, 0]), rtol=1e-6,
+                              atol=1e-6)
 
 
 def test_nnx_jit_and_grad_match_functional(rng):

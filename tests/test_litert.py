@@ -9,7 +9,6 @@ Errors are relative to max|expected|, within `interop._litert.TOLERANCE`.
 
 from __future__ import annotations
 
-import doctest
 import os
 import pathlib
 import re
@@ -20,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import Case
-from conftest import random_array
 from flax import nnx
 
 import dw5d_jax as dw
@@ -30,6 +27,7 @@ from dw5d_jax._reference import depthwise_reference
 from interop import _litert
 from interop._litert import TOLERANCE
 from interop._litert_lowering import depthwise2d_lowering
+from tests.helpers import Case, random_array, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERAS_CHECKS = pathlib.Path(__file__).with_name("litert_keras_checks.py")
@@ -56,12 +54,6 @@ def _export_and_run(tmp_path, fn, params, x, rng, quantize=None, name="m"):
   return _litert.run(_litert.interpreter(path), x), set(_litert.builtin_ops(flatbuffer))
 
 
-def test_docstring_examples():
-  failures, tried = doctest.testmod(_litert, optionflags=doctest.ELLIPSIS)
-  assert tried > 0
-  assert failures == 0
-
-
 # ----------------------------------------------------------------------------
 # Single ops against the float64 reference.
 
@@ -78,10 +70,10 @@ OP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.conv_axes}")
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: f"{c.op}-{c.layout}-{c.axes}")
 def test_op_is_depthwise_conv2d_graph_matching_reference(tmp_path, rng, case):
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  y, ops = _export_and_run(tmp_path, lambda k, x: case.run(x, k), k, x, rng)
+  y, ops = _export_and_run(tmp_path, lambda k, x: run(case, x, k), k, x, rng)
   assert "DEPTHWISE_CONV_2D" in ops
   assert not ops & {"MUL", "BROADCAST_TO", "CONV_3D"}, ops  # no elementwise taps
   assert _error(y, case.expected(x, k)) <= TOLERANCE[None]
@@ -91,7 +83,7 @@ def test_op_is_depthwise_conv2d_graph_matching_reference(tmp_path, rng, case):
 def test_quantized_op_matches_reference(tmp_path, rng, quantize):
   case = OP_CASES[4]
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  y, ops = _export_and_run(tmp_path, lambda k, x: case.run(x, k), k, x, rng, quantize)
+  y, ops = _export_and_run(tmp_path, lambda k, x: run(case, x, k), k, x, rng, quantize)
   assert "DEPTHWISE_CONV_2D" in ops
   err = _error(y, case.expected(x, k))
   assert err <= TOLERANCE[quantize]
@@ -107,11 +99,11 @@ def test_lowering_matches_reference_in_jax(rng):
     kw = case.kwargs()
     layout = _args.check_layout("t", x, case.layout, allowed_5d=True, allowed_4d=True)
     x5, k5, spec = _args.normalize(
-        "t", jnp.asarray(x), jnp.asarray(k), conv_axes=case.conv_axes, layout=layout,
-        strides=_args.int_tuple("t", "s", kw["strides"], len(case.conv_axes), case.conv_axes),
-        dilations=_args.int_tuple("t", "d", kw["dilations"], len(case.conv_axes),
-                                  case.conv_axes),
-        padding=_args.check_padding("t", case.padding, case.conv_axes), precision=None,
+        "t", jnp.asarray(x), jnp.asarray(k), conv_axes=case.axes, layout=layout,
+        strides=_args.int_tuple("t", "s", kw["strides"], len(case.axes), case.axes),
+        dilations=_args.int_tuple("t", "d", kw["dilations"], len(case.axes),
+                                  case.axes),
+        padding=_args.check_padding("t", case.padding, case.axes), precision=None,
         preferred=None)
     y = depthwise2d_lowering(x5, k5, spec).reshape(case.expected(x, k).shape)
     assert _error(y, case.expected(x, k)) <= TOLERANCE[None], case
@@ -120,7 +112,7 @@ def test_lowering_matches_reference_in_jax(rng):
 def test_jax2tf_route_is_elementwise_and_matches_reference(rng):
   case = OP_CASES[4]
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
-  concrete, owner = _litert.jax_concrete_function(lambda k, x: case.run(x, k), k, x.shape,
+  concrete, owner = _litert.jax_concrete_function(lambda k, x: run(case, x, k), k, x.shape,
                                                   route="jax2tf")
   flatbuffer = _litert.convert(concrete, owner)
   ops = set(_litert.builtin_ops(flatbuffer))

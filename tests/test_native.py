@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import Case, cases
-from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import export
@@ -38,6 +36,7 @@ import dw5d_jax as dw
 from dw5d_jax import _native_build
 from dw5d_jax._native_build import NativeStatus
 from dw5d_jax._reference import depthwise_reference
+from tests.helpers import Case, assert_close, cases, random_array, run
 
 TARGETS = ("dw5d_forward", "dw5d_input_grad", "dw5d_kernel_grad")
 
@@ -57,7 +56,7 @@ def _custom_calls(text: str) -> set[str]:
 
 def _vjp_fn(case: Case, **extra):
   def fn(x, k, ct):
-    y, pullback = jax.vjp(lambda a, b: case.run(a, b, **extra), x, k)
+    y, pullback = jax.vjp(lambda a, b: run(case, a, b, **extra), x, k)
     return (y, *pullback(ct.astype(y.dtype)))
   return fn
 
@@ -157,7 +156,7 @@ def test_non_finite_kernel_meets_the_padding_as_zeros(rng, dtype):
   x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
   k[0, 1, 2, 3, 1] = np.inf
   k[2, 0, 0, 5, 0] = np.nan
-  y = np.asarray(jax.jit(lambda a, b: case.run(a, b))(x, k), np.float64)
+  y = np.asarray(jax.jit(lambda a, b: run(case, a, b))(x, k), np.float64)
   with np.errstate(invalid="ignore"):
     want = case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64))
   np.testing.assert_array_equal(np.isnan(y), np.isnan(want))

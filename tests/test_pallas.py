@@ -2,12 +2,12 @@
 
 Expected values come from the float64 NumPy reference
 (`dw5d_jax._reference`); expected gradients from its linearity
-(`cases.reference_grads`: one reference call per one-hot input). The
+(`tests.helpers.reference_grads`: the reference on one-hot inputs). The
 public `method="pallas"` only lowers for CUDA, so these tests normalise the
 arguments as the public ops do and call the lowering directly: in Pallas
 interpret mode where the default backend is not a GPU (CI), compiled Triton
-kernels where it is (`python3 -m pytest tests/test_pallas.py` on the lent
-GPU). Tiles are tiny so every case spans several programs with ragged edges
+kernels where it is (`python3 -m pytest tests/test_pallas.py` on a machine with a
+CUDA GPU). Tiles are tiny so every case spans several programs with ragged edges
 and masked channels.
 """
 
@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import GRAD_CASES, Case, cases, reference_grads
-from conftest import assert_close, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -26,6 +24,7 @@ from jax.test_util import check_grads
 import dw5d_jax as dw
 from dw5d_jax import _args, _pallas, _policy, _primitive
 from dw5d_jax._pallas import Tiles
+from tests.helpers import GRAD_CASES, Case, assert_close, cases, random_array, reference_grads
 
 INTERPRET = jax.default_backend() != "gpu"
 TINY = {"fwd": Tiles(2, 2, 2, 2), "dx": Tiles(1, 2, 2, 4), "dk": Tiles(1, 1, 2, 2, steps=2)}
@@ -48,12 +47,12 @@ FORWARD_CASES = [
 
 
 def _ids(case: Case) -> str:
-  return f"{case.op}-{case.layout}-{case.conv_axes}-{case.x_shape}"
+  return f"{case.op}-{case.layout}-{case.axes}-{case.x_shape}"
 
 
 def run(case: Case, x, k, *, tiles=TINY, preferred=None):
   """`case` through the public ops' normalisation and the interpret-mode lowering."""
-  fn, axes = "test_pallas", case.conv_axes
+  fn, axes = "test_pallas", case.axes
   x5, k5, spec = _args.normalize(
       fn, jnp.asarray(x), jnp.asarray(k), conv_axes=axes, layout=case.layout,
       strides=_args.int_tuple(fn, "strides", case.strides, len(axes), axes),
@@ -206,7 +205,7 @@ def test_oversized_sample_is_rejected():
 
 
 def test_auto_on_cuda_keeps_conv_until_measured():
-  """`_GPU_CHOICE` is empty pending H100 numbers: auto lowers to XLA's conv on CUDA."""
+  """`_GPU_CHOICE` is empty until GPU timings say otherwise: auto lowers to XLA's conv on CUDA."""
   assert _policy._GPU_CHOICE == {}
   lowered = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b)).trace(X5, K3).lower(
       lowering_platforms=("cuda",))
@@ -237,7 +236,7 @@ def test_lowers_to_triton_for_cuda(case, dtype):
   supported primitives); compiling that IR needs a GPU.
   """
   def loss(x, k, ct):
-    fn, axes = "test_pallas", case.conv_axes
+    fn, axes = "test_pallas", case.axes
     x5, k5, spec = _args.normalize(
         fn, x, k, conv_axes=axes, layout=case.layout,
         strides=_args.int_tuple(fn, "strides", case.strides, len(axes), axes),

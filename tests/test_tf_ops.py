@@ -9,7 +9,6 @@ with `jit_compile=True` ("xla").
 
 from __future__ import annotations
 
-import doctest
 import re
 import subprocess
 import sys
@@ -17,29 +16,22 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from cases import Case, cases
-from conftest import assert_close, random_array
 from hypothesis import given
 from hypothesis import strategies as st
 
 import dw5d_jax as dw
 import interop
-import interop._tf_ops
 from dw5d_jax._reference import depthwise_reference
-from interop._parity import MODES, Config, dynamic_spec, in_mode, tf_op
+from interop._app.parity import MODES, dynamic_spec, in_mode, tf_op
+from tests.helpers import Case, assert_close, cases, random_array
 
 tf_conv2d, tf_conv3d = interop.tf_depthwise_conv2d, interop.tf_depthwise_conv3d
-
-
-def _config(case: Case) -> Config:
-  return Config(case.op, case.layout, case.conv_axes, case.x_shape, case.k_shape,
-                case.strides, case.dilations, case.padding)
 
 
 def _run(case: Case, x, k, mode: str) -> tf.Tensor:
   """The TF op on `case` in `mode` (graph/xla: only the channel size is static)."""
   c = case.x_shape[case.layout.index("C")]
-  fn = in_mode(tf_op(_config(case)), mode, [dynamic_spec(case.layout, c, x.dtype),
+  fn = in_mode(tf_op(case), mode, [dynamic_spec(case.layout, c, x.dtype),
                                             tf.TensorSpec(k.shape, k.dtype)])
   return fn(tf.constant(x), tf.constant(k))
 
@@ -117,7 +109,7 @@ def test_gradients_are_the_adjoint(rng, op):
   k = tf.constant(random_array(rng, case.k_shape, "float64"))
   with tf.GradientTape() as tape:
     tape.watch([x, k])
-    y = tf_op(_config(case))(x, k)
+    y = tf_op(case)(x, k)
     ct = tf.constant(random_array(rng, y.shape, "float64"))
     loss = tf.reduce_sum(y * ct)
   gx, gk = tape.gradient(loss, [x, k])
@@ -136,7 +128,7 @@ def test_dtypes(rng, dtype):
   """x's dtype is kept; half precision is computed in float32 (as dw5d_jax does)."""
   case = Case("3d", "NCDHW", "DHW", (2, 3, 4, 6, 5), (3, 3, 2, 3, 2), (1, 2, 1), 1, "SAME")
   x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
-  y = tf_op(_config(case))(x, k)
+  y = tf_op(case)(x, k)
   assert y.dtype == tf.as_dtype(dtype)
   want = case.expected(np.asarray(x, np.float64), np.asarray(k, np.float64))
   assert_close(np.asarray(y.numpy(), np.float64), want, dtype)
@@ -150,17 +142,18 @@ def test_variables_and_numpy_inputs(rng):
 
 
 def test_classic_reshape_mistake_differs_from_axes_dw(rng):
-  """ORIGIN.md Examples 2/3 reshape (B, D, H, W, C) to (B*H, D, W, C) without a transpose.
+  """The classic mistake: reshape (B, D, H, W, C) to (B*H, D, W, C) without a transpose.
 
-  That mixes H slices; `axes="DW"` convolves each H slice over (D, W), which is
-  the transpose-then-reshape fold and what the reference computes.
+  H is not next to batch, so that reshape mixes H slices; `axes="DW"`
+  convolves each H slice over (D, W), which is the transpose-then-reshape fold
+  and what the reference computes.
   """
   b, d, h, w, c = 2, 4, 3, 5, 2
   x = tf.constant(random_array(rng, (b, d, h, w, c)))
   k = tf.constant(random_array(rng, (3, 3, c, 1)))
   ours = tf_conv2d(x, k, axes="DW").numpy()
   assert_close(ours, depthwise_reference(x.numpy(), k.numpy(), axes="DW"))
-  # ORIGIN.md Example 2, verbatim apart from the learned kernel.
+  # The mistake as it is usually written, with tf.shape for the sizes.
   s = tf.shape(x)
   wrong = tf.nn.depthwise_conv2d(tf.reshape(x, (s[0] * s[2], s[1], s[3], s[4])), k,
                                  strides=[1, 1, 1, 1], padding="SAME")
@@ -175,15 +168,9 @@ def test_classic_reshape_mistake_differs_from_axes_dw(rng):
 
 def test_importing_interop_does_not_import_tensorflow():
   """`dw5d demo` and friends must not pay for TF; the TF ops load on first use."""
-  code = ("import sys, interop, interop._cli; assert 'tensorflow' not in sys.modules; "
+  code = ("import sys, interop, interop._app.cli; assert 'tensorflow' not in sys.modules; "
           "interop.tf_depthwise_conv3d; assert 'tensorflow' in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_docstring_examples():
-  failures, tried = doctest.testmod(interop._tf_ops, optionflags=doctest.ELLIPSIS)
-  assert tried > 0
-  assert failures == 0
 
 
 # ----------------------------------------------------------------------------

@@ -13,12 +13,12 @@ import doctest
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 
 import dw5d_jax as dw
 import interop
 import interop._weights
 from dw5d_jax._reference import depthwise_reference
+from tests.helpers import assert_close, random_array
 
 
 def grouped_by_definition(x, filters, *, channels_first, **conv):

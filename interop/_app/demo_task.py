@@ -1,7 +1,7 @@
 """The demo's learning task: spheres vs cubes in noisy volumes, and a separable 3D CNN.
 
 Pure JAX, Flax NNX and optax (no TensorFlow): `dw5d demo` uses it for its
-data set, model and training loop (interop/_demo.py).
+data set, model and training loop (demo.py).
 
 The task needs 3D structure. Each volume holds one solid, a sphere or an
 axis-aligned cube, with a soft edge, a random size, position and brightness,

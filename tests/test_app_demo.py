@@ -1,9 +1,8 @@
-"""`dw5d demo` (interop._demo) and its learning task (interop._demo_task)."""
+"""`dw5d demo` (interop._app.demo) and its learning task (interop._app.demo_task)."""
 
 from __future__ import annotations
 
 import argparse
-import doctest
 import os
 import pathlib
 import re
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from interop import _demo
-from interop import _demo_task as task
+from interop._app import demo
+from interop._app import demo_task as task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,17 +89,12 @@ def test_batches_visit_every_volume_once_per_epoch():
   assert sorted(epoch.tolist()) == list(range(10))
 
 
-def test_docstring_examples():
-  failures, tried = doctest.testmod(task, optionflags=doctest.ELLIPSIS)
-  assert tried > 0 and failures == 0
-
-
 # ----------------------------------------------------------------------------
 # The command.
 
 
 def test_quick_halves_everything():
-  full, quick = _demo.Settings(), _demo.Settings().halved()
+  full, quick = demo.Settings(), demo.Settings().halved()
   for name in ("train", "held_out", "steps", "served"):
     assert getattr(quick, name) == getattr(full, name) // 2
   assert quick.timing_x[0] == full.timing_x[0] // 2
@@ -118,23 +112,23 @@ def test_a_failed_check_fails_the_command(monkeypatch, capsys):
     checks.add("TF vs JAX logits", True, "a stand-in")
     return {"path": None, "rows": []}
 
-  monkeypatch.setattr(_demo, "_step_data", lambda settings, seed: {})
-  monkeypatch.setattr(_demo, "_step_train", train)
-  monkeypatch.setattr(_demo, "_step_export", export)
-  monkeypatch.setattr(_demo, "_step_timing", lambda settings, seed, checks: [])
-  monkeypatch.setattr(_demo, "_summary", lambda *args, **kwargs: None)
-  assert _demo.run(argparse.Namespace(quick=True, out="unused", seed=0)) == 1
+  monkeypatch.setattr(demo, "_step_data", lambda settings, seed: {})
+  monkeypatch.setattr(demo, "_step_train", train)
+  monkeypatch.setattr(demo, "_step_export", export)
+  monkeypatch.setattr(demo, "_step_timing", lambda settings, seed, checks: [])
+  monkeypatch.setattr(demo, "_summary", lambda *args, **kwargs: None)
+  assert demo.run(argparse.Namespace(quick=True, out="unused", seed=0)) == 1
   assert "[FAIL] held-out accuracy" in capsys.readouterr().out
 
 
 def test_export_refuses_a_directory_that_is_not_a_savedmodel(tmp_path, capsys):
   keep = tmp_path / "notes.txt"
   keep.write_text("mine")
-  settings = _demo.Settings(served=2)
+  settings = demo.Settings(served=2)
   data = {k: task.make_volumes(np.random.default_rng(0), 2, size, noise=0.25)
           for k, size in (("held_out", (16, 16, 16)), ("other", (17, 16, 18)))}
-  checks = _demo.Checks()
-  served = _demo._step_export(settings, task.ShapeNet(rngs=nnx.Rngs(0)), data, str(tmp_path),
+  checks = demo.Checks()
+  served = demo._step_export(settings, task.ShapeNet(rngs=nnx.Rngs(0)), data, str(tmp_path),
                               checks)
   assert served["path"] is None and checks.failed == ["SavedModel export"]
   assert "is a non-empty directory that is not a SavedModel" in capsys.readouterr().out
@@ -146,17 +140,17 @@ def test_quick_demo_end_to_end(tmp_path):
   """`dw5d demo --quick`: the five steps, every check passing, a SavedModel that serves."""
   out = tmp_path / "model"
   proc = subprocess.run(
-      [sys.executable, "-m", "interop._cli", "demo", "--quick", "--out", str(out)],
+      [sys.executable, "-m", "interop._app.cli", "demo", "--quick", "--out", str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   text = proc.stdout + proc.stderr
   assert proc.returncode == 0, text[-6000:]
-  for step in range(1, 6):
-    assert f"[{step}/5]" in proc.stdout
+  for step in range(1, len(demo.STEPS) + 1):
+    assert f"[{step}/{len(demo.STEPS)}]" in proc.stdout
   assert re.search(r"all 5 checks passed", proc.stdout), text[-4000:]
   assert "[ok] LiteRT vs JAX logits, 16x16x16" in proc.stdout, text[-4000:]
   assert pathlib.Path(f"{out}.tflite").is_file()
   accuracy = float(re.search(r"\[ok\] held-out accuracy: ([0-9.]+)", proc.stdout).group(1))
-  assert accuracy >= _demo.Settings().min_accuracy
+  assert accuracy >= demo.Settings().min_accuracy
   assert len(re.findall(r"^  (?:per-slice 2D, axes (?:HW|DW)|3D) ", proc.stdout, re.M)) == 9
   assert f"SavedModel  {out}" in proc.stdout
   # The SavedModel serves a third size, with TensorFlow alone.

@@ -1,11 +1,15 @@
-"""`dw5d bench`: the CPU benchmark suite (benchmarks/ in a source checkout).
+"""`dw5d bench`: the CPU benchmark suite, a tool of the source checkout.
+
+The suite and its report live in the repository's benchmarks/ folder, beside
+interop/, which an installed (non-editable) dw5d-jax does not have: run it
+from a clone (`make bench`, or `pip install -e '.[bench]'` there). From an
+installed copy it exits with status 2 and says so.
 
 Runs benchmarks/suite.py in one fresh process per allocator setting (glibc
 defaults, then `dw5d_jax.tune_cpu_allocator`'s setting through the
 environment, so TF and PyTorch in that process get it too; both with
-`OMP_WAIT_POLICY=PASSIVE`, see `_env`), then writes the
-JSON, the tables in benchmarks/RESULTS.md and a PNG chart
-(benchmarks/report.py).
+`OMP_WAIT_POLICY=PASSIVE`, see `_env`), then writes the JSON, the tables in
+benchmarks/RESULTS.md and a PNG chart (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ import tempfile
 
 from dw5d_jax._allocator import ENV as TUNED_ENV
 
-HELP = "run the CPU benchmark suite (needs a source checkout) and write benchmarks/RESULTS.md"
-
-_BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+# The checkout's root, if this file is in one: <root>/interop/_app/bench.py.
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="which allocator settings to run (default: both)")
   parser.add_argument("--rounds", type=int, default=None,
                       help="timed rounds per cell (default 9, --quick 5)")
-  parser.add_argument("--out", default=str(_BENCH_DIR),
-                      help="where RESULTS.md, results.json and bench.png go")
+  parser.add_argument("--out", default=None, metavar="DIR",
+                      help="where RESULTS.md, results.json and bench.png go (default: "
+                           "benchmarks/ of the checkout)")
   parser.add_argument("--workloads", default="", help="comma-separated subset, e.g. W1,W3")
   parser.add_argument("--peers", default="",
                       help="comma-separated subset of floor,tf,tf_xla,torch,auto,shift,conv")
@@ -43,18 +47,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
 
-def _suite_path() -> pathlib.Path:
-  path = _BENCH_DIR / "suite.py"
-  if not path.is_file():
-    raise SystemExit(
-        f"dw5d bench: the benchmark suite lives in the source checkout's benchmarks/ folder, "
-        f"and {path} does not exist (an installed, non-editable dw5d-jax has no benchmarks). "
-        f"Run it from a clone: `make bench` or `pip install -e .[bench]` then `dw5d bench`.")
-  return path
+def _benchmarks() -> pathlib.Path | None:
+  """The checkout's benchmarks/ folder, or None in an installed copy."""
+  folder = ROOT / "benchmarks"
+  if (ROOT / "pyproject.toml").is_file() and (folder / "suite.py").is_file():
+    return folder
+  return None
 
 
-def _load_report():
-  spec = importlib.util.spec_from_file_location("dw5d_bench_report", _BENCH_DIR / "report.py")
+def _load_report(folder: pathlib.Path):
+  spec = importlib.util.spec_from_file_location("dw5d_bench_report", folder / "report.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -84,9 +86,16 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  suite = _suite_path()
-  report = _load_report()
-  out = pathlib.Path(args.out)
+  folder = _benchmarks()
+  if folder is None:
+    print(f"dw5d bench: error: the benchmark suite is part of the source checkout "
+          f"(benchmarks/ beside interop/), and this dw5d-jax, installed at {ROOT}, has none. "
+          f"Run it from a clone of the repository: `make bench`, or `pip install -e "
+          f"'.[bench]'` there and then `dw5d bench`.", file=sys.stderr)
+    return 2
+  suite = folder / "suite.py"
+  report = _load_report(folder)
+  out = pathlib.Path(args.out) if args.out else folder
   out.mkdir(parents=True, exist_ok=True)
   modes = ("default", "tuned") if args.allocator == "both" else (args.allocator,)
   rounds = args.rounds or (5 if args.quick else 9)

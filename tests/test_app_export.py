@@ -1,4 +1,4 @@
-"""`dw5d export` (interop._export_cli): export, reload, verify, report.
+"""`dw5d export` (interop._app.export): export, reload, verify, report.
 
 Besides the command's own checks, each exported SavedModel is loaded here and
 compared with the float64 reference at a size the command did not try.
@@ -10,12 +10,11 @@ import re
 
 import numpy as np
 import pytest
-from cases import Case
-from conftest import assert_close, random_array
 
 import dw5d_jax._reference
 import interop
-from interop import _cli
+from interop._app import cli
+from tests.helpers import Case, assert_close, random_array
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def kernel_file(tmp_path, rng):
 def test_conv3d_strided_same(tmp_path, rng, kernel_file, capsys):
   path, k = kernel_file((3, 2, 3, 4, 2))
   out = str(tmp_path / "model")
-  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out,
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out,
                     "--strides", "1,2,2"]) == 0
   text = capsys.readouterr().out
   assert "x (b, d, h, w, 4); lowered for cpu, cuda" in text
@@ -46,7 +45,7 @@ def test_conv3d_strided_same(tmp_path, rng, kernel_file, capsys):
 def test_conv2d_per_slice_valid_derives_constraints(tmp_path, rng, kernel_file, capsys):
   path, k = kernel_file((3, 2, 3, 2))
   out = str(tmp_path / "model")
-  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out", out,
+  assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out", out,
                     "--axes", "DW", "--padding", "VALID", "--dilations", "2,1",
                     "--data-format", "NCDHW"]) == 0
   text = capsys.readouterr().out
@@ -59,9 +58,24 @@ def test_conv2d_per_slice_valid_derives_constraints(tmp_path, rng, kernel_file, 
   assert_close(model.serve(x), case.expected(x, k))
 
 
+def test_conv3d_causal_and_explicit_per_axis(tmp_path, rng, kernel_file, capsys):
+  path, k = kernel_file((3, 2, 2, 3, 1))
+  out = str(tmp_path / "model")
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out,
+                   "--strides", "2,1,1", "--padding", "causal,0:0,SAME"]) == 0
+  text = capsys.readouterr().out
+  # Along H: VALID-like (0, 0) with a window of 2 needs h >= 2.
+  assert "x (b, d, h, w, 3), h >= 2; lowered for cpu, cuda" in text and "verified" in text
+  model = interop.load_savedmodel(out)
+  x = random_array(rng, (1, 5, 2, 3, 3))
+  case = Case("3d", "NDHWC", "DHW", x.shape, k.shape, (2, 1, 1), 1,
+              ("CAUSAL", (0, 0), "SAME"))
+  assert_close(model.serve(x), case.expected(x, k))
+
+
 def test_rank4_half_precision_without_gradient(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((2, 3, 3, 1))
-  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
+  assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
                     str(tmp_path / "model"), "--input-shape", "None,5,None,3",
                     "--padding", "0:1,2:2", "--dtype", "float16", "--no-gradient"]) == 0
   text = capsys.readouterr().out
@@ -76,9 +90,9 @@ def test_a_failed_check_exits_1(tmp_path, kernel_file, capsys, monkeypatch):
                       lambda *a, **kw: real(*a, **kw) * 1.001)
   path, _ = kernel_file((3, 3, 3, 2, 1))
   out = str(tmp_path / "model")
-  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out]) == 1
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", out]) == 1
   captured = capsys.readouterr()
-  assert captured.out.count("FAIL (tolerance 1e-04)") == 2
+  assert captured.out.count("FAIL (float32 tolerance: rtol 1e-05, atol 1e-05)") == 2
   assert f"dw5d export: the SavedModel at {out} FAILED 2 check(s)" in captured.err
 
 
@@ -106,7 +120,7 @@ def test_errors_exit_2(tmp_path, kernel_file, capsys, extra, k_shape, message):
   args = ["export", "--op", "depthwise_conv3d", "--out", str(tmp_path / "model")]
   if k_shape is not None:
     args += ["--kernel", kernel_file(k_shape)[0]]
-  assert _cli.main(args + extra) == 2
+  assert cli.main(args + extra) == 2
   err = capsys.readouterr().err
   assert re.search(message, err), err
   assert not (tmp_path / "model").exists()
@@ -114,7 +128,7 @@ def test_errors_exit_2(tmp_path, kernel_file, capsys, extra, k_shape, message):
 
 def test_rank4_with_other_axes_exits_2(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((3, 3, 4, 1))
-  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
+  assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
                     str(tmp_path / "m"), "--input-shape", "None,None,None,4",
                     "--axes", "DW"]) == 2
   assert ("`--axes` applies to rank-5 inputs only; a rank-4 input (NHWC) is convolved over "
@@ -125,7 +139,7 @@ def test_existing_output_needs_overwrite(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((1, 1, 1, 2, 1))
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "file").write_text("x")
-  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
                     str(tmp_path / "m")]) == 2
   assert "exists and is not empty; choose a new path or pass overwrite=True" \
       in capsys.readouterr().err
@@ -133,7 +147,7 @@ def test_existing_output_needs_overwrite(tmp_path, kernel_file, capsys):
 
 def test_unparsable_arguments(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
-    _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", "k.npy", "--out", "m",
+    cli.main(["export", "--op", "depthwise_conv3d", "--kernel", "k.npy", "--out", "m",
                "--strides", "1,two"])
   assert info.value.code == 2
   assert "argument --strides: expected an int or ints like 1,2,2, got '1,two'" \
@@ -155,7 +169,7 @@ def test_litert(tmp_path, rng, kernel_file, capsys, quantize):
     calibration = random_array(rng, (6, 1, 3, 7, 6, 9))
     np.save(tmp_path / "cal.npy", calibration)
     extra = ["--quantize", quantize, "--calibration", str(tmp_path / "cal.npy")]
-  assert _cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out", str(out),
+  assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out", str(out),
                     "--litert", "--input-shape", "1,3,7,6,9", "--data-format", "NCDHW",
                     "--axes", "DW", "--strides", "2,1", *extra]) == 0
   text = capsys.readouterr().out
@@ -184,7 +198,7 @@ def test_litert(tmp_path, rng, kernel_file, capsys, quantize):
 ])
 def test_litert_errors_exit_2(tmp_path, kernel_file, capsys, extra, message):
   path, _ = kernel_file((3, 3, 3, 2, 1))
-  assert _cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
                     str(tmp_path / "m.tflite"), *extra]) == 2
   err = capsys.readouterr().err
   assert re.search("dw5d export: error: " + message, err), err

@@ -6,12 +6,14 @@ file through `export_savedmodel` (every batch and spatial size symbolic unless
 at two input sizes against the float64 reference: the output directly, the
 input gradient (through `tf.GradientTape`) by the adjoint identity
 `<dL/dx, v> = <ct, conv(v)>` for a random `v`, which holds because the op is
-linear in x. Exits non-zero unless every check passes.
+linear in x; both within the dtype's `dw5d_jax._reference.TOLERANCES`. Exits
+non-zero unless every check passes.
 
 With `--litert` the op is written instead as a LiteRT (`.tflite`) flatbuffer
 of builtin ops through `export_litert` (a static `--input-shape`, optional
 `--quantize`), reloaded with the LiteRT interpreter and checked on two inputs
-against the float64 reference, within `interop._litert.TOLERANCE`.
+against the float64 reference, within `interop._litert.TOLERANCE` (by
+quantization).
 """
 
 from __future__ import annotations
@@ -22,12 +24,8 @@ import sys
 
 import numpy as np
 
-HELP = ("export a depthwise op with given weights as a TensorFlow SavedModel (or, with "
-        "--litert, a LiteRT flatbuffer), reload it and verify it against the float64 reference")
+from dw5d_jax._reference import TOLERANCES, Case, compare
 
-# Relative tolerance of the checks by dtype (errors are scaled by the
-# reference's magnitude).
-_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 # The two checked shapes: (batch size, offsets per symbolic spatial axis added
 # to the smallest size the window allows: odd and even sizes for the strides,
 # 0 for the bound itself).
@@ -42,14 +40,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--strides", type=_ints, default=1, help="an int or one per axis: 1,2,2")
   parser.add_argument("--dilations", type=_ints, default=1, help="an int or one per axis")
   parser.add_argument("--padding", type=_padding, default="SAME",
-                      help="SAME, VALID, or lo:hi per axis, e.g. 1:1,0:2,2:0")
+                      help="SAME, VALID, CAUSAL, or one of those or lo:hi per axis, e.g. "
+                           "CAUSAL,1:1,0:2")
   parser.add_argument("--axes", default="HW", help="depthwise_conv2d on rank 5: the two axes")
   parser.add_argument("--data-format", default=None,
                       help="NDHWC (default), NCDHW; NHWC or NCHW for a rank-4 depthwise_conv2d")
   parser.add_argument("--input-shape", type=_shape, default=None,
                       help="x's shape, None for a symbolic size, e.g. None,None,None,None,8 "
                            "(the default: every size symbolic but the kernel's channels)")
-  parser.add_argument("--dtype", default="float32", choices=sorted(_TOLERANCE))
+  parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
   parser.add_argument("--platforms", type=lambda s: tuple(s.split(",")), default=("cpu", "cuda"),
                       help="platforms to lower for (default cpu,cuda)")
   parser.add_argument("--no-gradient", action="store_true",
@@ -106,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
   shape = args.input_shape or tuple(
       int(kernel.shape[-2]) if a == "C" else None for a in layout)
   names = dim_names(rank, channel_axis)
-  conv = dict(strides=args.strides, padding=padding, dilations=args.dilations)
-  op_kwargs = dict(conv, data_format=layout, **({} if op3 else {"axes": conv_axes}))
-  fn = dw.depthwise_conv3d if op3 else dw.depthwise_conv2d
+  # x_shape: None for each symbolic size.
+  case = Case("3d" if op3 else "2d", layout, conv_axes, shape, kernel.shape, args.strides,
+              args.dilations, args.padding)
+  fn, op_kwargs = getattr(dw, case.op_name), case.kwargs()
   if args.litert or args.quantize or args.calibration:
-    return _run_litert(args, fn=fn, kernel=kernel, shape=args.input_shape,
-                       conv_axes=conv_axes, op_kwargs=op_kwargs)
+    return _run_litert(args, fn=fn, kernel=kernel, shape=args.input_shape, case=case)
 
   # The smallest size along each convolved axis that the window fits in.
   need = {}
@@ -136,28 +135,29 @@ def run(args: argparse.Namespace) -> int:
 
   model = load_savedmodel(args.out)
   rng = np.random.default_rng(args.seed)
-  tol = _TOLERANCE[args.dtype]
+  rtol, atol = TOLERANCES[args.dtype]
   failed = 0
   for batch, offsets in _CHECKS:
     spatial = iter(offsets)
     size = tuple(d if d is not None else batch if j == 0 else need.get(j, 1) + next(spatial)
                  for j, d in enumerate(shape))
-    y_err, g_err = _check(model, size, kernel, dtype, dict(op_kwargs, axes=conv_axes), rng,
+    y_err, g_err = _check(model.serve, size, kernel, dtype, case, rng,
                           gradient=not args.no_gradient)
-    ok = y_err <= tol and (g_err is None or g_err <= tol)
+    ok = y_err.ok and (g_err is None or g_err <= atol)
     failed += not ok
     grad = "skipped" if g_err is None else f"{g_err:.1e}"
-    print(f"  x {size}: output error {y_err:.1e}, input-gradient error {grad}"
-          f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+    tolerance = f"{args.dtype} tolerance: rtol {rtol:.0e}, atol {atol:.0e}"
+    print(f"  x {size}: output error {y_err.max_rel:.1e}, input-gradient error {grad}"
+          f"{'' if ok else f'  FAIL ({tolerance})'}")
   return _verdict(failed, f"the SavedModel at {args.out}",
                   "the reloaded SavedModel matches the float64 reference at 2 input sizes")
 
 
-def _run_litert(args, *, fn, kernel, shape, conv_axes, op_kwargs) -> int:
+def _run_litert(args, *, fn, kernel, shape, case) -> int:
   """`--litert`: export with `export_litert`, reload with LiteRT, check two inputs."""
-  from dw5d_jax._reference import depthwise_reference
   from interop import _litert
 
+  op_kwargs = case.kwargs()
   if not args.litert:
     return _fail("`--quantize` and `--calibration` apply to `--litert` exports only.")
   if shape is None or any(d is None for d in shape):
@@ -196,8 +196,7 @@ def _run_litert(args, *, fn, kernel, shape, conv_axes, op_kwargs) -> int:
   tol = _litert.TOLERANCE[args.quantize]
   failed = 0
   for i, x in enumerate(inputs):
-    want = depthwise_reference(x, kernel, axes=conv_axes, **{
-        k: v for k, v in op_kwargs.items() if k != "axes"})
+    want = case.expected(x, kernel)
     y = np.asarray(_litert.run(it, x), np.float64)
     err = (float("inf") if y.shape != want.shape
            else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
@@ -220,14 +219,17 @@ def _verdict(failed: int, what: str, verified: str) -> int:
   return 0
 
 
-def _check(model, shape, kernel, dtype, conv, rng, *, gradient):
-  """Relative errors of the output and of the input gradient at one shape."""
+def _check(serve, shape, kernel, dtype, case, rng, *, gradient):
+  """`serve`'s output against the reference at one shape, and its input gradient's error.
+
+  The output's `Comparison` uses `TOLERANCES`' rule; the gradient's error is
+  that of the adjoint identity relative to `sum|ct * conv(v)|`, to be held to
+  the dtype's atol (the error allowed relative to the scale).
+  """
   import tensorflow as tf
 
-  from dw5d_jax._reference import depthwise_reference
-
   def ref(v):
-    return depthwise_reference(v, kernel, **conv)
+    return case.expected(v, kernel)
 
   x = rng.standard_normal(shape).astype(dtype)
   want = ref(x)
@@ -238,13 +240,10 @@ def _check(model, shape, kernel, dtype, conv, rng, *, gradient):
   with tf.GradientTape() if gradient else contextlib.nullcontext() as tape:
     if gradient:
       tape.watch(xt)
-    y = model.serve(xt)
+    y = serve(xt)
     loss = tf.reduce_sum(tf.cast(y, acc) * ct.astype(acc))
-  y = np.asarray(y, np.float64)
-  if y.shape != want.shape:
-    return float("inf"), None
-  y_err = float(np.max(np.abs(y - want))) / max(1.0, float(np.max(np.abs(want))))
-  if not gradient:
+  y_err = compare(y, want, dtype)
+  if not gradient or not np.isfinite(y_err.ratio):
     return y_err, None
   g = np.asarray(tape.gradient(loss, xt), np.float64)
   v = rng.standard_normal(shape)
@@ -271,14 +270,19 @@ def _ints(text: str) -> int | tuple[int, ...]:
   return values[0] if len(values) == 1 else values
 
 
+_KINDS = ("SAME", "VALID", "CAUSAL")
+
+
 def _padding(text: str):
-  if text.upper() in ("SAME", "VALID"):
+  if text.upper() in _KINDS:
     return text.upper()
   try:
-    return tuple(tuple(int(p) for p in pair.split(":", 1)) for pair in text.split(","))
+    return tuple(entry.upper() if entry.upper() in _KINDS else
+                 tuple(int(p) for p in entry.split(":", 1)) for entry in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected SAME, VALID or lo:hi per axis like 1:1,0:2, got {text!r}") from None
+        f"expected SAME, VALID, CAUSAL, or one of those or lo:hi per axis like "
+        f"CAUSAL,1:1,0:2, got {text!r}") from None
 
 
 def _shape(text: str) -> tuple[int | None, ...]:

@@ -1,6 +1,6 @@
 """`dw5d parity`: dw5d_jax against the TensorFlow reference ops, on a grid of cases.
 
-For every configuration (op, fold axes, layout, strides, dilations, padding,
+For every caseuration (op, fold axes, layout, strides, dilations, padding,
 multiplier) and dtype, the same rounded random `x`, `kernel` and cotangent
 `ct` go to both sides, which return `y` and the gradients of `sum(y * ct)`
 with respect to `x` and `kernel`:
@@ -15,7 +15,7 @@ Each (case, dtype, TF mode, JAX method) is a row. Errors are JAX minus TF over
 `y`, `dx` and `dk`: the largest absolute one, and the largest relative to the
 largest magnitude of TF's value. A row passes when every element satisfies
 `|jax - tf| <= atol * max(1, max|tf|) + rtol * |tf|` with the dtype's
-`(rtol, atol)` from `TOLERANCES` (the tests' table).
+`(rtol, atol)` from `dw5d_jax._reference.TOLERANCES` (the tests' table).
 
 float16 and bfloat16: both sides compute in float32 from the same rounded
 inputs and round the result (dw5d_jax accumulates half precision in float32,
@@ -34,56 +34,17 @@ from typing import Any
 
 import numpy as np
 
-HELP = ("check dw5d_jax against the TensorFlow reference ops (outputs and gradients; eager, "
-        "graph and XLA modes)")
+from dw5d_jax._reference import Case, Comparison, compare
 
 MODES = ("eager", "graph", "xla")
 METHODS = ("auto", "conv", "shift")
 DTYPES = ("float32", "bfloat16", "float16")
-# (rtol, atol) by dtype, atol relative to max(1, max|tf|): as tests/conftest.py.
-TOLERANCES = {
-    "float64": (1e-10, 1e-10),
-    "float32": (1e-5, 1e-5),
-    "float16": (2e-3, 2e-3),
-    "bfloat16": (1.6e-2, 1.6e-2),
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """One convolution in user terms (the arguments both APIs share)."""
-
-  op: str  # "2d" or "3d"
-  layout: str
-  axes: str  # the convolved axes: "HW", "DW", ... or "DHW" for 3d
-  x_shape: tuple[int, ...]
-  k_shape: tuple[int, ...]
-  strides: Any = 1
-  dilations: Any = 1
-  padding: Any = "SAME"
-
-  @property
-  def name(self) -> str:
-    def ints(v):
-      return str(v) if isinstance(v, int) else ",".join(map(str, v))
-    pad = self.padding if isinstance(self.padding, str) else "pad" + "".join(
-        f"({lo},{hi})" for lo, hi in self.padding)
-    k = "x".join(map(str, self.k_shape[:-2]))
-    return (f"{self.op} {self.axes} {self.layout} k{k} s{ints(self.strides)} "
-            f"r{ints(self.dilations)} {pad} M{self.k_shape[-1]}")
-
-  def kwargs(self) -> dict[str, Any]:
-    kw = {"strides": self.strides, "dilations": self.dilations, "padding": self.padding,
-          "data_format": self.layout}
-    if self.op == "2d" and len(self.x_shape) == 5:
-      kw["axes"] = self.axes
-    return kw
-
-
-_C = Config
+_C = Case
 # Every fold axis and layout, rank 4 and 5, each stride/dilation path of the TF
 # op (native, gcd stride, subsample-then-dilate, stride-1-then-slice), SAME,
-# VALID and explicit padding, multipliers 1-3, sizes smaller than the kernel.
+# VALID, CAUSAL, explicit and per-axis padding, multipliers 1-3, sizes smaller
+# than the kernel.
 GRID = (
     _C("2d", "NHWC", "HW", (2, 7, 6, 3), (3, 3, 3, 1)),
     _C("2d", "NCHW", "HW", (2, 2, 8, 7), (2, 3, 2, 2), (2, 1), 1, "VALID"),
@@ -101,32 +62,42 @@ GRID = (
        ((1, 1), (0, 2), (2, 0))),
     _C("3d", "NCDHW", "DHW", (2, 2, 4, 7, 6), (3, 3, 2, 2, 2), (1, 3, 2), 1, "VALID"),
     _C("3d", "NDHWC", "DHW", (1, 1, 2, 3, 2), (3, 5, 4, 2, 1), (1, 2, 1), (1, 1, 2)),
+    _C("3d", "NCDHW", "DHW", (1, 2, 5, 6, 7), (3, 2, 3, 2, 1), (2, 1, 2), (1, 2, 1),
+       ("CAUSAL", "SAME", (1, 0))),
+    _C("2d", "NDHWC", "DW", (2, 6, 3, 5, 2), (3, 2, 2, 2), (2, 1), (2, 1), "CAUSAL"),
 )
 # The test suite's compact grid: these cases, each in float32 and one half dtype.
-QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14)
+QUICK = (1, 2, 4, 5, 8, 9, 11, 12, 14, 15)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  config: Config
+  case: Case
   dtype: str
   mode: str
   method: str
-  errors: dict[str, tuple[float, float]]  # "y", "dx", "dk" -> (max abs, max rel)
-  worst: str  # the quantity closest to (or past) its tolerance
-  ok: bool
+  errors: dict[str, Comparison]  # "y", "dx", "dk" -> JAX against TF
+
+  @property
+  def ok(self) -> bool:
+    return all(e.ok for e in self.errors.values())
+
+  @property
+  def worst(self) -> str:
+    """The quantity closest to (or past) its tolerance."""
+    return max(self.errors, key=lambda name: self.errors[name].ratio)
 
   @property
   def max_abs(self) -> float:
-    return max(a for a, _ in self.errors.values())
+    return max(e.max_abs for e in self.errors.values())
 
   @property
   def max_rel(self) -> float:
-    return max(r for _, r in self.errors.values())
+    return max(e.max_rel for e in self.errors.values())
 
 
-def plan(*, quick: bool = False, dtypes: Sequence[str] = DTYPES) -> list[tuple[Config, str]]:
-  """The (config, dtype) pairs to check: the full grid, or the compact one."""
+def plan(*, quick: bool = False, dtypes: Sequence[str] = DTYPES) -> list[tuple[Case, str]]:
+  """The (case, dtype) pairs to check: the full grid, or the compact one."""
   if not quick:
     return [(c, d) for c in GRID for d in dtypes]
   halves = [d for d in dtypes if d != "float32"]
@@ -138,71 +109,53 @@ def plan(*, quick: bool = False, dtypes: Sequence[str] = DTYPES) -> list[tuple[C
   return pairs
 
 
-def check(config: Config, dtype: str, *, modes: Sequence[str] = MODES,
+def check(case: Case, dtype: str, *, modes: Sequence[str] = MODES,
           methods: Sequence[str] = METHODS, seed: int = 0) -> list[Row]:
-  """Runs one config in one dtype on both sides; one row per (TF mode, JAX method)."""
+  """Runs one case in one dtype on both sides; one row per (TF mode, JAX method)."""
   import jax.numpy as jnp
   import tensorflow as tf
 
   rng = np.random.default_rng(seed)
   np_dtype = jnp.dtype(dtype)
-  x = rng.standard_normal(config.x_shape).astype(np_dtype)
-  k = rng.standard_normal(config.k_shape).astype(np_dtype)
-  ct = rng.standard_normal(out_shape(config)).astype(np_dtype)
+  x = rng.standard_normal(case.x_shape).astype(np_dtype)
+  k = rng.standard_normal(case.k_shape).astype(np_dtype)
+  ct = rng.standard_normal(out_shape(case)).astype(np_dtype)
 
-  jax_out = {m: [np.asarray(a, np.float64) for a in jax_step(config, m)(x, k, ct)]
+  jax_out = {m: [np.asarray(a, np.float64) for a in jax_step(case, m)(x, k, ct)]
              for m in methods}
   rows = []
   for mode in modes:
-    tf_out = tf_step(config, mode, tf.as_dtype(np_dtype))(
+    tf_out = tf_step(case, mode, tf.as_dtype(np_dtype))(
         tf.constant(x), tf.constant(k), tf.constant(ct))
     tf_out = [np.asarray(t.numpy(), np.float64) for t in tf_out]
     for method in methods:
-      errors, worst, ok, badness = {}, "", True, -1.0
-      for name, a, b in zip(("y", "dx", "dk"), jax_out[method], tf_out, strict=True):
-        abs_err, rel_err, ratio = compare(a, b, dtype)
-        errors[name] = (abs_err, rel_err)
-        ok &= ratio <= 1.0
-        if ratio > badness:
-          worst, badness = name, ratio
-      rows.append(Row(config, dtype, mode, method, errors, worst, ok))
+      errors = {name: compare(a, b, dtype)
+                for name, a, b in zip(("y", "dx", "dk"), jax_out[method], tf_out, strict=True)}
+      rows.append(Row(case, dtype, mode, method, errors))
   return rows
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> tuple[float, float, float]:
-  """`(max abs error, max relative error, worst error / allowed)` of actual vs expected."""
-  if actual.shape != expected.shape:
-    return float("inf"), float("inf"), float("inf")
-  rtol, atol = TOLERANCES[dtype]
-  diff = np.abs(actual - expected)
-  peak = float(np.max(np.abs(expected))) if expected.size else 0.0
-  allowed = atol * max(1.0, peak) + rtol * np.abs(expected)
-  abs_err = float(np.max(diff)) if diff.size else 0.0
-  ratio = float(np.max(diff / allowed)) if diff.size else 0.0
-  return abs_err, abs_err / peak if peak else abs_err, ratio
-
-
-def out_shape(config: Config) -> tuple[int, ...]:
+def out_shape(case: Case) -> tuple[int, ...]:
   """The output shape, from dw5d_jax without computing anything."""
   import jax
 
   import dw5d_jax as dw
 
-  op = dw.depthwise_conv2d if config.op == "2d" else dw.depthwise_conv3d
-  x = jax.ShapeDtypeStruct(config.x_shape, "float32")
-  k = jax.ShapeDtypeStruct(config.k_shape, "float32")
-  return jax.eval_shape(lambda a, b: op(a, b, **config.kwargs()), x, k).shape
+  op = getattr(dw, case.op_name)
+  x = jax.ShapeDtypeStruct(case.x_shape, "float32")
+  k = jax.ShapeDtypeStruct(case.k_shape, "float32")
+  return jax.eval_shape(lambda a, b: op(a, b, **case.kwargs()), x, k).shape
 
 
-def jax_step(config: Config, method: str) -> Callable[..., tuple[Any, Any, Any]]:
+def jax_step(case: Case, method: str) -> Callable[..., tuple[Any, Any, Any]]:
   """`(x, k, ct) -> (y, dx, dk)` in JAX: `jax.grad` of `sum(y * ct)`, under `jit`."""
   import jax
   import jax.numpy as jnp
 
   import dw5d_jax as dw
 
-  op = dw.depthwise_conv2d if config.op == "2d" else dw.depthwise_conv3d
-  kw = config.kwargs()
+  op = getattr(dw, case.op_name)
+  kw = case.kwargs()
 
   def loss(x, k, ct):
     y = op(x, k, method=method, **kw)
@@ -216,11 +169,11 @@ def jax_step(config: Config, method: str) -> Callable[..., tuple[Any, Any, Any]]
   return step
 
 
-def tf_step(config: Config, mode: str, dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:
+def tf_step(case: Case, mode: str, dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:
   """`(x, k, ct) -> (y, dx, dk)` with the TF ops and `tf.GradientTape`, in `mode`."""
   import tensorflow as tf
 
-  op = tf_op(config)
+  op = tf_op(case)
 
   def step(x, k, ct):
     with tf.GradientTape() as tape:
@@ -230,19 +183,19 @@ def tf_step(config: Config, mode: str, dtype: Any) -> Callable[..., tuple[Any, A
     gx, gk = tape.gradient(loss, [x, k])
     return y, gx, gk
 
-  c = config.x_shape[config.layout.index("C")]
-  y_channels = c * config.k_shape[-1]
-  return in_mode(step, mode, [dynamic_spec(config.layout, c, dtype),
-                              tf.TensorSpec(config.k_shape, dtype),
-                              dynamic_spec(config.layout, y_channels, dtype)])
+  c = case.x_shape[case.layout.index("C")]
+  y_channels = c * case.k_shape[-1]
+  return in_mode(step, mode, [dynamic_spec(case.layout, c, dtype),
+                              tf.TensorSpec(case.k_shape, dtype),
+                              dynamic_spec(case.layout, y_channels, dtype)])
 
 
-def tf_op(config: Config) -> Callable[[Any, Any], Any]:
-  """`(x, k) -> y` with the TF reference op and the config's arguments."""
-  from interop._tf_ops import tf_depthwise_conv2d, tf_depthwise_conv3d
+def tf_op(case: Case) -> Callable[[Any, Any], Any]:
+  """`(x, k) -> y` with the TF reference op and the case's arguments."""
+  from interop import _tf_ops
 
-  op = tf_depthwise_conv2d if config.op == "2d" else tf_depthwise_conv3d
-  kw = config.kwargs()
+  op = getattr(_tf_ops, f"tf_{case.op_name}")
+  kw = case.kwargs()
   return lambda x, k: op(x, k, **kw)
 
 
@@ -307,14 +260,14 @@ def run(args: argparse.Namespace) -> int:
   print(header)
   print("-" * len(header))
   t0, failed, total = time.perf_counter(), 0, 0
-  for i, (config, dtype) in enumerate(pairs):
-    for row in check(config, dtype, modes=args.modes, methods=args.methods,
+  for i, (case, dtype) in enumerate(pairs):
+    for row in check(case, dtype, modes=args.modes, methods=args.methods,
                      seed=args.seed + i):
       total += 1
       failed += not row.ok
       if row.ok and args.failures_only:
         continue
-      print(f"{config.name:{width}}  {dtype:8}  {row.mode:5}  {row.method:5}  "
+      print(f"{case.name:{width}}  {dtype:8}  {row.mode:5}  {row.method:5}  "
             f"{row.max_abs:11.2e}  {row.max_rel:11.2e}  {row.worst:5}  "
             f"{'ok' if row.ok else 'FAIL'}", flush=True)
   seconds = time.perf_counter() - t0

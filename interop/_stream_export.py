@@ -1,0 +1,212 @@
+"""Streaming models as TensorFlow SavedModels: `step(state, chunk) -> (state, output)`.
+
+`export_streaming_savedmodel` is `export_savedmodel` (`_export.py`: jax2tf's
+native serialization, lowered for every platform in `platforms`, `params` as
+`tf.Variable`s, symbolic sizes) for a stream: a JAX `init_fn(params, chunk)`
+that makes the state and a `step_fn(params, state, chunk)` that returns the
+new state and the chunk's output, e.g. `dw5d_jax.stream_init` and
+`dw5d_jax.stream_step`, or a model's `stream_init`/`stream_step` methods.
+
+The state is a pytree of arrays (a `dw5d_jax.StreamState`, a tuple of them
+for a model). In the SavedModel it is a flat dict of tensors named after
+their paths in the tree: `state_buffer`, `state_head`, `state_phase`,
+`state_emitted` for one `StreamState`; `state_0_buffer`, `state_1_buffer`,
+... for a tuple. The
+SavedModel serves with TensorFlow alone:
+
+* `initial_state(chunk)`: the state before the first chunk (only the
+  chunk's shape matters), also the signature `"initial_state"`;
+* `step(state, chunk)` -> `(state, output)`; the signature `"serving_default"`
+  takes `chunk` and the state's tensors by name and returns them with
+  `"output"`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from interop import _export
+
+_FN = "export_streaming_savedmodel"
+
+
+def export_streaming_savedmodel(
+    init_fn: Callable[[Any, jax.Array], Any],
+    step_fn: Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]],
+    params: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int | None],
+    dtype: Any = "float32",
+    platforms: Sequence[str] = ("cpu", "cuda"),
+    overwrite: bool = False,
+    channel_axis: int = -1,
+    constraints: Sequence[str] = (),
+) -> str:
+  """Exports a stream, `init_fn` and `step_fn`, as a TensorFlow SavedModel.
+
+  It needs TensorFlow only to load and run (not JAX, not this project). It
+  has no gradient: streaming is inference.
+
+  Args:
+    init_fn: a JAX function `(params, chunk) -> state`; `state` a pytree of
+      arrays (it may use only the chunk's shape and dtype).
+    step_fn: a JAX function `(params, state, chunk) -> (state, y)`: the new
+      state with the same structure, shapes and dtypes, and one array `y`.
+    params: a pytree of arrays, stored as `tf.Variable`s (`.params`).
+    path: the directory to write (see `export_savedmodel`).
+    input_shape: the shape of a chunk: an int per fixed dimension, `None`
+      per symbolic one (named `b, d, h, w` for rank 5, as in
+      `export_savedmodel`; for a clip `(N, T, H, W, C)` the chunk length is
+      `d`). The channel dimension must be an int.
+    dtype: the dtype of the chunks.
+    platforms, overwrite, channel_axis, constraints: as in
+      `export_savedmodel`.
+
+  Returns:
+    `path`, as a string.
+
+  Raises:
+    TypeError, ValueError: as `export_savedmodel` (bad arguments, a `path`
+      in the way, functions that fail on `input_shape` or only with
+      symbolic sizes); a `step_fn` whose state changes structure, shape or
+      dtype, or whose output is not one array.
+
+  Example:
+    >>> import tempfile, numpy as np, tensorflow as tf
+    >>> import dw5d_jax as dw
+    >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_streaming_savedmodel(
+    ...     lambda k, c: dw.stream_init(c, k), lambda k, s, c: dw.stream_step(s, c, k), k,
+    ...     tmp.name + "/stream", input_shape=(None, None, None, None, 4))
+    >>> model = tf.saved_model.load(path)
+    >>> frame = tf.ones((1, 1, 8, 8, 4))
+    >>> state = model.initial_state(frame)
+    >>> sorted(state)
+    ['state_buffer', 'state_emitted', 'state_head', 'state_phase']
+    >>> state, y = model.step(state, frame)
+    >>> y.shape
+    TensorShape([1, 1, 8, 8, 4])
+  """
+  shape, names = _export._check_input_shape(input_shape, channel_axis, _FN)
+  x_dtype = _export._check_dtype(dtype, _FN)
+  platforms = _export._check_platforms(platforms, _FN)
+  constraints = _export._check_constraints(constraints, _FN)
+  leaves, treedef = _export._param_leaves(params, _FN)
+  path = os.fspath(path)
+  _export._check_path(path, overwrite, _FN)
+
+  def unflatten(leaves):
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def first_step(leaves, chunk):
+    return step_fn(unflatten(leaves), init_fn(unflatten(leaves), chunk), chunk)
+
+  leaf_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+  x_spec = _export._input_spec(shape, names, x_dtype, constraints, _FN)
+  # One step from the initial state, exported as export_savedmodel checks
+  # `apply_fn`: failures get the same explanations.
+  _export._export_or_explain("`init_fn` then `step_fn`", first_step, leaf_specs, x_spec, shape,
+                             names, x_dtype, platforms, constraints, caller=_FN,
+                             subject="`init_fn` and `step_fn`")
+  state = jax.eval_shape(lambda p, c: init_fn(unflatten(p), c), leaf_specs, x_spec)
+  state_leaves, state_tree = jax.tree_util.tree_flatten_with_path(state)
+  after, y = jax.eval_shape(lambda p, s, c: step_fn(unflatten(p), s, c), leaf_specs, state,
+                            x_spec)
+  _check_state(state, after, y)
+  state_names = [_state_name(p) for p, _ in state_leaves]
+  specs = [a for _, a in state_leaves]
+  _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, path, shape, names,
+        x_dtype, platforms, constraints)
+  return path
+
+
+def _state_name(path: tuple[Any, ...]) -> str:
+  """`state_` and a leaf's path in the state's tree, e.g. `state_0_buffer`."""
+  parts = []
+  for key in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "_".join(["state", *("".join(c if c.isalnum() else "_" for c in p) for p in parts)])
+
+
+def _check_state(before: Any, after: Any, y: Any) -> None:
+  """The state keeps its structure, shapes and dtypes; the output is one array."""
+  def describe(tree):
+    return [(jax.tree_util.keystr(p), tuple(a.shape), str(a.dtype))
+            for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+  if (jax.tree_util.tree_structure(before) != jax.tree_util.tree_structure(after)
+      or describe(before) != describe(after)):
+    raise ValueError(f"{_FN}: `step_fn` must return the state with the structure, shapes and "
+                     f"dtypes `init_fn` gives it; `init_fn` gives {describe(before)}, "
+                     f"`step_fn` returns {describe(after)}.")
+  if not isinstance(y, jax.ShapeDtypeStruct):
+    raise ValueError(f"{_FN}: `step_fn` must return `(state, y)` with `y` one array, got "
+                     f"{jax.tree_util.tree_structure(y)}.")
+
+
+def _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, path, shape,
+          names, dtype, platforms, constraints) -> None:
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  convert = functools.partial(
+      jax2tf.convert, polymorphic_constraints=constraints,
+      native_serialization_platforms=platforms, with_gradient=False)
+  x_poly = _export.poly_string(shape, names)
+  state_polys = [str(tuple(a.shape)).replace(",)", ")") for a in specs]
+
+  def init_flat(leaves, chunk):
+    return jax.tree_util.tree_leaves(init_fn(unflatten(leaves), chunk))
+
+  def step_flat(leaves, state, chunk):
+    new, y = step_fn(unflatten(leaves), jax.tree_util.tree_unflatten(state_tree, state), chunk)
+    return jax.tree_util.tree_leaves(new), y
+
+  init_tf = convert(init_flat, polymorphic_shapes=[None, x_poly])
+  step_tf = convert(step_flat, polymorphic_shapes=[None, state_polys, x_poly])
+
+  module = tf.Module()
+  module.params = [tf.Variable(a, trainable=False, name=f"param_{i}")
+                   for i, a in enumerate(leaves)]
+  chunk_spec = tf.TensorSpec(shape, tf.as_dtype(dtype), name="chunk")
+  state_specs = {n: tf.TensorSpec([d if isinstance(d, int) else None for d in a.shape],
+                                  tf.as_dtype(np.dtype(a.dtype)), name=n)
+                 for n, a in zip(state_names, specs)}
+
+  def params():
+    return [tf.convert_to_tensor(v) for v in module.params]
+
+  def run_step(state, chunk):
+    new, y = step_tf(params(), [state[n] for n in state_names], chunk)
+    return dict(zip(state_names, new)), y
+
+  @tf.function(autograph=False, input_signature=[chunk_spec])
+  def initial_state(chunk):
+    return dict(zip(state_names, init_tf(params(), chunk)))
+
+  @tf.function(autograph=False, input_signature=[state_specs, chunk_spec])
+  def step(state, chunk):
+    return run_step(state, chunk)
+
+  @tf.function(autograph=False, input_signature=[chunk_spec, *state_specs.values()])
+  def serving_step(chunk, *state):
+    new, y = run_step(dict(zip(state_names, state)), chunk)
+    return {"output": y, **new}
+
+  module.initial_state = initial_state
+  module.step = step
+  _export._write(module, path, {"serving_default": serving_step.get_concrete_function(),
+                                "initial_state": initial_state.get_concrete_function()})

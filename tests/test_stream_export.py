@@ -1,0 +1,135 @@
+"""Streaming SavedModels (interop._stream_export), loaded back in this process.
+
+The exported stream must give, chunk by chunk, the full model on the whole
+sequence: expected values come from the float64 reference
+(`dw5d_jax._reference.depthwise_reference`) on the whole sequence. Serving
+without JAX is in test_savedmodel_tf_only.py.
+"""
+
+from __future__ import annotations
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dw5d_jax as dw
+import interop
+import interop._stream_export
+from dw5d_jax._reference import depthwise_reference
+from tests.helpers import assert_close, random_array
+
+# A strided causal depthwise layer (stride 2 in time), a pointwise matmul and
+# a dilated causal depthwise layer fed the real frames of the first
+# (`valid=emitted`): with chunks of 3 frames the first emits 2, 1, 2, ...
+CONV1 = dict(strides=(2, 1, 1), padding=("CAUSAL", "SAME", "SAME"))
+CONV2 = dict(dilations=(2, 1, 1), padding=("CAUSAL", "SAME", (1, 0)))
+
+
+def model_params(rng):
+  return {"k1": random_array(rng, (2, 3, 3, 3, 2)), "w": random_array(rng, (6, 4)),
+          "k2": random_array(rng, (3, 1, 2, 4, 1))}
+
+
+def init_fn(p, chunk):
+  hidden = jax.ShapeDtypeStruct((*chunk.shape[:-1], p["w"].shape[1]), chunk.dtype)
+  return dw.stream_init(chunk, p["k1"], **CONV1), dw.stream_init(hidden, p["k2"], **CONV2)
+
+
+def step_fn(p, state, chunk):
+  s1, s2 = state
+  s1, h = dw.stream_step(s1, chunk, p["k1"], **CONV1)
+  s2, y = dw.stream_step(s2, jnp.einsum("...c,cd->...d", h, p["w"]), p["k2"],
+                         valid=s1.emitted, **CONV2)
+  return (s1, s2), y
+
+
+def model_reference(p, x):
+  h = depthwise_reference(x, p["k1"], axes="DHW", **CONV1) @ p["w"].astype(np.float64)
+  return depthwise_reference(h, p["k2"], axes="DHW", **CONV2)
+
+
+def gather(steps, emitted):
+  """The real frames of every step's output, concatenated along time."""
+  return np.concatenate([y[:, :int(n)] for y, n in zip(steps, emitted)], axis=1)
+
+
+def test_stream_round_trip(tmp_path, rng):
+  params = model_params(rng)
+  path = interop.export_streaming_savedmodel(init_fn, step_fn, params, tmp_path / "m",
+                                             input_shape=(None, None, None, None, 3))
+  model = interop.load_savedmodel(path)
+  assert sorted(model.signatures) == ["initial_state", "serving_default"]
+  names = [f"state_{i}_{field}" for i in (0, 1)
+           for field in ("buffer", "emitted", "head", "phase")]
+  for shape, length in [((1, 9, 5, 4, 3), 3), ((2, 5, 3, 6, 3), 1), ((1, 4, 2, 2, 3), 4)]:
+    x = random_array(rng, shape)
+    state = model.initial_state(x[:, :1])
+    assert sorted(state) == names
+    sig_state = model.signatures["initial_state"](chunk=tf.constant(x[:, :1]))
+    ys, emitted, sig_ys, sig_emitted = [], [], [], []
+    for t in range(0, shape[1], length):
+      state, y = model.step(state, x[:, t:t + length])
+      ys.append(y.numpy()), emitted.append(state["state_1_emitted"].numpy())
+      out = model.signatures["serving_default"](chunk=tf.constant(x[:, t:t + length]),
+                                                **sig_state)
+      sig_state = {n: out[n] for n in names}
+      sig_ys.append(out["output"].numpy()), sig_emitted.append(out["state_1_emitted"].numpy())
+    want = model_reference(params, x)
+    assert_close(gather(ys, emitted), want, err_msg=f"step at {shape}, chunks of {length}")
+    assert_close(gather(sig_ys, sig_emitted), want, err_msg=f"signature at {shape}")
+  assert not any(v.trainable for v in model.params)
+
+
+def test_docstring_examples():
+  failures, tried = doctest.testmod(interop._stream_export, optionflags=doctest.ELLIPSIS)
+  assert tried > 0
+  assert failures == 0
+
+
+K = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1)).astype(np.float32)
+
+
+def init_one(k, chunk):
+  return dw.stream_init(chunk, k)
+
+
+def step_one(k, state, chunk):
+  return dw.stream_step(state, chunk, k)
+
+
+def test_errors(tmp_path):
+  """Argument checks name this function; a mismatch is explained as by export_savedmodel."""
+  shape = (None, None, None, None, 4)
+  with pytest.raises(ValueError, match=r"export_streaming_savedmodel: `step_fn` must return "
+                     r"the state with the structure, shapes and dtypes `init_fn` gives it; "
+                     r"`init_fn` gives \[\('.buffer', \(b, 3, h, w, 4\), 'float32'\), "
+                     r"\('.head', \(\), 'int32'\), \('.phase', \(\), 'int32'\), "
+                     r"\('.emitted', \(\), 'int32'\)\], `step_fn` returns "
+                     r"\[\('', \(b, 3, h, w, 4\), 'float32'\)\]\."):
+    interop.export_streaming_savedmodel(
+        init_one, lambda k, s, c: (s.buffer, step_one(k, s, c)[1]), K, tmp_path / "a",
+        input_shape=shape)
+  with pytest.raises(ValueError, match=r"export_streaming_savedmodel: `step_fn` must return "
+                     r"`\(state, y\)` with `y` one array, got PyTreeDef\(\{'y': \*\}\)\."):
+    interop.export_streaming_savedmodel(
+        init_one, lambda k, s, c: (step_one(k, s, c)[0], {"y": c}), K, tmp_path / "b",
+        input_shape=shape)
+  with pytest.raises(ValueError, match=r"export_streaming_savedmodel: `init_fn` then "
+                     r"`step_fn` fails on an input of shape \(64, 64, 64, 64, 3\) .* so "
+                     r"`input_shape` does not match `init_fn` and `step_fn` and `params`: "):
+    interop.export_streaming_savedmodel(init_one, step_one, K, tmp_path / "c",
+                                        input_shape=(None, None, None, None, 3))
+  with pytest.raises(ValueError, match=r"export_streaming_savedmodel: the channel dimension "
+                     r"of `input_shape` \(axis -1\) must be an int"):
+    interop.export_streaming_savedmodel(init_one, step_one, K, tmp_path / "d",
+                                        input_shape=(None,) * 5)
+  (tmp_path / "e").mkdir()
+  (tmp_path / "e" / "x").write_text("")
+  with pytest.raises(ValueError, match=r"export_streaming_savedmodel: `path` '.*e' exists "
+                     r"and is not empty"):
+    interop.export_streaming_savedmodel(init_one, step_one, K, tmp_path / "e",
+                                        input_shape=shape)

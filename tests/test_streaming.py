@@ -1,0 +1,410 @@
+"""Streaming (dw5d_jax._streaming and the Flax layers' stream methods).
+
+A stream fed chunk by chunk must give the full causal op on the whole
+sequence. Expected values come from the float64 reference
+(`dw5d_jax._reference.depthwise_reference`) on the whole sequence, and from
+the library's own full op with the same method: bitwise where every step has
+several frames (the step runs the same op on the same frames in the same
+order), within rounding where 1-frame steps sum the time taps in the ring
+buffer's order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from jax import export, lax
+
+import dw5d_jax as dw
+from dw5d_jax._reference import depthwise_reference
+from dw5d_jax.nn import DepthwiseConv2D, DepthwiseConv3D
+from tests.helpers import METHODS, assert_close, output_nonempty, random_array
+
+
+def full_op(x, k, *, axes, **kw):
+  if axes == "DHW":
+    return dw.depthwise_conv3d(x, k, **kw)
+  return dw.depthwise_conv2d(x, k, **({"axes": axes} if x.ndim == 5 else {}), **kw)
+
+
+def run_stream(x, k, chunks, *, axis, method="auto", **kw):
+  """Feeds `x` in chunks of the given lengths; the emitted outputs, concatenated."""
+  layout = kw.get("data_format") or ("NDHWC" if x.ndim == 5 else "NHWC")
+  t = layout.index(axis)
+  state = dw.stream_init(lax.slice_in_dim(x, 0, 1, axis=t), k, axis=axis, **kw)
+  outs, start = [], 0
+  for length in chunks:
+    state, y = dw.stream_step(state, lax.slice_in_dim(x, start, start + length, axis=t), k,
+                              axis=axis, method=method, **kw)
+    outs.append(lax.slice_in_dim(y, 0, int(state.emitted), axis=t))
+    start += length
+  return np.asarray(jnp.concatenate(outs, axis=t))
+
+
+@st.composite
+def streams(draw):
+  """A causal convolution, its input and a split of the input into chunks."""
+  kind = draw(st.sampled_from(["3d", "2d", "2d-rank4"]))
+  layout = draw(st.sampled_from(["NHWC", "NCHW"] if kind == "2d-rank4" else ["NDHWC", "NCDHW"]))
+  spatial = "".join(a for a in layout if a in "DHW")
+  axes = {"3d": "DHW", "2d-rank4": "HW"}.get(kind) or "".join(draw(st.permutations("DHW"))[:2])
+  axis = draw(st.sampled_from(spatial))  # for "2d", possibly a carried axis
+  chunks = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+  sizes = {a: sum(chunks) if a == axis else draw(st.integers(1, 5)) for a in spatial}
+  ks, ss, rs, pads = [], [], [], []
+  for a in axes:
+    k, s, r = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pad = "CAUSAL" if a == axis else draw(st.sampled_from(
+        ["SAME", "VALID", "CAUSAL", (draw(st.integers(0, 2)), draw(st.integers(0, 2)))]))
+    assume(output_nonempty(sizes[a], k, r, pad))
+    ks.append(k), ss.append(s), rs.append(r), pads.append(pad)
+  c, m, n = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+  x_shape = tuple(n if a == "N" else c if a == "C" else sizes[a] for a in layout)
+  kw = dict(axes=axes, strides=tuple(ss), dilations=tuple(rs), padding=tuple(pads),
+            data_format=layout)
+  return x_shape, (*ks, c, m), axis, chunks, kw
+
+
+@given(stream=streams(), method=st.sampled_from(METHODS), seed=st.integers(0, 2**31 - 1))
+def test_stream_equals_the_full_op(stream, method, seed):
+  """Any chunking, strides and dilations along time, both layouts, carried time axes."""
+  x_shape, k_shape, axis, chunks, kw = stream
+  rng = np.random.default_rng(seed)
+  x, k = random_array(rng, x_shape), random_array(rng, k_shape)
+  got = run_stream(jnp.asarray(x), jnp.asarray(k), chunks, axis=axis, method=method, **kw)
+  want = depthwise_reference(x, k, axes=kw["axes"], strides=kw["strides"],
+                             dilations=kw["dilations"], padding=kw["padding"],
+                             data_format=kw["data_format"])
+  assert_close(got, want, err_msg=f"{stream} {method}")
+  same = np.asarray(full_op(x, k, method=method, **kw))
+  t = kw["axes"].find(axis)
+  if 1 in chunks and t >= 0 and k_shape[t] > 1 and kw["dilations"][t] == 1:
+    np.testing.assert_allclose(got, same, rtol=1e-6, atol=1e-6 * max(1, np.abs(same).max()))
+  else:
+    np.testing.assert_array_equal(got, same)
+
+
+def test_one_frame_steps_of_a_clip(rng):
+  """The README's case: a clip (N, T, H, W, C), causal 3x3x3, one frame per step."""
+  x = random_array(rng, (2, 6, 7, 5, 4))
+  k = random_array(rng, (3, 3, 3, 4, 2))
+  padding = ("CAUSAL", "SAME", "SAME")
+  state = dw.stream_init(x[:, :1], k)
+  assert state.buffer.shape == (2, 3, 7, 5, 4)  # a ring: 2 frames kept, 1 free slot
+  ys = []
+  for t in range(6):
+    state, y = dw.stream_step(state, x[:, t:t + 1], k)
+    assert y.shape == (2, 1, 7, 5, 8) and int(state.emitted) == 1 and int(state.phase) == 0
+    ys.append(y)
+  got = np.concatenate(ys, axis=1)
+  assert_close(got, depthwise_reference(x, k, axes="DHW", padding=padding))
+  assert_close(got, dw.depthwise_conv3d(x, k, padding=padding))
+
+
+def test_donated_state(rng):
+  """A serving loop donates the state: the step then updates the ring in place."""
+  x = random_array(rng, (1, 4, 5, 5, 4))
+  k = random_array(rng, (3, 3, 3, 4, 1))
+  step = jax.jit(lambda s, c: dw.stream_step(s, c, k), donate_argnums=0)
+  state = dw.stream_init(x[:, :1], k)
+  ys = []
+  for t in range(4):
+    state, y = step(state, x[:, t:t + 1])
+    ys.append(y)
+  assert_close(np.concatenate(ys, axis=1), depthwise_reference(
+      x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME")))
+
+
+@pytest.mark.parametrize("chunks", [[2, 3, 2], [7]])
+def test_chunks_of_several_frames_are_bitwise_the_full_op(rng, chunks):
+  x = random_array(rng, (1, 7, 6, 5, 4))
+  k = random_array(rng, (3, 2, 3, 4, 1))
+  kw = dict(strides=(1, 2, 1), padding=("CAUSAL", "SAME", "CAUSAL"))
+  np.testing.assert_array_equal(run_stream(x, k, chunks, axis="D", **kw),
+                                dw.depthwise_conv3d(x, k, **kw))
+
+
+STRIDED = dict(strides=(2, 1, 2), dilations=(2, 1, 1), padding=("CAUSAL", "SAME", (1, 0)))
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_scan_with_a_time_stride(rng, length):
+  """Under jit(lax.scan): slots of fixed size, `emitted` says which are real.
+
+  Stride 2 along time: 1-frame steps emit 1, 0, 1, 0, ... outputs, 3-frame
+  steps 2, 1, 2, 1, ...; 2-frame steps always 1.
+  """
+  steps = 5
+  x = random_array(rng, (1, steps * length, 5, 6, 3))
+  k = random_array(rng, (3, 2, 3, 3, 1))
+  chunks = jnp.moveaxis(x.reshape(1, steps, length, 5, 6, 3), 1, 0)
+
+  def body(state, chunk):
+    state, y = dw.stream_step(state, chunk, k, **STRIDED)
+    return state, (y, state.emitted)
+
+  state = dw.stream_init(x[:, :1], k, **STRIDED)
+  final, (ys, emitted) = jax.jit(lambda s, c: lax.scan(body, s, c))(state, chunks)
+  slots = -(-length // 2)
+  assert ys.shape == (steps, 1, slots, 5, 3, 3)
+  if length == 1:
+    assert emitted.tolist() == [1, 0, 1, 0, 1]
+  got = np.concatenate([ys[i, :, :int(emitted[i])] for i in range(steps)], axis=1)
+  want = depthwise_reference(x, k, axes="DHW", **STRIDED)
+  assert_close(got, want)
+  assert int(final.phase) == (-(steps * length)) % 2
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_strided_streams_chain_with_valid(rng, length):
+  """A stride-2 stream feeding a causal one, `valid=emitted`, in one jitted scan.
+
+  With 1-frame chunks the second stream gets 1-frame chunks that are real
+  every other step (valid 1, 0, 1, ...); with 3-frame chunks, 2 slots of
+  which 2, 1, 2 are real.
+  """
+  x = random_array(rng, (2, 9, 4, 5, 2))
+  k1 = random_array(rng, (2, 3, 3, 2, 2))
+  k2 = random_array(rng, (3, 1, 2, 4, 1))
+  kw1 = dict(strides=(2, 1, 1), padding=("CAUSAL", "SAME", "SAME"))
+  kw2 = dict(dilations=(2, 1, 1), padding=("CAUSAL", "VALID", "SAME"))
+
+  def body(states, chunk):
+    s1, s2 = states
+    s1, h = dw.stream_step(s1, chunk, k1, **kw1)
+    s2, y = dw.stream_step(s2, h, k2, valid=s1.emitted, **kw2)
+    return (s1, s2), (y, s2.emitted)
+
+  s1 = dw.stream_init(x[:, :1], k1, **kw1)
+  s2 = dw.stream_init(jnp.zeros((2, 1, 4, 5, 4)), k2, **kw2)
+  steps = 9 // length
+  chunks = jnp.moveaxis(x.reshape(2, steps, length, 4, 5, 2), 1, 0)
+  _, (ys, emitted) = jax.jit(lambda s, c: lax.scan(body, s, c))((s1, s2), chunks)
+  assert emitted.tolist() == ([1, 0] * 4 + [1] if length == 1 else [2, 1, 2])
+  got = np.concatenate([ys[i, :, :int(emitted[i])] for i in range(steps)], axis=1)
+  hidden = depthwise_reference(x, k1, axes="DHW", **kw1)
+  assert_close(got, depthwise_reference(hidden, k2, axes="DHW", **kw2))
+
+
+def test_vmap_over_streams(rng):
+  """A batch of independent streams with their own kernels."""
+  xs = random_array(rng, (3, 1, 4, 5, 5, 2))
+  ks = random_array(rng, (3, 2, 3, 3, 2, 1))
+  states = jax.vmap(lambda x, k: dw.stream_init(x[:, :1], k))(xs, ks)
+  step = jax.vmap(lambda s, c, k: dw.stream_step(s, c, k))
+  outs = []
+  for t in range(4):
+    states, y = step(states, xs[:, :, t:t + 1], ks)
+    outs.append(y)
+  got = np.concatenate(outs, axis=2)
+  for i in range(3):
+    assert_close(got[i], depthwise_reference(xs[i], ks[i], axes="DHW",
+                                             padding=("CAUSAL", "SAME", "SAME")))
+
+
+@pytest.mark.parametrize("length, dilation", [("l", 2), ("1", 1)], ids=["any-length", "1-frame"])
+def test_export_step_with_symbolic_sizes(rng, length, dilation):
+  """jax.export of a step: symbolic batch, height, width, and chunk length or 1-frame chunks."""
+  k = random_array(rng, (3, 3, 2, 3, 1))
+  kw = dict(strides=(1, 2, 1), dilations=(dilation, 1, 1))
+  spec = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {length}, h, w, 3"), jnp.float32)
+  state_spec = jax.eval_shape(lambda c: dw.stream_init(c, k, **kw), spec)
+  exp = export.export(jax.jit(lambda s, c: dw.stream_step(s, c, k, **kw)))(state_spec, spec)
+  cases = [((1, 5, 6, 4, 3), [2, 1, 2]), ((2, 4, 3, 7, 3), [4])] if length == "l" else [
+      ((1, 4, 6, 4, 3), [1] * 4), ((2, 3, 3, 7, 3), [1] * 3)]
+  for shape, chunks in cases:
+    x = random_array(rng, shape)
+    state = dw.stream_init(x[:, :1], k, **kw)
+    outs, start = [], 0
+    for length in chunks:
+      state, y = exp.call(state, x[:, start:start + length])
+      outs.append(y)
+      start += length
+    assert_close(np.concatenate(outs, axis=1), depthwise_reference(
+        x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME"), **kw), err_msg=str(shape))
+
+
+# ----------------------------------------------------------------------------
+# Flax layers.
+
+
+def test_layers_take_the_new_padding_forms(rng):
+  x = random_array(rng, (2, 5, 6, 4, 3))
+  layer = DepthwiseConv3D(3, (3, 2, 3), strides=(2, 1, 1), padding=("causal", (1, 0), "SAME"),
+                          use_bias=False, rngs=nnx.Rngs(0))
+  assert layer.padding == ("CAUSAL", (1, 0), "SAME")
+  assert_close(layer(x), depthwise_reference(x, np.asarray(layer.kernel[...]), axes="DHW",
+                                             strides=(2, 1, 1),
+                                             padding=("CAUSAL", (1, 0), "SAME")))
+  per_slice = DepthwiseConv2D(3, 3, axes="DW", padding="CAUSAL", use_bias=False,
+                              rngs=nnx.Rngs(0))
+  assert_close(per_slice(x), depthwise_reference(x, np.asarray(per_slice.kernel[...]),
+                                                 axes="DW", padding="CAUSAL"))
+
+
+@pytest.mark.parametrize("make, batch", [
+    (lambda: DepthwiseConv3D(3, 3, depth_multiplier=2, strides=(2, 1, 1), dilations=(2, 1, 1),
+                             padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0)), (2, 3)),
+    (lambda: DepthwiseConv2D(3, (3, 2), axes="WD", padding=((1, 0), "CAUSAL"),
+                             rngs=nnx.Rngs(1)), (2,)),
+    (lambda: DepthwiseConv2D(3, 3, axes="HW", strides=2, rngs=nnx.Rngs(2)), ()),  # per frame
+], ids=["3d", "2d-WD", "2d-HW-carried"])
+def test_layer_stream_equals_call(rng, make, batch):
+  layer = make()
+  layer.bias[...] = jnp.asarray(random_array(rng, layer.bias.shape))
+  x = jnp.asarray(random_array(rng, (*batch, 7, 5, 4, 3)))
+  t = len(batch)
+  state = layer.stream_init(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  outs, start = [], 0
+  for length in [3, 1, 2, 1]:
+    state, y = layer.stream_step(state, lax.slice_in_dim(x, start, start + length, axis=t))
+    outs.append(lax.slice_in_dim(y, 0, int(state.emitted), axis=t))
+    start += length
+  assert_close(jnp.concatenate(outs, axis=t), layer(x))
+
+
+class CausalSeparable(nnx.Module):
+  """A small streaming video model: per-frame 2D, causal 3D depthwise, pointwise."""
+
+  def __init__(self, c: int, rngs: nnx.Rngs):
+    self.spatial = DepthwiseConv2D(c, 3, axes="HW", rngs=rngs)
+    self.temporal = DepthwiseConv3D(c, 3, depth_multiplier=2, padding=("CAUSAL", "SAME", "SAME"),
+                                    rngs=rngs)
+    self.pointwise = nnx.Linear(2 * c, 5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.pointwise(nnx.relu(self.temporal(nnx.relu(self.spatial(x)))))
+
+  def stream_init(self, chunk):
+    return self.temporal.stream_init(chunk)
+
+  def stream_step(self, state, chunk):
+    state, h = self.temporal.stream_step(state, nnx.relu(self.spatial(chunk)))
+    return state, self.pointwise(nnx.relu(h))
+
+
+def test_separable_model_streams_under_jit_and_scan(rng):
+  model = CausalSeparable(4, nnx.Rngs(0))
+  x = jnp.asarray(random_array(rng, (2, 8, 6, 5, 4)))
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def stream(params, x):
+    def body(state, frame):
+      state, y = nnx.merge(graphdef, params).stream_step(state, frame[:, None])
+      return state, y[:, 0]
+
+    state = nnx.merge(graphdef, params).stream_init(x[:, :1])
+    _, ys = lax.scan(body, state, jnp.moveaxis(x, 1, 0))
+    return jnp.moveaxis(ys, 0, 1)
+
+  assert_close(stream(params, x), model(x))
+  # And step by step under nnx.jit.
+  step = nnx.jit(lambda m, s, c: m.stream_step(s, c))
+  state = model.stream_init(x[:, :1])
+  outs = []
+  for t in range(0, 8, 2):
+    state, y = step(model, state, x[:, t:t + 2])
+    outs.append(y)
+  assert_close(jnp.concatenate(outs, axis=1), model(x))
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+X = jnp.zeros((1, 1, 6, 6, 4), jnp.float32) + 0.5
+K = jnp.ones((3, 3, 3, 4, 1), jnp.float32)
+
+
+ERROR_IDS = [
+    "padding SAME on time", "explicit non-causal pair", "unknown axis", "no frame at init",
+    "channels at init", "kernel rank", "other size", "channels", "batch", "dtype", "no frame",
+    "strides", "kernel window", "axes", "not a state", "valid too large", "valid not scalar",
+]
+
+
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda: dw.stream_init(X, K, padding="SAME"), ValueError,
+     r"stream_init: `padding` along the streamed axis D must be 'CAUSAL' \(pads \(e - 1, 0\) = "
+     r"\(2, 0\) for kernel 3, dilation 1\): a stream's outputs may read only past and present "
+     r"frames; got 'SAME'\."),
+    (lambda: dw.stream_init(X, K, dilations=(2, 1, 1), padding=((2, 0), "SAME", "SAME")),
+     ValueError, r"pads \(e - 1, 0\) = \(4, 0\) for kernel 3, dilation 2\).*got \(2, 0\)\."),
+    (lambda: dw.stream_init(X, K, axis="T"), ValueError,
+     r"stream_init: `axis` must be None or one of the spatial axes 'D', 'H', 'W' of `chunk` "
+     r"\(NDHWC\), got 'T'\."),
+    (lambda: dw.stream_init(X[:, :0], K), ValueError,
+     r"stream_init: `chunk` must hold at least one frame along the streamed axis D, got 0\."),
+    (lambda: dw.stream_init(X, K[..., :3, :]), ValueError,
+     r"stream_init: `kernel` in_channels \(dim 3, size 3\) must equal the channels of `x` \(4"),
+    (lambda: dw.stream_init(X, K[0], axes="DHW"), ValueError,
+     r"stream_init: `kernel` must have rank 5 \(kd, kh, kw, in_channels, multiplier\) for "
+     r"axes='DHW', got shape \(3, 3, 4, 1\)\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X[:, :, :5], K), ValueError,
+     r"stream_step: `chunk` has shape \(1, 1, 5, 6, 4\), but the state was made for chunks "
+     r"\(N=1, D=L, H=6, W=6, C=4\) \(NDHWC, L >= 1 frames along the streamed axis D\): batch, "
+     r"channels and the other sizes must stay\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), jnp.zeros((1, 1, 6, 6, 3)),
+                            jnp.ones((3, 3, 3, 3, 1))), ValueError,
+     r"stream_step: `chunk` has shape \(1, 1, 6, 6, 3\), but the state was made for chunks "
+     r"\(N=1, D=L, H=6, W=6, C=4\)"),
+    (lambda: dw.stream_step(dw.stream_init(X, K), jnp.zeros((2, 3, 6, 6, 4)), K), ValueError,
+     r"stream_step: `chunk` has shape \(2, 3, 6, 6, 4\), but the state was made for chunks "
+     r"\(N=1, D=L"),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X.astype(jnp.float16),
+                            K.astype(jnp.float16)), TypeError,
+     r"stream_step: `chunk` has dtype float16, but the state holds float32 frames; cast the "
+     r"chunk or make the state from a float16 chunk\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X[:, :0], K), ValueError,
+     r"stream_step: `chunk` must hold at least one frame along the streamed axis D, got 0\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, strides=(2, 1, 1)), ValueError,
+     r"stream_step: `state` was made for another configuration: strides \(2, 1, 1\) here, "
+     r"\(1, 1, 1\) in the state\. Make it with stream_init and the same arguments as "
+     r"stream_step\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K[:2]), ValueError,
+     r"stream_step: `state` was made for another configuration: window \(2, 3, 3\) here, "
+     r"\(3, 3, 3\) in the state"),
+    (lambda: dw.stream_step(dw.stream_init(X, K[0], axes="HW"), X, K), ValueError,
+     r"stream_step: `state` was made for another configuration: axes 'DHW' here, 'HW' in the "
+     r"state; window \(3, 3, 3\) here, \(3, 3\) in the state"),
+    (lambda: dw.stream_step({"buffer": X}, X, K), TypeError,
+     r"stream_step: `state` must be a StreamState from stream_init or stream_step, got dict\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=2), ValueError,
+     r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the streamed "
+     r"axis, got 2\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.ones(2, jnp.int32)), TypeError,
+     r"stream_step: `valid` must be None, an int or an integer scalar array"),
+], ids=ERROR_IDS)
+def test_errors(call, error, pattern):
+  with pytest.raises(error, match=pattern):
+    call()
+
+
+def test_errors_under_jit():
+  state = dw.stream_init(X, K)
+  with pytest.raises(ValueError, match=r"stream_step: `chunk` has shape \(1, 1, 6, 5, 4\)"):
+    jax.jit(lambda s, c: dw.stream_step(s, c, K))(state, X[:, :, :, :5])
+  with pytest.raises(ValueError, match=r"stream_step: `state` was made for another "
+                     r"configuration: dilations \(1, 2, 1\) here"):
+    jax.jit(lambda s, c: dw.stream_step(s, c, K, dilations=(1, 2, 1)))(state, X)
+
+
+def test_layer_stream_errors():
+  layer = DepthwiseConv3D(4, 3, rngs=nnx.Rngs(0))  # SAME along time
+  with pytest.raises(ValueError, match=r"stream_init: `padding` along the streamed axis D must "
+                     r"be 'CAUSAL'"):
+    layer.stream_init(X)
+  causal = DepthwiseConv3D(4, 3, padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0))
+  other = DepthwiseConv3D(4, 3, strides=(1, 2, 2), padding=("CAUSAL", "SAME", "SAME"),
+                          rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"`state` was made for another configuration: strides "
+                     r"\(1, 2, 2\) here, \(1, 1, 1\) in the state"):
+    other.stream_step(causal.stream_init(X), X)
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: input must have shape "
+                     r"\(\*batch, D, H, W, C\), got shape \(6, 4\)"):
+    causal.stream_init(X[0, 0, 0])
