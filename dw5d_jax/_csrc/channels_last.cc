@@ -140,8 +140,10 @@ struct Fixed {
 
 constexpr int kRegisters = kLanes >= 16 ? 32 : 16;
 
-// Outputs at least this large are written with non-temporal stores.
-constexpr int64_t kStreamBytes = 8 << 20;
+// Outputs at least this large are written with non-temporal stores (half
+// the 32 MB L3 of the AMD EPYC VM: smaller ones may still be in a cache
+// when the next op reads them).
+constexpr int64_t kStreamBytes = 16 << 20;
 
 // Output positions per forward block: as many as fit in registers next to
 // the KW x NV weight packets (at least 8 independent sums hide the latency).
