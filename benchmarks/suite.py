@@ -183,15 +183,21 @@ def tf_block(r: Any) -> None:
     t.numpy()
 
 
-def floor_cells(w: Workload, peers) -> dict[str, tuple[Callable, Callable | None]]:
-  """`floor_add`: PyTorch's multi-threaded `add` of two float32 arrays of x's size into a third."""
-  if "floor" not in peers:
-    return {}
+def _torch() -> Any:
+  """PyTorch with a thread per core, or None when it is not installed."""
   try:
     import torch
   except ImportError:
-    return {}
+    return None
   torch.set_num_threads(os.cpu_count() or 1)
+  return torch
+
+
+def floor_cells(w: Workload, peers) -> dict[str, tuple[Callable, Callable | None]]:
+  """`floor_add`: PyTorch's multi-threaded `add` of two float32 arrays of x's size into a third."""
+  torch = _torch() if "floor" in peers else None
+  if torch is None:
+    return {}
   size = int(np.prod(w.x_shape))
   gen = torch.Generator().manual_seed(0)
   a, b = (torch.randn(size, generator=gen) for _ in range(2))
@@ -233,13 +239,9 @@ def floor_entry(w: Workload, timing: dict[str, dict[str, Any]]) -> dict[str, Any
 
 
 def torch_cells(w: Workload, x, k, ct, peers) -> dict[str, tuple[Callable, Callable | None]]:
-  if "torch" not in peers:
+  torch = _torch() if "torch" in peers else None
+  if torch is None:
     return {}
-  try:
-    import torch
-  except ImportError:
-    return {}
-  torch.set_num_threads(os.cpu_count() or 1)
   dtype = torch.bfloat16 if w.dtype == "bfloat16" else torch.float32
   c, m = w.x_shape[-1], w.multiplier
   fmt = torch.channels_last_3d
