@@ -41,11 +41,6 @@ constexpr int CfRowsPerBlock() {
 }
 
 // Shuffle masks that interleave two packets a, b: a0 b0 a1 b1 ... (lo, hi half).
-inline Pack<L>::U Weave(int half) {
-  Pack<L>::U m{};
-  for (int i = 0; i < L; ++i) m[i] = static_cast<uint32_t>(half * L / 2 + i / 2 + (i % 2) * L);
-  return m;
-}
 const Pack<L>::U kWeaveLo = Weave(0), kWeaveHi = Weave(1);
 
 inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }

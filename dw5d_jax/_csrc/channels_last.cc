@@ -9,7 +9,10 @@
 //
 // Output rows (n, od, oh) are split into tiles (geometry.h: Tiles), taken
 // by the threads of ParallelFor (threads.h). The loops skip the taps that
-// land in the zero padding.
+// land in the zero padding. bfloat16 input is multiplied two taps at a time
+// from pairs of bfloat16 where the CPU has AVX512-BF16 (PairRows), else
+// converted to float32 rows once (InputRows). Large outputs are written
+// with non-temporal stores (ForwardStreams).
 
 #include <algorithm>
 #include <cmath>
@@ -585,10 +588,23 @@ void StoreRow(const Geom& g, const float* in, TO* y, bool stream) {
     }
     return;
   }
-  for (int64_t o = 0; o < g.ow; ++o)
-    for (int64_t c = 0; c < g.c; ++c)
+  using P = Pack<kLanes>;
+  static const P::U lo = Weave(0), hi = Weave(1);
+  for (int64_t o = 0; o < g.ow; ++o) {
+    int64_t c = 0;
+    if (g.m == 2) {  // packets of the two multiplier rows, interleaved
+      const float* a = in + o * 2 * g.c;
+      TO* out = y + o * 2 * g.c;
+      for (; c + kLanes <= g.c; c += kLanes) {
+        const P::V va = P::Load(a + c), vb = P::Load(a + g.c + c);
+        P::Store(out + 2 * c, __builtin_shuffle(va, vb, lo));
+        P::Store(out + 2 * c + kLanes, __builtin_shuffle(va, vb, hi));
+      }
+    }
+    for (; c < g.c; ++c)
       for (int64_t m = 0; m < g.m; ++m)
         Pack<1>::Store(y + (o * g.c + c) * g.m + m, in[(o * g.m + m) * g.c + c]);
+  }
 }
 
 // The row kernels of a forward pass: float32 ones, and where bfloat16 x
@@ -780,10 +796,22 @@ using KernelGradRowFn = void (*)(const Geom&, const float* const*, float* const*
 // input gradient with M = 2).
 template <typename TC>
 __attribute__((noinline)) void Deinterleave(const Geom& g, const TC* in, float* out) {
-  for (int64_t o = 0; o < g.ow; ++o)
-    for (int64_t c = 0; c < g.c; ++c)
+  using P = Pack<kLanes>;
+  static const P::U even = Unweave(0), odd = Unweave(1);
+  for (int64_t o = 0; o < g.ow; ++o) {
+    int64_t c = 0;
+    if (g.m == 2) {  // packets of (c, m) pairs split into the two multiplier rows
+      const TC* a = in + o * 2 * g.c;
+      for (; c + kLanes <= g.c; c += kLanes) {
+        const P::V v0 = P::Load(a + 2 * c), v1 = P::Load(a + 2 * c + kLanes);
+        P::Store(out + o * g.c + c, __builtin_shuffle(v0, v1, even));
+        P::Store(out + (g.ow + o) * g.c + c, __builtin_shuffle(v0, v1, odd));
+      }
+    }
+    for (; c < g.c; ++c)
       for (int64_t m = 0; m < g.m; ++m)
         out[(m * g.ow + o) * g.c + c] = Pack<1>::Load(in + (o * g.c + c) * g.m + m);
+  }
 }
 
 template <typename TI, typename TC>

@@ -129,6 +129,21 @@ DW5D_DEFINE_PACK(16)
 template <int N>
 using Int = std::integral_constant<int, N>;
 
+// Shuffle masks for packets of kLanes floats: Weave(half) interleaves two
+// packets a, b as a0 b0 a1 b1 ... (the low or the high half of the result);
+// Unweave(odd) takes the even (odd) lanes of a then b (the inverse).
+inline Pack<kLanes>::U Weave(int half) {
+  Pack<kLanes>::U m{};
+  for (int i = 0; i < kLanes; ++i)
+    m[i] = static_cast<uint32_t>(half * kLanes / 2 + i / 2 + (i % 2) * kLanes);
+  return m;
+}
+inline Pack<kLanes>::U Unweave(int odd) {
+  Pack<kLanes>::U m{};
+  for (int i = 0; i < kLanes; ++i) m[i] = static_cast<uint32_t>(2 * i + odd);
+  return m;
+}
+
 // ---------------------------------------------------------------------------
 // Pairs of bfloat16: a uint32 holds two bfloat16 values, the low half first
 // (the lane order of AVX512-BF16's `vdpbf16ps`). PairDot multiplies two
