@@ -14,10 +14,13 @@ from typing import Any
 
 BEGIN = "<!-- dw5d bench: generated, do not edit by hand -->"
 END = "<!-- dw5d bench: end of generated part -->"
-COLUMNS = ("floor", "tf", "tf_xla", "torch", "conv", "shift", "auto")
-LABELS = {"floor": "floor", "tf": "TF reshape", "tf_xla": "TF reshape (XLA)",
-          "torch": "PyTorch", "conv": "XLA grouped conv", "shift": "shift", "auto": "auto"}
+COLUMNS = ("floor", "floor_jax", "tf", "tf_xla", "torch", "conv", "shift", "auto")
+LABELS = {"floor": "floor", "floor_jax": "JAX pass", "tf": "TF reshape",
+          "tf_xla": "TF reshape (XLA)", "torch": "PyTorch", "conv": "XLA grouped conv",
+          "shift": "shift", "auto": "auto"}
 OURS = "auto"
+# Timed only to derive the floor (suite.py: floor_entry), not a column.
+HIDDEN = ("floor_add",)
 
 
 def _ms(cells: dict, peer: str, kind: str) -> float | None:
@@ -37,7 +40,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _columns(res: dict[str, Any]) -> list[str]:
   """COLUMNS, then any other method the run measured (e.g. a new lowering)."""
   seen = {p for e in res["workloads"].values() for p in e["ms"]}
-  return [*COLUMNS, *sorted(seen - set(COLUMNS))]
+  return [*COLUMNS, *sorted(seen - set(COLUMNS) - set(HIDDEN))]
 
 
 def timing_table(res: dict[str, Any]) -> list[str]:
@@ -62,39 +65,50 @@ def timing_table(res: dict[str, Any]) -> list[str]:
 
 
 def targets(res: dict[str, Any], tuned: bool) -> list[tuple[str, float | None, str, bool | None]]:
-  """(target, measured value, bound, met) for the CPU performance targets listed here."""
+  """(target, measured value, bound, met) for the CPU performance targets.
+
+  Tuned allocator: W1 forward within 1.1x the floor and faster than
+  PyTorch; W2 and W5 forward within 1.5x; backward at most 0.15x PyTorch on
+  W1 and W2; and the earlier targets these keep. Default allocator:
+  forward within 1.5x of the JAX pass, which allocates its output as the
+  ops do (under glibc's defaults every fresh buffer is page-faulted).
+  """
   w = res["workloads"]
 
   def ms(name, peer, kind):
     return _ms(w[name]["ms"], peer, kind) if name in w else None
 
-  out = []
+  checks = []
   if tuned:
     checks = [
+        ("W1 fwd: auto / floor", ms("W1", OURS, "fwd"), ms("W1", "floor", "fwd"), "<= 1.1"),
+        ("W1 fwd: auto / PyTorch", ms("W1", OURS, "fwd"), ms("W1", "torch", "fwd"), "< 1.0"),
+        ("W2 fwd: auto / floor", ms("W2", OURS, "fwd"), ms("W2", "floor", "fwd"), "<= 1.5"),
+        ("W5 fwd: auto / floor (bfloat16 bytes)", ms("W5", OURS, "fwd"),
+         ms("W5", "floor", "fwd"), "<= 1.5"),
+        ("W1 bwd: auto / PyTorch", ms("W1", OURS, "bwd"), ms("W1", "torch", "bwd"), "<= 0.15"),
+        ("W2 bwd: auto / PyTorch", ms("W2", OURS, "bwd"), ms("W2", "torch", "bwd"), "<= 0.15"),
         ("W1 fwd: auto / TF reshape (tf.function)", ms("W1", OURS, "fwd"), ms("W1", "tf", "fwd"),
          "<= 0.5"),
         ("W1 fwd: auto / TF reshape (jit_compile)", ms("W1", OURS, "fwd"),
          ms("W1", "tf_xla", "fwd"), "<= 0.5"),
-        ("W1 fwd: auto / PyTorch", ms("W1", OURS, "fwd"), ms("W1", "torch", "fwd"), "<= 1.0"),
         ("W2 fwd: auto / PyTorch", ms("W2", OURS, "fwd"), ms("W2", "torch", "fwd"), "<= 1.0"),
         ("W2 fwd: XLA grouped conv / auto", ms("W2", "conv", "fwd"), ms("W2", OURS, "fwd"),
          ">= 20"),
-        ("W1 bwd: auto / PyTorch", ms("W1", OURS, "bwd"), ms("W1", "torch", "bwd"), "<= 1.0"),
-        ("W2 bwd: auto / PyTorch", ms("W2", OURS, "bwd"), ms("W2", "torch", "bwd"), "<= 1.0"),
         ("W1 bwd / W1 fwd (auto)", ms("W1", OURS, "bwd"), ms("W1", OURS, "fwd"), "<= 3.0"),
         ("W2 bwd / W2 fwd (auto)", ms("W2", OURS, "bwd"), ms("W2", OURS, "fwd"), "<= 3.0"),
     ]
-    bound = 2.0
+    checks += [(f"{name} fwd: auto / floor", ms(name, OURS, "fwd"), ms(name, "floor", "fwd"),
+                "<= 2.0") for name in w if name not in ("W1", "W2", "W5")]
   else:
-    checks = []
-    bound = 1.5
-  for name in w:
-    checks.append((f"{name} fwd: auto / floor", ms(name, OURS, "fwd"), ms(name, "floor", "fwd"),
-                   f"<= {bound}"))
+    checks = [(f"{name} fwd: auto / JAX pass", ms(name, OURS, "fwd"),
+               ms(name, "floor_jax", "fwd"), "<= 1.5") for name in w]
+  out = []
   for label, a, b, rule in checks:
     r = _ratio(a, b)
     op, limit = rule.split()
-    met = None if r is None else (r <= float(limit) if op == "<=" else r >= float(limit))
+    met = None if r is None else {"<=": r <= float(limit), "<": r < float(limit),
+                                  ">=": r >= float(limit)}[op]
     out.append((label, r, rule, met))
   return out
 
@@ -139,6 +153,12 @@ def markdown(runs: dict[str, dict[str, Any]], command: str) -> str:
       "per allocator setting. `bwd` = gradient of sum(y * ct) w.r.t. x and kernel. Ratios "
       "below 1 mean `auto` is faster; `conv/auto` is how many times faster `auto` is than "
       "XLA's grouped convolution; `auto/floor` divides by the forward floor.",
+      "- Floor: bytes(x) + bytes(y) over the bandwidth of PyTorch's multi-threaded "
+      "`torch.add(a, b, out=c)` (three float32 arrays of x's size, preallocated output; "
+      "bfloat16 counts 2 bytes an element), measured in the same rounds: " + "; ".join(
+          f"{mode}: {_bandwidths(r)}" for mode, r in runs.items()) + ". `JAX pass`: one "
+      "fused JAX elementwise pass over x (`x * 2 + 1`, a fresh output), the floor of "
+      "earlier rounds.",
       "",
   ]
   for mode, r in runs.items():
@@ -151,6 +171,15 @@ def markdown(runs: dict[str, dict[str, Any]], command: str) -> str:
               "", *mem, ""]
   lines += ["![CPU benchmark chart](bench.png)", "", END]
   return "\n".join(lines)
+
+
+def _bandwidths(res: dict[str, Any]) -> str:
+  parts = []
+  for name, e in res["workloads"].items():
+    floor = e["ms"].get("floor") or {}
+    if floor.get("bandwidth_gbs"):
+      parts.append(f"{name} {floor['bandwidth_gbs']:.0f} GB/s ({floor.get('source', '?')})")
+  return ", ".join(parts) or "n/a"
 
 
 def _native(status: dict[str, Any] | None) -> str:

@@ -12,7 +12,16 @@ alike), and the median is reported. "backward" is the gradient of
 `sum(y * ct)` with respect to x and the kernel.
 
 Peers (a peer that is not installed, or cannot run a workload, is n/a):
-* `floor`: one fused JAX elementwise pass over x (reads x, writes x's size).
+* `floor`: the memory floor, bytes(x) + bytes(y) over the bandwidth of a
+  multi-threaded elementwise pass: PyTorch `torch.add(a, b, out=c)` on three
+  float32 arrays of x's size into a preallocated output, with PyTorch's
+  threads (all cores; cell `floor_add`, bandwidth = 3 arrays' bytes / time).
+  bfloat16 workloads count 2 bytes per element (half the bytes) at that
+  float32 bandwidth. Also timed, as the column `floor_jax`: one fused JAX
+  elementwise pass over x (reads x, writes x's size; XLA's CPU elementwise
+  passes reach about half PyTorch's bandwidth, and it allocates its output,
+  so it includes the page faults of a fresh buffer under glibc's defaults).
+  Without PyTorch, the floor is the JAX pass scaled to x's and y's bytes.
 * `tf`, `tf_xla`: TensorFlow's reshape path (fold D into batch, which is
   right for axes H, W because D is next to batch, then
   `tf.nn.depthwise_conv2d`) in `tf.function`, and with
@@ -98,7 +107,7 @@ def jax_cells(w: Workload, x: np.ndarray, k: np.ndarray, ct: np.ndarray,
   cells = {}
   if "floor" in peers:
     floor = jax.jit(lambda a: a * 2 + 1)
-    cells["floor"] = (lambda: floor(xj), None)
+    cells["floor_jax"] = (lambda: floor(xj), None)
   for method in METHODS:
     if method not in peers:
       continue
@@ -174,14 +183,65 @@ def tf_block(r: Any) -> None:
     t.numpy()
 
 
-def torch_cells(w: Workload, x, k, ct, peers) -> dict[str, tuple[Callable, Callable | None]]:
-  if "torch" not in peers:
-    return {}
+def _torch() -> Any:
+  """PyTorch with a thread per core, or None when it is not installed."""
   try:
     import torch
   except ImportError:
-    return {}
+    return None
   torch.set_num_threads(os.cpu_count() or 1)
+  return torch
+
+
+def floor_cells(w: Workload, peers) -> dict[str, tuple[Callable, Callable | None]]:
+  """`floor_add`: PyTorch's multi-threaded `add` of two float32 arrays of x's size into a third."""
+  torch = _torch() if "floor" in peers else None
+  if torch is None:
+    return {}
+  size = int(np.prod(w.x_shape))
+  gen = torch.Generator().manual_seed(0)
+  a, b = (torch.randn(size, generator=gen) for _ in range(2))
+  c = torch.empty(size)
+
+  def add():
+    torch.add(a, b, out=c)
+
+  return {"floor_add": (add, None)}
+
+
+def y_shape(w: Workload) -> tuple[int, ...]:
+  """The output's shape (SAME padding)."""
+  n, d, h, ww, c = w.x_shape
+  out = [-(-s // w.stride) for s in ((d, h, ww) if w.op == "3d" else (h, ww))]
+  return (n, *out, c * w.multiplier) if w.op == "3d" else (n, d, *out, c * w.multiplier)
+
+
+def floor_entry(w: Workload, timing: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+  """The floor (ms) for `w` from the timed `floor_add` (else `floor_jax`) cell.
+
+  bytes(x) + bytes(y) at the bandwidth of PyTorch's add (3 float32 arrays of
+  x's size per call); bfloat16 workloads count 2 bytes per element.
+  """
+  item = 2 if w.dtype == "bfloat16" else 4
+  moved = (int(np.prod(w.x_shape)) + int(np.prod(y_shape(w)))) * item
+  add = timing.get("floor_add", {}).get("fwd")
+  if add:
+    gbs = 3 * int(np.prod(w.x_shape)) * 4 / (add * 1e-3) / 1e9
+    source = "torch.add"
+  else:
+    jax_pass = timing.get("floor_jax", {}).get("fwd")
+    if not jax_pass:
+      return None
+    gbs = 2 * int(np.prod(w.x_shape)) * item / (jax_pass * 1e-3) / 1e9
+    source = "jax pass"
+  return {"fwd": round(moved / (gbs * 1e9) * 1e3, 3), "bandwidth_gbs": round(gbs, 1),
+          "bytes": moved, "source": source}
+
+
+def torch_cells(w: Workload, x, k, ct, peers) -> dict[str, tuple[Callable, Callable | None]]:
+  torch = _torch() if "torch" in peers else None
+  if torch is None:
+    return {}
   dtype = torch.bfloat16 if w.dtype == "bfloat16" else torch.float32
   c, m = w.x_shape[-1], w.multiplier
   fmt = torch.channels_last_3d
@@ -262,14 +322,16 @@ def peak_memory_mb(w: Workload, peer: str) -> float | None:
   """Peak RSS growth (MiB) of a forward + backward of `peer` after warm-up, in a fresh process.
 
   Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs after
-  set-up and warm-up, so only the timed calls' own buffers count.
+  set-up and warm-up, so only the timed calls' own buffers count. The
+  floor's is the JAX pass's (which allocates its output, as the ops do).
   """
   x, k, ct = data(w)
   cells = make_cells(w, x, k, ct, (peer,))
-  if peer not in cells:
+  cell = "floor_jax" if peer == "floor" else peer
+  if cell not in cells:
     return None
-  fwd, bwd = cells[peer]
-  blk = block_for(peer)
+  fwd, bwd = cells[cell]
+  blk = block_for(cell)
   blk(fwd())  # compile outside the measurement
   if bwd is not None:
     blk(bwd())
@@ -297,25 +359,27 @@ def data(w: Workload):
   rng = np.random.default_rng(0)
   x = rng.standard_normal(w.x_shape).astype(np.float32)
   k = rng.standard_normal(w.k_shape).astype(np.float32)
-  n, d, h, ww, c = w.x_shape
-  out = [-(-s // w.stride) for s in ((d, h, ww) if w.op == "3d" else (h, ww))]
-  y_shape = (n, *out, c * w.multiplier) if w.op == "3d" else (n, d, *out, c * w.multiplier)
-  ct = rng.standard_normal(y_shape).astype(np.float32)
+  ct = rng.standard_normal(y_shape(w)).astype(np.float32)
   return x, k, ct
+
+
+# Cells in this order (the floor's first), then by PEERS.
+CELL_ORDER = ("floor_add", "floor_jax", *PEERS)
 
 
 def make_cells(w, x, k, ct, peers):
   cells = {}
+  cells.update(floor_cells(w, peers))
   cells.update(jax_cells(w, x, k, ct, peers))
   cells.update(tf_cells(w, x, k, ct, peers))
   cells.update(torch_cells(w, x, k, ct, peers))
-  return {p: cells[p] for p in PEERS if p in cells}
+  return {p: cells[p] for p in CELL_ORDER if p in cells}
 
 
 def block_for(peer: str) -> Callable:
   if peer in ("tf", "tf_xla"):
     return tf_block
-  if peer == "torch":
+  if peer in ("torch", "floor_add"):
     return lambda r: None  # eager PyTorch on CPU has finished when it returns
   return jax_block
 
@@ -375,6 +439,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timing = measure(cells, {p: block_for(p) for p in cells}, args.rounds, args.budget,
                      inner.update)
     inner.close()
+    floor = floor_entry(w, timing)
+    if floor is not None:
+      timing["floor"] = floor
     results["workloads"][name] = {"workload": dataclasses.asdict(w), "ms": timing}
     bar.update(2)
   bar.close()

@@ -166,6 +166,57 @@ def test_non_finite_kernel_meets_the_padding_as_zeros(rng, dtype):
   assert_close(np.where(finite, y, 0.0), np.where(finite, want, 0.0), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout,x_shape", [("NDHWC", (1, 4, 5, 23, 16)),
+                                            ("NCDHW", (1, 16, 4, 5, 23))])
+def test_non_finite_input_reaches_only_its_outputs(rng, dtype, layout, x_shape):
+  """inf and NaN in x: NaN/inf exactly where the reference has them (y and dk).
+
+  The bfloat16 pair kernels multiply a zero weight half with a real input
+  value, and the channels-first kernel gradient sums lanes past the last
+  output with a zero cotangent: both must keep 0 * inf out of the sums.
+  """
+  case = Case("3d", layout, "DHW", x_shape, (3, 3, 3, 16, 1), (1, 1, 2), 1, "SAME")
+  x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
+  c_axis = 1 if layout == "NCDHW" else 4
+  special = []
+  for i, value in enumerate((np.inf, -np.inf, np.nan)):
+    index = [0, 2, 3, 7 + 5 * i, 0]
+    if c_axis == 1:
+      index = [0, 0, *index[1:4]]
+    index[c_axis] = 3 * i
+    special.append((tuple(index), value))
+  finite_x = np.asarray(x, np.float64)
+  for index, value in special:
+    x[index] = value
+  ct = random_array(rng, case.expected(np.zeros(case.x_shape), k).shape, dtype)
+  y, gx, gk = jax.jit(_vjp_fn(case))(x, k, ct)
+  k64, ct64 = np.asarray(k, np.float64), np.asarray(ct, np.float64)
+  with np.errstate(invalid="ignore"):
+    want_y = case.expected(np.asarray(x, np.float64), k64)
+    # dk[q] = <ref(x, e_q), ct> over the taps that read x: the finite part, plus
+    # each special value times the cotangent it meets through tap q (if any).
+    want_k = np.zeros(k.shape)
+    for q in np.ndindex(k.shape):
+      e = np.zeros(k.shape)
+      e[q] = 1.0
+      want_k[q] = np.sum(case.expected(finite_x, e) * ct64)
+      for index, value in special:
+        one = np.zeros(case.x_shape)
+        one[index] = 1.0
+        met = np.sum(case.expected(one, e) * ct64)
+        if met != 0.0:
+          want_k[q] += value * met - finite_x[index] * met
+  for got, want in ((y, want_y), (gk, want_k)):
+    got = np.asarray(got, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert 0 < finite.sum() < finite.size
+    assert_close(np.where(finite, got, 0.0), np.where(finite, want, 0.0), dtype)
+  assert np.all(np.isfinite(np.asarray(gx, np.float64)))
+
+
 @pytest.mark.parametrize("layout,x_shape", [("NDHWC", (2, 8, 16, 32, 32)),
                                             ("NCDHW", (2, 32, 8, 16, 32))])
 def test_parallel_results_are_deterministic(rng, layout, x_shape):

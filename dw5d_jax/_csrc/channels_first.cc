@@ -42,11 +42,6 @@ constexpr int CfRowsPerBlock() {
 }
 
 // Shuffle masks that interleave two packets a, b: a0 b0 a1 b1 ... (lo, hi half).
-inline Pack<L>::U Weave(int half) {
-  Pack<L>::U m{};
-  for (int i = 0; i < L; ++i) m[i] = static_cast<uint32_t>(half * L / 2 + i / 2 + (i % 2) * L);
-  return m;
-}
 const Pack<L>::U kWeaveLo = Weave(0), kWeaveHi = Weave(1);
 
 inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -154,7 +149,8 @@ inline void CfSumsH(const float* const* src, const float* wk, int nk, int64_t co
     for (int i = 0; i < I; ++i, s += rs1)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        const CfV xv = Pack<L>::Load(s + v * L);
+        CfV xv = Pack<L>::Load(s + v * L);
+        InRegister(xv);
 #pragma GCC unroll 8
         for (int b = 0; b < KH; ++b) {
           const int q = i - b * RH;
@@ -408,22 +404,31 @@ void CfForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const Tile
 }
 
 // part[k] (L floats) += sum over rows j and packets v of
-// ct[j][col + v] * (src[k] + off + j * rs)[col + v].
+// ct[j][col + v] * (src[k] + off + j * rs)[col + v]. With `tail` lanes > 0
+// (a last packet past the outputs, whose cotangent lanes are zero), the
+// input lanes from `tail` on count as zeros: they hold inputs that real
+// outputs read through other taps, and 0 * inf would be NaN.
 template <int R, int NV>
 inline void CfDots(const float* const* src, int nk, int64_t off, int64_t rs,
-                   const float* const* ct, int64_t col, float* part) {
+                   const float* const* ct, int64_t col, float* part, int tail = 0) {
   CfV cv[R][NV];
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) cv[j][v] = Pack<L>::Load(ct[j] + col + v * L);
+  Pack<L>::U keep;
+  for (int l = 0; l < L; ++l) keep[l] = tail == 0 || l < tail ? ~0u : 0u;
   for (int k = 0; k < nk; ++k) {
     const float* s = src[k] + off + col;
     CfV sum[2] = {Pack<L>::Zero(), Pack<L>::Zero()};
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j, s += rs)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) sum[(j * NV + v) & 1] += cv[j][v] * Pack<L>::Load(s + v * L);
+      for (int v = 0; v < NV; ++v) {
+        CfV xv = Pack<L>::Load(s + v * L);
+        if (tail) xv = reinterpret_cast<CfV>(reinterpret_cast<Pack<L>::U>(xv) & keep);
+        sum[(j * NV + v) & 1] += cv[j][v] * xv;
+      }
     Pack<L>::Store(part + k * L, Pack<L>::Load(part + k * L) + (sum[0] + sum[1]));
   }
 }
@@ -512,10 +517,14 @@ void CfKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, con
         const int64_t off = i * in.rs;
         float* pm = &acc[m * nk * L];
         const int n_k = static_cast<int>(nk);
+        // Whole packets of outputs, then the last one (with its lanes past OW masked).
+        const int64_t whole = g.ow / L;
+        const int tail = static_cast<int>(g.ow % L);
         int64_t v0 = 0;
-        for (; v0 + 4 <= packets; v0 += 4) CfDots<R, 4>(src, n_k, off, in.rs, cr, v0 * L, pm);
-        for (; v0 + 2 <= packets; v0 += 2) CfDots<R, 2>(src, n_k, off, in.rs, cr, v0 * L, pm);
-        for (; v0 < packets; ++v0) CfDots<R, 1>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 + 4 <= whole; v0 += 4) CfDots<R, 4>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 + 2 <= whole; v0 += 2) CfDots<R, 2>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        for (; v0 < whole; ++v0) CfDots<R, 1>(src, n_k, off, in.rs, cr, v0 * L, pm);
+        if (tail) CfDots<R, 1>(src, n_k, off, in.rs, cr, v0 * L, pm, tail);
       });
     }
   }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <iterator>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -36,8 +37,22 @@ double ToDouble(T v) {
   return static_cast<double>(Pack<1>::Load(&v));
 }
 
+// |got - want| within tol relative to 1 + |want|; inf and NaN where the reference has them.
+bool Close(double got, double want, double tol) {
+  if (std::isnan(want)) return std::isnan(got);
+  if (std::isinf(want)) return got == want;
+  return std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
+}
+
+// Variants of a case's data.
+enum Data : int {
+  kPlain = 0,
+  kBf16Weights = 1,  // weights that are bfloat16 values (bfloat16 x: the pair kernels)
+  kNonFinite = 2,    // a few inf and NaN in x (rows the pair kernels leave to float32)
+};
+
 template <typename TI, typename TO>
-bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
+bool SelfTestOne(const Geom& g, uint64_t seed, bool generic, int data = kPlain) {
   const int64_t nx = g.n * g.d * g.h * g.w * g.c, nw = g.taps() * g.m * g.c;
   const int64_t ny = g.rows() * g.ow * g.c * g.m;
   std::vector<TI> x(nx), ct(ny);
@@ -46,6 +61,13 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
   for (auto& v : x) v = FromFloat<TI>(static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f);
   for (auto& v : ct) v = FromFloat<TI>(static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f);
   for (auto& v : w) v = static_cast<float>(Lcg(&seed) % 2001) / 1000.0f - 1.0f;
+  if (data & kBf16Weights)
+    for (auto& v : w) v = ToDouble(ToBf16(v));
+  if (data & kNonFinite) {
+    const float inf = std::numeric_limits<float>::infinity();
+    const float values[3] = {inf, -inf, std::numeric_limits<float>::quiet_NaN()};
+    for (int i = 0; i < 3; ++i) x[Lcg(&seed) % nx] = FromFloat<TI>(values[i]);
+  }
   std::vector<TO> dx(nx);
   RunForward<TI, TO>(nullptr, g, x.data(), w.data(), y.data(), generic);
   RunKernelGrad<TI, TI>(nullptr, g, x.data(), ct.data(), dk.data(), generic);
@@ -78,14 +100,12 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic) {
               }
   const double tol = std::is_same<TI, float>::value && std::is_same<TO, float>::value ? 1e-4 : 2e-2;
   for (int64_t i = 0; i < ny; ++i)
-    if (!(std::fabs(ToDouble(y[i]) - want_y[i]) <= tol * (1.0 + std::fabs(want_y[i]))))
-      return false;
+    if (!Close(ToDouble(y[i]), want_y[i], tol)) return false;
   for (int64_t i = 0; i < nx; ++i)
-    if (!(std::fabs(ToDouble(dx[i]) - want_dx[i]) <= tol * (1.0 + std::fabs(want_dx[i]))))
-      return false;
+    if (!Close(ToDouble(dx[i]), want_dx[i], tol)) return false;
   const double tol_dk = std::is_same<TI, float>::value ? 1e-4 : 1e-3;
   for (int64_t i = 0; i < nw; ++i)
-    if (!(std::fabs(dk[i] - want_dk[i]) <= tol_dk * (1.0 + std::fabs(want_dk[i])))) return false;
+    if (!Close(dk[i], want_dk[i], tol_dk)) return false;
   return true;
 }
 
@@ -242,6 +262,15 @@ extern "C" int Dw5dSelfTest() {
       if (!dw5d::SelfTestOne<float, float>(g, 1000 + k, generic)) return code;
       if (!dw5d::SelfTestOne<dw5d::bf16, dw5d::bf16>(g, 2000 + k, generic)) return 100 + code;
       if (!dw5d::SelfTestOne<dw5d::bf16, float>(g, 3000 + k, generic)) return 200 + code;
+      // bfloat16 weights (the pair kernels where the build has them), with
+      // and without non-finite inputs; float32 with non-finite inputs.
+      if (!dw5d::SelfTestOne<dw5d::bf16, dw5d::bf16>(g, 4000 + k, generic, dw5d::kBf16Weights))
+        return 300 + code;
+      if (!dw5d::SelfTestOne<dw5d::bf16, float>(g, 5000 + k, generic,
+                                                dw5d::kBf16Weights | dw5d::kNonFinite))
+        return 400 + code;
+      if (!dw5d::SelfTestOne<float, float>(g, 6000 + k, generic, dw5d::kNonFinite))
+        return 500 + code;
     }
   }
   // Every epilogue (forward, backward through z and through y) on three of the
