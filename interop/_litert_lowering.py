@@ -83,19 +83,24 @@ def depthwise2d_lowering(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax
   return y if spec.channels_last else y.transpose(0, 4, 1, 2, 3)
 
 
-def _forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Any,
-             out_dtype: Any = None, split: Any = None) -> jax.Array:
-  """`_primitive.conv`'s signature, computed by `depthwise2d_lowering` (whole arrays only)."""
+def _whole(split: Any) -> None:
   if split is not None:
     raise ValueError("LiteRT export: `split_axes` (blocks inside jax.shard_map) cannot be "
                      "exported; export the function on whole arrays.")
+
+
+def _forward(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Any,
+             out_dtype: Any = None, split: Any = None) -> jax.Array:
+  """`_primitive.conv`'s signature, computed by `depthwise2d_lowering` (whole arrays only)."""
+  _whole(split)
   y = depthwise2d_lowering(x, kernel, spec)
   return y if out_dtype is None else y.astype(out_dtype)
 
 
 def _epilogue(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: ConvSpec, impl: Any,
-              activation: str | None) -> jax.Array:
+              activation: str | None, split: Any = None) -> jax.Array:
   """`_epilogue.apply`'s signature: the unfused formula, its convolution `_forward`."""
+  _whole(split)
   return _epilogue_module.forward_formula(x, kernel, bias, spec=spec, impl=impl,
                                           activation=activation)
 
