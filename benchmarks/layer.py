@@ -1,6 +1,6 @@
 """A layer as users run it: 3x3x3 depthwise + bias + activation, ours against PyTorch.
 
-Issue 14's "Layer" target, on `(2, 32, 64, 64, 32)` float32 (N, D, H, W, C):
+The "Layer" targets of `benchmarks/RESULTS.md`, on `(2, 32, 64, 64, 32)` float32 (N, D, H, W, C):
 
 * `floor`: the bytes of x plus y over the bandwidth of a multi-threaded
   elementwise pass, measured with PyTorch `torch.add(a, b, out=c)` into a

@@ -26,7 +26,7 @@ the caches left by the previous cell hit them alike), medians in ms:
   work (compare with `scan`).
 
 Every output is checked against the full op first (float32 rounding: the
-ring sums the time taps in its own order). The target (issue 11):
+ring sums the time taps in its own order). The target:
 `step <= 2 * full / T`.
 """
 
