@@ -261,8 +261,8 @@ def _window(fn: str, axis: str, n: Any, k: int, s: int, r: int, padding: Any,
   `n` is an int or, for a size unknown while tracing, an int32 scalar tensor;
   the results are then tensors too (TF's SAME split made at run time). An
   empty output, or padding wider than `mode` fills, raises at trace time
-  when `n` is known, and at run time (an assertion; not under XLA)
-  otherwise.
+  when `n` is known, and at run time (an assertion, which the returned
+  sizes depend on; not under XLA) otherwise.
   """
   lo, hi, out = _geometry.resolve(n, k, s, r, padding)
   if isinstance(out, int):
@@ -272,12 +272,18 @@ def _window(fn: str, axis: str, n: Any, k: int, s: int, r: int, padding: Any,
     return lo, hi, out
   at_run_time = f"(run-time size of {axis})"
   message = str(_args.empty_output_error(fn, axis, at_run_time, k, r, padding))
-  tf.debugging.assert_positive(out, message=message)
+  checks = [tf.debugging.assert_positive(out, message=message)]
   limit = _geometry.mode_limit(mode, n)
   if limit is not None:
     message = str(_args.mode_width_error(fn, axis, mode, at_run_time, padding, None))
-    tf.debugging.assert_less_equal(tf.maximum(lo, hi), limit, message=message)
-  return lo, hi, out
+    checks.append(tf.debugging.assert_less_equal(tf.maximum(lo, hi), limit, message=message))
+  checks = [c for c in checks if c is not None]  # eager: raised already
+  if not checks:
+    return lo, hi, out
+  # In a graph, the ops that use the sizes wait for the checks: otherwise a
+  # slice of a too-small input may fail first, with TF's own message.
+  with tf.control_dependencies(checks):
+    return tf.identity(lo), tf.identity(hi), tf.identity(out)
 
 
 # ----------------------------------------------------------------------------
