@@ -70,9 +70,6 @@ def test_shard_map_split_axes(case, method):
   _check("shard_map", case, method)
 
 
-@pytest.mark.skipif(not os.environ.get("DW5D_TEST_PALLAS_SHARDED"),
-                    reason="Pallas interpret mode on simulated devices takes minutes; set "
-                           "DW5D_TEST_PALLAS_SHARDED=1 to run it")
 @pytest.mark.parametrize("case, method", _ids("pallas"))
 def test_jit_pallas_interpret(case, method):
   _check("pallas", case, method)
