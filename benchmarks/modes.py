@@ -2,7 +2,9 @@
 
 Run: `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647
 .venv/bin/python benchmarks/modes.py` (about a minute on 2 cores; `--rounds`,
-`--workloads` to narrow it).
+`--workloads`, `--cells` to narrow it: `--cells zeros reflect edge` leaves out
+the padded copy, whose large temporaries can slow the other cells down
+through the allocator).
 
 For workloads W1 and W2 of benchmarks/suite.py (SAME padding, float32,
 channels-last, `method="auto"`, so the native kernels), the forward pass and
@@ -54,7 +56,7 @@ def _setting(cell: str):
     _modes._BORDERS = saved
 
 
-def _cells(w: Workload, seed: int = 0):
+def _cells(w: Workload, names: tuple[str, ...] = CELLS, seed: int = 0):
   import jax
   import jax.numpy as jnp
 
@@ -64,7 +66,7 @@ def _cells(w: Workload, seed: int = 0):
   x = jnp.asarray(rng.standard_normal(w.x_shape), jnp.float32)
   k = jnp.asarray(rng.standard_normal(w.k_shape), jnp.float32)
   cells = {}
-  for cell in CELLS:
+  for cell in names:
     op = functools.partial(dw.depthwise_conv2d if w.op == "2d" else dw.depthwise_conv3d,
                            strides=w.stride, dilations=w.dilation, padding="SAME",
                            padding_mode=cell.split("-")[0])
@@ -79,14 +81,15 @@ def _cells(w: Workload, seed: int = 0):
   return cells
 
 
-def measure(w: Workload, rounds: int, warmup: int = 3) -> dict[tuple[str, str], tuple]:
+def measure(w: Workload, rounds: int, warmup: int = 3,
+            names: tuple[str, ...] = CELLS) -> dict[tuple[str, str], tuple]:
   """Per cell: the median ms, and the median over rounds of its ratio to `zeros`.
 
   Interleaved rounds after `warmup` calls of each cell: one call per cell per
   round, each mode right after the `zeros` call of its pass, so a burst of
   load from other processes hits both sides of a ratio alike.
   """
-  times = interleaved(_cells(w), rounds, warmup)
+  times = interleaved(_cells(w, names), rounds, warmup)
   out = {}
   for (cell, pass_), v in times.items():
     base = times[("zeros", pass_)]
@@ -99,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=sorted(WORKLOADS))
   p.add_argument("--rounds", type=int, default=21)
+  p.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS,
+                 help="which cells (zeros always runs: the ratios divide by it)")
   args = p.parse_args(argv)
+  cells = tuple(c for c in CELLS if c in args.cells or c == "zeros")
   from dw5d_jax import _native_build
   status = _native_build.status()
   if not status.active:
@@ -107,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   print(f"median ms over {args.rounds} interleaved rounds; in brackets the median over "
         f"rounds of the ratio to zeros in the same round")
-  print(f"| workload | pass | {' | '.join(CELLS)} |")
-  print(f"|---|---|{'---:|' * len(CELLS)}")
+  print(f"| workload | pass | {' | '.join(cells)} |")
+  print(f"|---|---|{'---:|' * len(cells)}")
   for name in args.workloads:
-    res = measure(WORKLOADS[name], args.rounds)
+    res = measure(WORKLOADS[name], args.rounds, names=cells)
     for pass_ in ("forward", "backward"):
       row = [f"{res[(c, pass_)][0]:.2f}" + ("" if c == "zeros" else f" ({res[(c, pass_)][1]:.2f}x)")
-             for c in CELLS]
+             for c in cells]
       print(f"| {name} | {pass_} | {' | '.join(row)} |", flush=True)
   return 0
 

@@ -10,10 +10,17 @@ threshold keeps such buffers on the heap, and raising the trim threshold
 stops glibc from handing the freed heap top back to the kernel, so the pages
 are reused.
 
+Buffers allocated by other threads than the main one (XLA's worker threads)
+come from per-thread arenas whose heaps hold at most 64 MiB, so a larger
+buffer there is mmap'd on every call whatever the threshold says;
+`arena_max=1` sends every thread to the main heap (measured for the border
+modes in benchmarks/RESULTS.md, "glibc arenas").
+
 This is a process-wide change to the C allocator, so the library never does
 it on import; call `tune_cpu_allocator()` once, early, or set the equivalent
 environment variables before Python starts:
-`MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647`.
+`MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647`
+(and `MALLOC_ARENA_MAX=1`).
 """
 
 from __future__ import annotations
@@ -26,14 +33,15 @@ import warnings
 # mallopt() parameter numbers, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 # The environment-variable form of the defaults (read by glibc at start-up).
 ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX)}
 
 
-def tune_cpu_allocator(*, mmap_threshold: int = 2**30,
-                       trim_threshold: int = _INT_MAX) -> bool:
+def tune_cpu_allocator(*, mmap_threshold: int = 2**30, trim_threshold: int = _INT_MAX,
+                       arena_max: int | None = None) -> bool:
   """Raises glibc malloc's mmap and trim thresholds for this process.
 
   Calls glibc's `mallopt(M_MMAP_THRESHOLD, mmap_threshold)` and
@@ -54,13 +62,20 @@ def tune_cpu_allocator(*, mmap_threshold: int = 2**30,
       Default 1 GiB.
     trim_threshold: bytes of free heap top kept before trimming. Default
       2**31 - 1 (the largest value mallopt takes).
+    arena_max: None (default: unchanged), or the most malloc arenas
+      (`mallopt(M_ARENA_MAX, arena_max)`); `1` makes threads that start
+      allocating afterwards (call it before the first JAX computation, which
+      starts XLA's threads) use the main heap, where buffers over 64 MiB are
+      reused too. The cost: threads that allocate at once wait for each
+      other's lock.
 
   Returns:
-    `True` if both settings were applied, `False` otherwise.
+    `True` if every setting was applied, `False` otherwise.
 
   Raises:
-    TypeError: a threshold is not an int.
-    ValueError: a threshold is outside `[0, 2**31 - 1]`.
+    TypeError: a threshold or `arena_max` is not an int.
+    ValueError: a threshold is outside `[0, 2**31 - 1]`, or `arena_max`
+      outside `[1, 2**31 - 1]`.
 
   Example:
     >>> import dw5d_jax as dw
@@ -75,13 +90,21 @@ def tune_cpu_allocator(*, mmap_threshold: int = 2**30,
     if not 0 <= value <= _INT_MAX:
       raise ValueError(f"{fn}: `{name}` must be in [0, 2**31 - 1] (mallopt takes a C int), "
                        f"got {value}.")
+  if arena_max is not None:
+    if isinstance(arena_max, bool) or not isinstance(arena_max, int):
+      raise TypeError(f"{fn}: `arena_max` must be None or an int (arenas), got "
+                      f"{type(arena_max).__name__} {arena_max!r}.")
+    if not 1 <= arena_max <= _INT_MAX:
+      raise ValueError(f"{fn}: `arena_max` must be in [1, 2**31 - 1], got {arena_max}.")
   libc = _glibc()
   if libc is None:
     warnings.warn(f"{fn}: this process does not use glibc's malloc (platform "
                   f"{sys.platform}); nothing was changed.", RuntimeWarning, stacklevel=2)
     return False
-  ok = (libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-        and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
+  settings = [(_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)]
+  if arena_max is not None:
+    settings.append((_M_ARENA_MAX, arena_max))
+  ok = all(libc.mallopt(param, value) == 1 for param, value in settings)
   if not ok:
     warnings.warn(f"{fn}: glibc's mallopt rejected the setting; the allocator may be "
                   f"unchanged.", RuntimeWarning, stacklevel=2)

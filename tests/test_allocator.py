@@ -55,6 +55,30 @@ print(faults_on_reuse())
   assert out.split() == ["True", "True", "False"]
 
 
+# A thread's own arena holds heaps of at most 64 MiB: 80 MiB there is mmap'd
+# (and faulted in again) on every allocation, whatever the threshold.
+_THREAD_PROBE = _PROBE + """
+import threading
+def in_a_thread():
+  out = []
+  t = threading.Thread(target=lambda: out.append(faults_on_reuse(80 << 20)))
+  t.start()
+  t.join()
+  return out[0]
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.parametrize("arena_max, faults", [(None, "True"), (1, "False")])
+def test_arena_max_lets_threads_reuse_large_buffers(arena_max, faults):
+  out = _run(_THREAD_PROBE + f"""
+import dw5d_jax as dw
+print(dw.tune_cpu_allocator(arena_max={arena_max}))
+print(in_a_thread())
+""")
+  assert out.split() == ["True", faults]
+
+
 def test_without_glibc_it_warns_and_returns_false(monkeypatch):
   from dw5d_jax import _allocator
   monkeypatch.setattr(_allocator.sys, "platform", "darwin")
@@ -71,6 +95,10 @@ def test_without_glibc_it_warns_and_returns_false(monkeypatch):
      r"tune_cpu_allocator: `mmap_threshold` must be in \[0, 2\*\*31 - 1\] \(mallopt takes a "
      r"C int\), got 2147483648"),
     ({"trim_threshold": -1}, ValueError, r"`trim_threshold` must be in \[0, 2\*\*31 - 1\]"),
+    ({"arena_max": "1"}, TypeError,
+     r"tune_cpu_allocator: `arena_max` must be None or an int \(arenas\), got str '1'"),
+    ({"arena_max": 0}, ValueError,
+     r"tune_cpu_allocator: `arena_max` must be in \[1, 2\*\*31 - 1\], got 0"),
 ])
 def test_bad_thresholds_are_rejected(kwargs, error, message):
   with pytest.raises(error, match=message):
