@@ -701,13 +701,8 @@ void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const 
     CfKernelGradTile(g, x, ct, parts.data() + i * size, tiles, i, e,
                      epilogue ? db_parts.data() + i * cm : nullptr);
   });
-  std::fill(dk, dk + size, 0.0f);
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
-  if (!epilogue) return;
-  std::fill(e.db, e.db + cm, 0.0f);
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t j = 0; j < cm; ++j) e.db[j] += db_parts[i * cm + j];
+  SumChunks(parts, chunks, size, dk);
+  if (epilogue) SumChunks(db_parts, chunks, cm, e.db);
 }
 
 template <typename TC, typename TO>

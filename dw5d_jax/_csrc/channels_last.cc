@@ -1236,7 +1236,6 @@ template <typename TI, typename TC>
 void RunEpilogueGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
                        const EpilogueGrad<TC>& e, float* dk, bool generic) {
   const int64_t size = g.taps() * g.m * g.c, cm = g.c * g.m;
-  std::fill(dk, dk + size, 0.0f);
   const Tiles tiles = MakeTiles(g.n * g.od, g.oh, g.w * g.c * sizeof(TI), g.kd, g.kh);
   const int64_t chunks = tiles.Count();
   const KernelGradRowFn row_fn = WithShape(
@@ -1254,12 +1253,8 @@ void RunEpilogueGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const 
                                                       db_parts.data() + i * cm);
     KernelGradRows(g, row_fn, x, ct, parts.data() + i * size, tiles, i, epi.get());
   });
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t j = 0; j < size; ++j) dk[j] += parts[i * size + j];
-  if (!epilogue) return;
-  std::fill(e.db, e.db + cm, 0.0f);
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t j = 0; j < cm; ++j) e.db[j] += db_parts[i * cm + j];
+  SumChunks(parts, chunks, size, dk);
+  if (epilogue) SumChunks(db_parts, chunks, cm, e.db);
 }
 
 template <typename TC, typename TO>

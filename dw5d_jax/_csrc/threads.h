@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "geometry.h"
 #include "xla/ffi/api/ffi.h"
@@ -55,6 +56,15 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t n, bool parallel, const F& body)
   work();
   std::unique_lock<std::mutex> lock(progress->mu);
   progress->cv.wait(lock, [&] { return progress->done.load() == n; });
+}
+
+// out[j] = the sum over chunks i < count of parts[i * size + j], in chunk
+// order: with the fixed split of Tiles, per-chunk partial sums (a kernel or
+// bias gradient) add up to the same bits whatever the thread count.
+inline void SumChunks(const std::vector<float>& parts, int64_t count, int64_t size, float* out) {
+  std::fill(out, out + size, 0.0f);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = 0; j < size; ++j) out[j] += parts[i * size + j];
 }
 
 // Problems with fewer multiply-adds than this run on the calling thread.
