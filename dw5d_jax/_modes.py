@@ -175,8 +175,12 @@ def pad(x: jax.Array, spec: ConvSpec) -> jax.Array:
   """`P x`: x padded by mode along every mode axis, to its tight extent.
 
   With static sizes: x zero-padded (one pass), then each face of the
-  padding written in place (`slab`). With symbolic sizes: one gather per
-  mode axis (`take`).
+  padding written in place (`slab`). Each face spans the padded array along
+  every other axis (its corners written by both faces that meet there, with
+  the same values), so along an axis split over devices it covers whole
+  shards: XLA's partitioner gathered the faces of a D-split array whose
+  faces started one row into D. With symbolic sizes: one gather per mode
+  axis (`take`).
   """
   ax = spec.spatial_axes
   if not spec.is_static():
@@ -191,8 +195,13 @@ def pad(x: jax.Array, spec: ConvSpec) -> jax.Array:
     if spec.modes[i] != "zeros":
       cfg[ax[i]] = (*spec.tight_padding(i), 0)
   xp = lax.pad(x, np.zeros((), x.dtype), cfg)
-  for i, start, stop, box in _pad_faces(spec, xp.shape):
+  for i, start, stop, box in _pad_faces(spec, xp.shape, whole=True):
     v = slab(x, spec, i, start, stop)
+    for j in range(i):  # earlier mode axes: by mode too, to the padded extent
+      if spec.modes[j] != "zeros":
+        lo, hi = spec.tight_padding(j)
+        n = spec.in_spatial[j]
+        v = take(v, ax[j], spec.modes[j], n, -lo, n + hi)
     v = lax.slice(v, [0] * v.ndim, [b[1] - b[0] for b in box])  # as tightly cropped
     xp = lax.dynamic_update_slice(xp, v, [b[0] for b in box])
   return xp
@@ -222,19 +231,21 @@ def unpad(g: jax.Array, spec: ConvSpec) -> jax.Array:
   return dx
 
 
-def _pad_faces(spec: ConvSpec, shape: tuple[int, ...]) -> list[tuple[int, int, int, list]]:
+def _pad_faces(spec: ConvSpec, shape: tuple[int, ...],
+               whole: bool = False) -> list[tuple[int, int, int, list]]:
   """`(axis, start, stop, box)` per face of the padding of `pad(x, spec)` (of `shape`).
 
   Face `(i, side)`: positions `[start, stop)` of that side's padding along
-  `i`, inside along earlier mode axes, anything along later ones; `box`
-  holds its `(start, limit, stride)` per dimension of the padded array.
+  `i`, inside along earlier mode axes (or, `whole`, anything: faces that
+  overlap in the corners), anything along later ones; `box` holds its
+  `(start, limit, stride)` per dimension of the padded array.
   """
   ax, out = spec.spatial_axes, []
   for i in range(3):
     if spec.modes[i] == "zeros":
       continue
     box = [(0, d, 1) for d in shape]
-    for j in range(i):  # inside, or what the tight extent keeps of it
+    for j in range(0 if whole else i):  # inside, or what the tight extent keeps of it
       if spec.modes[j] != "zeros":
         lo_j, hi_j = spec.tight_padding(j)
         box[ax[j]] = (lo_j, lo_j + spec.in_spatial[j] + min(hi_j, 0), 1)

@@ -395,7 +395,7 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((4, 8, 6, 5, 4)).astype(np.float32)
 k = rng.standard_normal((3, 3, 3, 4, 1)).astype(np.float32)
 ct = rng.standard_normal(x.shape).astype(np.float32)
-worst = {}
+worst, gathers = {}, {}
 for types in (AxisType.Auto, AxisType.Explicit):
   mesh = jax.make_mesh((4,), ("d",), axis_types=(types,))
   for spec in (P(None, "d"), P("d"), P(None, None, None, None, "d")):
@@ -405,9 +405,12 @@ for types in (AxisType.Auto, AxisType.Explicit):
       want = vjp(x, k)
       kspec = P(None, None, None, "d") if spec == P(None, None, None, None, "d") else P()
       with jax.set_mesh(mesh):
-        got = jax.jit(vjp)(jax.device_put(x, NamedSharding(mesh, spec)),
-                           jax.device_put(k, NamedSharding(mesh, kspec)))
+        args = (jax.device_put(x, NamedSharding(mesh, spec)),
+                jax.device_put(k, NamedSharding(mesh, kspec)))
+        compiled = jax.jit(vjp).lower(*args).compile()
+        got = compiled(*args)
       name = f"{types.name} {tuple(spec)} {modes} {method}"
+      gathers[name] = compiled.as_text().count(" all-gather")
       worst[name] = max(float(np.abs(np.asarray(g) - w).max() / max(1.0, np.abs(w).max()))
                         for g, w in zip(got, want))
 mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
@@ -424,13 +427,14 @@ try:
   error = None
 except ValueError as e:
   error = str(e)
-print(json.dumps({"worst": worst, "error": error}))
+print(json.dumps({"worst": worst, "gathers": gathers, "error": error}))
 '''
 
 
 def test_sharded_arrays_and_shard_map():
   """jit on arrays split along D, batch or channels (Auto and Explicit mesh axes): the
-  forward and both gradients equal one device's; inside shard_map, modes on unsplit axes."""
+  forward and both gradients equal one device's, with no all-gather in the compiled
+  program; inside shard_map, modes on unsplit axes."""
   import json
   import pathlib
   import subprocess
@@ -444,6 +448,8 @@ def test_sharded_arrays_and_shard_map():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   bad = {name: err for name, err in out["worst"].items() if not err <= 1e-5}
   assert len(out["worst"]) == 13 and not bad, bad
+  gathered = {name: n for name, n in out["gathers"].items() if n}
+  assert len(out["gathers"]) == 12 and not gathered, gathered
   assert out["error"].startswith(
       "depthwise_conv3d: `padding_mode` 'edge' along axis D, which `split_axes` splits over "
       "mesh axes ('d',): inside shard_map the blocks pad their ends with zeros only.")
