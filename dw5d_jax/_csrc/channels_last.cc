@@ -649,11 +649,11 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
   ValidRange(g.w, g.ow, g.sw, (g.kw - 1) * g.rw - g.pw, &lo1, &hi1);
   int64_t lo = std::max(lo0, lo1), hi = std::min(hi0, hi1);
   if (hi <= lo) lo = hi = g.ow;
+  const bool stream_row = direct && stream && bias_row == nullptr;  // rows written in place
   tiles.ForRows(tile, [&](int64_t r) {
     const int nt = RowTaps(g, r, rows.data(), tap.data());
     TO* yrow = y + r * g.ow * cm;
     float* out = direct ? reinterpret_cast<float*>(yrow) : tmp.data();
-    const bool stream_row = direct && stream && bias_row == nullptr;
     bool finite = true;
     if constexpr (std::is_same<TI, bf16>::value) {
       if (pairs) {
