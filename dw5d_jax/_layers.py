@@ -131,8 +131,8 @@ class _DepthwiseConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the layer to `(*batch, D, H, W, C)` (`(*batch, H, W, C)`: 2D, no `axes`)."""
-    batch_shape, x = self._flatten(x)
     self._check_input(type(self).__name__, "x", x.shape)
+    batch_shape, x = self._flatten(x)
     x, kernel, bias = self._promote(x)
     y = self._op(x, kernel, strides=self.strides, padding=self.padding,
                  padding_mode=self.padding_mode, dilations=self.dilations, method=self.method,
@@ -163,9 +163,9 @@ class _DepthwiseConv(nnx.Module):
     if not hasattr(chunk, "shape") or not hasattr(chunk, "dtype"):
       raise TypeError(f"{fn}: `chunk` must be an array (or have .shape and .dtype), got "
                       f"{type(chunk).__name__}.")
+    self._check_channels(fn, "chunk", chunk.shape)
     batch_shape, shape = self._flat_shape(fn, chunk.shape)
     del batch_shape
-    self._check_channels(fn, "chunk", shape)
     bias = () if self.bias is None else (self.bias[...].dtype,)
     dtype = self.dtype if self.dtype is not None else jnp.result_type(
         chunk.dtype, self.kernel[...].dtype, *bias)
@@ -210,8 +210,8 @@ class _DepthwiseConv(nnx.Module):
     """
     fn = f"{type(self).__name__}.stream_step"
     _args.check_array(fn, "chunk", chunk)
+    self._check_channels(fn, "chunk", chunk.shape)
     batch_shape, shape = self._flat_shape(fn, chunk.shape)
-    self._check_channels(fn, "chunk", shape)
     x, kernel, bias = self._promote(chunk.reshape(shape))
     state, y = _streaming._checked_step(
         fn, state, x, kernel, method=self.method, precision=self.precision,
@@ -239,11 +239,13 @@ class _DepthwiseConv(nnx.Module):
                        f"last dim), got shape {tuple(shape)}.")
 
   def _check_input(self, fn: str, name: str, shape: tuple[Any, ...]) -> None:
-    """The channels, and a window and padding that fit the input along every axis."""
+    """The rank, the channels, and a window and padding that fit along every axis."""
+    self._flat_shape(fn, shape)
     self._check_channels(fn, name, shape)
     spatial = "DHW"[-self._spatial:]
+    sizes = shape[len(shape) - self._spatial - 1:-1]
     for i, a in enumerate(self._conv_axes):
-      n = shape[1 + spatial.index(a)]
+      n = sizes[spatial.index(a)]
       k, s, r, padding = self.kernel_size[i], self.strides[i], self.dilations[i], self.padding[i]
       if not _geometry.is_static(n):
         continue  # symbolic sizes: the op's own checks (with declared constraints)

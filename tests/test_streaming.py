@@ -327,7 +327,11 @@ ERROR_IDS = [
     "padding SAME on time", "explicit non-causal pair", "unknown axis", "no frame at init",
     "channels at init", "kernel rank", "other size", "channels", "batch", "dtype", "no frame",
     "strides", "kernel window", "axes", "not a state", "valid too large", "valid not scalar",
+    "chunk rank", "valid array too large", "valid array negative", "valid per example, state not",
+    "reset, state not per example", "reset not bool", "valid per example too large",
+    "valid per example shape", "reset shape", "per_example not bool", "valid float",
 ]
+XS = jnp.zeros((3, 2, 6, 6, 4), jnp.float32) + 0.5  # three streams of 2-frame chunks
 
 
 @pytest.mark.parametrize("call, error, pattern", [
@@ -343,7 +347,9 @@ ERROR_IDS = [
     (lambda: dw.stream_init(X[:, :0], K), ValueError,
      r"stream_init: `chunk` must hold at least one frame along the streamed axis D, got 0\."),
     (lambda: dw.stream_init(X, K[..., :3, :]), ValueError,
-     r"stream_init: `kernel` in_channels \(dim 3, size 3\) must equal the channels of `x` \(4"),
+     r"stream_init: `kernel` in_channels \(dim 3, size 3\) must equal the channels of `chunk` "
+     r"\(4, layout NDHWC\); got chunk shape \(1, 1, 6, 6, 4\) and kernel shape "
+     r"\(3, 3, 3, 3, 1\)\."),
     (lambda: dw.stream_init(X, K[0], axes="DHW"), ValueError,
      r"stream_init: `kernel` must have rank 5 \(kd, kh, kw, in_channels, multiplier\) for "
      r"axes='DHW', got shape \(3, 3, 4, 1\)\."),
@@ -379,8 +385,45 @@ ERROR_IDS = [
     (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=2), ValueError,
      r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the streamed "
      r"axis, got 2\."),
-    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.ones(2, jnp.int32)), TypeError,
-     r"stream_step: `valid` must be None, an int or an integer scalar array"),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.ones(2, jnp.int32)), ValueError,
+     r"stream_step: `valid` must have shape \(\) \(an integer scalar: this state is not per "
+     r"example; make it with stream_init\(\.\.\., per_example=True\) for one count per "
+     r"example\), got shape \(2,\)\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X[0], K), ValueError,
+     r"stream_step: `chunk` must have rank 5 \(NDHWC, NCDHW\), got rank 4 with shape "
+     r"\(1, 6, 6, 4\)\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.int32(5)), ValueError,
+     r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the streamed "
+     r"axis, got 5\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=np.int64(-1) + jnp.zeros((), int)),
+     ValueError, r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the "
+     r"streamed axis, got -1\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K), XS, K, valid=jnp.array([2, 1, 0])),
+     ValueError, r"stream_step: `valid` must have shape \(\) \(an integer scalar: this state "
+     r"is not per example"),
+    (lambda: dw.stream_step(dw.stream_init(XS, K), XS, K, reset=jnp.array([True, False, True])),
+     ValueError, r"stream_step: `reset` needs a per-example state \(stream_init\(\.\.\., "
+     r"per_example=True\)\); for a state of one stream, make a new one with stream_init\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            reset=jnp.array([1, 0, 1])), TypeError,
+     r"stream_step: `reset` must be None, a bool or a bool array, got \w+ int32\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            valid=jnp.array([2, 3, 0])), ValueError,
+     r"stream_step: `valid` must be between 0 and the chunk's 2 frames along the streamed "
+     r"axis, got \[2, 3, 0\]\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            valid=jnp.array([2, 1])), ValueError,
+     r"stream_step: `valid` must have shape \(\) or \(3,\) \(one per example\), got shape "
+     r"\(2,\)\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            reset=jnp.ones((3, 1), bool)), ValueError,
+     r"stream_step: `reset` must have shape \(\) or \(3,\) \(one per example\), got shape "
+     r"\(3, 1\)\."),
+    (lambda: dw.stream_init(XS, K, per_example=1), TypeError,
+     r"stream_init: `per_example` must be a bool, got int 1\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.float32(1)), TypeError,
+     r"stream_step: `valid` must be None, an int or an integer array, got \w+ float32 of "
+     r"shape \(\)\."),
 ], ids=ERROR_IDS)
 def test_errors(call, error, pattern):
   with pytest.raises(error, match=pattern):
@@ -394,6 +437,22 @@ def test_errors_under_jit():
   with pytest.raises(ValueError, match=r"stream_step: `state` was made for another "
                      r"configuration: dilations \(1, 2, 1\) here"):
     jax.jit(lambda s, c: dw.stream_step(s, c, K, dilations=(1, 2, 1)))(state, X)
+
+
+@pytest.mark.parametrize("given, clamped", [(5, 2), (-3, 0), (1, 1)])
+def test_valid_under_jit_is_clamped(rng, given, clamped):
+  """Under jit `valid` is unknown at trace time: it is clamped to [0, L] (documented)."""
+  x = random_array(rng, (1, 2, 5, 4, 3))
+  k = random_array(rng, (3, 2, 2, 3, 1))
+  kw = dict(strides=(2, 1, 1))
+  step = jax.jit(lambda s, c, v: dw.stream_step(s, c, k, valid=v, **kw))
+  state = dw.stream_init(x, k, **kw)
+  got_state, got = step(state, x, jnp.int32(given))
+  want_state, want = dw.stream_step(state, x, k, valid=clamped, **kw)
+  assert int(got_state.emitted) == int(want_state.emitted) == -(-clamped // 2)
+  assert int(got_state.phase) == int(want_state.phase)
+  np.testing.assert_array_equal(got_state.buffer, want_state.buffer)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_layer_stream_errors():
@@ -410,3 +469,20 @@ def test_layer_stream_errors():
   with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: input must have shape "
                      r"\(\*batch, D, H, W, C\), got shape \(6, 4\)"):
     causal.stream_init(X[0, 0, 0])
+  longer = DepthwiseConv3D(4, (5, 3, 3), padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `state` was made for "
+                     r"another configuration: window \(3, 3, 3\) here, \(5, 3, 3\) in the "
+                     r"state"):
+    causal.stream_step(longer.stream_init(X), X)
+  half = DepthwiseConv3D(4, 3, padding=("CAUSAL", "SAME", "SAME"), dtype=jnp.float16,
+                         rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"DepthwiseConv3D.stream_step: `chunk` has dtype float32, "
+                     r"but the state holds float16 frames"):
+    causal.stream_step(half.stream_init(X), X)
+  per_slice = DepthwiseConv2D(4, 3, axes="DW", padding=("CAUSAL", "SAME"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `state` was made for "
+                     r"another configuration: axes 'DHW' here, 'DW' in the state"):
+    jax.jit(causal.stream_step)(per_slice.stream_init(X), X)
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `chunk` must have "
+                     r"in_features=4 channels \(its last dim\), got shape \(1, 1, 6, 6, 3\)\."):
+    causal.stream_step(causal.stream_init(X), X[..., :3])
