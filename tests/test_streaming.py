@@ -230,6 +230,125 @@ def test_export_step_with_symbolic_sizes(rng, length, dilation):
 
 
 # ----------------------------------------------------------------------------
+# Per-example streams: valid and reset per example.
+
+PER_EXAMPLE = {
+    # 1-frame steps with one valid for all take the ring path, others the copying one.
+    "3x3x3": ((3, 3, 3, 3, 1), dict()),
+    "time-stride-2": ((3, 2, 3, 3, 2), dict(strides=(2, 1, 2), padding=("CAUSAL", "SAME", "VALID"))),
+    "time-dilation-2": ((2, 3, 2, 3, 1), dict(dilations=(2, 1, 1))),
+    "per-frame-2d": ((3, 3, 3, 1), dict(axes="HW")),  # time carried: no ring
+}
+
+
+def separate_streams(x_steps, k, valids, resets, **kw):
+  """Each example as a stream of its own (the scalar API): emitted counts and real outputs."""
+  n = x_steps[0].shape[0]
+  emitted, outs = np.zeros((len(x_steps), n), int), [[] for _ in range(n)]
+  for i in range(n):
+    state = None
+    for step, x in enumerate(x_steps):
+      if state is None or resets[step][i]:
+        state = dw.stream_init(x[i:i + 1], k, **kw)
+      state, y = dw.stream_step(state, x[i:i + 1], k, valid=int(valids[step][i]), **kw)
+      emitted[step, i] = int(state.emitted)
+      outs[i].append(np.asarray(y[0, :emitted[step, i]]))
+  return emitted, outs
+
+
+def reference_streams(x_steps, k, valids, resets, **kw):
+  """The float64 reference on each example's real frames, split where a stream restarts."""
+  n = x_steps[0].shape[0]
+  padding = kw.get("padding", ("CAUSAL", "SAME", "SAME")[-len(k.shape) + 2:])
+  axes = kw.get("axes", "DHW")
+  want = []
+  for i in range(n):
+    segments = [[]]
+    for step, x in enumerate(x_steps):
+      if resets[step][i] and step:
+        segments.append([])
+      segments[-1].append(np.asarray(x[i:i + 1, :valids[step][i]]))
+    outs = []
+    for frames in segments:
+      seq = np.concatenate(frames, axis=1)
+      if seq.shape[1]:
+        outs.append(depthwise_reference(seq, k, axes=axes, padding=padding,
+                                        strides=kw.get("strides", 1),
+                                        dilations=kw.get("dilations", 1))[0])
+    want.append(np.concatenate(outs) if outs else None)
+  return want
+
+
+@pytest.mark.parametrize("case", list(PER_EXAMPLE))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_example_streams_equal_separate_streams(case, seed):
+  """Random chunk lengths, valid counts and resets per example, stepped under jit."""
+  rng = np.random.default_rng(seed)
+  k_shape, kw = PER_EXAMPLE[case]
+  k = random_array(rng, k_shape)
+  n, steps = 3, 7
+  lengths = [1, 1, 1, 1] + [int(v) for v in rng.integers(1, 4, steps - 4)]
+  x_steps = [random_array(rng, (n, length, 5, 4, 3)) for length in lengths]
+  valids = [rng.integers(0, length + 1, n) for length in lengths]
+  valids[1][:] = 1  # one valid for all: the ring path
+  resets = [rng.random(n) < 0.3 for _ in lengths]
+  step = jax.jit(lambda s, c, v, r: dw.stream_step(s, c, k, valid=v, reset=r, **kw))
+  state = dw.stream_init(x_steps[0], k, per_example=True, **kw)
+  got_emitted, got = np.zeros((steps, n), int), [[] for _ in range(n)]
+  for i, x in enumerate(x_steps):
+    valid = jnp.int32(1) if i == 1 else jnp.asarray(valids[i])
+    state, y = step(state, x, valid, jnp.asarray(resets[i]))
+    assert state.emitted.shape == state.phase.shape == (n,)
+    got_emitted[i] = np.asarray(state.emitted)
+    for j in range(n):
+      got[j].append(np.asarray(y[j, :got_emitted[i, j]]))
+  want_emitted, want = separate_streams(x_steps, k, valids, resets, **kw)
+  np.testing.assert_array_equal(got_emitted, want_emitted)
+  for j, ref in enumerate(reference_streams(x_steps, k, valids, resets, **kw)):
+    assert_close(np.concatenate(got[j]), np.concatenate(want[j]), err_msg=f"example {j}")
+    if ref is not None:
+      assert_close(np.concatenate(got[j]), ref, err_msg=f"example {j} against the reference")
+
+
+@pytest.mark.parametrize("case", ["3x3x3", "time-stride-2"])
+def test_per_example_streams_under_scan_and_vmap(rng, case):
+  """lax.scan over steps (the carry keeps its shapes), and vmap over groups of such batches."""
+  k_shape, kw = PER_EXAMPLE[case]
+  k = random_array(rng, k_shape)
+  groups, n, steps, length = 2, 3, 6, 2
+  xs = random_array(rng, (groups, steps, n, length, 4, 5, 3))
+  valids = rng.integers(0, length + 1, (groups, steps, n))
+  resets = rng.random((groups, steps, n)) < 0.3
+
+  def run(x, valid, reset):  # one group: scan over its steps
+    def body(state, inputs):
+      state, y = dw.stream_step(state, *inputs[:1], k, valid=inputs[1], reset=inputs[2], **kw)
+      return state, (y, state.emitted)
+
+    return lax.scan(body, dw.stream_init(x[0], k, per_example=True, **kw),
+                    (x, valid, reset))[1]
+
+  ys, emitted = jax.jit(jax.vmap(run))(xs, jnp.asarray(valids), jnp.asarray(resets))
+  for g in range(groups):
+    want_emitted, want = separate_streams(list(xs[g]), k, valids[g], resets[g], **kw)
+    np.testing.assert_array_equal(emitted[g], want_emitted)
+    for j in range(n):
+      got = np.concatenate([ys[g, i, j, :int(emitted[g, i, j])] for i in range(steps)])
+      assert_close(got, np.concatenate(want[j]), err_msg=f"group {g} example {j}")
+
+
+def test_scalar_valid_api_is_unchanged(rng):
+  """A state that is not per example keeps scalar phase and emitted, whatever `valid` is."""
+  x = random_array(rng, (2, 3, 4, 4, 3))
+  k = random_array(rng, (3, 3, 3, 3, 1))
+  state = dw.stream_init(x, k)
+  assert [a.shape for a in jax.tree.leaves(state)] == [(2, 3, 4, 4, 3), (), (), ()]
+  for valid in (None, 2, jnp.int32(1)):
+    state, _ = dw.stream_step(state, x, k, valid=valid)
+    assert state.emitted.shape == state.phase.shape == ()
+
+
+# ----------------------------------------------------------------------------
 # Flax layers.
 
 
