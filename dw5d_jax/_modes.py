@@ -52,12 +52,13 @@ import numpy as np
 from jax import lax
 
 from dw5d_jax import _geometry, _primitive
-from dw5d_jax._geometry import ZEROS, ConvSpec, Face, is_static
+from dw5d_jax._geometry import ZEROS, Face, is_static
+from dw5d_jax._spec import ConvSpec, Impl
 
 Fn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def implementation(op: str, spec: ConvSpec, impl: _primitive.Impl, out_dtype: Any, *,
+def implementation(op: str, spec: ConvSpec, impl: Impl, out_dtype: Any, *,
                    borders: bool) -> Fn:
   """`op` of a spec with modes as a function of its two operands (module docstring).
 
