@@ -3,7 +3,7 @@
 The ops take the epilogue as keywords (`bias=`, `activation=`); without
 them nothing here runs and the op is the bilinear primitive `dw5d_p` alone.
 With them, three primitives carry the computation, so that the native CPU
-kernels can fuse it (`_policy.epilogue_implementation`) while every other
+kernels can fuse it (`_policy.decide`, `_lowering.py`) while every other
 path computes the same formula unfused:
 
 * `epilogue_p(x, k, b) -> y`: the layer's forward. Native: the activation
@@ -18,7 +18,7 @@ path computes the same formula unfused:
   Native: one pass over x's windows and ct computes g, accumulates dk and
   db, and writes g once; the input gradient is then `dw5d_p`'s (`dx(g, k)`).
 
-`r` is what `act'(z)` is computed from (`variant`). For relu, relu6,
+`r` is what `act'(z)` is computed from (`_activations.variant`). For relu, relu6,
 sigmoid and tanh with a float32 output it is the output y (`act'(z)` is a
 function of y, e.g. `y * (1 - y)` for the sigmoid), so the backward pass
 reads y; for gelu, silu and hard_swish (and a bfloat16 y, too coarse near

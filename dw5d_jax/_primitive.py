@@ -14,13 +14,16 @@ They are the three partial derivatives of the trilinear form
 `dw5d_p`, carries all three (parameter `op`), with `ad.defbilinear`
 (forward mode, and by transposition reverse mode, to any order) and a
 batching rule. JAX therefore never differentiates a lowering: whichever
-code computes an op (`_policy.implementation`: XLA's grouped convolution,
-the shift lowering, the native CPU kernels, Pallas), its gradient is again
-this primitive, and a sharding rule or a lowering added for one op holds
-for the gradients too.
+code computes an op (`_policy.decide` chooses, `_lowering.py` builds it:
+XLA's grouped convolution, the shift lowering, the native CPU kernels,
+Pallas), its gradient is again this primitive, and a sharding rule or a
+lowering added for one op holds for the gradients too. This module defines
+the primitive (shapes, batching, transposes) and imports no
+implementation; its lowering rules are `_lowering.py`'s.
 
 Parameters: `op`, `spec` (a `ConvSpec`, the same for all three ops),
-`impl` (an `Impl`: the user's method and Pallas options), `out_dtype`
+`impl` (an `Impl`: the user's method, Pallas options and the export
+target, `_spec.py`), `out_dtype`
 (the result's dtype: the spec's output dtype for the convolution, the
 dtype of the operand being differentiated for the gradients) and `split`
 (None, or inside `shard_map` the `_sharding.Layout` of the spatial axes
@@ -29,7 +32,7 @@ the operands are blocks of; `spec` then describes the whole arrays).
 Sharding (`_sharding.py`): the abstract evaluation gives results their
 sharding under explicit mesh axes, the transposes give cotangents their
 primal's, and a lowering for several devices partitions the op by its own
-rule, so XLA never partitions the convolution.
+rule (`_partition.py`), so XLA never partitions the convolution.
 """
 
 from __future__ import annotations
