@@ -53,7 +53,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import keras
 
-from dw5d_jax import _args, _epilogue, _geometry, _streaming
+from dw5d_jax import _activations, _args, _geometry, _streaming
 
 _PACKAGE = "dw5d"
 _BACKENDS = ("jax", "tensorflow")
@@ -340,7 +340,7 @@ class _DepthwiseConv(keras.layers.Layer):
       return None
     if name == "linear":
       return ""
-    return name if name in _epilogue.ACTIVATIONS or name in _epilogue.ALIASES else None
+    return name if name in _activations.ACTIVATIONS or name in _activations.ALIASES else None
 
   # -- streaming --------------------------------------------------------------
 
