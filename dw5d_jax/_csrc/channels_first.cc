@@ -669,28 +669,18 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
 }  // namespace
 
 template <typename TI, typename TO>
-void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y) {
-  RunForwardEpilogueCf(pool, g, x, w, Epilogue{}, y);
-}
-
-template <typename TI, typename TO>
-void RunForwardEpilogueCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
-                          const Epilogue& e, TO* y) {
+void ChannelsFirst::Forward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                            const Epilogue& e, TO* y, bool) {
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i, e); });
 }
 
-template <typename TI, typename TC>
-void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk) {
-  RunEpilogueGradCf(pool, g, x, ct, EpilogueGrad<TC>{}, dk);
-}
-
 // Without e.db, the plain kernel gradient.
 template <typename TI, typename TC>
-void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
-                       const EpilogueGrad<TC>& e, float* dk) {
+void ChannelsFirst::KernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                               const EpilogueGrad<TC>& e, float* dk, bool) {
   const int64_t size = g.taps() * g.m * g.c, cm = g.c * g.m;
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
@@ -706,21 +696,21 @@ void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const 
 }
 
 template <typename TC, typename TO>
-void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx) {
+void ChannelsFirst::InputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w,
+                              TO* dx) {
   const Tiles tiles = MakeTiles(g.n * g.c * g.d, g.h, g.ow * sizeof(TC) * g.m,
                                 CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh), kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { CfInputGradTile(g, ct, w, dx, tiles, i); });
 }
 
-#define DW5D_INSTANTIATE(T1, T2)                                                              \
-  template void RunForwardCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);    \
-  template void RunKernelGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*); \
-  template void RunForwardEpilogueCf(ffi::ThreadPool*, const Geom&, const T1*, const float*,  \
-                                     const Epilogue&, T2*);                                   \
-  template void RunEpilogueGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*,        \
-                                  const EpilogueGrad<T2>&, float*);                           \
-  template void RunInputGradCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
+#define DW5D_INSTANTIATE(T1, T2)                                                               \
+  template void ChannelsFirst::Forward(ffi::ThreadPool*, const Geom&, const T1*, const float*, \
+                                       const Epilogue&, T2*, bool);                            \
+  template void ChannelsFirst::KernelGrad(ffi::ThreadPool*, const Geom&, const T1*, const T2*, \
+                                          const EpilogueGrad<T2>&, float*, bool);              \
+  template void ChannelsFirst::InputGrad(ffi::ThreadPool*, const Geom&, const T1*,             \
+                                         const float*, T2*);
 DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
 #undef DW5D_INSTANTIATE
 
