@@ -132,30 +132,36 @@ def worthwhile(spec: ConvSpec, op: str) -> bool:
   """Whether the native kernels beat XLA's shift lowering for `op` on `spec`.
 
   Measured (benchmarks/RESULTS.md, "Native kernel policy"). Channels-last:
-  with every channel in a vector packet (`C % 4 == 0`) they were faster in
-  every case; with channels left over, XLA's lowering (vectorised along
-  `W * C`) won for `C <= 3` and in some backward passes. Channels-first:
+  from 4 channels on, where the channels left over after whole packets
+  take one packet overlapping the one before (X3D's C = 54: 3.6x faster
+  forward and 30x faster forward + backward than XLA's lowering); with
+  `C <= 3` XLA's lowering (vectorised along `W * C`) won. Channels-first:
   the channels-first kernels win from an output width of 12 (forward) or 6
-  (gradients); narrower forward passes keep the earlier rule (transposed
-  kernels where `C % 4 == 0` and the problem is strided or has more than 27
-  taps, else XLA).
+  (gradients); narrower forward passes use the kernels (transposed, see
+  `transposed`) where `C >= 4` and the problem is strided or has more than
+  27 taps, else XLA.
   """
   if spec.channels_last:
-    return spec.channels % 4 == 0
+    return spec.channels >= 4
   if op != "fwd" or spec.out_spatial[2] >= _CF_MIN_WIDTH[op]:
     return True
-  return spec.channels % 4 == 0 and (
+  return spec.channels >= 4 and (
       any(s > 1 for s in spec.strides) or math.prod(spec.window) > 27)
 
 
 def transposed(spec: ConvSpec, op: str) -> bool:
   """Step 3 for the native kernels: channels-first `op` transposed to channels-last.
 
-  Only for outputs narrower than `_CF_MIN_WIDTH[op]` with `C % 4 == 0`,
-  where that was measured faster (see `worthwhile`).
+  Only for outputs narrower than `_CF_MIN_WIDTH[op]` with `C >= 4`, where
+  that was measured faster (see `worthwhile`), and not where a stride
+  along H or W exceeds the kernel's extent (MViT's attention pooling,
+  stride 8 with 3 taps): the kernels then read a small part of x, and
+  transposing all of it cost 20x the channels-first kernels.
   """
-  return (not spec.channels_last and spec.channels % 4 == 0
-          and spec.out_spatial[2] < _CF_MIN_WIDTH[op])
+  if spec.channels_last or spec.channels < 4 or spec.out_spatial[2] >= _CF_MIN_WIDTH[op]:
+    return False
+  return not any(s > (k - 1) * r + 1 for s, k, r in
+                 zip(spec.strides[-2:], spec.window[-2:], spec.dilations[-2:]))
 
 
 def implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: Impl,

@@ -164,7 +164,7 @@ void ForwardRow(const Geom& g, const float* const* xr, const float* const* wb, i
                 int64_t hi, float* out, const float** wr, bool stream) {
   for (int64_t m = 0; m < g.m; ++m) {
     for (int t = 0; t < nt; ++t) wr[t] = wb[t] + m * g.c;
-    ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
+    ForChannels(g.c, [&](auto n, auto nv, int64_t c0, int) {
       ForwardBlock<F, n, nv>(g, xr, wr, nt, c0, m, lo, hi, out, stream);
     });
   }

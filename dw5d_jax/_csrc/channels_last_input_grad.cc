@@ -184,7 +184,7 @@ void InputGradRows(const Geom& g, const TC* ct, const float* w, TO* dx, const Ti
     float* out = direct ? reinterpret_cast<float*>(xrow) : tmp.data();
     for (int64_t rho = 0; rho < g.sw; ++rho) {
       const ResidueTaps& rt = classes[rho];
-      ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
+      ForChannels(g.c, [&](auto n, auto nv, int64_t c0, int) {
         InputGradBlock<n, nv>(g, src.data(), wr.data(), nt, rt, rho, c0, out, eoff.data(),
                               ewoff.data());
       });

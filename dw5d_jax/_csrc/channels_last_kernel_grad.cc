@@ -25,11 +25,12 @@ namespace {
 // float32 (M, OW, C), and accumulate into `pr[t]`, tap row t's (KW, M, C)
 // partial sums.
 
-// out[0 : NV * width] += sum_i x[i * xs] * ct[i * cs] (packets of channels).
-// Four independent partial sums per packet hide the multiply-add latency.
+// out[0 : NV * width] += sum_i x[i * xs] * ct[i * cs] (packets of channels),
+// the first `skip` lanes left out (ForChannels). Four independent partial
+// sums per packet hide the multiply-add latency.
 template <int N, int NV>
 inline void GradDot(const float* x, const float* ct, int64_t count, int64_t xs, int64_t cs,
-                    float* out) {
+                    float* out, int skip) {
   using V = typename Pack<N>::V;
   constexpr int L = N;
   constexpr int U = 4;
@@ -47,6 +48,7 @@ inline void GradDot(const float* x, const float* ct, int64_t count, int64_t xs, 
       acc[0][v] += Pack<N>::Load(x + i * xs + v * L) * Pack<N>::Load(ct + i * cs + v * L);
   for (int v = 0; v < NV; ++v) {
     V s = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    if (v == 0) s = DropLanes<N>(s, skip);
     Pack<N>::Store(out + v * L, Pack<N>::Load(out + v * L) + s);
   }
 }
@@ -56,7 +58,7 @@ inline void GradDot(const float* x, const float* ct, int64_t count, int64_t xs, 
 // every input packet is loaded once. out[e * ms] is tap e's partial sum.
 template <typename F, int N, int NV>
 inline void GradDotFixed(const float* x, const float* ct, int64_t count, int64_t c, float* out,
-                         int64_t ms) {
+                         int64_t ms, int skip) {
   using V = typename Pack<N>::V;
   constexpr int L = N, KW = F::KW, SW = F::SW, RW = F::RW;
   constexpr int NB = 4, S = KW * NV >= 8 ? 1 : 2;  // S sets of sums: >= 8 chains
@@ -100,31 +102,34 @@ inline void GradDotFixed(const float* x, const float* ct, int64_t count, int64_t
     for (int v = 0; v < NV; ++v) {
       V sum = acc[0][e][v];
       if constexpr (S > 1) sum += acc[1][e][v];
+      if (v == 0) sum = DropLanes<N>(sum, skip);
       Pack<N>::Store(out + e * ms + v * L, Pack<N>::Load(out + e * ms + v * L) + sum);
     }
 }
 
 // Channels [c0, c0 + NV * width) of one tap row: the interior [a, b) (all
-// taps inside x) with GradDotFixed when F is fixed, the rest with GradDot.
+// taps inside x) with GradDotFixed when F is fixed, the rest with GradDot;
+// the first `skip` channels left out (ForChannels).
 template <typename F, int N, int NV>
 void GradBlock(const Geom& g, const float* xrow, const float* cs, float* pt, const int64_t* lo,
-               const int64_t* hi, int64_t a, int64_t b, int64_t c0) {
+               const int64_t* hi, int64_t a, int64_t b, int64_t c0, int skip) {
   const int64_t xs = g.sw * g.c, ms = g.m * g.c;
   const bool fixed = F::KW > 0 && b > a;
   if constexpr (F::KW > 0) {
     if (fixed)
       GradDotFixed<F, N, NV>(xrow + (a * g.sw - g.pw) * g.c + c0, cs + a * g.c + c0, b - a, g.c,
-                             pt + c0, ms);
+                             pt + c0, ms, skip);
   }
   for (int64_t e = 0; e < g.kw; ++e) {
     const float* xe = xrow + (e * g.rw - g.pw) * g.c + c0;
     float* out = pt + e * ms + c0;
     if (fixed) {
       if (a > lo[e])
-        GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, a - lo[e], xs, g.c, out);
-      if (hi[e] > b) GradDot<N, NV>(xe + b * xs, cs + b * g.c + c0, hi[e] - b, xs, g.c, out);
+        GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, a - lo[e], xs, g.c, out, skip);
+      if (hi[e] > b)
+        GradDot<N, NV>(xe + b * xs, cs + b * g.c + c0, hi[e] - b, xs, g.c, out, skip);
     } else if (hi[e] > lo[e]) {
-      GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, hi[e] - lo[e], xs, g.c, out);
+      GradDot<N, NV>(xe + lo[e] * xs, cs + lo[e] * g.c + c0, hi[e] - lo[e], xs, g.c, out, skip);
     }
   }
 }
@@ -137,8 +142,8 @@ void KernelGradRow(const Geom& g, const float* const* xr, float* const* pr, int 
     for (int64_t m = 0; m < g.m; ++m) {
       float* pt = pr[t] + m * g.c;
       const float* cm = cs + m * g.ow * g.c;
-      ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
-        GradBlock<F, n, nv>(g, xr[t], cm, pt, lo, hi, a, b, c0);
+      ForChannels(g.c, [&](auto n, auto nv, int64_t c0, int skip) {
+        GradBlock<F, n, nv>(g, xr[t], cm, pt, lo, hi, a, b, c0, skip);
       });
     }
   }
@@ -154,8 +159,8 @@ inline void AddRows(const float* __restrict rows, int64_t count, int64_t len,
     for (int64_t j = 0; j < len; ++j) sum[j] += rows[o * len + j];
 }
 
-// The epilogue's backward for the output rows of one tile (RunKernelGrad with an EpilogueGrad):
-// per row, g = ct * act'(z) written to `g`, its sum added to `db`, and g as
+// The epilogue's backward for the output rows of one tile (RunKernelGrad
+// with an EpilogueGrad): per row, g = ct * act'(z) written to `g`, its sum added to `db`, and g as
 // the kernel-gradient row kernels read it.
 template <typename TC>
 class EpilogueCotangents {

@@ -277,7 +277,7 @@ void PairRow(const Geom& g, const PairPlan& plan, const uint32_t* const* pr,
              const uint32_t* const* pwb, int nt, float* out, const uint32_t** pw, bool stream) {
   for (int64_t m = 0; m < g.m; ++m) {
     for (int t = 0; t < nt; ++t) pw[t] = pwb[t] + m * g.c;
-    ForChannels(g.c, [&](auto n, auto nv, int64_t c0) {
+    ForChannels(g.c, [&](auto n, auto nv, int64_t c0, int) {
       PairBlock<F, n, nv>(g, plan, pr, pw, nt, c0, m, out, stream);
     });
   }

@@ -31,21 +31,37 @@
 
 namespace dw5d {
 
-// Calls block(Int<N>, Int<NV>, c0) over the channels [0, c): NV packets of
-// N floats from c0. Pairs of the widest packets first, then one packet of
-// each narrower width, then single floats.
+// Calls block(Int<N>, Int<NV>, c0, skip) over the channels [0, c): NV
+// packets of N floats from c0. Pairs of the widest packets first, then one
+// packet of each narrower width. The channels left over (fewer than a
+// packet) take one packet of the narrowest width that holds them, placed to
+// end at c: it overlaps the channels before it, the first `skip` of its
+// lanes, which it computes again. Blocks that store results write those
+// lanes again (the same sums); blocks that accumulate leave them out
+// (DropLanes). Only with fewer than 4 channels in all, single floats.
+// C = 54 with 16-float packets: 2 x 16 from 0, 16 from 32, 8 from 46 (skip 2).
 template <typename Block>
 inline void ForChannels(int64_t c, Block&& block) {
   int64_t c0 = 0;
-  for (; c0 + 2 * kLanes <= c; c0 += 2 * kLanes) block(Int<kLanes>{}, Int<2>{}, c0);
-  for (; c0 + kLanes <= c; c0 += kLanes) block(Int<kLanes>{}, Int<1>{}, c0);
+  for (; c0 + 2 * kLanes <= c; c0 += 2 * kLanes) block(Int<kLanes>{}, Int<2>{}, c0, 0);
+  for (; c0 + kLanes <= c; c0 += kLanes) block(Int<kLanes>{}, Int<1>{}, c0, 0);
+  auto last = [&](auto n) {  // one packet ending at c, if it holds the rest
+    constexpr int N = decltype(n)::value;
+    if (c0 == c || c - c0 > N || c < N) return;
+    block(n, Int<1>{}, c - N, static_cast<int>(N - (c - c0)));
+    c0 = c;
+  };
+  last(Int<4>{});
+  if constexpr (kLanes > 4) last(Int<8>{});
+  if constexpr (kLanes > 8) last(Int<16>{});
   if constexpr (kLanes > 8) {
-    for (; c0 + 8 <= c; c0 += 8) block(Int<8>{}, Int<1>{}, c0);
+    for (; c0 + 8 <= c; c0 += 8) block(Int<8>{}, Int<1>{}, c0, 0);
   }
   if constexpr (kLanes > 4) {
-    for (; c0 + 4 <= c; c0 += 4) block(Int<4>{}, Int<1>{}, c0);
+    for (; c0 + 4 <= c; c0 += 4) block(Int<4>{}, Int<1>{}, c0, 0);
   }
-  for (; c0 < c; ++c0) block(Int<1>{}, Int<1>{}, c0);
+  last(Int<4>{});
+  for (; c0 < c; ++c0) block(Int<1>{}, Int<1>{}, c0, 0);
 }
 
 // The input rows that output row r reads: rows[t] indexes x viewed as
