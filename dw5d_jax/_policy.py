@@ -76,7 +76,7 @@ _GPU_CHOICE: dict[tuple[str, str], str] = {}
 
 # Channels-first problems use the channels-first kernels (vectorised along
 # the output width) from this output width on, for each op; narrower ones
-# are transposed to channels-last where C % 4 == 0 (see `worthwhile`).
+# are transposed to channels-last where C >= 4 (see `transposed`).
 _CF_MIN_WIDTH = {"fwd": 12, "dx": 6, "dk": 6}
 
 Fn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -248,6 +248,8 @@ extern "C" int Dw5dSelfTest() {
       {2, 3, 17, 20, 2, 1, 3, 17, 20, 3, 7, 7, 1, 1, 1, 1, 1, 1, 1, 3, 3, 0},
       {1, 2, 18, 16, 3, 1, 2, 9, 16, 2, 3, 3, 1, 2, 1, 1, 1, 1, 0, 1, 1, 0},
       {1, 1, 15, 33, 2, 3, 1, 15, 33, 1, 5, 5, 1, 1, 1, 1, 1, 1, 0, 2, 2, 0},
+      // Strides larger than the kernel (rows and phases no tap reads).
+      {1, 2, 17, 19, L + 2, 1, 2, 3, 4, 2, 3, 3, 1, 6, 5, 1, 1, 1, 1, 1, 1, 0},
   };
   // Each case channels-last (specialised and generic kernels) and channels-first.
   int k = 0;
