@@ -78,6 +78,9 @@ _GPU_CHOICE: dict[tuple[str, str], str] = {}
 # the output width) from this output width on, for each op; narrower ones
 # are transposed to channels-last where C >= 4 (see `transposed`).
 _CF_MIN_WIDTH = {"fwd": 12, "dx": 6, "dk": 6}
+# From this many channels on, the gradients of outputs narrower than
+# `_CF_MIN_WIDTH["fwd"]` are transposed too (width 7, C = 64: 1.5 vs 3.7 ms).
+_CF_WIDE_CHANNELS = 32
 
 Fn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -133,9 +136,10 @@ def worthwhile(spec: ConvSpec, op: str) -> bool:
 
   Measured (benchmarks/RESULTS.md, "Native kernel policy"). Channels-last:
   from 4 channels on, where the channels left over after whole packets
-  take one packet overlapping the one before (X3D's C = 54: 3.6x faster
-  forward and 30x faster forward + backward than XLA's lowering); with
-  `C <= 3` XLA's lowering (vectorised along `W * C`) won. Channels-first:
+  take one packet overlapping the one before (X3D's C = 54, x (1, 13, 40,
+  40, 54): forward + backward 9.8 vs 34.6 ms for XLA's lowering, the same
+  time as C = 56); with `C <= 3` XLA's lowering (vectorised along
+  `W * C`) won. Channels-first:
   the channels-first kernels win from an output width of 12 (forward) or 6
   (gradients); narrower forward passes use the kernels (transposed, see
   `transposed`) where `C >= 4` and the problem is strided or has more than
@@ -152,16 +156,13 @@ def worthwhile(spec: ConvSpec, op: str) -> bool:
 def transposed(spec: ConvSpec, op: str) -> bool:
   """Step 3 for the native kernels: channels-first `op` transposed to channels-last.
 
-  Only for outputs narrower than `_CF_MIN_WIDTH[op]` with `C >= 4`, where
-  that was measured faster (see `worthwhile`), and not where a stride
-  along H or W exceeds the kernel's extent (MViT's attention pooling,
-  stride 8 with 3 taps): the kernels then read a small part of x, and
-  transposing all of it cost 20x the channels-first kernels.
+  Only for outputs narrower than `_CF_MIN_WIDTH[op]` (for every op from
+  `_CF_WIDE_CHANNELS` channels on: whole packets of channels against a few
+  outputs per row) with `C >= 4`, where that was measured faster (see
+  `worthwhile`; benchmarks/RESULTS.md, "Channel counts and narrow outputs").
   """
-  if spec.channels_last or spec.channels < 4 or spec.out_spatial[2] >= _CF_MIN_WIDTH[op]:
-    return False
-  return not any(s > (k - 1) * r + 1 for s, k, r in
-                 zip(spec.strides[-2:], spec.window[-2:], spec.dilations[-2:]))
+  limit = _CF_MIN_WIDTH["fwd" if spec.channels >= _CF_WIDE_CHANNELS else op]
+  return not spec.channels_last and spec.channels >= 4 and spec.out_spatial[2] < limit
 
 
 def implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: Impl,

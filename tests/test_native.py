@@ -240,7 +240,8 @@ def test_parallel_results_are_deterministic(rng, layout, x_shape):
     ("NCHW", 8, 9, 2, (3, 3), TARGETS, True),
     ("NCHW", 6, 9, 2, (3, 3), TARGETS, True),
     ("NHWC", 6, 9, 1, (3, 3), TARGETS, False),
-    ("NCHW", 8, 33, 8, (3, 3), TARGETS, False),
+    ("NCHW", 8, 33, 8, (3, 3), TARGETS, True),
+    ("NCHW", 32, 9, 1, (3, 3), TARGETS[1:], True),
 ])
 def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, width, strides,
                                                      window, want, transposes):
@@ -249,9 +250,9 @@ def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c
   Channels-last: C >= 4. Channels-first: the channels-first kernels
   (no transposes) from an output width of 12 (forward) or 6 (gradients);
   narrower ones transposed around the channels-last kernels where C >= 4
-  (the forward pass only when strided or with a large window), except with
-  a stride larger than the kernel (channels-first kernels), else XLA's
-  lowering for the forward pass.
+  (the forward pass only when strided or with a large window; the
+  gradients below width 12 too from C = 32 on), else XLA's lowering for
+  the forward pass.
   """
   monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
   x_shape = (2, 7, width, c) if layout == "NHWC" else (2, c, 7, width)
