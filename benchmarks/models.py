@@ -706,12 +706,22 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default=None, help="the RESULTS.md to update (default: none, print)")
   p.add_argument("--json", default="", help="also write the raw results here")
   p.add_argument("--lock", default="", help="run each setting's process under `flock LOCK`")
+  p.add_argument("--from-json", default="", metavar="JSON",
+                 help="only write the report, from a --json file of an earlier run")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--layers", default="", help=argparse.SUPPRESS)
   p.add_argument("--fma", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
     pathlib.Path(args.json).write_text(json.dumps(worker(args)))
+    return 0
+  if args.from_json:
+    saved = json.loads(pathlib.Path(args.from_json).read_text())
+    block = markdown(saved["networks"], saved["skipped"], saved["runs"],
+                     saved.get("command", "dw5d bench --models"))
+    if args.out:
+      write_block(pathlib.Path(args.out), block)
+    print(block)
     return 0
   names = (args.networks.split(",") if args.networks
            else ["X3D-XS", "MViT-v2-S"] if args.quick else list(NETWORKS))
@@ -732,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
   block = markdown(networks, skipped, runs, " ".join(words))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
-        {"networks": networks, "skipped": skipped, "runs": runs}, indent=1))
+        {"networks": networks, "skipped": skipped, "runs": runs, "command": " ".join(words)},
+        indent=1))
   if args.out:
     write_block(pathlib.Path(args.out), block)
   print(block)
