@@ -565,7 +565,8 @@ def layer_table(net: str, layers: list[dict[str, Any]], runs: dict[str, Any],
                 llc: int | None) -> list[str]:
   main = runs.get("2 threads, default") or next(iter(runs.values()))
   one = runs.get("1 thread, default")
-  head = ["layer (N=1, float32)", "count", "LLC", "fwd NDHWC", "fwd NCDHW", "fwd PyTorch best",
+  head = ["layer (float32, N=1 unless shown)", "count", "LLC", "fwd NDHWC", "fwd NCDHW",
+          "fwd PyTorch best",
           "NDHWC / PyTorch", "NDHWC / PyTorch, 1 thread", "NDHWC / roofline", "NCDHW / NDHWC",
           "fwd+bwd NDHWC", "fwd+bwd NCDHW", "fwd+bwd PyTorch best", "NDHWC / PyTorch, fwd+bwd"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
