@@ -104,21 +104,22 @@ print(_allocator.AT_IMPORT)
 
 
 # What the import is for: XLA's fresh 40 MiB output of a jitted pass is
-# page-faulted in on every call under glibc's defaults (10240 pages), and
-# reused once the library is imported. The heap takes a few calls to grow to
-# the buffers XLA holds at once (measured: faults stop after 4-12 calls).
+# page-faulted in on every call under glibc's defaults (10240 pages a call).
+# With the import's setting the heap grows until it holds the few buffers
+# XLA has alive at once, and is never trimmed, so only those first calls
+# fault (measured: up to about 12 of 40 calls under load, then none).
+# The probe prints the faults of 60 calls in buffers' worth (10240 pages).
 _XLA_PROBE = """
 import resource
 import dw5d_jax as dw
 import jax, jax.numpy as jnp
 x = jnp.ones((10, 1024, 1024), jnp.float32)
 f = jax.jit(lambda a: a * 2 + 1)
-for _ in range(20):
-  f(x).block_until_ready()
+f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(60):
   f(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+print(round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10240))
 """
 
 
@@ -126,32 +127,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
 def test_xla_outputs_are_not_page_faulted_on_every_call():
   tuned = int(_run(_XLA_PROBE))
   untouched = int(_run(_XLA_PROBE, DW5D_JAX_TUNE_ALLOCATOR="0"))
-  assert untouched > 8000, untouched  # 10240 pages of 4 KiB
-  assert tuned < 500, tuned
-
-
-# A thread's own arena holds heaps of at most 64 MiB: 80 MiB there is mmap'd
-# (and faulted in again) on every allocation, whatever the threshold.
-_THREAD_PROBE = _PROBE + """
-import threading
-def in_a_thread():
-  out = []
-  t = threading.Thread(target=lambda: out.append(faults_on_reuse(80 << 20)))
-  t.start()
-  t.join()
-  return out[0]
-"""
-
-
-@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
-@pytest.mark.parametrize("arena_max, faults", [(None, "True"), (1, "False")])
-def test_arena_max_lets_threads_reuse_large_buffers(arena_max, faults):
-  out = _run(_THREAD_PROBE + f"""
-import dw5d_jax as dw
-print(dw.tune_cpu_allocator(arena_max={arena_max}))
-print(in_a_thread())
-""", DW5D_JAX_TUNE_ALLOCATOR="0")  # the import's own setting has one arena
-  assert out.split() == ["True", faults]
+  assert untouched >= 58, untouched  # every call
+  assert tuned <= 25, tuned
 
 
 def test_without_glibc_it_warns_and_returns_false(monkeypatch):
