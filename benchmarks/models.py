@@ -32,8 +32,8 @@ interleaved in rounds, medians after warm-up:
   tensors (forward under `no_grad`; forward with autograd + `y.backward(ct)`);
   the better of the two layouts per layer and pass is "PyTorch best".
 
-Settings: 1 thread (the process pinned to one core with
-`os.sched_setaffinity` before any library starts its threads, plus
+Settings: 1 thread (the process started pinned to one core by `taskset`,
+so before any library starts its threads, plus
 `torch.set_num_threads(1)` and XLA's `intra_op_parallelism_threads=1`; the
 native kernels split their rows over XLA's intra-op pool, which the pinning
 confines to one core whatever its size) and all threads; the library's
@@ -42,7 +42,7 @@ own (`DW5D_JAX_TUNE_ALLOCATOR=0`).
 
 Roofline per layer = max(bytes / bandwidth, multiply-adds / FMA peak), both
 measured in the same process with the same threads: the bandwidth is
-PyTorch's `torch.add(a, b, out=c)` on 32 MiB arrays, counting the
+the best of 21 calls of PyTorch's `torch.add(a, b, out=c)` on 32 MiB arrays, counting the
 write-allocate read of c (4 arrays of traffic per call); the FMA peak is a
 small C program (compiled here at run time with the system compiler,
 `-O2 -march=native`) running 12 independent vector FMA chains per thread.
