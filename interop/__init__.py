@@ -15,6 +15,7 @@ Public API:
     or a model's) to a SavedModel with `step(state, chunk) -> (state, output)`.
   export_litert: Keras models and JAX functions to LiteRT (TFLite)
     flatbuffers of builtin ops only, float32, float16 or int8.
+  litert_ops: a .tflite's ops, and whether all are LiteRT builtins.
   weights_from_keras, weights_from_torch, kernel_from_keras_grouped,
     kernel_from_torch_grouped, DepthwiseWeights: layers' kernels, biases and
     options from Keras/PyTorch to `(..., C, M)` and the ops' arguments.
@@ -34,6 +35,7 @@ _LAZY = {
     "export_streaming_savedmodel": "interop._stream_export",
     "load_savedmodel": "interop._export",
     "export_litert": "interop._litert",
+    "litert_ops": "interop._litert",
     "DepthwiseWeights": "interop._weights",
     "kernel_from_keras_grouped": "interop._weights",
     "kernel_from_torch_grouped": "interop._weights",

@@ -183,11 +183,11 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
                           representative_data=calibration, overwrite=args.overwrite)
   except (ValueError, TypeError, ImportError) as err:
     return _fail(str(err))
-  with open(args.out, "rb") as f:
-    ops = sorted(set(_litert.builtin_ops(f.read())))
+  found = _litert.litert_ops(args.out)
   print(f"exported {args.op} (kernel {kernel.shape} float32, {_describe(op_kwargs)}) to "
         f"{args.out} as LiteRT ({args.quantize or 'float32'})")
-  print(f"  x {tuple(shape)}; builtin ops only: {', '.join(ops)}")
+  verdict = "all builtin" if found.all_builtin else f"NOT builtin: {found.not_builtin}"
+  print(f"  x {tuple(shape)}; ops: {', '.join(found.ops)} ({verdict})")
   it = _litert.interpreter(args.out)
   rng = np.random.default_rng(args.seed)
   # int8 is checked on data it was calibrated for; inputs outside that range clip.
