@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dw5d_jax import _target
 from interop import _export
 
 _FN = "export_onnx"
@@ -154,8 +155,11 @@ def _convert(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct) -> Any:
   n_out = len(jax.tree_util.tree_leaves(out))
   outputs = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
   try:
-    return to_onnx(fn, inputs=[spec], model_name="dw5d", input_names=["x"],
-                   output_names=outputs, enable_double_precision=spec.dtype == np.float64)
+    # The export target is a fact the ops carry (and part of jit's cache key:
+    # a function jitted before is traced again for it).
+    with _target.export_target("onnx"):
+      return to_onnx(fn, inputs=[spec], model_name="dw5d", input_names=["x"],
+                     output_names=outputs, enable_double_precision=spec.dtype == np.float64)
   except ValueError as err:
     if str(err).startswith(f"{_FN}:"):
       raise ValueError(str(err)) from None

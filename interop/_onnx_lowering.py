@@ -20,6 +20,11 @@ activation). Each becomes ONNX's own grouped convolution:
   `HardSwish`, or `x * Sigmoid(x)` (silu);
 * `Cast` to the accumulator dtype and back for float16/bfloat16 inputs.
 
+`export_onnx` traces the function for the export target `"onnx"`
+(`dw5d_jax._target`, a fact in `_policy.decide`'s table): the primitives
+carry it in `Impl.target`, and the plugins refuse an op traced for another
+target (a stale trace). No lowering to StableHLO takes part.
+
 `OPS` lists every ONNX op these plugins emit. The gradient ops (`dx`, `dk`,
 the epilogue's JVP and VJP primitives) and blocks inside `shard_map`
 (`split`) have no ONNX form here: converting them raises a ValueError that
@@ -35,7 +40,7 @@ import onnx_ir as ir
 from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
 
 from dw5d_jax import _geometry
-from dw5d_jax._geometry import ConvSpec
+from dw5d_jax._spec import ConvSpec
 
 # Every ONNX op the plugins below emit.
 OPS = ("Cast", "Clip", "Concat", "Conv", "Gelu", "HardSwish", "Identity", "Mul", "Pad", "Relu",
@@ -93,6 +98,13 @@ def _check_static(primitive: str, spec: ConvSpec) -> None:
         f"depends on a symbolic spatial size in a way ONNX's Conv cannot express (it has "
         f"SAME_UPPER only, and only with zero fill); give those spatial sizes as ints in "
         f"`input_shape`.")
+
+
+def _check_target(primitive: str, impl: Any) -> None:
+  if impl.target != "onnx":
+    raise ValueError(f"{_FN}: `{primitive}` was traced for export target {impl.target!r}, "
+                     f"not 'onnx'; trace the function inside "
+                     f"dw5d_jax._target.export_target('onnx') (export_onnx does).")
 
 
 def convolution(em: _Emitter, primitive: str, x: Any, kernel: Any, bias: Any,
@@ -193,6 +205,7 @@ class DepthwisePlugin(PrimitiveLeafPlugin):
     if p["split"] is not None:
       raise _unsupported("dw5d_depthwise", "on blocks inside shard_map (split_axes) has no "
                          "ONNX form")
+    _check_target("dw5d_depthwise", p["impl"])
     x, k = (ctx.get_value_for_var(v, name_hint=ctx.fresh_name("dw5d_in")) for v in eqn.invars)
     _bind_output(ctx, eqn, lambda name: convolution(
         _Emitter(ctx), "dw5d_depthwise", x, k, None, p["spec"], None, eqn.invars[0].aval.dtype,
@@ -209,6 +222,7 @@ class EpiloguePlugin(PrimitiveLeafPlugin):
     if p.get("split") is not None:
       raise _unsupported("dw5d_epilogue", "on blocks inside shard_map (split_axes) has no "
                          "ONNX form")
+    _check_target("dw5d_epilogue", p["impl"])
     x, k, b = (ctx.get_value_for_var(v, name_hint=ctx.fresh_name("dw5d_in"))
                for v in eqn.invars)
     out_dtype = eqn.outvars[0].aval.dtype
