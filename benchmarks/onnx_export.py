@@ -12,7 +12,8 @@ Both models get the same input, in the model's layout (NDHWC for `ours`
 channels-last: its `Transpose`s are part of what is timed). Medians of
 `--reps` timed calls after warm-up, rounds interleaved, ratios in one process.
 
-Run: flock /tmp/dw5d-bench.lock .venv/bin/python benchmarks/onnx.py
+Run: flock /tmp/dw5d-bench.lock .venv/bin/python benchmarks/onnx_export.py
+(Not `onnx.py`: run as a script, that name would shadow the `onnx` package.)
 """
 
 from __future__ import annotations
