@@ -126,6 +126,39 @@ def test_errors_exit_2(tmp_path, kernel_file, capsys, extra, k_shape, message):
   assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"1.0 2.0 3.0\n", r"is not a .npy file \(it does not start with NumPy's magic string "
+     r"\\x93NUMPY, got b'1\.0 2\.'\); write the array with numpy\.save\."),
+    (b"", r"is not a .npy file \(it does not start with NumPy's magic string \\x93NUMPY, "
+     r"got b''\)"),
+], ids=["text", "empty"])
+@pytest.mark.parametrize("flag", ["--kernel", "--calibration"])
+def test_a_file_that_is_not_npy_exits_2(tmp_path, kernel_file, capsys, content, message, flag):
+  """NumPy itself calls any such file "pickled (object) data"; the message says what it is."""
+  bad = tmp_path / "weights.txt"
+  bad.write_bytes(content)
+  args = ["export", "--op", "depthwise_conv3d", "--out", str(tmp_path / "model"), flag,
+          str(bad)]
+  if flag == "--calibration":
+    args += ["--kernel", kernel_file((3, 3, 3, 4, 1))[0], "--litert", "--quantize", "int8",
+             "--input-shape", "1,4,4,4,4"]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert re.search(rf"dw5d export: error: `{flag}` '.*weights\.txt' {message}", err), err
+  assert "pickled" not in err
+  assert not (tmp_path / "model").exists()
+
+
+def test_an_object_array_exits_2(tmp_path, capsys):
+  bad = tmp_path / "objects.npy"
+  np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--out", str(tmp_path / "model"),
+                   "--kernel", str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert re.search(r"`--kernel` '.*objects\.npy' could not be read as a \.npy array of "
+                   r"numbers \(object arrays are not loaded\)", err), err
+
+
 def test_rank4_with_other_axes_exits_2(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((3, 3, 4, 1))
   assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",

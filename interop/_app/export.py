@@ -81,10 +81,9 @@ def run(args: argparse.Namespace) -> int:
   from dw5d_jax import _args, _geometry
   from interop._export import dim_names, export_savedmodel, load_savedmodel, poly_string
 
-  try:
-    kernel = np.load(args.kernel, allow_pickle=False)
-  except (OSError, ValueError) as err:
-    return _fail(f"`--kernel` {args.kernel!r} could not be read as a .npy array: {err}")
+  kernel = _load_npy("--kernel", args.kernel)
+  if isinstance(kernel, str):
+    return _fail(kernel)
   dtype = jnp.dtype(args.dtype)
   kernel = kernel.astype(dtype)
   op3 = args.op == "depthwise_conv3d"
@@ -162,6 +161,28 @@ def run(args: argparse.Namespace) -> int:
                   "the reloaded SavedModel matches the float64 reference at 2 input sizes")
 
 
+def _load_npy(flag: str, path: str) -> np.ndarray | str:
+  """The array in the .npy file `path`, or the error message for `flag`.
+
+  NumPy reads any file without its magic string as a pickle, and then
+  reports "pickled (object) data" even for a text file: the magic string is
+  checked here first.
+  """
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+  except OSError as err:
+    return f"`{flag}` {path!r} could not be read as a .npy array: {err}"
+  if magic != b"\x93NUMPY":
+    return (f"`{flag}` {path!r} is not a .npy file (it does not start with NumPy's magic "
+            f"string \\x93NUMPY, got {magic!r}); write the array with numpy.save.")
+  try:
+    return np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as err:
+    return (f"`{flag}` {path!r} could not be read as a .npy array of numbers (object arrays "
+            f"are not loaded): {err}")
+
+
 def _run_litert(args, *, fn, kernel, shape, case) -> int:
   """`--litert`: export with `export_litert`, reload with LiteRT, check two inputs."""
   from interop import _litert
@@ -181,11 +202,10 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
                  "(n, *input_shape), from which the converter calibrates the int8 ranges.")
   calibration = None
   if args.calibration:
-    try:
-      calibration = list(np.load(args.calibration, allow_pickle=False))
-    except (OSError, ValueError) as err:
-      return _fail(f"`--calibration` {args.calibration!r} could not be read as a .npy "
-                   f"array: {err}")
+    calibration = _load_npy("--calibration", args.calibration)
+    if isinstance(calibration, str):
+      return _fail(calibration)
+    calibration = list(calibration)
   try:
     _litert.export_litert(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
                           input_shape=shape, quantize=args.quantize,
