@@ -14,9 +14,11 @@ order:
    with its own lowering takes it: for `"litert"` the convolution is
    `"conv2d"` (`_conv2d.py`: grouped 2D convolutions, which the LiteRT
    converter turns into DEPTHWISE_CONV_2D), border modes from a padded
-   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`,
-   `"onnx"` for now), take the steps below, as exported (no native
-   kernels, no partitioning). LiteRT export of blocks raises.
+   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`),
+   take the steps below, as exported (no native kernels, no partitioning).
+   For `"onnx"` the primitives become ONNX nodes themselves
+   (interop/_onnx_lowering.py: one grouped `Conv` per op); should such an
+   op be lowered all the same, it takes the steps below, as exported. LiteRT export of blocks raises.
 1. **Method -> lowering** (`lowering`). `"conv"`, `"shift"` and `"pallas"`
    are taken as named. `"auto"` depends on the platform being lowered for,
    so one traced function exported for several platforms (`jax.export`,
