@@ -11,6 +11,8 @@ Public API:
   tune_cpu_allocator: opt-in glibc malloc setting that makes large CPU
     computations several times faster (see its docstring).
   native_status: whether the native CPU kernels are in use, and if not, why.
+  export_native, deserialize_native: `jax.export` artifacts that keep the
+    native CPU kernels, for serving processes that import dw5d_jax.
 """
 
 import importlib as _importlib
@@ -19,14 +21,16 @@ from dw5d_jax._allocator import tune_cpu_allocator as tune_cpu_allocator
 from dw5d_jax._depthwise import depthwise_conv2d as depthwise_conv2d
 from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
 from dw5d_jax._native_build import native_status as native_status
+from dw5d_jax._native_export import deserialize_native as deserialize_native
+from dw5d_jax._native_export import export_native as export_native
 from dw5d_jax._streaming import StreamState as StreamState
 from dw5d_jax._streaming import stream_init as stream_init
 from dw5d_jax._streaming import stream_step as stream_step
 
 __version__ = "0.1.0"
 
-__all__ = ["StreamState", "depthwise_conv2d", "depthwise_conv3d", "native_status",
-           "stream_init", "stream_step", "tune_cpu_allocator"]
+__all__ = ["StreamState", "depthwise_conv2d", "depthwise_conv3d", "deserialize_native",
+           "export_native", "native_status", "stream_init", "stream_step", "tune_cpu_allocator"]
 
 
 def __getattr__(name: str):

@@ -21,9 +21,11 @@ decides, in this order:
 2. **Native or XLA** (`native_layout`): the shift lowering on CPU calls the
    native C++ kernels (`_native.py`) for float32/bfloat16 problems with
    static shapes, where they were measured faster (`worthwhile`), unless
-   the lowering is for export (an exported artifact must not name a custom
-   call that only this process knows). Everything else uses XLA's shift
-   lowering (`_shift.py`), with the same results.
+   the lowering is for export (`export_target`: an exported artifact must
+   not name a custom call that only this process knows, except with
+   `export_native`; the first such export in a process warns that it is
+   slower). Everything else uses XLA's shift lowering (`_shift.py`), with
+   the same results.
    A spec with border modes (`padding_mode`) is computed by `_modes.py`
    from zero-padding ops, which come back here: on the border alone where
    the native kernels run, from a padded copy elsewhere.
@@ -63,6 +65,7 @@ import numpy as np
 
 from dw5d_jax import _conv, _epilogue, _modes, _native, _native_build, _pallas, _shift
 from dw5d_jax._geometry import ConvSpec, is_static
+from dw5d_jax._native_export import keeps_native
 from dw5d_jax._primitive import Impl
 
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
@@ -112,8 +115,6 @@ def gpu_choice(spec: ConvSpec) -> str:
 
 def native_layout(ctx, spec: ConvSpec, op: str) -> str | None:
   """Step 2: `"as-is"` or `"transposed"` to use the native kernels for `op`, else None."""
-  if ctx.module_context.lowering_parameters.for_export:
-    return None
   if not spec.is_static() or not all(is_static(*a.shape) for a in ctx.avals_in):
     return None
   mode = _native_build.mode()
@@ -125,7 +126,18 @@ def native_layout(ctx, spec: ConvSpec, op: str) -> str | None:
   status = _native_build.loaded()
   if status is None or not status.active:
     return None
+  if export_target(ctx) == "stablehlo":
+    _native_build.note_portable_export()
+    return None
   return "transposed" if transposed(spec, op) else "as-is"
+
+
+def export_target(ctx) -> str:
+  """`"none"` (jit), `"native"` (`export_native`) or `"stablehlo"` (any other export)."""
+  params = ctx.module_context.lowering_parameters
+  if not params.for_export:
+    return "none"
+  return "native" if keeps_native(params) else "stablehlo"
 
 
 def worthwhile(spec: ConvSpec, op: str) -> bool:
