@@ -95,11 +95,10 @@ def native_status() -> NativeStatus:
   forward, input and kernel gradients, several times faster than XLA's own
   lowering. It is compiled with the system C++ compiler at first use and
   cached; without a compiler, the wheel's prebuilt library for the CPU's
-  x86-64 level is used (see the README, "Performance on CPU"). Without
-  either (an unsupported CPU, a failed build, or `DW5D_JAX_NATIVE=0`),
-  results are the same, computed by XLA's lowering. Exports
-  (`jax.export`, SavedModel, LiteRT) always use XLA's lowering, except
-  `dw5d_jax.export_native`.
+  x86-64 level is used (see docs/performance.md). Without either (an
+  unsupported CPU, a failed build, or `DW5D_JAX_NATIVE=0`), results are
+  the same, computed by XLA's lowering. Exports (`jax.export`, SavedModel,
+  LiteRT) always use XLA's lowering, except `dw5d_jax.export_native`.
 
   The first call builds or loads the library if that has not happened yet
   (about 20 s the first time on a machine); later calls return the
