@@ -371,8 +371,8 @@ def _probe(cache_dir, cwd=None, **env) -> dict:
 
 def test_disabled_by_environment(tmp_path):
   got = _probe(tmp_path, DW5D_JAX_NATIVE="0")
-  assert (got["active"], got["detail"], got["warned"]) == (
-      False, "disabled by DW5D_JAX_NATIVE=0", [])
+  assert (got["active"], got["detail"], got["speed"], got["warned"]) == (
+      False, "disabled by DW5D_JAX_NATIVE=0", "portable", [])
   assert got["calls"] == [] and got["err"] < 1e-4
   assert not list(tmp_path.iterdir())  # nothing was built
 
