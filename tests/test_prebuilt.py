@@ -118,13 +118,18 @@ def venv(tmp_path_factory, wheel) -> pathlib.Path:
   site = pathlib.Path(subprocess.run(
       [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
       capture_output=True, text=True, check=True).stdout.strip())
-  # Plain path lines: the lending environment's own .pth files (its editable
-  # install of this checkout) are not processed, so dw5d_jax comes from the wheel.
-  (site / "lent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  # Outside the checkout and without PYTHONPATH: pip would take a checkout's
+  # dw5d_jax.egg-info (left by `pip install -e .`) on sys.path as installed.
   done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                          "--no-deps", "--no-index", str(wheel)],
-                        capture_output=True, text=True, timeout=300, check=False)
+                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                        cwd=root, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert (site / "dw5d_jax" / "__init__.py").is_file(), done.stdout
+  # Lent after the install (pip would take the lender's dw5d-jax as installed),
+  # as a plain path line: the lender's own .pth files (its editable install of
+  # this checkout) are not processed, so dw5d_jax comes from the wheel.
+  (site / "lent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
   return root
 
 
