@@ -11,7 +11,8 @@ the mode's axes):
 
 They are the three partial derivatives of `<fwd_valid(P x, w), ct>`, so the
 primitive's transposes (`_primitive.py`) hold as they are, to any order.
-`_policy.implementation` hands a spec with modes to `implementation` here,
+`_lowering.py` hands a spec with modes to `implementation` here (as
+`_policy.decide` says: borders or padded),
 which computes them by binding the primitive again with zero-padding specs
 (so the policy picks a lowering for those), in one of two ways:
 
@@ -52,18 +53,19 @@ import numpy as np
 from jax import lax
 
 from dw5d_jax import _geometry, _primitive
-from dw5d_jax._geometry import ZEROS, ConvSpec, Face, is_static
+from dw5d_jax._geometry import ZEROS, Face, is_static
+from dw5d_jax._spec import ConvSpec, Impl
 
 Fn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def implementation(op: str, spec: ConvSpec, impl: _primitive.Impl, out_dtype: Any, *,
+def implementation(op: str, spec: ConvSpec, impl: Impl, out_dtype: Any, *,
                    borders: bool) -> Fn:
   """`op` of a spec with modes as a function of its two operands (module docstring).
 
   It is traced inside the op's lowering on whole arrays, outside any mesh:
   under a mesh with explicit axes, the nested ops' lowerings partition
-  them (`_sharding.partitioned`), not the types of the arrays in between.
+  them (`_partition.partitioned`), not the types of the arrays in between.
   """
   run = functools.partial(_BORDERS[op] if borders else _PADDED[op], spec=spec, impl=impl,
                           out_dtype=np.dtype(out_dtype))

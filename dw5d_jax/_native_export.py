@@ -7,12 +7,11 @@ for serving processes that import dw5d_jax: the artifact calls the FFI
 targets `dw5d_forward`, ... (`_native_build.TARGETS`) that loading the
 library registers.
 
-How the lowering learns of the opt-in: `jax.export`'s lowering parameters
-carry `override_lowering_rules`, which are part of JAX's lowering cache key.
-`export_native` passes one rule for `keep_native_p`, a primitive that is
-never bound, so it changes no lowering; `_policy.export_target` reads its
-presence as the export-target fact `"native"`. A plain `jax.export` of the
-same function, before or after, therefore never gets a cached native
+How the lowering learns of the opt-in: the export traces inside
+`_target.export_target("native")`, so the ops carry the export target
+`"native"` (`Impl.target`) and `_policy.decide` keeps the native kernels
+for them. The target is part of JAX's trace and jit cache keys, so a plain
+`jax.export` of the same function, before or after, never gets the native
 lowering, nor the other way round.
 """
 
@@ -22,23 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 
 from jax import export
-from jax.extend import core
 
-from dw5d_jax import _native_build
-
-keep_native_p = core.Primitive("dw5d_keep_native_kernels")
-
-
-def _never_bound(ctx, *args, **params):
-  raise AssertionError("dw5d_keep_native_kernels is a marker, never bound")
-
-
-_MARK = ((keep_native_p, _never_bound),)
-
-
-def keeps_native(lowering_parameters) -> bool:
-  """Whether a lowering is `export_native`'s (its marker rule is among the overrides)."""
-  return any(p is keep_native_p for p, _ in lowering_parameters.override_lowering_rules or ())
+from dw5d_jax import _native_build, _target
 
 
 def export_native(fun_jit: Callable, *, platforms: Sequence[str] | None = None,
@@ -82,8 +66,13 @@ def export_native(fun_jit: Callable, *, platforms: Sequence[str] | None = None,
   """
   checks = (*disabled_checks,
             *(export.DisabledSafetyCheck.custom_call(t) for t in _native_build.TARGETS))
-  return export.export(fun_jit, platforms=platforms, disabled_checks=checks,
-                       _override_lowering_rules=_MARK)
+  exporter = export.export(fun_jit, platforms=platforms, disabled_checks=checks)
+
+  def do_export(*args, **kwargs) -> export.Exported:
+    with _target.export_target("native"):
+      return exporter(*args, **kwargs)
+
+  return do_export
 
 
 def deserialize_native(blob: bytes | bytearray) -> export.Exported:
