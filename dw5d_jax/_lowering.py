@@ -89,13 +89,22 @@ def facts(ctx, platform: str | None, impl: Impl, split: bool = False) -> Facts:
       target=impl.target or ("stablehlo" if for_export else None))
 
 
+def _decide(op: str, spec: ConvSpec, impl: Impl, found: Facts) -> Decision:
+  """`_policy.decide`; says once per process when an export leaves the native kernels out."""
+  decision = _policy.decide(op, spec, impl, found)
+  if (found.target not in (None, "native") and decision.lowering != "native"
+      and _policy.decide(op, spec, impl, found._replace(target=None)).lowering == "native"):
+    _native_build.note_portable_export()
+  return decision
+
+
 # ----------------------------------------------------------------------------
 # dw5d_p: the convolution and its two gradients.
 
 
 def _dw5d_lowering(ctx, a, b, *, platform: str | None, split, **params):
-  decision = _policy.decide(params["op"], params["spec"], params["impl"],
-                            facts(ctx, platform, params["impl"], split is not None))
+  decision = _decide(params["op"], params["spec"], params["impl"],
+                     facts(ctx, platform, params["impl"], split is not None))
   fn = _build(decision, split=split, **params)
   (out,) = mlir.lower_fun(fn, multiple_results=False)(_sharding.unsharded(ctx), a, b)
   return [_sharding.constrain(ctx, out)]
@@ -171,8 +180,7 @@ def _channels_last(run: Callable[..., jax.Array], op: str, spec: ConvSpec) -> Fn
 
 def _epilogue_lowering(op: str, formula, multiple_results: bool):
   def lower(ctx, *args, platform: str | None, **params):
-    decision = _policy.decide(op, params["spec"], params["impl"],
-                              facts(ctx, platform, params["impl"]))
+    decision = _decide(op, params["spec"], params["impl"], facts(ctx, platform, params["impl"]))
     fn = _epilogue_fn(op, decision, **params) if decision.fused else None
     if fn is None:
       fn = functools.partial(formula, **params)

@@ -15,10 +15,12 @@ order:
    `"conv2d"` (`_conv2d.py`: grouped 2D convolutions, which the LiteRT
    converter turns into DEPTHWISE_CONV_2D), border modes from a padded
    copy; its gradients, and every other target (`"stablehlo"`, `"tf"`),
-   take the steps below, as exported (no native kernels, no partitioning).
-   For `"onnx"` the primitives become ONNX nodes themselves
+   take the steps below, as exported (no native kernels, no partitioning),
+   except `"native"` (`export_native`), which keeps the native kernels (no
+   partitioning). For `"onnx"` the primitives become ONNX nodes themselves
    (interop/_onnx_lowering.py: one grouped `Conv` per op); should such an
-   op be lowered all the same, it takes the steps below, as exported. LiteRT export of blocks raises.
+   op be lowered all the same, it takes the steps below, as exported.
+   LiteRT export of blocks raises.
 1. **Method -> lowering** (`lowering`). `"conv"`, `"shift"` and `"pallas"`
    are taken as named. `"auto"` depends on the platform being lowered for,
    so one traced function exported for several platforms (`jax.export`,
@@ -246,8 +248,8 @@ def gpu_choice(spec: ConvSpec) -> str:
 
 def native_layout(spec: ConvSpec, op: str, facts: Facts) -> str | None:
   """Step 2: `"as-is"` or `"transposed"` to use the native kernels for `op`, else None."""
-  if facts.target is not None:
-    return None
+  if facts.target not in (None, "native"):
+    return None  # an artifact must not call kernels the serving process may lack
   if not spec.is_static() or not facts.static:
     return None
   mode = facts.native_mode

@@ -127,6 +127,15 @@ TABLE = [
     ("litert modes", "fwd", _spec(modes=REFLECT), AUTO, CPU._replace(target="litert"),
      Decision("conv2d", modes="padded")),
     ("litert dk", "dk", _spec(), AUTO, CPU._replace(target="litert"), Decision("shift")),
+    # export_native: the native kernels kept, not partitioned; off where they are not loaded.
+    ("export native", "dk", _spec(), AUTO, CPU._replace(target="native", devices=2),
+     Decision("native")),
+    ("export native modes", "fwd", _spec(modes=REFLECT), AUTO, CPU._replace(target="native"),
+     Decision("shift", modes="borders")),
+    ("export native unloaded", "fwd", _spec(), AUTO,
+     CPU._replace(target="native", native_loaded=False), Decision("shift")),
+    ("export native cuda", "fwd", _spec(), AUTO, CUDA._replace(target="native"),
+     Decision("conv")),
     # Border modes: on the borders where the native kernels run, else a padded copy.
     ("modes native", "fwd", _spec(modes=REFLECT), AUTO, CPU,
      Decision("shift", modes="borders")),
@@ -165,6 +174,10 @@ TABLE = [
      Decision("formula")),
     ("epilogue off", "epilogue_grad", _spec(), AUTO, CPU._replace(native_mode="off"),
      Decision("formula")),
+    ("epilogue export", "epilogue", _spec(), AUTO, CPU._replace(target="stablehlo"),
+     Decision("formula")),
+    ("epilogue export native", "epilogue_grad", _spec(), AUTO, CPU._replace(target="native"),
+     Decision("native", fused=True)),
 ]
 
 
