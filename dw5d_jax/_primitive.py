@@ -218,8 +218,7 @@ def _lowering(ctx, a, b, *, platform: str | None, split: Layout | None, **params
                            **params)
   else:
     fn = _policy.implementation(_sharding.unsharded(ctx), platform=platform, **params)
-    if not params["spec"].has_modes:  # border modes bind zero-padding ops: those partition
-      fn = _sharding.partitioned(ctx, fn, **params)
+    fn = _sharding.partitioned(ctx, fn, **params)
   (out,) = mlir.lower_fun(fn, multiple_results=False)(_sharding.unsharded(ctx), a, b)
   return [_sharding.constrain(ctx, out)]
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from typing import Any, NamedTuple
 
@@ -115,15 +116,43 @@ def blockwise(op: str, a: jax.Array, b: jax.Array, *, spec: ConvSpec, impl: Any,
 
   Each split spatial axis extends the exchanged operand by its halo
   (`_window`), except the last one where the blocks line up with the
-  stride: there the op runs on the block's own rows and, separately, on
-  the halos (`_geometry.Blocks.pieces`), which saves a copy of the block.
+  stride and no border mode fills it: there the op runs on the block's
+  own rows and, separately, on the halos (`_geometry.Blocks.pieces`),
+  which saves a copy of the block. A border mode along a split axis fills
+  the window's padding rows from the rows they copy (`_fill`); the input
+  gradient of such a split is the transpose of the convolution's
+  blockwise computation (its halos sent back).
   """
   from dw5d_jax import _primitive  # the primitive's lowering imports this module
+
+  if op == "dx" and any(axes and mode != "zeros" for axes, mode in zip(layout.spatial,
+                                                                        spec.modes)):
+    return _transposed_dx(a, b, spec=spec, impl=impl, out_dtype=out_dtype, layout=layout)
 
   def bind(a, b, local):
     return _primitive.dw5d_p.bind(a, b, op=op, spec=local, impl=impl, out_dtype=out_dtype,
                                   split=None)
 
+  a, b, local, y_crops = window_operands(op, a, b, spec, layout, pieces_ok=True)
+  crops, pieces = y_crops
+  y = bind(a, b, local) if pieces is None else _by_pieces(op, a, b, local, bind, *pieces)
+  for ax, index, blocks in crops:
+    y = _slice(y, ax, blocks.crops, index, blocks.rows)
+  if op == "dk" and reduce and layout.reduced:
+    y = lax.psum(y, layout.reduced)
+  return y
+
+
+def window_operands(op: str, a: jax.Array, b: jax.Array, spec: ConvSpec, layout: Layout,
+                    pieces_ok: bool = False):
+  """`(a, b, local, (crops, pieces))`: the operands extended by their halos, the local spec.
+
+  `local` is the problem each device computes on the extended operands;
+  `crops` what to cut from its result (the input gradient), `pieces` the
+  last split axis computed in pieces (only where `pieces_ok`), else None.
+  The kernel gradient's cotangent is masked past the output's end and
+  past the batch (the padding of uneven blocks).
+  """
   local = spec
   crops, pieces = [], None
   split = [(i, axes, layout.parts(axes)) for i, axes in enumerate(layout.spatial) if axes]
@@ -134,24 +163,49 @@ def blockwise(op: str, a: jax.Array, b: jax.Array, *, spec: ConvSpec, impl: Any,
     ax, index = spec.spatial_axes[i], lax.axis_index(axes)
     if op == "dk":  # the cotangent's own rows, zero past the output's end
       b = _mask(b, ax, index, parts, spec.out_spatial[i])
-    if j == len(split) - 1 and blocks.pieces:
+    mode = spec.modes[i]
+    if pieces_ok and j == len(split) - 1 and blocks.pieces and mode == "zeros":
       a = _mask(a, ax, index, parts, blocks.total)
       pieces = (i, ax, blocks, _halos(a, ax, axes, parts, *blocks.halo))
       continue
-    a = _window(a, ax, axes, parts, index, blocks)
+    a = _window(a, ax, axes, parts, index, blocks, mode=mode, spec=spec, i=i)
     if op == "dx":
       crops.append((ax, index, blocks))
     local = _along(local, i, blocks.local)
   if op == "dk" and layout.batch_axes:
-    a = _mask(a, 0, lax.axis_index(layout.batch_axes), layout.parts(layout.batch_axes),
+    b = _mask(b, 0, lax.axis_index(layout.batch_axes), layout.parts(layout.batch_axes),
               layout.batch)
   local = local._replace(channels=b.shape[3] if op == "dx" else a.shape[spec.channel_axis])
-  y = bind(a, b, local) if pieces is None else _by_pieces(op, a, b, local, bind, *pieces)
-  for ax, index, blocks in crops:
-    y = _slice(y, ax, blocks.crops, index, blocks.rows)
-  if op == "dk" and reduce and layout.reduced:
-    y = lax.psum(y, layout.reduced)
-  return y
+  return a, b, local, (crops, pieces)
+
+
+def _transposed_dx(ct, w, *, spec: ConvSpec, impl: Any, out_dtype: Any,
+                   layout: Layout) -> jax.Array:
+  """The input gradient as the transpose of the blockwise convolution (modes on split axes).
+
+  The convolution's blocks read their halos and mode rows from other
+  blocks; its transpose sends their gradients back (reversed `ppermute`s)
+  and folds the mode rows onto the rows they copy. The cotangent's padding
+  rows (uneven blocks) are masked first, so they reach nothing.
+  """
+  shape = list(ct.shape)
+  for i, axes in enumerate(layout.spatial):
+    ax = spec.spatial_axes[i]
+    if axes:
+      parts = layout.parts(axes)
+      ct = _mask(ct, ax, lax.axis_index(axes), parts, spec.out_spatial[i])
+      shape[ax] = _ceil(spec.in_spatial[i], parts)
+    else:
+      shape[ax] = spec.in_spatial[i]
+  shape[spec.channel_axis] = w.shape[3]
+  if layout.batch_axes:
+    ct = _mask(ct, 0, lax.axis_index(layout.batch_axes), layout.parts(layout.batch_axes),
+               layout.batch)
+  fwd = functools.partial(blockwise, "fwd", b=w.astype(out_dtype), spec=spec, impl=impl,
+                          out_dtype=ct.dtype, layout=layout, reduce=False)
+  (dx,) = jax.linear_transpose(lambda x: fwd(x), jax.ShapeDtypeStruct(tuple(shape), out_dtype))(
+      ct)
+  return dx
 
 
 def _along(spec: ConvSpec, i: int, local: tuple[int, int, tuple[int, int]]) -> ConvSpec:
@@ -159,7 +213,7 @@ def _along(spec: ConvSpec, i: int, local: tuple[int, int, tuple[int, int]]) -> C
   n, out, pad = local
   return spec._replace(in_spatial=_put(spec.in_spatial, i, n),
                        out_spatial=_put(spec.out_spatial, i, out),
-                       padding=_put(spec.padding, i, pad))
+                       padding=_put(spec.padding, i, pad), modes=_put(spec.modes, i, "zeros"))
 
 
 def _put(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
@@ -196,16 +250,78 @@ def _rows(v: jax.Array, axis: int, rows: tuple[int, int]) -> jax.Array:
 
 
 def _window(v: jax.Array, axis: int, axes: Axes, parts: int, index: jax.Array,
-            blocks: _geometry.Blocks) -> jax.Array:
-  """This block's window: own rows, the halo from its neighbours, zeros past the ends."""
+            blocks: _geometry.Blocks, mode: str = "zeros", spec: ConvSpec | None = None,
+            i: int = 0) -> jax.Array:
+  """This block's window: own rows, the halo from its neighbours, the padding past the ends.
+
+  The padding is zeros, or filled by `mode` (`_fill`; `spec`'s axis `i`).
+  """
   v = _mask(v, axis, index, parts, blocks.total)
   before, after = _halos(v, axis, axes, parts, *blocks.halo)
-  v = lax.concatenate([h for h in (before, v, after) if h is not None], axis)
+  w = lax.concatenate([h for h in (before, v, after) if h is not None], axis)
   if blocks.pad != (0, 0):
-    config = [(0, 0, 0)] * v.ndim
+    config = [(0, 0, 0)] * w.ndim
     config[axis] = (*blocks.pad, 0)
-    v = lax.pad(v, jnp.zeros((), v.dtype), config)
-  return _slice(v, axis, blocks.starts, index, blocks.window)
+    w = lax.pad(w, jnp.zeros((), w.dtype), config)
+  w = _slice(w, axis, blocks.starts, index, blocks.window)
+  if mode != "zeros":
+    w = _fill(w, v, axis, axes, parts, index, blocks, mode, spec, i)
+  return w
+
+
+def _fill(w: jax.Array, v: jax.Array, axis: int, axes: Axes, parts: int, index: jax.Array,
+          blocks: _geometry.Blocks, mode: str, spec: ConvSpec, i: int) -> jax.Array:
+  """The windows `w` with their padding positions (outside `[0, n)`) filled by `mode`.
+
+  Each block's window starts at input position `first` (`input_span` of
+  its outputs); a padding position `p` it reads holds row `source(p)`,
+  owned by block `source(p) // size`. End blocks copy their own rows (a
+  reflection of the first rows, the edge row); other owners send them
+  (`ppermute` from that block alone: the last block's rows to the first
+  for `circular`, or wider pads than a block). Runs of positions with one
+  owner are added into the window where they lie (zeros there before),
+  on the receiving device only. Worked example: n=16 in 4 blocks of 4,
+  k=3, SAME, reflect: block 0's window starts at -1, which holds row 1
+  (its own); block 3's ends at 16, which holds row 14 (its own);
+  circular: -1 holds 15 (block 3 sends it to block 0) and 16 holds 0.
+  """
+  n, size = spec.in_spatial[i], blocks.size
+  k, s, r, lo = spec.window[i], spec.strides[i], spec.dilations[i], spec.lo[i]
+  out, bo = spec.out_spatial[i], _ceil(spec.out_spatial[i], parts)
+  for block in range(parts):
+    if block * bo >= out:
+      continue
+    first, stop = _geometry.input_span(block * bo, min((block + 1) * bo, out), k, s, r, lo)
+    positions = [p for p in range(first, stop) if p < 0 or p >= n]
+    runs: list[list[Any]] = []  # [owner, first position, rows]
+    for p in positions:
+      src = int(_geometry.source(mode, p, n))
+      owner = src // size
+      if runs and runs[-1][0] == owner and runs[-1][1] + len(runs[-1][2]) == p:
+        runs[-1][2].append(src - owner * size)
+      else:
+        runs.append([owner, p, [src - owner * size]])
+    for owner, p0, rows in runs:
+      rows_v = _take(v, axis, rows)
+      if owner == block:
+        part = jnp.where(index == block, rows_v, jnp.zeros((), rows_v.dtype))
+      else:
+        part = lax.ppermute(rows_v, axes, [(owner, block)])
+      w = _add_rows(w, part, axis, p0 - first)
+  return w
+
+
+def _take(v: jax.Array, axis: int, rows: list[int]) -> jax.Array:
+  """Rows `rows` of `v` along `axis` (static: slices, reversals, broadcasts)."""
+  from dw5d_jax import _modes  # imports the primitive, which imports this module
+
+  return _modes.take_rows(v, axis, np.asarray(rows))
+
+
+def _add_rows(w: jax.Array, rows: jax.Array, axis: int, start: int) -> jax.Array:
+  from dw5d_jax import _modes
+
+  return _modes.add_rows(w, rows, axis, start)
 
 
 def _mask(v: jax.Array, axis: int, index: jax.Array, parts: int, total: int) -> jax.Array:
@@ -279,18 +395,7 @@ def split_layout(fn: str, axes: tuple[Axes, Axes, Axes]) -> Layout:
 
 
 def check_split(fn: str, spec: ConvSpec, layout: Layout) -> None:
-  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs).
-
-  A border mode (`padding_mode`) must not fill a split axis: the blocks
-  exchange halos of their neighbours' rows, and zeros past the ends.
-  """
-  for letter, axes, mode in zip(SPATIAL, layout.spatial, spec.modes):
-    if axes and mode != "zeros":
-      raise ValueError(
-          f"{fn}: `padding_mode` {mode!r} along axis {letter}, which `split_axes` splits over "
-          f"mesh axes {axes}: inside shard_map the blocks pad their ends with zeros only. Split "
-          f"another axis, use 'zeros' along {letter}, or call the op under jit on the sharded "
-          f"array (XLA partitions the padding).")
+  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs)."""
   for letter, axes, n, out in zip(SPATIAL, layout.spatial, spec.in_spatial, spec.out_spatial):
     parts = layout.parts(axes)
     if axes and out % parts:
@@ -313,7 +418,7 @@ def _rule(op: str, spec: ConvSpec) -> str:
   def data(channels: str) -> str:
     return f"n d h w {channels}" if spec.channels_last else f"n {channels} d h w"
 
-  cm = "(c m)" if spec.multiplier > 1 else "c"
+  cm = "c" if spec.multiplier == 1 else "m" if spec.channels == 1 else "(c m)"
   if op == "fwd":
     return f"{data('c')}, i j k c m -> {data(cm)}"
   if op == "dx":
@@ -334,7 +439,7 @@ def partitioned(ctx, fn, *, op: str, spec: ConvSpec, impl: Any, out_dtype: Any):
     return fn
   rule = _rule(op, spec)
   # Shardy wants special factors in the order the rule first names them.
-  order = functools.partial(rule.replace("(", " ").replace(")", " ").split().index)
+  order = functools.partial(re.sub(r"[(),]", " ", rule).split().index)
   wrapped = custom_partitioning(fn)
   wrapped.def_partition(
       partition=functools.partial(_partition, op, spec, impl, out_dtype),
