@@ -207,8 +207,6 @@ def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpe
   method = lowering(impl.method, platform, spec)
   if method != "shift" or platform != "cpu" or spec.has_modes:
     return None  # border modes: the formula's dw5d_p corrects the borders (`_modes`)
-  if getattr(ctx.module_context.axis_context, "num_devices", 1) > 1:
-    return None  # the formula's dw5d_p is partitioned (`_sharding.partitioned`)
   layout = native_layout(ctx, spec, "fwd" if op == "fwd" else "dk")
   if layout is None:
     return None

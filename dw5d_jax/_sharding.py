@@ -415,15 +415,24 @@ def check_split(fn: str, spec: ConvSpec, layout: Layout) -> None:
 # output channels are (c m); Shardy wants no factor of size 1 in a
 # compound), i j k the kernel's taps (never split).
 def _rule(op: str, spec: ConvSpec) -> str:
-  def data(channels: str) -> str:
-    return f"n d h w {channels}" if spec.channels_last else f"n {channels} d h w"
-
-  cm = "c" if spec.multiplier == 1 else "m" if spec.channels == 1 else "(c m)"
+  data, cm = _data_factors(spec), _cm(spec)
   if op == "fwd":
     return f"{data('c')}, i j k c m -> {data(cm)}"
   if op == "dx":
     return f"{data(cm)}, i j k c m -> {data('c')}"
   return f"{data('c')}, {data(cm)} -> i j k c m"
+
+
+def _data_factors(spec: ConvSpec):
+  def data(channels: str) -> str:
+    return f"n d h w {channels}" if spec.channels_last else f"n {channels} d h w"
+
+  return data
+
+
+def _cm(spec: ConvSpec) -> str:
+  """The output channels' factors (no factor of size 1 in a compound)."""
+  return "c" if spec.multiplier == 1 else "m" if spec.channels == 1 else "(c m)"
 
 
 def partitioned(ctx, fn, *, op: str, spec: ConvSpec, impl: Any, out_dtype: Any):
@@ -432,20 +441,53 @@ def partitioned(ctx, fn, *, op: str, spec: ConvSpec, impl: Any, out_dtype: Any):
   Unchanged for one device, inside `shard_map` (every axis manual) and for
   export.
   """
+  if not _several_devices(ctx):
+    return fn
+  return _custom(fn, _rule(op, spec), ("n", "d", "h", "w") if op == "dk" else (),
+                 partition=functools.partial(_partition, op, spec, impl, out_dtype),
+                 infer=functools.partial(_infer, op, spec))
+
+
+def partitioned_epilogue(ctx, fn, *, op: str, spec: ConvSpec, impl: Any,
+                         activation: str | None, from_output: bool):
+  """`fn`, an epilogue op on whole arrays, with its partitioning rule (as `partitioned`).
+
+  `op` is `"fwd"` (`_epilogue.epilogue_p`: x, kernel, bias -> y) or `"grad"`
+  (`epilogue_grad_p`: x, kernel, r, ct -> g, dk, db; `from_output`: r is
+  y, else the bias). Each device runs the epilogue op itself on its blocks
+  (x extended by its halo, as for the convolution), so it stays fused
+  where the native kernels run; the bias is split with the channels, and
+  the kernel and bias gradients are summed over the batch and spatial
+  splits.
+  """
+  if not _several_devices(ctx):
+    return fn
+  data = _data_factors(spec)
+  cm = _cm(spec)
+  if op == "fwd":
+    rule = f"{data('c')}, i j k c m, {cm} -> {data(cm)}"
+  else:
+    r = data(cm) if from_output else cm
+    rule = f"{data('c')}, i j k c m, {r}, {data(cm)} -> {data(cm)}, i j k c m, {cm}"
+  params = (op, spec, impl, activation, from_output)
+  return _custom(lambda *args: fn(*args), rule, (), partition=functools.partial(_partition_epilogue, *params),
+                 infer=functools.partial(_infer_epilogue, *params))
+
+
+def _several_devices(ctx) -> bool:
   module = ctx.module_context
   if module.lowering_parameters.for_export or getattr(module.axis_context, "manual_axes", None):
-    return fn
-  if getattr(module.axis_context, "num_devices", 1) <= 1:
-    return fn
-  rule = _rule(op, spec)
+    return False
+  return getattr(module.axis_context, "num_devices", 1) > 1
+
+
+def _custom(fn, rule: str, reduction: tuple[str, ...], *, partition, infer):
   # Shardy wants special factors in the order the rule first names them.
   order = functools.partial(re.sub(r"[(),]", " ", rule).split().index)
   wrapped = custom_partitioning(fn)
   wrapped.def_partition(
-      partition=functools.partial(_partition, op, spec, impl, out_dtype),
-      infer_sharding_from_operands=functools.partial(_infer, op, spec),
-      sharding_rule=rule,
-      reduction_factors=("n", "d", "h", "w") if op == "dk" else (),
+      partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+      reduction_factors=reduction,
       need_replication_factors=tuple(sorted("ijkm", key=order)))
   return wrapped
 
@@ -464,14 +506,61 @@ def _infer(op, spec, mesh, arg_shapes, result_shape):
   return _shardings(op, spec, mesh, _layout(op, spec, mesh, arg_shapes))[-1]
 
 
-def _layout(op: str, spec: ConvSpec, mesh, arg_shapes) -> Layout:
-  """The split the operands arrive with, in a partition callback (see `_pick`).
+def _epilogue_shardings(op, spec, mesh, layout, from_output):
+  """`(operands, results)` shardings of an epilogue op for `layout`."""
+  data = NamedSharding(mesh, _data_spec(spec, layout))
+  kernel = NamedSharding(mesh, P(None, None, None, _entry(layout.channels), None))
+  bias = NamedSharding(mesh, P(_entry(layout.channels)))
+  if op == "fwd":
+    return (data, kernel, bias), data
+  return (data, kernel, data if from_output else bias, data), (data, kernel, bias)
+
+
+def _partition_epilogue(op, spec, impl, activation, from_output, mesh, arg_shapes,
+                        result_shape):
+  del result_shape
+  layout = _layout("fwd" if op == "fwd" else "dk", spec, mesh, arg_shapes,
+                   (0, 1) if op == "fwd" else (0, 3))
+  fn = functools.partial(_blockwise_epilogue, op, spec=spec, impl=impl, activation=activation,
+                         layout=layout)
+  operands, results = _epilogue_shardings(op, spec, mesh, layout, from_output)
+  return mesh, fn, results, operands
+
+
+def _infer_epilogue(op, spec, impl, activation, from_output, mesh, arg_shapes, result_shape):
+  del impl, activation, result_shape
+  layout = _layout("fwd" if op == "fwd" else "dk", spec, mesh, arg_shapes,
+                   (0, 1) if op == "fwd" else (0, 3))
+  return _epilogue_shardings(op, spec, mesh, layout, from_output)[1]
+
+
+def _blockwise_epilogue(op, *args, spec: ConvSpec, impl: Any, activation: str | None,
+                        layout: Layout):
+  """The epilogue op on one device's blocks: x extended by its halo, the local problem."""
+  from dw5d_jax import _epilogue  # imports the primitive, which imports this module
+
+  if op == "fwd":
+    x, k, b = args
+    x, _, local, _ = window_operands("fwd", x, k, spec, layout)
+    return _epilogue.epilogue_p.bind(x, k, b, spec=local, impl=impl, activation=activation)
+  x, k, r, ct = args
+  # The cotangent masked past the output's end and the batch (no g, dk, db there).
+  x, ct, local, _ = window_operands("dk", x, ct, spec, layout)
+  g, dk, db = _epilogue.epilogue_grad_p.bind(x, k, r, ct, spec=local, impl=impl,
+                                             activation=activation)
+  if layout.reduced:
+    dk, db = lax.psum((dk, db), layout.reduced)
+  return g, dk, db
+
+
+def _layout(op: str, spec: ConvSpec, mesh, arg_shapes, which=(0, 1)) -> Layout:
+  """The split the operands `which` arrive with, in a partition callback (see `_pick`).
 
   Never raises (an exception in XLA's callback aborts the process): what it
   cannot keep split it leaves unsplit, with a warning, and XLA gathers it.
   """
   dims = []
-  for s in arg_shapes:
+  for s in (arg_shapes[i] for i in which):
     if s.sharding is None:  # not known yet (GSPMD's propagation)
       dims.append([()] * len(s.shape))
     elif isinstance(s.sharding, NamedSharding):
@@ -641,6 +730,13 @@ def unsharded(ctx):
 _NO_MANUAL_AXES = jax.core.ShapedArray((), np.float32).manual_axis_type
 
 
-def constrain(ctx, out):
+def constrain(ctx, out, aval=None):
   """The lowered result annotated with its explicit sharding (as JAX's own ops are)."""
-  return _mlir.lower_with_sharding_in_types(ctx, out, ctx.avals_out[0])
+  return _mlir.lower_with_sharding_in_types(ctx, out, ctx.avals_out[0] if aval is None else aval)
+
+
+def bias_sharding(kernel: Any) -> Any:
+  """A bias's (or its gradient's) sharding from its kernel's: split with the channels."""
+  if kernel is None:
+    return None
+  return NamedSharding(kernel.mesh, P(*tuple(kernel.spec)[3:4]))

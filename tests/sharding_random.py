@@ -23,6 +23,8 @@ It passes when:
   sums a sharded step needs), and, where no border mode fills a split
   axis, its collective-permutes move at most 1.05x the analytic halo
   (`benchmarks/sharding.py`, from the definition);
+* where one device fuses the epilogue into the native kernels, so does
+  every device of the sharded program;
 * or the call refuses with a ValueError that names the result's axis, its
   size and the devices it would be split over, for a split the types
   cannot hold (Explicit axes: a result size the devices do not divide).
@@ -189,8 +191,9 @@ def run(config: dict, check_only: bool = False) -> dict[str, Any]:
   parts = [math.prod(mesh.shape[n] for n in ((e,) if isinstance(e, str) else e)) if e else 1
            for e in (*x_spec, *(None,) * 5)[:5]]
 
-  expected = jax.jit(_program(f, shape, y_shape, None, parts))(
-      _pad(x, placed), k, b, _pad_to(ct, parts))
+  one = (_pad(x, placed), k, b, _pad_to(ct, parts))
+  single = jax.jit(_program(f, shape, y_shape, None, parts)).lower(*one).compile()
+  expected = single(*one)
   errors = []
   try:
     with jax.set_mesh(mesh):
@@ -218,6 +221,10 @@ def run(config: dict, check_only: bool = False) -> dict[str, Any]:
   for kind, elems, _ in found:
     if kind != "collective-permute" and elems > limit:
       errors.append(f"{kind} of {elems} elements (kernel {k.size}, bias {b.size})")
+  fused = _fused(single.as_text()) - _fused(compiled.as_text())
+  if fused:
+    errors.append(f"one device fuses the epilogue ({', '.join(sorted(fused))}), the sharded "
+                  f"program does not")
   spatial = (1, 2, 3) if config["layout"] == "NDHWC" else (2, 3, 4)
   split_modes = any(m != "zeros" and parts[spatial["DHW".index(a)]] > 1
                     for a, m in zip(config["axes"], config["padding_mode"]))
@@ -229,6 +236,15 @@ def run(config: dict, check_only: bool = False) -> dict[str, Any]:
       errors.append(f"collective-permute of {moved} bytes, analytic halo {halo} bytes")
   return {"status": "failed" if errors else "passed", "errors": errors,
           "collectives": sorted({kind for kind, _, _ in found}), "permute_bytes": moved}
+
+
+# The native kernels that fuse the epilogue (dw5d_jax/_native.py).
+_EPILOGUE_TARGETS = ("dw5d_forward_epilogue", "dw5d_epilogue_grad", "dw5d_epilogue_grad_y",
+                     "dw5d_bias_grad")
+
+
+def _fused(hlo: str) -> set[str]:
+  return {t for t in _EPILOGUE_TARGETS if f'custom_call_target="{t}"' in hlo}
 
 
 def _pad(v, shape):
