@@ -53,16 +53,30 @@ DEVICES = (2, 4, 8)
 # Analytic halo volume, from the definition (also used by tests/sharding_worker.py).
 
 
-def halo_rows(op: str, n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> int:
+def halo_rows(op: str, n: int, out: int, parts: int, k: int, s: int, r: int, lo: int,
+              mode: str = "zeros") -> int:
   """The most rows any block of `op`'s exchanged operand needs from other blocks.
 
   `fwd` and `dk` split the outputs into blocks of `ceil(out / parts)` and
   read x's rows (blocks of `ceil(n / parts)`); `dx` splits the input rows
   and reads the cotangent's. Rows outside the array are padding, not sent.
+  A border `mode` fills the padding with copies of x's rows: each block
+  also receives those its outputs read that other blocks own (summed over
+  the blocks, each is sent on its own), and the input gradient sends the
+  convolution's halos back (the same rows).
   """
   from dw5d_jax import _geometry as g
 
   b, bo, e = -(-n // parts), -(-out // parts), g.effective(k, r)
+  if mode != "zeros":
+    copies = 0
+    for i in range(parts):
+      o0, o1 = i * bo, min((i + 1) * bo, out)
+      if o0 < o1:
+        first, stop = g.input_span(o0, o1, k, s, r, lo)
+        copies += sum(1 for p in range(first, stop)
+                      if (p < 0 or p >= n) and g.source(mode, p, n) // b != i)
+    return halo_rows("fwd", n, out, parts, k, s, r, lo) + copies
   before = after = 0
   for i in range(parts):
     if op == "dx":  # cotangent rows o with o*s + t*r - lo in the block's input rows
@@ -91,12 +105,15 @@ def analytic_halo_bytes(spec, x_shape: tuple[int, ...], y_shape: tuple[int, ...]
   """
   total = 0
   for op in ops:
+    if op == "dx" and any(m != "zeros" and parts[ax] > 1
+                          for m, ax in zip(spec.modes, spec.spatial_axes)):
+      op = "fwd"  # the transpose of the convolution's exchange: the same rows, sent back
     block = [-(-d // p) for d, p in zip(y_shape if op == "dx" else x_shape, parts)]
     for i, ax in enumerate(spec.spatial_axes):
       if parts[ax] == 1:
         continue
       rows = halo_rows(op, spec.in_spatial[i], spec.out_spatial[i], parts[ax], spec.window[i],
-                       spec.strides[i], spec.dilations[i], spec.lo[i])
+                       spec.strides[i], spec.dilations[i], spec.lo[i], spec.modes[i])
       total += rows * math.prod(block) // block[ax] * itemsize
       block[ax] += rows
   return total

@@ -183,29 +183,42 @@ def _transposed_dx(ct, w, *, spec: ConvSpec, impl: Any, out_dtype: Any,
                    layout: Layout) -> jax.Array:
   """The input gradient as the transpose of the blockwise convolution (modes on split axes).
 
-  The convolution's blocks read their halos and mode rows from other
-  blocks; its transpose sends their gradients back (reversed `ppermute`s)
-  and folds the mode rows onto the rows they copy. The cotangent's padding
-  rows (uneven blocks) are masked first, so they reach nothing.
+  The convolution's blocks read windows of x: their halos and the mode's
+  copies of rows that other blocks own (`_window`). The input gradient
+  computes the windows' gradient (the local op's `dx`) and sends each row
+  back where it came from (`_window_t`, in the reverse order of the axes).
+  The cotangent's padding rows (uneven blocks) are masked first, so they
+  reach nothing.
   """
+  from dw5d_jax import _primitive
+
   shape = list(ct.shape)
-  for i, axes in enumerate(layout.spatial):
-    ax = spec.spatial_axes[i]
-    if axes:
-      parts = layout.parts(axes)
-      ct = _mask(ct, ax, lax.axis_index(axes), parts, spec.out_spatial[i])
-      shape[ax] = _ceil(spec.in_spatial[i], parts)
-    else:
-      shape[ax] = spec.in_spatial[i]
   shape[spec.channel_axis] = w.shape[3]
   if layout.batch_axes:
     ct = _mask(ct, 0, lax.axis_index(layout.batch_axes), layout.parts(layout.batch_axes),
                layout.batch)
-  fwd = functools.partial(blockwise, "fwd", b=w.astype(out_dtype), spec=spec, impl=impl,
-                          out_dtype=ct.dtype, layout=layout, reduce=False)
-  (dx,) = jax.linear_transpose(lambda x: fwd(x), jax.ShapeDtypeStruct(tuple(shape), out_dtype))(
-      ct)
-  return dx
+  for i, axes in enumerate(layout.spatial):
+    ax = spec.spatial_axes[i]
+    shape[ax] = _ceil(spec.in_spatial[i], layout.parts(axes)) if axes else spec.in_spatial[i]
+  local, steps = spec, []
+  for i, axes in enumerate(layout.spatial):
+    if not axes:
+      continue
+    parts, ax = layout.parts(axes), spec.spatial_axes[i]
+    blocks = _geometry.output_blocks(spec.in_spatial[i], spec.out_spatial[i], parts,
+                                     spec.window[i], spec.strides[i], spec.dilations[i],
+                                     spec.lo[i])
+    ct = _mask(ct, ax, lax.axis_index(axes), parts, spec.out_spatial[i])
+    steps.append((tuple(shape), ax, axes, parts, blocks, i))
+    shape[ax] = blocks.window
+    local = _along(local, i, blocks.local)
+  local = local._replace(channels=w.shape[3])
+  g = _primitive.dw5d_p.bind(ct, w, op="dx", spec=local, impl=impl, out_dtype=out_dtype,
+                             split=None)
+  for v_shape, ax, axes, parts, blocks, i in reversed(steps):
+    g = _window_t(g, v_shape, ax, axes, parts, lax.axis_index(axes), blocks, spec.modes[i],
+                  spec, i)
+  return g
 
 
 def _along(spec: ConvSpec, i: int, local: tuple[int, int, tuple[int, int]]) -> ConvSpec:
@@ -285,30 +298,112 @@ def _fill(w: jax.Array, v: jax.Array, axis: int, axes: Axes, parts: int, index: 
   (its own); block 3's ends at 16, which holds row 14 (its own);
   circular: -1 holds 15 (block 3 sends it to block 0) and 16 holds 0.
   """
-  n, size = spec.in_spatial[i], blocks.size
-  k, s, r, lo = spec.window[i], spec.strides[i], spec.dilations[i], spec.lo[i]
-  out, bo = spec.out_spatial[i], _ceil(spec.out_spatial[i], parts)
+  for block, owner, offset, rows in _fill_runs(parts, blocks.size, mode, spec, i):
+    rows_v = _take(v, axis, rows)
+    if owner == block:
+      part = jnp.where(index == block, rows_v, jnp.zeros((), rows_v.dtype))
+    else:
+      part = lax.ppermute(rows_v, axes, [(owner, block)])
+    w = _add_rows(w, part, axis, offset)
+  return w
+
+
+def _fill_runs(parts: int, size: int, mode: str, spec: ConvSpec,
+               i: int) -> list[tuple[int, int, int, list[int]]]:
+  """`(block, owner, offset, rows)`: window rows `[offset, + len(rows))` of `block` are
+  rows `rows` of block `owner` (`_fill`), for positions some output reads."""
+  n, k, s, r, lo = (spec.in_spatial[i], spec.window[i], spec.strides[i], spec.dilations[i],
+                    spec.lo[i])
+  out = spec.out_spatial[i]
+  bo = _ceil(out, parts)
+  runs: list[tuple[int, int, int, list[int]]] = []
   for block in range(parts):
     if block * bo >= out:
       continue
     first, stop = _geometry.input_span(block * bo, min((block + 1) * bo, out), k, s, r, lo)
-    positions = [p for p in range(first, stop) if p < 0 or p >= n]
-    runs: list[list[Any]] = []  # [owner, first position, rows]
-    for p in positions:
+    for p in range(first, stop):
+      if 0 <= p < n:
+        continue
       src = int(_geometry.source(mode, p, n))
       owner = src // size
-      if runs and runs[-1][0] == owner and runs[-1][1] + len(runs[-1][2]) == p:
-        runs[-1][2].append(src - owner * size)
+      last = runs[-1] if runs else None
+      if last and last[:2] == (block, owner) and last[2] + len(last[3]) == p - first:
+        last[3].append(src - owner * size)
       else:
-        runs.append([owner, p, [src - owner * size]])
-    for owner, p0, rows in runs:
-      rows_v = _take(v, axis, rows)
+        runs.append((block, owner, p - first, [src - owner * size]))
+  return runs
+
+
+def _window_t(g: jax.Array, v_shape: tuple[int, ...], axis: int, axes: Axes, parts: int,
+              index: jax.Array, blocks: _geometry.Blocks, mode: str, spec: ConvSpec,
+              i: int) -> jax.Array:
+  """The transpose of `_window`: the windows' gradient `g` sent back to the rows it came from.
+
+  Halo rows go back to the blocks that sent them (the reverse `ppermute`),
+  the mode's copies to the rows they copy (folded where they were read,
+  then sent); the own rows stay.
+  """
+  size, (before, after) = blocks.size, blocks.halo
+  own = jnp.zeros(v_shape, g.dtype)
+  if mode != "zeros":
+    for block, owner, offset, rows in _fill_runs(parts, size, mode, spec, i):
+      lo_row = min(rows)
+      folded = _fold_rows(lax.slice_in_dim(g, offset, offset + len(rows), axis=axis), axis,
+                          [q - lo_row for q in rows])
       if owner == block:
-        part = jnp.where(index == block, rows_v, jnp.zeros((), rows_v.dtype))
+        folded = jnp.where(index == block, folded, jnp.zeros((), folded.dtype))
       else:
-        part = lax.ppermute(rows_v, axes, [(owner, block)])
-      w = _add_rows(w, part, axis, p0 - first)
-  return w
+        folded = lax.ppermute(folded, axes, [(block, owner)])
+      own = _add_rows(own, folded, axis, lo_row)
+  # The window's rows in the extended block (pad, halos, own rows), then each part.
+  extent = sum(blocks.pad) + before + size + after
+  shape = list(g.shape)
+  shape[axis] = extent
+  e = _unslice(g, shape, axis, blocks.starts, index)
+  e = lax.slice_in_dim(e, blocks.pad[0], blocks.pad[0] + before + size + after, axis=axis)
+  own = own + lax.slice_in_dim(e, before, before + size, axis=axis)
+  start = 0
+  for hop in range(_ceil(before, size), 0, -1):  # as `_halos` received them
+    rows = min(size, before - (hop - 1) * size)
+    piece = _shift(lax.slice_in_dim(e, start, start + rows, axis=axis), axes, parts, -hop)
+    own = _add_rows(own, piece, axis, size - rows)
+    start += rows
+  start = before + size
+  for hop in range(1, _ceil(after, size) + 1):
+    rows = min(size, after - (hop - 1) * size)
+    piece = _shift(lax.slice_in_dim(e, start, start + rows, axis=axis), axes, parts, hop)
+    own = _add_rows(own, piece, axis, 0)
+    start += rows
+  return _mask(own, axis, index, parts, blocks.total)
+
+
+def _unslice(g: jax.Array, shape: list[int], axis: int, starts: tuple[int, ...],
+             index: jax.Array) -> jax.Array:
+  """The transpose of `_slice`: `g` placed at `starts[index]` in zeros of `shape`."""
+  zeros = jnp.zeros(shape, g.dtype)
+  if len(set(starts)) == 1:
+    return _add_rows(zeros, g, axis, starts[0])
+  at = [jnp.int32(0)] * len(shape)
+  at[axis] = jnp.asarray(np.array(starts, np.int32))[index]
+  return lax.dynamic_update_slice(zeros, g, at)
+
+
+def _fold_rows(g: jax.Array, axis: int, rows: list[int]) -> jax.Array:
+  """The transpose of `_take`: `g`'s rows added onto rows `rows` (static) of a new array."""
+  from dw5d_jax import _modes
+
+  shape = list(g.shape)
+  shape[axis] = max(rows) + 1
+  out, k = jnp.zeros(shape, g.dtype), 0
+  for first, length, step in _modes._runs(np.asarray(rows)):
+    piece = lax.slice_in_dim(g, k, k + length, axis=axis)
+    k += length
+    if step == -1:
+      piece, first = lax.rev(piece, (axis,)), first - length + 1
+    elif step == 0:
+      piece = jnp.sum(piece, axis=axis, keepdims=True)
+    out = _add_rows(out, piece, axis, first)
+  return out
 
 
 def _take(v: jax.Array, axis: int, rows: list[int]) -> jax.Array:

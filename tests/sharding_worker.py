@@ -145,6 +145,14 @@ CASES = {
              shard_map=True, second_order=True),
         Case("depth_silu", AUTO, _8, (None, "d"), (2, 16, 12, 10, 8), (3, 3, 3),
              kwargs=(("activation", "silu"),), shard_map=True),
+        # Border modes along split axes: end blocks fill their padding, circular wraps
+        # between the first and last blocks; a pad wider than a block (reflect, 2 hops).
+        Case("depth_height_modes", EXPLICIT, _2x4, (None, "data", "space"), (2, 8, 16, 6, 8),
+             (3, 3, 3), kwargs=(("padding_mode", ("circular", "reflect", "edge")),),
+             shard_map=True, second_order=True),
+        Case("width_reflect_multi_hop", AUTO, _8, (None, None, None, "d"), (2, 4, 6, 16, 8),
+             (3, 5), kwargs=(("axes", "HW"), ("dilations", 2), ("padding_mode", "reflect"),
+                             ("activation", "relu")), shard_map=True),
     ],
 }
 
@@ -319,12 +327,13 @@ def _spec(case: Case, x, k):
   axes = kw.get("axes", "DHW" if len(case.window) == 3 else "HW")
   layout = kw.get("data_format", "NDHWC")
   n = len(axes)
+  padding = _args.check_padding(fn, kw.get("padding", "SAME"), axes)
   return _args.normalize(
       fn, x, k, conv_axes=axes, layout=layout,
       strides=_args.int_tuple(fn, "strides", kw.get("strides", 1), n, axes),
       dilations=_args.int_tuple(fn, "dilations", kw.get("dilations", 1), n, axes),
-      padding=_args.check_padding(fn, kw.get("padding", "SAME"), axes),
-      precision=None, preferred=None)[2]
+      padding=padding, precision=None, preferred=None,
+      padding_mode=_args.check_padding_mode(fn, kw.get("padding_mode", "zeros"), padding, axes))[2]
 
 
 # ----------------------------------------------------------------------------
