@@ -91,7 +91,7 @@ def draw(rng) -> dict[str, Any]:
         crop[a] = n - int(rng.integers(1, p)) if n - p >= 8 else n
     sizes[a] = n
   window, strides, dilations, padding, modes = [], [], [], [], []
-  for a in axes:
+  for _ in axes:
     window.append(int(rng.integers(1, 5)))
     strides.append(int(rng.integers(1, 3)))
     dilations.append(int(rng.integers(1, 3)))
