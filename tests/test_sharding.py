@@ -81,6 +81,13 @@ def test_layers_through_a_sharded_jit(library, axis_types):
   _check("layers", f"{library}_{axis_types}", "auto")
 
 
+@pytest.mark.parametrize("case", [c[0] for c in worker.STREAM_CASES])
+def test_sharded_streaming(case):
+  """stream_init/stream_step with a state split by batch or a spatial axis other than
+  time, under jit (Auto and Explicit): exact, the state stays split, halo-only."""
+  _check("streaming", f"stream_{case}", "auto")
+
+
 @pytest.mark.parametrize("case", ["explicit_indivisible_output", "split_axes_indivisible_output",
                                   "export", "readme"])
 def test_errors_and_export(case):
