@@ -81,8 +81,8 @@ def native_status() -> NativeStatus:
   call) for float32/bfloat16 convolutions, channels-last or channels-first:
   forward, input and kernel gradients, several times faster than XLA's own
   lowering. It is
-  compiled with the system C++ compiler at first use and cached (see the
-  README, "Performance on CPU"). Without it (no compiler, a failed build,
+  compiled with the system C++ compiler at first use and cached (see
+  docs/performance.md). Without it (no compiler, a failed build,
   or `DW5D_JAX_NATIVE=0`), results are the same, computed by XLA's lowering.
 
   The first call builds or loads the library if that has not happened yet

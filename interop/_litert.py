@@ -99,7 +99,7 @@ def export_litert(
       weights, half the size; computed in float32 on CPU), or `"int8"`
       (post-training full-integer quantization: int8 weights and
       activations, calibrated on `representative_data`; float32 input and
-      output). Measured errors: see the README's "LiteRT" section.
+      output). Measured errors: see docs/export.md ("LiteRT").
     representative_data: `"int8"` only: an iterable of float arrays of shape
       `input_shape` (or a function returning one), typical inputs from
       which the converter picks each activation's int8 range; about 100 is

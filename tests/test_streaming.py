@@ -90,7 +90,7 @@ def test_stream_equals_the_full_op(stream, method, seed):
 
 
 def test_one_frame_steps_of_a_clip(rng):
-  """The README's case: a clip (N, T, H, W, C), causal 3x3x3, one frame per step."""
+  """docs/streaming.md's case: a clip (N, T, H, W, C), causal 3x3x3, one frame per step."""
   x = random_array(rng, (2, 6, 7, 5, 4))
   k = random_array(rng, (3, 3, 3, 4, 2))
   padding = ("CAUSAL", "SAME", "SAME")
