@@ -61,9 +61,9 @@ def implementation(op: str, spec: ConvSpec, impl: _primitive.Impl, out_dtype: An
                    borders: bool) -> Fn:
   """`op` of a spec with modes as a function of its two operands (module docstring).
 
-  It is traced inside the op's lowering on whole arrays, outside any mesh:
-  under a mesh with explicit axes, the nested ops' lowerings partition
-  them (`_sharding.partitioned`), not the types of the arrays in between.
+  It is traced inside the op's lowering, on whole arrays (one device) or
+  on one device's blocks (`_sharding.blockwise`, which fills the modes
+  along split axes itself), outside any mesh.
   """
   run = functools.partial(_BORDERS[op] if borders else _PADDED[op], spec=spec, impl=impl,
                           out_dtype=np.dtype(out_dtype))

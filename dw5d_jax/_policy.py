@@ -202,7 +202,8 @@ def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpe
   `grad_formula`), whose `dw5d_p` takes the steps above. So the epilogue is
   fused exactly where the convolution (`"fwd"`) or its kernel gradient
   (`"grad"`) would use the native kernels, in the same layout (transposed
-  to channels-last around them where `transposed` says), on one device.
+  to channels-last around them where `transposed` says); on several
+  devices, on each device's blocks (`_sharding.partitioned_epilogue`).
   """
   method = lowering(impl.method, platform, spec)
   if method != "shift" or platform != "cpu" or spec.has_modes:

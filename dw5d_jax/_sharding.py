@@ -21,6 +21,18 @@ gradient and the layers. An op on sharded operands runs, on each device,
   else as a VALID problem on the block extended by its halo. Rows past the
   array's ends, and the padding of blocks that a size does not split
   evenly (their rows are masked), are zeros: the global zero padding.
+* **Border modes** (`padding_mode`): along an unsplit axis the local op
+  pads its block by mode itself. Along a split axis each block's window
+  gets the mode's values at the padding positions it reads (`_fill`):
+  copies of rows that the end blocks hold themselves (reflect, symmetric,
+  edge), or that another block sends (`circular`: the last block's rows
+  to the first and back; pads wider than a block). The input gradient
+  sends each window row's gradient back where it came from (`_window_t`).
+* **The epilogue** (`_epilogue.epilogue_p`, `epilogue_grad_p`: bias and
+  activation): each device runs the epilogue op itself on x's window and
+  its blocks (`partitioned_epilogue`), so the native kernels fuse it as on
+  one device; the bias is split with the channels, the kernel and bias
+  gradients are summed over the batch and spatial splits.
 
 Three routes lead there:
 
