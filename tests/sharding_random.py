@@ -22,7 +22,8 @@ It passes when:
   reduce-scatter of more elements than the kernel or the bias (the only
   sums a sharded step needs), and its collective-permutes move at most
   1.05x the analytic halo (`benchmarks/sharding.py`, from the definition,
-  border modes included);
+  border modes included; 1.25x with several split spatial axes, whose
+  later halos carry the earlier axes' windows with their padding rows);
 * where one device fuses the epilogue into the native kernels, so does
   every device of the sharded program;
 * or the call refuses with a ValueError that names the result's axis, its
@@ -227,9 +228,12 @@ def run(config: dict, check_only: bool = False) -> dict[str, Any]:
     errors.append(f"one device fuses the epilogue ({', '.join(sorted(fused))}), the sharded "
                   f"program does not")
   moved = sum(nbytes for kind, _, nbytes in found if kind == "collective-permute")
-  halo = analytic_halo_bytes(_spec(config, x, k, kw), _pad(x, placed).shape,
-                             _pad_to(ct, parts).shape, parts, 4)
-  if moved > 1.05 * halo:
+  spec = _spec(config, x, k, kw)
+  halo = analytic_halo_bytes(spec, _pad(x, placed).shape, _pad_to(ct, parts).shape, parts, 4)
+  # Over several split spatial axes, a later axis's halo spans the earlier axes' windows,
+  # padding rows included (the analytic count spans only the rows read): up to 1.25x.
+  slack = 1.05 if sum(parts[ax] > 1 for ax in spec.spatial_axes) <= 1 else 1.25
+  if moved > slack * halo:
     errors.append(f"collective-permute of {moved} bytes, analytic halo {halo} bytes")
   return {"status": "failed" if errors else "passed", "errors": errors,
           "collectives": sorted({kind for kind, _, _ in found}), "permute_bytes": moved}
