@@ -19,8 +19,9 @@ import numpy as np
 from jax import core as jax_core
 from jax import lax
 
-from dw5d_jax import _epilogue, _geometry
-from dw5d_jax._geometry import MODES, PADDING_KINDS, SPATIAL, ConvSpec
+from dw5d_jax import _activations, _geometry
+from dw5d_jax._geometry import MODES, PADDING_KINDS, SPATIAL
+from dw5d_jax._spec import ConvSpec
 
 METHODS = ("auto", "conv", "shift", "pallas")
 
@@ -205,11 +206,11 @@ def check_preferred(fn: str, preferred: Any) -> Any:
 
 
 def check_activation(fn: str, activation: Any) -> str | None:
-  """The canonical name of `activation` (`_epilogue.ACTIVATIONS`, an alias, any case), or None."""
+  """The canonical name of `activation` (`_activations.ACTIVATIONS`, an alias, any case), or None."""
   if activation is None:
     return None
-  names = ", ".join(map(repr, _epilogue.ACTIVATIONS))
-  aliases = ", ".join(map(repr, _epilogue.ALIASES))
+  names = ", ".join(map(repr, _activations.ACTIVATIONS))
+  aliases = ", ".join(map(repr, _activations.ALIASES))
   expected = (f"{fn}: `activation` must be None or one of {names} (or the aliases "
               f"{aliases})")
   if callable(activation):
@@ -219,9 +220,9 @@ def check_activation(fn: str, activation: Any) -> str | None:
   if not isinstance(activation, str):
     raise TypeError(f"{expected}; got {type(activation).__name__} {activation!r}.")
   name = activation.lower()
-  if name in _epilogue.ALIASES:
-    return _epilogue.ALIASES[name]
-  if name not in _epilogue.ACTIVATIONS:
+  if name in _activations.ALIASES:
+    return _activations.ALIASES[name]
+  if name not in _activations.ACTIVATIONS:
     raise ValueError(f"{expected}; got {activation!r}.")
   return name
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from dw5d_jax._geometry import ConvSpec
+from dw5d_jax._spec import ConvSpec
 
 
 def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec, out_dtype: Any) -> jax.Array:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args, _epilogue, _policy, _primitive, _sharding
+from dw5d_jax import _args, _epilogue, _lowering, _primitive, _sharding, _target
+from dw5d_jax._spec import Impl
 
 _Ints = int | tuple[int, ...]
 _Padding = str | tuple[str | tuple[int, int], ...]
@@ -264,8 +265,9 @@ def _apply(x: jax.Array, kernel: jax.Array, *, fn: str, conv_axes: str, layout: 
   else:  # explicit mesh axes: the result's split, checked with this function's name
     _sharding.out_sharding("fwd", jax.typeof(x5), jax.typeof(k5), spec,
                            _primitive.out_shape("fwd", x5.shape, spec), fn)
-  impl = _primitive.Impl(method)
-  _policy.prepare(spec, impl, x5.shape[0])
+  # The export target is read here, at trace time (the jit cache is keyed on it).
+  impl = Impl(method, target=_target.current())
+  _lowering.prepare(spec, impl, x5.shape[0])
   if bias is None and activation is None:
     y = _primitive.conv(x5, k5, spec, impl, split=blocks)
   else:

@@ -3,7 +3,7 @@
 The ops take the epilogue as keywords (`bias=`, `activation=`); without
 them nothing here runs and the op is the bilinear primitive `dw5d_p` alone.
 With them, three primitives carry the computation, so that the native CPU
-kernels can fuse it (`_policy.epilogue_implementation`) while every other
+kernels can fuse it (`_policy.decide`, `_lowering.py`) while every other
 path computes the same formula unfused:
 
 * `epilogue_p(x, k, b) -> y`: the layer's forward. Native: the activation
@@ -18,7 +18,7 @@ path computes the same formula unfused:
   Native: one pass over x's windows and ct computes g, accumulates dk and
   db, and writes g once; the input gradient is then `dw5d_p`'s (`dx(g, k)`).
 
-`r` is what `act'(z)` is computed from (`variant`). For relu, relu6,
+`r` is what `act'(z)` is computed from (`_activations.variant`). For relu, relu6,
 sigmoid and tanh with a float32 output it is the output y (`act'(z)` is a
 function of y, e.g. `y * (1 - y)` for the sigmoid), so the backward pass
 reads y; for gelu, silu and hard_swish (and a bfloat16 y, too coarse near
@@ -36,84 +36,17 @@ channels, like `dw5d_p`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import dispatch
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from dw5d_jax import _primitive, _sharding
-from dw5d_jax._geometry import ConvSpec
-from dw5d_jax._primitive import Impl
-
-
-class Activation(NamedTuple):
-  """An activation: `fn` in JAX, and `act'(z)` from `y = act(z)` where it is one."""
-
-  fn: Callable[[jax.Array], jax.Array]
-  from_output: Callable[[jax.Array], jax.Array] | None = None
-
-
-def _gelu_exact(z):
-  return jax.nn.gelu(z, approximate=False)
-
-
-def _gelu_tanh(z):
-  return jax.nn.gelu(z, approximate=True)
-
-
-def _relu_slope(y):
-  return (y > 0).astype(y.dtype)
-
-
-def _relu6_slope(y):
-  return ((y > 0) & (y < 6)).astype(y.dtype)
-
-
-def _sigmoid_slope(y):
-  return y * (1 - y)
-
-
-def _tanh_slope(y):
-  return 1 - y * y
-
-
-# The names the ops accept (the native kernels know the same names).
-ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(jax.nn.relu, _relu_slope),
-    "relu6": Activation(jax.nn.relu6, _relu6_slope),
-    "gelu": Activation(_gelu_exact),  # exact, with erf: Keras's and PyTorch's default
-    "gelu_tanh": Activation(_gelu_tanh),  # the tanh approximation: jax.nn.gelu's default
-    "silu": Activation(jax.nn.silu),
-    "sigmoid": Activation(jax.nn.sigmoid, _sigmoid_slope),
-    "tanh": Activation(jnp.tanh, _tanh_slope),
-    "hard_swish": Activation(jax.nn.hard_swish),
-}
-# Other names users know them by (Keras's among them); "linear" is none.
-ALIASES: dict[str, str | None] = {
-    "swish": "silu", "hard_silu": "hard_swish", "gelu_approximate": "gelu_tanh",
-    "approximate_gelu": "gelu_tanh", "linear": None,
-}
-
-
-def variant(activation: str | None, out_dtype: Any) -> str:
-  """What the backward pass reads: "none" (g = ct), "output" (y) or "input" (recomputes z).
-
-  y only where it holds act'(z) exactly enough: a float32 (or wider) y, or
-  relu's sign. A bfloat16 y rounds values just below relu6's 6 onto it
-  (slope 0 instead of 1), and sigmoid's and tanh's slopes near saturation
-  to 0.
-  """
-  if activation is None:
-    return "none"
-  if ACTIVATIONS[activation].from_output is None:
-    return "input"
-  exact = np.dtype(out_dtype).itemsize >= 4 or activation == "relu"
-  return "output" if exact else "input"
-
+from dw5d_jax._activations import ACTIVATIONS, variant
+from dw5d_jax._spec import ConvSpec, Impl
 
 # ----------------------------------------------------------------------------
 # The formulas: what every path computes, unfused here.
@@ -198,9 +131,9 @@ def apply(x, k, b, spec: ConvSpec, impl: Impl, activation: str | None,
 
   Blocks inside `shard_map` (`split`, or operands varying over manual mesh
   axes) take the formula at once: its `dw5d_p` exchanges the halos
-  (`_sharding.blockwise`), its bias and activation are elementwise. Arrays
+  (`_partition.blockwise`), its bias and activation are elementwise. Arrays
   sharded under `jit` bind the epilogue ops, which partition themselves
-  (`_sharding.partitioned_epilogue`): each device runs them, fused, on its
+  (`_partition.partitioned_epilogue`): each device runs them, fused, on its
   blocks.
   """
   if split is not None or any(jax.typeof(v).manual_axis_type.varying for v in (x, k, b)):
@@ -328,42 +261,17 @@ def _eager(prim: Primitive):
   return lambda *args, **params: jitted(**params)(*args)
 
 
-def _lowering(op: str, formula, multiple_results: bool):
-  def lower(ctx, *args, platform: str | None, **params):
-    from dw5d_jax import _policy  # the policy imports the lowerings
-
-    fn = None
-    if op is not None:
-      fn = _policy.epilogue_implementation(ctx, platform=platform, op=op, **params)
-    if fn is None:
-      fn = functools.partial(formula, **params)
-    if op is not None:  # lowered for several devices: each runs this op on its blocks
-      from_output = variant(params["activation"], params["spec"].out_dtype) == "output"
-      fn = _sharding.partitioned_epilogue(ctx, fn, op=op, from_output=from_output, **params)
-    outs = mlir.lower_fun(fn, multiple_results=multiple_results)(_sharding.unsharded(ctx), *args)
-    if not multiple_results:
-      return [_sharding.constrain(ctx, outs[0])]
-    return [_sharding.constrain(ctx, o, aval) for o, aval in zip(outs, ctx.avals_out)]
-
-  return lower
-
-
-def _register(prim: Primitive, abstract, formula, op: str | None) -> None:
-  # Lowered for several devices, the formula's dw5d_p partitions itself
-  # (`_sharding.partitioned`), which needs the devices while lowering.
-  dispatch.prim_requires_devices_during_lowering.add(prim)
+def _register(prim: Primitive, abstract) -> None:
   prim.def_abstract_eval(abstract)
   prim.def_impl(_eager(prim))
   batching.primitive_batchers[prim] = _batch_rule(prim)
-  lower = _lowering(op, formula, prim.multiple_results)
-  mlir.register_lowering(prim, functools.partial(lower, platform=None))
-  for platform in ("cpu", "cuda"):
-    mlir.register_lowering(prim, functools.partial(lower, platform=platform), platform=platform)
 
 
-_register(epilogue_p, _forward_abstract, forward_formula, "fwd")
-_register(epilogue_lin_p, _lin_abstract, lin_formula, None)
-_register(epilogue_grad_p, _grad_abstract, grad_formula, "grad")
+# The lowerings (fused where the policy says, else the formulas) are
+# registered by `_lowering.py`.
+_register(epilogue_p, _forward_abstract)
+_register(epilogue_lin_p, _lin_abstract)
+_register(epilogue_grad_p, _grad_abstract)
 ad.primitive_jvps[epilogue_p] = _forward_jvp
 ad.primitive_jvps[epilogue_lin_p] = _formula_jvp(lin_formula, False)
 ad.primitive_jvps[epilogue_grad_p] = _formula_jvp(grad_formula, True)

@@ -13,7 +13,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 from jax.typing import DTypeLike
 
-from dw5d_jax import _args, _epilogue, _streaming
+from dw5d_jax import _activations, _args, _streaming
 from dw5d_jax._depthwise import depthwise_conv2d, depthwise_conv3d
 from dw5d_jax._streaming import StreamState
 
@@ -233,7 +233,7 @@ class _DepthwiseConv(nnx.Module):
       if bias is not None:
         y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
       if self._fused_activation is not None:
-        y = _epilogue.ACTIVATIONS[self._fused_activation].fn(y)
+        y = _activations.ACTIVATIONS[self._fused_activation].fn(y)
     if self._after is not None:
       y = self._after(y)
     return y.reshape((*batch_shape, *y.shape[1:]))

@@ -11,7 +11,8 @@ the mode's axes):
 
 They are the three partial derivatives of `<fwd_valid(P x, w), ct>`, so the
 primitive's transposes (`_primitive.py`) hold as they are, to any order.
-`_policy.implementation` hands a spec with modes to `implementation` here,
+`_lowering.py` hands a spec with modes to `implementation` here (as
+`_policy.decide` says: borders or padded),
 which computes them by binding the primitive again with zero-padding specs
 (so the policy picks a lowering for those), in one of two ways:
 
@@ -52,17 +53,18 @@ import numpy as np
 from jax import lax
 
 from dw5d_jax import _geometry, _primitive
-from dw5d_jax._geometry import ZEROS, ConvSpec, Face, is_static
+from dw5d_jax._geometry import ZEROS, Face, is_static
+from dw5d_jax._spec import ConvSpec, Impl
 
 Fn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def implementation(op: str, spec: ConvSpec, impl: _primitive.Impl, out_dtype: Any, *,
+def implementation(op: str, spec: ConvSpec, impl: Impl, out_dtype: Any, *,
                    borders: bool) -> Fn:
   """`op` of a spec with modes as a function of its two operands (module docstring).
 
   It is traced inside the op's lowering, on whole arrays (one device) or
-  on one device's blocks (`_sharding.blockwise`, which fills the modes
+  on one device's blocks (`_partition.blockwise`, which fills the modes
   along split axes itself), outside any mesh.
   """
   run = functools.partial(_BORDERS[op] if borders else _PADDED[op], spec=spec, impl=impl,
@@ -99,7 +101,7 @@ def take(x: jax.Array, axis: int, mode: str, n: Any, start: Any, stop: Any,
 def take_rows(x: jax.Array, axis: int, idx: np.ndarray) -> jax.Array:
   """Rows `idx` (static) of x along `axis`: runs of slices, reversals and broadcasts."""
   pieces = []
-  for first, length, step in _runs(idx):
+  for first, length, step in runs(idx):
     if step == 1:
       pieces.append(lax.slice_in_dim(x, first, first + length, axis=axis))
     elif step == -1:
@@ -112,7 +114,7 @@ def take_rows(x: jax.Array, axis: int, idx: np.ndarray) -> jax.Array:
   return pieces[0] if len(pieces) == 1 else lax.concatenate(pieces, axis)
 
 
-def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
+def runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
   """`idx` as `(first, length, step)` runs with steps 1, -1 or 0."""
   runs, i = [], 0
   while i < len(idx):

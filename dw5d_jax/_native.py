@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from dw5d_jax._geometry import ConvSpec
+from dw5d_jax._spec import ConvSpec
 
 
 def _attrs(spec: ConvSpec, batch: int) -> dict:

@@ -1,7 +1,7 @@
 """Builds, caches and loads the native CPU kernels (the C++ sources in `dw5d_jax/_csrc/`).
 
 The first trace of an op that could use them, with CPU as the default
-backend, calls `status()` (`_policy.prepare`), which:
+backend, calls `status()` (`_lowering.prepare`), which:
 
 1. returns at once if `DW5D_JAX_NATIVE=0` (or `false`/`no`/`off`; see `mode`);
 2. finds a C++ compiler (`$CXX`, else `c++`, `g++`, `clang++`) and asks it

@@ -50,8 +50,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dw5d_jax._geometry import ConvSpec, is_static
-from dw5d_jax._primitive import OPS, Impl, out_shape
+from dw5d_jax._geometry import is_static
+from dw5d_jax._primitive import out_shape
+from dw5d_jax._spec import OPS, ConvSpec, Impl
 
 _MAX_ELEMENTS = 2**31
 

@@ -2,9 +2,21 @@
 
 A public op checks its arguments (`_args`) into a `ConvSpec` and binds the
 primitive `_primitive.dw5d_p`; the gradients are the same primitive with
-`op="dx"` or `"dk"`. When XLA lowers it for a platform, `implementation`
-decides, in this order:
+`op="dx"` or `"dk"`. When XLA lowers it, `_lowering.py` gathers what the
+lowering context knows into `Facts` and asks `decide`, a pure function of
+the op, the spec, the user's `Impl` and the facts, for a `Decision`;
+`_lowering.py` then builds what the decision names and nothing else. The
+order:
 
+0. **Blocks or export route.** Inside `shard_map` (`split_axes`) the op is
+   computed on its blocks (`"blockwise"`, `_partition.py`), whose local
+   ops come back here. An export target (`Facts.target`, `_target.py`)
+   with its own lowering takes it: for `"litert"` the convolution is
+   `"conv2d"` (`_conv2d.py`: grouped 2D convolutions, which the LiteRT
+   converter turns into DEPTHWISE_CONV_2D), border modes from a padded
+   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`,
+   `"onnx"` for now), take the steps below, as exported (no native
+   kernels, no partitioning). LiteRT export of blocks raises.
 1. **Method -> lowering** (`lowering`). `"conv"`, `"shift"` and `"pallas"`
    are taken as named. `"auto"` depends on the platform being lowered for,
    so one traced function exported for several platforms (`jax.export`,
@@ -17,7 +29,8 @@ decides, in this order:
      until GPU measurements fill it.
    * anything else (TPU, ROCm): `"conv"`, XLA's own convolution.
 
-   `"pallas"` lowers for CUDA only, or anywhere in interpret mode (tests).
+   `"pallas"` lowers for CUDA only, or anywhere in interpret mode (tests);
+   elsewhere it raises.
 2. **Native or XLA** (`native_layout`): the shift lowering on CPU calls the
    native C++ kernels (`_native.py`) for float32/bfloat16 problems with
    static shapes, where they were measured faster (`worthwhile`), unless
@@ -25,47 +38,57 @@ decides, in this order:
    call that only this process knows). Everything else uses XLA's shift
    lowering (`_shift.py`), with the same results.
    A spec with border modes (`padding_mode`) is computed by `_modes.py`
-   from zero-padding ops, which come back here: on the border alone where
-   the native kernels run, from a padded copy elsewhere.
-3. **Layout.** XLA's convolution and shift lowering take both layouts as
-   they are (dimension numbers, axis positions); so do the native kernels
-   (channels-first ones are vectorised along W), except where `transposed`
-   says that transposing to channels-last around them is faster; Pallas
-   kernels are channels-last only. Where an implementation does not take
-   the spec's layout, its operands and result are transposed at the
-   boundary (`_channels_last`), here and nowhere else.
+   from zero-padding ops, which come back here: on the border alone
+   (`Decision.modes == "borders"`) where the native kernels run, from a
+   padded copy (`"padded"`) elsewhere.
+3. **Layout** (`Decision.layout`). XLA's convolution and shift lowering
+   take both layouts as they are (dimension numbers, axis positions); so
+   do the native kernels (channels-first ones are vectorised along W),
+   except where `transposed` says that transposing to channels-last around
+   them is faster; Pallas kernels are channels-last only. Where an
+   implementation does not take the spec's layout (`"transposed"`), its
+   operands and result are transposed at the boundary (`_lowering.py`).
+4. **Partitioning** (`Decision.partition`): lowered for several devices,
+   outside `shard_map` and not for export, the op is partitioned by its
+   own rule (`_partition.partitioned`); border modes are not (their
+   zero-padding ops partition themselves).
 
 A bias or activation (`bias=`, `activation=`) makes the op bind
-`_epilogue.epilogue_p` instead; its forward and backward pass are fused
-into the native kernels exactly where the convolution and its kernel
-gradient would use them (`epilogue_implementation`) without border modes,
-and everywhere else computed by the unfused formula over `dw5d_p`, which
-takes the steps above.
+`_epilogue.epilogue_p` instead (ops `"epilogue"`, `"epilogue_lin"`,
+`"epilogue_grad"` here); its forward and backward pass are fused into the
+native kernels (`Decision.fused`) exactly where the convolution and its
+kernel gradient would use them, on one device, without border modes, and
+everywhere else computed by the unfused formula over `dw5d_p`, which takes
+the steps above.
 
 The native library is built (or loaded from its cache) at trace time, by
-`prepare`, the first time an op that may use it is traced with CPU as the
-default backend; lowering only asks whether it is loaded. So the ~25 s
-compile of a fresh machine happens at the user's first call, with its
-warning if it fails, and never in the middle of XLA's lowering.
-`DW5D_JAX_NATIVE` (`_native_build.mode`) switches the native kernels off
-(`0`) or forces them wherever they apply (`all`, what the tests use).
+`_lowering.prepare`, the first time an op that may use it is traced with
+CPU as the default backend; lowering only asks whether it is loaded
+(`Facts.native_loaded`). So the ~25 s compile of a fresh machine happens
+at the user's first call, with its warning if it fails, and never in the
+middle of XLA's lowering. `DW5D_JAX_NATIVE` (`_native_build.mode`,
+`Facts.native_mode`) switches the native kernels off (`off`) or forces
+them wherever they apply (`all`, what the tests use).
+
+This module imports no implementation: its table tests
+(tests/test_policy.py) cover every branch, CUDA's included, without a GPU
+and without compiling.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dw5d_jax import _conv, _epilogue, _modes, _native, _native_build, _pallas, _shift
-from dw5d_jax._geometry import ConvSpec, is_static
-from dw5d_jax._primitive import Impl
+from dw5d_jax._spec import OPS, ConvSpec, Impl
 
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+# The epilogue's primitives (`_epilogue.py`): forward, its JVP, its backward pass.
+EPILOGUE_OPS = ("epilogue", "epilogue_lin", "epilogue_grad")
 
 # --- method="auto" on CUDA GPUs ---------------------------------------------
 # Each configuration class maps to the method that measured fastest on a GPU
@@ -79,16 +102,129 @@ _GPU_CHOICE: dict[tuple[str, str], str] = {}
 # are transposed to channels-last where C % 4 == 0 (see `worthwhile`).
 _CF_MIN_WIDTH = {"fwd": 12, "dx": 6, "dk": 6}
 
-Fn = Callable[[jax.Array, jax.Array], jax.Array]
+
+class Facts(NamedTuple):
+  """What a lowering context knows, as plain values (`_lowering.facts` reads them).
+
+  Attributes:
+    platform: the platform of the lowering rule running (`"cpu"`, `"cuda"`),
+      or None for the rule of every other platform.
+    platforms: every platform the computation is lowered for (several in
+      a multi-platform export); `(platform,)` for a platform's own rule.
+    static: whether every operand and result shape is static.
+    dtypes: the operands' and results' dtypes.
+    devices: how many devices the computation is lowered for.
+    manual: inside `shard_map` (every mesh axis manual).
+    split: the op is one block of an array split inside `shard_map`
+      (`split_axes`: the primitive's `split`).
+    native_mode: `_native_build.mode()`: `"off"`, `"on"` or `"all"`.
+    native_loaded: whether the native library is loaded and active.
+    target: the export target (`_target.TARGETS`): the op's own
+      (`Impl.target`), else `"stablehlo"` for any lowering for export,
+      else None.
+  """
+
+  platform: str | None = "cpu"
+  platforms: tuple[str, ...] = ("cpu",)
+  static: bool = True
+  dtypes: tuple[Any, ...] = ()
+  devices: int = 1
+  manual: bool = False
+  split: bool = False
+  native_mode: str = "on"
+  native_loaded: bool = True
+  target: str | None = None
 
 
-def prepare(spec: ConvSpec, impl: Impl, batch: Any) -> None:
-  """Trace-time work for a call: checks Pallas limits, builds the native library."""
-  if impl.method == "pallas":
-    _pallas.check(spec, batch)
-  if (impl.method in ("auto", "shift") and _native_build.mode() != "off"
-      and jax.default_backend() == "cpu"):
-    _native_build.status()  # builds or loads once per process; warns if it fails
+class Decision(NamedTuple):
+  """What computes an op: `_lowering.py` builds exactly this.
+
+  Attributes:
+    lowering: `"conv"` (`_conv.py`), `"shift"` (`_shift.py`), `"native"`
+      (`_native.py`), `"pallas"` (`_pallas.py`), `"conv2d"` (`_conv2d.py`),
+      `"blockwise"` (`_partition.blockwise`, blocks inside `shard_map`) or
+      `"formula"` (an epilogue op unfused, `_epilogue.py`).
+    layout: `"as-is"`, or `"transposed"` to channels-last around it.
+    modes: for a spec with border modes, `"borders"` (zero-padding ops plus
+      corrections on the border) or `"padded"` (a padded copy), `_modes.py`;
+      else None.
+    fused: an epilogue op fused into the native kernels.
+    partition: partitioned by its own rule (`_partition.partitioned`).
+  """
+
+  lowering: str
+  layout: str = "as-is"
+  modes: str | None = None
+  fused: bool = False
+  partition: bool = False
+
+
+def decide(op: str, spec: ConvSpec, impl: Impl, facts: Facts) -> Decision:
+  """The decision for `op` (`OPS` or `EPILOGUE_OPS`) on `spec` (module docstring).
+
+  Raises:
+    ValueError: `method="pallas"` lowered for a platform other than CUDA
+      (without interpret mode); blocks (`split_axes`) exported to LiteRT.
+  """
+  if op in EPILOGUE_OPS:
+    return _epilogue(op, spec, impl, facts)
+  if op not in OPS:
+    raise ValueError(f"decide: `op` must be one of {OPS + EPILOGUE_OPS}, got {op!r}.")
+  if facts.split:
+    if facts.target == "litert":
+      raise ValueError("LiteRT export: `split_axes` (blocks inside jax.shard_map) cannot be "
+                       "exported; export the function on whole arrays.")
+    return Decision("blockwise")
+  if facts.target == "litert" and op == "fwd":
+    return Decision("conv2d", modes="padded" if spec.has_modes else None)
+  method = lowering(impl.method, facts.platform, spec)
+  partition = _partition(facts)
+  if spec.has_modes:
+    # Border modes bind zero-padding ops, which come back here (`_modes.py`):
+    # the native kernels get corrections on the border, the rest a padded copy.
+    # Partitioned, each device computes them on its blocks (`_partition.blockwise`).
+    borders = (method == "shift" and facts.platform == "cpu"
+               and native_layout(spec, op, facts) is not None)
+    return Decision(method, modes="borders" if borders else "padded", partition=partition)
+  if method == "pallas":
+    bad = [p for p in facts.platforms if p != "cuda"]
+    if bad and not impl.interpret:
+      raise ValueError(
+          f"method='pallas' runs on CUDA GPUs only (a Pallas Triton kernel), but this "
+          f"computation is being lowered for platform {bad[0]!r}. Use method='auto', "
+          f"'conv' or 'shift' there.")
+    return Decision("pallas", _layout(not spec.channels_last), partition=partition)
+  if method == "shift" and facts.platform == "cpu":
+    layout = native_layout(spec, op, facts)
+    if layout is not None:
+      return Decision("native", layout, partition=partition)
+  return Decision(method, partition=partition)
+
+
+def _partition(facts: Facts) -> bool:
+  """Whether an op lowered with `facts` partitions itself (several devices, not manual,
+  not exported)."""
+  return facts.target is None and not facts.manual and facts.devices > 1
+
+
+def _epilogue(op: str, spec: ConvSpec, impl: Impl, facts: Facts) -> Decision:
+  """Fused exactly where the convolution (`"epilogue"`) or its kernel gradient
+  (`"epilogue_grad"`) would use the native kernels, in the same layout; the JVP
+  (`"epilogue_lin"`) and everything else: the formula, whose `dw5d_p` takes the
+  steps of `decide`. Lowered for several devices, the forward and the backward
+  pass partition themselves: each device runs them, fused or not, on its blocks
+  (`_partition.partitioned_epilogue`).
+  """
+  if op == "epilogue_lin":
+    return Decision("formula")
+  formula = Decision("formula", partition=_partition(facts))
+  method = lowering(impl.method, facts.platform, spec)
+  if method != "shift" or facts.platform != "cpu" or spec.has_modes:
+    return formula  # border modes: the formula's dw5d_p corrects the borders (`_modes`)
+  layout = native_layout(spec, "fwd" if op == "epilogue" else "dk", facts)
+  if layout is None:
+    return formula
+  return Decision("native", layout, fused=True, partition=formula.partition)
 
 
 def lowering(method: str, platform: str | None, spec: ConvSpec) -> str:
@@ -110,22 +246,25 @@ def gpu_choice(spec: ConvSpec) -> str:
   return _GPU_CHOICE.get((kind, np.dtype(spec.out_dtype).name), "conv")
 
 
-def native_layout(ctx, spec: ConvSpec, op: str) -> str | None:
+def native_layout(spec: ConvSpec, op: str, facts: Facts) -> str | None:
   """Step 2: `"as-is"` or `"transposed"` to use the native kernels for `op`, else None."""
-  if ctx.module_context.lowering_parameters.for_export:
+  if facts.target is not None:
     return None
-  if not spec.is_static() or not all(is_static(*a.shape) for a in ctx.avals_in):
+  if not spec.is_static() or not facts.static:
     return None
-  mode = _native_build.mode()
+  mode = facts.native_mode
   if mode == "off" or (mode == "on" and not worthwhile(spec, op)):
     return None
-  if not (all(np.dtype(a.dtype) in NATIVE_DTYPES for a in (*ctx.avals_in, *ctx.avals_out))
+  if not (all(np.dtype(d) in NATIVE_DTYPES for d in facts.dtypes)
           and np.dtype(spec.acc_dtype) == np.float32):
     return None
-  status = _native_build.loaded()
-  if status is None or not status.active:
+  if not facts.native_loaded:
     return None
-  return "transposed" if transposed(spec, op) else "as-is"
+  return _layout(transposed(spec, op))
+
+
+def _layout(transpose: bool) -> str:
+  return "transposed" if transpose else "as-is"
 
 
 def worthwhile(spec: ConvSpec, op: str) -> bool:
@@ -156,112 +295,3 @@ def transposed(spec: ConvSpec, op: str) -> bool:
   """
   return (not spec.channels_last and spec.channels % 4 == 0
           and spec.out_spatial[2] < _CF_MIN_WIDTH[op])
-
-
-def implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: Impl,
-                   out_dtype: Any) -> Fn:
-  """The function computing `op` in the lowering `ctx` for `platform` (None: any other)."""
-  platforms = (platform,) if platform else tuple(ctx.platforms or ctx.module_context.platforms)
-  method = lowering(impl.method, platforms[0] if platform else None, spec)
-  if spec.has_modes:
-    # Border modes bind zero-padding ops, which come back here (`_modes.py`):
-    # the native kernels get corrections on the border, the rest a padded copy.
-    borders = (method == "shift" and platform == "cpu"
-               and native_layout(ctx, spec, op) is not None)
-    return _modes.implementation(op, spec, impl, out_dtype, borders=borders)
-  if method == "pallas":
-    bad = [p for p in platforms if p != "cuda"]
-    if bad and not impl.interpret:
-      raise ValueError(
-          f"method='pallas' runs on CUDA GPUs only (a Pallas Triton kernel), but this "
-          f"computation is being lowered for platform {bad[0]!r}. Use method='auto', "
-          f"'conv' or 'shift' there.")
-    run = functools.partial(_pallas.run, op, out_dtype=out_dtype, interpret=impl.interpret,
-                            tiles=impl.tiles)
-    return _channels_last(run, op, spec)
-  if method == "shift" and platform == "cpu":
-    layout = native_layout(ctx, spec, op)
-    if layout is not None:
-      run = functools.partial(_native_op, op, out_dtype=out_dtype)
-      return _channels_last(run, op, spec) if layout == "transposed" else _bound(run, spec)
-  module = _conv if method == "conv" else _shift
-  run = functools.partial(getattr(module, _XLA_NAMES[op]), out_dtype=out_dtype)
-  return _bound(run, spec)
-
-
-_XLA_NAMES = {"fwd": "conv", "dx": "input_grad", "dk": "kernel_grad"}
-
-
-def epilogue_implementation(ctx, *, platform: str | None, op: str, spec: ConvSpec, impl: Impl,
-                            activation: str | None) -> Callable[..., Any] | None:
-  """The fused native computation of an epilogue op where it runs, else None.
-
-  `op` is `"fwd"` (`_epilogue.epilogue_p`: x, kernel, bias -> y) or
-  `"grad"` (`_epilogue.epilogue_grad_p`: x, kernel, r, ct -> g, dk, db).
-  None means the unfused formula (`_epilogue.forward_formula`,
-  `grad_formula`), whose `dw5d_p` takes the steps above. So the epilogue is
-  fused exactly where the convolution (`"fwd"`) or its kernel gradient
-  (`"grad"`) would use the native kernels, in the same layout (transposed
-  to channels-last around them where `transposed` says); on several
-  devices, on each device's blocks (`_sharding.partitioned_epilogue`).
-  """
-  method = lowering(impl.method, platform, spec)
-  if method != "shift" or platform != "cpu" or spec.has_modes:
-    return None  # border modes: the formula's dw5d_p corrects the borders (`_modes`)
-  layout = native_layout(ctx, spec, "fwd" if op == "fwd" else "dk")
-  if layout is None:
-    return None
-  native = spec._replace(channels_last=True) if layout == "transposed" else spec
-  if op == "fwd":
-    def run(x, k, b):
-      return _native.forward_epilogue(x, k, b, native, activation)
-
-    data_in, data_out = (True, False, False), (True,)
-  else:
-    from_output = _epilogue.variant(activation, spec.out_dtype) == "output"
-
-    def run(x, k, r, ct):
-      return _native.epilogue_grad(x, k, r, ct, native, activation, from_output)
-
-    data_in, data_out = (True, False, from_output, True), (True, False, False)
-  if layout == "as-is":
-    return run
-
-  def transposed_run(*args):  # channels-first data operands and results, moved
-    args = [jnp.moveaxis(a, 1, -1) if d else a for a, d in zip(args, data_in)]
-    outs = run(*args)
-    if op == "fwd":
-      return jnp.moveaxis(outs, -1, 1)
-    return tuple(jnp.moveaxis(o, -1, 1) if d else o for o, d in zip(outs, data_out))
-
-  return transposed_run
-
-
-def _native_op(op: str, a: jax.Array, b: jax.Array, spec: ConvSpec, out_dtype: Any):
-  if op == "fwd":
-    return _native.forward(a, b, spec._replace(out_dtype=out_dtype))
-  if op == "dx":
-    return _native.input_grad(a, b, spec).astype(out_dtype)
-  return _native.kernel_grad(a, b, spec).astype(out_dtype)
-
-
-def _bound(run: Callable[..., jax.Array], spec: ConvSpec) -> Fn:
-  return lambda a, b: run(a, b, spec)
-
-
-def _channels_last(run: Callable[..., jax.Array], op: str, spec: ConvSpec) -> Fn:
-  """`run(a, b, spec)` for channels-last operands, applied in `spec`'s layout.
-
-  Channels-first data operands (everything but a kernel) are transposed to
-  channels-last before the call and the result back after it.
-  """
-  if spec.channels_last:
-    return _bound(run, spec)
-  last = spec._replace(channels_last=True)
-
-  def fn(a, b):
-    b = jnp.moveaxis(b, 1, -1) if op == "dk" else b
-    out = run(jnp.moveaxis(a, 1, -1), b, last)
-    return out if op == "dk" else jnp.moveaxis(out, -1, 1)
-
-  return fn

@@ -14,13 +14,16 @@ They are the three partial derivatives of the trilinear form
 `dw5d_p`, carries all three (parameter `op`), with `ad.defbilinear`
 (forward mode, and by transposition reverse mode, to any order) and a
 batching rule. JAX therefore never differentiates a lowering: whichever
-code computes an op (`_policy.implementation`: XLA's grouped convolution,
-the shift lowering, the native CPU kernels, Pallas), its gradient is again
-this primitive, and a sharding rule or a lowering added for one op holds
-for the gradients too.
+code computes an op (`_policy.decide` chooses, `_lowering.py` builds it:
+XLA's grouped convolution, the shift lowering, the native CPU kernels,
+Pallas), its gradient is again this primitive, and a sharding rule or a
+lowering added for one op holds for the gradients too. This module defines
+the primitive (shapes, batching, transposes) and imports no
+implementation; its lowering rules are `_lowering.py`'s.
 
 Parameters: `op`, `spec` (a `ConvSpec`, the same for all three ops),
-`impl` (an `Impl`: the user's method and Pallas options), `out_dtype`
+`impl` (an `Impl`: the user's method, Pallas options and the export
+target, `_spec.py`), `out_dtype`
 (the result's dtype: the spec's output dtype for the convolution, the
 dtype of the operand being differentiated for the gradients) and `split`
 (None, or inside `shard_map` the `_sharding.Layout` of the spatial axes
@@ -29,41 +32,25 @@ the operands are blocks of; `spec` then describes the whole arrays).
 Sharding (`_sharding.py`): the abstract evaluation gives results their
 sharding under explicit mesh axes, the transposes give cotangents their
 primal's, and a lowering for several devices partitions the op by its own
-rule, so XLA never partitions the convolution.
+rule (`_partition.py`), so XLA never partitions the convolution.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import dispatch
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from dw5d_jax import _sharding
-from dw5d_jax._geometry import ConvSpec
 from dw5d_jax._sharding import Layout
-
-OPS = ("fwd", "dx", "dk")
+from dw5d_jax._spec import ConvSpec, Impl
 
 dw5d_p = Primitive("dw5d_depthwise")
-
-
-class Impl(NamedTuple):
-  """Which code computes the ops: the user's `method`, and Pallas options.
-
-  `tiles` holds one `_pallas.Tiles` (or None, the default) per op in `OPS`
-  order; `interpret` runs the Pallas kernels in interpret mode (any
-  platform, for tests).
-  """
-
-  method: str = "auto"
-  interpret: bool = False
-  tiles: tuple[Any, Any, Any] = (None, None, None)
 
 
 def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec, impl: Impl,
@@ -209,28 +196,8 @@ def unfold(v: jax.Array, role: str, spec: ConvSpec, size: int) -> jax.Array:
   return jnp.moveaxis(v, ch, 0)
 
 
-def _lowering(ctx, a, b, *, platform: str | None, split: Layout | None, **params):
-  # Imported here: the policy imports the lowerings, which bind this primitive.
-  from dw5d_jax import _policy
-
-  if split is not None:  # blocks inside shard_map: halo exchange, then the local op
-    fn = functools.partial(_sharding.blockwise, params.pop("op"), layout=split, reduce=False,
-                           **params)
-  else:
-    fn = _policy.implementation(_sharding.unsharded(ctx), platform=platform, **params)
-    fn = _sharding.partitioned(ctx, fn, **params)
-  (out,) = mlir.lower_fun(fn, multiple_results=False)(_sharding.unsharded(ctx), a, b)
-  return [_sharding.constrain(ctx, out)]
-
-
 dw5d_p.def_abstract_eval(_abstract_eval)
 dw5d_p.def_impl(_eager_impl)
 ad.defbilinear(dw5d_p, functools.partial(_transpose, 0), functools.partial(_transpose, 1))
 batching.primitive_batchers[dw5d_p] = _batch_rule
-# The lowering may partition the op (`_sharding.partitioned`), which needs the
-# devices it is lowered for: JAX passes them only for primitives in this set.
-dispatch.prim_requires_devices_during_lowering.add(dw5d_p)
-mlir.register_lowering(dw5d_p, functools.partial(_lowering, platform=None))
-for _platform in ("cpu", "cuda"):
-  mlir.register_lowering(dw5d_p, functools.partial(_lowering, platform=_platform),
-                         platform=_platform)
+# The lowerings (`_policy.decide` picks one) are registered by `_lowering.py`.

@@ -44,7 +44,8 @@ import numpy as np
 from jax import lax
 
 from dw5d_jax import _primitive
-from dw5d_jax._geometry import ConvSpec, is_static
+from dw5d_jax._geometry import is_static
+from dw5d_jax._spec import ConvSpec, Impl
 
 # The kernel gradient unrolls sums over at most this many leading rows, and
 # only while each row still holds this many elements (see kernel_grad): more
@@ -136,7 +137,7 @@ def input_grad(ct: jax.Array, kernel: jax.Array, spec: ConvSpec, out_dtype: Any)
       in_spatial=tuple(ctp.shape[a] for a in spec.spatial_axes), out_spatial=spec.in_spatial,
       channels=c * m, multiplier=1, out_dtype=conv_dtype)
   flipped = kernel[::-1, ::-1, ::-1].reshape(*spec.window, c * m, 1)
-  g = _primitive.conv(ctp, flipped.astype(in_dtype), t_spec, _primitive.Impl("shift"))
+  g = _primitive.conv(ctp, flipped.astype(in_dtype), t_spec, Impl("shift"))
   if m > 1:  # sum over the multiplier: channel c*M + m -> c
     # By explicit adds: a reduce here would make XLA hand the whole tap sum
     # to a library reduction, writing every tap's slice to memory first

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import keras
 
-from dw5d_jax import _args, _epilogue, _geometry
+from dw5d_jax import _activations, _args, _geometry
 
 _PACKAGE = "dw5d"
 _BACKENDS = ("jax", "tensorflow")
@@ -279,7 +279,7 @@ class _DepthwiseConv(keras.layers.Layer):
       return None
     if name == "linear":
       return ""
-    return name if name in _epilogue.ACTIVATIONS or name in _epilogue.ALIASES else None
+    return name if name in _activations.ACTIVATIONS or name in _activations.ALIASES else None
 
   # -- streaming --------------------------------------------------------------
 

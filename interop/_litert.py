@@ -7,8 +7,9 @@ and the written flatbuffer's operator codes are read back to make sure.
 
 Two graphs are possible for a JAX function (`dw5d_jax`'s ops inside):
 
-* `"depthwise"` (the default): the ops traced as grouped 2D convolutions
-  (interop/_litert_lowering.py), which become DEPTHWISE_CONV_2D;
+* `"depthwise"` (the default): the function traced for the export target
+  `"litert"` (`dw5d_jax._target`), for which the ops lower to grouped 2D
+  convolutions (`dw5d_jax/_conv2d.py`), which become DEPTHWISE_CONV_2D;
 * `"jax2tf"`: the function as `export_savedmodel` lowers it, whose CPU
   lowering of the ops (the portable "shift" computation) becomes an
   elementwise graph (PAD, SLICE, MUL, ADD per tap).
@@ -28,7 +29,6 @@ TensorFlow and the LiteRT packages are imported inside the functions, so
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -39,6 +39,8 @@ from typing import Any
 import jax
 import jax.extend.core
 import numpy as np
+
+from dw5d_jax import _target
 
 _FN = "export_litert"
 QUANTIZE = (None, "float16", "int8")
@@ -333,24 +335,15 @@ def jax_concrete_function(apply_fn: Callable[[Any, jax.Array], Any], params: Any
 
 
 def _trace(flat_fn, leaf_specs, x_spec, route) -> Any:
-  from interop import _litert_lowering
-
-  context = (_litert_lowering.depthwise_conv2d_graph if route == "depthwise"
-             else contextlib.nullcontext)
-  for attempt in range(2):
-    try:
-      with context():
-        closed = jax.make_jaxpr(flat_fn)(leaf_specs, x_spec)
-    except Exception as err:  # apply_fn is user code
-      raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape {x_spec.shape} "
-                       f"(`input_shape`) with `params`: {type(err).__name__}: {err}") from err
-    if route != "depthwise" or not _litert_lowering.unsubstituted(closed):
-      return closed
-    if attempt == 0:
-      # A jitted apply_fn replayed its cached trace, dw5d_jax ops included.
-      jax.clear_caches()
-  raise ValueError(f"{_FN}: could not trace the dw5d_jax ops in `model_or_fn` as "
-                   f"DEPTHWISE_CONV_2D graphs (a cached trace was replayed).")
+  # The export target is part of jit's cache key: a jitted apply_fn traced
+  # before is traced again here, its ops for the target.
+  target = "litert" if route == "depthwise" else None
+  try:
+    with _target.export_target(target):
+      return jax.make_jaxpr(flat_fn)(leaf_specs, x_spec)
+  except Exception as err:  # apply_fn is user code
+    raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape {x_spec.shape} "
+                     f"(`input_shape`) with `params`: {type(err).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from jax.test_util import check_grads
 from scipy import special
 
 import dw5d_jax as dw
-from dw5d_jax import _epilogue, _native_build
+from dw5d_jax import _activations, _native_build
 from tests.helpers import Case, assert_close, random_array, reference_grads, run
 
 ACTS = (None, "relu", "relu6", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hard_swish")
@@ -336,9 +336,9 @@ def test_bias_errors(bias, error, match):
 
 
 def test_activation_names_match_the_native_kernels():
-  """The names `_epilogue.ACTIVATIONS` knows are the C++ kernels' (epilogue.h)."""
+  """The names `_activations.ACTIVATIONS` knows are the C++ kernels' (epilogue.h)."""
   import importlib.resources
 
   header = importlib.resources.files("dw5d_jax").joinpath("_csrc", "epilogue.h").read_text()
   native = set(re.findall(r'\{Act::k\w+, "(\w+)"\}', header))
-  assert native == {"none", *_epilogue.ACTIVATIONS}
+  assert native == {"none", *_activations.ACTIVATIONS}

@@ -24,10 +24,10 @@ from flax import nnx
 
 import dw5d_jax as dw
 import interop
+from dw5d_jax._conv2d import depthwise2d_lowering
 from dw5d_jax._reference import depthwise_reference
 from interop import _litert
 from interop._litert import TOLERANCE
-from interop._litert_lowering import depthwise2d_lowering
 from tests.helpers import Case, random_array, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -26,6 +26,7 @@ from jax.test_util import check_grads
 
 import dw5d_jax as dw
 from dw5d_jax import _args, _geometry, _modes, _pallas, _policy, _primitive
+from dw5d_jax._spec import Impl
 from tests.helpers import METHODS, Case, assert_close, random_array, reference_grads, run, x_shape
 
 MODES = ("reflect", "symmetric", "edge", "circular")
@@ -244,7 +245,7 @@ def test_padded_and_borders_agree(rng):
                                padding=("SAME",) * 3, precision=None, preferred=None,
                                padding_mode=case.padding_mode)
   ct = jnp.asarray(random_array(rng, _primitive.out_shape("fwd", x.shape, spec)))
-  impl = _primitive.Impl()
+  impl = Impl()
   for op, a, b in (("fwd", x, k), ("dx", ct, k), ("dk", x, ct)):
     dtype = np.float32
     got = jax.jit(_modes.implementation(op, spec, impl, dtype, borders=True))(a, b)

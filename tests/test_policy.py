@@ -1,12 +1,17 @@
-"""`method="auto"` resolves per platform (dw5d_jax._policy)."""
+"""The policy (dw5d_jax/_policy.py): `method="auto"` per platform, and `decide` as a table."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import dw5d_jax as dw
+from dw5d_jax import _policy, _primitive, _target
+from dw5d_jax._geometry import ZEROS
+from dw5d_jax._policy import Decision, Facts, decide
+from dw5d_jax._spec import ConvSpec, Impl
 
 
 def _hlo(method: str) -> str:
@@ -36,3 +41,197 @@ def test_auto_result_equals_shift_on_cpu():
   a = dw.depthwise_conv3d(x, k, strides=(1, 2, 1))
   b = dw.depthwise_conv3d(x, k, strides=(1, 2, 1), method="shift")
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------
+# The decision as a table: pure calls, no GPU, no compile (`_policy.decide`).
+
+CPU = Facts()  # one CPU device, static shapes, float32, the native library loaded
+CUDA = Facts(platform="cuda", platforms=("cuda",))
+OTHER = Facts(platform=None, platforms=("tpu",))
+
+
+def _spec(*, last: bool = True, c: int = 4, m: int = 1, window=(3, 3, 3), strides=(1, 1, 1),
+          spatial=(6, 8, 16), modes=ZEROS, dtype=np.float32, acc=np.float32) -> ConvSpec:
+  """A SAME-padded spec (odd windows); `spatial` may hold symbolic sizes."""
+  pads = tuple(((k - 1) // 2, (k - 1) // 2) for k in window)
+  out = tuple(-(-n // s) for n, s in zip(spatial, strides))
+  return ConvSpec(channels_last=last, window=tuple(window), strides=tuple(strides),
+                  dilations=(1, 1, 1), padding=pads, in_spatial=tuple(spatial),
+                  out_spatial=out, channels=c, multiplier=m, acc_dtype=np.dtype(acc),
+                  out_dtype=np.dtype(dtype), precision=None, modes=tuple(modes))
+
+
+AUTO, SHIFT, CONV, PALLAS = Impl(), Impl("shift"), Impl("conv"), Impl("pallas")
+REFLECT = ("reflect",) * 3
+N = jax.export.symbolic_shape("n")[0]
+
+# (name, op, spec, impl, facts, expected decision): the choices as they are.
+TABLE = [
+    # CPU, channels-last: native where C % 4 == 0 (measured), else XLA's shift.
+    ("cpu auto native", "fwd", _spec(), AUTO, CPU, Decision("native")),
+    ("cpu shift native", "dk", _spec(), SHIFT, CPU, Decision("native")),
+    ("cpu C=3 xla", "fwd", _spec(c=3), AUTO, CPU, Decision("shift")),
+    ("cpu C=3 all", "dx", _spec(c=3), AUTO, CPU._replace(native_mode="all"), Decision("native")),
+    ("cpu native off", "fwd", _spec(), AUTO, CPU._replace(native_mode="off"), Decision("shift")),
+    ("cpu not loaded", "fwd", _spec(), AUTO, CPU._replace(native_loaded=False),
+     Decision("shift")),
+    ("cpu conv", "fwd", _spec(), CONV, CPU, Decision("conv")),
+    # Channels-first: as-is from an output width of 12 (fwd) / 6 (grads), else
+    # transposed (C % 4 == 0), the narrow unstrided forward with <= 27 taps on XLA.
+    ("cf wide", "fwd", _spec(last=False), AUTO, CPU, Decision("native")),
+    ("cf narrow strided", "fwd", _spec(last=False, strides=(1, 1, 2)), AUTO, CPU,
+     Decision("native", "transposed")),
+    ("cf narrow 27 taps", "fwd", _spec(last=False, spatial=(6, 8, 8)), AUTO, CPU,
+     Decision("shift")),
+    ("cf narrow 27 taps all", "fwd", _spec(last=False, spatial=(6, 8, 8)), AUTO,
+     CPU._replace(native_mode="all"), Decision("native", "transposed")),
+    ("cf narrow C=3 all", "fwd", _spec(last=False, c=3, spatial=(6, 8, 8)), AUTO,
+     CPU._replace(native_mode="all"), Decision("native")),
+    ("cf dx w=8", "dx", _spec(last=False, spatial=(6, 8, 8)), AUTO, CPU, Decision("native")),
+    ("cf dk w=4", "dk", _spec(last=False, spatial=(6, 8, 4)), AUTO, CPU,
+     Decision("native", "transposed")),
+    # Dtypes and shapes the native kernels do not take.
+    ("float16", "fwd", _spec(dtype=np.float16), AUTO,
+     CPU._replace(dtypes=(np.dtype(np.float16),) * 3), Decision("shift")),
+    ("bfloat16", "fwd", _spec(dtype=jnp.bfloat16), AUTO,
+     CPU._replace(dtypes=(np.dtype(jnp.bfloat16),) * 3), Decision("native")),
+    ("float64 acc", "fwd", _spec(acc=np.float64), AUTO, CPU, Decision("shift")),
+    ("dynamic operands", "fwd", _spec(), AUTO, CPU._replace(static=False), Decision("shift")),
+    ("symbolic spec", "fwd", _spec(spatial=(N, 8, 16)), AUTO, CPU, Decision("shift")),
+    # CUDA: _GPU_CHOICE (empty: XLA's conv); other platforms: conv.
+    ("cuda auto", "fwd", _spec(), AUTO, CUDA, Decision("conv")),
+    ("cuda shift", "dx", _spec(), SHIFT, CUDA, Decision("shift")),
+    ("cuda pallas cl", "fwd", _spec(), PALLAS, CUDA, Decision("pallas")),
+    ("cuda pallas cf", "dk", _spec(last=False), PALLAS, CUDA, Decision("pallas", "transposed")),
+    ("other auto", "fwd", _spec(), AUTO, OTHER, Decision("conv")),
+    ("other shift", "fwd", _spec(), SHIFT, OTHER, Decision("shift")),
+    ("interpret pallas on cpu", "fwd", _spec(), Impl("pallas", interpret=True), CPU,
+     Decision("pallas")),
+    # Export targets: portable (no native kernels, no partitioning); LiteRT's forward conv2d.
+    *((f"export {t}", "fwd", _spec(), AUTO, CPU._replace(target=t, devices=2),
+       Decision("shift")) for t in ("stablehlo", "tf", "onnx")),
+    ("export stablehlo conv", "fwd", _spec(), CONV, CPU._replace(target="stablehlo"),
+     Decision("conv")),
+    ("litert fwd", "fwd", _spec(), AUTO, CPU._replace(target="litert"), Decision("conv2d")),
+    ("litert any method", "fwd", _spec(), SHIFT, CPU._replace(target="litert"),
+     Decision("conv2d")),
+    ("litert modes", "fwd", _spec(modes=REFLECT), AUTO, CPU._replace(target="litert"),
+     Decision("conv2d", modes="padded")),
+    ("litert dk", "dk", _spec(), AUTO, CPU._replace(target="litert"), Decision("shift")),
+    # Border modes: on the borders where the native kernels run, else a padded copy.
+    ("modes native", "fwd", _spec(modes=REFLECT), AUTO, CPU,
+     Decision("shift", modes="borders")),
+    ("modes native off", "dx", _spec(modes=REFLECT), AUTO, CPU._replace(native_mode="off"),
+     Decision("shift", modes="padded")),
+    ("modes conv", "fwd", _spec(modes=REFLECT), CONV, CPU, Decision("conv", modes="padded")),
+    ("modes cuda", "dk", _spec(modes=REFLECT), AUTO, CUDA, Decision("conv", modes="padded")),
+    ("modes export", "fwd", _spec(modes=REFLECT), AUTO, CPU._replace(target="stablehlo"),
+     Decision("shift", modes="padded")),
+    ("modes several devices", "fwd", _spec(modes=REFLECT), AUTO, CPU._replace(devices=4),
+     Decision("shift", modes="borders", partition=True)),
+    ("modes devices manual", "dx", _spec(modes=REFLECT), AUTO,
+     CPU._replace(devices=4, manual=True), Decision("shift", modes="borders")),
+    ("modes pallas on cpu", "fwd", _spec(modes=REFLECT), PALLAS, CPU,
+     Decision("pallas", modes="padded")),
+    # Partitioning: several devices, outside shard_map, not exported.
+    ("devices", "fwd", _spec(), AUTO, CPU._replace(devices=2), Decision("native", partition=True)),
+    ("devices cuda", "dk", _spec(), AUTO, CUDA._replace(devices=8),
+     Decision("conv", partition=True)),
+    ("devices manual", "fwd", _spec(), AUTO, CPU._replace(devices=2, manual=True),
+     Decision("native")),
+    ("blocks", "dx", _spec(), AUTO, CPU._replace(split=True, manual=True, devices=2),
+     Decision("blockwise")),
+    # The epilogue: fused where the convolution / its kernel gradient runs native.
+    ("epilogue fused", "epilogue", _spec(), AUTO, CPU, Decision("native", fused=True)),
+    ("epilogue cf narrow", "epilogue", _spec(last=False, strides=(1, 1, 2)), AUTO, CPU,
+     Decision("native", "transposed", fused=True)),
+    ("epilogue grad cf", "epilogue_grad", _spec(last=False, spatial=(6, 8, 4)), AUTO, CPU,
+     Decision("native", "transposed", fused=True)),
+    ("epilogue lin", "epilogue_lin", _spec(), AUTO, CPU, Decision("formula")),
+    ("epilogue C=3", "epilogue", _spec(c=3), AUTO, CPU, Decision("formula")),
+    ("epilogue conv", "epilogue", _spec(), CONV, CPU, Decision("formula")),
+    ("epilogue modes", "epilogue_grad", _spec(modes=REFLECT), AUTO, CPU, Decision("formula")),
+    # Several devices: each runs the epilogue op on its blocks, fused as on one device.
+    ("epilogue devices", "epilogue", _spec(), AUTO, CPU._replace(devices=2),
+     Decision("native", fused=True, partition=True)),
+    ("epilogue grad devices conv", "epilogue_grad", _spec(), CONV, CPU._replace(devices=2),
+     Decision("formula", partition=True)),
+    ("epilogue lin devices", "epilogue_lin", _spec(), AUTO, CPU._replace(devices=2),
+     Decision("formula")),
+    ("epilogue devices manual", "epilogue", _spec(), AUTO,
+     CPU._replace(devices=2, manual=True), Decision("native", fused=True)),
+    ("epilogue devices export", "epilogue", _spec(), AUTO,
+     CPU._replace(devices=2, target="stablehlo"), Decision("formula")),
+    ("epilogue cuda", "epilogue", _spec(), AUTO, CUDA, Decision("formula")),
+    ("epilogue other", "epilogue", _spec(), SHIFT, OTHER, Decision("formula")),
+    ("epilogue litert", "epilogue", _spec(), AUTO, CPU._replace(target="litert"),
+     Decision("formula")),
+    ("epilogue off", "epilogue_grad", _spec(), AUTO, CPU._replace(native_mode="off"),
+     Decision("formula")),
+]
+
+
+@pytest.mark.parametrize("name, op, spec, impl, facts, expected", TABLE,
+                         ids=[row[0] for row in TABLE])
+def test_decision_table(name, op, spec, impl, facts, expected):
+  assert decide(op, spec, impl, facts) == expected
+
+
+def test_gpu_choice_classes(monkeypatch):
+  """`_GPU_CHOICE` keyed by ("2d" with a carried axis, else "3d"; output dtype); static only."""
+  monkeypatch.setattr(_policy, "_GPU_CHOICE",
+                      {("3d", "float32"): "pallas", ("2d", "bfloat16"): "shift"})
+  carried = _spec(window=(1, 3, 3), dtype=jnp.bfloat16)
+  assert decide("fwd", _spec(last=False), AUTO, CUDA) == Decision("pallas", "transposed")
+  assert decide("fwd", carried, AUTO, CUDA) == Decision("shift")
+  assert decide("fwd", _spec(dtype=jnp.bfloat16), AUTO, CUDA) == Decision("conv")
+  assert decide("fwd", _spec(spatial=(N, 8, 16)), AUTO, CUDA) == Decision("conv")
+  assert decide("fwd", _spec(), AUTO, CPU) == Decision("native")  # CPU never asks
+
+
+@pytest.mark.parametrize("platforms", [("cpu",), ("cuda", "cpu"), ("rocm",)])
+def test_pallas_refused_off_cuda(platforms):
+  facts = Facts(platform=None if len(platforms) > 1 else platforms[0], platforms=platforms)
+  bad = next(p for p in platforms if p != "cuda")
+  with pytest.raises(ValueError, match=rf"method='pallas' runs on CUDA GPUs only.*"
+                     rf"platform {bad!r}\. Use method='auto'"):
+    decide("dx", _spec(), PALLAS, facts)
+
+
+def test_litert_blocks_raise():
+  with pytest.raises(ValueError, match=r"LiteRT export: `split_axes` \(blocks inside "
+                     r"jax.shard_map\) cannot be exported"):
+    decide("fwd", _spec(), AUTO, CPU._replace(split=True, target="litert"))
+
+
+def test_unknown_op_raises():
+  with pytest.raises(ValueError, match=r"decide: `op` must be one of .*got 'conv'"):
+    decide("conv", _spec(), AUTO, CPU)
+
+
+def test_export_target_context_reaches_the_primitive():
+  """`_target.export_target` is read when the op traces, into `Impl.target`."""
+  x, k = jnp.zeros((1, 4, 5, 6, 4)), jnp.zeros((3, 3, 3, 4, 1))
+  fn = jax.jit(lambda a, b: dw.depthwise_conv3d(a, b))
+
+  def targets():
+    jaxpr = jax.make_jaxpr(fn)(x, k)
+    found = []
+
+    def walk(j):
+      for e in j.eqns:
+        if e.primitive is _primitive.dw5d_p:
+          found.append(e.params["impl"].target)
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+          walk(getattr(sub, "jaxpr", sub))
+
+    walk(jaxpr.jaxpr)
+    return found
+
+  assert targets() == [None]
+  with _target.export_target("litert"):
+    assert targets() == ["litert"]  # traced again: the jit cache is keyed on the target
+  assert targets() == [None]
+  with pytest.raises(ValueError, match=r"export_target: `target` must be None or one of"):
+    _target.export_target("tflite")
