@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-core
-EXTRAS ?= interop-cpu,litert,flax,test
+EXTRAS ?= interop-cpu,litert,onnx,flax,test
 
 .PHONY: demo test bench bench-quick parity lint clean
 
@@ -28,8 +28,15 @@ $(STAMP): pyproject.toml
 .venv-tf/.installed: | $(STAMP)
 	$(PY) tests/tf_only_env.py
 
+# The `bench` extra's torchvision pins torch: without a (CPU) torch installed
+# first, pip would fetch a CUDA build, so then only the plotting tools go in.
 $(VENV)/.installed-bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
+	if $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PY) -m pip install -q -e ".[$(EXTRAS),bench]"; \
+	else \
+	  $(PY) -m pip install -q "matplotlib>=3.7" "tqdm>=4.60"; \
+	  echo "no torch: dw5d bench --models will skip every network"; \
+	fi
 	touch $@
 
 demo: $(STAMP)

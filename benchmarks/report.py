@@ -162,7 +162,10 @@ def markdown(runs: dict[str, dict[str, Any]], command: str) -> str:
       "",
   ]
   for mode, r in runs.items():
-    env = ", ".join(f"{k}={val}" for k, val in r.get("env", {}).items()) or "glibc defaults"
+    parts = [", ".join(f"{k}={val}" for k, val in r.get("env", {}).items())]
+    if r.get("at_import"):
+      parts.append(f"glibc's malloc on import of dw5d_jax: {r['at_import']}")
+    env = "; ".join(p for p in parts if p) or "glibc defaults"
     lines += [f"### {mode.capitalize()} allocator ({env})", "", *timing_table(r), "",
               f"Targets ({mode} allocator):", "", *target_table(r, mode == "tuned"), ""]
   mem = memory_table(runs)

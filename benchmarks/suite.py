@@ -423,8 +423,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peers = tuple(p for p in PEERS if p not in ("conv", "tf_xla"))
   results: dict[str, Any] = {
       "allocator": args.allocator, "quick": args.quick, "tiny": args.tiny,
-      "env": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-              if k in os.environ},
+      "env": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                         "DW5D_JAX_TUNE_ALLOCATOR") if k in os.environ},
+      "at_import": _allocator_at_import(),
       "load_before": os.getloadavg(), "workloads": {},
   }
   bar = tqdm(total=len(names) * 2, desc=f"bench ({args.allocator} allocator)", unit="step",
@@ -460,6 +461,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return results
 
 
+def _allocator_at_import() -> str | None:
+  """What importing dw5d_jax did to glibc's malloc in this process (dw5d_jax/_allocator.py)."""
+  try:
+    from dw5d_jax import _allocator
+  except ImportError:
+    return None
+  return getattr(_allocator, "AT_IMPORT", None)
+
+
 def _memory_subprocess(args, peer: str) -> float | None:
   import subprocess
   cmd = [sys.executable, __file__, "--memory-of", peer, "--allocator", args.allocator]
@@ -474,7 +484,7 @@ def _memory_subprocess(args, peer: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--allocator", default="default", choices=("default", "tuned"),
+  p.add_argument("--allocator", default="default", choices=("default", "tuned", "glibc"),
                  help="only a label here: the caller sets the environment")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--tiny", action="store_true", help="small shapes (tests)")

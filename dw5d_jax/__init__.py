@@ -8,13 +8,15 @@ Public API:
     one axis (time), fed chunk by chunk (streaming inference).
   nn: Flax NNX layers (`DepthwiseConv3D`, `DepthwiseConv2D`), imported on
     first access; needs the `flax` extra.
-  tune_cpu_allocator: opt-in glibc malloc setting that makes large CPU
-    computations several times faster (see its docstring).
+  tune_cpu_allocator: the glibc malloc setting that makes large CPU
+    computations several times faster; applied on import unless
+    `DW5D_JAX_TUNE_ALLOCATOR=0` (see dw5d_jax/_allocator.py).
   native_status: whether the native CPU kernels are in use, and if not, why.
 """
 
 import importlib as _importlib
 
+from dw5d_jax._allocator import _tune_at_import as _tune_allocator_at_import
 from dw5d_jax._allocator import tune_cpu_allocator as tune_cpu_allocator
 from dw5d_jax._depthwise import depthwise_conv2d as depthwise_conv2d
 from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
@@ -24,6 +26,10 @@ from dw5d_jax._streaming import stream_init as stream_init
 from dw5d_jax._streaming import stream_step as stream_step
 
 __version__ = "0.1.0"
+
+# Large XLA CPU buffers are otherwise mmap'd and page-faulted on every call;
+# opt out with DW5D_JAX_TUNE_ALLOCATOR=0 (dw5d_jax/_allocator.py).
+_tune_allocator_at_import()
 
 __all__ = ["StreamState", "depthwise_conv2d", "depthwise_conv3d", "native_status",
            "stream_init", "stream_step", "tune_cpu_allocator"]

@@ -1,32 +1,37 @@
-"""An explicit, opt-in tweak of glibc's malloc for large CPU arrays.
+"""glibc malloc settings for large CPU arrays: applied on import, with an opt-out.
 
 XLA on CPU allocates every output buffer with malloc. glibc serves requests
 above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh
 `mmap`, and returns them with `munmap`, so a 32 MiB output is page-faulted
-into existing again on every call: on the 2-core benchmark machine an
-elementwise pass over 32 MiB took about 10 ms instead of 1.2 ms, and every
-convolution paid the same tax (benchmarks/RESULTS.md). Raising the mmap
-threshold keeps such buffers on the heap, and raising the trim threshold
-stops glibc from handing the freed heap top back to the kernel, so the pages
-are reused.
+into existing again on every call: W1's forward (32 MiB out) took 8193
+page faults per call, and was 3-7x slower than with the buffer reused
+(benchmarks/RESULTS.md, "Default allocator"). Raising the mmap threshold
+keeps such buffers on the heap, and raising the trim threshold stops glibc
+from handing the freed heap top back to the kernel, so the pages are reused.
 
 Buffers allocated by other threads than the main one (XLA's worker threads)
 come from per-thread arenas whose heaps hold at most 64 MiB, so a larger
 buffer there is mmap'd on every call whatever the threshold says;
-`arena_max=1` sends every thread to the main heap (measured for the border
-modes in benchmarks/RESULTS.md, "glibc arenas").
+`arena_max=1` sends every thread to the main heap (W2's backward: 16389
+faults per call with the thresholds alone, 0 with one arena).
 
-This is a process-wide change to the C allocator, so the library never does
-it on import; call `tune_cpu_allocator()` once, early, or set the equivalent
-environment variables before Python starts:
-`MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647`
-(and `MALLOC_ARENA_MAX=1`).
+JAX has no CPU allocator option of its own (XLA's CPU client mallocs each
+buffer), so the library sets these once, when `dw5d_jax` is imported
+(`_tune_at_import`): thresholds 1 GiB and 2**31 - 1, one arena. The price:
+freed memory stays with the process (its resident size stays at its peak),
+and it applies to every library in the process. It is skipped when
+`DW5D_JAX_TUNE_ALLOCATOR=0`, when the environment already sets glibc's malloc
+(`MALLOC_*_` variables or `glibc.malloc` tunables: the user's choice stands),
+and off glibc. `tune_cpu_allocator()` applies it explicitly (e.g. after
+opting out, or with other values).
 """
+
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import warnings
 
@@ -38,6 +43,15 @@ _INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 # The environment-variable form of the defaults (read by glibc at start-up).
 ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX)}
+
+# The opt-out: DW5D_JAX_TUNE_ALLOCATOR=0 leaves glibc's malloc as it is.
+OPT_OUT = "DW5D_JAX_TUNE_ALLOCATOR"
+# glibc's own malloc variables: if the user set any, the library sets nothing.
+_GLIBC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+               "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_TEST")
+
+# What `_tune_at_import` did in this process (benchmarks record it).
+AT_IMPORT = "not run"
 
 
 def tune_cpu_allocator(*, mmap_threshold: int = 2**30, trim_threshold: int = _INT_MAX,
@@ -52,7 +66,9 @@ def tune_cpu_allocator(*, mmap_threshold: int = 2**30, trim_threshold: int = _IN
   than their memory traffic allows. The cost: freed memory stays with the
   process (its resident size stays at its peak) and setting a threshold
   disables glibc's adaptive threshold. It affects every library in the
-  process, which is why it is opt-in and never done on import.
+  process. Importing `dw5d_jax` already applies the defaults with
+  `arena_max=1` unless `DW5D_JAX_TUNE_ALLOCATOR=0` or a `MALLOC_*_`
+  variable is set; call this after opting out, or for other values.
 
   Not glibc (macOS, Windows, musl-based Linux): nothing is changed, a
   `RuntimeWarning` says so, and the result is `False`.
@@ -124,3 +140,31 @@ def _glibc() -> ctypes.CDLL | None:
   libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   libc.mallopt.restype = ctypes.c_int
   return libc
+
+
+def _tune_at_import() -> str:
+  """Applies the defaults with one arena, unless opted out; says what it did.
+
+  Silent: nothing the user asked for can fail here (off glibc it does
+  nothing). An unknown `DW5D_JAX_TUNE_ALLOCATOR` value changes nothing and
+  warns, naming the variable.
+  """
+  global AT_IMPORT
+  flag = os.environ.get(OPT_OUT, "1").strip()
+  if flag not in ("0", "1", ""):
+    warnings.warn(f"dw5d_jax: `{OPT_OUT}` must be 0 (leave glibc's malloc alone) or 1 "
+                  f"(tune it, the default), got {flag!r}; glibc's malloc was left alone.",
+                  RuntimeWarning, stacklevel=3)
+    AT_IMPORT = f"left alone ({OPT_OUT}={flag!r} is not 0 or 1)"
+  elif flag == "0":
+    AT_IMPORT = f"left alone ({OPT_OUT}=0)"
+  elif any(v in os.environ for v in _GLIBC_VARS) or "glibc.malloc" in os.environ.get(
+      "GLIBC_TUNABLES", ""):
+    AT_IMPORT = "left to the environment (glibc malloc variables set)"
+  elif (libc := _glibc()) is None:
+    AT_IMPORT = "left alone (not glibc)"
+  else:
+    ok = all(libc.mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 2**30), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_ARENA_MAX, 1)))
+    AT_IMPORT = "tuned" if ok else "partly tuned (mallopt refused a setting)"
+  return AT_IMPORT

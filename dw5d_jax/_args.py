@@ -384,20 +384,20 @@ def check_bias(fn: str, bias: Any, x_dtype: Any, spec: ConvSpec) -> None:
 
 
 def check_layout(fn: str, x: jax.Array, data_format: Any, allowed_5d: bool,
-                 allowed_4d: bool) -> str:
-  """Resolves `data_format` for x's rank; `None` means channels-last."""
+                 allowed_4d: bool, name: str = "x") -> str:
+  """Resolves `data_format` for x's rank; `None` means channels-last. `name`: x's, for messages."""
   ranks = [r for r, ok in ((4, allowed_4d), (5, allowed_5d)) if ok]
   if x.ndim not in ranks:
     want = " or ".join(
         f"{r} ({', '.join(_LAYOUTS_4D if r == 4 else _LAYOUTS_5D)})" for r in ranks)
-    raise ValueError(f"{fn}: `x` must have rank {want}, got rank {x.ndim} with shape "
+    raise ValueError(f"{fn}: `{name}` must have rank {want}, got rank {x.ndim} with shape "
                      f"{tuple(x.shape)}.")
   allowed = _LAYOUTS_5D if x.ndim == 5 else _LAYOUTS_4D
   if data_format is None:
     return allowed[0]
   if not isinstance(data_format, str) or data_format.upper() not in allowed:
     raise ValueError(f"{fn}: `data_format` must be None or one of "
-                     f"{', '.join(map(repr, allowed))} for rank-{x.ndim} `x`, "
+                     f"{', '.join(map(repr, allowed))} for rank-{x.ndim} `{name}`, "
                      f"got {data_format!r}.")
   return data_format.upper()
 

@@ -13,7 +13,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 from jax.typing import DTypeLike
 
-from dw5d_jax import _activations, _args, _streaming
+from dw5d_jax import _activations, _args, _geometry, _streaming
 from dw5d_jax._depthwise import depthwise_conv2d, depthwise_conv3d
 from dw5d_jax._streaming import StreamState
 
@@ -131,6 +131,7 @@ class _DepthwiseConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the layer to `(*batch, D, H, W, C)` (`(*batch, H, W, C)`: 2D, no `axes`)."""
+    self._check_input(type(self).__name__, "x", x.shape)
     batch_shape, x = self._flatten(x)
     x, kernel, bias = self._promote(x)
     y = self._op(x, kernel, strides=self.strides, padding=self.padding,
@@ -140,7 +141,7 @@ class _DepthwiseConv(nnx.Module):
 
   # -- streaming --------------------------------------------------------------
 
-  def stream_init(self, chunk: Any) -> StreamState:
+  def stream_init(self, chunk: Any, *, per_example: bool = False) -> StreamState:
     """The initial state for streaming chunks like `chunk` along the first spatial axis.
 
     The layer must be causal along that axis (the time `T` of a clip
@@ -151,21 +152,31 @@ class _DepthwiseConv(nnx.Module):
     Args:
       chunk: an array or `jax.ShapeDtypeStruct` shaped like the chunks
         (any length along time).
+      per_example: every example a stream of its own (`valid` and `reset`
+        per example; see `dw5d_jax.stream_init`). With several leading
+        batch dims, examples are counted with them flattened.
 
     Returns:
       A `dw5d_jax.StreamState` (leading batch dims flattened into one).
     """
     fn = f"{type(self).__name__}.stream_init"
+    if not hasattr(chunk, "shape") or not hasattr(chunk, "dtype"):
+      raise TypeError(f"{fn}: `chunk` must be an array (or have .shape and .dtype), got "
+                      f"{type(chunk).__name__}.")
+    self._check_channels(fn, "chunk", chunk.shape)
     batch_shape, shape = self._flat_shape(fn, chunk.shape)
     del batch_shape
     bias = () if self.bias is None else (self.bias[...].dtype,)
     dtype = self.dtype if self.dtype is not None else jnp.result_type(
         chunk.dtype, self.kernel[...].dtype, *bias)
-    return _streaming.stream_init(jax.ShapeDtypeStruct(shape, dtype), self.kernel[...],
-                                  **self._stream_kwargs())
+    # The kernel as the steps will see it: promoted to the computation dtype.
+    kernel = jax.ShapeDtypeStruct(self.kernel[...].shape, dtype)
+    return _streaming._init(fn, jax.ShapeDtypeStruct(shape, dtype), kernel,
+                            per_example=per_example, data_format=None, axis=None,
+                            **self._stream_kwargs())
 
-  def stream_step(self, state: StreamState, chunk: jax.Array, *,
-                  valid: Any = None) -> tuple[StreamState, jax.Array]:
+  def stream_step(self, state: StreamState, chunk: jax.Array, *, valid: Any = None,
+                  reset: Any = None) -> tuple[StreamState, jax.Array]:
     """The next chunk of a stream: `(state, y)`, as `dw5d_jax.stream_step`.
 
     Concatenating the first `state.emitted` frames of every `y` along time
@@ -177,7 +188,14 @@ class _DepthwiseConv(nnx.Module):
       state: from `stream_init` or the previous step.
       chunk: `(*batch, L, ...)`, `L >= 1` frames, the rest as in `stream_init`.
       valid: how many leading frames of `chunk` are real (see
-        `dw5d_jax.stream_step`); None: all.
+        `dw5d_jax.stream_step`; per example for a per-example state); None:
+        all.
+      reset: for a per-example state, where a new stream starts (see
+        `dw5d_jax.stream_step`).
+
+    Raises:
+      TypeError, ValueError: a state from another layer configuration or
+        dtype, a chunk that does not fit it, a bad `valid` or `reset`.
 
     Example:
       >>> from flax import nnx
@@ -190,11 +208,15 @@ class _DepthwiseConv(nnx.Module):
       >>> y.shape
       (1, 2, 8, 8, 4)
     """
-    batch_shape, x = self._flatten(chunk)
-    x, kernel, bias = self._promote(x)
-    state, y = _streaming.stream_step(state, x, kernel, method=self.method,
-                                      precision=self.precision, valid=valid,
-                                      **self._stream_kwargs())
+    fn = f"{type(self).__name__}.stream_step"
+    _args.check_array(fn, "chunk", chunk)
+    self._check_channels(fn, "chunk", chunk.shape)
+    batch_shape, shape = self._flat_shape(fn, chunk.shape)
+    x, kernel, bias = self._promote(chunk.reshape(shape))
+    state, y = _streaming._checked_step(
+        fn, state, x, kernel, method=self.method, precision=self.precision,
+        preferred_element_type=None, valid=valid, reset=reset, data_format=None, axis=None,
+        **self._stream_kwargs())
     return state, self._finish(y, bias, batch_shape, fused=False)
 
   # -- shared pieces ----------------------------------------------------------
@@ -210,6 +232,29 @@ class _DepthwiseConv(nnx.Module):
                        f"shape {tuple(shape)}.")
     batch_shape = tuple(shape[:len(shape) - self._spatial - 1])
     return batch_shape, (math.prod(batch_shape), *shape[len(batch_shape):])
+
+  def _check_channels(self, fn: str, name: str, shape: tuple[Any, ...]) -> None:
+    if not _streaming._same_size(shape[-1], self.in_features):
+      raise ValueError(f"{fn}: `{name}` must have in_features={self.in_features} channels (its "
+                       f"last dim), got shape {tuple(shape)}.")
+
+  def _check_input(self, fn: str, name: str, shape: tuple[Any, ...]) -> None:
+    """The rank, the channels, and a window and padding that fit along every axis."""
+    self._flat_shape(fn, shape)
+    self._check_channels(fn, name, shape)
+    spatial = "DHW"[-self._spatial:]
+    sizes = shape[len(shape) - self._spatial - 1:-1]
+    for i, a in enumerate(self._conv_axes):
+      n = sizes[spatial.index(a)]
+      k, s, r, padding = self.kernel_size[i], self.strides[i], self.dilations[i], self.padding[i]
+      if not _geometry.is_static(n):
+        continue  # symbolic sizes: the op's own checks (with declared constraints)
+      lo, hi, out = _geometry.resolve(n, k, s, r, padding)
+      if out < 1:
+        raise _args.empty_output_error(f"{fn}: `{name}` of shape {tuple(shape)}", a, n, k, r,
+                                       padding)
+      _args.check_mode_fits(f"{fn}: `{name}` of shape {tuple(shape)}", a,
+                            self.padding_mode[i], n, k, r, padding, lo, hi)
 
   def _flatten(self, x: jax.Array) -> tuple[tuple[Any, ...], jax.Array]:
     """Flattens leading batch dims into one (or adds one)."""

@@ -14,9 +14,11 @@ order:
    with its own lowering takes it: for `"litert"` the convolution is
    `"conv2d"` (`_conv2d.py`: grouped 2D convolutions, which the LiteRT
    converter turns into DEPTHWISE_CONV_2D), border modes from a padded
-   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`,
-   `"onnx"` for now), take the steps below, as exported (no native
-   kernels, no partitioning). LiteRT export of blocks raises.
+   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`),
+   take the steps below, as exported (no native kernels, no partitioning).
+   For `"onnx"` the primitives become ONNX nodes themselves
+   (interop/_onnx_lowering.py: one grouped `Conv` per op); should such an
+   op be lowered all the same, it takes the steps below, as exported. LiteRT export of blocks raises.
 1. **Method -> lowering** (`lowering`). `"conv"`, `"shift"` and `"pallas"`
    are taken as named. `"auto"` depends on the platform being lowered for,
    so one traced function exported for several platforms (`jax.export`,
@@ -99,8 +101,11 @@ _GPU_CHOICE: dict[tuple[str, str], str] = {}
 
 # Channels-first problems use the channels-first kernels (vectorised along
 # the output width) from this output width on, for each op; narrower ones
-# are transposed to channels-last where C % 4 == 0 (see `worthwhile`).
+# are transposed to channels-last where C >= 4 (see `transposed`).
 _CF_MIN_WIDTH = {"fwd": 12, "dx": 6, "dk": 6}
+# From this many channels on, the gradients of outputs narrower than
+# `_CF_MIN_WIDTH["fwd"]` are transposed too (width 7, C = 64: 1.5 vs 3.7 ms).
+_CF_WIDE_CHANNELS = 32
 
 
 class Facts(NamedTuple):
@@ -271,27 +276,31 @@ def worthwhile(spec: ConvSpec, op: str) -> bool:
   """Whether the native kernels beat XLA's shift lowering for `op` on `spec`.
 
   Measured (benchmarks/RESULTS.md, "Native kernel policy"). Channels-last:
-  with every channel in a vector packet (`C % 4 == 0`) they were faster in
-  every case; with channels left over, XLA's lowering (vectorised along
-  `W * C`) won for `C <= 3` and in some backward passes. Channels-first:
+  from 4 channels on, where the channels left over after whole packets
+  take one packet overlapping the one before (X3D's C = 54, x (1, 13, 40,
+  40, 54): forward + backward 9.8 vs 34.6 ms for XLA's lowering, the same
+  time as C = 56); with `C <= 3` XLA's lowering (vectorised along
+  `W * C`) won. Channels-first:
   the channels-first kernels win from an output width of 12 (forward) or 6
-  (gradients); narrower forward passes keep the earlier rule (transposed
-  kernels where `C % 4 == 0` and the problem is strided or has more than 27
-  taps, else XLA).
+  (gradients); narrower forward passes use the kernels (transposed, see
+  `transposed`) where `C >= 4` and the problem is strided or has more than
+  27 taps, else XLA.
   """
   if spec.channels_last:
-    return spec.channels % 4 == 0
+    return spec.channels >= 4
   if op != "fwd" or spec.out_spatial[2] >= _CF_MIN_WIDTH[op]:
     return True
-  return spec.channels % 4 == 0 and (
+  return spec.channels >= 4 and (
       any(s > 1 for s in spec.strides) or math.prod(spec.window) > 27)
 
 
 def transposed(spec: ConvSpec, op: str) -> bool:
   """Step 3 for the native kernels: channels-first `op` transposed to channels-last.
 
-  Only for outputs narrower than `_CF_MIN_WIDTH[op]` with `C % 4 == 0`,
-  where that was measured faster (see `worthwhile`).
+  Only for outputs narrower than `_CF_MIN_WIDTH[op]` (for every op from
+  `_CF_WIDE_CHANNELS` channels on: whole packets of channels against a few
+  outputs per row) with `C >= 4`, where that was measured faster (see
+  `worthwhile`; benchmarks/RESULTS.md, "Channel counts and narrow outputs").
   """
-  return (not spec.channels_last and spec.channels % 4 == 0
-          and spec.out_spatial[2] < _CF_MIN_WIDTH[op])
+  limit = _CF_MIN_WIDTH["fwd" if spec.channels >= _CF_WIDE_CHANNELS else op]
+  return not spec.channels_last and spec.channels >= 4 and spec.out_spatial[2] < limit

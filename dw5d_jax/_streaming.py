@@ -24,7 +24,21 @@ possibly the last when `s` does not divide `L`). With `L` a multiple of `s`
 (for `s == 1`, always) every slot is real and the outputs simply
 concatenate. A step can also take a chunk of which only the first `valid`
 frames are real (the output of a strided stream, `valid=state.emitted`), so
-strided streams chain.
+strided streams chain. A `valid` known when the step is traced (an int, or
+an array outside `jit`) must lie in `[0, L]`; a traced one cannot be checked
+then, and is clamped to `[0, L]` (what a step with that many real frames
+would do at most: every frame or none).
+
+**Per-example streams** (`stream_init(..., per_example=True)`): a server
+batches independent streams, one per example, that start, pause and end at
+different times. `phase` and `emitted` then hold one value per example
+(shape `(N,)`), a step takes `valid` per example (shape `(N,)`) and a
+`reset` per example (bool `(N,)`: that example's kept frames become the
+causal zeros and its phase 0 before the chunk, a new stream in its slot).
+Each example then computes what a stream of its own would. The ring keeps
+one `head` for all examples: a step whose `valid` differs between examples
+puts every ring back in order (the longer-chunk path), and 1-frame steps
+with one `valid` for all take the ring path.
 
 **The frames are kept in a ring** of `e` slots (`StreamState.buffer`;
 `head` is the free slot, the other `e - 1` hold the history, oldest at
@@ -49,6 +63,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -102,10 +117,12 @@ class StreamState:
     head: int32 scalar, the ring's free slot; the oldest frame is in slot
       `(head + 1) % e`.
     phase: int32 scalar, frames of the next chunk before its first output's
-      anchor frame (always 0 with stride 1 along time).
+      anchor frame (always 0 with stride 1 along time); shape `(N,)`, one
+      per example, for a per-example stream.
     emitted: int32 scalar, how many leading frames of the last step's
       output are real (all of them unless the stride along time does not
-      divide the chunk length; see the module docstring).
+      divide the chunk length, or `valid` said fewer frames were real; see
+      the module docstring); shape `(N,)` for a per-example stream.
     config: the stream's `StreamConfig` (static: part of the tree structure).
 
   Example:
@@ -143,6 +160,7 @@ def stream_init(
     axes: str | None = None,
     axis: str | None = None,
     data_format: str | None = None,
+    per_example: bool = False,
 ) -> StreamState:
   """The initial state of a stream: no frames seen yet (the causal zeros).
 
@@ -170,6 +188,9 @@ def stream_init(
       `H` for rank 4). It may be an axis the 2D op carries: then every frame
       is convolved on its own and the state holds no frames.
     data_format: as for the ops (`None`: channels-last).
+    per_example: each example of the batch is a stream of its own:
+      `stream_step` then takes `valid` and `reset` per example, and the
+      state's `phase` and `emitted` have shape `(N,)`.
 
   Returns:
     A `StreamState` for `stream_step`.
@@ -185,8 +206,20 @@ def stream_init(
     >>> state = dw.stream_init(jnp.zeros((1, 1, 8, 8, 4)), k)
     >>> state.buffer.shape                # a ring of kt frames: the last kt - 1 and the next
     (1, 3, 8, 8, 4)
+    >>> dw.stream_init(jnp.zeros((3, 1, 8, 8, 4)), k, per_example=True).emitted.shape
+    (3,)
   """
-  fn = "stream_init"
+  return _init("stream_init", chunk, kernel, strides=strides, padding=padding,
+               padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
+               data_format=data_format, per_example=per_example)
+
+
+def _init(fn: str, chunk: Any, kernel: Any, *, strides, padding, padding_mode, dilations, axes,
+          axis, data_format, per_example) -> StreamState:
+  """`stream_init`, its messages naming `fn` (a layer's method, or stream_init)."""
+  if not isinstance(per_example, bool):
+    raise TypeError(f"{fn}: `per_example` must be a bool, got {type(per_example).__name__} "
+                    f"{per_example!r}.")
   config = _configure(fn, chunk, kernel, strides=strides, padding=padding,
                       padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
                       data_format=data_format)
@@ -202,8 +235,11 @@ def stream_init(
                  jax.ShapeDtypeStruct(tuple(shape), dtype),
                  jax.ShapeDtypeStruct(tuple(kernel.shape), _dtype_of(kernel)))
   shape[t] = config.ring
-  # Separate arrays, so that a jitted step can donate the whole state.
-  head, phase, emitted = (jnp.zeros((), jnp.int32) for _ in range(3))
+  # Separate arrays, so that a jitted step can donate the whole state. The
+  # batch is the first axis in every layout.
+  each = (shape[0],) if per_example else ()
+  head = jnp.zeros((), jnp.int32)
+  phase, emitted = (jnp.zeros(each, jnp.int32) for _ in range(2))
   return StreamState(buffer=_like(fn, jnp.zeros(shape, dtype), chunk, t, config.axis),
                      head=head, phase=phase, emitted=emitted, config=config)
 
@@ -245,6 +281,7 @@ def stream_step(
     precision: lax.PrecisionLike = None,
     preferred_element_type: DTypeLike | None = None,
     valid: Any = None,
+    reset: Any = None,
 ) -> tuple[StreamState, jax.Array]:
   """One chunk of a stream: the new state and the chunk's outputs.
 
@@ -261,20 +298,28 @@ def stream_step(
     method, precision, preferred_element_type: as for the ops (they do not
       change the state).
     valid: `None` (every frame of `chunk` is real), or how many leading
-      frames are (an int, or a traced int32 scalar such as the `emitted` of
-      a strided stream feeding this one); the others are ignored.
+      frames are (an int, or an integer scalar array such as the `emitted`
+      of a strided stream feeding this one); the others are ignored. For a
+      per-example stream also an integer array `(N,)`, one count per
+      example. Known values must lie in `[0, L]`; traced ones (under
+      `jit`) are clamped to `[0, L]`.
+    reset: `None`, or for a per-example stream a bool array `(N,)` (or a
+      bool for all): where true, that example's stream starts afresh with
+      this chunk (its kept frames become the causal zeros, its phase 0).
 
   Returns:
     `(state, y)`: `y` has `ceil(L / s)` frames along the streamed axis (`s`
     its stride) and the op's sizes elsewhere; the first `state.emitted` of
-    them are the full op's next outputs (all, when `s` divides `L`).
+    them are the full op's next outputs (all, when `s` divides `L` and every
+    frame is real); per example for a per-example stream.
 
   Raises:
     TypeError: `state` is not a `StreamState`; a chunk dtype other than the
-      state's.
+      state's; a `valid` or `reset` of the wrong type.
     ValueError: a state made for another configuration; a chunk whose rank,
       batch, channels or other sizes differ from the state's, or with no
-      frame; a bad `valid`.
+      frame; a `valid` out of range or of the wrong shape; `valid` or
+      `reset` per example for a state that is not per example.
 
   Example:
     >>> import numpy as np
@@ -291,8 +336,28 @@ def stream_step(
     ...   outs.append(y)
     >>> bool(jnp.allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5))
     True
+
+    Two streams in one batch, the second starting afresh at the second step:
+
+    >>> state = dw.stream_init(jnp.zeros((2, 1, 6, 6, 4)), k, per_example=True)
+    >>> state, y = dw.stream_step(state, jnp.ones((2, 1, 6, 6, 4)), k,
+    ...                           valid=jnp.array([1, 0]))
+    >>> state, y = dw.stream_step(state, jnp.ones((2, 1, 6, 6, 4)), k,
+    ...                           reset=jnp.array([False, True]))
+    >>> state.emitted.tolist()
+    [1, 1]
   """
-  fn = "stream_step"
+  return _checked_step("stream_step", state, chunk, kernel, strides=strides, padding=padding,
+                       padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
+                       data_format=data_format, method=method, precision=precision,
+                       preferred_element_type=preferred_element_type, valid=valid,
+                       reset=reset)
+
+
+def _checked_step(fn: str, state: Any, chunk: Any, kernel: Any, *, strides, padding,
+                  padding_mode, dilations, axes, axis, data_format, method, precision,
+                  preferred_element_type, valid, reset) -> tuple[StreamState, jax.Array]:
+  """`stream_step`, its messages naming `fn` (a layer's method, or stream_step)."""
   if not isinstance(state, StreamState):
     raise TypeError(f"{fn}: `state` must be a StreamState from stream_init or stream_step, "
                     f"got {type(state).__name__}.")
@@ -301,12 +366,14 @@ def stream_step(
   config = _configure(fn, chunk, kernel, strides=strides, padding=padding,
                       padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
                       data_format=data_format)
-  _check_same_config(fn, state.config, config)
+  check_same_config(fn, state.config, config)
   _check_chunk(fn, state, chunk)
   length = chunk.shape[config.layout.index(config.axis)]
-  count, traced = _check_valid(fn, valid, length)
+  count, traced = _check_valid(fn, valid, length, state)
+  reset = _check_reset(fn, reset, state)
   buffer, head, phase, emitted, y = _step(
-      state.buffer, state.head, state.phase, chunk, kernel, traced, count=count, config=config,
+      state.buffer, state.head, state.phase, chunk, kernel, traced, reset, count=count,
+      config=config,
       method=_args.check_method(fn, method), precision=_args.check_precision(fn, precision),
       preferred=_args.check_preferred(fn, preferred_element_type))
   return StreamState(buffer, head, phase, emitted, config), y
@@ -314,11 +381,13 @@ def stream_step(
 
 @functools.partial(jax.jit, static_argnames=("count", "config", "method", "precision",
                                              "preferred"))
-def _step(ring, head, phase, chunk, kernel, traced, *, count: int | None, config: StreamConfig,
-          method: str, precision: Any, preferred: Any):
+def _step(ring, head, phase, chunk, kernel, traced, reset, *, count: int | None,
+          config: StreamConfig, method: str, precision: Any, preferred: Any):
   """The step's arithmetic: `traced` real frames if given, else `count` (None: all).
 
-  Returns the new ring, head, phase and emitted count, and the output slots.
+  `traced` and `phase` are scalars, or `(N,)` per example (`phase` for a
+  per-example state); `reset` None, a bool scalar or `(N,)`. Returns the new
+  ring, head, phase and emitted count, and the output slots.
   """
   t = config.layout.index(config.axis)
   length = chunk.shape[t]
@@ -328,12 +397,17 @@ def _step(ring, head, phase, chunk, kernel, traced, *, count: int | None, config
                            precision=precision, preferred=preferred)
   i = config.time
   if i is None:  # a carried axis: every frame on its own
-    return ring, head, phase, valid, conv(chunk, kernel)
+    return ring, head, phase, jnp.broadcast_to(valid, phase.shape), conv(chunk, kernel)
   k, s, r = config.window[i], config.strides[i], config.dilations[i]
   size = config.ring
+  if reset is not None:  # a new stream in these slots: the causal zeros, phase 0
+    phase = jnp.where(reset, 0, phase)
+    if size:
+      ring = jnp.where(reset.reshape(reset.shape + (1,) * (ring.ndim - reset.ndim)),
+                       jnp.zeros((), ring.dtype), ring)
   emitted = _geometry.stream_emitted(valid, phase, s)
   phase_after = _geometry.stream_phase(phase, valid, s)
-  if size and r == 1 and _geometry.is_static(length) and length == 1:
+  if size and r == 1 and _geometry.is_static(length) and length == 1 and valid.ndim == 0:
     # One frame into the free slot; the ring, oldest frame at `head + 1`,
     # convolved with the time taps rotated to match: slot j meets tap
     # (j - oldest) mod e. A frame that is not real (valid 0) stays in the
@@ -347,7 +421,7 @@ def _step(ring, head, phase, chunk, kernel, traced, *, count: int | None, config
     ordered = jnp.roll(ring, -_geometry.stream_oldest(head, size), axis=t)
     x = lax.concatenate([lax.slice_in_dim(ordered, 0, size - 1, axis=t), chunk], t)
     if traced is not None:
-      history = lax.dynamic_slice_in_dim(x, valid, size - 1, t)
+      history = _slice_each(x, valid, size - 1, t)
     else:
       history = lax.slice_in_dim(x, count, count + size - 1, axis=t)
     pads = [(0, 0, 0)] * x.ndim
@@ -358,8 +432,16 @@ def _step(ring, head, phase, chunk, kernel, traced, *, count: int | None, config
     pads = [(0, 0, 0)] * x.ndim
     pads[t] = (0, _geometry.stream_tail(length, s), 0)
     x = lax.pad(x, jnp.zeros((), x.dtype), pads)
-    x = lax.dynamic_slice_in_dim(x, phase, _geometry.stream_window(length, k, s, r), t)
+    x = _slice_each(x, phase, _geometry.stream_window(length, k, s, r), t)
   return ring, head, phase_after, emitted, conv(x, kernel, window_padding=True)
+
+
+def _slice_each(x: jax.Array, start: jax.Array, size: Any, t: int) -> jax.Array:
+  """`size` frames along axis `t` from `start`: one start, or one per example (`(N,)`)."""
+  if start.ndim == 0:
+    return lax.dynamic_slice_in_dim(x, start, size, t)
+  # The batch is axis 0 in every layout.
+  return jax.vmap(lambda xi, si: lax.dynamic_slice_in_dim(xi, si, size, t - 1))(x, start)
 
 
 def _conv(x, kernel, *, config: StreamConfig, fn: str, method: str, precision: Any,
@@ -392,7 +474,7 @@ def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, padding_mo
   axes = axes.upper()
   three_d = axes == "DHW"
   layout = _args.check_layout(fn, _Shaped(chunk), data_format, allowed_5d=True,
-                              allowed_4d=not three_d)
+                              allowed_4d=not three_d, name="chunk")
   spatial = "".join(a for a in layout if a in SPATIAL)
   if len(layout) == 4 and axes != "HW":
     raise ValueError(f"{fn}: `axes` applies to rank-5 `chunk` only; rank-4 `chunk` "
@@ -415,6 +497,11 @@ def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, padding_mo
     raise ValueError(f"{fn}: `kernel` must have rank {n + 2} ({names}, in_channels, "
                      f"multiplier) for axes={axes!r}, got shape {tuple(kernel.shape)}.")
   window = tuple(int(d) for d in kernel.shape[:n])
+  channels = chunk.shape[layout.index("C")]
+  if not _same_size(kernel.shape[-2], channels):
+    raise ValueError(f"{fn}: `kernel` in_channels (dim {n}, size {kernel.shape[-2]}) must "
+                     f"equal the channels of `chunk` ({channels}, layout {layout}); got chunk "
+                     f"shape {tuple(chunk.shape)} and kernel shape {tuple(kernel.shape)}.")
   if axis in axes:
     i = axes.index(axis)
     if not _geometry.is_causal(window[i], dilations[i], padding[i]):
@@ -433,8 +520,13 @@ def _configure(fn: str, chunk: Any, kernel: Any, *, strides, padding, padding_mo
                       padding=padding, modes=modes)
 
 
-def _check_valid(fn: str, valid: Any, length: Any) -> tuple[int | None, jax.Array | None]:
-  """`valid` as `(static count or None, traced int32 scalar or None)`."""
+def _check_valid(fn: str, valid: Any, length: Any,
+                 state: StreamState) -> tuple[int | None, jax.Array | None]:
+  """`valid` as `(static count or None, int32 array or None)`.
+
+  Checked against `[0, length]` where its value is known (an int, or an
+  array outside `jit`); a traced value is clamped to `[0, length]`.
+  """
   if valid is None:
     return None, None
   if _args.is_int(valid):
@@ -442,12 +534,51 @@ def _check_valid(fn: str, valid: Any, length: Any) -> tuple[int | None, jax.Arra
       raise ValueError(f"{fn}: `valid` must be between 0 and the chunk's {length} frames "
                        f"along the streamed axis, got {valid!r}.")
     return int(valid), None
-  if (not hasattr(valid, "dtype") or jnp.shape(valid) != ()
-      or not jnp.issubdtype(valid.dtype, jnp.integer)):
-    raise TypeError(f"{fn}: `valid` must be None, an int or an integer scalar array, got "
+  each = state.phase.shape
+  if not hasattr(valid, "dtype") or not jnp.issubdtype(valid.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `valid` must be None, an int or an integer array, got "
                     f"{type(valid).__name__} {getattr(valid, 'dtype', '')} of shape "
                     f"{jnp.shape(valid)}.")
-  return None, jnp.asarray(valid, jnp.int32)
+  if jnp.shape(valid) not in ((), each):
+    per = (f"() or {each} (one per example)" if each else
+           "() (an integer scalar: this state is not per example; make it with "
+           "stream_init(..., per_example=True) for one count per example)")
+    raise ValueError(f"{fn}: `valid` must have shape {per}, got shape {jnp.shape(valid)}.")
+  value = _concrete(valid)
+  if value is not None and _geometry.is_static(length) and not (
+      (value >= 0).all() and (value <= length).all()):
+    raise ValueError(f"{fn}: `valid` must be between 0 and the chunk's {length} frames along "
+                     f"the streamed axis, got {value.tolist()!r}.")
+  # Under jit the value is unknown until the step runs: clamped (documented).
+  return None, jnp.clip(jnp.asarray(valid, jnp.int32), 0, length)
+
+
+def _check_reset(fn: str, reset: Any, state: StreamState) -> jax.Array | None:
+  """`reset` as a bool array (scalar, or `(N,)` for a per-example state), or None."""
+  if reset is None:
+    return None
+  each = state.phase.shape
+  if not each:
+    raise ValueError(f"{fn}: `reset` needs a per-example state (stream_init(..., "
+                     f"per_example=True)); for a state of one stream, make a new one with "
+                     f"stream_init. Got reset={reset!r}.")
+  if isinstance(reset, bool):
+    reset = jnp.asarray(reset)
+  if not hasattr(reset, "dtype") or jnp.dtype(reset.dtype) != jnp.bool_:
+    raise TypeError(f"{fn}: `reset` must be None, a bool or a bool array, got "
+                    f"{type(reset).__name__} {getattr(reset, 'dtype', '')}.")
+  if jnp.shape(reset) not in ((), each):
+    raise ValueError(f"{fn}: `reset` must have shape () or {each} (one per example), got "
+                     f"shape {jnp.shape(reset)}.")
+  return jnp.asarray(reset)
+
+
+def _concrete(a: Any) -> Any:
+  """`a`'s value as a NumPy array, or None where it is traced."""
+  try:
+    return np.asarray(a)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def _check_length(fn: str, length: Any, config: StreamConfig) -> None:
@@ -456,13 +587,15 @@ def _check_length(fn: str, length: Any, config: StreamConfig) -> None:
                      f"{config.axis}, got {length}.")
 
 
-def _check_same_config(fn: str, held: StreamConfig, given: StreamConfig) -> None:
+def check_same_config(fn: str, held: Any, given: Any,
+                      hint: str = "Make it with stream_init and the same arguments as "
+                                  "stream_step.") -> None:
+  """Raises unless two configs (NamedTuples: a `StreamConfig`, a layer's) are equal."""
   if held == given:
     return
   diffs = "; ".join(f"{name} {getattr(given, name)!r} here, {getattr(held, name)!r} in the state"
-                    for name in StreamConfig._fields if getattr(given, name) != getattr(held, name))
-  raise ValueError(f"{fn}: `state` was made for another configuration: {diffs}. Make it with "
-                   f"stream_init and the same arguments as stream_step.")
+                    for name in type(held)._fields if getattr(given, name) != getattr(held, name))
+  raise ValueError(f"{fn}: `state` was made for another configuration: {diffs}. {hint}")
 
 
 def _check_chunk(fn: str, state: StreamState, chunk: Any) -> None:

@@ -18,8 +18,9 @@ earlier trace is used again.
 
 Targets (`TARGETS`): `"stablehlo"` (`jax.export`; also what any lowering
 for export without a named target is), `"tf"` (jax2tf, SavedModel),
-`"litert"` (the LiteRT converter) and `"onnx"` (reserved for an ONNX
-route); see `_policy.decide` for what each one chooses.
+`"litert"` (the LiteRT converter) and `"onnx"` (`interop.export_onnx`,
+whose jax2onnx plugins turn the primitives into ONNX nodes); see
+`_policy.decide` for what each one chooses.
 """
 
 from __future__ import annotations

@@ -46,12 +46,14 @@ TensorFlow backend.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import jax
 import keras
 
-from dw5d_jax import _activations, _args, _geometry
+from dw5d_jax import _activations, _args, _geometry, _streaming
 
 _PACKAGE = "dw5d"
 _BACKENDS = ("jax", "tensorflow")
@@ -74,6 +76,61 @@ def backend_op(fn: str, backend: str, rank: int) -> Callable[..., Any]:
     return _tf_ops.tf_depthwise_conv2d if rank == 2 else _tf_ops.tf_depthwise_conv3d
   raise ValueError(f"{fn}: the Keras backend must be one of {', '.join(map(repr, _BACKENDS))} "
                    f"(set KERAS_BACKEND before importing keras), got {backend!r}.")
+
+
+class StreamSettings(NamedTuple):
+  """What a layer's stream computes apart from the data, in the layer's own argument names."""
+
+  layer: str
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  dilation_rate: tuple[int, ...]
+  padding: str
+  padding_mode: tuple[str, ...]
+  depth_multiplier: int
+  data_format: str
+  axes: str
+  dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamState:
+  """The state of a Keras layer's stream between chunks.
+
+  `buffer` (the last `e - 1` frames along time, zeros at first: the causal
+  padding), `phase` and `emitted` (int32 scalars, as in
+  `dw5d_jax.StreamState`) are backend tensors, also readable as
+  `state["buffer"]`, ...; `settings` (static) are the layer's, which
+  `stream_step` checks. A pytree on the JAX backend and a nested structure
+  for `tf.function` and `tf.nest` on the TensorFlow backend (the settings
+  static in both), so steps run under `jax.jit` and `tf.function`.
+  """
+
+  buffer: Any
+  phase: Any
+  emitted: Any
+  settings: StreamSettings
+
+  _FIELDS = ("buffer", "phase", "emitted")
+
+  def __getitem__(self, key: str) -> Any:
+    if key not in self._FIELDS:
+      raise KeyError(f"StreamState: the tensors are {', '.join(map(repr, self._FIELDS))}; "
+                     f"got {key!r}.")
+    return getattr(self, key)
+
+  # TensorFlow's nest protocol (tf.nest, tf.function): the tensors are the
+  # components, the settings the (hashable) metadata.
+  def __tf_flatten__(self) -> tuple[StreamSettings, tuple[Any, ...]]:
+    return self.settings, (self.buffer, self.phase, self.emitted)
+
+  @classmethod
+  def __tf_unflatten__(cls, settings: StreamSettings, components: Sequence[Any]) -> StreamState:
+    return cls(*components, settings)
+
+
+jax.tree_util.register_dataclass(StreamState, data_fields=list(StreamState._FIELDS),
+                                 meta_fields=["settings"])
 
 
 class _DepthwiseConv(keras.layers.Layer):
@@ -127,7 +184,11 @@ class _DepthwiseConv(keras.layers.Layer):
       raise ValueError(f"{fn}: `data_format` must be None, 'channels_last' or "
                        f"'channels_first', got {data_format!r}.")
     self.data_format = data_format.lower()
-    self.activation = keras.activations.get(activation)
+    try:
+      self.activation = keras.activations.get(activation)
+    except (ValueError, TypeError) as err:
+      raise ValueError(f"{fn}: `activation` must be None, a Keras activation name (e.g. "
+                       f"'relu', 'gelu') or a callable, got {activation!r} ({err}).") from None
     self.use_bias = bool(use_bias)
     self.depthwise_initializer = keras.initializers.get(depthwise_initializer)
     self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -283,15 +344,17 @@ class _DepthwiseConv(keras.layers.Layer):
 
   # -- streaming --------------------------------------------------------------
 
-  def stream_init(self, input_shape: Sequence[int]) -> dict[str, Any]:
+  def stream_init(self, input_shape: Sequence[int]) -> StreamState:
     """The state before the first chunk of a stream along the first spatial axis.
 
     The layer must be causal along that axis (`padding="causal"`; the time
     `T` of a clip `(N, T, H, W, C)`, `H` of 4D input) or, a `DepthwiseConv2D`
-    with `axes`, carry it (every frame on its own). The state is a dict of
-    backend tensors: `"buffer"`, the last `e - 1` frames (zeros at first:
-    the causal padding), `"phase"` and `"emitted"` (int32 scalars, as in
-    `dw5d_jax.StreamState`). Builds the layer if needed.
+    with `axes`, carry it (every frame on its own). The state (a
+    `StreamState`) holds backend tensors, `state["buffer"]`, the last
+    `e - 1` frames (zeros at first: the causal padding), `state["phase"]`
+    and `state["emitted"]` (int32 scalars, as in `dw5d_jax.StreamState`),
+    and the layer's settings, so that a state goes only to a layer that
+    computes the same. Builds the layer if needed.
 
     Args:
       input_shape: the shape of the chunks, their length along time aside
@@ -299,35 +362,61 @@ class _DepthwiseConv(keras.layers.Layer):
 
     Raises:
       ValueError: a padding along time that is not causal; a bad shape.
+
+    Example:
+      >>> import numpy as np
+      >>> from interop.keras import DepthwiseConv3D
+      >>> layer = DepthwiseConv3D(3, padding="causal")
+      >>> state = layer.stream_init((1, 1, 8, 8, 4))
+      >>> tuple(state["buffer"].shape)       # the last kd - 1 = 2 frames
+      (1, 2, 8, 8, 4)
+      >>> state, y = layer.stream_step(state, np.ones((1, 2, 8, 8, 4), np.float32))
+      >>> tuple(y.shape), int(state["emitted"])
+      ((1, 2, 8, 8, 4), 2)
     """
     fn = f"{type(self).__name__}.stream_init"
     shape = list(self._check_shape(input_shape))
     if any(d is None for d in shape):
       raise ValueError(f"{fn}: `input_shape` must be fully known, got {tuple(shape)}.")
+    t = 1 if self._channels_last else 2
+    if any(not _args.is_int(d) or (d < 1 and j != t) for j, d in enumerate(shape)):
+      raise ValueError(f"{fn}: `input_shape` must hold positive ints (any int along time, "
+                       f"axis {t}), got {tuple(shape)}.")
     if not self.built:
       self.build(shape)
     i, t = self._stream_axes(fn)
     shape[t] = 0 if i is None else _geometry.effective(self.kernel_size[i],
                                                         self.dilation_rate[i]) - 1
-    return {"buffer": keras.ops.zeros(shape, self.compute_dtype),
-            "phase": keras.ops.convert_to_tensor(0, "int32"),
-            "emitted": keras.ops.convert_to_tensor(0, "int32")}
+    return StreamState(buffer=keras.ops.zeros(shape, self.compute_dtype),
+                       phase=keras.ops.convert_to_tensor(0, "int32"),
+                       emitted=keras.ops.convert_to_tensor(0, "int32"),
+                       settings=self._stream_settings())
 
-  def stream_step(self, state: dict[str, Any], chunk: Any) -> tuple[dict[str, Any], Any]:
+  def stream_step(self, state: StreamState, chunk: Any) -> tuple[StreamState, Any]:
     """The next chunk of a stream: `(state, y)`, as `dw5d_jax.stream_step`.
 
     `y` has `ceil(L / s)` frames along time for a chunk of `L` frames (`s`
     the stride along time); the first `state["emitted"]` are the layer's
     next outputs on the whole sequence (all of them when `s` divides `L`).
-    Runs on both backends, eagerly and under `jax.jit`/`tf.function`.
+    Runs on both backends, eagerly and under `jax.jit`/`tf.function`. The
+    chunk is cast to the layer's compute dtype, as a call casts its input.
 
     Raises:
-      ValueError: a chunk whose shape differs from the state's apart from
-        its length along time, or with no frame.
+      TypeError: `state` is not a `StreamState` from `stream_init`.
+      ValueError: a state made for a layer with other settings (kernel size,
+        strides, dilations, padding, multiplier, layout, axes or dtype); a
+        chunk whose shape differs from the state's apart from its length
+        along time, or with no frame.
     """
     fn = f"{type(self).__name__}.stream_step"
+    if not isinstance(state, StreamState):
+      raise TypeError(f"{fn}: `state` must be the StreamState of a stream_init or stream_step "
+                      f"of a layer with this one's settings, got {type(state).__name__}.")
+    _streaming.check_same_config(
+        fn, state.settings, self._stream_settings(),
+        hint="Make it with this layer's stream_init (or one with the same settings).")
     i, t = self._stream_axes(fn)
-    buffer, phase = state["buffer"], state["phase"]
+    buffer, phase = state.buffer, state.phase
     want, got = tuple(buffer.shape), tuple(chunk.shape)
     length = got[t] if len(got) == len(want) else None
     if (length is None or length < 1
@@ -335,10 +424,10 @@ class _DepthwiseConv(keras.layers.Layer):
       shown = tuple("L" if j == t else d for j, d in enumerate(want))
       raise ValueError(f"{fn}: `chunk` has shape {got}, but the state was made for chunks "
                        f"{shown} (L >= 1 frames along time, axis {t}).")
-    chunk = keras.ops.cast(chunk, buffer.dtype)
+    chunk = keras.ops.cast(chunk, self.compute_dtype)
     padding = list(self._padding_entries())
     if i is None:
-      return {**state, "emitted": keras.ops.convert_to_tensor(length, "int32")}, \
+      return dataclasses.replace(state, emitted=keras.ops.convert_to_tensor(length, "int32")), \
           self._apply(chunk, tuple(padding))
     k, s, r = self.kernel_size[i], self.strides[i], self.dilation_rate[i]
     history = want[t]
@@ -355,8 +444,16 @@ class _DepthwiseConv(keras.layers.Layer):
       x = keras.ops.slice(x, start, size)
     padding[i] = (0, 0)
     y = self._apply(x, tuple(padding))
-    return {"buffer": after, "phase": _geometry.stream_phase(phase, length, s),
-            "emitted": _geometry.stream_emitted(length, phase, s)}, y
+    return StreamState(buffer=after, phase=_geometry.stream_phase(phase, length, s),
+                       emitted=_geometry.stream_emitted(length, phase, s),
+                       settings=state.settings), y
+
+  def _stream_settings(self) -> StreamSettings:
+    return StreamSettings(
+        layer=type(self).__name__, kernel_size=self.kernel_size, strides=self.strides,
+        dilation_rate=self.dilation_rate, padding=self.padding, padding_mode=self._modes(),
+        depth_multiplier=self.depth_multiplier, data_format=self.data_format,
+        axes=self._conv_axes(), dtype=str(self.compute_dtype))
 
   def _stream_axes(self, fn: str) -> tuple[int | None, int]:
     """`(index of the time axis in the convolved axes or None, its position in x)`."""

@@ -19,6 +19,12 @@ SavedModel serves with TensorFlow alone:
 * `step(state, chunk)` -> `(state, output)`; the signature `"serving_default"`
   takes `chunk` and the state's tensors by name and returns them with
   `"output"`.
+
+With `per_example=True` (a batch of independent streams, as from
+`dw5d_jax.stream_init(..., per_example=True)`), `step_fn` also takes `valid`
+(int32 `(N,)`, real frames per example) and `reset` (bool `(N,)`, a new
+stream in that example's slot), and so do `step(state, chunk, valid, reset)`
+and the serving signature (inputs `"valid"` and `"reset"`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from interop import _export
@@ -48,6 +55,7 @@ def export_streaming_savedmodel(
     overwrite: bool = False,
     channel_axis: int = -1,
     constraints: Sequence[str] = (),
+    per_example: bool = False,
 ) -> str:
   """Exports a stream, `init_fn` and `step_fn`, as a TensorFlow SavedModel.
 
@@ -68,6 +76,9 @@ def export_streaming_savedmodel(
     dtype: the dtype of the chunks.
     platforms, overwrite, channel_axis, constraints: as in
       `export_savedmodel`.
+    per_example: `step_fn` is `(params, state, chunk, valid, reset)`, with
+      `valid` int32 and `reset` bool, both `(N,)` (one per example of the
+      batch, the chunk's first dim): per-example streams for a server.
 
   Returns:
     `path`, as a string.
@@ -95,6 +106,9 @@ def export_streaming_savedmodel(
     >>> y.shape
     TensorShape([1, 1, 8, 8, 4])
   """
+  if not isinstance(per_example, bool):
+    raise TypeError(f"{_FN}: `per_example` must be a bool, got {type(per_example).__name__} "
+                    f"{per_example!r}.")
   shape, names = _export._check_input_shape(input_shape, channel_axis, _FN)
   x_dtype = _export._check_dtype(dtype, _FN)
   platforms = _export._check_platforms(platforms, _FN)
@@ -106,8 +120,16 @@ def export_streaming_savedmodel(
   def unflatten(leaves):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
+  def step(p, state, chunk, *each):
+    return step_fn(p, state, chunk, *each)
+
+  def per_example_inputs(chunk):  # no frame real, nothing reset: shapes only
+    return ((jnp.zeros(chunk.shape[:1], jnp.int32), jnp.zeros(chunk.shape[:1], bool))
+            if per_example else ())
+
   def first_step(leaves, chunk):
-    return step_fn(unflatten(leaves), init_fn(unflatten(leaves), chunk), chunk)
+    return step(unflatten(leaves), init_fn(unflatten(leaves), chunk), chunk,
+                *per_example_inputs(chunk))
 
   leaf_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
   x_spec = _export._input_spec(shape, names, x_dtype, constraints, _FN)
@@ -118,13 +140,15 @@ def export_streaming_savedmodel(
                              subject="`init_fn` and `step_fn`")
   state = jax.eval_shape(lambda p, c: init_fn(unflatten(p), c), leaf_specs, x_spec)
   state_leaves, state_tree = jax.tree_util.tree_flatten_with_path(state)
-  after, y = jax.eval_shape(lambda p, s, c: step_fn(unflatten(p), s, c), leaf_specs, state,
-                            x_spec)
+  each = ((jax.ShapeDtypeStruct(x_spec.shape[:1], jnp.int32),
+           jax.ShapeDtypeStruct(x_spec.shape[:1], jnp.bool_)) if per_example else ())
+  after, y = jax.eval_shape(lambda p, s, c, *e: step(unflatten(p), s, c, *e), leaf_specs, state,
+                            x_spec, *each)
   _check_state(state, after, y)
   state_names = [_state_name(p) for p, _ in state_leaves]
   specs = [a for _, a in state_leaves]
-  _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, path, shape, names,
-        x_dtype, platforms, constraints)
+  _save(init_fn, step, unflatten, leaves, state_tree, state_names, specs, path, shape, names,
+        x_dtype, platforms, constraints, per_example)
   return path
 
 
@@ -158,7 +182,7 @@ def _check_state(before: Any, after: Any, y: Any) -> None:
 
 
 def _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, path, shape,
-          names, dtype, platforms, constraints) -> None:
+          names, dtype, platforms, constraints, per_example) -> None:
   import tensorflow as tf
   from jax.experimental import jax2tf
 
@@ -171,12 +195,15 @@ def _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, p
   def init_flat(leaves, chunk):
     return jax.tree_util.tree_leaves(init_fn(unflatten(leaves), chunk))
 
-  def step_flat(leaves, state, chunk):
-    new, y = step_fn(unflatten(leaves), jax.tree_util.tree_unflatten(state_tree, state), chunk)
+  def step_flat(leaves, state, chunk, *each):
+    new, y = step_fn(unflatten(leaves), jax.tree_util.tree_unflatten(state_tree, state), chunk,
+                     *each)
     return jax.tree_util.tree_leaves(new), y
 
+  each_poly = "(" + x_poly[1:].split(",")[0] + ")"  # the batch: (b) or (2)
   init_tf = convert(init_flat, polymorphic_shapes=[None, x_poly])
-  step_tf = convert(step_flat, polymorphic_shapes=[None, state_polys, x_poly])
+  step_tf = convert(step_flat, polymorphic_shapes=[None, state_polys, x_poly,
+                                                   *[each_poly] * (2 * per_example)])
 
   module = tf.Module()
   module.params = [tf.Variable(a, trainable=False, name=f"param_{i}")
@@ -189,21 +216,26 @@ def _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, p
   def params():
     return [tf.convert_to_tensor(v) for v in module.params]
 
-  def run_step(state, chunk):
-    new, y = step_tf(params(), [state[n] for n in state_names], chunk)
+  def run_step(state, chunk, *each):
+    new, y = step_tf(params(), [state[n] for n in state_names], chunk, *each)
     return dict(zip(state_names, new)), y
 
   @tf.function(autograph=False, input_signature=[chunk_spec])
   def initial_state(chunk):
     return dict(zip(state_names, init_tf(params(), chunk)))
 
-  @tf.function(autograph=False, input_signature=[state_specs, chunk_spec])
-  def step(state, chunk):
-    return run_step(state, chunk)
+  each_specs = [tf.TensorSpec(shape[:1], tf.int32, name="valid"),
+                tf.TensorSpec(shape[:1], tf.bool, name="reset")] if per_example else []
 
-  @tf.function(autograph=False, input_signature=[chunk_spec, *state_specs.values()])
-  def serving_step(chunk, *state):
-    new, y = run_step(dict(zip(state_names, state)), chunk)
+  @tf.function(autograph=False, input_signature=[state_specs, chunk_spec, *each_specs])
+  def step(state, chunk, *each):
+    return run_step(state, chunk, *each)
+
+  @tf.function(autograph=False,
+               input_signature=[chunk_spec, *each_specs, *state_specs.values()])
+  def serving_step(chunk, *rest):
+    each, state = rest[:len(each_specs)], rest[len(each_specs):]
+    new, y = run_step(dict(zip(state_names, state)), chunk, *each)
     return {"output": y, **new}
 
   module.initial_state = initial_state

@@ -371,6 +371,78 @@ def test_stream_errors():
                      r"`padding_mode` 'zeros' along D \(the state starts from the causal "
                      r"zeros\), got 'edge'"):
     DepthwiseConv3D(3, padding="causal", padding_mode="edge").stream_init((1, 1, 4, 4, 2))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: `input_shape` must hold "
+                     r"positive ints \(any int along time, axis 1\), got \(1, 1, -5, 4, 2\)\."):
+    causal.stream_init((1, 1, -5, 4, 2))
+  with pytest.raises(TypeError, match=r"DepthwiseConv3D.stream_step: `state` must be the "
+                     r"StreamState of a stream_init or stream_step of a layer with this one's "
+                     r"settings, got dict\."):
+    causal.stream_step({}, np.zeros((1, 1, 4, 4, 2), np.float32))
+
+
+def _compiled(step):
+  """`step` under jax.jit or tf.function, as the backend compiles."""
+  if BACKEND == "jax":
+    import jax
+
+    return jax.jit(step)
+  import tensorflow as tf
+
+  return tf.function(step)
+
+
+@pytest.mark.parametrize("other, differs", [
+    (lambda: DepthwiseConv3D((5, 3, 3), padding="causal"),
+     r"kernel_size \(3, 3, 3\) here, \(5, 3, 3\) in the state"),
+    (lambda: DepthwiseConv3D(3, padding="causal", dtype="float16"),
+     r"dtype 'float32' here, 'float16' in the state"),
+    (lambda: DepthwiseConv3D(3, padding="causal", strides=(2, 1, 1), dilation_rate=(1, 2, 1)),
+     r"strides \(1, 1, 1\) here, \(2, 1, 1\) in the state; dilation_rate \(1, 1, 1\) here, "
+     r"\(1, 2, 1\) in the state"),
+    (lambda: DepthwiseConv3D(3, padding="causal", padding_mode=("zeros", "edge", "zeros")),
+     r"padding_mode \('zeros', 'zeros', 'zeros'\) here, \('zeros', 'edge', 'zeros'\) in the "
+     r"state"),
+    (lambda: DepthwiseConv3D(3, padding="causal", depth_multiplier=2),
+     r"depth_multiplier 1 here, 2 in the state"),
+    (lambda: DepthwiseConv2D(3, axes="DW", padding="causal"),
+     r"layer 'DepthwiseConv3D' here, 'DepthwiseConv2D' in the state; kernel_size \(3, 3, 3\) "
+     r"here, \(3, 3\) in the state"),
+], ids=["time-kernel", "float16", "strides-dilations", "padding-mode", "multiplier", "2d"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stream_state_of_another_layer_is_refused(other, differs, compiled):
+  """The state carries the layer's settings: a state from another layer cannot step this one.
+
+  (Before, a time kernel of 5 on a layer of 3 gave 4 output frames for 2.)
+  """
+  layer = DepthwiseConv3D(3, padding="causal")
+  state = other().stream_init((1, 1, 4, 4, 2))
+  step = _compiled(layer.stream_step) if compiled else layer.stream_step
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `state` was made for "
+                     r"another configuration: .*" + differs + r".*Make it with this layer's "
+                     r"stream_init \(or one with the same settings\)\."):
+    step(state, np.zeros((1, 2, 4, 4, 2), np.float32))
+
+
+def test_stream_state_is_a_structure_of_the_backend():
+  """Flattened by jax.tree_util or tf.nest into its tensors; the settings stay static."""
+  layer = DepthwiseConv3D(3, padding="causal")
+  state = layer.stream_init((1, 1, 4, 4, 2))
+  if BACKEND == "jax":
+    import jax
+
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    again = jax.tree_util.tree_unflatten(tree, leaves)
+  else:
+    import tensorflow as tf
+
+    leaves = tf.nest.flatten(state)
+    again = tf.nest.pack_sequence_as(state, leaves)
+  assert [tuple(a.shape) for a in leaves] == [(1, 2, 4, 4, 2), (), ()]
+  assert again.settings == state.settings == layer._stream_settings()
+  assert [_np(again[k]).tolist() for k in ("phase", "emitted")] == [0, 0]
+  with pytest.raises(KeyError, match=r"StreamState: the tensors are 'buffer', 'phase', "
+                     r"'emitted'; got 'head'\."):
+    state["head"]
 
 
 # ----------------------------------------------------------------------------
@@ -500,6 +572,9 @@ def test_load_model_saved_on_other_backend():
     (lambda: DepthwiseConv2D(3, data_format="NHWC"), ValueError,
      r"DepthwiseConv2D: `data_format` must be None, 'channels_last' or 'channels_first', "
      r"got 'NHWC'"),
+    (lambda: DepthwiseConv3D(3, activation="not_an_activation"), ValueError,
+     r"DepthwiseConv3D: `activation` must be None, a Keras activation name \(e\.g\. 'relu', "
+     r"'gelu'\) or a callable, got 'not_an_activation'"),
     (lambda: _keras.backend_op("DepthwiseConv3D", "torch", 3), ValueError,
      r"DepthwiseConv3D: the Keras backend must be one of 'jax', 'tensorflow' \(set "
      r"KERAS_BACKEND before importing keras\), got 'torch'"),

@@ -62,3 +62,16 @@ def test_unknown_workload_is_an_error(tmp_path, capsys):
   code = cli.main(["bench", "--tiny", "--allocator", "default", "--workloads", "W9",
                     "--out", str(tmp_path)])
   assert code == 1
+
+
+
+def test_each_allocator_setting_gets_its_environment(monkeypatch):
+  """glibc's own (opted out), the library's default (tuned on import), tuned by the environment."""
+  from interop._app import bench
+  monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+  monkeypatch.setenv("DW5D_JAX_TUNE_ALLOCATOR", "1")
+  glibc, default, tuned = (bench._env(m) for m in ("glibc", "default", "tuned"))
+  assert glibc["DW5D_JAX_TUNE_ALLOCATOR"] == "0" and "MALLOC_MMAP_THRESHOLD_" not in glibc
+  assert "DW5D_JAX_TUNE_ALLOCATOR" not in default and "MALLOC_MMAP_THRESHOLD_" not in default
+  assert tuned["MALLOC_MMAP_THRESHOLD_"] == "1073741824"
+  assert "DW5D_JAX_TUNE_ALLOCATOR" not in tuned

@@ -126,6 +126,39 @@ def test_errors_exit_2(tmp_path, kernel_file, capsys, extra, k_shape, message):
   assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"1.0 2.0 3.0\n", r"is not a .npy file \(it does not start with NumPy's magic string "
+     r"\\x93NUMPY, got b'1\.0 2\.'\); write the array with numpy\.save\."),
+    (b"", r"is not a .npy file \(it does not start with NumPy's magic string \\x93NUMPY, "
+     r"got b''\)"),
+], ids=["text", "empty"])
+@pytest.mark.parametrize("flag", ["--kernel", "--calibration"])
+def test_a_file_that_is_not_npy_exits_2(tmp_path, kernel_file, capsys, content, message, flag):
+  """NumPy itself calls any such file "pickled (object) data"; the message says what it is."""
+  bad = tmp_path / "weights.txt"
+  bad.write_bytes(content)
+  args = ["export", "--op", "depthwise_conv3d", "--out", str(tmp_path / "model"), flag,
+          str(bad)]
+  if flag == "--calibration":
+    args += ["--kernel", kernel_file((3, 3, 3, 4, 1))[0], "--litert", "--quantize", "int8",
+             "--input-shape", "1,4,4,4,4"]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert re.search(rf"dw5d export: error: `{flag}` '.*weights\.txt' {message}", err), err
+  assert "pickled" not in err
+  assert not (tmp_path / "model").exists()
+
+
+def test_an_object_array_exits_2(tmp_path, capsys):
+  bad = tmp_path / "objects.npy"
+  np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--out", str(tmp_path / "model"),
+                   "--kernel", str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert re.search(r"`--kernel` '.*objects\.npy' could not be read as a \.npy array of "
+                   r"numbers \(object arrays are not loaded\)", err), err
+
+
 def test_rank4_with_other_axes_exits_2(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((3, 3, 4, 1))
   assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
@@ -174,7 +207,7 @@ def test_litert(tmp_path, rng, kernel_file, capsys, quantize):
                     "--axes", "DW", "--strides", "2,1", *extra]) == 0
   text = capsys.readouterr().out
   assert f"as LiteRT ({quantize or 'float32'})" in text
-  assert "builtin ops only: " in text and "DEPTHWISE_CONV_2D" in text
+  assert "(all builtin)" in text and "DEPTHWISE_CONV_2D" in text
   assert text.count("output error") == 2 and "FAIL" not in text
   assert "verified: the reloaded flatbuffer matches the float64 reference on 2 inputs" in text
   # Our own check, on an input the command did not try (int8: one it was calibrated on).
@@ -203,3 +236,34 @@ def test_litert_errors_exit_2(tmp_path, kernel_file, capsys, extra, message):
   err = capsys.readouterr().err
   assert re.search("dw5d export: error: " + message, err), err
   assert not (tmp_path / "m.tflite").exists()
+
+
+# ----------------------------------------------------------------------------
+# --onnx: an ONNX model, checked with onnxruntime.
+
+
+def test_onnx(tmp_path, rng, kernel_file, capsys):
+  import onnxruntime
+
+  path, k = kernel_file((3, 3, 3, 2, 2))
+  out = tmp_path / "dw3d.onnx"
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", str(out),
+                    "--onnx", "--strides", "1,2,2", "--padding", "CAUSAL,1:1,VALID",
+                    "--data-format", "NCDHW"]) == 0
+  text = capsys.readouterr().out
+  assert "as ONNX" in text and "ops: Transpose, Reshape, Conv, Identity" in text
+  assert text.count("output error") == 2 and "FAIL" not in text
+  assert "verified: the ONNX model matches the float64 reference at 2 input sizes" in text
+  # Our own check, at a batch and size the command did not try.
+  x = random_array(rng, (3, 2, 6, 5, 8))
+  want = Case("3d", "NCDHW", "DHW", x.shape, k.shape, (1, 2, 2), 1,
+              ("CAUSAL", (1, 1), "VALID")).expected(x, k)
+  session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+  assert_close(session.run(None, {"x": x})[0], want)
+
+
+def test_onnx_refuses_litert_too(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((3, 3, 3, 2, 1))
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                   str(tmp_path / "m"), "--onnx", "--litert"]) == 2
+  assert "`--onnx` and `--litert` are two exports; choose one." in capsys.readouterr().err

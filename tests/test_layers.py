@@ -191,8 +191,23 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match=r"DepthwiseConv2D: input must have shape "
                      r"\(\*batch, D, H, W, C\), got shape \(5, 5\)"):
     layer(jnp.ones((5, 5)))
-  with pytest.raises(ValueError, match=r"must equal the channels of `x` \(4"):
+  with pytest.raises(ValueError, match=r"DepthwiseConv2D: `x` must have in_features=3 channels "
+                     r"\(its last dim\), got shape \(1, 2, 5, 5, 4\)\."):
     layer(jnp.ones((1, 2, 5, 5, 4)))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D: `x` must have in_features=4 channels "
+                     r"\(its last dim\), got shape \(2, 3, 5, 5, 5, 3\)\."):
+    DepthwiseConv3D(4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 3, 5, 5, 5, 3)))
+  reflect = DepthwiseConv3D(4, (1, 5, 3), padding_mode="reflect", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D: `x` of shape \(1, 3, 2, 5, 4\): "
+                     r"`padding_mode` 'reflect' along axis H fills at most n - 1 = 1 positions "
+                     r"per side of an input of size 2, but `padding` 'SAME' pads \(2, 2\) "
+                     r"there\."):
+    reflect(jnp.ones((1, 3, 2, 5, 4)))
+  with pytest.raises(ValueError, match=r"DepthwiseConv2D: `x` of shape \(1, 6, 4, 3\): along "
+                     r"axis W the window \(kernel 5, dilation 1: effective size 5\) does not fit "
+                     r"the padded input \(size 4 = 4 \+ padding \(0, 0\)\) with padding "
+                     r"'VALID'"):
+    DepthwiseConv2D(3, 5, padding="VALID", rngs=nnx.Rngs(0))(jnp.ones((1, 6, 4, 3)))
 
 
 @pytest.mark.parametrize("config", [

@@ -238,17 +238,21 @@ def test_parallel_results_are_deterministic(rng, layout, x_shape):
     ("NCHW", 8, 9, 1, (3, 3), TARGETS[1:], False),
     ("NCHW", 8, 9, 1, (7, 7), TARGETS, True),
     ("NCHW", 8, 9, 2, (3, 3), TARGETS, True),
-    ("NCHW", 6, 9, 2, (3, 3), TARGETS[1:], False),
+    ("NCHW", 6, 9, 2, (3, 3), TARGETS, True),
+    ("NHWC", 6, 9, 1, (3, 3), TARGETS, False),
+    ("NCHW", 8, 33, 8, (3, 3), TARGETS, True),
+    ("NCHW", 32, 9, 1, (3, 3), TARGETS[1:], True),
 ])
 def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, width, strides,
                                                      window, want, transposes):
   """DW5D_JAX_NATIVE unset: native where measured faster (_policy.worthwhile).
 
-  Channels-last: C % 4 == 0. Channels-first: the channels-first kernels
+  Channels-last: C >= 4. Channels-first: the channels-first kernels
   (no transposes) from an output width of 12 (forward) or 6 (gradients);
-  narrower ones transposed around the channels-last kernels where
-  C % 4 == 0 (the forward pass only when strided or with a large window),
-  else XLA's lowering for the forward pass.
+  narrower ones transposed around the channels-last kernels where C >= 4
+  (the forward pass only when strided or with a large window; the
+  gradients below width 12 too from C = 32 on), else XLA's lowering for
+  the forward pass.
   """
   monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
   x_shape = (2, 7, width, c) if layout == "NHWC" else (2, c, 7, width)
@@ -462,3 +466,57 @@ def test_installed_wheel_compiles_self_tests_and_computes(tmp_path):
   assert pathlib.Path(got["file"]).is_relative_to(site), got["file"]
   assert (got["active"], got["detail"], got["warned"]) == (True, "compiled", [])
   assert got["calls"] == ["dw5d_forward"] and got["err"] < 1e-4
+
+
+# Channel counts that fill no whole packet (1, 3: single floats; 5, 54, 67:
+# a last packet overlapping the one before it, ForChannels in
+# _csrc/channels_last_rows.h), and narrow channels-first outputs: 5x5 frames
+# and MViT's attention-pooling shape, a stride larger than the kernel.
+ODD_CHANNELS = [
+    *(Case("3d", "NDHWC", "DHW", (1, 3, 4, 9, c), (3, 3, 3, c, 1), 1, 1, "SAME")
+      for c in (1, 3, 5, 54, 67)),
+    Case("2d", "NHWC", "HW", (2, 6, 9, 5), (3, 3, 5, 2), 2, 1, "SAME"),
+    *(Case("3d", "NCDHW", "DHW", (2, c, 3, 5, 5), (3, 3, 3, c, 1), 1, 1, "SAME")
+      for c in (3, 54)),
+    *(Case("3d", "NCDHW", "DHW", (1, c, 3, 17, 17), (3, 3, 3, c, 1), (1, 8, 8), 1,
+           ((1, 1), (1, 1), (1, 1))) for c in (5, 16)),
+]
+
+
+@pytest.mark.parametrize("case", ODD_CHANNELS, ids=lambda c: f"{c.layout}-{c.x_shape}")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_odd_channels_and_narrow_outputs(rng, case, dtype):
+  """Forward and both gradients on the native kernels, without and with a fused epilogue.
+
+  Expected values: the float64 reference, and for the epilogue
+  `act(ref(x, k) + b)` with `g = ct * act'(z)` through the same linearity
+  identities as `_check_against_reference`; `db` is the sum of g per channel.
+  """
+  x, k = random_array(rng, case.x_shape, dtype), random_array(rng, case.k_shape, dtype)
+  ct = random_array(rng, case.expected(x, k).shape, dtype)
+  fn = _vjp_fn(case)
+  assert _custom_calls(jax.jit(fn).lower(x, k, ct).as_text()) == set(TARGETS)
+  _check_against_reference(case, x, k, ct, jax.jit(fn)(x, k, ct), dtype)
+
+  channels = case.k_shape[-2] * case.k_shape[-1]
+  b = random_array(rng, (channels,), dtype)
+
+  def epilogue(a, w, c, ct):
+    y, pullback = jax.vjp(lambda a, w, c: run(case, a, w, bias=c, activation="sigmoid"), a, w, c)
+    return (y, *pullback(ct.astype(y.dtype)))
+
+  calls = _custom_calls(jax.jit(epilogue).lower(x, k, b, ct).as_text())
+  assert {"dw5d_forward_epilogue", "dw5d_input_grad"} < calls, calls
+  assert calls & {"dw5d_epilogue_grad", "dw5d_epilogue_grad_y"}, calls
+  y, gx, gk, gb = jax.jit(epilogue)(x, k, b, ct)
+  x64, k64, b64, ct64 = (np.asarray(a, np.float64) for a in (x, k, b, ct))
+  channel = -1 if case.layout.endswith("C") else 1
+  shape = [1] * len(case.x_shape)
+  shape[channel] = -1
+  z = case.expected(x64, k64) + b64.reshape(shape)
+  s = 1 / (1 + np.exp(-z))
+  assert_close(y, s, dtype, err_msg=f"y {case}")
+  g = ct64 * s * (1 - s)
+  assert_close(gb, np.moveaxis(g, channel, -1).reshape(-1, channels).sum(0), dtype,
+               err_msg=f"db {case}")
+  _check_against_reference(case, x, k, g, (case.expected(x64, k64), gx, gk), dtype)

@@ -68,17 +68,20 @@ N = jax.export.symbolic_shape("n")[0]
 
 # (name, op, spec, impl, facts, expected decision): the choices as they are.
 TABLE = [
-    # CPU, channels-last: native where C % 4 == 0 (measured), else XLA's shift.
+    # CPU, channels-last: native from C = 4 (measured), else XLA's shift.
     ("cpu auto native", "fwd", _spec(), AUTO, CPU, Decision("native")),
     ("cpu shift native", "dk", _spec(), SHIFT, CPU, Decision("native")),
     ("cpu C=3 xla", "fwd", _spec(c=3), AUTO, CPU, Decision("shift")),
+    ("cpu C=54 native", "dk", _spec(c=54), AUTO, CPU, Decision("native")),
+    ("cpu C=5 native", "fwd", _spec(c=5), AUTO, CPU, Decision("native")),
     ("cpu C=3 all", "dx", _spec(c=3), AUTO, CPU._replace(native_mode="all"), Decision("native")),
     ("cpu native off", "fwd", _spec(), AUTO, CPU._replace(native_mode="off"), Decision("shift")),
     ("cpu not loaded", "fwd", _spec(), AUTO, CPU._replace(native_loaded=False),
      Decision("shift")),
     ("cpu conv", "fwd", _spec(), CONV, CPU, Decision("conv")),
     # Channels-first: as-is from an output width of 12 (fwd) / 6 (grads), else
-    # transposed (C % 4 == 0), the narrow unstrided forward with <= 27 taps on XLA.
+    # transposed (C >= 4; from C = 32 the gradients below width 12 too), the
+    # narrow unstrided forward with <= 27 taps on XLA.
     ("cf wide", "fwd", _spec(last=False), AUTO, CPU, Decision("native")),
     ("cf narrow strided", "fwd", _spec(last=False, strides=(1, 1, 2)), AUTO, CPU,
      Decision("native", "transposed")),
@@ -89,6 +92,11 @@ TABLE = [
     ("cf narrow C=3 all", "fwd", _spec(last=False, c=3, spatial=(6, 8, 8)), AUTO,
      CPU._replace(native_mode="all"), Decision("native")),
     ("cf dx w=8", "dx", _spec(last=False, spatial=(6, 8, 8)), AUTO, CPU, Decision("native")),
+    ("cf narrow strided C=6", "fwd", _spec(last=False, c=6, strides=(1, 1, 2)), AUTO, CPU,
+     Decision("native", "transposed")),
+    ("cf dx w=8 C=64", "dx", _spec(last=False, c=64, spatial=(6, 8, 8)), AUTO, CPU,
+     Decision("native", "transposed")),
+    ("cf dk w=16 C=64", "dk", _spec(last=False, c=64), AUTO, CPU, Decision("native")),
     ("cf dk w=4", "dk", _spec(last=False, spatial=(6, 8, 4)), AUTO, CPU,
      Decision("native", "transposed")),
     # Dtypes and shapes the native kernels do not take.

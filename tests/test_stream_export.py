@@ -84,6 +84,43 @@ def test_stream_round_trip(tmp_path, rng):
   assert not any(v.trainable for v in model.params)
 
 
+def test_per_example_stream_round_trip(tmp_path, rng):
+  """Per-example valid and reset enter the SavedModel; it steps as the JAX per-example step
+  (which test_streaming.py checks against separate streams and the reference)."""
+  k = random_array(rng, (3, 2, 3, 3, 1))
+  kw = dict(strides=(2, 1, 1))
+
+  def init(k, chunk):
+    return dw.stream_init(chunk, k, per_example=True, **kw)
+
+  def step(k, state, chunk, valid, reset):
+    return dw.stream_step(state, chunk, k, valid=valid, reset=reset, **kw)
+
+  path = interop.export_streaming_savedmodel(init, step, k, tmp_path / "m", per_example=True,
+                                             input_shape=(None, None, None, None, 3))
+  model = interop.load_savedmodel(path)
+  n, length = 3, 2
+  x = random_array(rng, (n, 5 * length, 4, 5, 3))
+  state = model.initial_state(x[:, :length])
+  assert state["state_emitted"].shape == (n,)
+  sig_state = model.signatures["initial_state"](chunk=tf.constant(x[:, :length]))
+  jax_state = init(k, x[:, :length])
+  jax_step = jax.jit(lambda s, c, v, r: step(k, s, c, v, r))
+  for t in range(0, x.shape[1], length):
+    chunk = x[:, t:t + length]
+    valid = rng.integers(0, length + 1, n).astype(np.int32)
+    reset = rng.random(n) < 0.3
+    state, y = model.step(state, chunk, valid, reset)
+    out = model.signatures["serving_default"](chunk=tf.constant(chunk), valid=tf.constant(valid),
+                                              reset=tf.constant(reset), **sig_state)
+    sig_state = {name: out[name] for name in state}
+    jax_state, want = jax_step(jax_state, chunk, valid, reset)
+    np.testing.assert_array_equal(state["state_emitted"].numpy(), jax_state.emitted)
+    np.testing.assert_array_equal(out["state_phase"].numpy(), jax_state.phase)
+    assert_close(y.numpy(), want, err_msg=f"step at t={t}")
+    assert_close(out["output"].numpy(), want, err_msg=f"signature at t={t}")
+
+
 def test_docstring_examples():
   failures, tried = doctest.testmod(interop._stream_export, optionflags=doctest.ELLIPSIS)
   assert tried > 0

@@ -230,6 +230,125 @@ def test_export_step_with_symbolic_sizes(rng, length, dilation):
 
 
 # ----------------------------------------------------------------------------
+# Per-example streams: valid and reset per example.
+
+PER_EXAMPLE = {
+    # 1-frame steps with one valid for all take the ring path, others the copying one.
+    "3x3x3": ((3, 3, 3, 3, 1), dict()),
+    "time-stride-2": ((3, 2, 3, 3, 2), dict(strides=(2, 1, 2), padding=("CAUSAL", "SAME", "VALID"))),
+    "time-dilation-2": ((2, 3, 2, 3, 1), dict(dilations=(2, 1, 1))),
+    "per-frame-2d": ((3, 3, 3, 1), dict(axes="HW")),  # time carried: no ring
+}
+
+
+def separate_streams(x_steps, k, valids, resets, **kw):
+  """Each example as a stream of its own (the scalar API): emitted counts and real outputs."""
+  n = x_steps[0].shape[0]
+  emitted, outs = np.zeros((len(x_steps), n), int), [[] for _ in range(n)]
+  for i in range(n):
+    state = None
+    for step, x in enumerate(x_steps):
+      if state is None or resets[step][i]:
+        state = dw.stream_init(x[i:i + 1], k, **kw)
+      state, y = dw.stream_step(state, x[i:i + 1], k, valid=int(valids[step][i]), **kw)
+      emitted[step, i] = int(state.emitted)
+      outs[i].append(np.asarray(y[0, :emitted[step, i]]))
+  return emitted, outs
+
+
+def reference_streams(x_steps, k, valids, resets, **kw):
+  """The float64 reference on each example's real frames, split where a stream restarts."""
+  n = x_steps[0].shape[0]
+  padding = kw.get("padding", ("CAUSAL", "SAME", "SAME")[-len(k.shape) + 2:])
+  axes = kw.get("axes", "DHW")
+  want = []
+  for i in range(n):
+    segments = [[]]
+    for step, x in enumerate(x_steps):
+      if resets[step][i] and step:
+        segments.append([])
+      segments[-1].append(np.asarray(x[i:i + 1, :valids[step][i]]))
+    outs = []
+    for frames in segments:
+      seq = np.concatenate(frames, axis=1)
+      if seq.shape[1]:
+        outs.append(depthwise_reference(seq, k, axes=axes, padding=padding,
+                                        strides=kw.get("strides", 1),
+                                        dilations=kw.get("dilations", 1))[0])
+    want.append(np.concatenate(outs) if outs else None)
+  return want
+
+
+@pytest.mark.parametrize("case", list(PER_EXAMPLE))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_example_streams_equal_separate_streams(case, seed):
+  """Random chunk lengths, valid counts and resets per example, stepped under jit."""
+  rng = np.random.default_rng(seed)
+  k_shape, kw = PER_EXAMPLE[case]
+  k = random_array(rng, k_shape)
+  n, steps = 3, 7
+  lengths = [1, 1, 1, 1] + [int(v) for v in rng.integers(1, 4, steps - 4)]
+  x_steps = [random_array(rng, (n, length, 5, 4, 3)) for length in lengths]
+  valids = [rng.integers(0, length + 1, n) for length in lengths]
+  valids[1][:] = 1  # one valid for all: the ring path
+  resets = [rng.random(n) < 0.3 for _ in lengths]
+  step = jax.jit(lambda s, c, v, r: dw.stream_step(s, c, k, valid=v, reset=r, **kw))
+  state = dw.stream_init(x_steps[0], k, per_example=True, **kw)
+  got_emitted, got = np.zeros((steps, n), int), [[] for _ in range(n)]
+  for i, x in enumerate(x_steps):
+    valid = jnp.int32(1) if i == 1 else jnp.asarray(valids[i])
+    state, y = step(state, x, valid, jnp.asarray(resets[i]))
+    assert state.emitted.shape == state.phase.shape == (n,)
+    got_emitted[i] = np.asarray(state.emitted)
+    for j in range(n):
+      got[j].append(np.asarray(y[j, :got_emitted[i, j]]))
+  want_emitted, want = separate_streams(x_steps, k, valids, resets, **kw)
+  np.testing.assert_array_equal(got_emitted, want_emitted)
+  for j, ref in enumerate(reference_streams(x_steps, k, valids, resets, **kw)):
+    assert_close(np.concatenate(got[j]), np.concatenate(want[j]), err_msg=f"example {j}")
+    if ref is not None:
+      assert_close(np.concatenate(got[j]), ref, err_msg=f"example {j} against the reference")
+
+
+@pytest.mark.parametrize("case", ["3x3x3", "time-stride-2"])
+def test_per_example_streams_under_scan_and_vmap(rng, case):
+  """lax.scan over steps (the carry keeps its shapes), and vmap over groups of such batches."""
+  k_shape, kw = PER_EXAMPLE[case]
+  k = random_array(rng, k_shape)
+  groups, n, steps, length = 2, 3, 6, 2
+  xs = random_array(rng, (groups, steps, n, length, 4, 5, 3))
+  valids = rng.integers(0, length + 1, (groups, steps, n))
+  resets = rng.random((groups, steps, n)) < 0.3
+
+  def run(x, valid, reset):  # one group: scan over its steps
+    def body(state, inputs):
+      state, y = dw.stream_step(state, *inputs[:1], k, valid=inputs[1], reset=inputs[2], **kw)
+      return state, (y, state.emitted)
+
+    return lax.scan(body, dw.stream_init(x[0], k, per_example=True, **kw),
+                    (x, valid, reset))[1]
+
+  ys, emitted = jax.jit(jax.vmap(run))(xs, jnp.asarray(valids), jnp.asarray(resets))
+  for g in range(groups):
+    want_emitted, want = separate_streams(list(xs[g]), k, valids[g], resets[g], **kw)
+    np.testing.assert_array_equal(emitted[g], want_emitted)
+    for j in range(n):
+      got = np.concatenate([ys[g, i, j, :int(emitted[g, i, j])] for i in range(steps)])
+      assert_close(got, np.concatenate(want[j]), err_msg=f"group {g} example {j}")
+
+
+def test_scalar_valid_api_is_unchanged(rng):
+  """A state that is not per example keeps scalar phase and emitted, whatever `valid` is."""
+  x = random_array(rng, (2, 3, 4, 4, 3))
+  k = random_array(rng, (3, 3, 3, 3, 1))
+  state = dw.stream_init(x, k)
+  assert [a.shape for a in jax.tree.leaves(state)] == [(2, 3, 4, 4, 3), (), (), ()]
+  for valid in (None, 2, jnp.int32(1)):
+    state, _ = dw.stream_step(state, x, k, valid=valid)
+    assert state.emitted.shape == state.phase.shape == ()
+
+
+# ----------------------------------------------------------------------------
 # Flax layers.
 
 
@@ -327,7 +446,11 @@ ERROR_IDS = [
     "padding SAME on time", "explicit non-causal pair", "unknown axis", "no frame at init",
     "channels at init", "kernel rank", "other size", "channels", "batch", "dtype", "no frame",
     "strides", "kernel window", "axes", "not a state", "valid too large", "valid not scalar",
+    "chunk rank", "valid array too large", "valid array negative", "valid per example, state not",
+    "reset, state not per example", "reset not bool", "valid per example too large",
+    "valid per example shape", "reset shape", "per_example not bool", "valid float",
 ]
+XS = jnp.zeros((3, 2, 6, 6, 4), jnp.float32) + 0.5  # three streams of 2-frame chunks
 
 
 @pytest.mark.parametrize("call, error, pattern", [
@@ -343,7 +466,9 @@ ERROR_IDS = [
     (lambda: dw.stream_init(X[:, :0], K), ValueError,
      r"stream_init: `chunk` must hold at least one frame along the streamed axis D, got 0\."),
     (lambda: dw.stream_init(X, K[..., :3, :]), ValueError,
-     r"stream_init: `kernel` in_channels \(dim 3, size 3\) must equal the channels of `x` \(4"),
+     r"stream_init: `kernel` in_channels \(dim 3, size 3\) must equal the channels of `chunk` "
+     r"\(4, layout NDHWC\); got chunk shape \(1, 1, 6, 6, 4\) and kernel shape "
+     r"\(3, 3, 3, 3, 1\)\."),
     (lambda: dw.stream_init(X, K[0], axes="DHW"), ValueError,
      r"stream_init: `kernel` must have rank 5 \(kd, kh, kw, in_channels, multiplier\) for "
      r"axes='DHW', got shape \(3, 3, 4, 1\)\."),
@@ -379,8 +504,45 @@ ERROR_IDS = [
     (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=2), ValueError,
      r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the streamed "
      r"axis, got 2\."),
-    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.ones(2, jnp.int32)), TypeError,
-     r"stream_step: `valid` must be None, an int or an integer scalar array"),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.ones(2, jnp.int32)), ValueError,
+     r"stream_step: `valid` must have shape \(\) \(an integer scalar: this state is not per "
+     r"example; make it with stream_init\(\.\.\., per_example=True\) for one count per "
+     r"example\), got shape \(2,\)\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X[0], K), ValueError,
+     r"stream_step: `chunk` must have rank 5 \(NDHWC, NCDHW\), got rank 4 with shape "
+     r"\(1, 6, 6, 4\)\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.int32(5)), ValueError,
+     r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the streamed "
+     r"axis, got 5\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=np.int64(-1) + jnp.zeros((), int)),
+     ValueError, r"stream_step: `valid` must be between 0 and the chunk's 1 frames along the "
+     r"streamed axis, got -1\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K), XS, K, valid=jnp.array([2, 1, 0])),
+     ValueError, r"stream_step: `valid` must have shape \(\) \(an integer scalar: this state "
+     r"is not per example"),
+    (lambda: dw.stream_step(dw.stream_init(XS, K), XS, K, reset=jnp.array([True, False, True])),
+     ValueError, r"stream_step: `reset` needs a per-example state \(stream_init\(\.\.\., "
+     r"per_example=True\)\); for a state of one stream, make a new one with stream_init\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            reset=jnp.array([1, 0, 1])), TypeError,
+     r"stream_step: `reset` must be None, a bool or a bool array, got \w+ int32\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            valid=jnp.array([2, 3, 0])), ValueError,
+     r"stream_step: `valid` must be between 0 and the chunk's 2 frames along the streamed "
+     r"axis, got \[2, 3, 0\]\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            valid=jnp.array([2, 1])), ValueError,
+     r"stream_step: `valid` must have shape \(\) or \(3,\) \(one per example\), got shape "
+     r"\(2,\)\."),
+    (lambda: dw.stream_step(dw.stream_init(XS, K, per_example=True), XS, K,
+                            reset=jnp.ones((3, 1), bool)), ValueError,
+     r"stream_step: `reset` must have shape \(\) or \(3,\) \(one per example\), got shape "
+     r"\(3, 1\)\."),
+    (lambda: dw.stream_init(XS, K, per_example=1), TypeError,
+     r"stream_init: `per_example` must be a bool, got int 1\."),
+    (lambda: dw.stream_step(dw.stream_init(X, K), X, K, valid=jnp.float32(1)), TypeError,
+     r"stream_step: `valid` must be None, an int or an integer array, got \w+ float32 of "
+     r"shape \(\)\."),
 ], ids=ERROR_IDS)
 def test_errors(call, error, pattern):
   with pytest.raises(error, match=pattern):
@@ -394,6 +556,22 @@ def test_errors_under_jit():
   with pytest.raises(ValueError, match=r"stream_step: `state` was made for another "
                      r"configuration: dilations \(1, 2, 1\) here"):
     jax.jit(lambda s, c: dw.stream_step(s, c, K, dilations=(1, 2, 1)))(state, X)
+
+
+@pytest.mark.parametrize("given, clamped", [(5, 2), (-3, 0), (1, 1)])
+def test_valid_under_jit_is_clamped(rng, given, clamped):
+  """Under jit `valid` is unknown at trace time: it is clamped to [0, L] (documented)."""
+  x = random_array(rng, (1, 2, 5, 4, 3))
+  k = random_array(rng, (3, 2, 2, 3, 1))
+  kw = dict(strides=(2, 1, 1))
+  step = jax.jit(lambda s, c, v: dw.stream_step(s, c, k, valid=v, **kw))
+  state = dw.stream_init(x, k, **kw)
+  got_state, got = step(state, x, jnp.int32(given))
+  want_state, want = dw.stream_step(state, x, k, valid=clamped, **kw)
+  assert int(got_state.emitted) == int(want_state.emitted) == -(-clamped // 2)
+  assert int(got_state.phase) == int(want_state.phase)
+  np.testing.assert_array_equal(got_state.buffer, want_state.buffer)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_layer_stream_errors():
@@ -410,3 +588,20 @@ def test_layer_stream_errors():
   with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_init: input must have shape "
                      r"\(\*batch, D, H, W, C\), got shape \(6, 4\)"):
     causal.stream_init(X[0, 0, 0])
+  longer = DepthwiseConv3D(4, (5, 3, 3), padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `state` was made for "
+                     r"another configuration: window \(3, 3, 3\) here, \(5, 3, 3\) in the "
+                     r"state"):
+    causal.stream_step(longer.stream_init(X), X)
+  half = DepthwiseConv3D(4, 3, padding=("CAUSAL", "SAME", "SAME"), dtype=jnp.float16,
+                         rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"DepthwiseConv3D.stream_step: `chunk` has dtype float32, "
+                     r"but the state holds float16 frames"):
+    causal.stream_step(half.stream_init(X), X)
+  per_slice = DepthwiseConv2D(4, 3, axes="DW", padding=("CAUSAL", "SAME"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `state` was made for "
+                     r"another configuration: axes 'DHW' here, 'DW' in the state"):
+    jax.jit(causal.stream_step)(per_slice.stream_init(X), X)
+  with pytest.raises(ValueError, match=r"DepthwiseConv3D.stream_step: `chunk` must have "
+                     r"in_features=4 channels \(its last dim\), got shape \(1, 1, 6, 6, 3\)\."):
+    causal.stream_step(causal.stream_init(X), X[..., :3])

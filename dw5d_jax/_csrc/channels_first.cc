@@ -48,15 +48,21 @@ inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // The padded, phased copy of a row of `width` values read with stride `s`,
 // dilation `r`, low padding `p` and `k` taps by `out` outputs (rounded up to
-// packets): buffer[ph * q + i] = row[i * s + ph - p] (zero outside).
+// packets): buffer[ph * q + i] = row[i * s + ph - p] (zero outside), for
+// the phases a tap reads (a stride larger than the kernel leaves the others
+// unread: MViT's pooling, stride 8 with 3 taps, reads 3 of 8).
 struct CfRows {
   int64_t s, p, width, q, len;
   std::vector<int64_t> eoff;  // tap e at output o reads buffer[eoff[e] + o]
+  std::vector<char> read;     // per phase: whether a tap reads it
   CfRows(int64_t width_, int64_t out, int64_t k, int64_t s_, int64_t r, int64_t p_)
-      : s(s_), p(p_), width(width_) {
+      : s(s_), p(p_), width(width_), read(s_, 0) {
     q = RoundUp(out, L) + (k - 1) * r / s;
     len = s * q;
-    for (int64_t e = 0; e < k; ++e) eoff.push_back((e * r % s) * q + e * r / s);
+    for (int64_t e = 0; e < k; ++e) {
+      eoff.push_back((e * r % s) * q + e * r / s);
+      read[e * r % s] = 1;
+    }
   }
   template <typename T>
   void Fill(const T* row, float* out) const {
@@ -69,6 +75,7 @@ struct CfRows {
       return;
     }
     for (int64_t ph = 0; ph < s; ++ph) {  // i * s + ph - p in [0, width) for i in [lo, hi)
+      if (!read[ph]) continue;
       const int64_t lo = std::min(q, std::max<int64_t>(0, CeilDiv(p - ph, s)));
       const int64_t hi = std::max(lo, std::min(q, CeilDiv(width + p - ph, s)));
       float* o = out + ph * q;
@@ -263,6 +270,9 @@ class CfInputPlanes {
     h0 = b * tiles.band, h1 = std::min(tiles.height, h0 + tiles.band);
     lo_ = h0 * g.sh - g.ph;
     count_ = (h1 - 1 - h0) * g.sh + (g.kh - 1) * g.rh + 1;
+    read_.assign(count_, 0);  // the band's rows some tap reads
+    for (int64_t j = 0; j < h1 - h0; ++j)
+      for (int64_t b = 0; b < g.kh; ++b) read_[j * g.sh + b * g.rh] = 1;
     planes_ = std::make_unique<CfPlanes>(rows_.len, count_, (g.kd - 1) * g.rd + 1);
     zero_.assign(rows_.len * count_, 0.0f);
     rs = g.sh * rows_.len;
@@ -300,6 +310,7 @@ class CfInputPlanes {
     for (const auto& [slot, xp] : live_)
       planes_->FillTo(slot, upto, [&, xp = xp](int64_t i, float* out) {
         const int64_t ih = lo_ + i;
+        if (!read_[i]) return;  // a row between the taps of a large stride
         if (ih >= 0 && ih < g_.h) {
           rows_.Fill(xp + ih * g_.w, out);
           // Ahead of the next blocks (into the next plane at the end: the
@@ -318,6 +329,7 @@ class CfInputPlanes {
   const TI* x_;
   CfRows rows_;
   int64_t lo_, count_;
+  std::vector<char> read_;
   std::unique_ptr<CfPlanes> planes_;
   std::vector<float> zero_;
   std::vector<std::pair<int64_t, const TI*>> live_;  // slot, plane of x
@@ -669,28 +681,18 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
 }  // namespace
 
 template <typename TI, typename TO>
-void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y) {
-  RunForwardEpilogueCf(pool, g, x, w, Epilogue{}, y);
-}
-
-template <typename TI, typename TO>
-void RunForwardEpilogueCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
-                          const Epilogue& e, TO* y) {
+void ChannelsFirst::Forward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
+                            const Epilogue& e, TO* y, bool) {
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { CfForwardTile(g, x, w, y, tiles, i, e); });
 }
 
-template <typename TI, typename TC>
-void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk) {
-  RunEpilogueGradCf(pool, g, x, ct, EpilogueGrad<TC>{}, dk);
-}
-
 // Without e.db, the plain kernel gradient.
 template <typename TI, typename TC>
-void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
-                       const EpilogueGrad<TC>& e, float* dk) {
+void ChannelsFirst::KernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
+                               const EpilogueGrad<TC>& e, float* dk, bool) {
   const int64_t size = g.taps() * g.m * g.c, cm = g.c * g.m;
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
@@ -706,21 +708,21 @@ void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const 
 }
 
 template <typename TC, typename TO>
-void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx) {
+void ChannelsFirst::InputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w,
+                              TO* dx) {
   const Tiles tiles = MakeTiles(g.n * g.c * g.d, g.h, g.ow * sizeof(TC) * g.m,
                                 CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh), kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
               [&](int64_t i) { CfInputGradTile(g, ct, w, dx, tiles, i); });
 }
 
-#define DW5D_INSTANTIATE(T1, T2)                                                              \
-  template void RunForwardCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);    \
-  template void RunKernelGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*, float*); \
-  template void RunForwardEpilogueCf(ffi::ThreadPool*, const Geom&, const T1*, const float*,  \
-                                     const Epilogue&, T2*);                                   \
-  template void RunEpilogueGradCf(ffi::ThreadPool*, const Geom&, const T1*, const T2*,        \
-                                  const EpilogueGrad<T2>&, float*);                           \
-  template void RunInputGradCf(ffi::ThreadPool*, const Geom&, const T1*, const float*, T2*);
+#define DW5D_INSTANTIATE(T1, T2)                                                               \
+  template void ChannelsFirst::Forward(ffi::ThreadPool*, const Geom&, const T1*, const float*, \
+                                       const Epilogue&, T2*, bool);                            \
+  template void ChannelsFirst::KernelGrad(ffi::ThreadPool*, const Geom&, const T1*, const T2*, \
+                                          const EpilogueGrad<T2>&, float*, bool);              \
+  template void ChannelsFirst::InputGrad(ffi::ThreadPool*, const Geom&, const T1*,             \
+                                         const float*, T2*);
 DW5D_FOR_DTYPE_PAIRS(DW5D_INSTANTIATE)
 #undef DW5D_INSTANTIATE
 

@@ -273,8 +273,8 @@ struct ForwardEpilogue {
   static constexpr bool kActivation = true;
   template <typename TA, typename TB>
   static void Run(const Call& c) {
-    RunForwardEpilogue(c.pool, c.g, static_cast<const TA*>(c.arrays[0]), c.w,
-                       Epilogue{c.act, c.b}, static_cast<TB*>(c.arrays[1]));
+    RunForward(c.pool, c.g, static_cast<const TA*>(c.arrays[0]), c.w,
+               static_cast<TB*>(c.arrays[1]), Epilogue{c.act, c.b});
   }
 };
 
@@ -294,8 +294,8 @@ struct EpilogueGradZ {
     e.w = c.w;
     e.g = static_cast<float*>(c.arrays[2]);
     e.db = c.db;
-    RunEpilogueGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
-                    static_cast<const TB*>(c.arrays[1]), e, c.dk);
+    RunKernelGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                  static_cast<const TB*>(c.arrays[1]), c.dk, e);
   }
 };
 
@@ -314,8 +314,8 @@ struct EpilogueGradY {
     e.y = static_cast<const TB*>(c.arrays[1]);
     e.g = static_cast<float*>(c.arrays[3]);
     e.db = c.db;
-    RunEpilogueGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
-                    static_cast<const TB*>(c.arrays[2]), e, c.dk);
+    RunKernelGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                  static_cast<const TB*>(c.arrays[2]), c.dk, e);
   }
 };
 
@@ -330,8 +330,8 @@ struct BiasGrad {
   static void Run(const Call& c) {
     EpilogueGrad<TB> e;
     e.db = c.db;
-    RunEpilogueGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
-                    static_cast<const TB*>(c.arrays[1]), e, c.dk);
+    RunKernelGrad(c.pool, c.g, static_cast<const TA*>(c.arrays[0]),
+                  static_cast<const TB*>(c.arrays[1]), c.dk, e);
   }
 };
 

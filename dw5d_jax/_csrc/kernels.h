@@ -1,6 +1,5 @@
 // The three ops on a whole problem, as the handlers and the self-test call
-// them: each picks the kernels of the problem's layout (channels_last.cc,
-// channels_first.cc, instantiated there for float32 and bfloat16 arrays).
+// them: each picks the kernels of the problem's layout (ByLayout).
 //
 //   forward      y[o, c, m] = sum over taps t of x[o * s + t * r - p, c] * w[t, m, c]
 //   kernel grad  dk[t, m, c] = sum over outputs o of x[o * s + t * r - p, c] * ct[o, c * M + m],
@@ -34,8 +33,8 @@
 
 namespace dw5d {
 
-// The pairs of array types (float32 or bfloat16 each) that channels_last.cc
-// and channels_first.cc instantiate their entry points for: M(T1, T2) each.
+// The pairs of array types (float32 or bfloat16 each) that the layouts'
+// kernels are instantiated for: M(T1, T2) each.
 #define DW5D_FOR_DTYPE_PAIRS(M) M(float, float) M(float, bf16) M(bf16, float) M(bf16, bf16)
 
 // An epilogue: the activation and the bias, (C * M,) in the output's channel order.
@@ -44,7 +43,7 @@ struct Epilogue {
   const float* bias = nullptr;
 };
 
-// The epilogue's backward pass (RunEpilogueGrad): `w` null, act'(z) from `y`
+// The epilogue's backward pass (RunKernelGrad with an EpilogueGrad): `w` null, act'(z) from `y`
 // (FromOutput activations), else from z recomputed with `w` and the bias;
 // `g` (float32, y's shape) null when there is no activation (g = ct).
 template <typename TC>
@@ -56,74 +55,51 @@ struct EpilogueGrad {
   float* db = nullptr;  // (C * M,)
 };
 
-// Channels-last kernels (channels_last.cc).
-template <typename TI, typename TO>
-void RunForwardCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
-                  bool generic);
-template <typename TI, typename TC>
-void RunKernelGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk,
-                     bool generic);
-template <typename TC, typename TO>
-void RunInputGradCl(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx);
-template <typename TI, typename TO>
-void RunForwardEpilogueCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
-                          const Epilogue& e, TO* y, bool generic);
-template <typename TI, typename TC>
-void RunEpilogueGradCl(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
-                       const EpilogueGrad<TC>& e, float* dk, bool generic);
+// The kernels of one layout: ChannelsLast (channels_last_forward.cc,
+// channels_last_kernel_grad.cc, channels_last_input_grad.cc) and
+// ChannelsFirst (channels_first.cc), each instantiated for the pairs of
+// DW5D_FOR_DTYPE_PAIRS. Forward takes an epilogue (none: the plain
+// convolution); KernelGrad an epilogue gradient (no `db`: the plain kernel
+// gradient); InputGrad is the gather form.
+#define DW5D_LAYOUT_KERNELS                                                                   \
+  template <typename TI, typename TO>                                                         \
+  static void Forward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,      \
+                      const Epilogue& e, TO* y, bool generic);                                \
+  template <typename TI, typename TC>                                                         \
+  static void KernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,     \
+                         const EpilogueGrad<TC>& e, float* dk, bool generic);                 \
+  template <typename TC, typename TO>                                                         \
+  static void InputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, \
+                        TO* dx);
+struct ChannelsLast {
+  DW5D_LAYOUT_KERNELS
+};
+struct ChannelsFirst {  // `generic` has no meaning here (no unrolled W shapes)
+  DW5D_LAYOUT_KERNELS
+};
+#undef DW5D_LAYOUT_KERNELS
 
-// Channels-first kernels (channels_first.cc).
-template <typename TI, typename TO>
-void RunForwardCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y);
-template <typename TI, typename TC>
-void RunKernelGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk);
-template <typename TC, typename TO>
-void RunInputGradCf(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w, TO* dx);
-template <typename TI, typename TO>
-void RunForwardEpilogueCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
-                          const Epilogue& e, TO* y);
-template <typename TI, typename TC>
-void RunEpilogueGradCf(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
-                       const EpilogueGrad<TC>& e, float* dk);
+// The one dispatcher: run(ChannelsFirst{}) or run(ChannelsLast{}) for g's layout.
+template <typename Run>
+void ByLayout(const Geom& g, Run&& run) {
+  if (g.cf) {
+    run(ChannelsFirst{});
+  } else {
+    run(ChannelsLast{});
+  }
+}
 
 template <typename TI, typename TO>
 void RunForward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w, TO* y,
-                bool generic = false) {
-  if (g.cf) {
-    RunForwardCf(pool, g, x, w, y);
-    return;
-  }
-  RunForwardCl(pool, g, x, w, y, generic);
+                const Epilogue& e = {}, bool generic = false) {
+  ByLayout(g, [&](auto layout) { decltype(layout)::Forward(pool, g, x, w, e, y, generic); });
 }
 
+// Without e.db, the plain kernel gradient.
 template <typename TI, typename TC>
 void RunKernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct, float* dk,
-                   bool generic = false) {
-  if (g.cf) {
-    RunKernelGradCf(pool, g, x, ct, dk);
-    return;
-  }
-  RunKernelGradCl(pool, g, x, ct, dk, generic);
-}
-
-template <typename TI, typename TO>
-void RunForwardEpilogue(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
-                        const Epilogue& e, TO* y, bool generic = false) {
-  if (g.cf) {
-    RunForwardEpilogueCf(pool, g, x, w, e, y);
-    return;
-  }
-  RunForwardEpilogueCl(pool, g, x, w, e, y, generic);
-}
-
-template <typename TI, typename TC>
-void RunEpilogueGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
-                     const EpilogueGrad<TC>& e, float* dk, bool generic = false) {
-  if (g.cf) {
-    RunEpilogueGradCf(pool, g, x, ct, e, dk);
-    return;
-  }
-  RunEpilogueGradCl(pool, g, x, ct, e, dk, generic);
+                   const EpilogueGrad<TC>& e = {}, bool generic = false) {
+  ByLayout(g, [&](auto layout) { decltype(layout)::KernelGrad(pool, g, x, ct, e, dk, generic); });
 }
 
 template <typename TC, typename TO>
@@ -141,11 +117,7 @@ void RunInputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const floa
     RunForward(pool, f, ct, flipped.data(), dx);
     return;
   }
-  if (g.cf) {
-    RunInputGradCf(pool, g, ct, w, dx);
-    return;
-  }
-  RunInputGradCl(pool, g, ct, w, dx);
+  ByLayout(g, [&](auto layout) { decltype(layout)::InputGrad(pool, g, ct, w, dx); });
 }
 
 }  // namespace dw5d

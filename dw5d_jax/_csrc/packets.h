@@ -129,6 +129,20 @@ DW5D_DEFINE_PACK(16)
 template <int N>
 using Int = std::integral_constant<int, N>;
 
+// v with its first `skip` lanes zero (their bits cleared: an inf or NaN
+// there is dropped too).
+template <int N>
+inline typename Pack<N>::V DropLanes(typename Pack<N>::V v, int skip) {
+  if constexpr (N == 1) {
+    return skip > 0 ? 0.0f : v;
+  } else {
+    using U = typename Pack<N>::U;
+    U keep;
+    for (int l = 0; l < N; ++l) keep[l] = l < skip ? 0u : ~0u;
+    return reinterpret_cast<typename Pack<N>::V>(reinterpret_cast<U>(v) & keep);
+  }
+}
+
 // Shuffle masks for packets of kLanes floats: Weave(half) interleaves two
 // packets a, b as a0 b0 a1 b1 ... (the low or the high half of the result);
 // Unweave(odd) takes the even (odd) lanes of a then b (the inverse).

@@ -69,8 +69,8 @@ bool SelfTestOne(const Geom& g, uint64_t seed, bool generic, int data = kPlain) 
     for (int i = 0; i < 3; ++i) x[Lcg(&seed) % nx] = FromFloat<TI>(values[i]);
   }
   std::vector<TO> dx(nx);
-  RunForward<TI, TO>(nullptr, g, x.data(), w.data(), y.data(), generic);
-  RunKernelGrad<TI, TI>(nullptr, g, x.data(), ct.data(), dk.data(), generic);
+  RunForward<TI, TO>(nullptr, g, x.data(), w.data(), y.data(), {}, generic);
+  RunKernelGrad<TI, TI>(nullptr, g, x.data(), ct.data(), dk.data(), {}, generic);
   RunInputGrad<TI, TO>(nullptr, g, ct.data(), w.data(), dx.data(), generic);
   std::vector<double> want_y(ny, 0.0), want_dk(nw, 0.0), want_dx(nx, 0.0);
   for (int64_t n = 0; n < g.n; ++n)
@@ -145,8 +145,7 @@ bool SelfTestEpilogue(const Geom& g, uint64_t seed, bool generic, Act act) {
   for (auto& v : ct) v = FromFloat<TO>(draw(1.0f));
   for (auto& v : w) v = draw(1.0f);
   for (auto& v : b) v = draw(3.0f);
-  RunForwardEpilogue<TI, TO>(nullptr, g, x.data(), w.data(), Epilogue{act, b.data()}, y.data(),
-                             generic);
+  RunForward<TI, TO>(nullptr, g, x.data(), w.data(), y.data(), Epilogue{act, b.data()}, generic);
   // z in double; chan[i]: output i's channel c * M + m.
   std::vector<double> z(ny, 0.0);
   std::vector<int64_t> chan(ny);
@@ -191,7 +190,7 @@ bool SelfTestEpilogue(const Geom& g, uint64_t seed, bool generic, Act act) {
     } else {
       e.w = w.data();
     }
-    RunEpilogueGrad<TI, TO>(nullptr, g, x.data(), ct.data(), e, dk.data(), generic);
+    RunKernelGrad<TI, TO>(nullptr, g, x.data(), ct.data(), dk.data(), e, generic);
     std::vector<double> want_g(ny), want_dk(nw, 0.0), want_db(cm, 0.0);
     for (int64_t i = 0; i < ny; ++i) {
       // Away from a kink the slope is smooth; at one (relu's 0), skip the element.
@@ -208,9 +207,9 @@ bool SelfTestEpilogue(const Geom& g, uint64_t seed, bool generic, Act act) {
     // dk from the kernel gradient of (x, g): the plain kernel gradient of g checks it.
     std::vector<float> dk_plain(nw);
     if (act == Act::kNone) {
-      RunKernelGrad<TI, TO>(nullptr, g, x.data(), ct.data(), dk_plain.data(), generic);
+      RunKernelGrad<TI, TO>(nullptr, g, x.data(), ct.data(), dk_plain.data(), {}, generic);
     } else {
-      RunKernelGrad<TI, float>(nullptr, g, x.data(), gout.data(), dk_plain.data(), generic);
+      RunKernelGrad<TI, float>(nullptr, g, x.data(), gout.data(), dk_plain.data(), {}, generic);
     }
     for (int64_t j = 0; j < nw; ++j)
       if (!(std::fabs(dk[j] - dk_plain[j]) <= 1e-5 * (1.0 + std::fabs(dk_plain[j]))))
@@ -249,6 +248,8 @@ extern "C" int Dw5dSelfTest() {
       {2, 3, 17, 20, 2, 1, 3, 17, 20, 3, 7, 7, 1, 1, 1, 1, 1, 1, 1, 3, 3, 0},
       {1, 2, 18, 16, 3, 1, 2, 9, 16, 2, 3, 3, 1, 2, 1, 1, 1, 1, 0, 1, 1, 0},
       {1, 1, 15, 33, 2, 3, 1, 15, 33, 1, 5, 5, 1, 1, 1, 1, 1, 1, 0, 2, 2, 0},
+      // Strides larger than the kernel (rows and phases no tap reads).
+      {1, 2, 17, 19, L + 2, 1, 2, 3, 4, 2, 3, 3, 1, 6, 5, 1, 1, 1, 1, 1, 1, 0},
   };
   // Each case channels-last (specialised and generic kernels) and channels-first.
   int k = 0;

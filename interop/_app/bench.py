@@ -5,11 +5,16 @@ interop/, which an installed (non-editable) dw5d-jax does not have: run it
 from a clone (`make bench`, or `pip install -e '.[bench]'` there). From an
 installed copy it exits with status 2 and says so.
 
-Runs benchmarks/suite.py in one fresh process per allocator setting (glibc
-defaults, then `dw5d_jax.tune_cpu_allocator`'s setting through the
-environment, so TF and PyTorch in that process get it too; both with
+Runs benchmarks/suite.py in one fresh process per allocator setting (the
+library's default, which tunes glibc's malloc when `dw5d_jax` is imported;
+`dw5d_jax.tune_cpu_allocator`'s setting through the environment, so TF and
+PyTorch in that process get it from the start; and with `--allocator glibc`
+or `all`, glibc's own with `DW5D_JAX_TUNE_ALLOCATOR=0`; all with
 `OMP_WAIT_POLICY=PASSIVE`, see `_env`), then writes the JSON, the tables in
 benchmarks/RESULTS.md and a PNG chart (benchmarks/report.py).
+
+`dw5d bench --models` runs benchmarks/models.py instead: the depthwise layers
+of real video networks, and writes its tables into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 
 from dw5d_jax._allocator import ENV as TUNED_ENV
+from dw5d_jax._allocator import OPT_OUT
 
 # The checkout's root, if this file is in one: <root>/interop/_app/bench.py.
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -33,8 +39,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="W1 and W2 only, no XLA grouped convs, fewer rounds (< 1 minute)")
-  parser.add_argument("--allocator", choices=("both", "default", "tuned"), default="both",
-                      help="which allocator settings to run (default: both)")
+  parser.add_argument("--allocator", choices=("both", "all", "default", "tuned", "glibc"),
+                      default="both",
+                      help="which allocator settings to run: both = default and tuned; all "
+                           "adds glibc's own (DW5D_JAX_TUNE_ALLOCATOR=0)")
+  parser.add_argument("--models", action="store_true",
+                      help="the depthwise layers of real video networks instead "
+                           "(benchmarks/models.py; with --quick: two networks, one setting)")
   parser.add_argument("--rounds", type=int, default=None,
                       help="timed rounds per cell (default 9, --quick 5)")
   parser.add_argument("--out", default=None, metavar="DIR",
@@ -63,9 +74,11 @@ def _load_report(folder: pathlib.Path):
 
 
 def _env(mode: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k not in TUNED_ENV}
+  env = {k: v for k, v in os.environ.items() if k not in TUNED_ENV and k != OPT_OUT}
   if mode == "tuned":
     env.update(TUNED_ENV)
+  elif mode == "glibc":
+    env[OPT_OUT] = "0"
   # PyTorch's OpenMP threads spin after each call, on the cores the next timed
   # cell needs: interleaved with PyTorch, a native W1 forward took 3.2 ms
   # instead of 1.6 ms (PyTorch's own time unchanged with PASSIVE, 1.6 ms).
@@ -93,11 +106,16 @@ def run(args: argparse.Namespace) -> int:
           f"Run it from a clone of the repository: `make bench`, or `pip install -e "
           f"'.[bench]'` there and then `dw5d bench`.", file=sys.stderr)
     return 2
-  suite = folder / "suite.py"
-  report = _load_report(folder)
   out = pathlib.Path(args.out) if args.out else folder
   out.mkdir(parents=True, exist_ok=True)
-  modes = ("default", "tuned") if args.allocator == "both" else (args.allocator,)
+  if args.models:
+    cmd = [sys.executable, str(folder / "models.py"), "--out", str(out / "RESULTS.md")]
+    cmd += ["--quick"] * args.quick + (["--rounds", str(args.rounds)] if args.rounds else [])
+    return subprocess.run(cmd).returncode
+  suite = folder / "suite.py"
+  report = _load_report(folder)
+  modes = {"both": ("default", "tuned"), "all": ("glibc", "default", "tuned")}.get(
+      args.allocator, (args.allocator,))
   rounds = args.rounds or (5 if args.quick else 9)
   runs = {}
   for mode in modes:
