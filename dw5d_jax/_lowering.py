@@ -118,8 +118,17 @@ def _build(decision: Decision, *, op: str, spec: ConvSpec, impl: Impl, out_dtype
                              out_dtype=out_dtype, layout=split, reduce=False)
   if decision.modes is not None:
     # Border modes bind zero-padding ops, which come back to `decide`.
-    return _modes.implementation(op, spec, impl, out_dtype,
-                                 borders=decision.modes == "borders")
+    fn = _modes.implementation(op, spec, impl, out_dtype, borders=decision.modes == "borders")
+  else:
+    fn = _implementation(decision, op, spec, impl, out_dtype)
+  if decision.partition:
+    fn = _partition.partitioned(fn, op=op, spec=spec, impl=impl, out_dtype=out_dtype)
+  return fn
+
+
+def _implementation(decision: Decision, op: str, spec: ConvSpec, impl: Impl,
+                    out_dtype: Any) -> Fn:
+  """The lowering `decision` names, in its layout, on whole arrays."""
   if decision.lowering == "pallas":
     run = functools.partial(_pallas.run, op, out_dtype=out_dtype, interpret=impl.interpret,
                             tiles=impl.tiles)
@@ -130,10 +139,7 @@ def _build(decision: Decision, *, op: str, spec: ConvSpec, impl: Impl, out_dtype
   else:
     module = {"conv": _conv, "shift": _shift}[decision.lowering]
     run = functools.partial(getattr(module, _XLA_NAMES[op]), out_dtype=out_dtype)
-  fn = _channels_last(run, op, spec) if decision.layout == "transposed" else _bound(run, spec)
-  if decision.partition:
-    fn = _partition.partitioned(fn, op=op, spec=spec, impl=impl, out_dtype=out_dtype)
-  return fn
+  return _channels_last(run, op, spec) if decision.layout == "transposed" else _bound(run, spec)
 
 
 _XLA_NAMES = {"fwd": "conv", "dx": "input_grad", "dk": "kernel_grad"}
@@ -184,7 +190,14 @@ def _epilogue_lowering(op: str, formula, multiple_results: bool):
     fn = _epilogue_fn(op, decision, **params) if decision.fused else None
     if fn is None:
       fn = functools.partial(formula, **params)
-    return mlir.lower_fun(fn, multiple_results=multiple_results)(ctx, *args)
+    if decision.partition:  # each device runs this op on its blocks
+      from_output = _activations.variant(params["activation"], params["spec"].out_dtype)
+      fn = _partition.partitioned_epilogue(
+          fn, op="fwd" if op == "epilogue" else "grad", from_output=from_output == "output",
+          **params)
+    outs = mlir.lower_fun(fn, multiple_results=multiple_results)(_sharding.unsharded(ctx),
+                                                                 *args)
+    return [_sharding.constrain(ctx, o, aval) for o, aval in zip(outs, ctx.avals_out)]
 
   return lower
 
