@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +40,7 @@ import jax.extend.core
 import numpy as np
 
 from dw5d_jax import _target
+from interop import _files
 
 _FN = "export_litert"
 QUANTIZE = (None, "float16", "int8")
@@ -136,7 +136,7 @@ def export_litert(
   _check_quantize(quantize, representative_data)
   _litert_module("schema_py_generated")  # the builtin-ops check needs it: fail early
   path = os.fspath(path)
-  _check_path(path, overwrite)
+  _files.check_path(_FN, path, overwrite, ".tflite")
   samples = (None if representative_data is None
              else _representative_samples(representative_data, shape))
   if _keras_backend(model_or_fn) is not None:
@@ -150,7 +150,7 @@ def export_litert(
     raise TypeError(f"{_FN}: `model_or_fn` must be a Keras model or a JAX function "
                     f"apply_fn(params, x), got {type(model_or_fn).__name__}.")
   flatbuffer = convert(concrete, owner, quantize=quantize, samples=samples)
-  _write(path, flatbuffer)
+  _files.write(path, flatbuffer, ".tflite")
   return path
 
 
@@ -200,38 +200,6 @@ def _representative_samples(data: Any, shape: tuple[int, ...]) -> list[np.ndarra
     raise ValueError(f"{_FN}: `representative_data` is empty; give typical inputs of shape "
                      f"{shape} (about 100).")
   return samples
-
-
-def _check_path(path: str, overwrite: bool) -> None:
-  if os.path.isdir(path):
-    raise ValueError(f"{_FN}: `path` {path!r} is a directory; give the path of the .tflite "
-                     f"file to write.")
-  if os.path.lexists(path) and not overwrite:
-    raise ValueError(f"{_FN}: `path` {path!r} exists; choose a new path or pass "
-                     f"overwrite=True to replace it.")
-  parent = os.path.dirname(os.path.abspath(path))
-  try:  # fail before the (slow) conversion, not after it
-    os.makedirs(parent, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".tflite", dir=parent)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as err:
-    raise ValueError(f"{_FN}: `path` {path!r} cannot be written ({err.strerror or err}: "
-                     f"{parent!r}); choose a path in a writable directory.") from None
-
-
-def _write(path: str, flatbuffer: bytes) -> None:
-  # Written next to `path` and moved into place: a failed write leaves an
-  # existing file untouched.
-  fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tflite",
-                             dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(flatbuffer)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _is_int(v: Any) -> bool:

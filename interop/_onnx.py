@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 
 from dw5d_jax import _target
-from interop import _export
+from interop import _export, _files
 
 _FN = "export_onnx"
 # Largest error of an exported model's output, relative to max|expected|
@@ -103,12 +102,12 @@ def export_onnx(
   shape, names = _export._check_input_shape(input_shape, channel_axis, fn=_FN)
   x_dtype = _export._check_dtype(dtype, fn=_FN)
   path = os.fspath(path)
-  _check_path(path, overwrite)
+  _files.check_path(_FN, path, overwrite, ".onnx")
   fn = _as_function(model_or_fn, params)
   spec = _export._input_spec(shape, names, x_dtype,
                              _export._check_constraints(constraints, fn=_FN), caller=_FN)
   model = _convert(fn, spec)
-  _write(path, model)
+  _files.write(path, model.SerializeToString(), ".onnx")
   return path
 
 
@@ -171,36 +170,6 @@ def _convert(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct) -> Any:
 def _explain(err: Exception) -> ValueError:
   return ValueError(f"{_FN}: the converter (jax2onnx) cannot express part of `model_or_fn`: "
                     f"{type(err).__name__}: {err}")
-
-
-def _check_path(path: str, overwrite: bool) -> None:
-  if os.path.isdir(path):
-    raise ValueError(f"{_FN}: `path` {path!r} is a directory; give the path of the .onnx "
-                     f"file to write.")
-  if os.path.lexists(path) and not overwrite:
-    raise ValueError(f"{_FN}: `path` {path!r} exists; choose a new path or pass "
-                     f"overwrite=True to replace it.")
-  parent = os.path.dirname(os.path.abspath(path))
-  try:  # fail before the conversion, not after it
-    os.makedirs(parent, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=parent)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as err:
-    raise ValueError(f"{_FN}: `path` {path!r} cannot be written ({err.strerror or err}: "
-                     f"{parent!r}); choose a path in a writable directory.") from None
-
-
-def _write(path: str, model: Any) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".onnx",
-                             dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(model.SerializeToString())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def onnx_ops(model: Any) -> list[str]:
