@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-core
-EXTRAS ?= interop-cpu,litert,flax,test
+EXTRAS ?= interop-cpu,litert,onnx,flax,test
 
 .PHONY: demo test bench bench-quick parity lint clean
 

@@ -131,7 +131,7 @@ def _cells(name: str, rows: tuple[str, ...], seed: int = 0):
                                      samples=calibration if quantize == "int8" else None)
       it = _litert.interpreter(flatbuffer, num_threads=2)
       y = _litert.run(it, x)  # sets the input once; timing calls invoke() only
-      ops = sorted(set(_litert.builtin_ops(flatbuffer)))
+      ops = sorted(_litert.litert_ops(flatbuffer).ops)
       detail = f"{len(flatbuffer) / 1024:.0f} KiB: {', '.join(ops)}"
       cells[row] = (it.invoke, y, detail)
     elif row == "tf savedmodel":

@@ -20,6 +20,12 @@ with a 1D mesh, the forward pass (`y`) and the training step (`y`, `dx`,
 * (c) **speed-up**: wall time of 2 devices on 2 cores over 1 device on one
   core (each device's program on its own core), in two processes whose
   CPU affinity is set before JAX starts; rounds interleaved between them.
+  Simulated devices in one process meet at every collective (a rendezvous
+  of 0.6-2.4 ms per call), so (d) measures it as a real deployment runs:
+* (d) **2 processes**: 2 processes with 1 CPU device each
+  (`jax.distributed.initialize` on 127.0.0.1, gloo collectives), pinned to
+  cores 0 and 1 with `taskset`, against 1 process with 1 device (part (c)'s,
+  pinned to core 0), alternated `--pairs` times. `--parts d` runs it alone.
 
 Each part runs in a subprocess (`--child`): the device count is fixed when
 JAX starts. The machine may be shared: ratios within one run are what to
@@ -53,16 +59,30 @@ DEVICES = (2, 4, 8)
 # Analytic halo volume, from the definition (also used by tests/sharding_worker.py).
 
 
-def halo_rows(op: str, n: int, out: int, parts: int, k: int, s: int, r: int, lo: int) -> int:
+def halo_rows(op: str, n: int, out: int, parts: int, k: int, s: int, r: int, lo: int,
+              mode: str = "zeros") -> int:
   """The most rows any block of `op`'s exchanged operand needs from other blocks.
 
   `fwd` and `dk` split the outputs into blocks of `ceil(out / parts)` and
   read x's rows (blocks of `ceil(n / parts)`); `dx` splits the input rows
   and reads the cotangent's. Rows outside the array are padding, not sent.
+  A border `mode` fills the padding with copies of x's rows: each block
+  also receives those its outputs read that other blocks own (summed over
+  the blocks, each is sent on its own), and the input gradient sends the
+  convolution's halos back (the same rows).
   """
   from dw5d_jax import _geometry as g
 
   b, bo, e = -(-n // parts), -(-out // parts), g.effective(k, r)
+  if mode != "zeros":
+    copies = 0
+    for i in range(parts):
+      o0, o1 = i * bo, min((i + 1) * bo, out)
+      if o0 < o1:
+        first, stop = g.input_span(o0, o1, k, s, r, lo)
+        copies += sum(1 for p in range(first, stop)
+                      if (p < 0 or p >= n) and g.source(mode, p, n) // b != i)
+    return halo_rows("fwd", n, out, parts, k, s, r, lo) + copies
   before = after = 0
   for i in range(parts):
     if op == "dx":  # cotangent rows o with o*s + t*r - lo in the block's input rows
@@ -91,12 +111,15 @@ def analytic_halo_bytes(spec, x_shape: tuple[int, ...], y_shape: tuple[int, ...]
   """
   total = 0
   for op in ops:
+    if op == "dx" and any(m != "zeros" and parts[ax] > 1
+                          for m, ax in zip(spec.modes, spec.spatial_axes)):
+      op = "fwd"  # the transpose of the convolution's exchange: the same rows, sent back
     block = [-(-d // p) for d, p in zip(y_shape if op == "dx" else x_shape, parts)]
     for i, ax in enumerate(spec.spatial_axes):
       if parts[ax] == 1:
         continue
       rows = halo_rows(op, spec.in_spatial[i], spec.out_spatial[i], parts[ax], spec.window[i],
-                       spec.strides[i], spec.dilations[i], spec.lo[i])
+                       spec.strides[i], spec.dilations[i], spec.lo[i], spec.modes[i])
       total += rows * math.prod(block) // block[ax] * itemsize
       block[ax] += rows
   return total
@@ -299,6 +322,46 @@ def child_c(workloads: list[str], rounds: int, devices: int) -> None:
                           "wall_median_ms": 1e3 * statistics.median(times)}), flush=True)
 
 
+def child_mp(workloads: list[str], rounds: int, process: int, port: int) -> None:
+  """Part (d): one of 2 processes with 1 CPU device each (gloo collectives over TCP).
+
+  Each process makes its own half of x and the cotangent (the same random
+  arrays, cut by `make_array_from_callback`); both run the same calls,
+  which synchronise at their collectives; process 0 prints its wall times.
+  """
+  import jax
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=process, initialization_timeout=120)
+  assert jax.device_count() == 2 and jax.local_device_count() == 1, jax.devices()
+  mesh = jax.make_mesh((2,), ("d",))
+  for name in workloads:
+    op, x, k, ct, _ = _problem(WORKLOADS[name])
+    for w, split, _ in _cases([name], devices=(2,)):
+      spec = P(*([None] * SPLITS[split]), "d")
+      place = lambda v, s: jax.make_array_from_callback(  # noqa: E731
+          v.shape, NamedSharding(mesh, s), lambda index, v=v: v[index])
+      args = (place(x, spec), place(k, P()), place(ct, spec))
+      for what, fn in _functions(op).items():
+        _run(fn, args)
+        _run(fn, args)
+        multihost_utils.sync_global_devices(f"{w.name} {split} {what}")
+        times = []
+        for _ in range(rounds):
+          t0 = time.perf_counter()
+          _run(fn, args)
+          times.append(time.perf_counter() - t0)
+        if process == 0:
+          print(json.dumps({"workload": w.name, "split": split, "what": what, "processes": 2,
+                            "wall_ms": 1e3 * min(times),
+                            "wall_median_ms": 1e3 * statistics.median(times)}), flush=True)
+  jax.distributed.shutdown()
+
+
 # ----------------------------------------------------------------------------
 # The parent: runs the children, prints the tables.
 
@@ -314,6 +377,36 @@ def _spawn(args: list[str], devices: int, cores: list[int]) -> list[dict[str, An
   if out.returncode:
     sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _spawn_pair(args: list[str]) -> list[dict[str, Any]]:
+  """Part (d): two processes of 1 device each, pinned to cores 0 and 1 (`taskset`)."""
+  import socket
+
+  with socket.socket() as sock:  # a free port for the coordinator
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             DW5D_JAX_NATIVE=os.environ.get("DW5D_JAX_NATIVE", "1"))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+  procs = [subprocess.Popen(["taskset", "-c", str(i), sys.executable, os.path.abspath(__file__),
+                             "--child", "mp", *args, "--process", str(i), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for proc in procs:
+      outs.append(proc.communicate(timeout=1800))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+  for proc, (_, err) in zip(procs, outs):
+    if proc.returncode:
+      sys.exit(f"a 2-process child failed ({proc.returncode}):\n{err[-4000:]}")
+  return [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
 
 
 def _kib(b: float) -> str:
@@ -352,18 +445,35 @@ def report(ab: list[dict[str, Any]], c: list[dict[str, Any]], header: list[str])
           f"{r['cpu_sharded_ms']:.1f} | {r['cpu_one_ms']:.1f} | "
           f"{r['cpu_sharded_ms'] / r['cpu_one_ms']:.2f} "
           f"({r['cpu_sharded_median_ms'] / r['cpu_one_median_ms']:.2f}) |")
-  if c:
+  if any(r.get("devices") == 2 for r in c):
     lines += [
         "", "(c) wall time per call, 2 devices on 2 cores vs 1 device on 1 core (best of the "
         "rounds; median in brackets).", "",
         "| workload | split | call | 1 device, 1 core ms | 2 devices, 2 cores ms | speed-up |",
         "|---|---|---|---:|---:|---:|"]
-    keys = sorted({(r["workload"], r["split"], r["what"]) for r in c})
+    keys = sorted({(r["workload"], r["split"], r["what"]) for r in c if "devices" in r})
     for key in keys:
       one = [r for r in c if (r["workload"], r["split"], r["what"]) == key and r["devices"] == 1]
       two = [r for r in c if (r["workload"], r["split"], r["what"]) == key and r["devices"] == 2]
       t1 = min(r["wall_ms"] for r in one)
       t2 = min(r["wall_ms"] for r in two)
+      m1 = statistics.median(r["wall_median_ms"] for r in one)
+      m2 = statistics.median(r["wall_median_ms"] for r in two)
+      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {t1:.1f} ({m1:.1f}) | {t2:.1f} "
+                   f"({m2:.1f}) | {t1 / t2:.2f} ({m1 / m2:.2f}) |")
+  mp = [r for r in c if r.get("processes") == 2]
+  if mp:
+    lines += [
+        "", "(d) wall time per call, 2 processes with 1 CPU device each (gloo collectives "
+        "over TCP on 127.0.0.1; pinned to cores 0 and 1 by taskset) vs 1 process with 1 "
+        "device (pinned to core 0); best of the rounds, median in brackets.", "",
+        "| workload | split | call | 1 process ms | 2 processes ms | speed-up |",
+        "|---|---|---|---:|---:|---:|"]
+    for key in sorted({(r["workload"], r["split"], r["what"]) for r in mp}):
+      one = [r for r in c if (r["workload"], r["split"], r["what"]) == key
+             and r.get("devices") == 1]
+      two = [r for r in mp if (r["workload"], r["split"], r["what"]) == key]
+      t1, t2 = min(r["wall_ms"] for r in one), min(r["wall_ms"] for r in two)
       m1 = statistics.median(r["wall_median_ms"] for r in one)
       m2 = statistics.median(r["wall_median_ms"] for r in two)
       lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {t1:.1f} ({m1:.1f}) | {t2:.1f} "
@@ -374,11 +484,14 @@ def report(ab: list[dict[str, Any]], c: list[dict[str, Any]], header: list[str])
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=sorted(WORKLOADS))
-  p.add_argument("--parts", default="abc", help="which parts to run: a, b (together), c")
+  p.add_argument("--parts", default="abc",
+                 help="which parts to run: a, b (together), c, d (2 processes)")
   p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--pairs", type=int, default=2, help="(c): alternations of the two processes")
-  p.add_argument("--child", choices=["ab", "c1", "c2"])
+  p.add_argument("--child", choices=["ab", "c1", "c2", "mp"])
   p.add_argument("--cores", default="")
+  p.add_argument("--process", type=int, default=0, help="(d): this child's process id")
+  p.add_argument("--port", type=int, default=0, help="(d): the coordinator's port")
   p.add_argument("--json", help="also write the raw results here")
   args = p.parse_args()
 
@@ -391,6 +504,8 @@ def main() -> None:
     dw.tune_cpu_allocator()
     if args.child == "ab":
       child_ab(args.workloads, args.rounds)
+    elif args.child == "mp":
+      child_mp(args.workloads, args.rounds, args.process, args.port)
     else:
       child_c(args.workloads, args.rounds, int(args.child[1]))
     return
@@ -399,10 +514,13 @@ def main() -> None:
   common = ["--workloads", *args.workloads, "--rounds", str(args.rounds)]
   ab = _spawn(["ab", *common], 8, [0]) if {"a", "b"} & set(args.parts) else []
   c: list[dict[str, Any]] = []
-  if "c" in args.parts:
+  if {"c", "d"} & set(args.parts):
     for _ in range(args.pairs):
       c += _spawn(["c1", *common], 1, [0])
-      c += _spawn(["c2", *common], 2, [0, 1])
+      if "c" in args.parts:
+        c += _spawn(["c2", *common], 2, [0, 1])
+      if "d" in args.parts:
+        c += _spawn_pair(common)
   after = os.getloadavg()
   import jax
 

@@ -12,6 +12,8 @@ Public API:
     computations several times faster; applied on import unless
     `DW5D_JAX_TUNE_ALLOCATOR=0` (see dw5d_jax/_allocator.py).
   native_status: whether the native CPU kernels are in use, and if not, why.
+  export_native, deserialize_native: `jax.export` artifacts that keep the
+    native CPU kernels, for serving processes that import dw5d_jax.
 """
 
 import importlib as _importlib
@@ -21,6 +23,8 @@ from dw5d_jax._allocator import tune_cpu_allocator as tune_cpu_allocator
 from dw5d_jax._depthwise import depthwise_conv2d as depthwise_conv2d
 from dw5d_jax._depthwise import depthwise_conv3d as depthwise_conv3d
 from dw5d_jax._native_build import native_status as native_status
+from dw5d_jax._native_export import deserialize_native as deserialize_native
+from dw5d_jax._native_export import export_native as export_native
 from dw5d_jax._streaming import StreamState as StreamState
 from dw5d_jax._streaming import stream_init as stream_init
 from dw5d_jax._streaming import stream_step as stream_step
@@ -31,8 +35,8 @@ __version__ = "0.1.0"
 # opt out with DW5D_JAX_TUNE_ALLOCATOR=0 (dw5d_jax/_allocator.py).
 _tune_allocator_at_import()
 
-__all__ = ["StreamState", "depthwise_conv2d", "depthwise_conv3d", "native_status",
-           "stream_init", "stream_step", "tune_cpu_allocator"]
+__all__ = ["StreamState", "depthwise_conv2d", "depthwise_conv3d", "deserialize_native",
+           "export_native", "native_status", "stream_init", "stream_step", "tune_cpu_allocator"]
 
 
 def __getattr__(name: str):

@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching
 
-from dw5d_jax import _primitive
+from dw5d_jax import _primitive, _sharding
 from dw5d_jax._activations import ACTIVATIONS, variant
 from dw5d_jax._spec import ConvSpec, Impl
 
@@ -130,39 +130,41 @@ def apply(x, k, b, spec: ConvSpec, impl: Impl, activation: str | None,
   """`activation(conv(x, k) + b)`, fused where the native kernels run.
 
   Blocks inside `shard_map` (`split`, or operands varying over manual mesh
-  axes) and arrays sharded in their types (explicit mesh axes) take the
-  formula at once: its `dw5d_p` carries their partitioning (`_sharding`),
-  its bias and activation are elementwise.
+  axes) take the formula at once: its `dw5d_p` exchanges the halos
+  (`_partition.blockwise`), its bias and activation are elementwise. Arrays
+  sharded under `jit` bind the epilogue ops, which partition themselves
+  (`_partition.partitioned_epilogue`): each device runs them, fused, on its
+  blocks.
   """
-  if split is not None or any(_sharded(v) for v in (x, k, b)):
+  if split is not None or any(jax.typeof(v).manual_axis_type.varying for v in (x, k, b)):
     return forward_formula(x, k, b, spec=spec, impl=impl, activation=activation, split=split)
   return epilogue_p.bind(x, k, b, spec=spec, impl=impl, activation=activation)
 
 
-def _sharded(v: jax.Array) -> bool:
-  aval = jax.typeof(v)
-  return not aval.sharding.mesh.empty or bool(aval.manual_axis_type.varying)
-
-
-def _out_aval(a_shape, spec: ConvSpec, dtype) -> jax.core.ShapedArray:
-  return jax.core.ShapedArray(_primitive.out_shape("fwd", a_shape, spec), np.dtype(dtype))
+def _out_aval(x, k, spec: ConvSpec, dtype) -> jax.core.ShapedArray:
+  shape = _primitive.out_shape("fwd", x.shape, spec)
+  return jax.core.ShapedArray(shape, np.dtype(dtype),
+                              sharding=_sharding.out_sharding("fwd", x, k, spec, shape))
 
 
 def _forward_abstract(x, k, b, *, spec, **_):
-  del k, b
-  return _out_aval(x.shape, spec, spec.out_dtype)
+  del b
+  return _out_aval(x, k, spec, spec.out_dtype)
 
 
 def _lin_abstract(*args, spec, **_):
-  return _out_aval(args[-3].shape, spec, spec.out_dtype)
+  return _out_aval(args[-3], args[-2], spec, spec.out_dtype)
 
 
 def _grad_abstract(x, k, r, ct, *, spec, activation, **_):
   del r
   g_dtype = ct.dtype if activation is None else spec.acc_dtype
-  return (jax.core.ShapedArray(ct.shape, np.dtype(g_dtype)),
-          jax.core.ShapedArray(k.shape, k.dtype),
-          jax.core.ShapedArray((spec.channels * spec.multiplier,), x.dtype))
+  dk = _sharding.out_sharding("dk", x, ct, spec, k.shape)
+  return (jax.core.ShapedArray(ct.shape, np.dtype(g_dtype),
+                               sharding=None if dk is None else ct.sharding),
+          jax.core.ShapedArray(k.shape, k.dtype, sharding=dk),
+          jax.core.ShapedArray((spec.channels * spec.multiplier,), x.dtype,
+                               sharding=_sharding.bias_sharding(dk)))
 
 
 def _forward_jvp(primals, tangents, *, spec, impl, activation):
@@ -193,9 +195,9 @@ def _lin_transpose(ct, *args, present, spec, impl, activation):
     if not want:
       out.append(None)
     elif kind == "x":
-      out.append(_primitive.input_grad(g, k, spec, impl, t.aval.dtype))
+      out.append(_sharding.like(_primitive.input_grad(g, k, spec, impl, t.aval.dtype), t.aval))
     else:
-      out.append((dk if kind == "k" else db).astype(t.aval.dtype))
+      out.append(_sharding.like((dk if kind == "k" else db).astype(t.aval.dtype), t.aval))
   return [*out, None, None, None]
 
 

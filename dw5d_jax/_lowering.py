@@ -89,13 +89,22 @@ def facts(ctx, platform: str | None, impl: Impl, split: bool = False) -> Facts:
       target=impl.target or ("stablehlo" if for_export else None))
 
 
+def _decide(op: str, spec: ConvSpec, impl: Impl, found: Facts) -> Decision:
+  """`_policy.decide`; says once per process when an export leaves the native kernels out."""
+  decision = _policy.decide(op, spec, impl, found)
+  if (found.target not in (None, "native") and decision.lowering != "native"
+      and _policy.decide(op, spec, impl, found._replace(target=None)).lowering == "native"):
+    _native_build.note_portable_export()
+  return decision
+
+
 # ----------------------------------------------------------------------------
 # dw5d_p: the convolution and its two gradients.
 
 
 def _dw5d_lowering(ctx, a, b, *, platform: str | None, split, **params):
-  decision = _policy.decide(params["op"], params["spec"], params["impl"],
-                            facts(ctx, platform, params["impl"], split is not None))
+  decision = _decide(params["op"], params["spec"], params["impl"],
+                     facts(ctx, platform, params["impl"], split is not None))
   fn = _build(decision, split=split, **params)
   (out,) = mlir.lower_fun(fn, multiple_results=False)(_sharding.unsharded(ctx), a, b)
   return [_sharding.constrain(ctx, out)]
@@ -109,8 +118,17 @@ def _build(decision: Decision, *, op: str, spec: ConvSpec, impl: Impl, out_dtype
                              out_dtype=out_dtype, layout=split, reduce=False)
   if decision.modes is not None:
     # Border modes bind zero-padding ops, which come back to `decide`.
-    return _modes.implementation(op, spec, impl, out_dtype,
-                                 borders=decision.modes == "borders")
+    fn = _modes.implementation(op, spec, impl, out_dtype, borders=decision.modes == "borders")
+  else:
+    fn = _implementation(decision, op, spec, impl, out_dtype)
+  if decision.partition:
+    fn = _partition.partitioned(fn, op=op, spec=spec, impl=impl, out_dtype=out_dtype)
+  return fn
+
+
+def _implementation(decision: Decision, op: str, spec: ConvSpec, impl: Impl,
+                    out_dtype: Any) -> Fn:
+  """The lowering `decision` names, in its layout, on whole arrays."""
   if decision.lowering == "pallas":
     run = functools.partial(_pallas.run, op, out_dtype=out_dtype, interpret=impl.interpret,
                             tiles=impl.tiles)
@@ -121,10 +139,7 @@ def _build(decision: Decision, *, op: str, spec: ConvSpec, impl: Impl, out_dtype
   else:
     module = {"conv": _conv, "shift": _shift}[decision.lowering]
     run = functools.partial(getattr(module, _XLA_NAMES[op]), out_dtype=out_dtype)
-  fn = _channels_last(run, op, spec) if decision.layout == "transposed" else _bound(run, spec)
-  if decision.partition:
-    fn = _partition.partitioned(fn, op=op, spec=spec, impl=impl, out_dtype=out_dtype)
-  return fn
+  return _channels_last(run, op, spec) if decision.layout == "transposed" else _bound(run, spec)
 
 
 _XLA_NAMES = {"fwd": "conv", "dx": "input_grad", "dk": "kernel_grad"}
@@ -171,12 +186,18 @@ def _channels_last(run: Callable[..., jax.Array], op: str, spec: ConvSpec) -> Fn
 
 def _epilogue_lowering(op: str, formula, multiple_results: bool):
   def lower(ctx, *args, platform: str | None, **params):
-    decision = _policy.decide(op, params["spec"], params["impl"],
-                              facts(ctx, platform, params["impl"]))
+    decision = _decide(op, params["spec"], params["impl"], facts(ctx, platform, params["impl"]))
     fn = _epilogue_fn(op, decision, **params) if decision.fused else None
     if fn is None:
       fn = functools.partial(formula, **params)
-    return mlir.lower_fun(fn, multiple_results=multiple_results)(ctx, *args)
+    if decision.partition:  # each device runs this op on its blocks
+      from_output = _activations.variant(params["activation"], params["spec"].out_dtype)
+      fn = _partition.partitioned_epilogue(
+          fn, op="fwd" if op == "epilogue" else "grad", from_output=from_output == "output",
+          **params)
+    outs = mlir.lower_fun(fn, multiple_results=multiple_results)(_sharding.unsharded(ctx),
+                                                                 *args)
+    return [_sharding.constrain(ctx, o, aval) for o, aval in zip(outs, ctx.avals_out)]
 
   return lower
 

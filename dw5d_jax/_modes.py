@@ -63,9 +63,9 @@ def implementation(op: str, spec: ConvSpec, impl: Impl, out_dtype: Any, *,
                    borders: bool) -> Fn:
   """`op` of a spec with modes as a function of its two operands (module docstring).
 
-  It is traced inside the op's lowering on whole arrays, outside any mesh:
-  under a mesh with explicit axes, the nested ops' lowerings partition
-  them (`_partition.partitioned`), not the types of the arrays in between.
+  It is traced inside the op's lowering, on whole arrays (one device) or
+  on one device's blocks (`_partition.blockwise`, which fills the modes
+  along split axes itself), outside any mesh.
   """
   run = functools.partial(_BORDERS[op] if borders else _PADDED[op], spec=spec, impl=impl,
                           out_dtype=np.dtype(out_dtype))
@@ -92,25 +92,29 @@ def take(x: jax.Array, axis: int, mode: str, n: Any, start: Any, stop: Any,
   symbolic sizes, one gather.
   """
   if is_static(n, start, stop, offset):
-    idx = _geometry.source(mode, np.arange(start, stop), n) - offset
-    pieces = []
-    for first, length, step in _runs(idx):
-      if step == 1:
-        pieces.append(lax.slice_in_dim(x, first, first + length, axis=axis))
-      elif step == -1:
-        pieces.append(lax.rev(lax.slice_in_dim(x, first - length + 1, first + 1, axis=axis),
-                              (axis,)))
-      else:  # one row repeated
-        row = lax.slice_in_dim(x, first, first + 1, axis=axis)
-        shape = (*x.shape[:axis], length, *x.shape[axis + 1:])
-        pieces.append(jnp.broadcast_to(row, shape))
-    return pieces[0] if len(pieces) == 1 else lax.concatenate(pieces, axis)
+    return take_rows(x, axis, _geometry.source(mode, np.arange(start, stop), n) - offset)
   positions = lax.iota(np.int32, stop - start) + start
   idx = _geometry.source(mode, positions, n) - offset
   return jnp.take(x, idx, axis=axis, mode="clip")
 
 
-def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
+def take_rows(x: jax.Array, axis: int, idx: np.ndarray) -> jax.Array:
+  """Rows `idx` (static) of x along `axis`: runs of slices, reversals and broadcasts."""
+  pieces = []
+  for first, length, step in runs(idx):
+    if step == 1:
+      pieces.append(lax.slice_in_dim(x, first, first + length, axis=axis))
+    elif step == -1:
+      pieces.append(lax.rev(lax.slice_in_dim(x, first - length + 1, first + 1, axis=axis),
+                            (axis,)))
+    else:  # one row repeated
+      row = lax.slice_in_dim(x, first, first + 1, axis=axis)
+      shape = (*x.shape[:axis], length, *x.shape[axis + 1:])
+      pieces.append(jnp.broadcast_to(row, shape))
+  return pieces[0] if len(pieces) == 1 else lax.concatenate(pieces, axis)
+
+
+def runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
   """`idx` as `(first, length, step)` runs with steps 1, -1 or 0."""
   runs, i = [], 0
   while i < len(idx):

@@ -17,28 +17,33 @@ backend, calls `status()` (`_lowering.prepare`), which:
    workers) compile once: each `.cc` file to an object (`-O3 -march=native
    -fPIC`, in parallel on up to one process per CPU; about 20 s on 2
    cores), linked with `-shared` into a temporary file that is renamed into
-   place;
-5. loads it, runs its self-test (every code path against plain loops) and
+   place (`_native_compile`);
+5. without a compiler, or if that build fails, takes the best prebuilt
+   library the installed wheel carries for this CPU (`_native_compile.VARIANTS`:
+   x86-64-v4 with AVX-512 BF16, x86-64-v4, x86-64-v3), if its FFI headers
+   are not newer than this jaxlib's;
+6. loads it, runs its self-test (every code path against plain loops) and
    registers the FFI targets with XLA for the CPU platform.
 
-Any failure (no compiler, a compile error, a failed self-test, an unwritable
-cache) leaves the native kernels off, with the reason in `status().detail`
-and a one-time `RuntimeWarning`; the convolutions then use the portable XLA
-lowering, so the build can never cause a wrong result or a crash.
+Any failure (no compiler and no prebuilt library for this CPU, a compile
+error, a failed self-test, an unwritable cache) leaves the native kernels
+off, with the reason in `status().detail` and a one-time `RuntimeWarning`;
+the convolutions then use the portable XLA lowering, so the build can never
+cause a wrong result or a crash.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
 import importlib.resources
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from typing import NamedTuple
@@ -46,13 +51,14 @@ from typing import NamedTuple
 import jax
 import jaxlib
 
+from dw5d_jax import _native_compile
+
 TARGETS = {"dw5d_forward": "Dw5dForward", "dw5d_input_grad": "Dw5dInputGrad",
            "dw5d_kernel_grad": "Dw5dKernelGrad", "dw5d_forward_epilogue": "Dw5dForwardEpilogue",
            "dw5d_epilogue_grad": "Dw5dEpilogueGrad", "dw5d_epilogue_grad_y": "Dw5dEpilogueGradY",
            "dw5d_bias_grad": "Dw5dBiasGrad"}
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-ffp-contract=fast")
+FLAGS = _native_compile.FLAGS
 ARCH_FLAG = "-march=native"
-_COMPILE_TIMEOUT_S = 600
 
 
 class NativeStatus(NamedTuple):
@@ -60,18 +66,25 @@ class NativeStatus(NamedTuple):
 
   Attributes:
     active: True when `method="auto"`/`"shift"` call the native kernels on CPU.
-    detail: how the library was obtained (`"compiled"`, `"cached"`) or why
-      the kernels are off.
+    detail: how the library was obtained (`"compiled"`, `"cached"`,
+      `"prebuilt x86-64-v4: no C++ compiler found (set CXX)"`) or why the kernels are
+      off.
     library: the path of the loaded shared library, or None.
+    speed: the expected speed class: `"native"` (compiled here for this
+      CPU, `-march=native`: the fastest), `"prebuilt"` (a library from the
+      wheel compiled for this CPU's x86-64 level) or `"portable"` (the
+      kernels are off: XLA's lowering, several times slower on CPU).
   """
 
   active: bool
   detail: str
   library: str | None = None
+  speed: str = "portable"
 
 
 _lock = threading.Lock()
 _status: NativeStatus | None = None
+_export_noted = False
 
 
 def native_status() -> NativeStatus:
@@ -80,23 +93,27 @@ def native_status() -> NativeStatus:
   `method="auto"` and `"shift"` on CPU call a C++ kernel (XLA FFI custom
   call) for float32/bfloat16 convolutions, channels-last or channels-first:
   forward, input and kernel gradients, several times faster than XLA's own
-  lowering. It is
-  compiled with the system C++ compiler at first use and cached (see
-  docs/performance.md). Without it (no compiler, a failed build,
-  or `DW5D_JAX_NATIVE=0`), results are the same, computed by XLA's lowering.
+  lowering. It is compiled with the system C++ compiler at first use and
+  cached; without a compiler, the wheel's prebuilt library for the CPU's
+  x86-64 level is used (see docs/performance.md). Without either (an
+  unsupported CPU, a failed build, or `DW5D_JAX_NATIVE=0`), results are
+  the same, computed by XLA's lowering. Exports (`jax.export`, SavedModel,
+  LiteRT) always use XLA's lowering, except `dw5d_jax.export_native`.
 
   The first call builds or loads the library if that has not happened yet
   (about 20 s the first time on a machine); later calls return the
   same answer.
 
   Returns:
-    A `NativeStatus`: `active`, `detail` (`"compiled"`, `"cached"`, or the
-    reason the kernels are off) and `library` (the shared library's path).
+    A `NativeStatus`: `active`, `detail` (`"compiled"`, `"cached"`,
+    `"prebuilt <level>: <why>"`, or the reason the kernels are off),
+    `library` (the shared library's path) and `speed` (`"native"`,
+    `"prebuilt"` or `"portable"`).
 
   Example:
     >>> import dw5d_jax as dw
     >>> st = dw.native_status()
-    >>> st.active in (True, False) and isinstance(st.detail, str)
+    >>> st.active == (st.speed != "portable") and isinstance(st.detail, str)
     True
   """
   return status()
@@ -113,6 +130,18 @@ def status() -> NativeStatus:
                       f"XLA lowering instead (slower). Set DW5D_JAX_NATIVE=0 to silence this.",
                       RuntimeWarning, stacklevel=2)
     return _status
+
+
+def note_portable_export() -> None:
+  """Says once per process that an export computes without the (active) native kernels."""
+  global _export_noted
+  if not _export_noted:
+    _export_noted = True
+    warnings.warn("dw5d_jax: exported computations use XLA's portable lowering, not the native "
+                  "CPU kernels (an artifact must not call custom calls that the serving process "
+                  "may lack), so they run slower than under jax.jit here; dw5d_jax.export_native "
+                  "keeps the kernels for serving processes that import dw5d_jax.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def loaded() -> NativeStatus | None:
@@ -163,10 +192,24 @@ def _load_and_register() -> NativeStatus:
 
 
 def build() -> tuple[NativeStatus, ctypes.CDLL | None]:
-  """Compiles (or finds in the cache) and loads the library; registers nothing."""
+  """Compiles (or finds in the cache) or picks a prebuilt library and loads it; registers nothing.
+
+  The `-march=native` build first; the prebuilt library for this CPU where
+  there is no compiler or that build fails.
+  """
   cxx = _compiler()
   if cxx is None:
-    return NativeStatus(False, "no C++ compiler found (set CXX)"), None
+    why = "no C++ compiler found (set CXX)"
+  else:
+    st, lib = _build_here(cxx)
+    if lib is not None:
+      return st, lib
+    why = st.detail
+  return _prebuilt(why)
+
+
+def _build_here(cxx: str) -> tuple[NativeStatus, ctypes.CDLL | None]:
+  """The `-march=native` library, compiled with `cxx` or found in the cache."""
   sources = _sources()
   include = jax.ffi.include_dir()
   flags = [*FLAGS, ARCH_FLAG]
@@ -197,11 +240,44 @@ def build() -> tuple[NativeStatus, ctypes.CDLL | None]:
   if not os.path.exists(path):
     with _file_lock(path + ".lock"):
       if not os.path.exists(path):  # another process may have built it meanwhile
-        error = _compile(cxx, flags, include, sources, path)
+        error = _native_compile.compile_libraries(cxx, {path: flags}, include, sources)
         if error:
           return NativeStatus(False, error), None
         how = "compiled"
-  return NativeStatus(True, how, path), ctypes.CDLL(path)
+  return NativeStatus(True, how, path, "native"), ctypes.CDLL(path)
+
+
+def _prebuilt(why: str) -> tuple[NativeStatus, ctypes.CDLL | None]:
+  """The best prebuilt library for this CPU, used because of `why`; or the reason there is none."""
+  root = importlib.resources.files("dw5d_jax").joinpath("_prebuilt")
+  machine = platform.machine().lower()
+  if machine not in ("x86_64", "amd64"):
+    return NativeStatus(False, f"{why}, and the prebuilt kernels are for x86-64, "
+                               f"not {machine}"), None
+  try:
+    manifest = json.loads(root.joinpath(_native_compile.MANIFEST).read_text())
+  except OSError:
+    return NativeStatus(False, f"{why}, and this installation has no prebuilt kernels "
+                               f"(an editable or source install)"), None
+  built = tuple(manifest["ffi_api"])
+  here = _native_compile.ffi_api_version(jax.ffi.include_dir())
+  if built[0] != here[0] or built[1] > here[1]:
+    return NativeStatus(False, f"{why}, and the prebuilt kernels use XLA FFI API "
+                               f"{built[0]}.{built[1]}, newer than this jaxlib's "
+                               f"{here[0]}.{here[1]}"), None
+  flags = _native_compile.cpu_flags()
+  if flags is None:
+    return NativeStatus(False, f"{why}, and the CPU's features are unknown "
+                               f"(no /proc/cpuinfo)"), None
+  variant = _native_compile.choose(flags, manifest["variants"])
+  if variant is None:
+    lowest = _native_compile.VARIANTS[-1]
+    missing = " ".join(sorted(lowest.cpu_flags - flags))
+    return NativeStatus(False, f"{why}, and this CPU lacks {missing}, which the prebuilt "
+                               f"kernels need ({lowest.name} at least)"), None
+  path = str(root.joinpath(_native_compile.library_name(variant.name)))
+  return (NativeStatus(True, f"prebuilt {variant.name}: {why}", path, "prebuilt"),
+          ctypes.CDLL(path))
 
 
 def _compiler() -> str | None:
@@ -225,49 +301,7 @@ def _probe(cxx: str, flags: list[str]) -> bytes | None:
 
 def _sources() -> dict[str, bytes]:
   """Every file of `_csrc/` (the `.cc` files and the headers they share), by name, sorted."""
-  root = importlib.resources.files("dw5d_jax").joinpath("_csrc")
-  files = sorted((f for f in root.iterdir() if f.is_file()), key=lambda f: f.name)
-  return {f.name: f.read_bytes() for f in files}
-
-
-def _compile(cxx: str, flags: list[str], include: str, sources: dict[str, bytes],
-             path: str) -> str | None:
-  """Compiles `sources` to the library `path` (atomically); the error message, or None.
-
-  Every `.cc` file is compiled to an object, in parallel (the largest
-  first), then they are linked.
-  """
-  with tempfile.TemporaryDirectory(prefix=".build-", dir=os.path.dirname(path)) as build:
-    for name, data in sources.items():
-      with open(os.path.join(build, name), "wb") as f:
-        f.write(data)
-    units = sorted((n for n in sources if n.endswith(".cc")), key=lambda n: -len(sources[n]))
-    objects = [os.path.join(build, n + ".o") for n in units]
-    commands = [[cxx, *flags, "-isystem", include, "-c", os.path.join(build, n), "-o", o]
-                for n, o in zip(units, objects)]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-      errors = list(pool.map(_run, commands))
-    if any(errors):
-      return next(e for e in errors if e)
-    tmp_lib = os.path.join(build, "library" + os.path.splitext(path)[1])
-    error = _run([cxx, *flags, "-shared", *objects, "-o", tmp_lib])
-    if error:
-      return error
-    os.replace(tmp_lib, path)
-    return None
-
-
-def _run(cmd: list[str]) -> str | None:
-  """Runs a compiler command; the error message, or None."""
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
-                          check=False)
-  except (OSError, subprocess.SubprocessError) as e:
-    return f"compiling failed: {e}"
-  if done.returncode != 0:
-    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-    return f"compiling with {' '.join(cmd)} failed (exit {done.returncode}): {tail}"
-  return None
+  return _native_compile.read_sources(importlib.resources.files("dw5d_jax").joinpath("_csrc"))
 
 
 @contextlib.contextmanager

@@ -14,9 +14,13 @@ order:
    with its own lowering takes it: for `"litert"` the convolution is
    `"conv2d"` (`_conv2d.py`: grouped 2D convolutions, which the LiteRT
    converter turns into DEPTHWISE_CONV_2D), border modes from a padded
-   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`,
-   `"onnx"` for now), take the steps below, as exported (no native
-   kernels, no partitioning). LiteRT export of blocks raises.
+   copy; its gradients, and every other target (`"stablehlo"`, `"tf"`),
+   take the steps below, as exported (no native kernels, no partitioning),
+   except `"native"` (`export_native`), which keeps the native kernels (no
+   partitioning). For `"onnx"` the primitives become ONNX nodes themselves
+   (interop/_onnx_lowering.py: one grouped `Conv` per op); should such an
+   op be lowered all the same, it takes the steps below, as exported.
+   LiteRT export of blocks raises.
 1. **Method -> lowering** (`lowering`). `"conv"`, `"shift"` and `"pallas"`
    are taken as named. `"auto"` depends on the platform being lowered for,
    so one traced function exported for several platforms (`jax.export`,
@@ -181,13 +185,14 @@ def decide(op: str, spec: ConvSpec, impl: Impl, facts: Facts) -> Decision:
   if facts.target == "litert" and op == "fwd":
     return Decision("conv2d", modes="padded" if spec.has_modes else None)
   method = lowering(impl.method, facts.platform, spec)
+  partition = _partition(facts)
   if spec.has_modes:
     # Border modes bind zero-padding ops, which come back here (`_modes.py`):
     # the native kernels get corrections on the border, the rest a padded copy.
+    # Partitioned, each device computes them on its blocks (`_partition.blockwise`).
     borders = (method == "shift" and facts.platform == "cpu"
                and native_layout(spec, op, facts) is not None)
-    return Decision(method, modes="borders" if borders else "padded")
-  partition = facts.target is None and not facts.manual and facts.devices > 1
+    return Decision(method, modes="borders" if borders else "padded", partition=partition)
   if method == "pallas":
     bad = [p for p in facts.platforms if p != "cuda"]
     if bad and not impl.interpret:
@@ -203,24 +208,30 @@ def decide(op: str, spec: ConvSpec, impl: Impl, facts: Facts) -> Decision:
   return Decision(method, partition=partition)
 
 
+def _partition(facts: Facts) -> bool:
+  """Whether an op lowered with `facts` partitions itself (several devices, not manual,
+  not exported)."""
+  return facts.target is None and not facts.manual and facts.devices > 1
+
+
 def _epilogue(op: str, spec: ConvSpec, impl: Impl, facts: Facts) -> Decision:
   """Fused exactly where the convolution (`"epilogue"`) or its kernel gradient
-  (`"epilogue_grad"`) would use the native kernels, in the same layout, on one
-  device; the JVP (`"epilogue_lin"`) and everything else: the formula, whose
-  `dw5d_p` takes the steps of `decide`.
+  (`"epilogue_grad"`) would use the native kernels, in the same layout; the JVP
+  (`"epilogue_lin"`) and everything else: the formula, whose `dw5d_p` takes the
+  steps of `decide`. Lowered for several devices, the forward and the backward
+  pass partition themselves: each device runs them, fused or not, on its blocks
+  (`_partition.partitioned_epilogue`).
   """
-  formula = Decision("formula")
   if op == "epilogue_lin":
-    return formula
+    return Decision("formula")
+  formula = Decision("formula", partition=_partition(facts))
   method = lowering(impl.method, facts.platform, spec)
   if method != "shift" or facts.platform != "cpu" or spec.has_modes:
     return formula  # border modes: the formula's dw5d_p corrects the borders (`_modes`)
-  if facts.devices > 1:
-    return formula  # the formula's dw5d_p is partitioned (`_partition.partitioned`)
   layout = native_layout(spec, "fwd" if op == "epilogue" else "dk", facts)
   if layout is None:
     return formula
-  return Decision("native", layout, fused=True)
+  return Decision("native", layout, fused=True, partition=formula.partition)
 
 
 def lowering(method: str, platform: str | None, spec: ConvSpec) -> str:
@@ -244,8 +255,8 @@ def gpu_choice(spec: ConvSpec) -> str:
 
 def native_layout(spec: ConvSpec, op: str, facts: Facts) -> str | None:
   """Step 2: `"as-is"` or `"transposed"` to use the native kernels for `op`, else None."""
-  if facts.target is not None:
-    return None
+  if facts.target not in (None, "native"):
+    return None  # an artifact must not call kernels the serving process may lack
   if not spec.is_static() or not facts.static:
     return None
   mode = facts.native_mode

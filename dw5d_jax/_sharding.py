@@ -85,18 +85,7 @@ def split_layout(fn: str, axes: tuple[Axes, Axes, Axes]) -> Layout:
 
 
 def check_split(fn: str, spec: ConvSpec, layout: Layout) -> None:
-  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs).
-
-  A border mode (`padding_mode`) must not fill a split axis: the blocks
-  exchange halos of their neighbours' rows, and zeros past the ends.
-  """
-  for letter, axes, mode in zip(SPATIAL, layout.spatial, spec.modes):
-    if axes and mode != "zeros":
-      raise ValueError(
-          f"{fn}: `padding_mode` {mode!r} along axis {letter}, which `split_axes` splits over "
-          f"mesh axes {axes}: inside shard_map the blocks pad their ends with zeros only. Split "
-          f"another axis, use 'zeros' along {letter}, or call the op under jit on the sharded "
-          f"array (XLA partitions the padding).")
+  """Raises unless every split axis's output splits into equal blocks (as `shard_map` needs)."""
   for letter, axes, n, out in zip(SPATIAL, layout.spatial, spec.in_spatial, spec.out_spatial):
     parts = layout.parts(axes)
     if axes and out % parts:
@@ -258,6 +247,13 @@ def unsharded(ctx):
 _NO_MANUAL_AXES = jax.core.ShapedArray((), np.float32).manual_axis_type
 
 
-def constrain(ctx, out):
+def constrain(ctx, out, aval=None):
   """The lowered result annotated with its explicit sharding (as JAX's own ops are)."""
-  return _mlir.lower_with_sharding_in_types(ctx, out, ctx.avals_out[0])
+  return _mlir.lower_with_sharding_in_types(ctx, out, ctx.avals_out[0] if aval is None else aval)
+
+
+def bias_sharding(kernel: Any) -> Any:
+  """A bias's (or its gradient's) sharding from its kernel's: split with the channels."""
+  if kernel is None:
+    return None
+  return NamedSharding(kernel.mesh, P(*tuple(kernel.spec)[3:4]))

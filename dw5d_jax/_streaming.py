@@ -240,8 +240,29 @@ def _init(fn: str, chunk: Any, kernel: Any, *, strides, padding, padding_mode, d
   each = (shape[0],) if per_example else ()
   head = jnp.zeros((), jnp.int32)
   phase, emitted = (jnp.zeros(each, jnp.int32) for _ in range(2))
-  return StreamState(buffer=jnp.zeros(shape, dtype), head=head, phase=phase, emitted=emitted,
-                     config=config)
+  return StreamState(buffer=_like(fn, jnp.zeros(shape, dtype), chunk, t, config.axis),
+                     head=head, phase=phase, emitted=emitted, config=config)
+
+
+def _like(fn: str, buffer: jax.Array, chunk: Any, t: int, axis: str) -> jax.Array:
+  """`buffer` split over devices like `chunk` (a sharded state: each device keeps the
+  history of its own block; `stream_step` under `jit` then exchanges only halos)."""
+  if not isinstance(chunk, jax.Array):
+    return buffer
+  typed = jax.typeof(chunk).sharding
+  explicit = not typed.mesh.empty and jax.sharding.AxisType.Explicit in typed.mesh.axis_types
+  placed = None if isinstance(chunk, jax.core.Tracer) else chunk.sharding
+  spec = (typed.spec if explicit
+          else placed.spec if isinstance(placed, jax.sharding.NamedSharding) else None)
+  if spec is None or not any(tuple(spec)):
+    return buffer
+  if t < len(spec) and spec[t] is not None:
+    raise ValueError(
+        f"{fn}: `chunk` is split along the streamed axis {axis} (mesh axes {spec[t]!r}); a "
+        f"stream keeps its history whole along {axis}. Split the batch or another axis.")
+  if explicit:  # the sharding is in the type
+    return jax.sharding.reshard(buffer, spec)
+  return jax.device_put(buffer, placed)
 
 
 def stream_step(

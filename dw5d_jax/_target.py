@@ -18,15 +18,17 @@ earlier trace is used again.
 
 Targets (`TARGETS`): `"stablehlo"` (`jax.export`; also what any lowering
 for export without a named target is), `"tf"` (jax2tf, SavedModel),
-`"litert"` (the LiteRT converter) and `"onnx"` (reserved for an ONNX
-route); see `_policy.decide` for what each one chooses.
+`"litert"` (the LiteRT converter), `"onnx"` (`interop.export_onnx`,
+whose jax2onnx plugins turn the primitives into ONNX nodes) and `"native"`
+(`jax.export` keeping the native CPU kernels, `_native_export.export_native`);
+see `_policy.decide` for what each one chooses.
 """
 
 from __future__ import annotations
 
 from jax._src import config as _config
 
-TARGETS = ("stablehlo", "tf", "litert", "onnx")
+TARGETS = ("stablehlo", "tf", "litert", "onnx", "native")
 
 _STATE = _config.optional_enum_state(
     name="dw5d_jax_export_target", enum_values=TARGETS, default=None,

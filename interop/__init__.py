@@ -15,8 +15,12 @@ Public API:
     or a model's) to a SavedModel with `step(state, chunk) -> (state, output)`.
   export_litert: Keras models and JAX functions to LiteRT (TFLite)
     flatbuffers of builtin ops only, float32, float16 or int8.
-  weights_from_keras, kernel_from_keras_grouped, kernel_from_torch_grouped,
-    DepthwiseWeights: kernels from Keras/PyTorch layouts to `(..., C, M)`.
+  export_onnx: JAX functions, Flax models and Keras (JAX backend) models to
+    ONNX, each dw5d_jax op one grouped `Conv`, symbolic batch.
+  litert_ops: a .tflite's ops, and whether all are LiteRT builtins.
+  weights_from_keras, weights_from_torch, kernel_from_keras_grouped,
+    kernel_from_torch_grouped, DepthwiseWeights: layers' kernels, biases and
+    options from Keras/PyTorch to `(..., C, M)` and the ops' arguments.
   keras: Keras 3 layers `DepthwiseConv3D`, `DepthwiseConv2D` (JAX and
     TensorFlow backends), imported on first access.
 """
@@ -33,10 +37,13 @@ _LAZY = {
     "export_streaming_savedmodel": "interop._stream_export",
     "load_savedmodel": "interop._export",
     "export_litert": "interop._litert",
+    "export_onnx": "interop._onnx",
+    "litert_ops": "interop._litert",
     "DepthwiseWeights": "interop._weights",
     "kernel_from_keras_grouped": "interop._weights",
     "kernel_from_torch_grouped": "interop._weights",
     "weights_from_keras": "interop._weights",
+    "weights_from_torch": "interop._weights",
 }
 
 __all__ = sorted(_LAZY)

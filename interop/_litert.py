@@ -32,15 +32,15 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core
 import numpy as np
 
 from dw5d_jax import _target
+from interop import _files
 
 _FN = "export_litert"
 QUANTIZE = (None, "float16", "int8")
@@ -123,20 +123,20 @@ def export_litert(
       it).
 
   Example:
-    >>> import pathlib, tempfile, numpy as np
+    >>> import tempfile, numpy as np
     >>> import dw5d_jax as dw
     >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1), np.float32)
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = export_litert(lambda k, x: dw.depthwise_conv3d(x, k), tmp.name + "/dw3d.tflite",
     ...                      params=k, input_shape=(1, 8, 8, 8, 4))
-    >>> sorted(set(builtin_ops(pathlib.Path(path).read_bytes())))
+    >>> sorted(litert_ops(path).ops)
     ['ADD', 'DEPTHWISE_CONV_2D', 'PAD', 'RESHAPE', 'SLICE']
   """
   shape = _check_input_shape(input_shape)
   _check_quantize(quantize, representative_data)
   _litert_module("schema_py_generated")  # the builtin-ops check needs it: fail early
   path = os.fspath(path)
-  _check_path(path, overwrite)
+  _files.check_path(_FN, path, overwrite, ".tflite")
   samples = (None if representative_data is None
              else _representative_samples(representative_data, shape))
   if _keras_backend(model_or_fn) is not None:
@@ -150,7 +150,7 @@ def export_litert(
     raise TypeError(f"{_FN}: `model_or_fn` must be a Keras model or a JAX function "
                     f"apply_fn(params, x), got {type(model_or_fn).__name__}.")
   flatbuffer = convert(concrete, owner, quantize=quantize, samples=samples)
-  _write(path, flatbuffer)
+  _files.write(path, flatbuffer, ".tflite")
   return path
 
 
@@ -200,38 +200,6 @@ def _representative_samples(data: Any, shape: tuple[int, ...]) -> list[np.ndarra
     raise ValueError(f"{_FN}: `representative_data` is empty; give typical inputs of shape "
                      f"{shape} (about 100).")
   return samples
-
-
-def _check_path(path: str, overwrite: bool) -> None:
-  if os.path.isdir(path):
-    raise ValueError(f"{_FN}: `path` {path!r} is a directory; give the path of the .tflite "
-                     f"file to write.")
-  if os.path.lexists(path) and not overwrite:
-    raise ValueError(f"{_FN}: `path` {path!r} exists; choose a new path or pass "
-                     f"overwrite=True to replace it.")
-  parent = os.path.dirname(os.path.abspath(path))
-  try:  # fail before the (slow) conversion, not after it
-    os.makedirs(parent, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".tflite", dir=parent)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as err:
-    raise ValueError(f"{_FN}: `path` {path!r} cannot be written ({err.strerror or err}: "
-                     f"{parent!r}); choose a path in a writable directory.") from None
-
-
-def _write(path: str, flatbuffer: bytes) -> None:
-  # Written next to `path` and moved into place: a failed write leaves an
-  # existing file untouched.
-  fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tflite",
-                             dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(flatbuffer)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _is_int(v: Any) -> bool:
@@ -405,29 +373,83 @@ def _first_lines(text: str, n: int = 6) -> str:
   return "\n".join(lines[:n]) + ("\n..." if len(lines) > n else "")
 
 
-def builtin_ops(flatbuffer: bytes) -> list[str]:
-  """The operator codes of a `.tflite` flatbuffer, by name, in the model's order.
+class LiteRTOps(NamedTuple):
+  """What `litert_ops` found in a `.tflite` flatbuffer.
 
-  Builtin ops by their `BuiltinOperator` name (`DEPTHWISE_CONV_2D`), custom
-  ops (Flex ops included: `FlexConv3D`) by their custom code.
+  Attributes:
+    ops: the distinct operator codes, in the model's order: builtin ops by
+      their `BuiltinOperator` name (`DEPTHWISE_CONV_2D`), custom ops (Flex
+      ops included: `FlexConv3D`) by their custom code.
+    not_builtin: those of `ops` outside LiteRT's builtin set.
   """
-  schema = _litert_module("schema_py_generated")
+
+  ops: tuple[str, ...]
+  not_builtin: tuple[str, ...]
+
+  @property
+  def all_builtin(self) -> bool:
+    """Whether the plain LiteRT interpreter runs every op (no Flex, no custom ops)."""
+    return not self.not_builtin
+
+
+def litert_ops(model: str | os.PathLike | bytes) -> LiteRTOps:
+  """Lists a `.tflite` model's ops and whether all are LiteRT builtins.
+
+  Reads the flatbuffer's operator codes with the schema that ships with
+  `ai-edge-litert` (no interpreter, no TensorFlow).
+
+  Args:
+    model: the path of a `.tflite` file, or its bytes.
+
+  Returns:
+    A `LiteRTOps`: `.ops` (distinct names, in the model's order),
+    `.not_builtin` (Flex and custom ops) and `.all_builtin`.
+
+  Raises:
+    ImportError: the `ai-edge-litert` package is missing.
+    ValueError: `model` cannot be read, or is not a TFLite flatbuffer.
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> import dw5d_jax as dw
+    >>> k = np.random.default_rng(0).standard_normal((3, 3, 4, 1), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_litert(lambda k, x: dw.depthwise_conv2d(x, k), tmp.name + "/dw.tflite",
+    ...                      params=k, input_shape=(1, 8, 8, 4))
+    >>> found = litert_ops(path)
+    >>> found.all_builtin, "DEPTHWISE_CONV_2D" in found.ops
+    (True, True)
+  """
+  fn = "litert_ops"
+  if isinstance(model, (bytes, bytearray)):
+    flatbuffer = bytes(model)
+  else:
+    shown = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
+    try:
+      with open(shown, "rb") as f:
+        flatbuffer = f.read()
+    except (OSError, TypeError) as err:
+      raise ValueError(f"{fn}: `model` must be a .tflite path or its bytes; {shown!r} cannot "
+                       f"be read: {err}") from None
+  schema = _litert_module("schema_py_generated", fn)
+  if len(flatbuffer) < 8 or flatbuffer[4:8] != b"TFL3":
+    raise ValueError(f"{fn}: `model` is not a TFLite flatbuffer (no 'TFL3' identifier in "
+                     f"its first 8 bytes).")
   names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-  model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
-  out = []
-  for code in model.operatorCodes or ():
+  ops = []
+  for code in schema.ModelT.InitFromPackedBuf(flatbuffer, 0).operatorCodes or ():
     if code.customCode:
-      out.append(code.customCode.decode())
+      ops.append(code.customCode.decode())
     else:  # codes past 127 live in builtinCode only (the schema's deprecation scheme)
-      out.append(names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?"))
-  return out
+      ops.append(names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?"))
+  ops = tuple(dict.fromkeys(ops))
+  builtin = set(names.values()) - {"CUSTOM"}
+  return LiteRTOps(ops, tuple(op for op in ops if op not in builtin))
 
 
 def check_builtin_ops(flatbuffer: bytes) -> None:
   """Raises a ValueError naming the Flex or custom ops in `flatbuffer`, if any."""
-  schema = _litert_module("schema_py_generated")
-  builtin = {k for k in vars(schema.BuiltinOperator) if not k.startswith("_")} - {"CUSTOM"}
-  bad = [op for op in dict.fromkeys(builtin_ops(flatbuffer)) if op not in builtin]
+  bad = litert_ops(flatbuffer).not_builtin
   if bad:
     flex = [op for op in bad if op.startswith("Flex")]
     raise ValueError(
@@ -437,14 +459,14 @@ def check_builtin_ops(flatbuffer: bytes) -> None:
         + "; the plain LiteRT interpreter cannot run it.")
 
 
-def _litert_module(name: str) -> Any:
+def _litert_module(name: str, fn: str = _FN) -> Any:
   """`ai_edge_litert.<name>`, or an ImportError that says how to install it."""
   import importlib
 
   try:
     return importlib.import_module(f"ai_edge_litert.{name}")
   except ImportError as err:
-    raise ImportError(f"{_FN}: LiteRT export and its checks need the ai-edge-litert package "
+    raise ImportError(f"{fn}: LiteRT export and its checks need the ai-edge-litert package "
                       f"(`pip install ai-edge-litert`, or this project's `litert` extra): "
                       f"{err}") from None
 

@@ -11,8 +11,8 @@ layout changes:
 * PyTorch `Conv2d`/`Conv3d(groups=C)`: `(C * M, 1, k...)`. Biases, `(C * M,)`,
   need no change in any of them.
 
-Only NumPy is needed here: layers are read through their attributes and
-PyTorch weights arrive as arrays (`conv.weight.detach().numpy()`).
+Only NumPy is needed here: layers and modules are read through their
+attributes (neither Keras nor PyTorch is imported).
 """
 
 from __future__ import annotations
@@ -106,6 +106,98 @@ def weights_from_keras(layer: Any) -> DepthwiseWeights:
   return DepthwiseWeights(kernel, bias, options)
 
 
+# PyTorch's `padding_mode` -> the library's `padding_mode` (numpy.pad's names).
+_TORCH_MODES = {"zeros": "zeros", "reflect": "reflect", "replicate": "edge",
+                "circular": "circular"}
+
+
+def weights_from_torch(module: Any) -> DepthwiseWeights:
+  """Reads a PyTorch `Conv2d`/`Conv3d` with `groups == in_channels`.
+
+  `dw.depthwise_conv2d(x, w.kernel, **w.options)` (a 2D kernel) or
+  `dw.depthwise_conv3d(...)` (3D), plus `w.bias` along the channel axis,
+  reproduces `module(x)` for the module's own input `x`, `(N, C, H, W)` or
+  `(N, C, D, H, W)`. Options map as follows (per axis, in D, H, W order):
+
+  * `stride` -> `strides`, `dilation` -> `dilations`;
+  * `padding=p` (an int or one per axis) -> explicit `((p_i, p_i), ...)`,
+    e.g. X3D's `padding=(2, 0, 0)` -> `((2, 2), (0, 0), (0, 0))`;
+    `"same"` -> `"SAME"` (PyTorch allows it only with stride 1, where both
+    put the odd pad at the high end), `"valid"` -> `"VALID"`;
+  * `padding_mode`: `"zeros"`, `"reflect"`, `"replicate"` -> `"edge"`,
+    `"circular"`, the library's names for the same fills;
+  * the layout -> `data_format` `"NCHW"` or `"NCDHW"`.
+
+  Only the module's attributes are read (PyTorch is not imported here).
+
+  Args:
+    module: a `torch.nn.Conv2d` or `torch.nn.Conv3d` whose `groups` equals
+      its `in_channels` (a depthwise convolution, `M = out_channels / C`
+      filters per channel).
+
+  Returns:
+    The kernel in `(..., C, M)` layout (float32 for a float32 module), the
+    bias `(C * M,)` or None, and the options above.
+
+  Raises:
+    TypeError: not a PyTorch `Conv2d`/`Conv3d` (a transposed or 1D
+      convolution included); weights NumPy cannot hold (e.g. bfloat16).
+    ValueError: `groups` is not `in_channels` (not depthwise), or a
+      `padding_mode` with no counterpart here.
+
+  Example:
+    >>> import torch
+    >>> import dw5d_jax as dw
+    >>> conv = torch.nn.Conv3d(4, 8, (5, 1, 1), padding=(2, 0, 0), groups=4)
+    >>> w = weights_from_torch(conv)
+    >>> w.kernel.shape, w.options["padding"]
+    ((5, 1, 1, 4, 2), ((2, 2), (0, 0), (0, 0)))
+    >>> x = np.random.default_rng(0).standard_normal((1, 4, 6, 5, 5)).astype(np.float32)
+    >>> with torch.no_grad():
+    ...   want = conv(torch.from_numpy(x)).numpy()
+    >>> y = np.asarray(dw.depthwise_conv3d(x, w.kernel, **w.options))
+    >>> np.allclose(y + w.bias.reshape(-1, 1, 1, 1), want, atol=1e-5)
+    True
+  """
+  fn = "weights_from_torch"
+  name = type(module).__name__
+  bases = {cls.__name__ for cls in type(module).__mro__}
+  rank = 2 if "Conv2d" in bases else 3 if "Conv3d" in bases else None
+  if rank is None or "_ConvNd" not in bases or getattr(module, "transposed", False):
+    raise TypeError(f"{fn}: `module` must be a PyTorch Conv2d or Conv3d with groups equal "
+                    f"to its in_channels, got {name}.")
+  c, groups = int(module.in_channels), int(module.groups)
+  if groups != c:
+    raise ValueError(
+        f"{fn}: `module` ({name}) is not depthwise: groups={groups} with "
+        f"in_channels={c} gives {c // groups} input channels per group; a depthwise "
+        f"convolution has groups == in_channels.")
+  mode = _TORCH_MODES.get(module.padding_mode)
+  if mode is None:
+    raise ValueError(f"{fn}: `module` ({name}) has padding_mode={module.padding_mode!r}; "
+                     f"expected one of {', '.join(map(repr, _TORCH_MODES))}.")
+  kernel = kernel_from_torch_grouped(_torch_array(fn, module.weight, "weight"),
+                                     in_channels=c)
+  bias = None if module.bias is None else _torch_array(fn, module.bias, "bias")
+  padding = module.padding
+  if isinstance(padding, str):  # PyTorch accepts "same" and "valid" only
+    padding = padding.upper()
+  else:
+    padding = tuple((int(p), int(p)) for p in padding)
+  options = dict(strides=tuple(int(s) for s in module.stride), padding=padding,
+                 padding_mode=mode, dilations=tuple(int(r) for r in module.dilation),
+                 data_format="NCHW" if rank == 2 else "NCDHW")
+  return DepthwiseWeights(kernel, bias, options)
+
+
+def _torch_array(fn: str, tensor: Any, name: str) -> np.ndarray:
+  try:
+    return tensor.detach().cpu().numpy()
+  except TypeError as err:  # dtypes NumPy lacks
+    raise TypeError(f"{fn}: the module's `{name}` ({tensor.dtype}) cannot become a NumPy "
+                    f"array: {err}; convert the module first, e.g. module.float().") from None
+
+
 def kernel_from_keras_grouped(kernel: Any, *, in_channels: int) -> np.ndarray:
   """A Keras `Conv2D`/`Conv3D(groups=C)` kernel in `(..., C, M)` layout.
 
@@ -141,8 +233,8 @@ def kernel_from_torch_grouped(weight: Any, *, in_channels: int) -> np.ndarray:
   """A PyTorch `Conv2d`/`Conv3d(groups=C)` weight in `(..., C, M)` layout.
 
   PyTorch convolutions are cross-correlations like TF's and JAX's, so the
-  kernel is not flipped. PyTorch's `padding=p` is explicit padding
-  `((p, p),) * rank` here, and its input layout is `"NCHW"`/`"NCDHW"`.
+  kernel is not flipped. `weights_from_torch(module)` reads the whole
+  module (bias, padding, strides, dilations, padding mode, layout).
 
   Args:
     weight: `(C * M, 1, kh, kw)` or `(C * M, 1, kd, kh, kw)`, e.g.

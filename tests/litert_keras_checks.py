@@ -62,7 +62,9 @@ def _export_and_run(model, path, x, quantize, rng):
   data = ([x] + [random_array(rng, x.shape) for _ in range(8)]) if quantize == "int8" else None
   interop.export_litert(model, path, input_shape=x.shape, quantize=quantize,
                         representative_data=data)
-  ops = set(_litert.builtin_ops(pathlib.Path(path).read_bytes()))
+  found = interop.litert_ops(path)
+  assert found.all_builtin, found
+  ops = set(found.ops)
   return _litert.run(_litert.interpreter(path), x), ops
 
 

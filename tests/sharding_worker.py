@@ -145,6 +145,14 @@ CASES = {
              shard_map=True, second_order=True),
         Case("depth_silu", AUTO, _8, (None, "d"), (2, 16, 12, 10, 8), (3, 3, 3),
              kwargs=(("activation", "silu"),), shard_map=True),
+        # Border modes along split axes: end blocks fill their padding, circular wraps
+        # between the first and last blocks; a pad wider than a block (reflect, 2 hops).
+        Case("depth_height_modes", EXPLICIT, _2x4, (None, "data", "space"), (2, 8, 16, 6, 8),
+             (3, 3, 3), kwargs=(("padding_mode", ("circular", "reflect", "edge")),),
+             shard_map=True, second_order=True),
+        Case("width_reflect_multi_hop", AUTO, _8, (None, None, None, "d"), (2, 4, 6, 16, 8),
+             (3, 5), kwargs=(("axes", "HW"), ("dilations", 2), ("padding_mode", "reflect"),
+                             ("activation", "relu")), shard_map=True),
     ],
 }
 
@@ -319,12 +327,13 @@ def _spec(case: Case, x, k):
   axes = kw.get("axes", "DHW" if len(case.window) == 3 else "HW")
   layout = kw.get("data_format", "NDHWC")
   n = len(axes)
+  padding = _args.check_padding(fn, kw.get("padding", "SAME"), axes)
   return _args.normalize(
       fn, x, k, conv_axes=axes, layout=layout,
       strides=_args.int_tuple(fn, "strides", kw.get("strides", 1), n, axes),
       dilations=_args.int_tuple(fn, "dilations", kw.get("dilations", 1), n, axes),
-      padding=_args.check_padding(fn, kw.get("padding", "SAME"), axes),
-      precision=None, preferred=None)[2]
+      padding=padding, precision=None, preferred=None,
+      padding_mode=_args.check_padding_mode(fn, kw.get("padding_mode", "zeros"), padding, axes))[2]
 
 
 # ----------------------------------------------------------------------------
@@ -387,6 +396,74 @@ def run_layers(library: str, axis_types: str) -> dict[str, Any]:
   summary = {kind: sum(1 for c in found if c[0] == kind) for kind, _, _ in found}
   return {"case": f"{library}_{axis_types}", "method": "auto", "errors": errors,
           "collectives": summary}
+
+
+# ----------------------------------------------------------------------------
+# Streaming: a state split by batch or by a spatial axis other than time.
+
+# (name, axis types, mesh, x's split (N, T, H, W, C), chunk length, strides, padding_mode)
+STREAM_CASES = (
+    ("batch", AUTO, _4, ("d",), 1, 1, "zeros"),
+    ("height", EXPLICIT, _4, (None, None, "d"), 1, 1, ("zeros", "reflect", "circular")),
+    ("batch_width_chunks_strided", AUTO, _2x4, ("data", None, None, "space"), 4, 2, "zeros"),
+    ("height_chunks", EXPLICIT, ((2,), ("d",)), (None, None, "d"), 3, 1,
+     ("zeros", "edge", "zeros")),
+)
+
+
+def run_streaming(name, axis_types, mesh_shape, split, length, stride, modes) -> dict[str, Any]:
+  """Steps of a sharded stream under jit against the full op on one device.
+
+  Checks the outputs, that the state stays split like the chunks, and the
+  compiled step's collectives: halo exchanges only (no gather of the state
+  or the chunk), at most 1.05x the analytic halo of the step's window.
+  """
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding
+
+  import dw5d_jax as dw
+  from dw5d_jax import _args
+
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((8, 12, 16, 16, 8)).astype(np.float32)  # (N, T, H, W, C)
+  k = rng.standard_normal((3, 3, 3, 8, 1)).astype(np.float32)
+  kw = dict(strides=(stride, 1, 1), padding_mode=modes, padding=("CAUSAL", "SAME", "SAME"))
+  full = dw.depthwise_conv3d(x, k, **kw)
+  types = {AUTO: AxisType.Auto, EXPLICIT: AxisType.Explicit}[axis_types]
+  mesh = jax.make_mesh(*mesh_shape, axis_types=(types,) * len(mesh_shape[0]))
+  data = NamedSharding(mesh, _pspec(split))
+  errors, outs = [], []
+  step = jax.jit(lambda state, chunk: dw.stream_step(state, chunk, k, **kw))
+  with jax.set_mesh(mesh):
+    state = dw.stream_init(jax.device_put(x[:, :length], data), k, **kw)
+    if _dims(state.buffer.sharding.spec) != _dims(data.spec):
+      errors.append(f"the initial state is split {state.buffer.sharding.spec}, x {data.spec}")
+    chunks = [jax.device_put(x[:, t:t + length], data) for t in range(0, 12, length)]
+    compiled = step.lower(state, chunks[0]).compile()
+    for chunk in chunks:
+      state, y = compiled(state, chunk)
+      outs.append(np.asarray(y)[:, :int(state.emitted)])
+  if _dims(state.buffer.sharding.spec) != _dims(data.spec):
+    errors.append(f"the state is split {state.buffer.sharding.spec}, x {data.spec}")
+  got = np.concatenate(outs, axis=1)
+  err = float(np.abs(got - np.asarray(full)).max() / np.abs(np.asarray(full)).max())
+  if got.shape != full.shape or not err <= 2e-5:
+    errors.append(f"outputs {got.shape} differ from the full op {full.shape} by {err:.2e}")
+  # The step's window: the ring (1-frame steps) or history + chunk, VALID along time.
+  window = state.config.ring if length == 1 else state.config.ring - 1 + length
+  shape = (8, window, 16, 16, 8)
+  spec = _args.normalize(
+      "f", np.zeros(shape, np.float32), k, conv_axes="DHW", layout="NDHWC",
+      strides=(stride, 1, 1), dilations=(1, 1, 1), padding=((0, 0), "SAME", "SAME"),
+      precision=None, preferred=None,
+      padding_mode=_args.check_padding_mode("f", modes, ((0, 0), "SAME", "SAME"), "DHW"))[2]
+  parts = [math.prod(mesh.shape[n] for n in _names(e)) if e else 1
+           for e in (*split, *(None,) * 5)[:5]]
+  y_shape = (8, -(-length // stride), 16, 16, 8)
+  halo = analytic_halo_bytes(spec, shape, y_shape, parts, 4, ("fwd",))
+  errors += check_collectives(collectives(compiled.as_text()), k.size, halo)
+  return {"case": f"stream_{name}", "method": "auto", "errors": errors}
 
 
 # ----------------------------------------------------------------------------
@@ -465,6 +542,15 @@ def main(group: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   if group == "misc":
     for result in run_misc():
+      print(json.dumps(result), flush=True)
+    return
+  if group == "streaming":
+    for case in STREAM_CASES:
+      try:
+        result = run_streaming(*case)
+      except Exception:  # noqa: BLE001 - reported to the parent as the case's failure
+        result = {"case": f"stream_{case[0]}", "method": "auto",
+                  "errors": [traceback.format_exc()]}
       print(json.dumps(result), flush=True)
     return
   if group == "layers":

@@ -207,7 +207,7 @@ def test_litert(tmp_path, rng, kernel_file, capsys, quantize):
                     "--axes", "DW", "--strides", "2,1", *extra]) == 0
   text = capsys.readouterr().out
   assert f"as LiteRT ({quantize or 'float32'})" in text
-  assert "builtin ops only: " in text and "DEPTHWISE_CONV_2D" in text
+  assert "(all builtin)" in text and "DEPTHWISE_CONV_2D" in text
   assert text.count("output error") == 2 and "FAIL" not in text
   assert "verified: the reloaded flatbuffer matches the float64 reference on 2 inputs" in text
   # Our own check, on an input the command did not try (int8: one it was calibrated on).
@@ -236,3 +236,34 @@ def test_litert_errors_exit_2(tmp_path, kernel_file, capsys, extra, message):
   err = capsys.readouterr().err
   assert re.search("dw5d export: error: " + message, err), err
   assert not (tmp_path / "m.tflite").exists()
+
+
+# ----------------------------------------------------------------------------
+# --onnx: an ONNX model, checked with onnxruntime.
+
+
+def test_onnx(tmp_path, rng, kernel_file, capsys):
+  import onnxruntime
+
+  path, k = kernel_file((3, 3, 3, 2, 2))
+  out = tmp_path / "dw3d.onnx"
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", str(out),
+                    "--onnx", "--strides", "1,2,2", "--padding", "CAUSAL,1:1,VALID",
+                    "--data-format", "NCDHW"]) == 0
+  text = capsys.readouterr().out
+  assert "as ONNX" in text and "ops: Transpose, Reshape, Conv, Identity" in text
+  assert text.count("output error") == 2 and "FAIL" not in text
+  assert "verified: the ONNX model matches the float64 reference at 2 input sizes" in text
+  # Our own check, at a batch and size the command did not try.
+  x = random_array(rng, (3, 2, 6, 5, 8))
+  want = Case("3d", "NCDHW", "DHW", x.shape, k.shape, (1, 2, 2), 1,
+              ("CAUSAL", (1, 1), "VALID")).expected(x, k)
+  session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+  assert_close(session.run(None, {"x": x})[0], want)
+
+
+def test_onnx_refuses_litert_too(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((3, 3, 3, 2, 1))
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                   str(tmp_path / "m"), "--onnx", "--litert"]) == 2
+  assert "`--onnx` and `--litert` are two exports; choose one." in capsys.readouterr().err

@@ -24,12 +24,14 @@ PER_BACKEND = {"interop._keras"}
 
 # The public modules and what each exports (checked against their `__all__`).
 PUBLIC = {
-    "dw5d_jax": ("StreamState", "depthwise_conv2d", "depthwise_conv3d", "native_status",
-                 "stream_init", "stream_step", "tune_cpu_allocator"),
+    "dw5d_jax": ("StreamState", "depthwise_conv2d", "depthwise_conv3d", "deserialize_native",
+                 "export_native", "native_status", "stream_init", "stream_step",
+                 "tune_cpu_allocator"),
     "dw5d_jax.nn": ("DepthwiseConv2D", "DepthwiseConv3D", "depthwise_kernel_init"),
-    "interop": ("DepthwiseWeights", "export_litert", "export_savedmodel",
+    "interop": ("DepthwiseWeights", "export_litert", "export_onnx", "export_savedmodel",
                 "export_streaming_savedmodel", "kernel_from_keras_grouped", "kernel_from_torch_grouped", "load_savedmodel",
-                "tf_depthwise_conv2d", "tf_depthwise_conv3d", "weights_from_keras"),
+                "litert_ops", "tf_depthwise_conv2d", "tf_depthwise_conv3d", "weights_from_keras",
+                "weights_from_torch"),
     "interop.keras": ("DepthwiseConv2D", "DepthwiseConv3D"),
 }
 

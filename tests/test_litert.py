@@ -51,8 +51,9 @@ def _export_and_run(tmp_path, fn, params, x, rng, quantize=None, name="m"):
       fn, tmp_path / f"{name}-{quantize}.tflite", params=params, input_shape=x.shape,
       quantize=quantize,
       representative_data=_calibration(rng, x) if quantize == "int8" else None)
-  flatbuffer = pathlib.Path(path).read_bytes()
-  return _litert.run(_litert.interpreter(path), x), set(_litert.builtin_ops(flatbuffer))
+  found = interop.litert_ops(path)
+  assert found.all_builtin, found
+  return _litert.run(_litert.interpreter(path), x), set(found.ops)
 
 
 # ----------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def test_jax2tf_route_is_elementwise_and_matches_reference(rng):
   concrete, owner = _litert.jax_concrete_function(lambda k, x: run(case, x, k), k, x.shape,
                                                   route="jax2tf")
   flatbuffer = _litert.convert(concrete, owner)
-  ops = set(_litert.builtin_ops(flatbuffer))
+  ops = set(interop.litert_ops(flatbuffer).ops)
   assert "DEPTHWISE_CONV_2D" not in ops and {"MUL", "ADD", "PAD"} <= ops, ops
   y = _litert.run(_litert.interpreter(flatbuffer), x)
   assert _error(y, case.expected(x, k)) <= TOLERANCE[None]
@@ -272,7 +273,8 @@ def test_flex_ops_in_a_flatbuffer_are_named():
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                          tf.lite.OpsSet.SELECT_TF_OPS]
   flatbuffer = converter.convert()
-  assert "FlexConv3D" in _litert.builtin_ops(flatbuffer)
+  found = interop.litert_ops(flatbuffer)
+  assert found.not_builtin == ("FlexConv3D",) and not found.all_builtin, found
   with pytest.raises(ValueError, match=r"export_litert: the flatbuffer holds ops outside "
                      r"LiteRT's builtin set: FlexConv3D \(FlexConv3D: TensorFlow ops run by "
                      r"the Flex delegate, SELECT_TF_OPS\); the plain LiteRT interpreter "
@@ -322,7 +324,7 @@ def test_existing_file_needs_overwrite(tmp_path):
   assert path.read_bytes() == b"old"
   assert interop.export_litert(_op, path, params=K3, input_shape=(1, 4, 4, 4, 2),
                                overwrite=True) == str(path)
-  assert "DEPTHWISE_CONV_2D" in _litert.builtin_ops(path.read_bytes())
+  assert "DEPTHWISE_CONV_2D" in interop.litert_ops(path).ops
   assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]  # no temporary files left
 
 
@@ -337,3 +339,13 @@ def test_not_a_model_or_function(tmp_path):
   with pytest.raises(TypeError, match=r"export_litert: `model_or_fn` must be a Keras model or "
                      r"a JAX function apply_fn\(params, x\), got ndarray\."):
     interop.export_litert(K3, tmp_path / "m.tflite", input_shape=(1, 4, 4, 4, 2))
+
+
+def test_litert_ops_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"litert_ops: `model` must be a \.tflite path or its "
+                     r"bytes; '.*missing\.tflite' cannot be read"):
+    interop.litert_ops(tmp_path / "missing.tflite")
+  (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x04onnx-but-not-tflite")
+  with pytest.raises(ValueError, match=r"litert_ops: `model` is not a TFLite flatbuffer \(no "
+                     r"'TFL3' identifier in its first 8 bytes\)\."):
+    interop.litert_ops(tmp_path / "m.onnx")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -80,10 +81,36 @@ def test_layers_through_a_sharded_jit(library, axis_types):
   _check("layers", f"{library}_{axis_types}", "auto")
 
 
+@pytest.mark.parametrize("case", [c[0] for c in worker.STREAM_CASES])
+def test_sharded_streaming(case):
+  """stream_init/stream_step with a state split by batch or a spatial axis other than
+  time, under jit (Auto and Explicit): exact, the state stays split, halo-only."""
+  _check("streaming", f"stream_{case}", "auto")
+
+
 @pytest.mark.parametrize("case", ["explicit_indivisible_output", "split_axes_indivisible_output",
                                   "export", "readme"])
 def test_errors_and_export(case):
   _check("misc", case, "auto")
+
+
+def test_random_configurations():
+  """A fixed-seed slice of tests/sharding_random.py: random ops, paddings, border modes,
+  epilogues, layouts, meshes, axis types and splits against one device and the compiled
+  HLO (longer runs: `python tests/sharding_random.py --seed 1 --count 500`)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+             DW5D_JAX_NATIVE=os.environ.get("DW5D_JAX_NATIVE", "all"))
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_random.py"),
+                         "--seed", "0", "--count", "40"],
+                        capture_output=True, text=True, env=env, timeout=900, check=False)
+  lines = proc.stdout.splitlines()
+  failed = [json.loads(line) for line in lines if line.startswith("{")
+            and json.loads(line)["status"] == "failed"]
+  assert proc.returncode == 0 and not failed, (
+      "\n".join(json.dumps(f) for f in failed) or proc.stderr[-5000:])
+  done = re.fullmatch(r"40 configs: 40 passed \((\d+) refused as expected\), 0 failed", lines[-1])
+  assert done and int(done.group(1)) <= 15, lines[-1]  # most are computed, not refused
 
 
 def test_the_xla_partitioner_bug_is_covered():

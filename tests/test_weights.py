@@ -159,6 +159,95 @@ def test_torch_grouped_against_torch(rng, x_shape, m, ksize, stride, pad, dilati
   assert_close(np.asarray(op(x, kernel, **conv)) + bias, want)
 
 
+# ----------------------------------------------------------------------------
+# Whole PyTorch modules (weights_from_torch), against PyTorch's own output.
+
+TORCH_MODULES = [
+    # (x shape NC..., M, kernel size, module keyword arguments)
+    ((2, 3, 7, 6, 5), 1, (5, 1, 1), dict(padding=(2, 0, 0))),  # X3D's temporal conv
+    ((1, 4, 5, 9, 8), 1, 3, dict(stride=(1, 2, 2), padding=1, bias=False)),  # X3D's 3x3x3
+    ((2, 2, 5, 6, 7), 2, (3, 2, 3), dict(padding="same", dilation=(1, 2, 1),
+                                         padding_mode="reflect")),
+    ((1, 3, 6, 5, 7), 3, (2, 3, 3), dict(padding=(1, 2, 0), stride=(2, 1, 3),
+                                         dilation=(2, 1, 1), padding_mode="replicate")),
+    ((2, 2, 5, 6, 4), 1, 3, dict(padding="valid", stride=2)),
+    ((1, 2, 6, 7, 5), 2, (3, 3, 2), dict(padding=(1, 2, 1), padding_mode="circular")),
+    ((2, 3, 7, 6), 2, (3, 2), dict(padding="same", padding_mode="circular")),
+    ((1, 4, 8, 9), 1, 3, dict(padding=(0, 2), stride=(2, 1), dilation=2,
+                              padding_mode="reflect")),
+    ((2, 3, 7, 6), 3, 3, dict(stride=2, padding=1, padding_mode="replicate", bias=False)),
+]
+
+
+def check_torch_module(rng, torch, module, x_shape):
+  """`weights_from_torch(module)` through the library against `module(x)` itself."""
+  x = random_array(rng, x_shape)
+  with torch.no_grad():
+    want = module(torch.from_numpy(x)).numpy().astype(np.float64)
+  w = interop.weights_from_torch(module)
+  op = dw.depthwise_conv3d if w.kernel.ndim == 5 else dw.depthwise_conv2d
+  y = np.asarray(op(x, w.kernel, **w.options), np.float64)
+  if w.bias is not None:
+    y = y + w.bias.reshape(-1, *(1,) * (x.ndim - 2))
+  # PyTorch computes in float32 too: the float32 tolerance, scaled by max|want|.
+  assert_close(y, want, err_msg=f"{module}")
+  return w
+
+
+@pytest.mark.parametrize("x_shape, m, ksize, kwargs", TORCH_MODULES,
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_weights_from_torch(rng, x_shape, m, ksize, kwargs):
+  import torch
+
+  torch.manual_seed(int(rng.integers(2**31)))
+  c = x_shape[1]
+  cls = torch.nn.Conv3d if len(x_shape) == 5 else torch.nn.Conv2d
+  module = cls(c, c * m, ksize, groups=c, **kwargs)
+  w = check_torch_module(rng, torch, module, x_shape)
+  assert w.kernel.shape == (*np.broadcast_to(ksize, len(x_shape) - 2), c, m)
+  assert (w.bias is None) == (kwargs.get("bias") is False)
+  assert w.options["data_format"] == ("NCDHW" if len(x_shape) == 5 else "NCHW")
+
+
+def test_weights_from_torch_x3d(rng):
+  """Every depthwise module of pytorchvideo's X3D (random weights), where it imports."""
+  try:
+    from pytorchvideo.models.x3d import create_x3d
+  except Exception as err:  # ImportError, or a torchvision that does not fit torch
+    pytest.skip(f"pytorchvideo's X3D does not import here: {type(err).__name__}: {err}")
+  import torch
+
+  torch.manual_seed(0)
+  model = create_x3d(input_clip_length=4, input_crop_size=64, model_num_class=10)
+  depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)
+               and m.groups == m.in_channels > 1]
+  assert len(depthwise) > 10
+  seen = set()
+  for module in depthwise:  # one of each configuration
+    key = (module.in_channels, module.kernel_size, module.stride, module.padding)
+    if key not in seen:
+      seen.add(key)
+      check_torch_module(rng, torch, module, (1, module.in_channels, 5, 9, 8))
+  assert (2, 0, 0) in {k[3] for k in seen}  # the temporal conv the README recipe got wrong
+
+
+def test_weights_from_torch_errors():
+  import torch
+
+  with pytest.raises(ValueError, match=r"weights_from_torch: `module` \(Conv3d\) is not "
+                     r"depthwise: groups=2 with in_channels=4 gives 2 input channels per "
+                     r"group; a depthwise convolution has groups == in_channels"):
+    interop.weights_from_torch(torch.nn.Conv3d(4, 4, 3, groups=2))
+  for module in (torch.nn.Conv1d(2, 2, 3, groups=2), torch.nn.ConvTranspose2d(2, 2, 3, groups=2),
+                 torch.nn.Linear(2, 2), "conv.pt"):
+    with pytest.raises(TypeError, match=r"weights_from_torch: `module` must be a PyTorch "
+                       r"Conv2d or Conv3d with groups equal to its in_channels, got "):
+      interop.weights_from_torch(module)
+  with pytest.raises(TypeError, match=r"weights_from_torch: the module's `weight` "
+                     r"\(torch.bfloat16\) cannot become a NumPy array"):
+    interop.weights_from_torch(torch.nn.Conv2d(2, 2, 3, groups=2).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("fn, array, in_channels, error, message", [
     (interop.kernel_from_torch_grouped, np.zeros((6, 2, 3, 3, 3)), 3, ValueError,
      r"kernel_from_torch_grouped: `weight` must be \(C\*M, 1, kh, kw\) or \(C\*M, 1, kd, kh, "

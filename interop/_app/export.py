@@ -14,6 +14,10 @@ of builtin ops through `export_litert` (a static `--input-shape`, optional
 `--quantize`), reloaded with the LiteRT interpreter and checked on two inputs
 against the float64 reference, within `interop._litert.TOLERANCE` (by
 quantization).
+
+With `--onnx` it is written as an ONNX model through `export_onnx` (symbolic
+sizes as for the SavedModel), run in onnxruntime and checked at the same two
+input sizes against the float64 reference, within `interop._onnx.TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="write a LiteRT (.tflite) flatbuffer of builtin ops to --out instead "
                            "(needs --input-shape with every size an int), checked with the "
                            "LiteRT interpreter")
+  parser.add_argument("--onnx", action="store_true",
+                      help="write an ONNX model to --out instead (symbolic sizes allowed, as "
+                           "for the SavedModel), checked with onnxruntime")
   parser.add_argument("--quantize", choices=("float16", "int8"), default=None,
                       help="--litert: float16 weights, or int8 (needs --calibration)")
   parser.add_argument("--calibration", metavar="FILE.npy", default=None,
@@ -108,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
   case = Case("3d" if op3 else "2d", layout, conv_axes, shape, kernel.shape, args.strides,
               args.dilations, args.padding)
   fn, op_kwargs = getattr(dw, case.op_name), case.kwargs()
+  if args.onnx and (args.litert or args.quantize or args.calibration):
+    return _fail("`--onnx` and `--litert` are two exports; choose one.")
   if args.litert or args.quantize or args.calibration:
     return _run_litert(args, fn=fn, kernel=kernel, shape=args.input_shape, case=case)
 
@@ -117,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     need[layout.index(a)] = _geometry.min_input_size(kernel.shape[i], dilations[i], padding[i])
   constraints = tuple(f"{names[j]} >= {n}" for j, n in need.items()
                       if shape[j] is None and n > 1)
+  if args.onnx:
+    return _run_onnx(args, fn=fn, kernel=kernel, shape=shape, case=case, need=need,
+                     channel_axis=channel_axis, constraints=constraints)
 
   try:
     with jax.enable_x64(dtype == np.float64):
@@ -136,10 +148,7 @@ def run(args: argparse.Namespace) -> int:
   rng = np.random.default_rng(args.seed)
   rtol, atol = TOLERANCES[args.dtype]
   failed = 0
-  for batch, offsets in _CHECKS:
-    spatial = iter(offsets)
-    size = tuple(d if d is not None else batch if j == 0 else need.get(j, 1) + next(spatial)
-                 for j, d in enumerate(shape))
+  for size in _check_sizes(shape, need):
     y_err, g_err = _check(model.serve, size, kernel, dtype, case, rng,
                           gradient=not args.no_gradient)
     ok = y_err.ok and (g_err is None or g_err <= atol)
@@ -203,11 +212,11 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
                           representative_data=calibration, overwrite=args.overwrite)
   except (ValueError, TypeError, ImportError) as err:
     return _fail(str(err))
-  with open(args.out, "rb") as f:
-    ops = sorted(set(_litert.builtin_ops(f.read())))
+  found = _litert.litert_ops(args.out)
   print(f"exported {args.op} (kernel {kernel.shape} float32, {_describe(op_kwargs)}) to "
         f"{args.out} as LiteRT ({args.quantize or 'float32'})")
-  print(f"  x {tuple(shape)}; builtin ops only: {', '.join(ops)}")
+  verdict = "all builtin" if found.all_builtin else f"NOT builtin: {found.not_builtin}"
+  print(f"  x {tuple(shape)}; ops: {', '.join(found.ops)} ({verdict})")
   it = _litert.interpreter(args.out)
   rng = np.random.default_rng(args.seed)
   # int8 is checked on data it was calibrated for; inputs outside that range clip.
@@ -227,6 +236,49 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
   return _verdict(failed, f"the LiteRT model at {args.out}",
                   f"the reloaded flatbuffer matches the float64 reference on {len(inputs)} "
                   f"inputs (LiteRT interpreter, XNNPACK)")
+
+
+def _check_sizes(shape, need):
+  """The two concrete input shapes `_CHECKS` gives a shape with symbolic sizes."""
+  for batch, offsets in _CHECKS:
+    spatial = iter(offsets)
+    yield tuple(d if d is not None else batch if j == 0 else need.get(j, 1) + next(spatial)
+                for j, d in enumerate(shape))
+
+
+def _run_onnx(args, *, fn, kernel, shape, case, need, channel_axis, constraints) -> int:
+  """`--onnx`: export with `export_onnx`, run in onnxruntime, check two input sizes."""
+  from interop import _onnx
+
+  op_kwargs = case.kwargs()
+  if args.dtype != "float32":
+    return _fail(f"`--onnx` exports float32 models, got --dtype {args.dtype}.")
+  try:
+    _onnx.export_onnx(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
+                      input_shape=shape, channel_axis=channel_axis, constraints=constraints,
+                      overwrite=args.overwrite)
+    import onnxruntime
+  except (ValueError, TypeError, ImportError) as err:
+    return _fail(str(err))
+  print(f"exported {args.op} (kernel {kernel.shape} float32, {_describe(op_kwargs)}) to "
+        f"{args.out} as ONNX")
+  print(f"  ops: {', '.join(_onnx.onnx_ops(args.out))}")
+  session = onnxruntime.InferenceSession(args.out, providers=["CPUExecutionProvider"])
+  rng = np.random.default_rng(args.seed)
+  failed = 0
+  for size in _check_sizes(shape, need):
+    x = rng.standard_normal(size).astype(np.float32)
+    want = case.expected(x, kernel)
+    y = np.asarray(session.run(None, {"x": x})[0], np.float64)
+    err = (float("inf") if y.shape != want.shape
+           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
+    ok = err <= _onnx.TOLERANCE
+    failed += not ok
+    print(f"  x {size}: output error {err:.1e} of max|reference|"
+          f"{'' if ok else f'  FAIL (tolerance {_onnx.TOLERANCE:.0e})'}")
+  return _verdict(failed, f"the ONNX model at {args.out}",
+                  "the ONNX model matches the float64 reference at 2 input sizes "
+                  "(onnxruntime, CPU)")
 
 
 def _verdict(failed: int, what: str, verified: str) -> int:

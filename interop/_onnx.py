@@ -1,0 +1,180 @@
+"""ONNX export: JAX functions, Flax models and Keras (JAX backend) models.
+
+`export_onnx` converts with jax2onnx, which turns a jaxpr into ONNX one
+primitive at a time. `dw5d_jax`'s primitives have their plugins in
+interop/_onnx_lowering.py: each op becomes one grouped ONNX `Conv`
+(`group = C`), with `Transpose`s for channels-last layouts, `Pad`/`Slice`/
+`Concat` for border modes and the activation after it. Everything else in
+the function (Flax layers, `jax.nn` activations, reshapes, ...) converts by
+jax2onnx's own plugins, as far as they reach.
+
+jax2onnx and onnx are imported inside the functions, so `import interop`
+stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from dw5d_jax import _target
+from interop import _export, _files
+
+_FN = "export_onnx"
+# Largest error of an exported model's output, relative to max|expected|
+# (tests, `dw5d export --onnx`): float32 convolutions in onnxruntime.
+TOLERANCE = 1e-5
+
+
+def export_onnx(
+    model_or_fn: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int | None],
+    params: Any = None,
+    dtype: Any = "float32",
+    channel_axis: int = -1,
+    constraints: Sequence[str] = (),
+    overwrite: bool = False,
+) -> str:
+  """Exports a JAX function, a Flax model or a Keras model as an ONNX file.
+
+  The model has one input `x` and the function's outputs (`y`, or `y0`,
+  `y1`, ... for several). Each `dw5d_jax` op becomes one grouped ONNX
+  `Conv` (`group = C`, the kernel reshaped to `(C * M, 1, k...)` as a
+  constant), with these ONNX ops around it where needed: `Transpose`
+  (channels-last layouts), `Pad` (border modes reflect, edge, circular),
+  `Slice` and `Concat` (symmetric), `Cast` (float16/bfloat16), and the
+  activation (`Relu`, `Clip`, `Gelu`, `Sigmoid`, `Tanh`, `HardSwish`,
+  `Mul`). The rest of the function converts through jax2onnx's plugins.
+
+  Args:
+    model_or_fn: a JAX function `fn(x)`, or `fn(params, x)` with `params`
+      (e.g. a Flax NNX model split with `nnx.split`:
+      `lambda state, x: nnx.merge(graphdef, state)(x)`; a Flax NNX module
+      itself also works as `fn(x)`); or a Keras 3 model on the JAX backend
+      (its weights are its own).
+    path: the `.onnx` file to write (missing parent directories are made).
+    input_shape: the shape of `x`: an int per fixed size, `None` per
+      symbolic one, named as in `export_savedmodel` (`b, d, h, w` for rank
+      5). The channel size must be an int. Symbolic spatial sizes work
+      where the ops' pads do not depend on them (VALID, CAUSAL, explicit
+      pads, stride 1) or where they are SAME with zero fill on every axis.
+    params: the pytree of arrays `fn(params, x)` takes (constants in the
+      graph); None for `fn(x)` and Keras models.
+    dtype: the dtype of `x`.
+    channel_axis: the axis of `input_shape` holding the channels (-1 for
+      channels-last, 1 for channels-first).
+    constraints: bounds on the symbolic dimensions that `fn` needs, as for
+      `export_savedmodel`, e.g. `("h >= 2",)` for a border mode that
+      fills 2 positions.
+    overwrite: replace an existing file at `path`.
+
+  Returns:
+    `path`, as a string.
+
+  Raises:
+    ImportError: jax2onnx or onnx is missing (the `onnx` extra).
+    TypeError: `input_shape` or `params` of the wrong type.
+    ValueError: a `None` channel size; `path` exists (without `overwrite`)
+      or cannot be written; `params` with a Keras model; a Keras backend
+      other than JAX; a model that fails on `input_shape`; a primitive the
+      converter cannot express (the message names it, e.g. a gradient of a
+      `dw5d_jax` op, or padding that depends on a symbolic size).
+
+  Example:
+    >>> import tempfile, numpy as np, onnxruntime
+    >>> import dw5d_jax as dw
+    >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 2), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_onnx(lambda k, x: dw.depthwise_conv3d(x, k, padding_mode="reflect"),
+    ...                    tmp.name + "/dw3d.onnx", params=k, input_shape=(None, 6, 7, 8, 4))
+    >>> session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    >>> x = np.ones((2, 6, 7, 8, 4), np.float32)
+    >>> session.run(None, {"x": x})[0].shape
+    (2, 6, 7, 8, 8)
+  """
+  shape, names = _export._check_input_shape(input_shape, channel_axis, fn=_FN)
+  x_dtype = _export._check_dtype(dtype, fn=_FN)
+  path = os.fspath(path)
+  _files.check_path(_FN, path, overwrite, ".onnx")
+  fn = _as_function(model_or_fn, params)
+  spec = _export._input_spec(shape, names, x_dtype,
+                             _export._check_constraints(constraints, fn=_FN), caller=_FN)
+  model = _convert(fn, spec)
+  _files.write(path, model.SerializeToString(), ".onnx")
+  return path
+
+
+def _as_function(model_or_fn: Any, params: Any) -> Callable[[Any], Any]:
+  keras = sys.modules.get("keras")
+  if keras is not None and isinstance(model_or_fn, keras.layers.Layer):
+    if params is not None:
+      raise ValueError(f"{_FN}: `params` must be None for a Keras model (its weights are its "
+                       f"own), got {type(params).__name__}.")
+    backend = keras.backend.backend()
+    if backend != "jax":
+      raise ValueError(f"{_FN}: a Keras model on the {backend!r} backend cannot be converted; "
+                       f"ONNX export traces Keras models on the JAX backend. Save the model "
+                       f"and load it in a process with KERAS_BACKEND=jax (after `import "
+                       f"interop.keras` if it uses its layers), then export that.")
+    model = model_or_fn
+    weights = ([v.value for v in model.trainable_variables],
+               [v.value for v in model.non_trainable_variables])
+    return lambda x: model.stateless_call(*weights, x, training=False)[0]
+  if not callable(model_or_fn):
+    raise TypeError(f"{_FN}: `model_or_fn` must be a Keras model or a JAX function fn(x) or "
+                    f"fn(params, x), got {type(model_or_fn).__name__}.")
+  if params is None:
+    return model_or_fn
+  leaves, treedef = _export._param_leaves(params, fn=_FN)
+  constants = jax.tree_util.tree_unflatten(treedef, leaves)
+  return lambda x: model_or_fn(constants, x)
+
+
+def _convert(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct) -> Any:
+  try:
+    from jax2onnx import to_onnx
+
+    from interop import _onnx_lowering  # noqa: F401  (registers the dw5d plugins)
+  except ImportError as err:
+    raise ImportError(f"{_FN}: ONNX export needs jax2onnx and onnx (`pip install jax2onnx "
+                      f"onnx onnxruntime`, or this project's `onnx` extra): {err}") from None
+  try:
+    out = jax.eval_shape(fn, spec)
+  except Exception as err:  # fn is user code
+    raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape "
+                     f"{tuple(spec.shape)} (`input_shape`): {type(err).__name__}: "
+                     f"{err}") from err
+  n_out = len(jax.tree_util.tree_leaves(out))
+  outputs = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
+  try:
+    # The export target is a fact the ops carry (and part of jit's cache key:
+    # a function jitted before is traced again for it).
+    with _target.export_target("onnx"):
+      return to_onnx(fn, inputs=[spec], model_name="dw5d", input_names=["x"],
+                     output_names=outputs, enable_double_precision=spec.dtype == np.float64)
+  except ValueError as err:
+    if str(err).startswith(f"{_FN}:"):
+      raise ValueError(str(err)) from None
+    raise _explain(err) from err
+  except NotImplementedError as err:
+    raise _explain(err) from err
+
+
+def _explain(err: Exception) -> ValueError:
+  return ValueError(f"{_FN}: the converter (jax2onnx) cannot express part of `model_or_fn`: "
+                    f"{type(err).__name__}: {err}")
+
+
+def onnx_ops(model: Any) -> list[str]:
+  """The distinct op types of an ONNX model (a path or a `ModelProto`), in graph order."""
+  import onnx
+
+  proto = onnx.load(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
+  return list(dict.fromkeys(node.op_type for node in proto.graph.node))

@@ -1,0 +1,229 @@
+"""ONNX export (interop.export_onnx, interop/_onnx_lowering.py), run in onnxruntime.
+
+Expected values come from the float64 reference (`depthwise_reference`, a
+direct sum over taps) with bias and activation applied in float64 NumPy
+(`ACTIVATIONS` below, written from their definitions). Errors are relative
+to max|expected|, within `interop._onnx.TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from scipy.special import erf
+
+import dw5d_jax as dw
+import interop
+from dw5d_jax._reference import depthwise_reference
+from interop import _onnx
+from interop._onnx_lowering import OPS
+from tests.helpers import random_array
+
+
+def _sigmoid(z):
+  return 1 / (1 + np.exp(-z))
+
+
+ACTIVATIONS = {
+    None: lambda z: z,
+    "relu": lambda z: np.maximum(z, 0),
+    "relu6": lambda z: np.clip(z, 0, 6),
+    "gelu": lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2))),
+    "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))),
+    "silu": lambda z: z * _sigmoid(z),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "hard_swish": lambda z: z * np.clip(z + 3, 0, 6) / 6,
+}
+
+# (op, layout, axes, x shape with None for symbolic sizes, served shape, kernel, options).
+# Together: both ops, both layouts (rank 4 and 5), every padding kind and border mode,
+# strides, dilations, multipliers 1-3, bias and every activation, symbolic sizes.
+CASES = [
+    ("3d", "NDHWC", "DHW", (None, 6, 7, 8, 3), (2, 6, 7, 8, 3), (3, 3, 3, 3, 2),
+     dict(strides=2, padding="SAME", padding_mode="reflect", activation="relu")),
+    ("3d", "NCDHW", "DHW", (None, 2, None, None, None), (1, 2, 7, 6, 5), (3, 2, 3, 2, 1),
+     dict(padding="VALID", dilations=(2, 1, 1)), ("d >= 5", "h >= 2", "w >= 3")),
+    ("3d", "NDHWC", "DHW", (None, None, None, None, 4), (2, 5, 6, 7, 4), (2, 3, 3, 4, 3),
+     dict(padding="CAUSAL", padding_mode=("edge", "symmetric", "circular"),
+          activation="gelu"), ("h >= 2", "w >= 2")),
+    ("3d", "NCDHW", "DHW", (None, 3, 7, 6, 8), (2, 3, 7, 6, 8), (3, 3, 2, 3, 2),
+     dict(strides=(1, 2, 3), padding=((2, 1), (0, 2), (1, 1)), padding_mode="symmetric",
+          activation="silu")),
+    ("3d", "NDHWC", "DHW", (None, None, None, None, 2), (1, 9, 8, 7, 2), (3, 3, 3, 2, 1),
+     dict(strides=2, padding="SAME", activation="hard_swish")),  # symbolic SAME: auto_pad
+    ("3d", "NDHWC", "DHW", (1, 5, 8, 6, 3), (1, 5, 8, 6, 3), (3, 3, 3, 3, 1),
+     dict(dilations=(1, 2, 2), padding="SAME", padding_mode="circular", activation="tanh")),
+    ("2d", "NHWC", "HW", (None, 7, None, 3), (2, 7, 9, 3), (3, 3, 3, 2),
+     dict(strides=(2, 1), padding="SAME", padding_mode="edge", activation="relu6")),
+    ("2d", "NCHW", "HW", (None, 4, 8, 7), (3, 4, 8, 7), (2, 3, 4, 3),
+     dict(padding=((1, 0), (2, 2)), padding_mode="reflect", dilations=(2, 1),
+          activation="sigmoid")),
+    ("2d", "NDHWC", "DW", (None, 5, 4, 7, 2), (2, 5, 4, 7, 2), (3, 2, 2, 2),
+     dict(strides=2, padding="VALID", activation="gelu_tanh")),
+    ("2d", "NCDHW", "HW", (None, 3, 4, 6, 7), (1, 3, 4, 6, 7), (3, 3, 3, 1),
+     dict(padding="SAME", padding_mode=("symmetric", "circular"))),
+]
+
+
+def _expected(op, layout, axes, x, k, options, bias):
+  conv = {key: v for key, v in options.items() if key != "activation"}
+  z = depthwise_reference(x, k, axes=axes, data_format=layout, **conv)
+  if bias is not None:
+    z = z + bias.reshape((-1, *(1,) * (x.ndim - 2)) if layout[1] == "C" else (-1,))
+  return ACTIVATIONS[options.get("activation")](z)
+
+
+# What jax2onnx itself emits for the library's reshapes of a rank-4 input (to rank 5 and
+# back) under a symbolic batch; the op's own nodes are `OPS`.
+SHAPE_OPS = {"Concat", "Expand", "Gather", "Reshape", "Shape", "Squeeze", "Unsqueeze"}
+
+
+def _count(path, op_type):
+  return sum(node.op_type == op_type for node in onnx.load(os.fspath(path)).graph.node)
+
+
+def _session(path):
+  return onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+
+
+def _error(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[6]}")
+def test_op_against_reference(tmp_path, rng, case):
+  op, layout, axes, x_shape, served, k_shape, options, *constraints = case
+  k = random_array(rng, k_shape)
+  cm = k_shape[-2] * k_shape[-1]
+  bias = random_array(rng, (cm,)) if "activation" in options else None
+  fn = dw.depthwise_conv3d if op == "3d" else dw.depthwise_conv2d
+  kwargs = dict(options, data_format=layout, **({} if op == "3d" else {"axes": axes}))
+
+  def apply(params, x):
+    return fn(x, params["k"], bias=params.get("b"), **kwargs)
+
+  params = {"k": k} if bias is None else {"k": k, "b": bias}
+  path = interop.export_onnx(apply, tmp_path / "m.onnx", params=params, input_shape=x_shape,
+                             channel_axis=layout.index("C") - len(layout),
+                             constraints=constraints[0] if constraints else ())
+  ops = _onnx.onnx_ops(path)
+  assert _count(path, "Conv") == 1 and set(ops) <= set(OPS) | SHAPE_OPS, ops
+  if len(layout) == 5:
+    assert set(ops) <= set(OPS), ops
+  session = _session(path)
+  x = random_array(rng, served)
+  want = _expected(op, layout, axes, x, k, options, bias)
+  assert _error(session.run(None, {"x": x})[0], want) <= _onnx.TOLERANCE
+  if x_shape[0] is None:  # another batch size through the same model
+    x2 = random_array(rng, (served[0] + 1, *served[1:]))
+    want2 = _expected(op, layout, axes, x2, k, options, bias)
+    assert _error(session.run(None, {"x": x2})[0], want2) <= _onnx.TOLERANCE
+
+
+def test_flax_model_symbolic_batch(tmp_path, rng):
+  """A Flax NNX model of the library's layers and Flax's own, split into (state, x)."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dw = dw.nn.DepthwiseConv3D(4, 3, depth_multiplier=2, padding_mode="reflect",
+                                      activation="gelu", rngs=rngs)
+      self.dw2 = dw.nn.DepthwiseConv3D(8, (3, 1, 1), strides=(2, 1, 1), rngs=rngs)
+      self.head = nnx.Linear(8, 5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jax.nn.relu(self.dw2(self.dw(x))).mean(axis=(1, 2, 3)))
+
+  model = Net(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  path = interop.export_onnx(lambda s, x: nnx.merge(graphdef, s)(x), tmp_path / "net.onnx",
+                             params=state, input_shape=(None, 6, 5, 7, 4))
+  assert _count(path, "Conv") == 2
+  session = _session(path)
+  for batch in (1, 3):
+    x = random_array(rng, (batch, 6, 5, 7, 4))
+    assert _error(session.run(None, {"x": x})[0], model(x)) <= _onnx.TOLERANCE
+
+
+def test_keras_model_on_the_jax_backend(tmp_path):
+  """interop.keras layers in a Keras model (a process on the JAX backend)."""
+  code = textwrap.dedent(f"""
+      import numpy as np, keras, onnxruntime
+      import interop, interop.keras as ik
+      x = np.random.default_rng(0).standard_normal((2, 5, 6, 7, 3)).astype(np.float32)
+      model = keras.Sequential([keras.Input((5, 6, 7, 3)),
+                                ik.DepthwiseConv3D(3, depth_multiplier=2, padding="same",
+                                                   activation="relu"),
+                                keras.layers.Dense(4)])
+      path = interop.export_onnx(model, {str(tmp_path / 'k.onnx')!r}, input_shape=(None, 5, 6, 7, 3))
+      s = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+      y, want = s.run(None, {{"x": x}})[0], np.asarray(model(x))
+      print("ERROR", float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
+      """)
+  env = {**os.environ, "KERAS_BACKEND": "jax"}
+  run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  error = float(run.stdout.split("ERROR")[-1])
+  assert error <= _onnx.TOLERANCE
+
+
+K = np.random.default_rng(1).standard_normal((3, 3, 3, 2, 1)).astype(np.float32)
+
+
+def test_gradient_is_refused_naming_the_primitive(tmp_path):
+  def grad_fn(k, x):
+    return jax.grad(lambda v: dw.depthwise_conv3d(v, k).sum())(x)
+
+  with pytest.raises(ValueError, match=r"export_onnx: the primitive `dw5d_depthwise` with "
+                     r"op='dx' \(a gradient\) has no ONNX form; ONNX export covers the forward "
+                     r"ops"):
+    interop.export_onnx(grad_fn, tmp_path / "g.onnx", params=K, input_shape=(1, 4, 4, 4, 2))
+
+
+def test_symbolic_padding_with_modes_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"export_onnx: `dw5d_depthwise` with padding .* and "
+                     r"padding_mode \('reflect', 'reflect', 'reflect'\) depends on a symbolic "
+                     r"spatial size .*; give those spatial sizes as ints in `input_shape`"):
+    interop.export_onnx(
+        lambda k, x: dw.depthwise_conv3d(x, k, strides=2, padding_mode="reflect"),
+        tmp_path / "m.onnx", params=K, input_shape=(None, None, 8, 8, 2),
+        constraints=("d >= 2",))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(input_shape=(1, 4, 4, 4, None)), ValueError,
+     r"export_onnx: the channel dimension of `input_shape` \(axis -1\) must be an int"),
+    (dict(input_shape="1,4,4,4,2"), TypeError, r"export_onnx: `input_shape` must be a "
+     r"sequence of ints and None"),
+    (dict(input_shape=(1, 4, 4, 4, 3)), ValueError, r"export_onnx: `model_or_fn` fails on an "
+     r"input of shape \(1, 4, 4, 4, 3\)"),
+])
+def test_bad_arguments(tmp_path, kwargs, error, message):
+  with pytest.raises(error, match=message):
+    interop.export_onnx(lambda k, x: dw.depthwise_conv3d(x, k), tmp_path / "m.onnx",
+                        params=K, **kwargs)
+
+
+def test_existing_file_needs_overwrite(tmp_path):
+  path = tmp_path / "m.onnx"
+  path.write_bytes(b"old")
+  with pytest.raises(ValueError, match=r"export_onnx: `path` '.*m\.onnx' exists; choose a new "
+                     r"path or pass overwrite=True to replace it\."):
+    interop.export_onnx(lambda k, x: dw.depthwise_conv3d(x, k), path, params=K,
+                        input_shape=(1, 4, 4, 4, 2))
+  assert path.read_bytes() == b"old"
+  interop.export_onnx(lambda k, x: dw.depthwise_conv3d(x, k), path, params=K,
+                      input_shape=(1, 4, 4, 4, 2), overwrite=True)
+  assert "Conv" in _onnx.onnx_ops(path)
