@@ -12,9 +12,19 @@ The "Layer" targets of `benchmarks/RESULTS.md`, on `(2, 32, 64, 64, 32)` float32
 * `unfused`: the same formula written as a user would without the keywords,
   `jax.nn.gelu(depthwise_conv3d(x, k) + b)`: the native convolution, then
   XLA's bias and activation passes.
-* `conv`: the convolution alone (no epilogue), for scale.
+* `conv`: the convolution alone (no epilogue), for scale; `bias`: the
+  convolution with the bias fused and no activation (fused minus bias is
+  what the activation costs).
 * `torch`: `conv3d(groups=C, bias)` on `channels_last_3d` tensors + the
   activation (`F.gelu`, exact), and `torch_conv` the convolution alone.
+
+`roofline` (issue 20's definition, as `benchmarks/models.py` computes it):
+max(bytes / bandwidth, multiply-adds / FMA peak), the bytes x + kernel +
+2 y (y's write-allocate read counted) over the bandwidth of the `floor add`
+cell counting 4 arrays of traffic (a, b, c and c's write-allocate read), the
+multiply-adds 27 per output value over the FMA peak of `models.py`'s
+probe (12 independent vector FMA chains per thread, per thread CPU time,
+as many threads as the machine has).
 
 "forward" is one call. "backward" is what a training step runs for the
 layer: y, and the gradients with respect to x, the kernel and the bias for
@@ -46,6 +56,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # models.py's FMA probe
 
 SHAPE = (2, 32, 64, 64, 32)  # (N, D, H, W, C)
 WINDOW = (3, 3, 3)
@@ -92,6 +104,11 @@ def jax_cells(x, k, b, ct, activation: str, data_format: str) -> dict[str, Calla
     return jax.jit(fn)
 
   cells = {}
+  def bias(x, k, b):
+    return dw.depthwise_conv3d(x, k, bias=b, data_format=data_format)
+
+  bias_fwd = jax.jit(bias)
+  cells = {"bias forward": lambda: bias_fwd(xj, kj, bj)}
   for name, f in (("fused", fused), ("unfused", unfused), ("conv", conv)):
     fwd, bwd = jax.jit(f), step(f)
     cells[f"{name} forward"] = lambda fwd=fwd: fwd(xj, kj, bj)
@@ -176,15 +193,35 @@ def measure(cells: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict, dic
           {name: statistics.median(s) * 1e3 for name, s in cpu.items()})
 
 
-def ratios(ms: dict[str, float], shape) -> dict[str, Any]:
+def fma_peak() -> float | None:
+  """Multiply-adds per second of all cores (`models.py`'s probe), None without a compiler."""
+  import tempfile
+
+  import models
+
+  with tempfile.TemporaryDirectory() as tmp:
+    exe = models.build_fma_probe(models.pathlib.Path(tmp))
+    return models.fma_peak(exe, os.cpu_count() or 1)
+
+
+def ratios(ms: dict[str, float], shape, peak: float | None) -> dict[str, Any]:
   nbytes = int(np.prod(shape)) * 4
   bandwidth = 3 * nbytes / (ms["floor add"] * 1e-3)  # bytes/s: a, b read, c written
   floor = 2 * nbytes / bandwidth * 1e3  # x read, y written
+  # The roofline's traffic model (models.py): 4 arrays per add, x + k + 2 y per layer.
+  bandwidth4 = 4 * nbytes / (ms["floor add"] * 1e-3)
+  kernel_bytes = int(np.prod(WINDOW)) * shape[-1] * 4
+  macs = int(np.prod(shape)) * int(np.prod(WINDOW))
+  roof = max((3 * nbytes + kernel_bytes) / bandwidth4, macs / peak if peak else 0.0) * 1e3
   fwd, bwd, grad = ms["fused forward"], ms["fused backward"], ms["fused grad"]
   return {
       "ms": {k: round(v, 3) for k, v in ms.items()},
       "bandwidth_gb_s": round(bandwidth / 1e9, 1),
       "floor_ms": round(floor, 3),
+      "roofline_ms": round(roof, 3),
+      "forward_over_roofline": round(fwd / roof, 2),
+      "conv_forward_over_roofline": round(ms["conv forward"] / roof, 2),
+      "activation_ms": round(fwd - ms["bias forward"], 3),
       "forward_over_floor": round(fwd / floor, 2),
       "forward_over_torch": round(fwd / ms["torch forward"], 3),
       "grad_over_forward": round(grad / fwd, 2),
@@ -214,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
   ct = rng.standard_normal(shape, np.float32)
   cells = {**torch_cells(x, k, b, ct, args.activation),
            **jax_cells(x, k, b, ct, args.activation, args.data_format)}
+  peak = fma_peak()
   before = os.getloadavg()[0]
   wall, cpu = measure(cells, args.rounds)
-  result = {"wall": ratios(wall, shape), "cpu": ratios(cpu, shape),
+  result = {"wall": ratios(wall, shape, peak), "cpu": ratios(cpu, shape, peak),
+            "fma_peak_g": peak and round(peak / 1e9, 1),
             "load_before_after": (round(before, 2), round(os.getloadavg()[0], 2)),
             "shape": list(shape), "activation": args.activation, "rounds": args.rounds,
             "data_format": args.data_format,
