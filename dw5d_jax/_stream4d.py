@@ -272,10 +272,11 @@ def build(init_fn: Callable[[Any, Any], Any],
   from dw5d_jax._streaming import StreamState
 
   shape = tuple(chunk_shape)
-  if len(shape) != 5 or shape[1] != 1:
-    raise ValueError(f"{fn}: `input_shape` must be one frame of a channels-last clip, "
-                     f"(N, 1, H, W, C) (a rank-4 step takes one frame at a time), got "
-                     f"{shape}.")
+  one_frame = ValueError(f"{fn}: `input_shape` must be one frame of a channels-last clip, "
+                         f"(N, 1, H, W, C) (a rank-4 step takes one frame at a time), got "
+                         f"{shape}.")
+  if len(shape) != 5:
+    raise one_frame
   dtype = np.dtype(dtype)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   leaves = [np.asarray(a) for a in leaves]
@@ -304,6 +305,8 @@ def build(init_fn: Callable[[Any, Any], Any],
     if ring is not None:
       names.append(name)
       shapes.append(ring)
+  if shape[1] != 1:  # after the streams' checks, which say why for other layouts and axes
+    raise one_frame
 
   def rebuild(rings):
     rings = iter(rings)

@@ -158,32 +158,33 @@ def export_litert(
 # Argument checks.
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+def _check_input_shape(input_shape: Any, fn: str = _FN) -> tuple[int, ...]:
   if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
-    raise TypeError(f"{_FN}: `input_shape` must be a sequence of ints, got {input_shape!r}.")
+    raise TypeError(f"{fn}: `input_shape` must be a sequence of ints, got {input_shape!r}.")
   symbolic = [i for i, d in enumerate(input_shape) if d is None or isinstance(d, str)]
   if symbolic:
     raise ValueError(
-        f"{_FN}: LiteRT needs static shapes: every size in `input_shape` must be an int, "
+        f"{fn}: LiteRT needs static shapes: every size in `input_shape` must be an int, "
         f"got {tuple(input_shape)!r} (symbolic at axis {', '.join(map(str, symbolic))}). "
         f"Export once per input size you serve, or use export_savedmodel for symbolic "
         f"sizes.")
   if not input_shape or not all(_is_int(d) and d >= 1 for d in input_shape):
-    raise TypeError(f"{_FN}: `input_shape` must be a non-empty sequence of positive ints, "
+    raise TypeError(f"{fn}: `input_shape` must be a non-empty sequence of positive ints, "
                     f"got {input_shape!r}.")
   return tuple(int(d) for d in input_shape)
 
 
-def _check_quantize(quantize: Any, representative_data: Any) -> None:
+def _check_quantize(quantize: Any, representative_data: Any, fn: str = _FN,
+                    what: str = "arrays of shape `input_shape`") -> None:
   if quantize not in QUANTIZE:
-    raise ValueError(f"{_FN}: `quantize` must be None, 'float16' or 'int8', got "
+    raise ValueError(f"{fn}: `quantize` must be None, 'float16' or 'int8', got "
                      f"{quantize!r}.")
   if quantize == "int8" and representative_data is None:
-    raise ValueError(f"{_FN}: quantize='int8' needs `representative_data`: typical inputs "
-                     f"(arrays of shape `input_shape`, about 100) from which the converter "
+    raise ValueError(f"{fn}: quantize='int8' needs `representative_data`: typical inputs "
+                     f"({what}, about 100) from which the converter "
                      f"calibrates each activation's int8 range.")
   if quantize != "int8" and representative_data is not None:
-    raise ValueError(f"{_FN}: `representative_data` calibrates int8 quantization; it is "
+    raise ValueError(f"{fn}: `representative_data` calibrates int8 quantization; it is "
                      f"unused with quantize={quantize!r}, so pass None or quantize='int8'.")
 
 
@@ -319,7 +320,7 @@ def _trace(flat_fn, leaf_specs, x_spec, route) -> Any:
 
 
 def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
-            samples: Sequence[np.ndarray] | None = None) -> bytes:
+            samples: Sequence[Any] | None = None, fn: str = _FN) -> bytes:
   """Converts a concrete function to a flatbuffer of LiteRT builtin ops.
 
   Raises:
@@ -336,16 +337,18 @@ def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
   elif quantize == "int8":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.representative_dataset = lambda: ([s] for s in samples)
+    # A sample is one input, or a dict of a signature's inputs by name.
+    converter.representative_dataset = lambda: (s if isinstance(s, dict) else [s]
+                                                for s in samples)
   try:
     flatbuffer = converter.convert()
   except Exception as err:  # ConverterError, or errors of the calibration run
-    raise _conversion_error(err, quantize) from err
-  check_builtin_ops(flatbuffer)
+    raise _conversion_error(err, quantize, fn) from err
+  check_builtin_ops(flatbuffer, fn)
   return flatbuffer
 
 
-def _conversion_error(err: Exception, quantize: str | None) -> ValueError:
+def _conversion_error(err: Exception, quantize: str | None, fn: str = _FN) -> ValueError:
   text = str(err)
   ops = list(dict.fromkeys(_OP_IN_ERROR.findall(text)))
   select = re.search(r"TF Select ops: ([^\n]*)", text)
@@ -357,12 +360,12 @@ def _conversion_error(err: Exception, quantize: str | None) -> ValueError:
   said = ("\n".join(line.strip() for line in details.group(1).splitlines())
           if details else _first_lines(text))
   if not ops:
-    return ValueError(f"{_FN}: the LiteRT converter failed"
+    return ValueError(f"{fn}: the LiteRT converter failed"
                       f"{' to quantize to int8' if quantize == 'int8' else ''}: "
                       f"{type(err).__name__}: {said}")
   hints = [h for name, h in _HINTS.items() if any(op.split(".")[-1] == name for op in ops)]
   return ValueError(
-      f"{_FN}: LiteRT's builtin op set cannot express {', '.join(ops)}: the flatbuffer "
+      f"{fn}: LiteRT's builtin op set cannot express {', '.join(ops)}: the flatbuffer "
       f"would need TensorFlow's Flex ops (SELECT_TF_OPS) or custom ops, which this export "
       f"refuses." + (f" Note: {'; '.join(hints)}." if hints else "")
       + f"\nThe converter said: {said}")
@@ -447,13 +450,13 @@ def litert_ops(model: str | os.PathLike | bytes) -> LiteRTOps:
   return LiteRTOps(ops, tuple(op for op in ops if op not in builtin))
 
 
-def check_builtin_ops(flatbuffer: bytes) -> None:
+def check_builtin_ops(flatbuffer: bytes, fn: str = _FN) -> None:
   """Raises a ValueError naming the Flex or custom ops in `flatbuffer`, if any."""
   bad = litert_ops(flatbuffer).not_builtin
   if bad:
     flex = [op for op in bad if op.startswith("Flex")]
     raise ValueError(
-        f"{_FN}: the flatbuffer holds ops outside LiteRT's builtin set: {', '.join(bad)}"
+        f"{fn}: the flatbuffer holds ops outside LiteRT's builtin set: {', '.join(bad)}"
         + (f" ({', '.join(flex)}: TensorFlow ops run by the Flex delegate, SELECT_TF_OPS)"
            if flex else "")
         + "; the plain LiteRT interpreter cannot run it.")
