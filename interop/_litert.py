@@ -495,3 +495,92 @@ def run(it: Any, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
   it.invoke()
   outs = [it.get_tensor(d["index"]) for d in it.get_output_details()]
   return outs[0] if len(outs) == 1 else outs
+
+
+# ----------------------------------------------------------------------------
+# Rank-5 tensors of a unit axis out of a flatbuffer (GPU delegates refuse 5D).
+
+# Ops that compute the same on tensors of any rank (elementwise, with
+# NumPy broadcasting, or along the last axis), so a unit axis dropped from
+# every rank-5 operand and result changes nothing. RESHAPE and BROADCAST_TO
+# take the new shape as an input, rewritten with it.
+_RANK_FREE = frozenset({
+    "ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE", "POW",
+    "LOGISTIC", "TANH", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LEAKY_RELU",
+    "HARD_SWISH", "GELU", "EXP", "LOG", "NEG", "ABS", "SQRT", "RSQRT", "SQUARE", "SIN", "COS",
+    "ERF", "FLOOR", "CEIL", "ROUND", "SIGN", "CAST", "QUANTIZE", "DEQUANTIZE",
+    "FULLY_CONNECTED", "SELECT", "SELECT_V2", "RESHAPE", "BROADCAST_TO"})
+_SHAPE_INPUT = frozenset({"RESHAPE", "BROADCAST_TO"})
+
+
+def drop_unit_axis(flatbuffer: bytes, axis: int = 1) -> bytes | None:
+  """`flatbuffer` with `axis` (of size 1) dropped from every rank-5 tensor, or None.
+
+  A stream's step computes on one frame, `(N, 1, H, W, C)` where a model's
+  layers see a chunk; elementwise ops there (a bias, an activation) leave
+  rank-5 tensors whose time axis has size 1. Dropping that axis gives the
+  same graph over rank-4 tensors. None where a rank-5 tensor is not of that
+  kind or meets an op outside `_RANK_FREE` (the graph is then kept as it
+  is); the caller checks the result numerically.
+  """
+  schema = _litert_module("schema_py_generated")
+  import flatbuffers
+
+  model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+  codes = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "?")
+           for c in model.operatorCodes or ()]
+  users: dict[int, int] = {}  # buffer -> tensors using it, over every subgraph
+  for sub in model.subgraphs:
+    for t in sub.tensors:
+      users[t.buffer] = users.get(t.buffer, 0) + 1
+  changed = False
+  for sub in model.subgraphs:
+    five = {i for i, t in enumerate(sub.tensors)
+            if t.shape is not None and len(t.shape) == 5}
+    if not five:
+      continue
+    if any(sub.tensors[i].shape[axis] != 1 for i in five):
+      return None
+    for op in sub.operators:
+      touched = {*op.inputs, *op.outputs} & five
+      name = codes[op.opcodeIndex]
+      if not touched:
+        continue
+      if name not in _RANK_FREE:
+        return None
+      if name in _SHAPE_INPUT and op.outputs[0] in five:
+        shape_tensor = sub.tensors[op.inputs[1]]
+        buffer = model.buffers[shape_tensor.buffer]
+        if users[shape_tensor.buffer] != 1 or buffer.data is None:
+          return None
+        dims = np.frombuffer(bytes(np.asarray(buffer.data, np.uint8)), "<i4")
+        if len(dims) != 5:
+          return None
+        buffer.data = np.frombuffer(np.delete(dims, axis).astype("<i4").tobytes(), np.uint8)
+        shape_tensor.shape = np.asarray([4], np.int32)
+        options = op.builtinOptions
+        if getattr(options, "newShape", None) is not None:
+          options.newShape = np.delete(np.asarray(options.newShape), axis).astype(np.int32)
+    for i in five:
+      t = sub.tensors[i]
+      q = t.quantization
+      if q is not None and q.scale is not None and len(q.scale) > 1:
+        if q.quantizedDimension == axis:
+          return None
+        q.quantizedDimension -= q.quantizedDimension > axis
+      t.shape = np.delete(np.asarray(t.shape), axis).astype(np.int32)
+      if t.shapeSignature is not None and len(t.shapeSignature) == 5:
+        t.shapeSignature = np.delete(np.asarray(t.shapeSignature), axis).astype(np.int32)
+    changed = True
+  if not changed:
+    return flatbuffer
+  builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output())
+
+
+def max_rank(model: str | os.PathLike | bytes) -> int:
+  """The largest rank of a flatbuffer's tensors."""
+  it = interpreter(model)
+  return max(len(d["shape"]) for d in it.get_tensor_details())

@@ -283,7 +283,11 @@ def export_streaming_litert(
   the next step, under the same names. The graph keeps no state of its own
   (no counters, no variables): a step shifts each state by one frame (a
   slice and a concatenation) and sums one DEPTHWISE_CONV_2D per time tap.
-  Frames are the full causal op's output, frame after frame.
+  Frames are the full causal op's output, frame after frame. Every tensor
+  of the graph has rank at most 4, unless `step_fn` applies an op outside
+  `_litert._RANK_FREE` (elementwise ops, activations, dense layers, ...)
+  to a chunk or an output: its tensors then keep their unit time axis
+  (`dw5d_jax._stream4d` says how the step is built).
 
   Args:
     init_fn: a JAX function `(params, chunk) -> state`, the state a pytree of
@@ -343,8 +347,34 @@ def export_streaming_litert(
              else _stream_samples(step, representative_data))
   concrete, owner = _step_concrete_function(step, "litert")
   flatbuffer = _litert.convert(concrete, owner, quantize=quantize, samples=samples, fn=fn)
-  _files.write(path, flatbuffer, ".tflite")
+  _files.write(path, _rank4(flatbuffer, step), ".tflite")
   return path
+
+
+def _rank4(flatbuffer: bytes, step: _stream4d.Step4D) -> bytes:
+  """The graph with the unit time axis dropped from its rank-5 tensors, where that is safe.
+
+  The step's own arithmetic is rank 4; a model's per-frame ops (a bias, an
+  activation, a pointwise layer) run on `(N, 1, H, W, C)` chunks and leave
+  rank-5 tensors. `_litert.drop_unit_axis` drops the unit axis where every
+  op around them computes the same at any rank; kept only if it gives the
+  same outputs on a random clip of 3 frames.
+  """
+  from interop import _litert
+
+  if _litert.max_rank(flatbuffer) <= 4:
+    return flatbuffer
+  dropped = _litert.drop_unit_axis(flatbuffer)
+  if dropped is None:
+    return flatbuffer
+  clip = np.random.default_rng(0).standard_normal(
+      (step.frame_shape[0], 3, *step.frame_shape[1:])).astype(np.float32)
+  try:
+    before, after = run_litert_stream(flatbuffer, clip), run_litert_stream(dropped, clip)
+  except (RuntimeError, ValueError):  # a graph the interpreter refuses
+    return flatbuffer
+  scale = max(float(np.max(np.abs(before))), 1e-30)
+  return dropped if float(np.max(np.abs(after - before))) <= 1e-6 * scale else flatbuffer
 
 
 def _stream_samples(step: _stream4d.Step4D, data: Any) -> list[dict[str, np.ndarray]]:

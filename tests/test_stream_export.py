@@ -260,9 +260,28 @@ def test_litert_model_of_layers_steps_like_its_call(tmp_path, rng, quantize):
   runner = interop._litert.interpreter(path).get_signature_runner()
   assert sorted(runner.get_input_details()) == ["frame", "state_0", "state_1"]
   assert all(len(d["shape"]) == 4 for d in runner.get_input_details().values())
+  # The layers' bias and activations, and the pointwise layer, ran on (N, 1, H, W, C)
+  # chunks; their unit time axis is dropped from the graph.
+  assert _tensor_ranks(path) <= 4
   want = np.asarray(net(x), np.float64)  # the model on the whole clip
   err = np.abs(got - want).max() / np.abs(want).max()
   assert err <= interop._litert.TOLERANCE[quantize], err
+
+
+def test_litert_keeps_rank_5_where_an_op_needs_it(tmp_path, rng):
+  # A per-frame op outside the rank-free set (REVERSE_V2 along W) on the 5D
+  # chunk: the unit axis stays, and the step is still right.
+  x, k = random_array(rng, (1, 4, 5, 6, 2)), random_array(rng, (2, 3, 3, 2, 1))
+
+  def step(k, s, c):
+    s, y = dw.stream_step(s, c, k)
+    return s, jnp.flip(y, axis=3) * 2.0
+
+  path, got = _litert_stream(tmp_path, lambda k, c: dw.stream_init(c, k), step, k, x, rng,
+                             None, "flip")
+  assert _tensor_ranks(path) == 5
+  want = depthwise_reference(x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME"))
+  assert_close(got, np.flip(want, axis=3) * 2.0)
 
 
 def test_litert_errors(tmp_path):
