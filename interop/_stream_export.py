@@ -1,4 +1,4 @@
-"""Streaming models as TensorFlow SavedModels: `step(state, chunk) -> (state, output)`.
+"""Streaming models as TensorFlow SavedModels, and one frame per step as LiteRT.
 
 `export_streaming_savedmodel` is `export_savedmodel` (`_export.py`: jax2tf's
 native serialization, lowered for every platform in `platforms`, `params` as
@@ -25,6 +25,11 @@ With `per_example=True` (a batch of independent streams, as from
 (int32 `(N,)`, real frames per example) and `reset` (bool `(N,)`, a new
 stream in that example's slot), and so do `step(state, chunk, valid, reset)`
 and the serving signature (inputs `"valid"` and `"reset"`).
+
+`export_streaming_litert` writes one step of the same kind of stream for one
+frame as a LiteRT flatbuffer whose state enters and leaves as named rank-4
+tensors (GPU delegates refuse 5D): the step over rank-4 tensors is
+`dw5d_jax._stream4d.build`'s, converted with `interop._litert.convert`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Streaming SavedModels (interop._stream_export), loaded back in this process.
+"""Streaming SavedModels and LiteRT steps (interop._stream_export), loaded back here.
 
 The exported stream must give, chunk by chunk, the full model on the whole
 sequence: expected values come from the float64 reference
 (`dw5d_jax._reference.depthwise_reference`) on the whole sequence. Serving
-without JAX is in test_savedmodel_tf_only.py.
+without JAX is in test_savedmodel_tf_only.py. LiteRT steps run frame by
+frame in the LiteRT interpreter.
 """
 
 from __future__ import annotations
