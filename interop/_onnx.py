@@ -27,8 +27,11 @@ from interop import _export, _files
 
 _FN = "export_onnx"
 # Largest error of an exported model's output, relative to max|expected|
-# (tests, `dw5d export --onnx`): float32 convolutions in onnxruntime.
-TOLERANCE = 1e-5
+# (tests, `dw5d export --onnx`), by the input's dtype. The convolutions
+# accumulate in float32 for every dtype (float16 and bfloat16 inputs are cast
+# to float32 around the `Conv`), so the half-precision errors are the output's
+# rounding: 2^-11 (float16) and 2^-8 (bfloat16) of a value at most.
+TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 
 def export_onnx(
@@ -106,7 +109,7 @@ def export_onnx(
   fn = _as_function(model_or_fn, params)
   spec = _export._input_spec(shape, names, x_dtype,
                              _export._check_constraints(constraints, fn=_FN), caller=_FN)
-  model = _convert(fn, spec)
+  model = _convert(fn, [spec], ["x"])
   _files.write(path, model.SerializeToString(), ".onnx")
   return path
 
@@ -137,7 +140,12 @@ def _as_function(model_or_fn: Any, params: Any) -> Callable[[Any], Any]:
   return lambda x: model_or_fn(constants, x)
 
 
-def _convert(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct) -> Any:
+def _convert(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
+             input_names: Sequence[str], output_names: Sequence[str] | None = None) -> Any:
+  """`fn` as an ONNX `ModelProto`: inputs `input_names`, outputs `output_names`.
+
+  Without `output_names`, one output is `y` and several are `y0`, `y1`, ....
+  """
   try:
     from jax2onnx import to_onnx
 
@@ -145,31 +153,100 @@ def _convert(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct) -> Any:
   except ImportError as err:
     raise ImportError(f"{_FN}: ONNX export needs jax2onnx and onnx (`pip install jax2onnx "
                       f"onnx onnxruntime`, or this project's `onnx` extra): {err}") from None
-  try:
-    out = jax.eval_shape(fn, spec)
-  except Exception as err:  # fn is user code
-    raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape "
-                     f"{tuple(spec.shape)} (`input_shape`): {type(err).__name__}: "
-                     f"{err}") from err
-  n_out = len(jax.tree_util.tree_leaves(out))
-  outputs = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
+  if output_names is None:
+    try:
+      out = jax.eval_shape(fn, *specs)
+    except Exception as err:  # fn is user code
+      raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape "
+                       f"{tuple(specs[0].shape)} (`input_shape`): {type(err).__name__}: "
+                       f"{err}") from err
+    n_out = len(jax.tree_util.tree_leaves(out))
+    output_names = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
   try:
     # The export target is a fact the ops carry (and part of jit's cache key:
     # a function jitted before is traced again for it).
     with _target.export_target("onnx"):
-      return to_onnx(fn, inputs=[spec], model_name="dw5d", input_names=["x"],
-                     output_names=outputs, enable_double_precision=spec.dtype == np.float64)
+      model = to_onnx(fn, inputs=list(specs), model_name="dw5d",
+                      input_names=list(input_names), output_names=list(output_names),
+                      enable_double_precision=any(s.dtype == np.float64 for s in specs))
   except ValueError as err:
     if str(err).startswith(f"{_FN}:"):
       raise ValueError(str(err)) from None
     raise _explain(err) from err
   except NotImplementedError as err:
     raise _explain(err) from err
+  return _expand_in_float32(model)
+
+
+def _expand_in_float32(model: Any) -> Any:
+  """Each bfloat16 `Expand` of the main graph as `Cast` to float32, `Expand`, `Cast` back.
+
+  jax2onnx writes every `broadcast_in_dim` as `Expand` (the library's own
+  rank-4 inputs become rank 5 so), and onnxruntime's CPU provider has no
+  bfloat16 `Expand` (it has bfloat16 `Cast`, `Reshape`, `Transpose`,
+  `Squeeze`, ...). The round trip through float32 is exact.
+  """
+  from onnx import TensorProto, helper
+
+  graph = model.graph
+  types = {v.name: v.type.tensor_type.elem_type
+           for v in (*graph.input, *graph.value_info, *graph.output)}
+  types.update((t.name, t.data_type) for t in graph.initializer)
+  if not any(node.op_type == "Expand" and types.get(node.input[0]) == TensorProto.BFLOAT16
+             for node in graph.node):
+    return model
+  nodes = []
+  for i, node in enumerate(graph.node):
+    if node.op_type != "Expand" or types.get(node.input[0]) != TensorProto.BFLOAT16:
+      nodes.append(node)
+      continue
+    wide, expanded = f"dw5d_expand_{i}_in", f"dw5d_expand_{i}_out"
+    nodes += [helper.make_node("Cast", [node.input[0]], [wide], to=TensorProto.FLOAT),
+              helper.make_node("Expand", [wide, node.input[1]], [expanded]),
+              helper.make_node("Cast", [expanded], [node.output[0]],
+                               to=TensorProto.BFLOAT16)]
+  del graph.node[:]
+  graph.node.extend(nodes)
+  return model
 
 
 def _explain(err: Exception) -> ValueError:
   return ValueError(f"{_FN}: the converter (jax2onnx) cannot express part of `model_or_fn`: "
                     f"{type(err).__name__}: {err}")
+
+
+def run(session: Any, feeds: dict[str, Any]) -> list[np.ndarray]:
+  """`session.run(None, feeds)` for an onnxruntime session, bfloat16 included.
+
+  onnxruntime's Python API maps no NumPy dtype to bfloat16 (`ml_dtypes`'
+  is unknown to it): bfloat16 arrays go in as `OrtValue`s of ONNX type
+  BFLOAT16 over the same bytes, and bfloat16 outputs come back as
+  `ml_dtypes.bfloat16` arrays copied from the output's buffer.
+  """
+  bf16 = np.dtype(jax.numpy.bfloat16)
+  if (all(np.asarray(a).dtype != bf16 for a in feeds.values())
+      and all(o.type != "tensor(bfloat16)" for o in session.get_outputs())):
+    return session.run(None, feeds)
+  import ctypes
+
+  import onnxruntime
+  from onnx import TensorProto
+
+  def value(a):
+    a = np.ascontiguousarray(a)
+    if a.dtype != bf16:
+      return onnxruntime.OrtValue.ortvalue_from_numpy(a)
+    return onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(np.uint16),
+                                                                   TensorProto.BFLOAT16)
+
+  def array(v):
+    if v.data_type() != "tensor(bfloat16)":
+      return v.numpy()
+    raw = (ctypes.c_uint16 * (v.tensor_size_in_bytes() // 2)).from_address(v.data_ptr())
+    return np.frombuffer(raw, np.uint16).view(bf16).reshape(v.shape()).copy()
+
+  values = {name: value(a) for name, a in feeds.items()}  # alive until the run ends
+  return [array(v) for v in session.run_with_ort_values(None, values)]
 
 
 def onnx_ops(model: Any) -> list[str]:

@@ -262,6 +262,28 @@ def test_onnx(tmp_path, rng, kernel_file, capsys):
   assert_close(session.run(None, {"x": x})[0], want)
 
 
+@pytest.mark.parametrize("dtype, shape", [("float16", "None,5,6,3"), ("bfloat16", "2,5,6,3")])
+def test_onnx_half_precision(tmp_path, kernel_file, capsys, dtype, shape):
+  """Rank-4 inputs in float16 and bfloat16 (a bfloat16 `Expand` runs as float32)."""
+  path, _ = kernel_file((3, 3, 3, 2))
+  assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
+                   str(tmp_path / "m.onnx"), "--onnx", "--dtype", dtype, "--input-shape",
+                   shape, "--padding", "SAME"]) == 0
+  text = capsys.readouterr().out
+  assert f"kernel (3, 3, 3, 2) {dtype}" in text and "Cast" in text, text
+  assert text.count("output error") == 2 and "FAIL" not in text, text
+  assert "verified: the ONNX model matches the float64 reference" in text
+
+
+def test_onnx_refuses_float64(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((3, 3, 3, 2, 1))
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                   str(tmp_path / "m.onnx"), "--onnx", "--dtype", "float64"]) == 2
+  assert ("`--onnx` exports float32, float16, bfloat16 models (onnxruntime's CPU provider "
+          "has no float64 Conv), got --dtype float64." in capsys.readouterr().err)
+  assert not (tmp_path / "m.onnx").exists()
+
+
 def test_onnx_refuses_litert_too(tmp_path, kernel_file, capsys):
   path, _ = kernel_file((3, 3, 3, 2, 1))
   assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",

@@ -17,7 +17,8 @@ quantization).
 
 With `--onnx` it is written as an ONNX model through `export_onnx` (symbolic
 sizes as for the SavedModel), run in onnxruntime and checked at the same two
-input sizes against the float64 reference, within `interop._onnx.TOLERANCE`.
+input sizes against the float64 reference, within `interop._onnx.TOLERANCE`
+(float32, float16 or bfloat16).
 """
 
 from __future__ import annotations
@@ -251,31 +252,33 @@ def _run_onnx(args, *, fn, kernel, shape, case, need, channel_axis, constraints)
   from interop import _onnx
 
   op_kwargs = case.kwargs()
-  if args.dtype != "float32":
-    return _fail(f"`--onnx` exports float32 models, got --dtype {args.dtype}.")
+  if args.dtype not in _onnx.TOLERANCE:
+    return _fail(f"`--onnx` exports {', '.join(_onnx.TOLERANCE)} models (onnxruntime's CPU "
+                 f"provider has no {args.dtype} Conv), got --dtype {args.dtype}.")
   try:
     _onnx.export_onnx(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
-                      input_shape=shape, channel_axis=channel_axis, constraints=constraints,
-                      overwrite=args.overwrite)
+                      input_shape=shape, dtype=kernel.dtype, channel_axis=channel_axis,
+                      constraints=constraints, overwrite=args.overwrite)
     import onnxruntime
   except (ValueError, TypeError, ImportError) as err:
     return _fail(str(err))
-  print(f"exported {args.op} (kernel {kernel.shape} float32, {_describe(op_kwargs)}) to "
+  print(f"exported {args.op} (kernel {kernel.shape} {args.dtype}, {_describe(op_kwargs)}) to "
         f"{args.out} as ONNX")
   print(f"  ops: {', '.join(_onnx.onnx_ops(args.out))}")
   session = onnxruntime.InferenceSession(args.out, providers=["CPUExecutionProvider"])
   rng = np.random.default_rng(args.seed)
+  tolerance = _onnx.TOLERANCE[args.dtype]
   failed = 0
   for size in _check_sizes(shape, need):
-    x = rng.standard_normal(size).astype(np.float32)
+    x = rng.standard_normal(size).astype(kernel.dtype)
     want = case.expected(x, kernel)
-    y = np.asarray(session.run(None, {"x": x})[0], np.float64)
+    y = np.asarray(_onnx.run(session, {"x": x})[0], np.float64)
     err = (float("inf") if y.shape != want.shape
            else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
-    ok = err <= _onnx.TOLERANCE
+    ok = err <= tolerance
     failed += not ok
     print(f"  x {size}: output error {err:.1e} of max|reference|"
-          f"{'' if ok else f'  FAIL (tolerance {_onnx.TOLERANCE:.0e})'}")
+          f"{'' if ok else f'  FAIL (tolerance {tolerance:.0e})'}")
   return _verdict(failed, f"the ONNX model at {args.out}",
                   "the ONNX model matches the float64 reference at 2 input sizes "
                   "(onnxruntime, CPU)")
