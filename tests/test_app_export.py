@@ -238,6 +238,28 @@ def test_litert_errors_exit_2(tmp_path, kernel_file, capsys, extra, message):
   assert not (tmp_path / "m.tflite").exists()
 
 
+def test_litert_stream(tmp_path, rng, kernel_file, capsys):
+  """`--litert --stream`: one frame per step, the state rank 4, checked frame by frame."""
+  from interop import _stream_export
+
+  path, k = kernel_file((2, 3, 3, 3, 2))
+  out = tmp_path / "step.tflite"
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", str(out),
+                    "--litert", "--stream", "--padding", "CAUSAL,SAME,1:1", "--dilations",
+                    "2,1,1", "--input-shape", "2,5,6,7,3"]) == 0
+  text = capsys.readouterr().out
+  assert "frame (2, 6, 7, 3), state {'state': (2, 6, 7, 6)}; ops:" in text
+  assert "(all builtin)" in text and text.count("output error") == 2 and "FAIL" not in text
+  # Our own check, on a longer clip than the command tried.
+  x = random_array(rng, (2, 9, 6, 7, 3))
+  want = Case("3d", "NDHWC", "DHW", x.shape, k.shape, 1, (2, 1, 1),
+              ("CAUSAL", "SAME", (1, 1))).expected(x, k)
+  assert_close(_stream_export.run_litert_stream(out, x), want)
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                    str(tmp_path / "s.tflite"), "--stream"]) == 2
+  assert "`--stream` applies to `--litert` exports only" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------
 # --onnx: an ONNX model, checked with onnxruntime.
 

@@ -15,6 +15,12 @@ of builtin ops through `export_litert` (a static `--input-shape`, optional
 against the float64 reference, within `interop._litert.TOLERANCE` (by
 quantization).
 
+With `--litert --stream` it is written as one frame per step of a stream
+causal along D (`export_streaming_litert`, the state a rank-4 tensor),
+`--input-shape` the clip `(N, T, H, W, C)` that is streamed frame by frame
+through the interpreter and checked against the float64 reference of the
+full causal op.
+
 With `--onnx` it is written as an ONNX model through `export_onnx` (symbolic
 sizes as for the SavedModel), run in onnxruntime and checked at the same two
 input sizes against the float64 reference, within `interop._onnx.TOLERANCE`
@@ -69,6 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "for the SavedModel), checked with onnxruntime")
   parser.add_argument("--quantize", choices=("float16", "int8"), default=None,
                       help="--litert: float16 weights, or int8 (needs --calibration)")
+  parser.add_argument("--stream", action="store_true",
+                      help="--litert: one frame per step of a stream causal along D (e.g. "
+                           "--padding CAUSAL,SAME,SAME), the state a rank-4 tensor; "
+                           "--input-shape is the checked clip (N, T, H, W, C)")
   parser.add_argument("--calibration", metavar="FILE.npy", default=None,
                       help="--litert --quantize int8: typical inputs, an array "
                            "(n, *input_shape); the check runs on the first two")
@@ -118,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
   fn, op_kwargs = getattr(dw, case.op_name), case.kwargs()
   if args.onnx and (args.litert or args.quantize or args.calibration):
     return _fail("`--onnx` and `--litert` are two exports; choose one.")
+  if args.stream and not args.litert:
+    return _fail("`--stream` applies to `--litert` exports only (a SavedModel stream: "
+                 "interop.export_streaming_savedmodel).")
   if args.litert or args.quantize or args.calibration:
     return _run_litert(args, fn=fn, kernel=kernel, shape=args.input_shape, case=case)
 
@@ -207,6 +220,9 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
     if isinstance(calibration, str):
       return _fail(calibration)
     calibration = list(calibration)
+  if args.stream:
+    return _run_litert_stream(args, kernel=kernel, shape=shape, case=case,
+                              calibration=calibration)
   try:
     _litert.export_litert(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
                           input_shape=shape, quantize=args.quantize,
@@ -237,6 +253,51 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
   return _verdict(failed, f"the LiteRT model at {args.out}",
                   f"the reloaded flatbuffer matches the float64 reference on {len(inputs)} "
                   f"inputs (LiteRT interpreter, XNNPACK)")
+
+
+def _run_litert_stream(args, *, kernel, shape, case, calibration) -> int:
+  """`--litert --stream`: one frame per step, checked frame by frame on two clips."""
+  import dw5d_jax as dw
+  from interop import _litert, _stream_export
+
+  op_kwargs = case.kwargs()
+  if len(shape) != 5:
+    return _fail(f"`--stream` needs `--input-shape` of a clip (N, T, H, W, C), got {shape}.")
+  try:
+    _stream_export.export_streaming_litert(
+        lambda k, c: dw.stream_init(c, k, **op_kwargs),
+        lambda k, s, c: dw.stream_step(s, c, k, **op_kwargs), kernel, args.out,
+        input_shape=(shape[0], 1, *shape[2:]), quantize=args.quantize,
+        representative_data=calibration, overwrite=args.overwrite)
+  except (ValueError, TypeError, ImportError) as err:
+    return _fail(str(err))
+  found = _litert.litert_ops(args.out)
+  it = _litert.interpreter(args.out)
+  state = {n: tuple(map(int, d["shape"]))
+           for n, d in it.get_signature_runner().get_input_details().items() if n != "frame"}
+  print(f"exported one frame of a stream of {args.op} (kernel {kernel.shape} float32, "
+        f"{_describe(op_kwargs)}) to {args.out} as LiteRT ({args.quantize or 'float32'})")
+  verdict = "all builtin" if found.all_builtin else f"NOT builtin: {found.not_builtin}"
+  print(f"  frame {(shape[0], *shape[2:])}, state {state or 'none'}; ops: "
+        f"{', '.join(found.ops)} ({verdict})")
+  rng = np.random.default_rng(args.seed)
+  clips = calibration[:2] if calibration else [
+      rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+  tol = _litert.TOLERANCE[args.quantize]
+  failed = 0
+  for i, x in enumerate(clips):
+    want = case.expected(x, kernel)
+    y = np.asarray(_stream_export.run_litert_stream(it, x), np.float64)
+    err = (float("inf") if y.shape != want.shape
+           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
+    ok = err <= tol
+    failed += not ok
+    print(f"  clip {i + 1}{' (calibration)' if calibration else ''}, {x.shape[1]} frames: "
+          f"output error {err:.1e} of max|reference|"
+          f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  return _verdict(failed, f"the LiteRT stream at {args.out}",
+                  f"the flatbuffer, frame by frame, matches the float64 reference of the "
+                  f"full causal op on {len(clips)} clips (LiteRT interpreter, XNNPACK)")
 
 
 def _check_sizes(shape, need):
