@@ -299,7 +299,7 @@ def _convert(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
 
 
 # Ops that onnxruntime's CPU provider has no bfloat16 kernel for (probed with
-# onnxruntime 1.23: it has bfloat16 Cast, Reshape, Transpose, Slice, Concat,
+# onnxruntime 1.32: it has bfloat16 Cast, Reshape, Transpose, Slice, Concat,
 # Pad, Gather, Squeeze, Identity, Clip and little else that computes).
 _NO_BFLOAT16 = frozenset({
     "Abs", "Add", "Ceil", "Div", "Erf", "Exp", "Expand", "Floor", "Gelu", "HardSigmoid",
