@@ -154,9 +154,10 @@ def test_flax_model_symbolic_batch(tmp_path, rng):
                              params=state, input_shape=(None, 6, 5, 7, 4))
   assert _count(path, "Conv") == 2
   session = _session(path)
-  for batch in (1, 3):
-    x = random_array(rng, (batch, 6, 5, 7, 4))
-    assert _error(session.run(None, {"x": x})[0], model(x)) <= _onnx.TOLERANCE["float32"]
+  x = random_array(rng, (4, 6, 5, 7, 4))
+  want = model(x)  # once (eager Flax compiles per shape); batches 1 and 3 in onnxruntime
+  for part in (slice(0, 1), slice(1, 4)):
+    assert _error(session.run(None, {"x": x[part]})[0], want[part]) <= _onnx.TOLERANCE["float32"]
 
 
 K = np.random.default_rng(1).standard_normal((3, 3, 3, 2, 1)).astype(np.float32)
