@@ -540,7 +540,8 @@ def drop_unit_axis(flatbuffer: bytes, axis: int = 1) -> bytes | None:
             if t.shape is not None and len(t.shape) == 5}
     if not five:
       continue
-    if any(sub.tensors[i].shape[axis] != 1 for i in five):
+    if any(sub.tensors[i].shape[axis] != 1 for i in five) or five & {
+        *sub.inputs, *sub.outputs}:  # the model's own inputs and outputs keep their shapes
       return None
     for op in sub.operators:
       touched = {*op.inputs, *op.outputs} & five

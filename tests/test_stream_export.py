@@ -235,6 +235,19 @@ def test_litert_op_step_equals_the_full_causal_op(tmp_path, rng, quantize):
     # measured against a bound of 4.2, max|y| 17), and the typical int8 error.
     bound = _int8_bound(path, k, np.abs(x).max())
     assert err <= bound and bound < 0.25 * np.abs(want).max(), (err, bound)
+    # The state is int8 inside, quantized and dequantized with one scale, so
+    # feeding it back through the float32 interface loses nothing.
+    it = interop._litert.interpreter(path)
+    state_in = runner.get_input_details()["state"]["index"]
+    state_out = runner.get_output_details()["state"]["index"]
+    ops = it._get_ops_details()
+    q_in = [o["outputs"][0] for o in ops if o["op_name"] == "QUANTIZE"
+            and o["inputs"][0] == state_in]
+    q_out = [o["inputs"][0] for o in ops if o["op_name"] == "DEQUANTIZE"
+             and o["outputs"][0] == state_out]
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    assert len(q_in) == len(q_out) == 1 and details[q_in[0]]["dtype"] == np.int8
+    assert details[q_in[0]]["quantization"] == details[q_out[0]]["quantization"]
   assert err <= interop._litert.TOLERANCE[quantize] * np.abs(want).max(), err
 
 
