@@ -19,6 +19,8 @@ Public API:
     flatbuffers of builtin ops only, float32, float16 or int8.
   export_onnx: JAX functions, Flax models and Keras (JAX backend) models to
     ONNX, each dw5d_jax op one grouped `Conv`, symbolic batch.
+  export_streaming_onnx: one frame of a stream to an ONNX model whose state
+    is named rank-4 inputs and outputs.
   litert_ops: a .tflite's ops, and whether all are LiteRT builtins.
   weights_from_keras, weights_from_torch, kernel_from_keras_grouped,
     kernel_from_torch_grouped, DepthwiseWeights: layers' kernels, biases and
@@ -41,6 +43,7 @@ _LAZY = {
     "load_savedmodel": "interop._export",
     "export_litert": "interop._litert",
     "export_onnx": "interop._onnx",
+    "export_streaming_onnx": "interop._onnx",
     "litert_ops": "interop._litert",
     "DepthwiseWeights": "interop._weights",
     "kernel_from_keras_grouped": "interop._weights",
