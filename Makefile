@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dw5d demo
 
 test: $(STAMP) .venv-tf/.installed
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q  # file order: tests/conftest.py
 
 parity: $(STAMP)
 	$(VENV)/bin/dw5d parity
