@@ -99,12 +99,13 @@ def stream_functions(model: Any, input_shape: Sequence[int | None]
     >>> import keras, numpy as np, interop
     >>> from interop.keras import DepthwiseConv3D, stream_functions
     >>> model = keras.Sequential([keras.Input((None, 8, 8, 4)),
-    ...                           DepthwiseConv3D(3, padding="causal", activation="relu"),
+    ...                           DepthwiseConv3D(3, padding="causal", activation="relu",
+    ...                                           name="temporal"),
     ...                           keras.layers.Dense(4)])
     >>> init_fn, step_fn, params = stream_functions(model, (1, 1, 8, 8, 4))
     >>> state = init_fn(params, np.zeros((1, 1, 8, 8, 4), np.float32))
     >>> sorted(state)
-    ['depthwise_conv3d']
+    ['temporal']
     >>> state, y = step_fn(params, state, np.ones((1, 1, 8, 8, 4), np.float32))
     >>> y.shape
     (1, 1, 8, 8, 4)
