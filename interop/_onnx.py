@@ -295,6 +295,15 @@ def _convert(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
     raise _explain(err, caller) from err
   except NotImplementedError as err:
     raise _explain(err, caller) from err
+  except AttributeError as err:
+    if "SymbolicScope" not in str(err):
+      raise
+    # jax2onnx 0.17 loses the scope of symbolic sizes with `constraints` in
+    # some lowerings (a gather, as for border modes): its raw AttributeError.
+    raise ValueError(f"{caller}: the converter (jax2onnx) cannot carry the symbolic sizes' "
+                     f"`constraints` through this graph (AttributeError: {err}). Give the "
+                     f"constrained sizes as ints in `input_shape` (or need no constraint, e.g. "
+                     f"zero padding).") from err
   return _bfloat16_in_float32(model)
 
 
