@@ -732,7 +732,7 @@ def test_streaming_onnx_export_steps_like_the_call(rng, tmp_path):
     assert np.max(np.abs(got - want)) <= _onnx.TOLERANCE["float32"] * np.max(np.abs(want))
 
 
-def test_streaming_export_errors():
+def test_streaming_export_errors(tmp_path):
   """Models that cannot stream one frame at a time are refused by name."""
   if BACKEND != "jax":
     return  # refused there: test_streaming_export_on_other_backends_is_refused
@@ -757,6 +757,15 @@ def test_streaming_export_errors():
     ik.stream_functions(not_causal, (1, 6, 6, 2))
   with pytest.raises(ValueError, match=r"stream_functions: `model` must be a Keras model"):
     ik.stream_functions(DepthwiseConv3D(3, padding="causal"), (1, 1, 6, 6, 2))
+  import interop
+
+  for export, suffix in ((interop.export_streaming_litert, "tflite"),
+                        (interop.export_streaming_onnx, "onnx")):
+    with pytest.raises(TypeError, match=rf"{export.__name__}: `init_fn` is a Keras model "
+                                        r"\(Functional\); pass its stream's functions instead: "
+                                        r".*interop.keras.stream_functions"):
+      export(not_causal, None, None, tmp_path / f"k.{suffix}", input_shape=(1, 1, 6, 6, 2))
+  assert not list(tmp_path.iterdir())
 
 
 def test_streaming_export_on_other_backends_is_refused():
