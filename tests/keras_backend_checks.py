@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from scipy import special
 
+import interop.keras as ik
 from dw5d_jax._reference import depthwise_reference
 from interop import _keras
-import interop.keras as ik
 from interop.keras import DepthwiseConv2D, DepthwiseConv3D
 from tests.helpers import assert_close, random_array
 
