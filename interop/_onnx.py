@@ -129,8 +129,9 @@ def export_streaming_onnx(
   """Exports one frame of a stream as an ONNX model with its state as rank-4 inputs and outputs.
 
   The model computes one step of the stream `init_fn`/`step_fn` (as for
-  `export_streaming_litert`: `dw5d_jax.stream_init`/`stream_step`, or a
-  model's layers' `stream_init`/`stream_step`) on one frame. It takes
+  `export_streaming_litert`: `dw5d_jax.stream_init`/`stream_step`, a
+  model's layers' `stream_init`/`stream_step`, or a Keras model's through
+  `interop.keras.stream_functions`) on one frame. It takes
 
   * `frame`: the next frame `(N, H, W, C)` of a clip `(N, T, H, W, C)`;
   * one tensor per stream that keeps frames (a window reaching `e > 1`

@@ -703,6 +703,7 @@ def test_streaming_litert_export_steps_like_the_call(rng, tmp_path, quantize):
   outputs = {k: tuple(d["shape"]) for k, d in runner.get_output_details().items()}
   assert outputs == {**{k: v for k, v in inputs.items() if k != "frame"},
                      "output": (2, 6, 7, 4)}  # the state, rank 4, in and out
+  assert _litert.max_rank(pathlib.Path(path).read_bytes()) == 4  # every tensor, GELU's too
   assert not interop.litert_ops(path).not_builtin
   got = run_litert_stream(path, clip)
   want = _call(model, clip)
