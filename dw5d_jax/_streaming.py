@@ -46,9 +46,11 @@ with one `valid` for all take the ring path.
 frame: it writes it into the free slot with `lax.dynamic_update_slice` (in
 place under `jit` when the state is donated, and in `lax.scan`) and
 convolves the ring as it lies, with the kernel's time taps rotated into the
-ring's order (without dilation along time; a rotation of the kernel, not of
-the frames). Copying the frames into order for the convolution made a
-1-frame step about twice as slow (benchmarks/RESULTS.md, "Streaming").
+ring's order (a rotation of the kernel, not of the frames). With a dilation
+`r > 1` along time only `k` of the `e` slots meet a tap: those `k` frames
+are gathered in order and convolved without dilation along time. Copying
+the frames into order for the convolution made a 1-frame step about twice
+as slow at 64x64 frames (benchmarks/RESULTS.md, "Streaming").
 Longer chunks need the history and the chunk in one contiguous window; they
 copy the `e - 1` history frames and put the ring back in order. Rotated
 taps sum in another order, so 1-frame steps equal the full op within
