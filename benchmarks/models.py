@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--quick", action="store_true",
                  help="X3D-XS and MViT-v2-S, 2 threads, default allocator, 3 rounds")
   p.add_argument("--networks", default="", help="comma-separated subset of " + ", ".join(NETWORKS))
-  p.add_argument("--settings", default="", help="comma-separated subset of: " + "; ".join(SETTINGS))
+  p.add_argument("--settings", default="", help="semicolon-separated subset of: " + "; ".join(SETTINGS))
   p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, --quick 3)")
   p.add_argument("--out", default=None, help="the RESULTS.md to update (default: none, print)")
   p.add_argument("--json", default="", help="also write the raw results here")

@@ -67,7 +67,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args, _depthwise, _geometry
+from dw5d_jax import _args, _depthwise, _frame_step, _geometry
 from dw5d_jax._geometry import SPATIAL
 
 _Ints = int | tuple[int, ...]
@@ -367,6 +367,10 @@ def _checked_step(fn: str, state: Any, chunk: Any, kernel: Any, *, strides, padd
                       padding_mode=padding_mode, dilations=dilations, axes=axes, axis=axis,
                       data_format=data_format)
   check_same_config(fn, state.config, config)
+  if _frame_step.active():  # an export's rank-4 step of one frame: ring (N, H, W, (e-1)C)
+    return _frame_step.checked_step(fn, state, chunk, kernel, valid=valid, reset=reset,
+                                  method=method, precision=precision,
+                                  preferred=preferred_element_type)
   _check_chunk(fn, state, chunk)
   length = chunk.shape[config.layout.index(config.axis)]
   count, traced = _check_valid(fn, valid, length, state)

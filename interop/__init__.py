@@ -13,10 +13,14 @@ Public API:
     jax2tf, with symbolic batch and spatial dims.
   export_streaming_savedmodel: a stream (`dw5d_jax.stream_init`/`stream_step`,
     or a model's) to a SavedModel with `step(state, chunk) -> (state, output)`.
+  export_streaming_litert: one frame of a stream to a LiteRT flatbuffer whose
+    state enters and leaves as named rank-4 tensors (builtin ops only).
   export_litert: Keras models and JAX functions to LiteRT (TFLite)
     flatbuffers of builtin ops only, float32, float16 or int8.
   export_onnx: JAX functions, Flax models and Keras (JAX backend) models to
     ONNX, each dw5d_jax op one grouped `Conv`, symbolic batch.
+  export_streaming_onnx: one frame of a stream to an ONNX model whose state
+    is named rank-4 inputs and outputs.
   litert_ops: a .tflite's ops, and whether all are LiteRT builtins.
   weights_from_keras, weights_from_torch, kernel_from_keras_grouped,
     kernel_from_torch_grouped, DepthwiseWeights: layers' kernels, biases and
@@ -35,9 +39,11 @@ _LAZY = {
     "tf_depthwise_conv3d": "interop._tf_ops",
     "export_savedmodel": "interop._export",
     "export_streaming_savedmodel": "interop._stream_export",
+    "export_streaming_litert": "interop._stream_export",
     "load_savedmodel": "interop._export",
     "export_litert": "interop._litert",
     "export_onnx": "interop._onnx",
+    "export_streaming_onnx": "interop._onnx",
     "litert_ops": "interop._litert",
     "DepthwiseWeights": "interop._weights",
     "kernel_from_keras_grouped": "interop._weights",

@@ -158,32 +158,33 @@ def export_litert(
 # Argument checks.
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+def _check_input_shape(input_shape: Any, fn: str = _FN) -> tuple[int, ...]:
   if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
-    raise TypeError(f"{_FN}: `input_shape` must be a sequence of ints, got {input_shape!r}.")
+    raise TypeError(f"{fn}: `input_shape` must be a sequence of ints, got {input_shape!r}.")
   symbolic = [i for i, d in enumerate(input_shape) if d is None or isinstance(d, str)]
   if symbolic:
     raise ValueError(
-        f"{_FN}: LiteRT needs static shapes: every size in `input_shape` must be an int, "
+        f"{fn}: LiteRT needs static shapes: every size in `input_shape` must be an int, "
         f"got {tuple(input_shape)!r} (symbolic at axis {', '.join(map(str, symbolic))}). "
         f"Export once per input size you serve, or use export_savedmodel for symbolic "
         f"sizes.")
   if not input_shape or not all(_is_int(d) and d >= 1 for d in input_shape):
-    raise TypeError(f"{_FN}: `input_shape` must be a non-empty sequence of positive ints, "
+    raise TypeError(f"{fn}: `input_shape` must be a non-empty sequence of positive ints, "
                     f"got {input_shape!r}.")
   return tuple(int(d) for d in input_shape)
 
 
-def _check_quantize(quantize: Any, representative_data: Any) -> None:
+def _check_quantize(quantize: Any, representative_data: Any, fn: str = _FN,
+                    what: str = "arrays of shape `input_shape`") -> None:
   if quantize not in QUANTIZE:
-    raise ValueError(f"{_FN}: `quantize` must be None, 'float16' or 'int8', got "
+    raise ValueError(f"{fn}: `quantize` must be None, 'float16' or 'int8', got "
                      f"{quantize!r}.")
   if quantize == "int8" and representative_data is None:
-    raise ValueError(f"{_FN}: quantize='int8' needs `representative_data`: typical inputs "
-                     f"(arrays of shape `input_shape`, about 100) from which the converter "
+    raise ValueError(f"{fn}: quantize='int8' needs `representative_data`: typical inputs "
+                     f"({what}, about 100) from which the converter "
                      f"calibrates each activation's int8 range.")
   if quantize != "int8" and representative_data is not None:
-    raise ValueError(f"{_FN}: `representative_data` calibrates int8 quantization; it is "
+    raise ValueError(f"{fn}: `representative_data` calibrates int8 quantization; it is "
                      f"unused with quantize={quantize!r}, so pass None or quantize='int8'.")
 
 
@@ -319,7 +320,7 @@ def _trace(flat_fn, leaf_specs, x_spec, route) -> Any:
 
 
 def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
-            samples: Sequence[np.ndarray] | None = None) -> bytes:
+            samples: Sequence[Any] | None = None, fn: str = _FN) -> bytes:
   """Converts a concrete function to a flatbuffer of LiteRT builtin ops.
 
   Raises:
@@ -336,16 +337,18 @@ def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
   elif quantize == "int8":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.representative_dataset = lambda: ([s] for s in samples)
+    # A sample is one input, or a dict of a signature's inputs by name.
+    converter.representative_dataset = lambda: (s if isinstance(s, dict) else [s]
+                                                for s in samples)
   try:
     flatbuffer = converter.convert()
   except Exception as err:  # ConverterError, or errors of the calibration run
-    raise _conversion_error(err, quantize) from err
-  check_builtin_ops(flatbuffer)
+    raise _conversion_error(err, quantize, fn) from err
+  check_builtin_ops(flatbuffer, fn)
   return flatbuffer
 
 
-def _conversion_error(err: Exception, quantize: str | None) -> ValueError:
+def _conversion_error(err: Exception, quantize: str | None, fn: str = _FN) -> ValueError:
   text = str(err)
   ops = list(dict.fromkeys(_OP_IN_ERROR.findall(text)))
   select = re.search(r"TF Select ops: ([^\n]*)", text)
@@ -357,12 +360,12 @@ def _conversion_error(err: Exception, quantize: str | None) -> ValueError:
   said = ("\n".join(line.strip() for line in details.group(1).splitlines())
           if details else _first_lines(text))
   if not ops:
-    return ValueError(f"{_FN}: the LiteRT converter failed"
+    return ValueError(f"{fn}: the LiteRT converter failed"
                       f"{' to quantize to int8' if quantize == 'int8' else ''}: "
                       f"{type(err).__name__}: {said}")
   hints = [h for name, h in _HINTS.items() if any(op.split(".")[-1] == name for op in ops)]
   return ValueError(
-      f"{_FN}: LiteRT's builtin op set cannot express {', '.join(ops)}: the flatbuffer "
+      f"{fn}: LiteRT's builtin op set cannot express {', '.join(ops)}: the flatbuffer "
       f"would need TensorFlow's Flex ops (SELECT_TF_OPS) or custom ops, which this export "
       f"refuses." + (f" Note: {'; '.join(hints)}." if hints else "")
       + f"\nThe converter said: {said}")
@@ -447,13 +450,13 @@ def litert_ops(model: str | os.PathLike | bytes) -> LiteRTOps:
   return LiteRTOps(ops, tuple(op for op in ops if op not in builtin))
 
 
-def check_builtin_ops(flatbuffer: bytes) -> None:
+def check_builtin_ops(flatbuffer: bytes, fn: str = _FN) -> None:
   """Raises a ValueError naming the Flex or custom ops in `flatbuffer`, if any."""
   bad = litert_ops(flatbuffer).not_builtin
   if bad:
     flex = [op for op in bad if op.startswith("Flex")]
     raise ValueError(
-        f"{_FN}: the flatbuffer holds ops outside LiteRT's builtin set: {', '.join(bad)}"
+        f"{fn}: the flatbuffer holds ops outside LiteRT's builtin set: {', '.join(bad)}"
         + (f" ({', '.join(flex)}: TensorFlow ops run by the Flex delegate, SELECT_TF_OPS)"
            if flex else "")
         + "; the plain LiteRT interpreter cannot run it.")
@@ -492,3 +495,93 @@ def run(it: Any, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
   it.invoke()
   outs = [it.get_tensor(d["index"]) for d in it.get_output_details()]
   return outs[0] if len(outs) == 1 else outs
+
+
+# ----------------------------------------------------------------------------
+# Rank-5 tensors of a unit axis out of a flatbuffer (GPU delegates refuse 5D).
+
+# Ops that compute the same on tensors of any rank (elementwise, with
+# NumPy broadcasting, or along the last axis), so a unit axis dropped from
+# every rank-5 operand and result changes nothing. RESHAPE and BROADCAST_TO
+# take the new shape as an input, rewritten with it.
+_RANK_FREE = frozenset({
+    "ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE", "POW",
+    "LOGISTIC", "TANH", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LEAKY_RELU",
+    "HARD_SWISH", "GELU", "EXP", "LOG", "NEG", "ABS", "SQRT", "RSQRT", "SQUARE", "SIN", "COS",
+    "ERF", "FLOOR", "CEIL", "ROUND", "SIGN", "CAST", "QUANTIZE", "DEQUANTIZE",
+    "FULLY_CONNECTED", "SELECT", "SELECT_V2", "RESHAPE", "BROADCAST_TO"})
+_SHAPE_INPUT = frozenset({"RESHAPE", "BROADCAST_TO"})
+
+
+def drop_unit_axis(flatbuffer: bytes, axis: int = 1) -> bytes | None:
+  """`flatbuffer` with `axis` (of size 1) dropped from every rank-5 tensor, or None.
+
+  A stream's step computes on one frame, `(N, 1, H, W, C)` where a model's
+  layers see a chunk; elementwise ops there (a bias, an activation) leave
+  rank-5 tensors whose time axis has size 1. Dropping that axis gives the
+  same graph over rank-4 tensors. None where a rank-5 tensor is not of that
+  kind or meets an op outside `_RANK_FREE` (the graph is then kept as it
+  is); the caller checks the result numerically.
+  """
+  schema = _litert_module("schema_py_generated")
+  import flatbuffers
+
+  model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+  codes = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "?")
+           for c in model.operatorCodes or ()]
+  users: dict[int, int] = {}  # buffer -> tensors using it, over every subgraph
+  for sub in model.subgraphs:
+    for t in sub.tensors:
+      users[t.buffer] = users.get(t.buffer, 0) + 1
+  changed = False
+  for sub in model.subgraphs:
+    five = {i for i, t in enumerate(sub.tensors)
+            if t.shape is not None and len(t.shape) == 5}
+    if not five:
+      continue
+    if any(sub.tensors[i].shape[axis] != 1 for i in five) or five & {
+        *sub.inputs, *sub.outputs}:  # the model's own inputs and outputs keep their shapes
+      return None
+    for op in sub.operators:
+      touched = {*op.inputs, *op.outputs} & five
+      name = codes[op.opcodeIndex]
+      if not touched:
+        continue
+      if name not in _RANK_FREE:
+        return None
+      if name in _SHAPE_INPUT and op.outputs[0] in five:
+        shape_tensor = sub.tensors[op.inputs[1]]
+        buffer = model.buffers[shape_tensor.buffer]
+        if users[shape_tensor.buffer] != 1 or buffer.data is None:
+          return None
+        dims = np.frombuffer(bytes(np.asarray(buffer.data, np.uint8)), "<i4")
+        if len(dims) != 5:
+          return None
+        buffer.data = np.frombuffer(np.delete(dims, axis).astype("<i4").tobytes(), np.uint8)
+        shape_tensor.shape = np.asarray([4], np.int32)
+        options = op.builtinOptions
+        if getattr(options, "newShape", None) is not None:
+          options.newShape = np.delete(np.asarray(options.newShape), axis).astype(np.int32)
+    for i in five:
+      t = sub.tensors[i]
+      q = t.quantization
+      if q is not None and q.scale is not None and len(q.scale) > 1:
+        if q.quantizedDimension == axis:
+          return None
+        q.quantizedDimension -= q.quantizedDimension > axis
+      t.shape = np.delete(np.asarray(t.shape), axis).astype(np.int32)
+      if t.shapeSignature is not None and len(t.shapeSignature) == 5:
+        t.shapeSignature = np.delete(np.asarray(t.shapeSignature), axis).astype(np.int32)
+    changed = True
+  if not changed:
+    return flatbuffer
+  builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output())
+
+
+def max_rank(model: str | os.PathLike | bytes) -> int:
+  """The largest rank of a flatbuffer's tensors."""
+  it = interpreter(model)
+  return max(len(d["shape"]) for d in it.get_tensor_details())

@@ -26,9 +26,13 @@ from dw5d_jax import _target
 from interop import _export, _files
 
 _FN = "export_onnx"
+_FN_STREAM = "export_streaming_onnx"
 # Largest error of an exported model's output, relative to max|expected|
-# (tests, `dw5d export --onnx`): float32 convolutions in onnxruntime.
-TOLERANCE = 1e-5
+# (tests, `dw5d export --onnx`), by the input's dtype. The convolutions
+# accumulate in float32 for every dtype (float16 and bfloat16 inputs are cast
+# to float32 around the `Conv`), so the half-precision errors are the output's
+# rounding: 2^-11 (float16) and 2^-8 (bfloat16) of a value at most.
+TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 
 def export_onnx(
@@ -106,9 +110,126 @@ def export_onnx(
   fn = _as_function(model_or_fn, params)
   spec = _export._input_spec(shape, names, x_dtype,
                              _export._check_constraints(constraints, fn=_FN), caller=_FN)
-  model = _convert(fn, spec)
+  model = _convert(fn, [spec], ["x"])
   _files.write(path, model.SerializeToString(), ".onnx")
   return path
+
+
+def export_streaming_onnx(
+    init_fn: Callable[[Any, jax.Array], Any],
+    step_fn: Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]],
+    params: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int | None],
+    dtype: Any = "float32",
+    constraints: Sequence[str] = (),
+    overwrite: bool = False,
+) -> str:
+  """Exports one frame of a stream as an ONNX model with its state as rank-4 inputs and outputs.
+
+  The model computes one step of the stream `init_fn`/`step_fn` (as for
+  `export_streaming_litert`: `dw5d_jax.stream_init`/`stream_step`, or a
+  model's layers' `stream_init`/`stream_step`) on one frame. It takes
+
+  * `frame`: the next frame `(N, H, W, C)` of a clip `(N, T, H, W, C)`;
+  * one tensor per stream that keeps frames (a window reaching `e > 1`
+    frames back in time): `state` for a single stream, `state_0`,
+    `state_1`, ... for a tuple of streams (named after their place in the
+    state's tree), each `(N, H, W, (e - 1) * C)`: the stream's last `e - 1`
+    input frames side by side along channels, oldest first; zeros before
+    the first frame (the causal padding);
+
+  and returns `output`, the output frame `(N, H', W', C')`, and the states
+  for the next step as `state_next` (`state_0_next`, ...). The graph keeps
+  no state of its own: a step shifts each state by one frame (`Slice`,
+  `Concat`) and adds one grouped ONNX `Conv` per time tap
+  (`dw5d_jax._stream4d` builds the step, as for LiteRT). Frames are the full
+  causal op's output, frame after frame.
+
+  Args:
+    init_fn: a JAX function `(params, chunk) -> state`, the state a pytree of
+      `dw5d_jax.StreamState`s.
+    step_fn: a JAX function `(params, state, chunk) -> (state, y)`, `y` of
+      shape `(N, 1, H', W', C')` for a chunk of one frame.
+    params: a pytree of arrays (constants in the graph).
+    path: the `.onnx` file to write (missing parent directories are made).
+    input_shape: the chunk of one frame, `(N, 1, H, W, C)`: `None` for a
+      symbolic batch, height or width (named `b`, `h`, `w`), C an int.
+    dtype: the dtype of the frames (and the states): float32, float16 or
+      bfloat16 (bfloat16 arithmetic computes in float32 between `Cast`s).
+    constraints: bounds on the symbolic sizes the step needs, as for
+      `export_onnx` (e.g. `("h >= 3",)` for VALID padding).
+    overwrite: replace an existing file at `path`.
+
+  Returns:
+    `path`, as a string.
+
+  Raises:
+    ImportError: jax2onnx or onnx is missing (the `onnx` extra).
+    TypeError, ValueError: as `export_onnx` (shapes, dtype, `path`, what the
+      converter cannot express); `input_shape` not one frame
+      `(N, 1, H, W, C)`; a stream with stride along time, channels-first,
+      streamed along another axis, or per example; a state holding anything
+      but `StreamState`s; `valid` or `reset` in `step_fn`.
+
+  Example:
+    >>> import tempfile, numpy as np, onnxruntime
+    >>> import dw5d_jax as dw
+    >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_streaming_onnx(
+    ...     lambda k, c: dw.stream_init(c, k), lambda k, s, c: dw.stream_step(s, c, k), k,
+    ...     tmp.name + "/step.onnx", input_shape=(None, 1, 8, 8, 4))
+    >>> session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    >>> [(i.name, i.shape) for i in session.get_inputs()]   # 2 frames of 4 channels kept
+    [('frame', ['b', 8, 8, 4]), ('state', ['b', 8, 8, 8])]
+    >>> y, state = session.run(None, {"frame": np.ones((2, 8, 8, 4), np.float32),
+    ...                               "state": np.zeros((2, 8, 8, 8), np.float32)})
+    >>> y.shape, state.shape
+    ((2, 8, 8, 4), (2, 8, 8, 8))
+  """
+  from dw5d_jax import _stream4d
+
+  fn = _FN_STREAM
+  shape, names = _export._check_input_shape(input_shape, -1, fn=fn)
+  x_dtype = _export._check_dtype(dtype, fn=fn)
+  if len(shape) != 5 or shape[1] != 1:
+    raise ValueError(f"{fn}: `input_shape` must be one frame of a channels-last clip, "
+                     f"(N, 1, H, W, C) (a step takes one frame at a time), got "
+                     f"{tuple(input_shape)}.")
+  path = os.fspath(path)
+  _files.check_path(fn, path, overwrite, ".onnx")
+  spec = _export._input_spec(shape, names, x_dtype,
+                             _export._check_constraints(constraints, fn=fn), caller=fn)
+  step = _stream4d.build(init_fn, step_fn, params, spec.shape, x_dtype, fn=fn)
+  constants = step.leaves
+  specs = [jax.ShapeDtypeStruct(s, x_dtype) for s in (step.frame_shape, *step.state_shapes)]
+  model = _convert(lambda frame, *states: step.fn(constants, frame, *states), specs,
+                   ["frame", *step.state_names],
+                   ["output", *(f"{name}_next" for name in step.state_names)], caller=fn)
+  _files.write(path, model.SerializeToString(), ".onnx")
+  return path
+
+
+def run_stream(session: Any, clip: Any) -> np.ndarray:
+  """Streams `clip` `(N, T, H, W, C)` through a model of `export_streaming_onnx`.
+
+  Frame by frame in an onnxruntime session, the states starting at zeros
+  and fed back by name. Returns the output frames stacked along time,
+  `(N, T, H', W', C')`.
+  """
+  clip = np.asarray(clip)
+  n, _, h, w, _ = clip.shape  # a state is (N, H, W, (e - 1) * C), as the frames
+  states = {i.name: np.zeros((n, h, w, i.shape[3]), clip.dtype)
+            for i in session.get_inputs() if i.name != "frame"}
+  names = [o.name for o in session.get_outputs()]
+  ys = []
+  for t in range(clip.shape[1]):
+    out = dict(zip(names, run(session, {"frame": clip[:, t], **states})))
+    ys.append(out["output"])
+    states = {name: out[f"{name}_next"] for name in states}
+  return np.stack(ys, axis=1)
 
 
 def _as_function(model_or_fn: Any, params: Any) -> Callable[[Any], Any]:
@@ -137,39 +258,140 @@ def _as_function(model_or_fn: Any, params: Any) -> Callable[[Any], Any]:
   return lambda x: model_or_fn(constants, x)
 
 
-def _convert(fn: Callable[[Any], Any], spec: jax.ShapeDtypeStruct) -> Any:
+def _convert(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
+             input_names: Sequence[str], output_names: Sequence[str] | None = None, *,
+             caller: str = _FN) -> Any:
+  """`fn` as an ONNX `ModelProto`: inputs `input_names`, outputs `output_names`.
+
+  Without `output_names`, one output is `y` and several are `y0`, `y1`, ....
+  Errors name `caller`.
+  """
   try:
     from jax2onnx import to_onnx
 
     from interop import _onnx_lowering  # noqa: F401  (registers the dw5d plugins)
   except ImportError as err:
-    raise ImportError(f"{_FN}: ONNX export needs jax2onnx and onnx (`pip install jax2onnx "
+    raise ImportError(f"{caller}: ONNX export needs jax2onnx and onnx (`pip install jax2onnx "
                       f"onnx onnxruntime`, or this project's `onnx` extra): {err}") from None
-  try:
-    out = jax.eval_shape(fn, spec)
-  except Exception as err:  # fn is user code
-    raise ValueError(f"{_FN}: `model_or_fn` fails on an input of shape "
-                     f"{tuple(spec.shape)} (`input_shape`): {type(err).__name__}: "
-                     f"{err}") from err
-  n_out = len(jax.tree_util.tree_leaves(out))
-  outputs = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
+  if output_names is None:
+    try:
+      out = jax.eval_shape(fn, *specs)
+    except Exception as err:  # fn is user code
+      raise ValueError(f"{caller}: `model_or_fn` fails on an input of shape "
+                       f"{tuple(specs[0].shape)} (`input_shape`): {type(err).__name__}: "
+                       f"{err}") from err
+    n_out = len(jax.tree_util.tree_leaves(out))
+    output_names = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
   try:
     # The export target is a fact the ops carry (and part of jit's cache key:
     # a function jitted before is traced again for it).
     with _target.export_target("onnx"):
-      return to_onnx(fn, inputs=[spec], model_name="dw5d", input_names=["x"],
-                     output_names=outputs, enable_double_precision=spec.dtype == np.float64)
+      model = to_onnx(fn, inputs=list(specs), model_name="dw5d",
+                      input_names=list(input_names), output_names=list(output_names),
+                      enable_double_precision=any(s.dtype == np.float64 for s in specs))
   except ValueError as err:
-    if str(err).startswith(f"{_FN}:"):
-      raise ValueError(str(err)) from None
-    raise _explain(err) from err
+    if str(err).startswith(f"{_FN}:"):  # the plugins' messages
+      raise ValueError(caller + str(err)[len(_FN):]) from None
+    raise _explain(err, caller) from err
   except NotImplementedError as err:
-    raise _explain(err) from err
+    raise _explain(err, caller) from err
+  return _bfloat16_in_float32(model)
 
 
-def _explain(err: Exception) -> ValueError:
-  return ValueError(f"{_FN}: the converter (jax2onnx) cannot express part of `model_or_fn`: "
+# Ops that onnxruntime's CPU provider has no bfloat16 kernel for (probed with
+# onnxruntime 1.32: it has bfloat16 Cast, Reshape, Transpose, Slice, Concat,
+# Pad, Gather, Squeeze, Identity, Clip and little else that computes).
+_NO_BFLOAT16 = frozenset({
+    "Abs", "Add", "Ceil", "Div", "Erf", "Exp", "Expand", "Floor", "Gelu", "HardSigmoid",
+    "HardSwish", "Log", "MatMul", "Max", "Min", "Mul", "Neg", "Pow", "Reciprocal",
+    "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Sigmoid", "Softmax", "Softplus", "Sqrt",
+    "Sub", "Tanh"})
+
+
+def _bfloat16_in_float32(model: Any) -> Any:
+  """Each op of `_NO_BFLOAT16` on bfloat16 tensors as `Cast` to float32, the op, `Cast` back.
+
+  That is how XLA computes bfloat16 arithmetic on CPU (in float32, each
+  result rounded to bfloat16), and it lets onnxruntime's CPU provider run
+  the graph: jax2onnx writes every `broadcast_in_dim` as `Expand` (the
+  library's rank-4 inputs become rank 5 so), a stream's step adds its time
+  taps with `Add`, a model's other layers compute in bfloat16. The
+  library's own convolutions already compute in float32 between `Cast`s
+  (interop/_onnx_lowering.py). Only the main graph is rewritten.
+  """
+  from onnx import TensorProto, helper
+
+  graph = model.graph
+  types = {v.name: v.type.tensor_type.elem_type
+           for v in (*graph.input, *graph.value_info, *graph.output)}
+  types.update((t.name, t.data_type) for t in graph.initializer)
+
+  def narrow(node):
+    return node.op_type in _NO_BFLOAT16 and any(
+        types.get(name) == TensorProto.BFLOAT16 for name in node.input)
+
+  if not any(narrow(node) for node in graph.node):
+    return model
+  nodes = []
+  for i, node in enumerate(graph.node):
+    if not narrow(node):
+      nodes.append(node)
+      continue
+    for j, name in enumerate(node.input):
+      if types.get(name) == TensorProto.BFLOAT16:
+        wide = f"dw5d_f32_{i}_in{j}"
+        nodes.append(helper.make_node("Cast", [name], [wide], to=TensorProto.FLOAT))
+        node.input[j] = wide
+    outputs = list(node.output)
+    for j, name in enumerate(outputs):
+      if name:  # "" is an optional output left out
+        node.output[j] = f"dw5d_f32_{i}_out{j}"
+    nodes.append(node)
+    nodes += [helper.make_node("Cast", [node.output[j]], [name], to=TensorProto.BFLOAT16)
+              for j, name in enumerate(outputs) if name]
+  del graph.node[:]
+  graph.node.extend(nodes)
+  return model
+
+
+def _explain(err: Exception, caller: str) -> ValueError:
+  subject = "`model_or_fn`" if caller == _FN else "`step_fn`"
+  return ValueError(f"{caller}: the converter (jax2onnx) cannot express part of {subject}: "
                     f"{type(err).__name__}: {err}")
+
+
+def run(session: Any, feeds: dict[str, Any]) -> list[np.ndarray]:
+  """`session.run(None, feeds)` for an onnxruntime session, bfloat16 included.
+
+  onnxruntime's Python API maps no NumPy dtype to bfloat16 (`ml_dtypes`'
+  is unknown to it): bfloat16 arrays go in as `OrtValue`s of ONNX type
+  BFLOAT16 over the same bytes, and bfloat16 outputs come back as
+  `ml_dtypes.bfloat16` arrays copied from the output's buffer.
+  """
+  bf16 = np.dtype(jax.numpy.bfloat16)
+  if (all(np.asarray(a).dtype != bf16 for a in feeds.values())
+      and all(o.type != "tensor(bfloat16)" for o in session.get_outputs())):
+    return session.run(None, feeds)
+  import ctypes
+
+  import onnxruntime
+  from onnx import TensorProto
+
+  def value(a):
+    a = np.ascontiguousarray(a)
+    if a.dtype != bf16:
+      return onnxruntime.OrtValue.ortvalue_from_numpy(a)
+    return onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(np.uint16),
+                                                                   TensorProto.BFLOAT16)
+
+  def array(v):
+    if v.data_type() != "tensor(bfloat16)":
+      return v.numpy()
+    raw = (ctypes.c_uint16 * (v.tensor_size_in_bytes() // 2)).from_address(v.data_ptr())
+    return np.frombuffer(raw, np.uint16).view(bf16).reshape(v.shape()).copy()
+
+  values = {name: value(a) for name, a in feeds.items()}  # alive until the run ends
+  return [array(v) for v in session.run_with_ort_values(None, values)]
 
 
 def onnx_ops(model: Any) -> list[str]:

@@ -1,4 +1,4 @@
-"""Streaming models as TensorFlow SavedModels: `step(state, chunk) -> (state, output)`.
+"""Streaming models as TensorFlow SavedModels, and one frame per step as LiteRT.
 
 `export_streaming_savedmodel` is `export_savedmodel` (`_export.py`: jax2tf's
 native serialization, lowered for every platform in `platforms`, `params` as
@@ -25,6 +25,11 @@ With `per_example=True` (a batch of independent streams, as from
 (int32 `(N,)`, real frames per example) and `reset` (bool `(N,)`, a new
 stream in that example's slot), and so do `step(state, chunk, valid, reset)`
 and the serving signature (inputs `"valid"` and `"reset"`).
+
+`export_streaming_litert` writes one step of the same kind of stream for one
+frame as a LiteRT flatbuffer whose state enters and leaves as named rank-4
+tensors (GPU delegates refuse 5D): the step over rank-4 tensors is
+`dw5d_jax._stream4d.build`'s, converted with `interop._litert.convert`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
+from dw5d_jax import _stream4d, _target
 from interop import _export
 
 _FN = "export_streaming_savedmodel"
@@ -242,3 +249,204 @@ def _save(init_fn, step_fn, unflatten, leaves, state_tree, state_names, specs, p
   module.step = step
   _export._write(module, path, {"serving_default": serving_step.get_concrete_function(),
                                 "initial_state": initial_state.get_concrete_function()})
+
+
+# ----------------------------------------------------------------------------
+# One frame per step as a LiteRT flatbuffer, every tensor of rank <= 4.
+
+_FN_LITERT = "export_streaming_litert"
+
+
+def export_streaming_litert(
+    init_fn: Callable[[Any, jax.Array], Any],
+    step_fn: Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]],
+    params: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int],
+    quantize: str | None = None,
+    representative_data: Any = None,
+    overwrite: bool = False,
+) -> str:
+  """Exports one frame of a stream as a LiteRT (`.tflite`) flatbuffer with rank-4 state.
+
+  The flatbuffer computes one step of the stream `init_fn`/`step_fn` (as for
+  `export_streaming_savedmodel`: `dw5d_jax.stream_init`/`stream_step`, or a
+  model's layers' `stream_init`/`stream_step`) on one frame, with the
+  state as named tensors of rank 4 (GPU delegates refuse 5D tensors), and
+  LiteRT's builtin ops only. Its signature `"serving_default"` takes
+
+  * `frame`: the next frame `(N, H, W, C)` of a clip `(N, T, H, W, C)`;
+  * one tensor per stream that keeps frames (a window reaching `e > 1`
+    frames back in time): `state` for a single stream, `state_0`,
+    `state_1`, ... for a tuple of streams (named after their place in the
+    state's tree), each `(N, H, W, (e - 1) * C)`: the stream's last `e - 1`
+    input frames side by side along channels, oldest first; zeros before
+    the first frame (the causal padding);
+
+  and returns `output`, the output frame, and the state tensors to feed to
+  the next step, under the same names. The graph keeps no state of its own
+  (no counters, no variables): a step shifts each state by one frame (a
+  slice and a concatenation) and sums one DEPTHWISE_CONV_2D per time tap.
+  Frames are the full causal op's output, frame after frame. Every tensor
+  of the graph has rank at most 4, unless `step_fn` applies an op outside
+  `_litert._RANK_FREE` (elementwise ops, activations, dense layers, ...)
+  to a chunk or an output: its tensors then keep their unit time axis
+  (`dw5d_jax._stream4d` says how the step is built).
+
+  Args:
+    init_fn: a JAX function `(params, chunk) -> state`, the state a pytree of
+      `dw5d_jax.StreamState`s.
+    step_fn: a JAX function `(params, state, chunk) -> (state, y)`, `y` of
+      shape `(N, 1, H', W', C')` for a chunk of one frame.
+    params: a pytree of arrays (constants in the flatbuffer).
+    path: the `.tflite` file to write.
+    input_shape: the chunk of one frame, `(N, 1, H, W, C)`, ints (LiteRT
+      needs static shapes).
+    quantize: None (float32), `"float16"` (float16 weights) or `"int8"`
+      (full-integer: int8 weights and activations, the state tensors
+      included; the interface stays float32, as in `export_litert`).
+    representative_data: `"int8"` only: clips `(N, T, H, W, C)` (an
+      iterable, or a function returning one). Each is streamed through the
+      step in JAX, and every frame with the state it meets is a calibration
+      sample: real step inputs, states included.
+    overwrite: replace an existing file at `path`.
+
+  Returns:
+    `path`, as a string.
+
+  Raises:
+    ImportError: the `ai-edge-litert` package is missing.
+    TypeError, ValueError: as `export_litert` (shapes, `quantize`, `path`, ops
+      outside LiteRT's builtin set); `input_shape` not one frame
+      `(N, 1, H, W, C)`; a stream with stride along time, channels-first,
+      streamed along another axis, or per example; a state holding anything
+      but `StreamState`s; `valid` or `reset` in `step_fn`.
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> import dw5d_jax as dw
+    >>> from interop._litert import interpreter
+    >>> k = np.random.default_rng(0).standard_normal((3, 3, 3, 4, 1), np.float32)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = export_streaming_litert(
+    ...     lambda k, c: dw.stream_init(c, k), lambda k, s, c: dw.stream_step(s, c, k), k,
+    ...     tmp.name + "/step.tflite", input_shape=(1, 1, 8, 8, 4))
+    >>> step = interpreter(path).get_signature_runner()
+    >>> out = step(frame=np.ones((1, 8, 8, 4), np.float32),
+    ...            state=np.zeros((1, 8, 8, 8), np.float32))   # 2 frames of 4 channels
+    >>> sorted((name, a.shape) for name, a in out.items())
+    [('output', (1, 8, 8, 4)), ('state', (1, 8, 8, 8))]
+  """
+  from interop import _files, _litert
+
+  fn = _FN_LITERT
+  shape = _litert._check_input_shape(input_shape, fn)
+  _litert._check_quantize(quantize, representative_data, fn,
+                          what="clips (N, T, H, W, C) of the frames you stream")
+  _litert._litert_module("schema_py_generated", fn)
+  path = os.fspath(path)
+  _files.check_path(fn, path, overwrite, ".tflite")
+  step = _stream4d.build(init_fn, step_fn, params, shape, np.float32, fn=fn)
+  samples = (None if representative_data is None
+             else _stream_samples(step, representative_data))
+  concrete, owner = _step_concrete_function(step, "litert")
+  flatbuffer = _litert.convert(concrete, owner, quantize=quantize, samples=samples, fn=fn)
+  _files.write(path, _rank4(flatbuffer, step), ".tflite")
+  return path
+
+
+def _rank4(flatbuffer: bytes, step: _stream4d.Step4D) -> bytes:
+  """The graph with the unit time axis dropped from its rank-5 tensors, where that is safe.
+
+  The step's own arithmetic is rank 4; a model's per-frame ops (a bias, an
+  activation, a pointwise layer) run on `(N, 1, H, W, C)` chunks and leave
+  rank-5 tensors. `_litert.drop_unit_axis` drops the unit axis where every
+  op around them computes the same at any rank; kept only if it gives the
+  same outputs on a random clip of 3 frames.
+  """
+  from interop import _litert
+
+  if _litert.max_rank(flatbuffer) <= 4:
+    return flatbuffer
+  dropped = _litert.drop_unit_axis(flatbuffer)
+  if dropped is None:
+    return flatbuffer
+  clip = np.random.default_rng(0).standard_normal(
+      (step.frame_shape[0], 3, *step.frame_shape[1:])).astype(np.float32)
+  try:
+    before, after = run_litert_stream(flatbuffer, clip), run_litert_stream(dropped, clip)
+  except (RuntimeError, ValueError):  # a graph the interpreter refuses
+    return flatbuffer
+  scale = max(float(np.max(np.abs(before))), 1e-30)
+  return dropped if float(np.max(np.abs(after - before))) <= 1e-6 * scale else flatbuffer
+
+
+def _stream_samples(step: _stream4d.Step4D, data: Any) -> list[dict[str, np.ndarray]]:
+  """Every frame of the calibration clips with the states it meets, by input name."""
+  n, h, w, c = step.frame_shape
+  samples = []
+  for i, clip in enumerate(data() if callable(data) else data):
+    clip = np.asarray(clip)
+    if clip.ndim != 5 or clip.shape[0] != n or clip.shape[2:] != (h, w, c) or (
+        clip.dtype.kind != "f"):
+      raise ValueError(f"{_FN_LITERT}: `representative_data` item {i} must be a float clip "
+                       f"({n}, T, {h}, {w}, {c}), got {clip.dtype} {clip.shape}.")
+    _, states = step.run(clip)
+    samples += [{"frame": clip[:, t].astype(np.float32), **dict(zip(step.state_names, s))}
+                for t, s in enumerate(states)]
+  if not samples:
+    raise ValueError(f"{_FN_LITERT}: `representative_data` is empty; give clips "
+                     f"({n}, T, {h}, {w}, {c}) of typical frames.")
+  return samples
+
+
+def _step_concrete_function(step: _stream4d.Step4D, target: str) -> tuple[Any, Any]:
+  """`step.fn` as a TF concrete function with inputs `frame`, the states; dict outputs."""
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  specs = [jax.ShapeDtypeStruct(s, step.dtype)
+           for s in (step.frame_shape, *step.state_shapes)]
+  leaf_specs = [jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype))
+                for a in step.leaves]
+  with _target.export_target(target):
+    closed = jax.make_jaxpr(step.fn)(leaf_specs, *specs)
+
+  def jaxpr_fn(leaves, *args):
+    return jax.extend.core.jaxpr_as_fun(closed)(*leaves, *args)
+
+  converted = jax2tf.convert(jaxpr_fn, native_serialization_platforms=("cpu",),
+                             with_gradient=False)
+  constants = [tf.constant(a.astype(s.dtype)) for a, s in zip(step.leaves, leaf_specs)]
+  names = ("frame", *step.state_names)
+  signature = [tf.TensorSpec(s.shape, tf.as_dtype(step.dtype), name=name)
+               for name, s in zip(names, specs)]
+
+  @tf.function(autograph=False, input_signature=signature)
+  def serve(*args):
+    y, *states = converted(constants, *args)
+    return {"output": y, **dict(zip(step.state_names, states))}
+
+  return serve.get_concrete_function(), tf.Module()
+
+
+def run_litert_stream(model: Any, clip: Any, *, num_threads: int = 2) -> np.ndarray:
+  """Streams `clip` `(N, T, H, W, C)` through a flatbuffer of `export_streaming_litert`.
+
+  Frame by frame in the LiteRT interpreter, the states fed back by name.
+  Returns the output frames stacked along time, `(N, T, H', W', C')`.
+  """
+  from interop import _litert
+
+  it = model if hasattr(model, "get_signature_runner") else _litert.interpreter(
+      model, num_threads=num_threads)
+  runner = it.get_signature_runner()
+  states = {name: np.zeros(d["shape"], d["dtype"])
+            for name, d in runner.get_input_details().items() if name != "frame"}
+  ys = []
+  for t in range(np.shape(clip)[1]):
+    out = runner(frame=np.asarray(clip[:, t], np.float32), **states)
+    ys.append(out.pop("output"))
+    states = out
+  return np.stack(ys, axis=1)

@@ -612,3 +612,32 @@ def test_backend_modules():
     assert "interop._tf_ops" not in sys.modules
   else:
     assert "interop._tf_ops" in sys.modules
+
+
+def test_onnx_export(rng, tmp_path):
+  """`interop.export_onnx` of a Keras model: run in onnxruntime on the JAX backend
+  (against the model itself; the layers' reference is checked above); refused,
+  naming the backend, on the TensorFlow backend."""
+  import interop
+  from interop import _onnx
+
+  model = keras.Sequential([keras.Input((5, 6, 7, 3)),
+                            DepthwiseConv3D(3, depth_multiplier=2, padding="same",
+                                            activation="relu"),
+                            keras.layers.Dense(4)])
+  path = tmp_path / "k.onnx"
+  if BACKEND != "jax":
+    with pytest.raises(ValueError, match=r"export_onnx: a Keras model on the 'tensorflow' "
+                       r"backend cannot be converted; .* KERAS_BACKEND=jax"):
+      interop.export_onnx(model, path, input_shape=(None, 5, 6, 7, 3))
+    assert not path.exists()
+    return
+  import jax
+  import onnxruntime
+
+  with jax.numpy_rank_promotion("allow"):  # Keras's Dense adds its bias with promotion
+    interop.export_onnx(model, path, input_shape=(None, 5, 6, 7, 3))
+    want = np.asarray(model(x := random_array(rng, (2, 5, 6, 7, 3))))
+  session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  y = session.run(None, {"x": x})[0]
+  assert np.max(np.abs(y - want)) <= _onnx.TOLERANCE["float32"] * np.max(np.abs(want))

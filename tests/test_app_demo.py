@@ -146,9 +146,11 @@ def test_quick_demo_end_to_end(tmp_path):
   assert proc.returncode == 0, text[-6000:]
   for step in range(1, len(demo.STEPS) + 1):
     assert f"[{step}/{len(demo.STEPS)}]" in proc.stdout
-  assert re.search(r"all 5 checks passed", proc.stdout), text[-4000:]
+  assert re.search(r"all 6 checks passed", proc.stdout), text[-4000:]
   assert "[ok] LiteRT vs JAX logits, 16x16x16" in proc.stdout, text[-4000:]
   assert pathlib.Path(f"{out}.tflite").is_file()
+  assert "[ok] streaming LiteRT vs JAX, slice by slice" in proc.stdout, text[-4000:]
+  assert pathlib.Path(f"{out}.stream.tflite").is_file()
   accuracy = float(re.search(r"\[ok\] held-out accuracy: ([0-9.]+)", proc.stdout).group(1))
   assert accuracy >= demo.Settings().min_accuracy
   assert len(re.findall(r"^  (?:per-slice 2D, axes (?:HW|DW)|3D) ", proc.stdout, re.M)) == 9

@@ -238,6 +238,28 @@ def test_litert_errors_exit_2(tmp_path, kernel_file, capsys, extra, message):
   assert not (tmp_path / "m.tflite").exists()
 
 
+def test_litert_stream(tmp_path, rng, kernel_file, capsys):
+  """`--litert --stream`: one frame per step, the state rank 4, checked frame by frame."""
+  from interop import _stream_export
+
+  path, k = kernel_file((2, 3, 3, 3, 2))
+  out = tmp_path / "step.tflite"
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", str(out),
+                    "--litert", "--stream", "--padding", "CAUSAL,SAME,1:1", "--dilations",
+                    "2,1,1", "--input-shape", "2,5,6,7,3"]) == 0
+  text = capsys.readouterr().out
+  assert "frame (2, 6, 7, 3), state {'state': (2, 6, 7, 6)}; ops:" in text
+  assert "(all builtin)" in text and text.count("output error") == 2 and "FAIL" not in text
+  # Our own check, on a longer clip than the command tried.
+  x = random_array(rng, (2, 9, 6, 7, 3))
+  want = Case("3d", "NDHWC", "DHW", x.shape, k.shape, 1, (2, 1, 1),
+              ("CAUSAL", "SAME", (1, 1))).expected(x, k)
+  assert_close(_stream_export.run_litert_stream(out, x), want)
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                    str(tmp_path / "s.tflite"), "--stream"]) == 2
+  assert "`--stream` applies to `--litert` and `--onnx` exports only" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------
 # --onnx: an ONNX model, checked with onnxruntime.
 
@@ -260,6 +282,53 @@ def test_onnx(tmp_path, rng, kernel_file, capsys):
               ("CAUSAL", (1, 1), "VALID")).expected(x, k)
   session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
   assert_close(session.run(None, {"x": x})[0], want)
+
+
+@pytest.mark.parametrize("dtype, shape", [("float16", "None,5,6,3"), ("bfloat16", "2,5,6,3")])
+def test_onnx_half_precision(tmp_path, kernel_file, capsys, dtype, shape):
+  """Rank-4 inputs in float16 and bfloat16 (a bfloat16 `Expand` runs as float32)."""
+  path, _ = kernel_file((3, 3, 3, 2))
+  assert cli.main(["export", "--op", "depthwise_conv2d", "--kernel", path, "--out",
+                   str(tmp_path / "m.onnx"), "--onnx", "--dtype", dtype, "--input-shape",
+                   shape, "--padding", "SAME"]) == 0
+  text = capsys.readouterr().out
+  assert f"kernel (3, 3, 3, 2) {dtype}" in text and "Cast" in text, text
+  assert text.count("output error") == 2 and "FAIL" not in text, text
+  assert "verified: the ONNX model matches the float64 reference" in text
+
+
+def test_onnx_refuses_float64(tmp_path, kernel_file, capsys):
+  path, _ = kernel_file((3, 3, 3, 2, 1))
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out",
+                   str(tmp_path / "m.onnx"), "--onnx", "--dtype", "float64"]) == 2
+  assert ("`--onnx` exports float32, float16, bfloat16 models (onnxruntime's CPU provider "
+          "has no float64 Conv), got --dtype float64." in capsys.readouterr().err)
+  assert not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_stream(tmp_path, rng, kernel_file, capsys):
+  """`--onnx --stream`: one frame per step, the state rank 4, checked frame by frame."""
+  from interop import _onnx
+
+  path, k = kernel_file((3, 3, 3, 2, 2))
+  out = tmp_path / "step.onnx"
+  assert cli.main(["export", "--op", "depthwise_conv3d", "--kernel", path, "--out", str(out),
+                   "--onnx", "--stream", "--padding", "CAUSAL,SAME,1:1", "--input-shape",
+                   "1,5,6,7,2", "--dtype", "float16"]) == 0
+  text = capsys.readouterr().out
+  assert "state {'state': ('b', 6, 7, 4)}" in text and "Conv" in text, text
+  assert text.count("frame by frame: output error") == 2 and "FAIL" not in text, text
+  assert "verified: the model, frame by frame, matches the float64 reference" in text
+  x = random_array(rng, (2, 4, 6, 7, 2), "float16")  # our own clip
+  want = Case("3d", "NDHWC", "DHW", x.shape, k.shape, 1, 1,
+              ("CAUSAL", "SAME", (1, 1))).expected(x, k.astype(np.float16))
+  got = _onnx.run_stream(_onnx_session(out), x)
+  assert np.abs(got - want).max() <= _onnx.TOLERANCE["float16"] * np.abs(want).max()
+
+
+def _onnx_session(path):
+  import onnxruntime
+  return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def test_onnx_refuses_litert_too(tmp_path, kernel_file, capsys):

@@ -29,7 +29,7 @@ PUBLIC = {
                  "tune_cpu_allocator"),
     "dw5d_jax.nn": ("DepthwiseConv2D", "DepthwiseConv3D", "depthwise_kernel_init"),
     "interop": ("DepthwiseWeights", "export_litert", "export_onnx", "export_savedmodel",
-                "export_streaming_savedmodel", "kernel_from_keras_grouped", "kernel_from_torch_grouped", "load_savedmodel",
+                "export_streaming_litert", "export_streaming_onnx", "export_streaming_savedmodel", "kernel_from_keras_grouped", "kernel_from_torch_grouped", "load_savedmodel",
                 "litert_ops", "tf_depthwise_conv2d", "tf_depthwise_conv3d", "weights_from_keras",
                 "weights_from_torch"),
     "interop.keras": ("DepthwiseConv2D", "DepthwiseConv3D"),

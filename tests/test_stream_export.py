@@ -1,9 +1,10 @@
-"""Streaming SavedModels (interop._stream_export), loaded back in this process.
+"""Streaming SavedModels and LiteRT steps (interop._stream_export), loaded back here.
 
 The exported stream must give, chunk by chunk, the full model on the whole
 sequence: expected values come from the float64 reference
 (`dw5d_jax._reference.depthwise_reference`) on the whole sequence. Serving
-without JAX is in test_savedmodel_tf_only.py.
+without JAX is in test_savedmodel_tf_only.py. LiteRT steps run frame by
+frame in the LiteRT interpreter.
 """
 
 from __future__ import annotations
@@ -170,3 +171,153 @@ def test_errors(tmp_path):
                      r"and is not empty"):
     interop.export_streaming_savedmodel(init_one, step_one, K, tmp_path / "e",
                                         input_shape=shape)
+
+
+# ----------------------------------------------------------------------------
+# LiteRT: one frame per step, the state as named rank-4 tensors
+# (interop.export_streaming_litert), run frame by frame in the LiteRT
+# interpreter against the full causal op on the whole clip.
+
+LITERT_OP = dict(dilations=(2, 1, 1), strides=(1, 2, 1))  # e = 5: 4 frames kept
+
+
+def _tensor_ranks(path) -> int:
+  from interop import _litert
+  return max(len(d["shape"]) for d in _litert.interpreter(path).get_tensor_details())
+
+
+def _int8_bound(path, k, x_max) -> float:
+  """A worst-case bound on an int8 step's error for one op, from its quantization steps.
+
+  With `s` the largest activation scale in the graph: the frame and the
+  state are rounded once each (<= s / 2, twice: <= s), which the taps
+  multiply by at most sum|k| over one output's window; each tap's output,
+  each ADD and the output are rounded once (<= s / 2 each, 2 kd + 1 of
+  them); per-channel int8 weights are off by at most max|k| / 254 each,
+  times max|x|, over the window's K taps.
+  """
+  from interop import _litert
+  s = max(d["quantization"][0] for d in _litert.interpreter(path).get_tensor_details()
+          if d["dtype"] == np.int8 and d["quantization"][0] > 0)
+  window = np.abs(k).reshape(-1, *k.shape[-2:]).sum(axis=0).max()
+  taps = np.prod(k.shape[:-2])
+  return float(window * s + (2 * k.shape[0] + 1) * s / 2
+               + taps * np.abs(k).max() / 254 * x_max)
+
+
+def _litert_stream(tmp_path, init, step, params, x, rng, quantize, name):
+  calibration = [x, random_array(rng, x.shape)] if quantize == "int8" else None
+  path = interop.export_streaming_litert(
+      init, step, params, tmp_path / f"{name}-{quantize}.tflite",
+      input_shape=(x.shape[0], 1, *x.shape[2:]), quantize=quantize,
+      representative_data=calibration)
+  found = interop.litert_ops(path)
+  assert found.all_builtin and not {"CONV_3D", "WHILE", "GATHER"} & set(found.ops), found
+  return path, interop._stream_export.run_litert_stream(path, x)
+
+
+@pytest.mark.parametrize("quantize", [None, "float16", "int8"])
+def test_litert_op_step_equals_the_full_causal_op(tmp_path, rng, quantize):
+  x, k = random_array(rng, (2, 7, 9, 8, 3)), random_array(rng, (3, 3, 2, 3, 2))
+  path, got = _litert_stream(
+      tmp_path, lambda k, c: dw.stream_init(c, k, **LITERT_OP),
+      lambda k, s, c: dw.stream_step(s, c, k, **LITERT_OP), k, x, rng, quantize, "op")
+  runner = interop._litert.interpreter(path).get_signature_runner()
+  shapes = {n: tuple(d["shape"]) for n, d in runner.get_input_details().items()}
+  assert shapes == {"frame": (2, 9, 8, 3), "state": (2, 9, 8, 12)}
+  assert {n: tuple(d["shape"]) for n, d in runner.get_output_details().items()} == {
+      "output": (2, 5, 8, 6), "state": (2, 9, 8, 12)}
+  assert _tensor_ranks(path) <= 4  # every tensor of the graph, for GPU delegates
+  assert "DEPTHWISE_CONV_2D" in interop.litert_ops(path).ops
+  want = depthwise_reference(x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME"), **LITERT_OP)
+  err = np.abs(got - want).max()
+  if quantize == "int8":
+    # Within the worst case of its quantization steps (which is loose: 0.23
+    # measured against a bound of 4.2, max|y| 17), and the typical int8 error.
+    bound = _int8_bound(path, k, np.abs(x).max())
+    assert err <= bound and bound < 0.25 * np.abs(want).max(), (err, bound)
+    # The state is int8 inside, quantized and dequantized with one scale, so
+    # feeding it back through the float32 interface loses nothing.
+    it = interop._litert.interpreter(path)
+    state_in = runner.get_input_details()["state"]["index"]
+    state_out = runner.get_output_details()["state"]["index"]
+    ops = it._get_ops_details()
+    q_in = [o["outputs"][0] for o in ops if o["op_name"] == "QUANTIZE"
+            and o["inputs"][0] == state_in]
+    q_out = [o["inputs"][0] for o in ops if o["op_name"] == "DEQUANTIZE"
+             and o["outputs"][0] == state_out]
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    assert len(q_in) == len(q_out) == 1 and details[q_in[0]]["dtype"] == np.int8
+    assert details[q_in[0]]["quantization"] == details[q_out[0]]["quantization"]
+  assert err <= interop._litert.TOLERANCE[quantize] * np.abs(want).max(), err
+
+
+def test_litert_2d_op_per_slice_with_a_one_frame_ring(tmp_path, rng):
+  # axes="DW": each time tap a 1D convolution along W; kt = 2 keeps one frame,
+  # so the new state is the frame itself.
+  x, k = random_array(rng, (1, 5, 4, 7, 2)), random_array(rng, (2, 3, 2, 3))
+  kw = dict(axes="DW")
+  path, got = _litert_stream(tmp_path, lambda k, c: dw.stream_init(c, k, **kw),
+                             lambda k, s, c: dw.stream_step(s, c, k, **kw), k, x, rng, None,
+                             "dw")
+  assert _tensor_ranks(path) <= 4
+  assert_close(got, depthwise_reference(x, k, axes="DW", padding=("CAUSAL", "SAME")))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_litert_model_of_layers_steps_like_its_call(tmp_path, rng, quantize):
+  from tests.test_stream4d import make_net
+
+  net, params, init, step = make_net(rng)
+  x = random_array(rng, (2, 6, 5, 6, 3))
+  path, got = _litert_stream(tmp_path, init, step, params, x, rng, quantize, "net")
+  runner = interop._litert.interpreter(path).get_signature_runner()
+  assert sorted(runner.get_input_details()) == ["frame", "state_0", "state_1"]
+  assert all(len(d["shape"]) == 4 for d in runner.get_input_details().values())
+  # The layers' bias and activations, and the pointwise layer, ran on (N, 1, H, W, C)
+  # chunks; their unit time axis is dropped from the graph.
+  assert _tensor_ranks(path) <= 4
+  want = np.asarray(net(x), np.float64)  # the model on the whole clip
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert err <= interop._litert.TOLERANCE[quantize], err
+
+
+def test_litert_keeps_rank_5_where_an_op_needs_it(tmp_path, rng):
+  # A per-frame op outside the rank-free set (REVERSE_V2 along W) on the 5D
+  # chunk: the unit axis stays, and the step is still right.
+  x, k = random_array(rng, (1, 4, 5, 6, 2)), random_array(rng, (2, 3, 3, 2, 1))
+
+  def step(k, s, c):
+    s, y = dw.stream_step(s, c, k)
+    return s, jnp.flip(y, axis=3) * 2.0
+
+  path, got = _litert_stream(tmp_path, lambda k, c: dw.stream_init(c, k), step, k, x, rng,
+                             None, "flip")
+  assert _tensor_ranks(path) == 5
+  want = depthwise_reference(x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME"))
+  assert_close(got, np.flip(want, axis=3) * 2.0)
+
+
+def test_litert_errors(tmp_path):
+  """Unsupported streams and bad arguments are refused by name, before converting."""
+  args = (init_one, step_one, K, tmp_path / "s.tflite")
+  with pytest.raises(ValueError, match=r"export_streaming_litert: LiteRT needs static shapes"):
+    interop.export_streaming_litert(*args, input_shape=(None, 1, 8, 8, 4))
+  with pytest.raises(ValueError, match=r"export_streaming_litert: `input_shape` must be one "
+                                       r"frame .* got \(1, 3, 8, 8, 4\)"):
+    interop.export_streaming_litert(*args, input_shape=(1, 3, 8, 8, 4))
+  with pytest.raises(ValueError, match=r"export_streaming_litert: quantize='int8' needs "
+                                       r"`representative_data`: typical inputs \(clips"):
+    interop.export_streaming_litert(*args, input_shape=(1, 1, 8, 8, 4), quantize="int8")
+  with pytest.raises(ValueError, match=r"export_streaming_litert: `representative_data` item 0 "
+                                       r"must be a float clip \(1, T, 8, 8, 4\), got float32 "
+                                       r"\(1, 8, 8, 4\)"):
+    interop.export_streaming_litert(*args, input_shape=(1, 1, 8, 8, 4), quantize="int8",
+                                    representative_data=[np.ones((1, 8, 8, 4), np.float32)])
+  with pytest.raises(ValueError, match=r"export_streaming_litert: the stream of `state` has "
+                                       r"stride 2 along the streamed axis D"):
+    interop.export_streaming_litert(
+        lambda k, c: dw.stream_init(c, k, strides=(2, 1, 1)),
+        lambda k, s, c: dw.stream_step(s, c, k, strides=(2, 1, 1)), K,
+        tmp_path / "t.tflite", input_shape=(1, 1, 8, 8, 4))
+  assert not list(tmp_path.iterdir())

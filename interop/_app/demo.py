@@ -11,7 +11,10 @@
    held-out volumes and on volumes of another size. Then `interop.export_litert`
    writes the model for one 16^3 volume as a LiteRT flatbuffer (`<out>.tflite`,
    builtin ops only), which the LiteRT interpreter runs on the held-out
-   volumes: its logits must match JAX's too.
+   volumes: its logits must match JAX's too. Last, the stem made causal
+   along D streams slice by slice as a LiteRT flatbuffer with its state a
+   rank-4 tensor (`<out>.stream.tflite`, `interop.export_streaming_litert`),
+   checked against the full causal layer.
 4. Timing: per-slice 2D and 3D depthwise ops, `dw5d_jax` (method "auto") vs
    the TF reshape path (`interop.tf_depthwise_conv2d/3d` in a `tf.function`)
    vs XLA's grouped convolution (method "conv"): median of a few runs after a
@@ -225,7 +228,8 @@ def _step_export(s: Settings, model: Any, data: dict[str, Any], out: str,
                f"max |TF - JAX| {err:.1e} (allowed {s.serve_rtol * scale:.1e}); same class "
                f"for {same}/{len(x)}; TF accuracy {rows[-1]['accuracy']:.3f}")
   litert = _export_litert(s, model, graphdef, state, data["held_out"], path + ".tflite", checks)
-  return {"path": path, "rows": rows, "litert": litert}
+  stream = _export_litert_stream(s, model, data["held_out"], path + ".stream.tflite", checks)
+  return {"path": path, "rows": rows, "litert": litert, "stream": stream}
 
 
 def _export_litert(s: Settings, model: Any, graphdef: Any, state: Any, volumes: Any, path: str,
@@ -259,6 +263,56 @@ def _export_litert(s: Settings, model: Any, graphdef: Any, state: Any, volumes: 
              f"max |LiteRT - JAX| {err:.1e} (allowed {s.serve_rtol * scale:.1e}); same class "
              f"for {same}/{len(x)}")
   return {"path": path, "max_abs": err, "same": same, "n": len(x)}
+
+
+def _export_litert_stream(s: Settings, model: Any, volumes: Any, path: str,
+                          checks: Checks) -> dict[str, Any] | None:
+  """The stem made causal along D, one slice per step, as a streaming LiteRT flatbuffer.
+
+  A scanner delivers a volume slice by slice: the trained stem's kernel and
+  bias with CAUSAL padding along D (and its GELU) stream through
+  `interop.export_streaming_litert`, the state (the last 2 slices) a rank-4
+  tensor; the interpreter's slices must match the full causal layer in JAX.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  import interop
+  from dw5d_jax.nn import DepthwiseConv3D
+  from interop import _litert, _stream_export
+
+  stem = model.stem
+  causal = DepthwiseConv3D(1, 3, depth_multiplier=stem.depth_multiplier,
+                           padding=("CAUSAL", "SAME", "SAME"), rngs=nnx.Rngs(0))
+  causal.kernel[...], causal.bias[...] = stem.kernel[...], stem.bias[...]
+  graphdef, params = nnx.split(causal)
+
+  def step(params, state, chunk):
+    state, y = nnx.merge(graphdef, params).stream_step(state, chunk)
+    return state, nnx.gelu(y)
+
+  t = time.perf_counter()
+  try:
+    interop.export_streaming_litert(lambda p, c: nnx.merge(graphdef, p).stream_init(c), step,
+                                    params, path, input_shape=(1, 1, *s.volume[1:], 1),
+                                    overwrite=True)
+    found = interop.litert_ops(path)
+  except (ValueError, ImportError) as err:
+    checks.add("streaming LiteRT export", False, str(err))
+    return None
+  x = volumes.x[:2]
+  got = np.concatenate([_stream_export.run_litert_stream(path, v[None]) for v in x])
+  want = np.asarray(nnx.gelu(causal(jnp.asarray(x))), np.float64)
+  err = float(np.max(np.abs(got - want)))
+  scale = max(1.0, float(np.max(np.abs(want))))
+  print(f"  wrote {path} (LiteRT stream: one {s.volume[1]}x{s.volume[2]} slice and a rank-4 "
+        f"state per step; ops {', '.join(found.ops)}) ({time.perf_counter() - t:.1f} s)")
+  rank = _litert.max_rank(path)
+  checks.add("streaming LiteRT vs JAX, slice by slice", err <= s.serve_rtol * scale and rank <= 4,
+             f"max |LiteRT - JAX| {err:.1e} over {len(x)} volumes streamed along D (allowed "
+             f"{s.serve_rtol * scale:.1e}); largest tensor rank {rank} (GPU delegates: <= 4)")
+  return {"path": path, "max_abs": err, "n": len(x)}
 
 
 # ----------------------------------------------------------------------------
@@ -368,6 +422,11 @@ def _summary(s: Settings, data: dict[str, Any], train: dict[str, Any], served: d
     lines.append(("LiteRT", f"{litert['path']} (one {dims} volume per call)"))
     lines.append(("LiteRT/JAX", f"max |logit diff| {litert['max_abs']:.1e}, same class "
                                 f"{litert['same']}/{litert['n']}"))
+  stream = served.get("stream")
+  if stream:
+    lines.append(("stream", f"{stream['path']} (one slice per step, state rank 4)"))
+    lines.append(("stream/JAX", f"max |diff| {stream['max_abs']:.1e} over {stream['n']} "
+                                f"volumes"))
   if timings:
     worst = max(r["rel_err"] for r in timings)
     lines.append(("ops", f"{len(timings)} outputs within {worst:.1e} of the float64 reference"))

@@ -15,9 +15,18 @@ of builtin ops through `export_litert` (a static `--input-shape`, optional
 against the float64 reference, within `interop._litert.TOLERANCE` (by
 quantization).
 
+With `--litert --stream` it is written as one frame per step of a stream
+causal along D (`export_streaming_litert`, the state a rank-4 tensor),
+`--input-shape` the clip `(N, T, H, W, C)` that is streamed frame by frame
+through the interpreter and checked against the float64 reference of the
+full causal op.
+
 With `--onnx` it is written as an ONNX model through `export_onnx` (symbolic
 sizes as for the SavedModel), run in onnxruntime and checked at the same two
-input sizes against the float64 reference, within `interop._onnx.TOLERANCE`.
+input sizes against the float64 reference, within `interop._onnx.TOLERANCE`
+(float32, float16 or bfloat16); `--onnx --stream` writes one frame per step
+(`export_streaming_onnx`, symbolic batch) and checks it as `--litert --stream`
+does, on clips of `--input-shape` and one more example.
 """
 
 from __future__ import annotations
@@ -68,6 +77,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "for the SavedModel), checked with onnxruntime")
   parser.add_argument("--quantize", choices=("float16", "int8"), default=None,
                       help="--litert: float16 weights, or int8 (needs --calibration)")
+  parser.add_argument("--stream", action="store_true",
+                      help="--litert or --onnx: one frame per step of a stream causal along D (e.g. "
+                           "--padding CAUSAL,SAME,SAME), the state a rank-4 tensor; "
+                           "--input-shape is the checked clip (N, T, H, W, C)")
   parser.add_argument("--calibration", metavar="FILE.npy", default=None,
                       help="--litert --quantize int8: typical inputs, an array "
                            "(n, *input_shape); the check runs on the first two")
@@ -117,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
   fn, op_kwargs = getattr(dw, case.op_name), case.kwargs()
   if args.onnx and (args.litert or args.quantize or args.calibration):
     return _fail("`--onnx` and `--litert` are two exports; choose one.")
+  if args.stream and not (args.litert or args.onnx):
+    return _fail("`--stream` applies to `--litert` and `--onnx` exports only (a SavedModel "
+                 "stream: interop.export_streaming_savedmodel).")
   if args.litert or args.quantize or args.calibration:
     return _run_litert(args, fn=fn, kernel=kernel, shape=args.input_shape, case=case)
 
@@ -126,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     need[layout.index(a)] = _geometry.min_input_size(kernel.shape[i], dilations[i], padding[i])
   constraints = tuple(f"{names[j]} >= {n}" for j, n in need.items()
                       if shape[j] is None and n > 1)
+  if args.onnx and args.stream:
+    return _run_onnx_stream(args, kernel=kernel, shape=args.input_shape, case=case)
   if args.onnx:
     return _run_onnx(args, fn=fn, kernel=kernel, shape=shape, case=case, need=need,
                      channel_axis=channel_axis, constraints=constraints)
@@ -206,6 +224,9 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
     if isinstance(calibration, str):
       return _fail(calibration)
     calibration = list(calibration)
+  if args.stream:
+    return _run_litert_stream(args, kernel=kernel, shape=shape, case=case,
+                              calibration=calibration)
   try:
     _litert.export_litert(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
                           input_shape=shape, quantize=args.quantize,
@@ -238,6 +259,51 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
                   f"inputs (LiteRT interpreter, XNNPACK)")
 
 
+def _run_litert_stream(args, *, kernel, shape, case, calibration) -> int:
+  """`--litert --stream`: one frame per step, checked frame by frame on two clips."""
+  import dw5d_jax as dw
+  from interop import _litert, _stream_export
+
+  op_kwargs = case.kwargs()
+  if len(shape) != 5:
+    return _fail(f"`--stream` needs `--input-shape` of a clip (N, T, H, W, C), got {shape}.")
+  try:
+    _stream_export.export_streaming_litert(
+        lambda k, c: dw.stream_init(c, k, **op_kwargs),
+        lambda k, s, c: dw.stream_step(s, c, k, **op_kwargs), kernel, args.out,
+        input_shape=(shape[0], 1, *shape[2:]), quantize=args.quantize,
+        representative_data=calibration, overwrite=args.overwrite)
+  except (ValueError, TypeError, ImportError) as err:
+    return _fail(str(err))
+  found = _litert.litert_ops(args.out)
+  it = _litert.interpreter(args.out)
+  state = {n: tuple(map(int, d["shape"]))
+           for n, d in it.get_signature_runner().get_input_details().items() if n != "frame"}
+  print(f"exported one frame of a stream of {args.op} (kernel {kernel.shape} float32, "
+        f"{_describe(op_kwargs)}) to {args.out} as LiteRT ({args.quantize or 'float32'})")
+  verdict = "all builtin" if found.all_builtin else f"NOT builtin: {found.not_builtin}"
+  print(f"  frame {(shape[0], *shape[2:])}, state {state or 'none'}; ops: "
+        f"{', '.join(found.ops)} ({verdict})")
+  rng = np.random.default_rng(args.seed)
+  clips = calibration[:2] if calibration else [
+      rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+  tol = _litert.TOLERANCE[args.quantize]
+  failed = 0
+  for i, x in enumerate(clips):
+    want = case.expected(x, kernel)
+    y = np.asarray(_stream_export.run_litert_stream(it, x), np.float64)
+    err = (float("inf") if y.shape != want.shape
+           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
+    ok = err <= tol
+    failed += not ok
+    print(f"  clip {i + 1}{' (calibration)' if calibration else ''}, {x.shape[1]} frames: "
+          f"output error {err:.1e} of max|reference|"
+          f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  return _verdict(failed, f"the LiteRT stream at {args.out}",
+                  f"the flatbuffer, frame by frame, matches the float64 reference of the "
+                  f"full causal op on {len(clips)} clips (LiteRT interpreter, XNNPACK)")
+
+
 def _check_sizes(shape, need):
   """The two concrete input shapes `_CHECKS` gives a shape with symbolic sizes."""
   for batch, offsets in _CHECKS:
@@ -251,34 +317,79 @@ def _run_onnx(args, *, fn, kernel, shape, case, need, channel_axis, constraints)
   from interop import _onnx
 
   op_kwargs = case.kwargs()
-  if args.dtype != "float32":
-    return _fail(f"`--onnx` exports float32 models, got --dtype {args.dtype}.")
+  if args.dtype not in _onnx.TOLERANCE:
+    return _fail(f"`--onnx` exports {', '.join(_onnx.TOLERANCE)} models (onnxruntime's CPU "
+                 f"provider has no {args.dtype} Conv), got --dtype {args.dtype}.")
   try:
     _onnx.export_onnx(lambda k, x: fn(x, k, **op_kwargs), args.out, params=kernel,
-                      input_shape=shape, channel_axis=channel_axis, constraints=constraints,
-                      overwrite=args.overwrite)
+                      input_shape=shape, dtype=kernel.dtype, channel_axis=channel_axis,
+                      constraints=constraints, overwrite=args.overwrite)
     import onnxruntime
   except (ValueError, TypeError, ImportError) as err:
     return _fail(str(err))
-  print(f"exported {args.op} (kernel {kernel.shape} float32, {_describe(op_kwargs)}) to "
+  print(f"exported {args.op} (kernel {kernel.shape} {args.dtype}, {_describe(op_kwargs)}) to "
         f"{args.out} as ONNX")
   print(f"  ops: {', '.join(_onnx.onnx_ops(args.out))}")
   session = onnxruntime.InferenceSession(args.out, providers=["CPUExecutionProvider"])
   rng = np.random.default_rng(args.seed)
+  tolerance = _onnx.TOLERANCE[args.dtype]
   failed = 0
   for size in _check_sizes(shape, need):
-    x = rng.standard_normal(size).astype(np.float32)
+    x = rng.standard_normal(size).astype(kernel.dtype)
     want = case.expected(x, kernel)
-    y = np.asarray(session.run(None, {"x": x})[0], np.float64)
+    y = np.asarray(_onnx.run(session, {"x": x})[0], np.float64)
     err = (float("inf") if y.shape != want.shape
            else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
-    ok = err <= _onnx.TOLERANCE
+    ok = err <= tolerance
     failed += not ok
     print(f"  x {size}: output error {err:.1e} of max|reference|"
-          f"{'' if ok else f'  FAIL (tolerance {_onnx.TOLERANCE:.0e})'}")
+          f"{'' if ok else f'  FAIL (tolerance {tolerance:.0e})'}")
   return _verdict(failed, f"the ONNX model at {args.out}",
                   "the ONNX model matches the float64 reference at 2 input sizes "
                   "(onnxruntime, CPU)")
+
+
+def _run_onnx_stream(args, *, kernel, shape, case) -> int:
+  """`--onnx --stream`: one frame per step (symbolic batch), checked frame by frame."""
+  import dw5d_jax as dw
+  from interop import _onnx
+
+  op_kwargs = case.kwargs()
+  if not shape or len(shape) != 5 or None in shape:
+    return _fail(f"`--stream` needs `--input-shape` of a clip (N, T, H, W, C), got {shape}.")
+  if args.dtype not in _onnx.TOLERANCE:
+    return _fail(f"`--onnx` exports {', '.join(_onnx.TOLERANCE)} models (onnxruntime's CPU "
+                 f"provider has no {args.dtype} Conv), got --dtype {args.dtype}.")
+  try:
+    _onnx.export_streaming_onnx(
+        lambda k, c: dw.stream_init(c, k, **op_kwargs),
+        lambda k, s, c: dw.stream_step(s, c, k, **op_kwargs), kernel, args.out,
+        input_shape=(None, 1, *shape[2:]), dtype=kernel.dtype, overwrite=args.overwrite)
+    import onnxruntime
+  except (ValueError, TypeError, ImportError) as err:
+    return _fail(str(err))
+  session = onnxruntime.InferenceSession(args.out, providers=["CPUExecutionProvider"])
+  state = {i.name: tuple(i.shape) for i in session.get_inputs() if i.name != "frame"}
+  print(f"exported one frame of a stream of {args.op} (kernel {kernel.shape} {args.dtype}, "
+        f"{_describe(op_kwargs)}) to {args.out} as ONNX")
+  print(f"  frame (b, {', '.join(map(str, shape[2:]))}), state {state or 'none'}; ops: "
+        f"{', '.join(_onnx.onnx_ops(args.out))}")
+  rng = np.random.default_rng(args.seed)
+  tolerance = _onnx.TOLERANCE[args.dtype]
+  failed = 0
+  for batch in (shape[0], shape[0] + 1):
+    x = rng.standard_normal((batch, *shape[1:])).astype(kernel.dtype)
+    want = case.expected(x, kernel)
+    y = np.asarray(_onnx.run_stream(session, x), np.float64)
+    err = (float("inf") if y.shape != want.shape
+           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
+    ok = err <= tolerance
+    failed += not ok
+    print(f"  clip {x.shape}, frame by frame: output error {err:.1e} of max|reference|"
+          f"{'' if ok else f'  FAIL (tolerance {tolerance:.0e})'}")
+  return _verdict(failed, f"the ONNX stream at {args.out}",
+                  "the model, frame by frame, matches the float64 reference of the full "
+                  "causal op on 2 clips (onnxruntime, CPU)")
 
 
 def _verdict(failed: int, what: str, verified: str) -> int:
