@@ -81,7 +81,6 @@ and without compiling.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -101,15 +100,21 @@ EPILOGUE_OPS = ("epilogue", "epilogue_lin", "epilogue_grad")
 # measured yet, so it is empty and every class uses "conv" (cuDNN).
 _GPU_CHOICE: dict[tuple[str, str], str] = {}
 
-# Channels-first problems use the channels-first kernels (vectorised along
-# the output width) from this output width on, for each op; narrower ones
-# are transposed to channels-last where C >= 4 (see `transposed`).
-_CF_MIN_WIDTH = {"fwd": 12, "dx": 6, "dk": 6}
-# From this many channels on, the gradients of outputs narrower than
-# `_CF_MIN_WIDTH["fwd"]` are transposed too (width 7, C = 64: 1.5 vs 3.7 ms).
-_CF_WIDE_CHANNELS = 32
-
-
+# Channels-first problems, per op (`_channels_first`; benchmarks/RESULTS.md,
+# "NCDHW on the real networks' layers"): the channels-first kernels from this
+# input width on (rows of fewer values leave their per-plane and per-row
+# work unpaid: MViT-v2-S's (4, 96, 8, 14, 14) forward 2.8 ms vs 1.7 ms for
+# XLA; its (1, 96, 8, 56, 56) stride-8 pooling 1.1 vs 6.2 ms), narrower ones
+# on XLA's lowering, except as `_CF_FEW_OUTPUTS` says.
+_CF_MIN_IN_WIDTH = {"fwd": 32, "dx": 28}
+# Outputs per row below which the gradients are transposed around the
+# channels-last kernels (C >= 4, strides of at most 2: a larger stride makes
+# x, which the transposes move, large against the output; MViT's stride-8
+# kernel gradient 3.7 ms transposed vs 1.5 channels-first): X3D-S's
+# (1, 432, 13, 10, 10) stride 2 kernel gradient 2.4 vs 4.0 ms channels-first,
+# CSN-50's (1, 512, 8, 14, 14) stride 2 input gradient 1.8 vs 2.2 ms (XLA)
+# and 4.9 (channels-first).
+_CF_FEW_OUTPUTS = 8
 class Facts(NamedTuple):
   """What a lowering context knows, as plain values (`_lowering.facts` reads them).
 
@@ -277,32 +282,46 @@ def _layout(transpose: bool) -> str:
 def worthwhile(spec: ConvSpec, op: str) -> bool:
   """Whether the native kernels beat XLA's shift lowering for `op` on `spec`.
 
-  Measured (benchmarks/RESULTS.md, "Native kernel policy"). Channels-last:
-  from 4 channels on, where the channels left over after whole packets
-  take one packet overlapping the one before (X3D's C = 54, x (1, 13, 40,
-  40, 54): forward + backward 9.8 vs 34.6 ms for XLA's lowering, the same
-  time as C = 56); with `C <= 3` XLA's lowering (vectorised along
-  `W * C`) won. Channels-first:
-  the channels-first kernels win from an output width of 12 (forward) or 6
-  (gradients); narrower forward passes use the kernels (transposed, see
-  `transposed`) where `C >= 4` and the problem is strided or has more than
-  27 taps, else XLA.
+  Measured (benchmarks/RESULTS.md, "Native kernel policy", "NCDHW on the
+  real networks' layers"). Channels-last: from 4 channels on, where the
+  channels left over after whole packets take one packet overlapping the
+  one before (X3D's C = 54, x (1, 13, 40, 40, 54): forward + backward 9.8
+  vs 34.6 ms for XLA's lowering, the same time as C = 56); with `C <= 3`
+  only the kernel gradient (masked lanes: C = 2, x (2, 8, 32, 32, 2), 0.50
+  vs 1.22 ms; the forward pass and the input gradient, 0.38 vs 0.22 and
+  0.39 vs 0.24 ms, stay with XLA, vectorised along `W * C`).
+  Channels-first: see `_channels_first`.
   """
   if spec.channels_last:
-    return spec.channels >= 4
-  if op != "fwd" or spec.out_spatial[2] >= _CF_MIN_WIDTH[op]:
-    return True
-  return spec.channels >= 4 and (
-      any(s > 1 for s in spec.strides) or math.prod(spec.window) > 27)
+    return spec.channels >= 4 or op == "dk"
+  return _channels_first(spec, op) is not None
 
 
 def transposed(spec: ConvSpec, op: str) -> bool:
   """Step 3 for the native kernels: channels-first `op` transposed to channels-last.
 
-  Only for outputs narrower than `_CF_MIN_WIDTH[op]` (for every op from
-  `_CF_WIDE_CHANNELS` channels on: whole packets of channels against a few
-  outputs per row) with `C >= 4`, where that was measured faster (see
-  `worthwhile`; benchmarks/RESULTS.md, "Channel counts and narrow outputs").
+  Where `_channels_first` says so: gradients with fewer than
+  `_CF_FEW_OUTPUTS` outputs per row, `C >= 4`, strides up to 2.
   """
-  limit = _CF_MIN_WIDTH["fwd" if spec.channels >= _CF_WIDE_CHANNELS else op]
-  return not spec.channels_last and spec.channels >= 4 and spec.out_spatial[2] < limit
+  return not spec.channels_last and _channels_first(spec, op) == "transposed"
+
+
+def _channels_first(spec: ConvSpec, op: str) -> str | None:
+  """The native kernels for channels-first `op`: `"as-is"` (the channels-first
+  kernels, vectorised along W), `"transposed"`, or None (XLA's lowering).
+
+  Measured on the real networks' layers (benchmarks/ncdhw.py): the kernel
+  gradient always native (XLA's is 4-20x slower); the forward pass and
+  the input gradient channels-first from an input width of
+  `_CF_MIN_IN_WIDTH`, else XLA, except the strided input gradient of few
+  outputs per row, which is transposed like the kernel gradient. Any C.
+  """
+  few = (spec.channels >= 4 and spec.out_spatial[2] < _CF_FEW_OUTPUTS
+         and max(spec.strides[1:]) <= 2)
+  if op == "dk":
+    return "transposed" if few else "as-is"
+  if spec.in_spatial[2] >= _CF_MIN_IN_WIDTH[op]:
+    return "as-is"
+  if op == "dx" and few and max(spec.strides[1:]) > 1:
+    return "transposed"
+  return None

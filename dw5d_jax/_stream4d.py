@@ -40,6 +40,7 @@ frames: a data-dependent count); streams that are not per example (no
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -127,6 +128,11 @@ def build(init_fn: Callable[[Any, Any], Any],
                          f"{shape}.")
   if len(shape) != 5:
     raise one_frame
+  keras = sys.modules.get("keras")  # never imported here: a model passed in has loaded it
+  if keras is not None and isinstance(init_fn, keras.layers.Layer):
+    raise TypeError(f"{fn}: `init_fn` is a Keras model ({type(init_fn).__name__}); pass its "
+                    f"stream's functions instead: `{fn}(*interop.keras.stream_functions(model, "
+                    f"input_shape), path, input_shape=input_shape)`.")
   dtype = np.dtype(dtype)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   leaves = [np.asarray(a) for a in leaves]

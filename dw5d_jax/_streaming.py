@@ -46,9 +46,11 @@ with one `valid` for all take the ring path.
 frame: it writes it into the free slot with `lax.dynamic_update_slice` (in
 place under `jit` when the state is donated, and in `lax.scan`) and
 convolves the ring as it lies, with the kernel's time taps rotated into the
-ring's order (without dilation along time; a rotation of the kernel, not of
-the frames). Copying the frames into order for the convolution made a
-1-frame step about twice as slow (benchmarks/RESULTS.md, "Streaming").
+ring's order (a rotation of the kernel, not of the frames). With a dilation
+`r > 1` along time only `k` of the `e` slots meet a tap: those `k` frames
+are gathered in order and convolved without dilation along time. Copying
+the frames into order for the convolution made a 1-frame step about twice
+as slow at 64x64 frames (benchmarks/RESULTS.md, "Streaming").
 Longer chunks need the history and the chunk in one contiguous window; they
 copy the `e - 1` history frames and put the ring back in order. Rotated
 taps sum in another order, so 1-frame steps equal the full op within
@@ -409,16 +411,26 @@ def _step(ring, head, phase, chunk, kernel, traced, reset, *, count: int | None,
     if size:
       ring = jnp.where(reset.reshape(reset.shape + (1,) * (ring.ndim - reset.ndim)),
                        jnp.zeros((), ring.dtype), ring)
-  emitted = _geometry.stream_emitted(valid, phase, s)
-  phase_after = _geometry.stream_phase(phase, valid, s)
-  if size and r == 1 and _geometry.is_static(length) and length == 1 and valid.ndim == 0:
-    # One frame into the free slot; the ring, oldest frame at `head + 1`,
-    # convolved with the time taps rotated to match: slot j meets tap
-    # (j - oldest) mod e. A frame that is not real (valid 0) stays in the
-    # free slot: `head` does not move.
+  if s == 1:  # the phase is always 0: nothing to compute (fewer ops in a 1-frame step)
+    emitted, phase_after = jnp.broadcast_to(valid, phase.shape), phase
+  else:
+    emitted = _geometry.stream_emitted(valid, phase, s)
+    phase_after = _geometry.stream_phase(phase, valid, s)
+  if size and _geometry.is_static(length) and length == 1 and valid.ndim == 0:
+    # One frame into the free slot; a frame that is not real (valid 0) stays
+    # there: `head` does not move.
     ring = lax.dynamic_update_slice_in_dim(ring, chunk, head, t)
     oldest = _geometry.stream_oldest(head, size)
-    y = conv(ring, jnp.roll(kernel, oldest, axis=i), window_padding=True)
+    if r == 1:
+      # The ring, oldest frame at `head + 1`, convolved as it lies with the
+      # time taps rotated to match: slot j meets tap (j - oldest) mod e.
+      y = conv(ring, jnp.roll(kernel, oldest, axis=i), window_padding=True)
+    else:
+      # Dilated: tap a reads slot (oldest + a * r) mod e. Those k frames,
+      # gathered in order, convolved without dilation along time: k frames
+      # copied, not the e - 1 history frames twice (the longer-chunk path).
+      taps = [lax.dynamic_index_in_dim(ring, (oldest + a * r) % size, t) for a in range(k)]
+      y = conv(lax.concatenate(taps, t), kernel, window_padding=True, undilated=True)
     return ring, (head + valid) % size, phase_after, emitted, y
   x = chunk
   if size:  # [history; chunk], the history in order: e - 1 slots from the oldest on
@@ -449,14 +461,17 @@ def _slice_each(x: jax.Array, start: jax.Array, size: Any, t: int) -> jax.Array:
 
 
 def _conv(x, kernel, *, config: StreamConfig, fn: str, method: str, precision: Any,
-          preferred: Any, window_padding: bool = False) -> jax.Array:
-  """The op on `x`; with `window_padding`, VALID along the streamed axis."""
-  padding = list(config.padding)
+          preferred: Any, window_padding: bool = False, undilated: bool = False) -> jax.Array:
+  """The op on `x`; with `window_padding`, VALID along the streamed axis; `undilated`:
+  dilation 1 along it (the taps' frames gathered in order)."""
+  padding, dilations = list(config.padding), list(config.dilations)
   if window_padding:
     padding[config.time] = (0, 0)
+  if undilated:
+    dilations[config.time] = 1
   return _depthwise._apply(
       x, kernel, fn=fn, conv_axes=config.axes, layout=config.layout, strides=config.strides,
-      dilations=config.dilations, padding=tuple(padding), method=method, precision=precision,
+      dilations=tuple(dilations), padding=tuple(padding), method=method, precision=precision,
       preferred=preferred, padding_mode=config.modes)
 
 

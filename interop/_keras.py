@@ -54,6 +54,7 @@ import jax
 import keras
 
 from dw5d_jax import _activations, _args, _geometry, _streaming
+from interop import _keras_stream
 
 _PACKAGE = "dw5d"
 _BACKENDS = ("jax", "tensorflow")
@@ -301,6 +302,9 @@ class _DepthwiseConv(keras.layers.Layer):
 
   def call(self, inputs: Any) -> Any:
     self._check_shape(inputs.shape)
+    streams = _keras_stream.active()
+    if streams is not None:  # inside interop.keras.stream_functions' init or step
+      return streams.visit(self, inputs)
     return self._apply(inputs, self._padding_entries())
 
   def _apply(self, inputs: Any, padding: tuple[Any, ...]) -> Any:
@@ -317,7 +321,10 @@ class _DepthwiseConv(keras.layers.Layer):
     if fused is not None:  # bias and activation in the op: one pass on CPU
       bias = self.bias.value if self.use_bias else None
       return op(inputs, kernel, bias=bias, activation=fused or None, **kwargs)
-    y = op(inputs, kernel, **kwargs)
+    return self._epilogue(op(inputs, kernel, **kwargs))
+
+  def _epilogue(self, y: Any) -> Any:
+    """The bias and the activation, after the op (when the op does not fuse them)."""
     if self.use_bias:
       shape = [1] * self._input_rank
       shape[-1 if self._channels_last else 1] = -1
@@ -447,6 +454,27 @@ class _DepthwiseConv(keras.layers.Layer):
     return StreamState(buffer=after, phase=_geometry.stream_phase(phase, length, s),
                        emitted=_geometry.stream_emitted(length, phase, s),
                        settings=state.settings), y
+
+  def _dw5d_stream(self, state: Any, chunk: Any) -> tuple[Any, Any]:
+    """The layer's stream as `dw5d_jax.stream_init`/`stream_step` (JAX backend).
+
+    With `state` None, `(stream_init's state, None)`; else `stream_step`'s
+    `(state, y)` with the bias and activation applied to `y`. Under
+    `dw5d_jax._frame_step.frames()` the step is the rank-4 frame step the
+    streaming exporters build.
+    """
+    import dw5d_jax
+
+    kwargs = dict(strides=self.strides, padding=self._padding_entries(),
+                  padding_mode=self._modes(), dilations=self.dilation_rate,
+                  data_format=_LAYOUTS[self._input_rank, self._channels_last],
+                  **self._op_kwargs())
+    kernel = self.kernel.value
+    if state is None:
+      return dw5d_jax.stream_init(chunk, kernel, **kwargs), None
+    state, y = dw5d_jax.stream_step(state, keras.ops.cast(chunk, self.compute_dtype), kernel,
+                                    **kwargs)
+    return state, self._epilogue(y)
 
   def _stream_settings(self) -> StreamSettings:
     return StreamSettings(

@@ -129,8 +129,9 @@ def export_streaming_onnx(
   """Exports one frame of a stream as an ONNX model with its state as rank-4 inputs and outputs.
 
   The model computes one step of the stream `init_fn`/`step_fn` (as for
-  `export_streaming_litert`: `dw5d_jax.stream_init`/`stream_step`, or a
-  model's layers' `stream_init`/`stream_step`) on one frame. It takes
+  `export_streaming_litert`: `dw5d_jax.stream_init`/`stream_step`, a
+  model's layers' `stream_init`/`stream_step`, or a Keras model's through
+  `interop.keras.stream_functions`) on one frame. It takes
 
   * `frame`: the next frame `(N, H, W, C)` of a clip `(N, T, H, W, C)`;
   * one tensor per stream that keeps frames (a window reaching `e > 1`
@@ -295,6 +296,15 @@ def _convert(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
     raise _explain(err, caller) from err
   except NotImplementedError as err:
     raise _explain(err, caller) from err
+  except AttributeError as err:
+    if "SymbolicScope" not in str(err):
+      raise
+    # jax2onnx 0.17 loses the scope of symbolic sizes with `constraints` in
+    # some lowerings (a gather, as for border modes): its raw AttributeError.
+    raise ValueError(f"{caller}: the converter (jax2onnx) cannot carry the symbolic sizes' "
+                     f"`constraints` through this graph (AttributeError: {err}). Give the "
+                     f"constrained sizes as ints in `input_shape` (or need no constraint, e.g. "
+                     f"zero padding).") from err
   return _bfloat16_in_float32(model)
 
 

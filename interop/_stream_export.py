@@ -271,8 +271,9 @@ def export_streaming_litert(
   """Exports one frame of a stream as a LiteRT (`.tflite`) flatbuffer with rank-4 state.
 
   The flatbuffer computes one step of the stream `init_fn`/`step_fn` (as for
-  `export_streaming_savedmodel`: `dw5d_jax.stream_init`/`stream_step`, or a
-  model's layers' `stream_init`/`stream_step`) on one frame, with the
+  `export_streaming_savedmodel`: `dw5d_jax.stream_init`/`stream_step`, a
+  model's layers' `stream_init`/`stream_step`, or a Keras model's through
+  `interop.keras.stream_functions`) on one frame, with the
   state as named tensors of rank 4 (GPU delegates refuse 5D tensors), and
   LiteRT's builtin ops only. Its signature `"serving_default"` takes
 

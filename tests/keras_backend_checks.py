@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from scipy import special
 
+import interop.keras as ik
 from dw5d_jax._reference import depthwise_reference
 from interop import _keras
 from interop.keras import DepthwiseConv2D, DepthwiseConv3D
@@ -641,3 +642,138 @@ def test_onnx_export(rng, tmp_path):
   session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   y = session.run(None, {"x": x})[0]
   assert np.max(np.abs(y - want)) <= _onnx.TOLERANCE["float32"] * np.max(np.abs(want))
+
+
+# ----------------------------------------------------------------------------
+# Streaming export of a Keras model (interop.keras.stream_functions, then
+# interop.export_streaming_litert / export_streaming_onnx): one frame per
+# step, the states named rank-4 tensors, checked frame by frame against the
+# model's own call on the whole clip (the layers' reference is checked above).
+
+
+def _stream_model(seed: int = 0, activation: str = "gelu") -> keras.Model:
+  """Two streaming layers (dilated in time, multiplier, activations) and a Dense between."""
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((None, 6, 7, 3))
+  h = DepthwiseConv3D(3, padding="causal", dilation_rate=(2, 1, 1), depth_multiplier=2,
+                      activation="relu", bias_initializer="random_normal",
+                      name="temporal")(inputs)
+  h = keras.layers.Dense(4, name="pointwise")(h)
+  h = DepthwiseConv2D((2, 3), axes="DW", padding="causal", activation=activation,
+                      name="dw")(h)
+  return keras.Model(inputs, h)
+
+
+def _call(model: keras.Model, clip: np.ndarray) -> np.ndarray:
+  import jax
+
+  with jax.numpy_rank_promotion("allow"):  # Keras's Dense adds its bias with promotion
+    return np.asarray(model(clip))
+
+
+def test_stream_functions_docstring_examples():
+  from interop import _keras_stream
+
+  if BACKEND != "jax":
+    return  # the refusal on other backends: test_streaming_export_on_other_backends_is_refused
+  failures, tried = doctest.testmod(_keras_stream, optionflags=doctest.ELLIPSIS)
+  assert tried > 0 and failures == 0
+
+
+@pytest.mark.parametrize("quantize", [None, "float16", "int8"])
+def test_streaming_litert_export_steps_like_the_call(rng, tmp_path, quantize):
+  if BACKEND != "jax":
+    return  # refused there: test_streaming_export_on_other_backends_is_refused
+  import interop
+  from interop import _litert
+  from interop._stream_export import run_litert_stream
+
+  # (LiteRT's int8 quantizer aborts the process on GELU's erf: relu there.)
+  model = _stream_model(activation="relu" if quantize == "int8" else "gelu")
+  shape = (2, 1, 6, 7, 3)
+  clip = random_array(rng, (2, 5, 6, 7, 3))
+  path = interop.export_streaming_litert(
+      *ik.stream_functions(model, shape), tmp_path / "k.tflite", input_shape=shape,
+      quantize=quantize,
+      representative_data=[clip, random_array(rng, clip.shape)] if quantize == "int8" else None)
+  runner = _litert.interpreter(path).get_signature_runner()
+  inputs = {k: tuple(d["shape"]) for k, d in runner.get_input_details().items()}
+  assert inputs == {"frame": (2, 6, 7, 3), "state_temporal": (2, 6, 7, 12),  # 4 frames of 3
+                    "state_dw": (2, 6, 7, 4)}                                # 1 frame of 4
+  outputs = {k: tuple(d["shape"]) for k, d in runner.get_output_details().items()}
+  assert outputs == {**{k: v for k, v in inputs.items() if k != "frame"},
+                     "output": (2, 6, 7, 4)}  # the state, rank 4, in and out
+  assert _litert.max_rank(pathlib.Path(path).read_bytes()) == 4  # every tensor, GELU's too
+  assert not interop.litert_ops(path).not_builtin
+  got = run_litert_stream(path, clip)
+  want = _call(model, clip)
+  # (int8, calibrated on the clip as tests/test_stream_export.py does: 2.9e-2 measured.)
+  assert np.max(np.abs(got - want)) <= _litert.TOLERANCE[quantize] * np.max(np.abs(want))
+
+
+def test_streaming_onnx_export_steps_like_the_call(rng, tmp_path):
+  if BACKEND != "jax":
+    return  # refused there: test_streaming_export_on_other_backends_is_refused
+  import onnxruntime
+
+  import interop
+  from interop import _onnx
+
+  model = _stream_model()
+  shape = (None, 1, 6, 7, 3)  # symbolic batch
+  path = interop.export_streaming_onnx(*ik.stream_functions(model, shape), tmp_path / "k.onnx",
+                                       input_shape=shape)
+  session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  assert {i.name: i.shape for i in session.get_inputs()} == {
+      "frame": ["b", 6, 7, 3], "state_temporal": ["b", 6, 7, 12], "state_dw": ["b", 6, 7, 4]}
+  for batch in (1, 3):
+    clip = random_array(rng, (batch, 5, 6, 7, 3))
+    want = _call(model, clip)
+    got = _onnx.run_stream(session, clip)
+    assert np.max(np.abs(got - want)) <= _onnx.TOLERANCE["float32"] * np.max(np.abs(want))
+
+
+def test_streaming_export_errors(tmp_path):
+  """Models that cannot stream one frame at a time are refused by name."""
+  if BACKEND != "jax":
+    return  # refused there: test_streaming_export_on_other_backends_is_refused
+  inputs = keras.Input((None, 6, 6, 2))
+  not_causal = keras.Model(inputs, DepthwiseConv3D(3, padding="same", name="c")(inputs))
+  with pytest.raises(ValueError, match=r"stream_functions: the layer `c` of `model` cannot "
+                                       r"stream: .*padding='causal', got padding='same'"):
+    ik.stream_functions(not_causal, (1, 1, 6, 6, 2))
+  mixes = keras.Model(inputs, keras.layers.Conv3D(2, 3, padding="same")(
+      DepthwiseConv3D(3, padding="causal")(inputs)))
+  with pytest.raises(ValueError, match=r"stream_functions: `model` streamed one frame at a time "
+                                       r"differs from its call on the whole clip .* mixes "
+                                       r"frames along time"):
+    ik.stream_functions(mixes, (1, 1, 6, 6, 2))
+  layer = DepthwiseConv3D(3, padding="causal", name="twice")
+  twice = keras.Model(inputs, layer(layer(inputs)))
+  with pytest.raises(ValueError, match=r"stream_functions: the layer `twice` is called twice "
+                                       r"in `model`"):
+    ik.stream_functions(twice, (1, 1, 6, 6, 2))
+  with pytest.raises(ValueError, match=r"stream_functions: `input_shape` must be the chunks' "
+                                       r"shape \(N, T, H, W, C\)"):
+    ik.stream_functions(not_causal, (1, 6, 6, 2))
+  with pytest.raises(ValueError, match=r"stream_functions: `model` must be a Keras model"):
+    ik.stream_functions(DepthwiseConv3D(3, padding="causal"), (1, 1, 6, 6, 2))
+  import interop
+
+  for export, suffix in ((interop.export_streaming_litert, "tflite"),
+                        (interop.export_streaming_onnx, "onnx")):
+    with pytest.raises(TypeError, match=rf"{export.__name__}: `init_fn` is a Keras model "
+                                        r"\(Functional\); pass its stream's functions instead: "
+                                        r".*interop.keras.stream_functions"):
+      export(not_causal, None, None, tmp_path / f"k.{suffix}", input_shape=(1, 1, 6, 6, 2))
+  assert not list(tmp_path.iterdir())
+
+
+def test_streaming_export_on_other_backends_is_refused():
+  if BACKEND == "jax":
+    return  # exported above
+  inputs = keras.Input((None, 6, 6, 2))
+  model = keras.Model(inputs, DepthwiseConv3D(3, padding="causal")(inputs))
+  with pytest.raises(ValueError, match=r"stream_functions: `model` is on the 'tensorflow' Keras "
+                                       r"backend; .* KERAS_BACKEND=jax"):
+    ik.stream_functions(model, (1, 1, 6, 6, 2))

@@ -2,8 +2,8 @@
 docs/*.md run, and their links resolve.
 
 Every module of `dw5d_jax` and `interop` (the `dw5d` application included)
-has its examples run here, except `interop._keras`, whose examples depend on
-the Keras backend: tests/keras_backend_checks.py runs them on each backend.
+has its examples run here, except `interop._keras` and `interop._keras_stream`,
+whose examples depend on the Keras backend: tests/keras_backend_checks.py runs them on each backend.
 Every public function and class has at least one example.
 """
 
@@ -20,7 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-PER_BACKEND = {"interop._keras"}
+PER_BACKEND = {"interop._keras", "interop._keras_stream"}
 
 # The public modules and what each exports (checked against their `__all__`).
 PUBLIC = {
@@ -32,7 +32,7 @@ PUBLIC = {
                 "export_streaming_litert", "export_streaming_onnx", "export_streaming_savedmodel", "kernel_from_keras_grouped", "kernel_from_torch_grouped", "load_savedmodel",
                 "litert_ops", "tf_depthwise_conv2d", "tf_depthwise_conv3d", "weights_from_keras",
                 "weights_from_torch"),
-    "interop.keras": ("DepthwiseConv2D", "DepthwiseConv3D"),
+    "interop.keras": ("DepthwiseConv2D", "DepthwiseConv3D", "stream_functions"),
 }
 
 

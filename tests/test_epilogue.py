@@ -74,7 +74,7 @@ CASES = [
     Case("2d", "NDHWC", "DW", (1, 3, 2, 7, 4), (3, 3, 4, 2), (2, 1), (1, 2), "VALID"),
     Case("2d", "NHWC", "HW", (2, 5, 6, 4), (3, 3, 4, 1), 1, 1, ((1, 0), (2, 1))),
     # Channels-first and wide: the channels-first kernels (the NCDHW case above
-    # is narrow: transposed around the channels-last ones).
+    # is narrow: its gradients transposed around the channels-last ones).
     Case("2d", "NCDHW", "HW", (1, 3, 2, 3, 14), (3, 3, 3, 2), 1, 1, "SAME"),
 ]
 _IDS = [f"{c.op}-{c.layout}-{c.axes}" for c in CASES]

@@ -228,28 +228,31 @@ def test_parallel_results_are_deterministic(rng, layout, x_shape):
   _check_against_reference(case, x, k, ct, first)
 
 
+DK = ("dw5d_kernel_grad",)
+
+
 @pytest.mark.parametrize("layout,c,width,strides,window,want,transposes", [
     ("NHWC", 8, 9, 1, (3, 3), TARGETS, False),
-    ("NHWC", 3, 9, 1, (3, 3), (), False),
-    ("NCHW", 3, 16, 1, (3, 3), TARGETS, False),
-    ("NCHW", 8, 9, 1, (3, 3), TARGETS[1:], False),
-    ("NCHW", 8, 9, 1, (7, 7), TARGETS, True),
-    ("NCHW", 8, 9, 2, (3, 3), TARGETS, True),
-    ("NCHW", 6, 9, 2, (3, 3), TARGETS, True),
+    ("NHWC", 3, 9, 1, (3, 3), DK, False),
+    ("NCHW", 3, 16, 1, (3, 3), DK, False),
+    ("NCHW", 3, 40, 1, (3, 3), TARGETS, False),
+    ("NCHW", 8, 9, 1, (3, 3), DK, False),
+    ("NCHW", 8, 9, 1, (7, 7), DK, False),
+    ("NCHW", 8, 9, 2, (3, 3), TARGETS[1:], True),
+    ("NCHW", 6, 9, 2, (3, 3), TARGETS[1:], True),
     ("NHWC", 6, 9, 1, (3, 3), TARGETS, False),
-    ("NCHW", 8, 33, 8, (3, 3), TARGETS, True),
-    ("NCHW", 32, 9, 1, (3, 3), TARGETS[1:], True),
+    ("NCHW", 8, 33, 8, (3, 3), TARGETS, False),
+    ("NCHW", 32, 9, 1, (3, 3), DK, False),
 ])
 def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, width, strides,
                                                      window, want, transposes):
   """DW5D_JAX_NATIVE unset: native where measured faster (_policy.worthwhile).
 
-  Channels-last: C >= 4. Channels-first: the channels-first kernels
-  (no transposes) from an output width of 12 (forward) or 6 (gradients);
-  narrower ones transposed around the channels-last kernels where C >= 4
-  (the forward pass only when strided or with a large window; the
-  gradients below width 12 too from C = 32 on), else XLA's lowering for
-  the forward pass.
+  Channels-last: C >= 4, and the kernel gradient for any C. Channels-first:
+  the channels-first kernels (no transposes) for the forward pass from an
+  input width of 32, the input gradient from 28, the kernel gradient
+  always; the gradients of fewer than 8 outputs per row with C >= 4 and
+  stride 2 transposed around the channels-last kernels; else XLA.
   """
   monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
   x_shape = (2, 7, width, c) if layout == "NHWC" else (2, c, 7, width)
@@ -438,6 +441,12 @@ ODD_CHANNELS = [
       for c in (3, 54)),
     *(Case("3d", "NCDHW", "DHW", (1, c, 3, 17, 17), (3, 3, 3, c, 1), (1, 8, 8), 1,
            ((1, 1), (1, 1), (1, 1))) for c in (5, 16)),
+    # C = 1, 2 channels-first, stride 2 on rows long enough for the stride-2
+    # rows taken in packets (CfRows::Fill), with and without a low pad.
+    *(Case("3d", "NCDHW", "DHW", (2, c, 3, 6, 40), (3, 3, 3, c, 1), (1, 2, 2), 1, "SAME")
+      for c in (1, 2)),
+    Case("3d", "NCDHW", "DHW", (1, 5, 2, 7, 71), (3, 3, 3, 5, 1), (1, 2, 2), 1,
+         ((1, 1), (1, 1), (1, 1))),
 ]
 
 

@@ -220,7 +220,7 @@ def test_existing_file_needs_overwrite(tmp_path):
 # convolution along W, kt = 2: the new state is the frame); a 2D op over
 # (H, W) that carries time (no state at all), with a border mode. Height
 # None is symbolic (a border mode would need the constraint `h >= 2`, which
-# jax2onnx 0.17's gather lowering cannot copy: AttributeError).
+# jax2onnx 0.17's gather lowering cannot copy: test_stream_errors).
 STREAMS = [
     ((3, 3, 2, 3, 2), dict(dilations=(2, 1, 1), strides=(1, 2, 1)), 4, None),
     ((2, 3, 3, 2), dict(axes="DW"), 1, None),
@@ -302,4 +302,13 @@ def test_stream_errors(tmp_path):
     interop.export_streaming_onnx(*args(), input_shape=(1, 1, 8, 8, None))
   with pytest.raises(TypeError, match=r"export_streaming_onnx: `dtype` must be a dtype"):
     interop.export_streaming_onnx(*args(), input_shape=(1, 1, 8, 8, 2), dtype="half-ish")
+  # A border mode with a symbolic height needs `h >= 2`, which jax2onnx 0.17's
+  # gather lowering loses (a raw AttributeError inside the converter).
+  with pytest.raises(ValueError, match=r"export_streaming_onnx: the converter \(jax2onnx\) "
+                                       r"cannot carry the symbolic sizes' `constraints` .* "
+                                       r"as ints in `input_shape`"):
+    interop.export_streaming_onnx(
+        lambda k, c: dw.stream_init(c, k, axes="HW", padding_mode="reflect"),
+        lambda k, s, c: dw.stream_step(s, c, k, axes="HW", padding_mode="reflect"),
+        K[0], tmp_path / "s.onnx", input_shape=(None, 1, None, 8, 2), constraints=("h >= 2",))
   assert not list(tmp_path.iterdir())

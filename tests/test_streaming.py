@@ -11,6 +11,8 @@ buffer's order.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,54 @@ def test_donated_state(rng):
     ys.append(y)
   assert_close(np.concatenate(ys, axis=1), depthwise_reference(
       x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME")))
+
+
+# 1-frame steps take the ring path: rotated taps without dilation along time,
+# the taps' frames gathered from the ring with it. Both ops, a multiplier,
+# strides along time, both layouts, bfloat16.
+ONE_FRAME = [
+    ("DHW", (3, 3, 2), dict(dilations=(1, 2, 1)), "NDHWC", "float32"),
+    ("DHW", (3, 2, 3), dict(dilations=(2, 1, 1), strides=(1, 2, 1)), "NDHWC", "float32"),
+    ("DHW", (2, 3, 3), dict(dilations=(3, 1, 2), strides=(2, 1, 1)), "NCDHW", "float32"),
+    ("DW", (3, 3), dict(dilations=(2, 1)), "NDHWC", "float32"),
+    ("DH", (3, 2), dict(strides=(2, 1)), "NCDHW", "float32"),
+    ("DHW", (3, 3, 3), dict(dilations=(2, 1, 1)), "NDHWC", "bfloat16"),
+    ("DHW", (3, 3, 3), {}, "NDHWC", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("axes,window,kw,layout,dtype", ONE_FRAME)
+def test_one_frame_steps_frame_by_frame(rng, axes, window, kw, layout, dtype):
+  """Every 1-frame step's real outputs against the float64 reference and the full op,
+  eagerly, jitted with the state donated, and in `lax.scan`."""
+  shape = {"N": 2, "D": 7, "H": 5, "W": 6, "C": 4}
+  x = random_array(rng, tuple(shape[a] for a in layout)).astype(jnp.dtype(dtype))
+  k = random_array(rng, (*window, 4, 2)).astype(jnp.dtype(dtype))
+  kw = dict(axes=axes, padding=tuple("CAUSAL" if a == "D" else "SAME" for a in axes),
+            data_format=layout, **kw)
+  t = layout.index("D")
+  x64 = np.asarray(x, np.float64)
+  want = depthwise_reference(x64, np.asarray(k, np.float64), **kw)
+  full = np.asarray(full_op(x, k, **kw), np.float64)
+  step = jax.jit(lambda s, c: dw.stream_step(s, c, k, **kw), donate_argnums=0)
+
+  def body(s, frame):
+    s, y = dw.stream_step(s, jnp.expand_dims(frame, t), k, **kw)
+    return s, (lax.index_in_dim(y, 0, t, keepdims=False), s.emitted)
+
+  init = dw.stream_init(lax.slice_in_dim(x, 0, 1, axis=t), k, **kw)
+  _, (scanned, real) = jax.jit(lambda s, xs: lax.scan(body, s, xs))(init, jnp.moveaxis(x, t, 0))
+  scanned = np.moveaxis(np.asarray(scanned, np.float64)[np.asarray(real) == 1], 0, t)
+  for run in (functools.partial(dw.stream_step, kernel=k, **kw), lambda s, c: step(s, c)):
+    state = dw.stream_init(lax.slice_in_dim(x, 0, 1, axis=t), k, **kw)
+    outs = []
+    for i in range(x.shape[t]):
+      state, y = run(state, lax.slice_in_dim(x, i, i + 1, axis=t))
+      outs.append(np.asarray(lax.slice_in_dim(y, 0, int(state.emitted), axis=t), np.float64))
+    got = np.concatenate(outs, axis=t)
+    assert_close(got, want, dtype, err_msg=f"{axes} {kw}")
+    assert_close(got, full, dtype, err_msg=f"{axes} {kw} against the full op")
+  np.testing.assert_array_equal(scanned, got)
 
 
 @pytest.mark.parametrize("chunks", [[2, 3, 2], [7]])
