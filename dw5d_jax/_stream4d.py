@@ -147,7 +147,7 @@ def build(init_fn: Callable[[Any, Any], Any],
   single = len(paths) == 1 and not paths[0][0]
   names, shapes, configs = [], [], []
   for path, leaf in paths:
-    name = "state" if single else _state_name(path)
+    name = "state" if single else state_name(path)
     if not is_state(leaf):
       raise ValueError(f"{fn}: the state's leaf `{name}` is a {type(leaf).__name__}; a rank-4 "
                        f"step carries states of dw5d_jax.stream_init (StreamState) only.")
@@ -197,7 +197,7 @@ def build(init_fn: Callable[[Any, Any], Any],
                 tuple(out[0].shape))
 
 
-def _state_name(path: tuple[Any, ...]) -> str:
+def state_name(path: tuple[Any, ...]) -> str:
   """`state_` and a leaf's path in the state's tree, e.g. `state_0_buffer`."""
   parts = []
   for key in path:

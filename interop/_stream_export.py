@@ -152,24 +152,11 @@ def export_streaming_savedmodel(
   after, y = jax.eval_shape(lambda p, s, c, *e: step(unflatten(p), s, c, *e), leaf_specs, state,
                             x_spec, *each)
   _check_state(state, after, y)
-  state_names = [_state_name(p) for p, _ in state_leaves]
+  state_names = [_stream4d.state_name(p) for p, _ in state_leaves]
   specs = [a for _, a in state_leaves]
   _save(init_fn, step, unflatten, leaves, state_tree, state_names, specs, path, shape, names,
         x_dtype, platforms, constraints, per_example)
   return path
-
-
-def _state_name(path: tuple[Any, ...]) -> str:
-  """`state_` and a leaf's path in the state's tree, e.g. `state_0_buffer`."""
-  parts = []
-  for key in path:
-    for attr in ("name", "key", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "_".join(["state", *("".join(c if c.isalnum() else "_" for c in p) for p in parts)])
 
 
 def _check_state(before: Any, after: Any, y: Any) -> None:

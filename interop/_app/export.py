@@ -248,12 +248,8 @@ def _run_litert(args, *, fn, kernel, shape, case) -> int:
   for i, x in enumerate(inputs):
     want = case.expected(x, kernel)
     y = np.asarray(_litert.run(it, x), np.float64)
-    err = (float("inf") if y.shape != want.shape
-           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
-    ok = err <= tol
-    failed += not ok
-    print(f"  input {i + 1}{' (calibration)' if calibration else ''}: output error "
-          f"{err:.1e} of max|reference|{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+    failed += not _check_output(
+        f"  input {i + 1}{' (calibration)' if calibration else ''}:", y, want, tol)
   return _verdict(failed, f"the LiteRT model at {args.out}",
                   f"the reloaded flatbuffer matches the float64 reference on {len(inputs)} "
                   f"inputs (LiteRT interpreter, XNNPACK)")
@@ -292,16 +288,22 @@ def _run_litert_stream(args, *, kernel, shape, case, calibration) -> int:
   for i, x in enumerate(clips):
     want = case.expected(x, kernel)
     y = np.asarray(_stream_export.run_litert_stream(it, x), np.float64)
-    err = (float("inf") if y.shape != want.shape
-           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
-    ok = err <= tol
-    failed += not ok
-    print(f"  clip {i + 1}{' (calibration)' if calibration else ''}, {x.shape[1]} frames: "
-          f"output error {err:.1e} of max|reference|"
-          f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+    failed += not _check_output(
+        f"  clip {i + 1}{' (calibration)' if calibration else ''}, {x.shape[1]} frames:",
+        y, want, tol)
   return _verdict(failed, f"the LiteRT stream at {args.out}",
                   f"the flatbuffer, frame by frame, matches the float64 reference of the "
                   f"full causal op on {len(clips)} clips (LiteRT interpreter, XNNPACK)")
+
+
+def _check_output(label: str, y: np.ndarray, want: np.ndarray, tol: float) -> bool:
+  """Prints `label` with y's error as a fraction of max|want|; whether it is within `tol`."""
+  err = (float("inf") if y.shape != want.shape
+         else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
+  ok = err <= tol
+  print(f"{label} output error {err:.1e} of max|reference|"
+        f"{'' if ok else f'  FAIL (tolerance {tol:.0e})'}")
+  return ok
 
 
 def _check_sizes(shape, need):
@@ -338,12 +340,7 @@ def _run_onnx(args, *, fn, kernel, shape, case, need, channel_axis, constraints)
     x = rng.standard_normal(size).astype(kernel.dtype)
     want = case.expected(x, kernel)
     y = np.asarray(_onnx.run(session, {"x": x})[0], np.float64)
-    err = (float("inf") if y.shape != want.shape
-           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
-    ok = err <= tolerance
-    failed += not ok
-    print(f"  x {size}: output error {err:.1e} of max|reference|"
-          f"{'' if ok else f'  FAIL (tolerance {tolerance:.0e})'}")
+    failed += not _check_output(f"  x {size}:", y, want, tolerance)
   return _verdict(failed, f"the ONNX model at {args.out}",
                   "the ONNX model matches the float64 reference at 2 input sizes "
                   "(onnxruntime, CPU)")
@@ -381,12 +378,7 @@ def _run_onnx_stream(args, *, kernel, shape, case) -> int:
     x = rng.standard_normal((batch, *shape[1:])).astype(kernel.dtype)
     want = case.expected(x, kernel)
     y = np.asarray(_onnx.run_stream(session, x), np.float64)
-    err = (float("inf") if y.shape != want.shape
-           else float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-30))
-    ok = err <= tolerance
-    failed += not ok
-    print(f"  clip {x.shape}, frame by frame: output error {err:.1e} of max|reference|"
-          f"{'' if ok else f'  FAIL (tolerance {tolerance:.0e})'}")
+    failed += not _check_output(f"  clip {x.shape}, frame by frame:", y, want, tolerance)
   return _verdict(failed, f"the ONNX stream at {args.out}",
                   "the model, frame by frame, matches the float64 reference of the full "
                   "causal op on 2 clips (onnxruntime, CPU)")
