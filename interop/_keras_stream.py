@@ -113,8 +113,6 @@ def stream_functions(model: Any, input_shape: Sequence[int | None]
   import jax
   import keras
 
-  from interop import _keras
-
   backend = keras.backend.backend()
   if backend != "jax":
     raise ValueError(f"{_FN}: `model` is on the {backend!r} Keras backend; its stream is "
@@ -134,7 +132,7 @@ def stream_functions(model: Any, input_shape: Sequence[int | None]
     raise ValueError(f"{_FN}: `input_shape` must be the chunks' shape (N, T, H, W, C), ints "
                      f"or None, got {shape}.")
   for layer in model._flatten_layers(include_self=False, recursive=True):
-    if isinstance(layer, _keras._DepthwiseConv):
+    if hasattr(layer, "_dw5d_stream"):  # interop.keras's depthwise layers (which import this)
       try:
         layer._stream_axes(f"{type(layer).__name__}.stream_step")
       except ValueError as err:
