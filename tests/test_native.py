@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -409,10 +410,58 @@ def test_compile_error_falls_back(tmp_path):
   assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".so"]
 
 
-@pytest.mark.slow
-def test_parallel_processes_compile_once_then_reuse_the_cache(tmp_path):
-  """Two processes race on an empty cache (the file lock: one compiles); a third reuses it."""
-  procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=_probe_env(tmp_path),
+def _recording_compiler(tmp_path, library: str):
+  """A stand-in `CXX` that logs each call: probes run the real compiler, builds copy `library`.
+
+  `--version` and `-dM -E` (the probe) go to the real compiler, so the
+  cache key and `-march=native` are this machine's. A compile (`-c`) writes
+  an empty object; the link (`-shared`) copies `library` to its `-o`, but
+  only once two probes are logged (both racing processes are past their
+  cache check: they block on the lock, or a broken lock lets both build)
+  and two seconds more, then logs `linked`.
+  """
+  log = tmp_path / "cxx.log"
+  log.touch()
+  real = _native_build._compiler()
+  assert real is not None
+  cxx = tmp_path / "recording-c++"
+  cxx.write_text(textwrap.dedent(f"""\
+      #!/bin/sh
+      log={shlex.quote(str(log))}
+      out=; prev=
+      for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done
+      case " $* " in
+        *" -shared "*)
+          echo "link $*" >> "$log"
+          i=0
+          while [ "$(grep -c -- ' -dM ' "$log")" -lt 2 ] && [ $i -lt 1200 ]; do
+            sleep 0.1; i=$((i + 1))
+          done
+          sleep 2
+          cp {shlex.quote(library)} "$out" && echo linked >> "$log" ;;
+        *" -c "*) echo "compile $*" >> "$log"; : > "$out" ;;
+        *) echo "probe $*" >> "$log"; exec {shlex.quote(real)} "$@" ;;
+      esac
+      """))
+  cxx.chmod(0o755)
+  return cxx, log
+
+
+def test_parallel_processes_compile_once_then_reuse_the_cache(tmp_path, native):
+  """Two processes race on an empty cache (the file lock: one compiles); a third reuses it.
+
+  With the recording `CXX` of `_recording_compiler`: the compiler probe,
+  cache key, lock, rename into place, reuse, loading and self-test all run
+  for real on the library this session built from the same sources, and
+  the log says exactly which build commands ran; no 20 s (600 s on a loaded
+  2-core machine) compile. The real build from scratch is checked by
+  tests/test_prebuilt.py's wheel (the same `compile_libraries`) and by a
+  session's first `native_status()` on an empty cache.
+  """
+  assert native.speed == "native", native  # `library` is a -march=native build of these sources
+  cxx, log = _recording_compiler(tmp_path, native.library)
+  cache = tmp_path / "cache"
+  procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=_probe_env(cache, CXX=str(cxx)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for _ in range(2)]
   results = []
@@ -421,12 +470,25 @@ def test_parallel_processes_compile_once_then_reuse_the_cache(tmp_path):
     assert p.returncode == 0, err[-3000:]
     results.append(json.loads(out.strip().splitlines()[-1]))
   assert sorted(r["detail"] for r in results) == ["cached", "compiled"]
-  third = _probe(tmp_path)
+  calls = log.read_text().splitlines()
+  compiles = [c.split() for c in calls if c.startswith("compile ")]
+  links = [c.split() for c in calls if c.startswith("link ")]
+  # One build: every .cc file once, with the flags, then one link; while both processes waited.
+  units = sorted(n for n in _native_build._sources() if n.endswith(".cc"))
+  assert sorted(os.path.basename(c[c.index("-c") + 1]) for c in compiles) == units
+  flags = [*_native_build.FLAGS, _native_build.ARCH_FLAG]
+  for c in (*compiles, *links):
+    assert c[1:len(flags) + 1] == flags, c
+  assert len(links) == 1 and "-shared" in links[0]
+  probes = [i for i, c in enumerate(calls) if c.startswith("probe ") and " -dM " in c]
+  assert len(probes) == 2 and probes[1] < calls.index("linked"), calls
+  third = _probe(cache, CXX=str(cxx))
   assert third["detail"] == "cached" and third["library"] == results[0]["library"]
+  assert [c.split()[0] for c in log.read_text().splitlines()[len(calls):]] == ["probe", "probe"]
   for r in (*results, third):
     assert r["active"] and r["warned"] == [] and r["err"] < 1e-4
     assert r["calls"] == ["dw5d_forward"]
-  assert [p.suffix for p in tmp_path.iterdir()].count(".so") == 1
+  assert [p.suffix for p in cache.iterdir()].count(".so") == 1
 
 
 # Channel counts that fill no whole packet (1, 3: single floats; 5, 54, 67:
