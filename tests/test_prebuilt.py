@@ -69,7 +69,12 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
-  """The project's wheel, built from a copy of it (no `build/` left in the checkout)."""
+  """The project's wheel, built from a copy of it (no `build/` left in the checkout).
+
+  On x86-64 (v3 or later) this is the suite's real compile from scratch, with
+  `_native_compile.compile_libraries` as at first use; tests/test_native.py's
+  build tests use stand-in compilers that never compile.
+  """
   tmp = tmp_path_factory.mktemp("wheel")
   src = tmp / "src"
   src.mkdir()
@@ -235,8 +240,8 @@ def test_installed_wheel_with_a_compiler_builds_for_this_cpu(wheel, tmp_path):
   """The wheel, unpacked outside the checkout: the compiler's -march=native build wins.
 
   It shares this process's cache: the library's name hashes every source it
-  is built from, so a cached one came from the same files (tests/test_native.py
-  compiles into empty caches).
+  is built from, so a cached one came from the same files (tests/test_native.py's
+  build tests use empty caches).
   """
   from dw5d_jax import _native_build
 
