@@ -453,8 +453,9 @@ def test_parallel_processes_compile_once_then_reuse_the_cache(tmp_path, native):
   With the recording `CXX` of `_recording_compiler`: the compiler probe,
   cache key, lock, rename into place, reuse, loading and self-test all run
   for real on the library this session built from the same sources, and
-  the log says exactly which build commands ran; no 20 s (600 s on a loaded
-  2-core machine) compile. The real build from scratch is checked by
+  the log says exactly which build commands ran, but nothing is compiled.
+  The link waits for both processes, so a missing lock (or a missing second
+  look inside it) builds twice. The real build from scratch is checked by
   tests/test_prebuilt.py's wheel (the same `compile_libraries`) and by a
   session's first `native_status()` on an empty cache.
   """
