@@ -320,8 +320,14 @@ def _trace(flat_fn, leaf_specs, x_spec, route) -> Any:
 
 
 def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
-            samples: Sequence[Any] | None = None, fn: str = _FN) -> bytes:
+            samples: Sequence[Any] | None = None, int8_interface: bool = False,
+            fn: str = _FN) -> bytes:
   """Converts a concrete function to a flatbuffer of LiteRT builtin ops.
+
+  `int8_interface` (with `quantize="int8"` only): the inputs and outputs
+  are int8 tensors (the converter's `inference_input_type` and
+  `inference_output_type`), each with its own scale and zero point, rather
+  than float32 ones (de)quantized inside the graph.
 
   Raises:
     ValueError: the converter fails (the message names the ops it could not
@@ -340,6 +346,9 @@ def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
     # A sample is one input, or a dict of a signature's inputs by name.
     converter.representative_dataset = lambda: (s if isinstance(s, dict) else [s]
                                                 for s in samples)
+    if int8_interface:
+      converter.inference_input_type = tf.int8
+      converter.inference_output_type = tf.int8
   try:
     flatbuffer = converter.convert()
   except Exception as err:  # ConverterError, or errors of the calibration run

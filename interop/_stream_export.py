@@ -253,6 +253,7 @@ def export_streaming_litert(
     input_shape: Sequence[int],
     quantize: str | None = None,
     representative_data: Any = None,
+    interface: str = "float32",
     overwrite: bool = False,
 ) -> str:
   """Exports one frame of a stream as a LiteRT (`.tflite`) flatbuffer with rank-4 state.
@@ -298,6 +299,15 @@ def export_streaming_litert(
       iterable, or a function returning one). Each is streamed through the
       step in JAX, and every frame with the state it meets is a calibration
       sample: real step inputs, states included.
+    interface: the dtype of the frame, the state tensors and the output at
+      the flatbuffer's interface: `"float32"` (the default; with
+      `quantize="int8"` they are quantized and dequantized inside the
+      graph) or `"int8"` (`quantize="int8"` only: int8 tensors, each with
+      the scale and zero point of its signature's details, for an
+      integer-only device or accelerator). Each state's output has the
+      scale and zero point of its input (checked), so it feeds straight
+      back; the initial state is its zero point, not 0 (see
+      `run_litert_stream`).
     overwrite: replace an existing file at `path`.
 
   Returns:
@@ -307,7 +317,10 @@ def export_streaming_litert(
     ImportError: the `ai-edge-litert` package is missing.
     TypeError, ValueError: as `export_litert` (shapes, `quantize`, `path`, ops
       outside LiteRT's builtin set); `input_shape` not one frame
-      `(N, 1, H, W, C)`; a stream with stride along time, channels-first,
+      `(N, 1, H, W, C)`; `interface` not `"float32"` or `"int8"`, or
+      `"int8"` without `quantize="int8"`; an int8 state whose output's
+      scale or zero point differs from its input's; a stream with stride
+      along time, channels-first,
       streamed along another axis, or per example; a state holding anything
       but `StreamState`s; `valid` or `reset` in `step_fn`.
 
@@ -332,6 +345,11 @@ def export_streaming_litert(
   shape = _litert._check_input_shape(input_shape, fn)
   _litert._check_quantize(quantize, representative_data, fn,
                           what="clips (N, T, H, W, C) of the frames you stream")
+  if interface not in ("float32", "int8"):
+    raise ValueError(f"{fn}: `interface` must be 'float32' or 'int8', got {interface!r}.")
+  if interface == "int8" and quantize != "int8":
+    raise ValueError(f"{fn}: interface='int8' (int8 frame, state and output tensors) needs "
+                     f"quantize='int8', got quantize={quantize!r}.")
   _litert._litert_module("schema_py_generated", fn)
   path = os.fspath(path)
   _files.check_path(fn, path, overwrite, ".tflite")
@@ -339,7 +357,9 @@ def export_streaming_litert(
   samples = (None if representative_data is None
              else _stream_samples(step, representative_data))
   concrete, owner = _step_concrete_function(step, "litert")
-  flatbuffer = _litert.convert(concrete, owner, quantize=quantize, samples=samples, fn=fn)
+  flatbuffer = _litert.convert(concrete, owner, quantize=quantize, samples=samples,
+                               int8_interface=interface == "int8", fn=fn)
+  _check_state_quantization(flatbuffer, step.state_names)
   _files.write(path, _rank4(flatbuffer, step), ".tflite")
   return path
 
@@ -368,6 +388,40 @@ def _rank4(flatbuffer: bytes, step: _stream4d.Step4D) -> bytes:
     return flatbuffer
   scale = max(float(np.max(np.abs(before))), 1e-30)
   return dropped if float(np.max(np.abs(after - before))) <= 1e-6 * scale else flatbuffer
+
+
+def _check_state_quantization(flatbuffer: bytes, state_names: Sequence[str]) -> None:
+  """Each state leaves with its input's type, scale and zero point, so it feeds straight back.
+
+  Read from the flatbuffer's signature (the converter gives a state's SLICE
+  and CONCATENATION one scale; a state it rescaled would be read with the
+  wrong scale at the next step, so it is refused, never fed back).
+  """
+  from interop import _litert
+
+  schema = _litert._litert_module("schema_py_generated", _FN_LITERT)
+  model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+  types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+  signature = model.signatureDefs[0]
+  tensors = model.subgraphs[signature.subgraphIndex].tensors
+
+  def described(maps):
+    out = {}
+    for m in maps:
+      t, q = tensors[m.tensorIndex], tensors[m.tensorIndex].quantization
+      scale = () if q is None or q.scale is None else tuple(float(v) for v in q.scale)
+      zero = () if q is None or q.zeroPoint is None else tuple(int(v) for v in q.zeroPoint)
+      out[m.name.decode() if isinstance(m.name, bytes) else m.name] = (
+          types.get(t.type, "?").lower(), scale, zero)
+    return out
+
+  ins, outs = described(signature.inputs), described(signature.outputs)
+  for name in state_names:
+    if ins[name] != outs[name]:
+      raise ValueError(
+          f"{_FN_LITERT}: the converter gave state `{name}` different types or quantization "
+          f"(type, scales, zero points) at input and output: {ins[name]} in, {outs[name]} "
+          f"out, so it cannot be fed back as it is; export with interface='float32'.")
 
 
 def _stream_samples(step: _stream4d.Step4D, data: Any) -> list[dict[str, np.ndarray]]:
@@ -423,18 +477,39 @@ def run_litert_stream(model: Any, clip: Any, *, num_threads: int = 2) -> np.ndar
   """Streams `clip` `(N, T, H, W, C)` through a flatbuffer of `export_streaming_litert`.
 
   Frame by frame in the LiteRT interpreter, the states fed back by name.
-  Returns the output frames stacked along time, `(N, T, H', W', C')`.
+  Returns the output frames stacked along time, `(N, T, H', W', C')`,
+  float32.
+
+  A flatbuffer of `interface="int8"` takes and gives int8 tensors, each
+  with `(scale, zero_point)` in the signature runner's
+  `get_input_details()[name]["quantization"]` (and the output details).
+  This does what a device does with them: each frame is quantized,
+  `clip(round(x / scale) + zero_point, -128, 127)`; each state starts as
+  its zero point (the int8 of 0.0, the causal padding), not 0, and is fed
+  back as it comes out (its output has its input's scale and zero point);
+  the output is dequantized, `(q - zero_point) * scale`.
   """
   from interop import _litert
 
   it = model if hasattr(model, "get_signature_runner") else _litert.interpreter(
       model, num_threads=num_threads)
   runner = it.get_signature_runner()
-  states = {name: np.zeros(d["shape"], d["dtype"])
-            for name, d in runner.get_input_details().items() if name != "frame"}
+  ins = runner.get_input_details()
+  states = {name: np.full(d["shape"], d["quantization"][1] if d["dtype"] == np.int8 else 0,
+                          d["dtype"])
+            for name, d in ins.items() if name != "frame"}
+  frame, output = ins["frame"], runner.get_output_details()["output"]
   ys = []
   for t in range(np.shape(clip)[1]):
-    out = runner(frame=np.asarray(clip[:, t], np.float32), **states)
-    ys.append(out.pop("output"))
+    x = np.asarray(clip[:, t], np.float32)
+    if frame["dtype"] == np.int8:
+      scale, zero = frame["quantization"]
+      x = np.clip(np.round(x / scale) + zero, -128, 127).astype(np.int8)
+    out = runner(frame=x, **states)
+    y = out.pop("output")
+    if output["dtype"] == np.int8:
+      scale, zero = output["quantization"]
+      y = ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+    ys.append(y)
     states = out
   return np.stack(ys, axis=1)

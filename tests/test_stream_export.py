@@ -320,4 +320,61 @@ def test_litert_errors(tmp_path):
         lambda k, c: dw.stream_init(c, k, strides=(2, 1, 1)),
         lambda k, s, c: dw.stream_step(s, c, k, strides=(2, 1, 1)), K,
         tmp_path / "t.tflite", input_shape=(1, 1, 8, 8, 4))
+  with pytest.raises(ValueError, match=r"export_streaming_litert: `interface` must be "
+                                       r"'float32' or 'int8', got 'uint8'\."):
+    interop.export_streaming_litert(*args, input_shape=(1, 1, 8, 8, 4), interface="uint8")
+  with pytest.raises(ValueError, match=r"export_streaming_litert: interface='int8' \(int8 "
+                                       r"frame, state and output tensors\) needs "
+                                       r"quantize='int8', got quantize='float16'\."):
+    interop.export_streaming_litert(*args, input_shape=(1, 1, 8, 8, 4), quantize="float16",
+                                    interface="int8")
   assert not list(tmp_path.iterdir())
+
+
+def test_litert_int8_interface_feeds_the_int8_state_back(tmp_path, rng):
+  """interface='int8': frame, state and output are int8 tensors; each state leaves with its
+  input's scale and zero point and starts at its zero point (run_litert_stream)."""
+  import flatbuffers
+
+  from interop import _litert
+
+  x, k = random_array(rng, (2, 7, 9, 8, 3)), random_array(rng, (3, 3, 2, 3, 2))
+  init = lambda k, c: dw.stream_init(c, k, **LITERT_OP)  # noqa: E731
+  step = lambda k, s, c: dw.stream_step(s, c, k, **LITERT_OP)  # noqa: E731
+  calibration = [x, random_array(rng, x.shape)]
+  paths = {interface: interop.export_streaming_litert(
+      init, step, k, tmp_path / f"{interface}.tflite", input_shape=(2, 1, 9, 8, 3),
+      quantize="int8", representative_data=calibration, interface=interface)
+      for interface in ("float32", "int8")}
+  runner = _litert.interpreter(paths["int8"]).get_signature_runner()
+  ins, outs = runner.get_input_details(), runner.get_output_details()
+  assert {n: d["dtype"] for n, d in {**ins, **outs}.items()} == {
+      "frame": np.int8, "state": np.int8, "output": np.int8}
+  assert ins["state"]["quantization"] == outs["state"]["quantization"]
+  assert interop.litert_ops(paths["int8"]).all_builtin
+  assert _tensor_ranks(paths["int8"]) <= 4
+  got = {i: interop._stream_export.run_litert_stream(p, x) for i, p in paths.items()}
+  want = depthwise_reference(x, k, axes="DHW", padding=("CAUSAL", "SAME", "SAME"), **LITERT_OP)
+  err = np.abs(got["int8"] - want).max()
+  bound = _int8_bound(paths["int8"], k, np.abs(x).max())
+  assert err <= min(bound, interop._litert.TOLERANCE["int8"] * np.abs(want).max()), (err, bound)
+  # The same calibration gives the same scales: the float32-interface model's
+  # in-graph (de)quantization is what run_litert_stream does outside.
+  out_scale = outs["output"]["quantization"][0]
+  assert np.abs(got["int8"] - got["float32"]).max() <= out_scale * 1.01
+
+  # A state whose output scale differs from its input's is refused, never fed back.
+  schema = _litert._litert_module("schema_py_generated")
+  with open(paths["int8"], "rb") as f:
+    model = schema.ModelT.InitFromPackedBuf(f.read(), 0)
+  sub = model.subgraphs[0]
+  sub.tensors[outs["state"]["index"]].quantization.scale = np.asarray(
+      [2 * outs["state"]["quantization"][0]], np.float32)
+  builder = flatbuffers.Builder(1024)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  with pytest.raises(ValueError, match=r"export_streaming_litert: the converter gave state "
+                                       r"`state` different types or quantization \(type, "
+                                       r"scales, zero points\) at input and output: \('int8', "
+                                       r"\(0\.0\d+,\), \(-?\d+,\)\) in, \('int8', .*\) out, so "
+                                       r"it cannot be fed back"):
+    interop._stream_export._check_state_quantization(bytes(builder.Output()), ["state"])
