@@ -41,8 +41,9 @@ def rng(request):
 # --no-loadscope-reorder`: each file is one unit on one worker, its module
 # fixtures built once). Longest first (files ranked by their summed
 # `--durations` in a loaded 2-core run on 2026-12-07: test_sharding.py about
-# 1900 s of 4200 s, test_native.py 650 s with one 610 s test), so that the
-# last file to start is a short one and both workers finish together;
+# 1900 s of 4200 s, test_native.py 650 s with one 610 s test, a real build
+# since replaced by a recording compiler, ~10 s), so that the last file to
+# start is a short one and both workers finish together;
 # xdist's default order (most tests first) started these last.
 _LONG_FIRST = ("test_sharding.py", "test_native.py", "test_epilogue.py", "test_grads.py",
                "test_docs.py", "test_modes.py", "test_litert.py", "test_keras.py",
