@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import dw5d_jax as dw
 from dw5d_jax import _stream4d
@@ -62,6 +64,41 @@ def test_frame_steps_equal_the_full_causal_op(rng, k_shape, kw):
   got = np.stack(ys, axis=1)
   assert got.shape[1:] == (6, *step.output_shape[1:])
   assert_close(got, depthwise_reference(x, k, **args))
+
+
+@st.composite
+def _streams(draw):
+  """A random stream: op (3D, or 2D over DW/DH/HW), kernel sizes 1-3, a dilation
+  along time, M, strides and border modes along the other axes, odd and tiny
+  sizes (frames smaller than the kernel), N, T, C."""
+  axes = draw(st.sampled_from(["DHW", "DW", "DH", "HW"]))
+  ks = [draw(st.integers(1, 3)) for _ in axes]
+  c, m = draw(st.integers(1, 5)), draw(st.integers(1, 2))
+  n, t, h, w = (draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 6)),
+                draw(st.integers(1, 6)))
+  dil = [draw(st.integers(1, 3)) if a == "D" else 1 for a in axes]
+  strides = [1 if a == "D" else draw(st.integers(1, 2)) for a in axes]
+  modes = [("zeros" if a == "D" else draw(st.sampled_from(
+      ["zeros", "edge", "reflect", "symmetric", "circular"]))) for a in axes]
+  sizes = {"H": h, "W": w}
+  for a, k, mode in zip(axes, ks, modes):  # a mirrored or wrapped border needs the frame
+    if a != "D" and mode != "zeros":
+      assume(sizes[a] > k // 2)
+  kw = dict(axes=axes, dilations=tuple(dil), strides=tuple(strides), padding_mode=tuple(modes))
+  return (n, t, h, w, c), (*ks, c, m), kw
+
+
+@given(_streams(), st.integers(0, 2**31 - 1))
+def test_random_streams_step_like_the_full_causal_op(stream, seed):
+  """Random configurations mixed (not one feature at a time), frame by frame."""
+  x_shape, k_shape, kw = stream
+  rng = np.random.default_rng(seed)
+  x, k = random_array(rng, x_shape), random_array(rng, k_shape)
+  n, _, h, w, c = x_shape
+  step = _op_step(k, kw, (n, 1, h, w, c))
+  ys, states = step.run(x)
+  assert all(s.ndim == 4 for frame in states for s in frame)
+  assert_close(np.stack(ys, axis=1), depthwise_reference(x, k, **_causal(k_shape, kw)))
 
 
 def test_the_ring_holds_the_last_frames_oldest_first(rng):
