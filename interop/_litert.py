@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -350,7 +351,10 @@ def convert(concrete: Any, owner: Any, *, quantize: str | None = None,
       converter.inference_input_type = tf.int8
       converter.inference_output_type = tf.int8
   try:
-    flatbuffer = converter.convert()
+    with warnings.catch_warnings():  # int8 calibration runs TF's own deprecated interpreter
+      warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated",
+                              category=UserWarning)
+      flatbuffer = converter.convert()
   except Exception as err:  # ConverterError, or errors of the calibration run
     raise _conversion_error(err, quantize, fn) from err
   check_builtin_ops(flatbuffer, fn)
