@@ -26,15 +26,7 @@ import tempfile
 import time
 
 import numpy as np
-
-
-def _session(path: str, threads: int):
-  import onnxruntime
-
-  opts = onnxruntime.SessionOptions()
-  opts.intra_op_num_threads = threads
-  opts.inter_op_num_threads = 1
-  return onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+from onnx_export import session as _session  # this folder: run as a script
 
 
 def main() -> None:
