@@ -94,11 +94,13 @@ def _cells(w: Workload, seed: int = 0):
   return cells
 
 
-def interleaved(cells: dict, rounds: int, warmup: int = 3) -> dict:
+def interleaved(cells: dict, rounds: int, warmup: int = 3, clock=time.perf_counter) -> dict:
   """Seconds per call of each jitted cell: `rounds` samples, one call per cell per round.
 
   Every cell is called `warmup` times first; in a round the cells run in
-  order, so load from other processes hits all cells alike.
+  order, so load from other processes hits all cells alike. `clock`:
+  wall time, or `time.process_time` (this process's CPU time: on one
+  thread, what a call costs whatever else shares the core).
   """
   import jax
   for fn in cells.values():
@@ -107,9 +109,9 @@ def interleaved(cells: dict, rounds: int, warmup: int = 3) -> dict:
   times = {key: [] for key in cells}
   for _ in range(rounds):
     for key, fn in cells.items():
-      t0 = time.perf_counter()
+      t0 = clock()
       jax.block_until_ready(fn())
-      times[key].append(time.perf_counter() - t0)
+      times[key].append(clock() - t0)
   return times
 
 

@@ -1,7 +1,12 @@
 """NCDHW against NDHWC on the real networks' narrow and strided layers, per pass and path.
 
 Run: `flock /tmp/dw5d-bench.lock .venv/bin/python benchmarks/ncdhw.py`
-(`--layers mvit8 x3d216`, `--rounds`; a few minutes on 2 cores).
+(`--layers mvit8 x3d216`, `--rounds`; a few minutes on 2 cores). One
+thread: start the process pinned to one core, with XLA's intra-op pool
+(which the native kernels split their tiles over) of one thread:
+`XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+taskset -c 0 .venv/bin/python benchmarks/ncdhw.py --cpu-time ...` (CPU time
+per call, which other processes on the core do not inflate).
 
 The layers are those of `dw5d bench --models` (benchmarks/models.py, which
 hooks the networks' own definitions) whose NCDHW forward was more than
@@ -34,6 +39,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -49,14 +55,24 @@ LAYERS = {
     "mvit2s": ((4, 96, 8, 14, 14), (1, 2, 2)),       # MViT-v2-S (20 calls)
     "mvit1s": ((4, 96, 8, 14, 14), (1, 1, 1)),       # MViT-v2-S (10 calls)
     "mvit7": ((8, 96, 8, 7, 7), (1, 1, 1)),          # MViT-v2-S (control)
+    "mvit8s": ((8, 96, 8, 14, 14), (1, 1, 1)),       # MViT-v2-S
+    "mvit8s2": ((8, 96, 8, 14, 14), (1, 2, 2)),      # MViT-v2-S
+    "mvit4m2": ((4, 96, 8, 28, 28), (1, 2, 2)),      # MViT-v2-S (3 calls)
+    "mvit2m": ((2, 96, 8, 28, 28), (1, 1, 1)),       # MViT-v2-S (control)
     "x3d216": ((1, 216, 13, 20, 20), (1, 2, 2)),     # X3D-S
     "x3d108": ((1, 108, 13, 40, 40), (1, 2, 2)),     # X3D-S
     "x3d432": ((1, 432, 13, 10, 10), (1, 2, 2)),     # X3D-S
     "x3d432s": ((1, 432, 13, 5, 5), (1, 1, 1)),      # X3D-S (control)
+    "x3d216s": ((1, 216, 13, 10, 10), (1, 1, 1)),    # X3D-S (10 calls)
+    "x3d108s": ((1, 108, 13, 20, 20), (1, 1, 1)),    # X3D-S (4 calls)
+    "x3dxs216": ((1, 216, 4, 20, 20), (1, 2, 2)),    # X3D-XS
+    "x3dxs108": ((1, 108, 4, 40, 40), (1, 2, 2)),    # X3D-XS
     "csn128": ((1, 128, 32, 56, 56), (2, 2, 2)),     # CSN-50
     "csn256": ((1, 256, 16, 28, 28), (2, 2, 2)),     # CSN-50
     "csn256s": ((1, 256, 8, 14, 14), (1, 1, 1)),     # CSN-50 (5 calls)
     "csn512": ((1, 512, 8, 14, 14), (2, 2, 2)),      # CSN-50
+    "csn512s": ((1, 512, 4, 7, 7), (1, 1, 1)),       # CSN-50 (control)
+    "csn128s": ((1, 128, 16, 28, 28), (1, 1, 1)),    # CSN-50 (3 calls)
     "c1": ((2, 1, 8, 32, 32), (1, 1, 1)),            # C <= 3
     "c2": ((2, 2, 8, 32, 32), (1, 1, 1)),
     "c3": ((2, 3, 8, 32, 32), (1, 1, 1)),
@@ -105,17 +121,20 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
   p.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
   p.add_argument("--rounds", type=int, default=11)
+  p.add_argument("--cpu-time", action="store_true",
+                 help="this process's CPU time per call instead of wall time (one thread)")
   args = p.parse_args(argv)
   import dw5d_jax as dw
   dw.tune_cpu_allocator()
-  print(f"native: {dw.native_status().detail}; medians of {args.rounds} interleaved rounds, ms;"
-        f" load {os.getloadavg()[0]:.1f}")
+  print(f"native: {dw.native_status().detail}; medians of {args.rounds} interleaved rounds, ms"
+        f" ({'CPU' if args.cpu_time else 'wall'} time); load {os.getloadavg()[0]:.1f}")
   ratio = "auto" in args.cells and "ndhwc" in args.cells
   print("| layer (N, C, D, H, W) stride | pass | " + " | ".join(args.cells)
         + (" | auto / ndhwc |" if ratio else " |"))
   print("|---|---|" + "---:|" * (len(args.cells) + ratio))
   for name in args.layers:
-    times = interleaved(_cells(name, args.cells), args.rounds)
+    times = interleaved(_cells(name, args.cells), args.rounds,
+                        clock=time.process_time if args.cpu_time else time.perf_counter)
     med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
     shape, strides = LAYERS[name]
     for which in PASSES:

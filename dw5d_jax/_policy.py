@@ -100,7 +100,17 @@ EPILOGUE_OPS = ("epilogue", "epilogue_lin", "epilogue_grad")
 # measured yet, so it is empty and every class uses "conv" (cuDNN).
 _GPU_CHOICE: dict[tuple[str, str], str] = {}
 
-# Channels-first problems, per op (`_channels_first`; benchmarks/RESULTS.md,
+# Channels-first problems with one multiplier and at least this many
+# channels run on the channels-first kernels' channel blocks (a packet of
+# channels transposed to channels-last inside the kernel; channels_first.cc,
+# `CbApplies`: from 8 channels with AVX2, 16 with AVX-512), every op
+# (benchmarks/RESULTS.md, "NCDHW in channel blocks"): faster than XLA's
+# lowering and than the transposes around the channels-last kernels on
+# every real network's layer but one, where they tie (CSN-50's
+# (1, 512, 4, 7, 7) forward, 0.50 vs 0.45 ms for XLA on one thread; MViT's
+# stride-8 pooling forward 1.05 vs 2.6 (XLA) and 4.0 ms (transposed)).
+_CF_BLOCK_CHANNELS = 16
+# Other channels-first problems, per op (`_channels_first`; benchmarks/RESULTS.md,
 # "NCDHW on the real networks' layers"): the channels-first kernels from this
 # input width on (rows of fewer values leave their per-plane and per-row
 # work unpaid: MViT-v2-S's (4, 96, 8, 14, 14) forward 2.8 ms vs 1.7 ms for
@@ -108,7 +118,8 @@ _GPU_CHOICE: dict[tuple[str, str], str] = {}
 # on XLA's lowering, except as `_CF_FEW_OUTPUTS` says.
 _CF_MIN_IN_WIDTH = {"fwd": 32, "dx": 28}
 # Outputs per row below which the gradients are transposed around the
-# channels-last kernels (C >= 4, strides of at most 2: a larger stride makes
+# channels-last kernels, outside the channel blocks (measured before them,
+# on layers now in blocks; C >= 4, strides of at most 2: a larger stride makes
 # x, which the transposes move, large against the output; MViT's stride-8
 # kernel gradient 3.7 ms transposed vs 1.5 channels-first): X3D-S's
 # (1, 432, 13, 10, 10) stride 2 kernel gradient 2.4 vs 4.0 ms channels-first,
@@ -301,7 +312,8 @@ def transposed(spec: ConvSpec, op: str) -> bool:
   """Step 3 for the native kernels: channels-first `op` transposed to channels-last.
 
   Where `_channels_first` says so: gradients with fewer than
-  `_CF_FEW_OUTPUTS` outputs per row, `C >= 4`, strides up to 2.
+  `_CF_FEW_OUTPUTS` outputs per row, `C >= 4`, strides up to 2, outside
+  the channel blocks.
   """
   return not spec.channels_last and _channels_first(spec, op) == "transposed"
 
@@ -310,12 +322,16 @@ def _channels_first(spec: ConvSpec, op: str) -> str | None:
   """The native kernels for channels-first `op`: `"as-is"` (the channels-first
   kernels, vectorised along W), `"transposed"`, or None (XLA's lowering).
 
-  Measured on the real networks' layers (benchmarks/ncdhw.py): the kernel
-  gradient always native (XLA's is 4-20x slower); the forward pass and
-  the input gradient channels-first from an input width of
-  `_CF_MIN_IN_WIDTH`, else XLA, except the strided input gradient of few
-  outputs per row, which is transposed like the kernel gradient. Any C.
+  Measured on the real networks' layers (benchmarks/ncdhw.py): with one
+  multiplier and `_CF_BLOCK_CHANNELS` channels or more, every op as-is (in
+  channel blocks). Otherwise the kernel gradient always native (XLA's is
+  4-20x slower); the forward pass and the input gradient channels-first
+  from an input width of `_CF_MIN_IN_WIDTH`, else XLA, except the strided
+  input gradient of few outputs per row, which is transposed like the
+  kernel gradient.
   """
+  if spec.multiplier == 1 and spec.channels >= _CF_BLOCK_CHANNELS:
+    return "as-is"
   few = (spec.channels >= 4 and spec.out_spatial[2] < _CF_FEW_OUTPUTS
          and max(spec.strides[1:]) <= 2)
   if op == "dk":

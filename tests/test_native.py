@@ -510,6 +510,13 @@ ODD_CHANNELS = [
       for c in (1, 2)),
     Case("3d", "NCDHW", "DHW", (1, 5, 2, 7, 71), (3, 3, 3, 5, 1), (1, 2, 2), 1,
          ((1, 1), (1, 1), (1, 1))),
+    # Channels-first forward in channel blocks (M = 1, C >= 16: CbForwardTile):
+    # a last block overlapping the one before (C = 67) on 14x14 planes, and
+    # strides 2 and 4 on sizes that are no multiple of them.
+    Case("3d", "NCDHW", "DHW", (1, 67, 3, 14, 14), (3, 3, 3, 67, 1), 1, 1, "SAME"),
+    Case("3d", "NCDHW", "DHW", (1, 54, 5, 13, 11), (3, 3, 3, 54, 1), (2, 4, 4), 1,
+         ((1, 1), (1, 1), (1, 1))),
+    Case("3d", "NCDHW", "DHW", (1, 20, 4, 7, 9), (3, 3, 3, 20, 1), 2, 1, "SAME"),
 ]
 
 

@@ -12,6 +12,13 @@
 // part in the sums, so a non-finite weight meets it as in XLA's lowering
 // (0 * inf = NaN). Outputs are padded to whole packets in the buffers; the
 // tail of a row is stored through a scratch packet.
+//
+// With one multiplier and at least a packet of channels (`CbApplies`), the
+// forward pass, the input gradient (stride 1: the forward pass, kernels.h;
+// else in scatter form) and the plain kernel gradient run in channel blocks
+// instead (`CbInput`, below):
+// L channels at a time transposed in registers to (pixel, channel) packets,
+// as channels-last, which fills every lane on small frames and strided rows.
 
 #include <algorithm>
 #include <cstdint>
@@ -724,11 +731,450 @@ void CfInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const 
   }
 }
 
+
+// ---------------------------------------------------------------------------
+// Channel blocks: the forward pass for M = 1 and C >= L, L channels at a
+// time in channels-last order. Rows of a few outputs (MViT's 8x14x14
+// planes, 7-output rows of its stride-8 pooling, X3D's 10x10) leave most
+// lanes of a W-vectorised packet empty and pay per-plane work for every
+// (n, c); here a tile transposes the L channel rows of each input row it
+// reads into a zero-padded (column, channel) buffer, sums the taps for a
+// packet of L channels per output pixel (every lane used, whatever OW), and
+// transposes the plane of outputs back.
+
+// Transposes the L x L block a (a[i][j] -> a[j][i]) in registers: weaving
+// row i with row i + L/2 rotates each element's address bits (row, column)
+// left by one, so log2(L) rounds swap row and column. L = 4, element
+// (i1 i0, j1 j0): (i0 j1, j0 i1) after one round, (j1 j0, i1 i0) after two.
+// With 8 lanes (AVX2), the usual unpack / shuffle / 128-bit permute network
+// instead: 24 single-source-pair shuffles, where each weave is a variable
+// permute of each packet plus a blend (72 in all; the transposes took most
+// of MViT's stride-8 pooling forward).
+inline void CbTranspose(CfV (&a)[L]) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (L == 8) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = reinterpret_cast<__m256>(a[i]);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // r_i0 r_(i+1)0 r_i1 r_(i+1)1 | 4..5
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // columns 2, 3 | 6, 7
+    }
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));      // column 0 | 4
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));  // 1 | 5
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));  // 2 | 6
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));  // 3 | 7
+    }
+    for (int i = 0; i < 4; ++i) {  // rows 0-3's halves with rows 4-7's
+      t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+      t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; ++i) a[i] = reinterpret_cast<CfV>(t[i]);
+    return;
+  }
+#endif
+  for (int round = 1; round < L; round *= 2) {
+    CfV b[L];
+#pragma GCC unroll 16
+    for (int i = 0; i < L / 2; ++i) {
+      b[2 * i] = __builtin_shuffle(a[i], a[i + L / 2], kWeaveLo);
+      b[2 * i + 1] = __builtin_shuffle(a[i], a[i + L / 2], kWeaveHi);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) a[i] = b[i];
+  }
+}
+
+// dst[j * L + l] = src[l * chan + j] for j < count, l < L: L channel
+// rows `chan` apart transposed into (position, channel) packets. A last
+// block of fewer than L positions is the L before `count`, overlapping the
+// block before it, where there are L (a scalar copy per channel took a
+// tenth of MViT's stride-8 pooling forward).
+template <typename T>
+inline void CbTransposeIn(const T* src, int64_t chan, int64_t count, float* dst) {
+  for (int64_t j0 = 0; j0 < count; j0 += L) {
+    if (j0 + L > count && count >= L) j0 = count - L;
+    const int64_t cnt = std::min<int64_t>(L, count - j0);
+    CfV a[L];
+    for (int l = 0; l < L; ++l) {
+      if (cnt == L) {
+        a[l] = Pack<L>::Load(src + l * chan + j0);
+      } else {
+        float tmp[L] = {};
+        Convert(src + l * chan + j0, tmp, cnt);
+        a[l] = Pack<L>::Load(tmp);
+      }
+    }
+    CbTranspose(a);
+    for (int64_t j = 0; j < cnt; ++j) Pack<L>::Store(dst + (j0 + j) * L, a[j]);
+  }
+}
+
+// The inverse, for the channels [own, L): dst[l * chan + j] = src[j * L + l].
+template <typename T>
+inline void CbTransposeOut(const float* src, int64_t count, int64_t own, T* dst, int64_t chan) {
+  for (int64_t j0 = 0; j0 < count; j0 += L) {
+    if (j0 + L > count && count >= L) j0 = count - L;  // as CbTransposeIn
+    const int64_t cnt = std::min<int64_t>(L, count - j0);
+    CfV a[L];
+    for (int j = 0; j < L; ++j) a[j] = j < cnt ? Pack<L>::Load(src + (j0 + j) * L) : Pack<L>::Zero();
+    CbTranspose(a);
+    for (int64_t l = own; l < L; ++l) {
+      if (cnt == L) {
+        Pack<L>::Store(dst + l * chan + j0, a[l]);
+      } else {
+        float tmp[L];
+        Pack<L>::Store(tmp, a[l]);
+        Convert(tmp, dst + l * chan + j0, cnt);
+      }
+    }
+  }
+}
+
+// Whether the channel blocks compute g (`generic`: per plane, for tests):
+// one multiplier, a whole packet of channels, some input and output.
+inline bool CbApplies(const Geom& g, bool generic) {
+  return !generic && g.m == 1 && g.c >= L && g.n * g.od * g.oh * g.ow * g.d * g.h * g.w > 0;
+}
+
+// The tiles of a channel-block pass: per (n, block of L channels), runs of
+// `run` planes (consecutive output planes share KD - 1 input planes).
+struct CbTiles {
+  int64_t blocks, units, run, runs;
+  // `planes`: the planes along D that tiles split (OD, or D for the input gradient).
+  CbTiles(const Geom& g, int64_t planes) {
+    blocks = CeilDiv(g.c, L), units = g.n * blocks;
+    run = std::min(planes, std::max<int64_t>(1, units * planes / kCbTiles));
+    runs = CeilDiv(planes, run);
+  }
+  int64_t Count() const { return units * runs; }
+  static constexpr int64_t kCbTiles = 8;  // about this many tiles, or one per (n, block)
+};
+
+// acc[j][p] = the tap sums of R output rows x NP output pixels `ps`
+// floats apart in the buffered rows: row j's tap row t (a, b) at
+// rows[j * nab + t] + off, tap e `es` further. R * NP = 8 independent sums
+// where the rows are long enough: rows of 7 outputs in blocks of 4, 2 and 1
+// pixels of one row waited on each multiply-add's latency.
+template <int R, int NP>
+inline void CbSums(const float* const* rows, int nab, const float* wk, int kw, int64_t es,
+                   int64_t ps, int64_t off, CfV (&acc)[R][NP]) {
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) acc[j][p] = Pack<L>::Zero();
+  for (int t = 0; t < nab; ++t) {
+    const float* r[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) r[j] = rows[j * nab + t] + off;
+    for (int e = 0; e < kw; ++e) {
+      const CfV wv = Pack<L>::Load(wk + (t * kw + e) * L);
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j)
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; ++p) acc[j][p] += wv * Pack<L>::Load(r[j] + e * es + p * ps);
+    }
+  }
+}
+
+// The input side of a channel-block tile: channels [c0, c0 + L) of volume
+// n (the last block of a C that is no multiple of L overlaps the one
+// before; `own`: its first channel that no other block has), output planes
+// [od0, od1). The input planes that output plane od reads are buffered in
+// (column, channel) order, zero-padded along W: buffer row i holds input
+// row ih = i - PH, column u input column iw = u - PW; `Rows(od, oh)` points
+// rows[a * KH + b] at the row tap (a, b) of output row oh reads (`zero` for
+// the padding), tap e at + e * es, output pixel p at + p * ps.
+template <typename TI>
+class CbInput {
+ public:
+  CbInput(const Geom& g, const TI* x, const CbTiles& t, int64_t tile) : g_(g) {
+    const int64_t unit = tile / t.runs, q = tile % t.runs, cb = unit % t.blocks;
+    n = unit / t.blocks, c0 = std::min(cb * L, g.c - L), own = cb * L - c0;
+    od0 = q * t.run, od1 = std::min(g.od, od0 + t.run);
+    wp_ = (g.ow - 1) * g.sw + (g.kw - 1) * g.rw + 1;
+    hp_ = (g.oh - 1) * g.sh + (g.kh - 1) * g.rh + 1;
+    row_ = wp_ * L, es = g.rw * L, ps = g.sw * L;
+    read_.assign(hp_, 0);  // rows some tap reads (a stride > kernel skips some)
+    for (int64_t oh = 0; oh < g.oh; ++oh)
+      for (int64_t b = 0; b < g.kh; ++b) read_[oh * g.sh + b * g.rh] = 1;
+    span_ = (g.kd - 1) * g.rd + 1;
+    planes_.reset(new float[span_ * hp_ * row_]);
+    zero_.assign(row_, 0.0f);
+    keys_.assign(span_, -1);
+    base_.resize(g.kd);
+    rows.resize(g.kd * g.kh);
+    x_ = x + (n * g.c + c0) * g.d * g.h * g.w;
+    if (g.w < L) flat_.resize(g.h * g.w * L);
+  }
+
+  int64_t n, c0, own, od0, od1, es, ps;
+  std::vector<const float*> rows;
+
+  // Output plane od: its input planes buffered (those not already).
+  void Plane(int64_t od) {
+    for (int64_t a = 0; a < g_.kd; ++a) {
+      const int64_t id = od * g_.sd + a * g_.rd - g_.pd;
+      base_[a] = nullptr;  // a plane of padding
+      if (id < 0 || id >= g_.d) continue;
+      const int64_t slot = id % span_;
+      float* buf = planes_.get() + slot * hp_ * row_;
+      if (keys_[slot] != id) Fill(buf, id), keys_[slot] = id;
+      base_[a] = buf;
+    }
+  }
+
+  void Rows(int64_t oh) {
+    for (int64_t a = 0; a < g_.kd; ++a)
+      for (int64_t b = 0; b < g_.kh; ++b) {
+        const int64_t i = oh * g_.sh + b * g_.rh, ih = i - g_.ph;
+        rows[a * g_.kh + b] =
+            base_[a] != nullptr && ih >= 0 && ih < g_.h ? base_[a] + i * row_ : zero_.data();
+      }
+  }
+
+ private:
+  void Fill(float* buf, int64_t id) {
+    const int64_t chan = g_.d * g_.h * g_.w;  // between the channels' planes
+    // Input columns [u0, u1) exist; the others are the zero padding.
+    const int64_t u0 = std::min(wp_, std::max<int64_t>(0, g_.pw));
+    const int64_t u1 = std::max(u0, std::min(wp_, g_.pw + g_.w));
+    const TI* plane = x_ + id * g_.h * g_.w;
+    // Each of the L channels is its own stream of rows (strided ones: 3 of
+    // 8 at MViT's pooling), which the hardware prefetchers do not follow:
+    // prefetched here, the next plane (`flat_`) or four read rows ahead.
+    auto prefetch = [&](const TI* p, int64_t count) {
+      if (p >= x_ + g_.d * g_.h * g_.w) return;  // past the block's last plane
+      for (int l = 0; l < L; ++l) CfPrefetch(p + l * chan, count);
+    };
+    // Rows narrower than a packet: the plane transposed as one run of H * W
+    // positions, then copied row by row (X3D's 5x5, CSN's and MViT's 7x7).
+    if (!flat_.empty()) {
+      prefetch(plane + g_.h * g_.w, g_.h * g_.w);
+      CbTransposeIn(plane, chan, g_.h * g_.w, flat_.data());
+    }
+    rows_.clear();
+    for (int64_t i = 0; i < hp_; ++i)
+      if (read_[i] && i - g_.ph >= 0 && i - g_.ph < g_.h) rows_.push_back(i);
+    for (size_t k = 0; k < rows_.size(); ++k) {
+      const int64_t i = rows_[k], ih = i - g_.ph;  // rows not listed: never read, or `zero`
+      if (flat_.empty() && k + 4 < rows_.size())
+        prefetch(plane + (rows_[k + 4] - g_.ph) * g_.w, g_.w);
+      float* r = buf + i * row_;
+      std::fill(r, r + u0 * L, 0.0f);
+      std::fill(r + u1 * L, r + row_, 0.0f);
+      if (flat_.empty()) {
+        CbTransposeIn(plane + ih * g_.w + u0 - g_.pw, chan, u1 - u0, r + u0 * L);
+      } else {
+        const float* f = &flat_[(ih * g_.w + u0 - g_.pw) * L];
+        std::copy(f, f + (u1 - u0) * L, r + u0 * L);
+      }
+    }
+  }
+
+  const Geom& g_;
+  const TI* x_;
+  int64_t wp_, hp_, row_, span_;
+  std::vector<char> read_;
+  std::unique_ptr<float[]> planes_;
+  std::vector<float> zero_;
+  std::vector<int64_t> keys_;
+  std::vector<float*> base_;
+  std::vector<float> flat_;  // W < L: the plane transposed (Fill)
+  std::vector<int64_t> rows_;  // Fill: the rows it transposes
+};
+
+// One tile of the forward pass: each output plane's rows as (pixel,
+// channel) tap sums in `out`, with the epilogue, then transposed into y.
+template <typename TI, typename TO>
+void CbForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const CbTiles& t,
+                   int64_t tile, const Epilogue& e) {
+  CbInput<TI> in(g, x, t, tile);
+  const int64_t plane = g.oh * g.ow;
+  std::unique_ptr<float[]> out(new float[plane * L]);
+  std::vector<float> wk(g.taps() * L), bias(e.bias != nullptr ? g.ow * L : 0);
+  for (int64_t k = 0; k < g.taps(); ++k)
+    for (int l = 0; l < L; ++l) wk[k * L + l] = w[k * g.c + in.c0 + l];
+  for (int64_t o = 0; o < static_cast<int64_t>(bias.size()); ++o) bias[o] = e.bias[in.c0 + o % L];
+  const int nab = static_cast<int>(g.kd * g.kh), kw = static_cast<int>(g.kw);
+  std::vector<const float*> table(g.oh * nab);  // per output row: in.rows
+  for (int64_t od = in.od0; od < in.od1; ++od) {
+    in.Plane(od);
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+      in.Rows(oh);
+      std::copy(in.rows.begin(), in.rows.end(), &table[oh * nab]);
+    }
+    // Blocks of NP pixels (8, 4, 2, 1) by R = 8 / NP rows (then fewer).
+    int64_t p0 = 0;
+    auto cols = [&](auto np) {
+      constexpr int NP = decltype(np)::value;
+      for (; p0 + NP <= g.ow; p0 += NP) {
+        int64_t oh = 0;
+        auto rows = [&](auto r) {
+          constexpr int R = decltype(r)::value;
+          for (; oh + R <= g.oh; oh += R) {
+            CfV acc[R][NP];
+            CbSums<R, NP>(&table[oh * nab], nab, wk.data(), kw, in.es, in.ps, p0 * in.ps, acc);
+#pragma GCC unroll 8
+            for (int j = 0; j < R; ++j)
+#pragma GCC unroll 8
+              for (int p = 0; p < NP; ++p)
+                Pack<L>::Store(out.get() + ((oh + j) * g.ow + p0 + p) * L, acc[j][p]);
+          }
+        };
+        constexpr int R = 8 / NP;
+        rows(Int<R>{});
+        if constexpr (R >= 4) rows(Int<R / 2>{});
+        if constexpr (R >= 8) rows(Int<R / 4>{});
+        if constexpr (R >= 2) rows(Int<1>{});
+      }
+    };
+    cols(Int<8>{});
+    cols(Int<4>{});
+    cols(Int<2>{});
+    cols(Int<1>{});
+    if (e.bias != nullptr)
+      for (int64_t oh = 0; oh < g.oh; ++oh)
+        ActivateRow(e.act, out.get() + oh * g.ow * L, bias.data(), g.ow * L);
+    CbTransposeOut(out.get(), plane, in.own, y + ((in.n * g.c + in.c0) * g.od + od) * plane,
+                   g.od * plane);
+  }
+}
+
+// acc[e] (L floats each) += sum over the `count` pixels p of ct[p] * the
+// input packet that tap e of pixel p reads (r + p * ps + e * es): NE taps
+// per loaded ct packet, two chains each.
+template <int NE>
+inline void CbDots(const float* r, const float* ct, int64_t count, int64_t es, int64_t ps,
+                   float* acc) {
+  CfV s[2][NE];
+#pragma GCC unroll 4
+  for (int e = 0; e < NE; ++e) s[0][e] = s[1][e] = Pack<L>::Zero();
+  int64_t p = 0;
+  for (; p + 2 <= count; p += 2, r += 2 * ps) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const CfV c = Pack<L>::Load(ct + (p + h) * L);
+#pragma GCC unroll 4
+      for (int e = 0; e < NE; ++e) s[h][e] += c * Pack<L>::Load(r + h * ps + e * es);
+    }
+  }
+  if (p < count) {
+    const CfV c = Pack<L>::Load(ct + p * L);
+#pragma GCC unroll 4
+    for (int e = 0; e < NE; ++e) s[0][e] += c * Pack<L>::Load(r + e * es);
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < NE; ++e)
+    Pack<L>::Store(acc + e * L, Pack<L>::Load(acc + e * L) + (s[0][e] + s[1][e]));
+}
+
+// One tile of the kernel gradient (no epilogue), into part (dk-shaped,
+// (taps, C)): per output row, ct's row of (pixel, channel) packets times
+// each tap's input row, KW taps per loaded ct packet.
+template <typename TI, typename TC>
+void CbKernelGradTile(const Geom& g, const TI* x, const TC* ct, float* part, const CbTiles& t,
+                      int64_t tile) {
+  CbInput<TI> in(g, x, t, tile);
+  const int64_t plane = g.oh * g.ow, nab = g.kd * g.kh;
+  std::unique_ptr<float[]> cbuf(new float[plane * L]);
+  std::vector<float> acc(g.taps() * L, 0.0f);
+  for (int64_t od = in.od0; od < in.od1; ++od) {
+    in.Plane(od);
+    CbTransposeIn(ct + ((in.n * g.c + in.c0) * g.od + od) * plane, g.od * plane, plane,
+                  cbuf.get());
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+      in.Rows(oh);
+      const float* cr = cbuf.get() + oh * g.ow * L;
+      for (int64_t ab = 0; ab < nab; ++ab) {
+        for (int64_t e0 = 0; e0 < g.kw; e0 += 4) {
+          const float* r = in.rows[ab] + e0 * in.es;
+          float* a = &acc[(ab * g.kw + e0) * L];
+          switch (std::min<int64_t>(4, g.kw - e0)) {
+            case 1: CbDots<1>(r, cr, g.ow, in.es, in.ps, a); break;
+            case 2: CbDots<2>(r, cr, g.ow, in.es, in.ps, a); break;
+            case 3: CbDots<3>(r, cr, g.ow, in.es, in.ps, a); break;
+            default: CbDots<4>(r, cr, g.ow, in.es, in.ps, a);
+          }
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < g.taps(); ++k)
+    for (int64_t l = in.own; l < L; ++l) part[k * g.c + in.c0 + l] = acc[k * L + l];
+}
+
+// One tile of the input gradient in scatter form: input planes [id0, id1)
+// of channels [c0, c0 + L) of volume n (as CbInput), each accumulated in
+// (column, channel) packets from the ct planes that reach it, ct[o] * w[t]
+// added at input o * s + t * r - p for every tap t, then transposed into
+// dx. Buffer row ih, column u holds input column iw = u - PW - lm (lm: a
+// margin for a negative PW, a crop, whose first columns no output reaches).
+template <typename TC, typename TO>
+void CbInputGradTile(const Geom& g, const TC* ct, const float* w, TO* dx, const CbTiles& t,
+                     int64_t tile) {
+  const int64_t unit = tile / t.runs, q = tile % t.runs, cb = unit % t.blocks;
+  const int64_t n = unit / t.blocks, c0 = std::min(cb * L, g.c - L), own = cb * L - c0;
+  const int64_t id0 = q * t.run, id1 = std::min(g.d, id0 + t.run);
+  const int64_t lm = std::max<int64_t>(0, -g.pw);
+  const int64_t wb = std::max((g.ow - 1) * g.sw + (g.kw - 1) * g.rw + 1, g.pw + g.w) + lm;
+  const int64_t plane = g.oh * g.ow, span = (g.kd - 1) * g.rd / g.sd + 1;
+  std::unique_ptr<float[]> acc(new float[g.h * wb * L]), cts(new float[span * plane * L]);
+  std::vector<int64_t> keys(span, -1);
+  std::vector<float> wk(g.taps() * L), flat(g.w < L ? g.h * g.w * L : 0);
+  for (int64_t k = 0; k < g.taps(); ++k)
+    for (int l = 0; l < L; ++l) wk[k * L + l] = w[k * g.c + c0 + l];
+  const int64_t ws = g.sw * L;
+  for (int64_t id = id0; id < id1; ++id) {
+    std::fill(acc.get(), acc.get() + g.h * wb * L, 0.0f);
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t nd = id + g.pd - a * g.rd;
+      if (nd < 0 || nd % g.sd != 0 || nd / g.sd >= g.od) continue;
+      const int64_t od = nd / g.sd, slot = od % span;
+      float* cp = cts.get() + slot * plane * L;
+      if (keys[slot] != od) {
+        CbTransposeIn(ct + ((n * g.c + c0) * g.od + od) * plane, g.od * plane, plane, cp);
+        keys[slot] = od;
+      }
+      for (int64_t oh = 0; oh < g.oh; ++oh)
+        for (int64_t b = 0; b < g.kh; ++b) {
+          const int64_t ih = oh * g.sh + b * g.rh - g.ph;
+          if (ih < 0 || ih >= g.h) continue;
+          const float* __restrict__ c = cp + oh * g.ow * L;
+          for (int64_t e = 0; e < g.kw; ++e) {
+            const CfV wv = Pack<L>::Load(&wk[((a * g.kh + b) * g.kw + e) * L]);
+            float* __restrict__ r = acc.get() + (ih * wb + lm + e * g.rw) * L;
+            for (int64_t o = 0; o < g.ow; ++o)
+              Pack<L>::Store(r + o * ws, Pack<L>::Load(r + o * ws) + wv * Pack<L>::Load(c + o * L));
+          }
+        }
+    }
+    TO* out = dx + ((n * g.c + c0) * g.d + id) * g.h * g.w;
+    if (g.w < L) {  // rows narrower than a packet: the plane as one run (as CbInput::Fill)
+      for (int64_t ih = 0; ih < g.h; ++ih) {
+        const float* r = acc.get() + (ih * wb + lm + g.pw) * L;
+        std::copy(r, r + g.w * L, &flat[ih * g.w * L]);
+      }
+      CbTransposeOut(flat.data(), g.h * g.w, own, out, g.d * g.h * g.w);
+      continue;
+    }
+    for (int64_t ih = 0; ih < g.h; ++ih)
+      CbTransposeOut(acc.get() + (ih * wb + lm + g.pw) * L, g.w, own, out + ih * g.w,
+                     g.d * g.h * g.w);
+  }
+}
+
 }  // namespace
 
 template <typename TI, typename TO>
 void ChannelsFirst::Forward(ffi::ThreadPool* pool, const Geom& g, const TI* x, const float* w,
-                            const Epilogue& e, TO* y, bool) {
+                            const Epilogue& e, TO* y, bool generic) {
+  if (CbApplies(g, generic)) {
+    const CbTiles tiles(g, g.od);
+    ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+                [&](int64_t i) { CbForwardTile(g, x, w, y, tiles, i, e); });
+    return;
+  }
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
@@ -738,8 +1184,17 @@ void ChannelsFirst::Forward(ffi::ThreadPool* pool, const Geom& g, const TI* x, c
 // Without e.db, the plain kernel gradient.
 template <typename TI, typename TC>
 void ChannelsFirst::KernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x, const TC* ct,
-                               const EpilogueGrad<TC>& e, float* dk, bool) {
+                               const EpilogueGrad<TC>& e, float* dk, bool generic) {
   const int64_t size = g.taps() * g.m * g.c, cm = g.c * g.m;
+  if (CbApplies(g, generic) && e.db == nullptr) {
+    const CbTiles tiles(g, g.od);
+    std::vector<float> parts(tiles.Count() * size, 0.0f);
+    ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork, [&](int64_t i) {
+      CbKernelGradTile(g, x, ct, parts.data() + i * size, tiles, i);
+    });
+    SumChunks(parts, tiles.Count(), size, dk);
+    return;
+  }
   const Tiles tiles =
       MakeTiles(g.n * g.c * g.od, g.oh, g.w * sizeof(TI), g.kd, g.kh, kCfMinBand);
   const int64_t chunks = tiles.Count();
@@ -756,6 +1211,12 @@ void ChannelsFirst::KernelGrad(ffi::ThreadPool* pool, const Geom& g, const TI* x
 template <typename TC, typename TO>
 void ChannelsFirst::InputGrad(ffi::ThreadPool* pool, const Geom& g, const TC* ct, const float* w,
                               TO* dx) {
+  if (CbApplies(g, false)) {
+    const CbTiles tiles(g, g.d);
+    ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
+                [&](int64_t i) { CbInputGradTile(g, ct, w, dx, tiles, i); });
+    return;
+  }
   const Tiles tiles = MakeTiles(g.n * g.c * g.d, g.h, g.ow * sizeof(TC) * g.m,
                                 CeilDiv(g.kd, g.sd), CeilDiv(g.kh, g.sh), kCfMinBand);
   ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,

@@ -74,7 +74,7 @@ struct EpilogueGrad {
 struct ChannelsLast {
   DW5D_LAYOUT_KERNELS
 };
-struct ChannelsFirst {  // `generic` has no meaning here (no unrolled W shapes)
+struct ChannelsFirst {  // `generic`: per plane, never in channel blocks
   DW5D_LAYOUT_KERNELS
 };
 #undef DW5D_LAYOUT_KERNELS

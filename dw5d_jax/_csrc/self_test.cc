@@ -251,14 +251,15 @@ extern "C" int Dw5dSelfTest() {
       // Strides larger than the kernel (rows and phases no tap reads).
       {1, 2, 17, 19, L + 2, 1, 2, 3, 4, 2, 3, 3, 1, 6, 5, 1, 1, 1, 1, 1, 1, 0},
   };
-  // Each case channels-last (specialised and generic kernels) and channels-first.
+  // Each case channels-last (specialised and generic kernels) and channels-first
+  // (channel blocks where they apply, and per plane).
   int k = 0;
   for (const Geom& last : cases) {
     ++k;
-    for (int variant = 0; variant < 3; ++variant) {
+    for (int variant = 0; variant < 4; ++variant) {
       Geom g = last;
-      g.cf = variant == 2;
-      const bool generic = variant == 1;
+      g.cf = variant >= 2;
+      const bool generic = variant == 1 || variant == 3;
       const int code = k + 1000 * variant;
       if (!dw5d::SelfTestOne<float, float>(g, 1000 + k, generic)) return code;
       if (!dw5d::SelfTestOne<dw5d::bf16, dw5d::bf16>(g, 2000 + k, generic)) return 100 + code;
@@ -276,16 +277,18 @@ extern "C" int Dw5dSelfTest() {
   }
   // Every epilogue (forward, backward through z and through y) on three of the
   // cases (a multiplier, strides, every packet width), channels-last
-  // (specialised and generic kernels) and channels-first.
+  // (specialised and generic kernels) and channels-first (channel blocks
+  // where they apply, and per plane).
   const int epilogue_cases[] = {1, 2, 12};
   for (int i : epilogue_cases) {
     for (const dw5d::ActName& a : dw5d::kActNames) {
-      for (int variant = 0; variant < 3; ++variant) {
+      for (int variant = 0; variant < 4; ++variant) {
         Geom g = cases[i - 1];
-        g.cf = variant == 2;
+        g.cf = variant >= 2;
+        const bool generic = variant == 1 || variant == 3;
         const int code = 5000 + 100 * i + static_cast<int>(a.act) + 1000 * variant;
-        if (!dw5d::SelfTestEpilogue<float, float>(g, 4000 + i, variant == 1, a.act)) return code;
-        if (!dw5d::SelfTestEpilogue<dw5d::bf16, dw5d::bf16>(g, 5000 + i, variant == 1, a.act))
+        if (!dw5d::SelfTestEpilogue<float, float>(g, 4000 + i, generic, a.act)) return code;
+        if (!dw5d::SelfTestEpilogue<dw5d::bf16, dw5d::bf16>(g, 5000 + i, generic, a.act))
           return 10000 + code;
       }
     }
