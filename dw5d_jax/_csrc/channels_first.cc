@@ -877,6 +877,38 @@ inline void CbSums(const float* const* rows, int nab, const float* wk, int kw, i
   }
 }
 
+// CbSums for KW taps along W at stride and dilation 1 (es == ps): each
+// loaded column packet feeds every (pixel, tap) that reads it, NP + KW - 1
+// loads for NP * KW multiply-adds (the small stride-1 planes: X3D's 5x5,
+// CSN's and MViT's 7x7).
+template <int R, int NP, int KW>
+inline void CbSumsW(const float* const* rows, int nab, const float* wk, int64_t es, int64_t off,
+                    CfV (&acc)[R][NP]) {
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) acc[j][p] = Pack<L>::Zero();
+  for (int t = 0; t < nab; ++t) {
+    CfV wv[KW];
+#pragma GCC unroll 8
+    for (int e = 0; e < KW; ++e) wv[e] = Pack<L>::Load(wk + (t * KW + e) * L);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const float* r = rows[j * nab + t] + off;
+#pragma GCC unroll 16
+      for (int q = 0; q < NP + KW - 1; ++q) {
+        CfV xv = Pack<L>::Load(r + q * es);
+        InRegister(xv);
+#pragma GCC unroll 8
+        for (int e = 0; e < KW; ++e) {
+          const int p = q - e;
+          if (p >= 0 && p < NP) acc[j][p] += wv[e] * xv;
+        }
+      }
+    }
+  }
+}
+
 // The input side of a channel-block tile: channels [c0, c0 + L) of volume
 // n (the last block of a C that is no multiple of L overlaps the one
 // before; `own`: its first channel that no other block has), output planes
@@ -998,6 +1030,7 @@ void CbForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const CbTi
   for (int64_t o = 0; o < static_cast<int64_t>(bias.size()); ++o) bias[o] = e.bias[in.c0 + o % L];
   const int nab = static_cast<int>(g.kd * g.kh), kw = static_cast<int>(g.kw);
   std::vector<const float*> table(g.oh * nab);  // per output row: in.rows
+  const bool w3 = g.kw == 3 && g.sw == 1 && g.rw == 1;  // CbSumsW's shape
   for (int64_t od = in.od0; od < in.od1; ++od) {
     in.Plane(od);
     for (int64_t oh = 0; oh < g.oh; ++oh) {
@@ -1014,7 +1047,11 @@ void CbForwardTile(const Geom& g, const TI* x, const float* w, TO* y, const CbTi
           constexpr int R = decltype(r)::value;
           for (; oh + R <= g.oh; oh += R) {
             CfV acc[R][NP];
-            CbSums<R, NP>(&table[oh * nab], nab, wk.data(), kw, in.es, in.ps, p0 * in.ps, acc);
+            if (w3) {
+              CbSumsW<R, NP, 3>(&table[oh * nab], nab, wk.data(), in.es, p0 * in.ps, acc);
+            } else {
+              CbSums<R, NP>(&table[oh * nab], nab, wk.data(), kw, in.es, in.ps, p0 * in.ps, acc);
+            }
 #pragma GCC unroll 8
             for (int j = 0; j < R; ++j)
 #pragma GCC unroll 8
