@@ -223,6 +223,22 @@ def test_native_step(rng, c, m, window, kw, hw, dtype):
     np.testing.assert_array_equal(got, dw.depthwise_conv3d(x, k, **kw))
 
 
+def test_exported_step_is_the_formula(rng):
+  """`jax.export` of a 1-frame step names no custom call (the XLA formula); jit does."""
+  x = random_array(rng, (1, 3, 5, 4, 8))
+  k = random_array(rng, (3, 3, 3, 8, 1))
+  step = jax.jit(lambda s, c: dw.stream_step(s, c, k))
+  state = dw.stream_init(x[:, :1], k)
+  assert "dw5d_stream_step" in step.lower(state, x[:, :1]).as_text()
+  exp = export.export(step)(state, x[:, :1])
+  assert "custom_call" not in exp.mlir_module()
+  native, exported = state, state
+  for t in range(3):
+    native, y = step(native, x[:, t:t + 1])
+    exported, y_exported = exp.call(exported, x[:, t:t + 1])
+    assert_close(y_exported, np.asarray(y, np.float64))
+
+
 def test_native_step_gradients(rng):
   """Gradients through 1-frame steps (the formula's, `_ring.py`) equal the full op's."""
   x = random_array(rng, (1, 4, 5, 4, 5))
