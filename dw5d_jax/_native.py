@@ -2,7 +2,9 @@
 
 `dw5d_jax/_csrc/` (built by `_native_build.py`) has three XLA FFI handlers
 for rank-5 arrays, each with channels-last kernels (vectorised over
-channels) and channels-first ones (vectorised along W). They take the
+channels) and channels-first ones (blocks of a packet of channels
+transposed to channels-last in registers; per plane along W for fewer
+channels or a multiplier). They take the
 problem as named attributes (`_attrs`) and the kernel in the library's
 `(kd, kh, kw, C, M)` layout, float32 or bfloat16. When they run, and in
 which layout, is `_policy.py`'s decision:

@@ -47,7 +47,7 @@ order:
    padded copy (`"padded"`) elsewhere.
 3. **Layout** (`Decision.layout`). XLA's convolution and shift lowering
    take both layouts as they are (dimension numbers, axis positions); so
-   do the native kernels (channels-first ones are vectorised along W),
+   do the native kernels (channels-first ones in channel blocks or along W),
    except where `transposed` says that transposing to channels-last around
    them is faster; Pallas kernels are channels-last only. Where an
    implementation does not take the spec's layout (`"transposed"`), its
@@ -343,7 +343,7 @@ def transposed(spec: ConvSpec, op: str) -> bool:
 
 def _channels_first(spec: ConvSpec, op: str) -> str | None:
   """The native kernels for channels-first `op`: `"as-is"` (the channels-first
-  kernels, vectorised along W), `"transposed"`, or None (XLA's lowering).
+  kernels), `"transposed"`, or None (XLA's lowering).
 
   Measured on the real networks' layers (benchmarks/ncdhw.py): with one
   multiplier and `_CF_BLOCK_CHANNELS` channels or more, every op as-is (in

@@ -243,17 +243,20 @@ DK = ("dw5d_kernel_grad",)
     ("NCHW", 6, 9, 2, (3, 3), TARGETS[1:], True),
     ("NHWC", 6, 9, 1, (3, 3), TARGETS, False),
     ("NCHW", 8, 33, 8, (3, 3), TARGETS, False),
-    ("NCHW", 32, 9, 1, (3, 3), DK, False),
+    ("NCHW", 32, 9, 1, (3, 3), TARGETS, False),
+    ("NCHW", 16, 9, 2, (3, 3), TARGETS, False),
 ])
 def test_default_policy_keeps_xla_where_it_is_faster(rng, monkeypatch, layout, c, width, strides,
                                                      window, want, transposes):
   """DW5D_JAX_NATIVE unset: native where measured faster (_policy.worthwhile).
 
   Channels-last: C >= 4, and the kernel gradient for any C. Channels-first:
-  the channels-first kernels (no transposes) for the forward pass from an
-  input width of 32, the input gradient from 28, the kernel gradient
-  always; the gradients of fewer than 8 outputs per row with C >= 4 and
-  stride 2 transposed around the channels-last kernels; else XLA.
+  with M = 1 and C >= 16, every op on the channels-first kernels (channel
+  blocks, no transposes); otherwise the channels-first kernels for the
+  forward pass from an input width of 32, the input gradient from 28, the
+  kernel gradient always; the gradients of fewer than 8 outputs per row
+  with C >= 4 and stride 2 transposed around the channels-last kernels;
+  else XLA.
   """
   monkeypatch.setenv("DW5D_JAX_NATIVE", "1")
   x_shape = (2, 7, width, c) if layout == "NHWC" else (2, c, 7, width)
