@@ -914,7 +914,7 @@ inline void CbSumsW(const float* const* rows, int nab, const float* wk, int64_t 
 // before; `own`: its first channel that no other block has), output planes
 // [od0, od1). The input planes that output plane od reads are buffered in
 // (column, channel) order, zero-padded along W: buffer row i holds input
-// row ih = i - PH, column u input column iw = u - PW; `Rows(od, oh)` points
+// row ih = i - PH, column u input column iw = u - PW; `Rows(oh)` points
 // rows[a * KH + b] at the row tap (a, b) of output row oh reads (`zero` for
 // the padding), tap e at + e * es, output pixel p at + p * ps.
 template <typename TI>
