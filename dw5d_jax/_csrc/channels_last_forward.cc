@@ -101,10 +101,12 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
   std::vector<const float*> xr(taps), wb(taps), wr(taps);
   std::vector<const uint32_t*> pr(taps), pwb(taps), pw(taps);
   // float32 y in the row kernels' layout (M = 1, or woven rows) is written in place, unless
-  // an epilogue runs on rows that are streamed: it then runs on the row in `tmp` (in L1),
-  // and the finished row is streamed to y.
+  // an epilogue runs on rows that are streamed: the row is then computed in `tmp` (in L1),
+  // and the epilogue's pass over it streams it to y.
   const bool flat = g.m == 1 || fns.woven;  // rows in y's layout
-  const bool direct = std::is_same<TO, float>::value && flat && !(stream && bias_row != nullptr);
+  const bool stream_epilogue =
+      std::is_same<TO, float>::value && flat && stream && bias_row != nullptr;
+  const bool direct = std::is_same<TO, float>::value && flat && !stream_epilogue;
   std::vector<float> tmp(direct ? 0 : g.ow * cm);
   int64_t lo0, hi0, lo1, hi1;  // outputs whose first / last W tap is inside x
   ValidRange(g.w, g.ow, g.sw, -g.pw, &lo0, &hi0);
@@ -133,6 +135,9 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
         wb[t] = w + tap[t] * g.kw * cm;
       }
       fns.row(g, xr.data(), wb.data(), nt, lo, hi, out, wr.data(), stream_row);
+    }
+    if constexpr (std::is_same<TO, float>::value) {
+      if (stream_epilogue) return ActivateRowStream(act, out, bias_row, yrow, g.ow * cm);
     }
     if (bias_row != nullptr) ActivateRow(act, out, bias_row, g.ow * cm);
     if (direct) return;
