@@ -52,9 +52,9 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
   if constexpr (std::is_same<TI, bf16>::value) {
     if (fns.pair) pairs.emplace(g, x, *fns.plan, tiles);
   }
-  std::vector<int64_t> rows(taps), tap(taps);
-  std::vector<const float*> xr(taps), wb(taps), wr(taps);
-  std::vector<const uint32_t*> pr(taps), pwb(taps), pw(taps);
+  TapArray<int64_t> rows(taps), tap(taps);
+  TapArray<const float*> xr(taps), wb(taps), wr(taps);
+  TapArray<const uint32_t*> pr(taps), pwb(taps), pw(taps);
   // float32 y in the row kernels' layout (M = 1, or woven rows) is written in place.
   const bool flat = g.m == 1 || fns.woven;  // rows in y's layout
   const bool direct = std::is_same<TO, float>::value && flat;

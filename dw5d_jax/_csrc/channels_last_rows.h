@@ -64,6 +64,23 @@ inline void ForChannels(int64_t c, Block&& block) {
   for (; c0 < c; ++c0) block(Int<1>{}, Int<1>{}, c0, 0);
 }
 
+// A per-tap-row table of `n` values (RowTaps' rows and the pointers the
+// row kernels take): on the stack up to K entries (windows up to 8x8 in
+// D x H), else on the heap. Every tile of a call builds its own tables;
+// eight heap vectors per tile cost about a microsecond per tile, next to
+// small layers' 20-100 us of work.
+template <typename T, int K = 64>
+class TapArray {
+ public:
+  explicit TapArray(int64_t n) : heap_(n > K ? n : 0) {}
+  T* data() { return heap_.empty() ? stack_ : heap_.data(); }
+  T& operator[](int64_t i) { return data()[i]; }
+
+ private:
+  T stack_[K];
+  std::vector<T> heap_;
+};
+
 // The input rows that output row r reads: rows[t] indexes x viewed as
 // N * D * H rows of W * C values, taps[t] = a * KH + b is its tap row.
 inline int RowTaps(const Geom& g, int64_t r, int64_t* rows, int64_t* taps) {
