@@ -180,6 +180,8 @@ auto WithShape(const Geom& g, bool generic, Pick pick) {
   switch (generic ? 0 : g.kw * 100 + g.sw * 10 + g.rw) {
     case 311: return pick(Fixed<3, 1, 1>{});
     case 321: return pick(Fixed<3, 2, 1>{});
+    case 341: return pick(Fixed<3, 4, 1>{});  // MViT's attention pooling
+    case 381: return pick(Fixed<3, 8, 1>{});
     case 312: return pick(Fixed<3, 1, 2>{});
     case 511: return pick(Fixed<5, 1, 1>{});
     case 521: return pick(Fixed<5, 2, 1>{});
