@@ -45,7 +45,8 @@ measured in the same process with the same threads: the bandwidth is
 the best of 21 calls of PyTorch's `torch.add(a, b, out=c)` on 32 MiB arrays, counting the
 write-allocate read of c (4 arrays of traffic per call); the FMA peak is a
 small C program (compiled here at run time with the system compiler,
-`-O2 -march=native`) running 12 independent vector FMA chains per thread.
+`-O2 -march=native`) running 12 independent FMA chains per thread, each one
+register of the widest vector unit the CPU has (AVX-512, AVX2 or SSE).
 A layer's bytes: x + kernel + 2 y forward (y's write-allocate counted);
 forward + backward adds ct + x + 2 dx and doubles the multiply-adds (dx and
 dk each cost a forward's). "LLC" says whether x + y fits the last-level
@@ -275,7 +276,17 @@ _FMA_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-typedef float vec __attribute__((vector_size(64)));  /* 16 floats: one AVX-512 register */
+/* One register of the widest vector unit -march=native offers: with more
+   lanes than registers hold, the compiler splits each FMA and spills the
+   12 chains (AVX2 has 16 registers of 8 floats). */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vec __attribute__((vector_size(4 * LANES)));
 static long iters;
 static double rate[64];
 #define CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
@@ -284,7 +295,7 @@ static double rate[64];
 #define ADD(j) s += c##j[0];
 static void *run(void *arg) {
   vec a, b;
-  for (int i = 0; i < 16; ++i) { a[i] = 0.999999f; b[i] = 1e-7f; }
+  for (int i = 0; i < LANES; ++i) { a[i] = 0.999999f; b[i] = 1e-7f; }
   CHAINS(DECLARE)
   struct timespec t0, t1;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
@@ -292,7 +303,7 @@ static void *run(void *arg) {
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
   float s = 0; CHAINS(ADD)
   double secs = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
-  rate[(long)arg] = iters * 12.0 * 16 / secs + (s == 12345.f);  /* s keeps the chains live */
+  rate[(long)arg] = iters * 12.0 * LANES / secs + (s == 12345.f);  /* s keeps the chains live */
   return NULL;
 }
 int main(int argc, char **argv) {

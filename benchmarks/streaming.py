@@ -32,6 +32,10 @@ the caches left by the previous cell hit them alike), medians in ms:
   work (compare with `scan`).
 * `floor`: a jitted call that takes the step's arguments and does almost
   nothing (one element added): the dispatch cost every jitted step pays.
+* `step-xla`, `scan-xla`: `step` and `scan` compiled with the 1-frame step's
+  XLA formula instead of the fused native call (`_ring.py`; the policy's
+  answer replaced while they compile): the steps as they were before it,
+  timed in the same rounds.
 
 `--size` sets the frames' height and width (64; issue 20 also asks for 16),
 `--channels` their channels (32), `--dilation` the kernel's dilation along
@@ -47,6 +51,7 @@ printed against the marginal cost too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -56,6 +61,7 @@ import numpy as np
 from jax import lax
 
 import dw5d_jax as dw
+from dw5d_jax import _policy
 
 PADDING = ("CAUSAL", "SAME", "SAME")
 WINDOW = ((0, 0), "SAME", "SAME")  # VALID along time: a window in, one frame out
@@ -79,32 +85,56 @@ def functions(k: jax.Array, dilation: int) -> dict:
     return jnp.moveaxis(ys, 0, 1)
 
   full = jax.jit(lambda x, k: dw.depthwise_conv3d(x, k, padding=PADDING, **kw))
+  step = lambda s, c, k: dw.stream_step(s, c, k, **kw)  # noqa: E731
   return {
       "full": full,
       "full2T": full,
-      "step": jax.jit(lambda s, c, k: dw.stream_step(s, c, k, **kw), donate_argnums=0),
+      "step": jax.jit(step, donate_argnums=0),
+      "step-xla": jax.jit(lambda s, c, k: step(s, c, k), donate_argnums=0),
       "ordered": jax.jit(ordered, donate_argnums=0),
       "conv": jax.jit(lambda w, k: dw.depthwise_conv3d(w, k, padding=WINDOW)),
       "scan": scan,
+      "scan-xla": jax.jit(lambda x, k: scan(x, k)),
       "floor": jax.jit(lambda s, c, k: c[0, 0, 0, 0, 0] + k[0, 0, 0, 0, 0]),
       "scan-conv": jax.jit(lambda w, k: lax.scan(
           lambda c, v: (c, dw.depthwise_conv3d(v, k, padding=WINDOW)), 0, w)[1]),
   }
 
 
+@contextlib.contextmanager
+def xla_steps():
+  """1-frame steps compiled inside take the XLA formula (`_ring.py`), not the native call."""
+  decide = _policy.decide_ring_step
+  _policy.decide_ring_step = lambda *args: _policy.Decision("formula")
+  try:
+    yield
+  finally:
+    _policy.decide_ring_step = decide
+
+
 def check(x, k, fns, windows, dilation) -> None:
-  """Every cell's frames against the full op."""
+  """Every cell's frames against the full op (the `-xla` cells compiled first)."""
   want = np.asarray(fns["full"](x, k))
-  state = dw.stream_init(x[:, :1], k, dilations=(dilation, 1, 1))
+  states = {name: dw.stream_init(x[:, :1], k, dilations=(dilation, 1, 1))
+            for name in ("step", "step-xla")}
   history = jnp.zeros((1, 2 * dilation, *x.shape[2:]), x.dtype)
-  got = {"step": [], "ordered": []}
+  got = {"step": [], "step-xla": [], "ordered": []}
+  with xla_steps():
+    got["scan-xla"] = np.asarray(fns["scan-xla"](x, k))
+    states["step-xla"], y = fns["step-xla"](states["step-xla"], x[:, :1], k)
+    got["step-xla"].append(y)
   for t in range(x.shape[1]):
-    state, y = fns["step"](state, x[:, t:t + 1], k)
-    got["step"].append(y)
+    for name in ("step", "step-xla") if t else ("step",):
+      states[name], y = fns[name](states[name], x[:, t:t + 1], k)
+      got[name].append(y)
     history, y = fns["ordered"](history, x[:, t:t + 1], k)
     got["ordered"].append(y)
-  got = {name: np.concatenate(ys, axis=1) for name, ys in got.items()}
+  got = {name: np.concatenate(ys, axis=1) if isinstance(ys, list) else ys
+         for name, ys in got.items()}
   got["scan"] = np.asarray(fns["scan"](x, k))
+  hlo = fns["step"].lower(states["step"], x[:, :1], k).compile().as_text()
+  print("step: the fused native call" if "dw5d_stream_step" in hlo else
+        "step: NO fused native call (the XLA formula)")
   got["scan-conv"] = np.moveaxis(np.asarray(fns["scan-conv"](windows, k))[:, :, 0], 0, 1)
   for name, y in got.items():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
@@ -135,12 +165,14 @@ def main(argv=None) -> None:
   fns = functions(k, r)
   check(x, k, fns, windows, r)
 
-  live = {"step": dw.stream_init(chunks[0], k, dilations=(r, 1, 1)),
-          "ordered": jnp.zeros((1, 2 * r, hw, hw, c)), "t": 0}
+  live = {name: dw.stream_init(chunks[0], k, dilations=(r, 1, 1))
+          for name in ("step", "step-xla")}
+  live.update(ordered=jnp.zeros((1, 2 * r, hw, hw, c)), t=0)
 
-  def step():
-    t = live["t"] = (live["t"] + 1) % frames
-    live["step"], y = fns["step"](live["step"], chunks[t], k)
+  def step(name="step"):
+    if name == "step":
+      live["t"] = (live["t"] + 1) % frames
+    live[name], y = fns[name](live[name], chunks[live["t"]], k)
     return y
 
   def ordered():
@@ -151,9 +183,11 @@ def main(argv=None) -> None:
       "full": (lambda: fns["full"](x, k), frames),
       "full2T": (lambda: fns["full2T"](twice, k), 2 * frames),
       "step": (step, 1),
+      "step-xla": (lambda: step("step-xla"), 1),
       "ordered": (ordered, 1),
       "conv": (lambda: fns["conv"](window, k), 1),
       "scan": (lambda: fns["scan"](x, k), frames),
+      "scan-xla": (lambda: fns["scan-xla"](x, k), frames),
       "scan-conv": (lambda: fns["scan-conv"](windows, k), frames),
       "floor": (lambda: fns["floor"](live["step"], chunks[live["t"]], k), 1),
   }
@@ -182,7 +216,7 @@ def main(argv=None) -> None:
     print(f"{name:10s} {ms:9.3f} {per_frame[name]:9.3f} {per_frame[name] / budget:10.2f}x "
           f"{per_frame[name] / marginal:10.2f}x")
   goal = 1.1 if args.size >= 64 else 1.5  # issue 20: 1.5x at 16x16, 1.1x at 64x64
-  for name in ("step", "scan"):
+  for name in ("step", "scan", "step-xla", "scan-xla"):
     ratio = per_frame[name] / budget
     print(f"issue 20 target {name} <= {goal}x full/T: {'met' if ratio <= goal else 'MISSED'} "
           f"({ratio:.2f}x; {per_frame[name] / marginal:.2f}x the marginal frame; the dispatch "

@@ -1,7 +1,8 @@
 """Every lowering rule of the package's primitives, in one module.
 
 The primitives' own modules (`_primitive.py`: `dw5d_p`; `_epilogue.py`:
-`epilogue_p`, `epilogue_lin_p`, `epilogue_grad_p`) define shapes, batching,
+`epilogue_p`, `epilogue_lin_p`, `epilogue_grad_p`; `_ring.py`: a streaming
+step's `ring_step_p`) define shapes, batching,
 JVPs and transposes, and import no implementation; the implementations
 (`_conv`, `_shift`, `_native`, `_pallas`, `_conv2d`, `_modes`,
 `_partition`) know nothing of the policy. This module is the only one that
@@ -49,6 +50,7 @@ from dw5d_jax import (
     _partition,
     _policy,
     _primitive,
+    _ring,
     _sharding,
     _shift,
 )
@@ -235,6 +237,20 @@ def _epilogue_fn(op: str, decision: Decision, *, spec: ConvSpec, impl: Impl,
 
 
 # ----------------------------------------------------------------------------
+# A 1-frame streaming step: one native call, or the formula.
+
+
+def _ring_step_lowering(ctx, *args, platform: str | None, spec: ConvSpec, impl: Impl,
+                        axis: int):
+  decision = _policy.decide_ring_step(spec, impl, facts(ctx, platform, impl), axis)
+  if decision.lowering == "native":
+    fn = functools.partial(_native.stream_step, spec=spec)
+  else:
+    fn = functools.partial(_ring.formula, spec=spec, impl=impl, axis=axis)
+  return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+# ----------------------------------------------------------------------------
 # Registration.
 
 
@@ -252,3 +268,4 @@ _register(_epilogue.epilogue_lin_p,
           _epilogue_lowering("epilogue_lin", _epilogue.lin_formula, False))
 _register(_epilogue.epilogue_grad_p,
           _epilogue_lowering("epilogue_grad", _epilogue.grad_formula, True))
+_register(_ring.ring_step_p, _ring_step_lowering)

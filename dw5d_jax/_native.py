@@ -27,6 +27,13 @@ With an epilogue `y = act(conv(x, w) + b)` (`_epilogue.py`), in either layout:
 * `dw5d_epilogue_grad_y(x, y, ct) -> (g, dk, db)`: the same with `act'(z)`
   from y (relu, relu6, sigmoid, tanh);
 * `dw5d_bias_grad(x, ct) -> (dk, db)`: no activation, `g = ct`.
+
+One frame of a stream (`_ring.py`), channels-last:
+
+* `dw5d_stream_step(ring, frame, w, head) -> (ring, y)`: the frame written
+  into slot `head` of the ring in place (the ring result aliases the
+  argument: no copy when the ring is donated or a loop's carry), and the
+  window of the ring's frames, oldest first, convolved where they lie.
 """
 
 from __future__ import annotations
@@ -114,3 +121,18 @@ def epilogue_grad(x: jax.Array, kernel: jax.Array, r: jax.Array, ct: jax.Array,
         x, r, ct, activation=activation, **attrs))
   return tuple(jax.ffi.ffi_call("dw5d_epilogue_grad", structs)(
       x, kernel, r, ct, activation=activation, **attrs))
+
+
+def stream_step(ring: jax.Array, frame: jax.Array, kernel: jax.Array, head: jax.Array,
+                spec: ConvSpec) -> tuple[jax.Array, jax.Array]:
+  """`(ring, y)`: `frame` `(N, 1, H, W, C)` into slot `head` of `ring` `(N, E, H, W, C)`.
+
+  `spec` is the convolution of the ring's window (`_ring.py`): channels-last,
+  along D `E` frames in, one out, no padding; `y` is `(N, 1, OH, OW, C * M)`.
+  """
+  n = ring.shape[0]
+  y = jax.ShapeDtypeStruct(_shape(spec, n, spec.out_spatial, spec.channels * spec.multiplier),
+                           spec.out_dtype)
+  call = jax.ffi.ffi_call("dw5d_stream_step", (jax.ShapeDtypeStruct(ring.shape, ring.dtype), y),
+                          input_output_aliases={0: 0})
+  return tuple(call(ring, frame, kernel, head.astype(np.int32), **_attrs(spec, n)))

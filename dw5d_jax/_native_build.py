@@ -56,7 +56,7 @@ from dw5d_jax import _native_compile
 TARGETS = {"dw5d_forward": "Dw5dForward", "dw5d_input_grad": "Dw5dInputGrad",
            "dw5d_kernel_grad": "Dw5dKernelGrad", "dw5d_forward_epilogue": "Dw5dForwardEpilogue",
            "dw5d_epilogue_grad": "Dw5dEpilogueGrad", "dw5d_epilogue_grad_y": "Dw5dEpilogueGradY",
-           "dw5d_bias_grad": "Dw5dBiasGrad"}
+           "dw5d_bias_grad": "Dw5dBiasGrad", "dw5d_stream_step": "Dw5dStreamStep"}
 FLAGS = _native_compile.FLAGS
 ARCH_FLAG = "-march=native"
 

@@ -63,7 +63,11 @@ A bias or activation (`bias=`, `activation=`) makes the op bind
 native kernels (`Decision.fused`) exactly where the convolution and its
 kernel gradient would use them, on one device, without border modes, and
 everywhere else computed by the unfused formula over `dw5d_p`, which takes
-the steps above.
+the steps above. A streaming step of one frame binds `_ring.ring_step_p`:
+one native call that writes the frame into the ring and convolves it
+(`decide_ring_step`) exactly where its window's convolution would take the
+native kernels as they are, channels-last along D, not for export;
+elsewhere its formula over `dw5d_p`.
 
 The native library is built (or loaded from its cache) at trace time, by
 `_lowering.prepare`, the first time an op that may use it is traced with
@@ -211,6 +215,25 @@ def decide(op: str, spec: ConvSpec, impl: Impl, facts: Facts) -> Decision:
     if layout is not None:
       return Decision("native", layout, partition=partition)
   return Decision(method, partition=partition)
+
+
+def decide_ring_step(spec: ConvSpec, impl: Impl, facts: Facts, axis: int) -> Decision:
+  """A 1-frame streaming step (`_ring.py`): `"native"` or `"formula"`.
+
+  `"native"` (one call: the frame written into the ring in place, the
+  window convolved where its frames lie, `_native.stream_step`) exactly
+  where the window's convolution would take the native kernels as they are
+  (`decide` gives `Decision("native")` for `"fwd"`: channels-last here, no
+  border modes, on one device) and the ring lies along D (`axis` 0), not
+  for export (the call's ring aliasing is this process's); everywhere else
+  `"formula"`, whose convolution takes `decide`'s steps. `head`, an int32
+  index among the operands, is not data: only the float dtypes count.
+  """
+  data = facts._replace(dtypes=tuple(d for d in facts.dtypes
+                                     if not np.issubdtype(np.dtype(d), np.integer)))
+  native = (axis == 0 and facts.target is None and spec.channels_last
+            and decide("fwd", spec, impl, data) == Decision("native"))
+  return Decision("native" if native else "formula")
 
 
 def _partition(facts: Facts) -> bool:

@@ -98,7 +98,8 @@ def out_shape(op: str, a_shape: tuple[Any, ...], spec: ConvSpec,
   return (a_shape[0], channels, *spatial)
 
 
-def _abstract_eval(a, b, *, op, spec, out_dtype, split, **_):
+def abstract_eval(a, b, *, op, spec, out_dtype, split, **_):
+  """The result's aval: its shape, dtype and sharding."""
   shape = out_shape(op, a.shape, spec, split)
   return jax.core.ShapedArray(shape, out_dtype,
                               sharding=_sharding.out_sharding(op, a, b, spec, shape),
@@ -196,7 +197,7 @@ def unfold(v: jax.Array, role: str, spec: ConvSpec, size: int) -> jax.Array:
   return jnp.moveaxis(v, ch, 0)
 
 
-dw5d_p.def_abstract_eval(_abstract_eval)
+dw5d_p.def_abstract_eval(abstract_eval)
 dw5d_p.def_impl(_eager_impl)
 ad.defbilinear(dw5d_p, functools.partial(_transpose, 0), functools.partial(_transpose, 1))
 batching.primitive_batchers[dw5d_p] = _batch_rule

@@ -43,18 +43,22 @@ with one `valid` for all take the ring path.
 **The frames are kept in a ring** of `e` slots (`StreamState.buffer`;
 `head` is the free slot, the other `e - 1` hold the history, oldest at
 `head + 1`). A 1-frame step, the common streaming case, copies only the new
-frame: it writes it into the free slot with `lax.dynamic_update_slice` (in
-place under `jit` when the state is donated, and in `lax.scan`) and
-convolves the ring as it lies, with the kernel's time taps rotated into the
-ring's order (a rotation of the kernel, not of the frames). With a dilation
-`r > 1` along time only `k` of the `e` slots meet a tap: those `k` frames
-are gathered in order and convolved without dilation along time. Copying
-the frames into order for the convolution made a 1-frame step about twice
-as slow at 64x64 frames (benchmarks/RESULTS.md, "Streaming").
+frame: it is one primitive (`_ring.py`) that writes the frame into the free
+slot (in place under `jit` when the state is donated, and in `lax.scan`)
+and convolves the ring's window. On CPU with the native kernels
+(channels-last, streamed along D) that is one native call, which reads
+each tap's frame where it lies in the ring; elsewhere (and in exports)
+`lax.dynamic_update_slice` and the ring convolved as it lies, with the
+kernel's time taps rotated into the ring's order (a rotation of the
+kernel, not of the frames), or with a dilation `r > 1` along time, the `k`
+frames the taps read gathered in order. Copying the frames into order for
+the convolution made a 1-frame step about twice as slow at 64x64 frames
+(benchmarks/RESULTS.md, "Streaming").
 Longer chunks need the history and the chunk in one contiguous window; they
-copy the `e - 1` history frames and put the ring back in order. Rotated
-taps sum in another order, so 1-frame steps equal the full op within
-rounding; longer chunks give it bitwise.
+copy the `e - 1` history frames and put the ring back in order, and give
+the full op bitwise. So does a float32 1-frame step through the native call
+(the taps summed in the full op's order); rotated taps sum in another
+order, so there 1-frame steps equal the full op within rounding.
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from dw5d_jax import _args, _depthwise, _frame_step, _geometry
+from dw5d_jax import _args, _depthwise, _frame_step, _geometry, _lowering, _ring, _target
 from dw5d_jax._geometry import SPATIAL
+from dw5d_jax._spec import Impl
 
 _Ints = int | tuple[int, ...]
 _Padding = str | tuple[str | tuple[int, int], ...] | None
@@ -419,18 +424,8 @@ def _step(ring, head, phase, chunk, kernel, traced, reset, *, count: int | None,
   if size and _geometry.is_static(length) and length == 1 and valid.ndim == 0:
     # One frame into the free slot; a frame that is not real (valid 0) stays
     # there: `head` does not move.
-    ring = lax.dynamic_update_slice_in_dim(ring, chunk, head, t)
-    oldest = _geometry.stream_oldest(head, size)
-    if r == 1:
-      # The ring, oldest frame at `head + 1`, convolved as it lies with the
-      # time taps rotated to match: slot j meets tap (j - oldest) mod e.
-      y = conv(ring, jnp.roll(kernel, oldest, axis=i), window_padding=True)
-    else:
-      # Dilated: tap a reads slot (oldest + a * r) mod e. Those k frames,
-      # gathered in order, convolved without dilation along time: k frames
-      # copied, not the e - 1 history frames twice (the longer-chunk path).
-      taps = [lax.dynamic_index_in_dim(ring, (oldest + a * r) % size, t) for a in range(k)]
-      y = conv(lax.concatenate(taps, t), kernel, window_padding=True, undilated=True)
+    ring, y = _ring_step(ring, chunk, kernel, head, config=config, method=method,
+                         precision=precision, preferred=preferred)
     return ring, (head + valid) % size, phase_after, emitted, y
   x = chunk
   if size:  # [history; chunk], the history in order: e - 1 slots from the oldest on
@@ -452,6 +447,37 @@ def _step(ring, head, phase, chunk, kernel, traced, reset, *, count: int | None,
   return ring, head, phase_after, emitted, conv(x, kernel, window_padding=True)
 
 
+def _ring_step(ring, chunk, kernel, head, *, config: StreamConfig, method: str, precision: Any,
+               preferred: Any) -> tuple[jax.Array, jax.Array]:
+  """One frame into the free slot `head` of the ring, and its output (`_ring.py`).
+
+  The ring's window convolved (VALID along the streamed axis), on the
+  operands normalised to rank 5 as the ops normalise them. Traced for an
+  export target (`_target.py`), the step is `_ring.formula`'s ops
+  themselves: an exporter sees only the ops it converts.
+  """
+  fn = "stream_step"
+  # One output frame: no padding along the streamed axis, and its stride moves nothing.
+  padding, strides = list(config.padding), list(config.strides)
+  padding[config.time], strides[config.time] = (0, 0), 1
+  x5, k5, spec = _args.normalize(
+      fn, ring, kernel, conv_axes=config.axes, layout=config.layout, strides=tuple(strides),
+      dilations=config.dilations, padding=tuple(padding), precision=precision,
+      preferred=preferred, padding_mode=config.modes or None)
+  unit = 1 if spec.channels_last else 2  # the unit D axis of a rank-4 layout
+  frame = lax.expand_dims(chunk, (unit,)) if ring.ndim == 4 else chunk
+  impl = Impl(method, target=_target.current())
+  kw = dict(spec=spec, impl=impl, axis=SPATIAL.index(config.axis))
+  if impl.target is not None:
+    ring5, y = _ring.formula(x5, frame, k5, jnp.asarray(head, jnp.int32), **kw)
+  else:
+    _lowering.prepare(spec, impl, x5.shape[0])
+    ring5, y = _ring.ring_step(x5, frame, k5, head, **kw)
+  if ring.ndim == 4:
+    return ring5.squeeze(unit), y.squeeze(unit)
+  return ring5, y
+
+
 def _slice_each(x: jax.Array, start: jax.Array, size: Any, t: int) -> jax.Array:
   """`size` frames along axis `t` from `start`: one start, or one per example (`(N,)`)."""
   if start.ndim == 0:
@@ -461,17 +487,14 @@ def _slice_each(x: jax.Array, start: jax.Array, size: Any, t: int) -> jax.Array:
 
 
 def _conv(x, kernel, *, config: StreamConfig, fn: str, method: str, precision: Any,
-          preferred: Any, window_padding: bool = False, undilated: bool = False) -> jax.Array:
-  """The op on `x`; with `window_padding`, VALID along the streamed axis; `undilated`:
-  dilation 1 along it (the taps' frames gathered in order)."""
-  padding, dilations = list(config.padding), list(config.dilations)
+          preferred: Any, window_padding: bool = False) -> jax.Array:
+  """The op on `x`; with `window_padding`, VALID along the streamed axis."""
+  padding = list(config.padding)
   if window_padding:
     padding[config.time] = (0, 0)
-  if undilated:
-    dilations[config.time] = 1
   return _depthwise._apply(
       x, kernel, fn=fn, conv_axes=config.axes, layout=config.layout, strides=config.strides,
-      dilations=tuple(dilations), padding=tuple(padding), method=method, precision=precision,
+      dilations=config.dilations, padding=tuple(padding), method=method, precision=precision,
       preferred=preferred, padding_mode=config.modes)
 
 

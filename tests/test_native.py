@@ -329,6 +329,41 @@ def test_handler_checks_every_attribute_by_name(rng, change, message):
       jax.block_until_ready(run(x, k))
 
 
+# dw5d_stream_step on a ring of 3 frames (1, 3, 3, 4, 4): a 3x3x3 window, SAME along H and W.
+_RING_ATTRS = dict(_ATTRS, in_spatial=np.array([3, 3, 4]), out_spatial=np.array([1, 3, 4]),
+                   window=np.array([3, 3, 3]))
+
+
+@pytest.mark.parametrize("change,head,message", [
+    (dict(), 1, None),
+    (dict(), 3, "`head` must be in [0, 3), got 3"),
+    (dict(out_spatial=np.array([3, 3, 4]), padding_low=np.array([2, 1, 1])), 0,
+     "takes one channels-last window along D"),
+    (dict(in_spatial=np.array([3, 3, 5])),
+     0, "`ring` has shape (1, 3, 3, 4, 4), the attributes give (1, 3, 3, 5, 4)"),
+], ids=["valid", "head", "not-a-window", "ring-shape"])
+def test_stream_step_handler(rng, change, head, message):
+  """The frame goes into slot `head` in place; the window, oldest first, is slots
+  head + 1, head + 2, ... (mod 3); a bad call is an error naming what is wrong."""
+  ring = jnp.asarray(random_array(rng, (1, 3, 3, 4, 4)))
+  frame = jnp.asarray(random_array(rng, (1, 1, 3, 4, 4)))
+  k = jnp.asarray(random_array(rng, (3, 3, 3, 4, 1)))
+  out = (jax.ShapeDtypeStruct(ring.shape, ring.dtype),
+         jax.ShapeDtypeStruct((1, 1, 3, 4, 4), ring.dtype))
+  call = jax.ffi.ffi_call("dw5d_stream_step", out, input_output_aliases={0: 0})
+  run = jax.jit(lambda *a: call(*a, **{**_RING_ATTRS, **change}))
+  if message is not None:
+    with pytest.raises(Exception, match=re.escape(f"dw5d_stream_step: {message}")):
+      jax.block_until_ready(run(ring, frame, k, jnp.int32(head)))
+    return
+  new, y = run(ring, frame, k, jnp.int32(head))
+  want = np.asarray(ring).copy()
+  want[:, 1] = np.asarray(frame)[:, 0]
+  np.testing.assert_array_equal(new, want)
+  assert_close(y, depthwise_reference(want[:, [2, 0, 1]], np.asarray(k), axes="DHW",
+                                      padding=((0, 0), (1, 1), (1, 1))))
+
+
 def test_failed_self_test_turns_the_kernels_off(monkeypatch):
   class Library:
     @staticmethod

@@ -217,6 +217,38 @@ def test_decision_table(name, op, spec, impl, facts, expected):
   assert decide(op, spec, impl, facts) == expected
 
 
+# A 1-frame streaming step (`_policy.decide_ring_step`): the spec is the ring's
+# window (3 frames in along D, one out); (name, spec, impl, facts, axis, expected).
+WINDOW = _spec(spatial=(3, 8, 16))._replace(padding=((0, 0), (1, 1), (1, 1)),
+                                            out_spatial=(1, 8, 16))
+INDEX = Facts(dtypes=(np.dtype(np.float32),) * 3 + (np.dtype(np.int32),) * 1
+              + (np.dtype(np.float32),) * 2)  # ring, frame, kernel, head; ring, y
+RING_TABLE = [
+    ("native", WINDOW, AUTO, INDEX, 0, "native"),
+    ("bfloat16", WINDOW._replace(out_dtype=np.dtype(jnp.bfloat16)), AUTO,
+     INDEX._replace(dtypes=(np.dtype(jnp.bfloat16), np.dtype(np.int32))), 0, "native"),
+    ("along H", WINDOW, AUTO, INDEX, 1, "formula"),
+    ("channels-first", WINDOW._replace(channels_last=False), AUTO, INDEX, 0, "formula"),
+    ("C=3 on", WINDOW._replace(channels=3), AUTO, INDEX, 0, "formula"),
+    ("C=3 all", WINDOW._replace(channels=3), AUTO, INDEX._replace(native_mode="all"), 0,
+     "native"),
+    ("border modes", WINDOW._replace(modes=("zeros", "reflect", "reflect")), AUTO, INDEX, 0,
+     "formula"),
+    ("method conv", WINDOW, CONV, INDEX, 0, "formula"),
+    ("export", WINDOW, AUTO, INDEX._replace(target="stablehlo"), 0, "formula"),
+    ("export native", WINDOW, AUTO, INDEX._replace(target="native"), 0, "formula"),
+    ("two devices", WINDOW, AUTO, INDEX._replace(devices=2), 0, "formula"),
+    ("not loaded", WINDOW, AUTO, INDEX._replace(native_loaded=False), 0, "formula"),
+    ("float64", WINDOW, AUTO, INDEX._replace(dtypes=(np.dtype(np.float64),)), 0, "formula"),
+]
+
+
+@pytest.mark.parametrize("name, spec, impl, facts, axis, expected", RING_TABLE,
+                         ids=[row[0] for row in RING_TABLE])
+def test_ring_step_table(name, spec, impl, facts, axis, expected):
+  assert _policy.decide_ring_step(spec, impl, facts, axis) == Decision(expected)
+
+
 def test_gpu_choice_classes(monkeypatch):
   """`_GPU_CHOICE` keyed by ("2d" with a carried axis, else "3d"; output dtype); static only."""
   monkeypatch.setattr(_policy, "_GPU_CHOICE",

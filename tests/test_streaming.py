@@ -170,6 +170,97 @@ def test_one_frame_steps_frame_by_frame(rng, axes, window, kw, layout, dtype):
   np.testing.assert_array_equal(scanned, got)
 
 
+# The fused native step (`_ring.py`: one `dw5d_stream_step` call writes the
+# frame into the ring and convolves the window where it lies), channels-last
+# along D: channel counts of every packet width, multipliers, dilations and
+# strides along time, strides along H/W, frames smaller than the kernel,
+# bfloat16. (C, M, window, kw, (H, W), dtype).
+NATIVE_STEPS = [
+    (1, 1, (3, 3, 3), {}, (4, 5), "float32"),
+    (3, 2, (3, 3, 3), dict(dilations=(2, 1, 1)), (5, 4), "float32"),
+    (5, 1, (2, 3, 3), dict(strides=(1, 2, 2)), (7, 6), "float32"),
+    (32, 2, (3, 3, 3), dict(dilations=(3, 1, 1), strides=(2, 1, 2)), (6, 6), "float32"),
+    (54, 1, (3, 5, 5), dict(strides=(1, 2, 1)), (3, 2), "float32"),
+    (32, 1, (3, 3, 3), {}, (6, 5), "bfloat16"),
+    (5, 2, (3, 3, 3), dict(dilations=(2, 1, 1)), (2, 2), "bfloat16"),
+]
+
+
+def _step_hlo(step, *args) -> str:
+  return step.lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("c,m,window,kw,hw,dtype", NATIVE_STEPS)
+def test_native_step(rng, c, m, window, kw, hw, dtype):
+  """1-frame steps through the fused native call, jitted with the state donated and in
+  `lax.scan`, against the float64 reference; float32 bitwise the full op (the taps are
+  summed in its order)."""
+  x = random_array(rng, (2, 5, *hw, c)).astype(jnp.dtype(dtype))
+  k = random_array(rng, (*window, c, m)).astype(jnp.dtype(dtype))
+  kw = dict(padding=("CAUSAL", "SAME", "SAME"), **kw)
+  step = jax.jit(lambda s, f: dw.stream_step(s, f, k, **kw), donate_argnums=0)
+  init = dw.stream_init(x[:, :1], k, **kw)
+  text = _step_hlo(step, init, x[:, :1])
+  assert "dw5d_stream_step" in text and "dynamic-update-slice" not in text, text
+
+  def body(s, frame):
+    s, y = dw.stream_step(s, frame[:, None], k, **kw)
+    return s, (y[:, 0], s.emitted)
+
+  scan = jax.jit(lambda s, xs: lax.scan(body, s, xs))
+  assert "dw5d_stream_step" in _step_hlo(scan, init, jnp.moveaxis(x, 1, 0))
+  _, (scanned, real) = scan(init, jnp.moveaxis(x, 1, 0))
+  scanned = np.moveaxis(np.asarray(scanned, np.float64)[np.asarray(real) == 1], 0, 1)
+  state, outs = init, []
+  for t in range(x.shape[1]):
+    state, y = step(state, x[:, t:t + 1])
+    outs.append(np.asarray(y[:, :int(state.emitted)], np.float64))
+  got = np.concatenate(outs, axis=1)
+  assert_close(got, depthwise_reference(np.asarray(x, np.float64), np.asarray(k, np.float64),
+                                        axes="DHW", **kw), dtype)
+  np.testing.assert_array_equal(scanned, got)
+  if dtype == "float32":
+    np.testing.assert_array_equal(got, dw.depthwise_conv3d(x, k, **kw))
+
+
+def test_exported_step_is_the_formula(rng):
+  """`jax.export` of a 1-frame step names no custom call (the XLA formula); jit does."""
+  x = random_array(rng, (1, 3, 5, 4, 8))
+  k = random_array(rng, (3, 3, 3, 8, 1))
+  step = jax.jit(lambda s, c: dw.stream_step(s, c, k))
+  state = dw.stream_init(x[:, :1], k)
+  assert "dw5d_stream_step" in step.lower(state, x[:, :1]).as_text()
+  exp = export.export(step)(state, x[:, :1])
+  assert "custom_call" not in exp.mlir_module()
+  native, exported = state, state
+  for t in range(3):
+    native, y = step(native, x[:, t:t + 1])
+    exported, y_exported = exp.call(exported, x[:, t:t + 1])
+    assert_close(y_exported, np.asarray(y, np.float64))
+
+
+def test_native_step_gradients(rng):
+  """Gradients through 1-frame steps (the formula's, `_ring.py`) equal the full op's."""
+  x = random_array(rng, (1, 4, 5, 4, 5))
+  k = random_array(rng, (3, 3, 3, 5, 2))
+  ct = random_array(rng, (1, 4, 5, 4, 10))
+  kw = dict(dilations=(2, 1, 1))
+
+  def streamed(x, k):
+    state, ys = dw.stream_init(x[:, :1], k, **kw), []
+    for t in range(x.shape[1]):
+      state, y = dw.stream_step(state, x[:, t:t + 1], k, **kw)
+      ys.append(y)
+    return jnp.sum(jnp.concatenate(ys, axis=1) * ct)
+
+  def full(x, k):
+    return jnp.sum(dw.depthwise_conv3d(x, k, padding=("CAUSAL", "SAME", "SAME"), **kw) * ct)
+
+  got = jax.jit(jax.grad(streamed, argnums=(0, 1)))(x, k)
+  want = jax.grad(full, argnums=(0, 1))(x, k)
+  assert_close(tuple(map(np.asarray, got)), tuple(np.asarray(w, np.float64) for w in want))
+
+
 @pytest.mark.parametrize("chunks", [[2, 3, 2], [7]])
 def test_chunks_of_several_frames_are_bitwise_the_full_op(rng, chunks):
   x = random_array(rng, (1, 7, 6, 5, 4))

@@ -82,7 +82,8 @@ class TapArray {
 };
 
 // The input rows that output row r reads: rows[t] indexes x viewed as
-// N * D * H rows of W * C values, taps[t] = a * KH + b is its tap row.
+// N * D * H rows of W * C values, taps[t] = a * KH + b is its tap row
+// (in tap order; a ring's planes where they lie: Geom::d0).
 inline int RowTaps(const Geom& g, int64_t r, int64_t* rows, int64_t* taps) {
   const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
   int nt = 0;
@@ -92,7 +93,7 @@ inline int RowTaps(const Geom& g, int64_t r, int64_t* rows, int64_t* taps) {
     for (int64_t b = 0; b < g.kh; ++b) {
       const int64_t ih = oh * g.sh + b * g.rh - g.ph;
       if (ih < 0 || ih >= g.h) continue;
-      rows[nt] = (n * g.d + id) * g.h + ih;
+      rows[nt] = (n * g.d + (g.d0 == 0 ? id : (id + g.d0) % g.d)) * g.h + ih;
       taps[nt] = a * g.kh + b;
       ++nt;
     }

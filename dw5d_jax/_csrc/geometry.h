@@ -22,6 +22,9 @@ namespace dw5d {
 struct Geom {
   int64_t n, d, h, w, c, m, od, oh, ow, kd, kh, kw, sd, sh, sw, rd, rh, rw, pd, ph, pw;
   int64_t cf;  // 1: channels-first arrays (channels_first.cc)
+  // A ring along D (stream_step.h; channels-last only): input plane id of a
+  // sample lies at plane (id + d0) mod d. 0 (planes in order) for every other problem.
+  int64_t d0 = 0;
   int64_t rows() const { return n * od * oh; }
   int64_t taps() const { return kd * kh * kw; }
 };

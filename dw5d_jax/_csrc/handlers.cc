@@ -13,6 +13,10 @@
 //   dw5d_epilogue_grad_y(x, y, ct) -> (g, dk, db)    act'(z) from y (relu, relu6, sigmoid, tanh)
 //   dw5d_bias_grad(x, ct) -> (dk, db)                no activation: g = ct
 //
+// and one frame of a stream, the frame written into a ring in place (stream_step.h):
+//
+//   dw5d_stream_step(ring, frame, w, head) -> (ring, y)
+//
 // x, dx, y and ct are float32 or bfloat16 in either layout (geometry.h); w
 // and dk are (KD, KH, KW, C, M), b and db (C * M,), float32 or bfloat16; g
 // is float32. The attributes, each required and checked by name (ParseGeom):
@@ -34,6 +38,7 @@
 #include "geometry.h"
 #include "kernels.h"
 #include "packets.h"
+#include "stream_step.h"
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -445,6 +450,60 @@ ffi::Error Handle(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingR
   return ffi::Error::Success();
 }
 
+// dw5d_stream_step(ring, frame, w, head) -> (ring, y) (stream_step.h): the
+// attributes are the window's convolution on the ring (channels-last; along
+// D: in_spatial E, out_spatial 1, stride 1, no padding, E = (KD - 1) * RD + 1);
+// `frame` is (N, 1, H, W, C) in the ring's dtype, `head` an int32 scalar in
+// [0, E). The ring result aliases the ring argument (_native.stream_step):
+// the frame is written into it in place.
+ffi::Error HandleStreamStep(ffi::ThreadPool pool, ffi::AnyBuffer ring, ffi::AnyBuffer frame,
+                            ffi::AnyBuffer w, ffi::BufferR0<ffi::DataType::S32> head,
+                            ffi::Result<ffi::AnyBuffer> ring_out, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Dictionary attrs) {
+  constexpr const char* kName = "dw5d_stream_step";
+  Geom g;
+  if (ffi::Error err = ParseGeom(kName, attrs, &g, nullptr); err.failure()) return err;
+  if (g.cf || g.od != 1 || g.sd != 1 || g.pd != 0 || (g.kd - 1) * g.rd + 1 != g.d)
+    return Invalid(kName, "takes one channels-last window along D: out_spatial[0] 1, "
+                          "strides[0] 1, padding_low[0] 0, in_spatial[0] (window[0] - 1) * "
+                          "dilations[0] + 1");
+  Geom one = g;  // the frame's shape
+  one.d = 1;
+  const struct {
+    const Operand operand;
+    const Geom* geom;
+    ffi::AnyBuffer buffer;
+  } operands[] = {{{"ring", Role::kInput}, &g, ring},    {{"frame", Role::kInput}, &one, frame},
+                  {{"w", Role::kKernel}, &g, w},         {{"ring", Role::kInput}, &g, *ring_out},
+                  {{"y", Role::kOutput}, &g, *y}};
+  for (const auto& o : operands)
+    if (ffi::Error err = CheckOperand(kName, o.operand, *o.geom, o.buffer); err.failure())
+      return err;
+  if (frame.element_type() != ring.element_type() ||
+      ring_out->element_type() != ring.element_type())
+    return Invalid(kName, "`frame` and the ring result must have the ring's dtype");
+  const int64_t h = *head.typed_data();
+  if (h < 0 || h >= g.d)
+    return Invalid(kName, "`head` must be in [0, " + std::to_string(g.d) + "), got " +
+                              std::to_string(h));
+  if (ring_out->untyped_data() != ring.untyped_data())  // not aliased: the ring copied first
+    std::copy_n(static_cast<const char*>(ring.untyped_data()), ring.size_bytes(),
+                static_cast<char*>(ring_out->untyped_data()));
+  std::vector<float> wf(g.taps() * g.m * g.c);
+  WithDtype(w.element_type(), [&](auto t) {
+    LoadKernel(g, static_cast<const decltype(t)*>(w.untyped_data()), wf.data());
+  });
+  WithDtype(ring.element_type(), [&](auto ta) {
+    WithDtype(y->element_type(), [&](auto tb) {
+      using TI = decltype(ta);
+      RunStreamStep(&pool, g, static_cast<const TI*>(frame.untyped_data()), h, wf.data(),
+                    static_cast<TI*>(ring_out->untyped_data()),
+                    static_cast<decltype(tb)*>(y->untyped_data()));
+    });
+  });
+  return ffi::Error::Success();
+}
+
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -466,3 +525,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dEpilogueGrad, dw5d::Handle<dw5d::EpilogueGradZ
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dEpilogueGradY, dw5d::Handle<dw5d::EpilogueGradY>,
                               dw5d::Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dBiasGrad, dw5d::Handle<dw5d::BiasGrad>, dw5d::Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dw5dStreamStep, dw5d::HandleStreamStep,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::BufferR0<xla::ffi::DataType::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attrs<xla::ffi::Dictionary>());
