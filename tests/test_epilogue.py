@@ -104,6 +104,25 @@ def test_forward_matches_reference(rng, case, act):
                err_msg="no bias")
 
 
+# Outputs of 16 MiB and more are written with non-temporal stores, and x is
+# prefetched where x and y exceed 32 MiB together (channels_last_forward.cc):
+# the plain rows streamed from the row kernels, the epilogue's from a row
+# buffer, M = 2 woven rows. 3x3 per slice keeps the reference cheap.
+_LARGE = Case("2d", "NDHWC", "HW", (1, 16, 64, 64, 64), (3, 3, 64, 1), 1, 1, "SAME")
+
+
+@pytest.mark.parametrize("multiplier,bias,act", [(1, False, None), (1, True, "gelu"),
+                                                 (2, True, None)])
+def test_large_outputs_streamed(rng, multiplier, bias, act):
+  case = dataclasses.replace(_LARGE, x_shape=(1, 16 // multiplier, 64, 64, 64),
+                             k_shape=(3, 3, 64, multiplier))
+  x, k, b = _data(rng, case)
+  b = b if bias else None
+  want, _ = _reference(case, x, k, b, act)
+  assert want.nbytes // 2 >= 16 << 20  # float32 y
+  assert_close(jax.jit(lambda a, w: run(case, a, w, bias=b, activation=act))(x, k), want)
+
+
 def _identity_layer(z: np.ndarray):
   """`(1, 1, 1, n / 16, 16)` float32 z and a `(1, 1, 1, 16, 1)` kernel of ones: conv(z) = z exactly."""
   z = np.asarray(z, np.float32).reshape(1, 1, 1, -1, 16)

@@ -25,10 +25,54 @@
 namespace dw5d {
 namespace {
 
+// The last-level cache (the 32 MiB L3 of the AMD EPYC VMs).
+constexpr int64_t kCacheBytes = 32 << 20;
+
 // Outputs at least this large are written with non-temporal stores (half
-// the 32 MB L3 of the AMD EPYC VM: smaller ones may still be in a cache
-// when the next op reads them).
-constexpr int64_t kStreamBytes = 16 << 20;
+// the L3: smaller ones may still be in a cache when the next op reads them).
+constexpr int64_t kStreamBytes = kCacheBytes / 2;
+
+// Prefetches the input rows that output row r reads and that come from
+// memory rather than from L2: those that neither the output row before it
+// (the row the kernels compute while the prefetches are in flight) nor the
+// same row of the previous plane of its tile read. In a tile's band, that
+// is the newest row of the deepest input plane. The hardware prefetchers
+// alone leave the kernels waiting on each such row: a row of input is
+// several 4 KiB pages, read in strided passes (one per channel block).
+template <typename TI>
+class InputPrefetch {
+ public:
+  InputPrefetch(const Geom& g, const TI* x, const Tiles& tiles)
+      : g_(g), x_(x), height_(tiles.height), last_(g.kd * g.kh), plane_(g.kd * g.kh),
+        rows_(g.kd * g.kh), taps_(g.kd * g.kh) {}
+
+  void operator()(int64_t r) {
+    if (first_plane_ < 0) first_plane_ = r / height_;
+    const int n = RowTaps(g_, r, rows_.data(), taps_.data());
+    const int np = r / height_ > first_plane_
+                       ? RowTaps(g_, r - height_, plane_.data(), taps_.data())
+                       : 0;
+    const int64_t len = g_.w * g_.c;
+    for (int t = 0; t < n; ++t) {
+      const int64_t row = rows_[t];
+      if (std::find(last_.begin(), last_.begin() + last_n_, row) != last_.begin() + last_n_ ||
+          std::find(plane_.begin(), plane_.begin() + np, row) != plane_.begin() + np)
+        continue;
+      const char* p = reinterpret_cast<const char*>(x_ + row * len);
+      for (int64_t b = 0; b < len * static_cast<int64_t>(sizeof(TI)); b += 64)
+        __builtin_prefetch(p + b, 0, 3);
+    }
+    std::copy(rows_.begin(), rows_.begin() + n, last_.begin());
+    last_n_ = n;
+  }
+
+ private:
+  const Geom& g_;
+  const TI* x_;
+  int64_t height_, first_plane_ = -1;
+  std::vector<int64_t> last_, plane_, rows_, taps_;
+  int last_n_ = 0;
+};
 
 // The row kernels of a forward pass: float32 ones, and where bfloat16 x
 // is multiplied in pairs (PairPlan), the pair ones (`pair` non-null).
@@ -41,11 +85,12 @@ struct ForwardFns {
 
 // `bias_row` (BiasRow) non-null: the epilogue `act` is applied to every
 // output row after its tap sums, while it is in L1, before it is stored
-// (rows written in place in y are then not streamed: `stream` applies to
-// the store of finished rows).
+// (`stream`: with non-temporal stores). `prefetch`: InputPrefetch, one row
+// ahead.
 template <typename TI, typename TO>
 void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float* w, TO* y,
-                 const Tiles& tiles, int64_t tile, bool stream, Act act, const float* bias_row) {
+                 const Tiles& tiles, int64_t tile, bool stream, bool prefetch, Act act,
+                 const float* bias_row) {
   const int64_t cm = g.c * g.m, taps = g.kd * g.kh;
   std::optional<InputRows<TI>> in;  // float32 rows (for the pair kernels: only non-finite rows)
   std::optional<PairRows> pairs;
@@ -55,17 +100,21 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
   TapArray<int64_t> rows(taps), tap(taps);
   TapArray<const float*> xr(taps), wb(taps), wr(taps);
   TapArray<const uint32_t*> pr(taps), pwb(taps), pw(taps);
-  // float32 y in the row kernels' layout (M = 1, or woven rows) is written in place.
+  // float32 y in the row kernels' layout (M = 1, or woven rows) is written in place, unless
+  // an epilogue runs on rows that are streamed: the row is then computed in `tmp` (in L1),
+  // and the epilogue's pass over it streams it to y.
   const bool flat = g.m == 1 || fns.woven;  // rows in y's layout
-  const bool direct = std::is_same<TO, float>::value && flat;
+  const bool stream_epilogue =
+      std::is_same<TO, float>::value && flat && stream && bias_row != nullptr;
+  const bool direct = std::is_same<TO, float>::value && flat && !stream_epilogue;
   std::vector<float> tmp(direct ? 0 : g.ow * cm);
   int64_t lo0, hi0, lo1, hi1;  // outputs whose first / last W tap is inside x
   ValidRange(g.w, g.ow, g.sw, -g.pw, &lo0, &hi0);
   ValidRange(g.w, g.ow, g.sw, (g.kw - 1) * g.rw - g.pw, &lo1, &hi1);
   int64_t lo = std::max(lo0, lo1), hi = std::min(hi0, hi1);
   if (hi <= lo) lo = hi = g.ow;
-  const bool stream_row = direct && stream && bias_row == nullptr;  // rows written in place
-  tiles.ForRows(tile, [&](int64_t r) {
+  const bool stream_row = direct && stream;  // rows written in place
+  auto row = [&](int64_t r) {
     const int nt = RowTaps(g, r, rows.data(), tap.data());
     TO* yrow = y + r * g.ow * cm;
     float* out = direct ? reinterpret_cast<float*>(yrow) : tmp.data();
@@ -87,6 +136,9 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
       }
       fns.row(g, xr.data(), wb.data(), nt, lo, hi, out, wr.data(), stream_row);
     }
+    if constexpr (std::is_same<TO, float>::value) {
+      if (stream_epilogue) return ActivateRowStream(act, out, bias_row, yrow, g.ow * cm);
+    }
     if (bias_row != nullptr) ActivateRow(act, out, bias_row, g.ow * cm);
     if (direct) return;
     if (!flat) {
@@ -96,7 +148,19 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
     } else {
       Convert(tmp.data(), yrow, g.ow * cm);
     }
-  });
+  };
+  if (prefetch) {  // each row computed after the next one's prefetches are issued
+    InputPrefetch<TI> ahead(g, x, tiles);
+    int64_t pending = -1;
+    tiles.ForRows(tile, [&](int64_t r) {
+      ahead(r);
+      if (pending >= 0) row(pending);
+      pending = r;
+    });
+    if (pending >= 0) row(pending);
+  } else {
+    tiles.ForRows(tile, row);
+  }
   if (stream) StreamFence();
 }
 
@@ -197,8 +261,14 @@ void ChannelsLast::Forward(ffi::ThreadPool* pool, const Geom& g, const TI* x, co
     bias_row = BiasRow(g, e.bias);
   }
   const float* b = e.bias != nullptr ? bias_row.data() : nullptr;
-  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork,
-              [&](int64_t i) { ForwardRows(g, fns, x, w, y, tiles, i, stream, e.act, b); });
+  // Prefetching x where x and y do not fit in the L3 together (smaller ones stay there from
+  // one call to the next: the prefetches would only cost instructions).
+  const int64_t bytes = g.n * g.d * g.h * g.w * g.c * static_cast<int64_t>(sizeof(TI)) +
+                        g.rows() * g.ow * g.c * g.m * static_cast<int64_t>(sizeof(TO));
+  const bool prefetch = bytes > kCacheBytes;
+  ParallelFor(pool, tiles.Count(), Work(g) >= kMinParallelWork, [&](int64_t i) {
+    ForwardRows(g, fns, x, w, y, tiles, i, stream, prefetch, e.act, b);
+  });
   PoisonPaddedTaps(g, w, y);
 }
 

@@ -268,6 +268,18 @@ void ActivateRowT(float* row, const float* bias, int64_t len) {
 }
 
 template <Act A>
+void ActivateRowStreamT(const float* row, const float* bias, float* out, int64_t len) {
+  ForPackets(len, [&](int64_t i, int64_t n) {
+    const V v = Apply<A>(LoadN(row + i, n) + LoadN(bias + i, n));
+    if (n == kLanes) {
+      StreamStore<kLanes>(out + i, v);
+    } else {
+      StoreN(out + i, v, n);
+    }
+  });
+}
+
+template <Act A>
 void ActivateRowScalarT(float* row, float bias, int64_t len) {
   ForPackets(len, [&](int64_t i, int64_t n) {
     StoreN(row + i, Apply<A>(LoadN(row + i, n) + bias), n);
@@ -318,6 +330,14 @@ inline void WithAct(Act a, F&& f) {
 // row[i] = act(row[i] + bias[i]) for i < len.
 inline void ActivateRow(Act a, float* row, const float* bias, int64_t len) {
   epi::WithAct(a, [&](auto c) { epi::ActivateRowT<decltype(c)::value>(row, bias, len); });
+}
+
+// out[i] = act(row[i] + bias[i]) for i < len, with non-temporal stores (`out`
+// aligned to a vector): the epilogue of a row on its way to a streamed output.
+inline void ActivateRowStream(Act a, const float* row, const float* bias, float* out,
+                              int64_t len) {
+  epi::WithAct(a,
+               [&](auto c) { epi::ActivateRowStreamT<decltype(c)::value>(row, bias, out, len); });
 }
 
 // The same with one bias for the whole row (channels-first rows).

@@ -234,8 +234,9 @@ void Convert(const TI* in, TO* out, int64_t len) {
 }
 
 // A packet of floats stored with a non-temporal (streaming) store when
-// there is one for its width and `p` is aligned to it, else an ordinary
-// store. Callers fence (StreamFence) before the results are read elsewhere.
+// there is one for its width (a whole AVX-512 or AVX register; `p` aligned
+// to it), else an ordinary store. Callers fence (StreamFence) before the
+// results are read elsewhere.
 template <int N>
 inline void StreamStore(float* p, typename Pack<N>::V v) {
 #if defined(__AVX512F__)
@@ -243,6 +244,14 @@ inline void StreamStore(float* p, typename Pack<N>::V v) {
     __m512 m;
     std::memcpy(&m, &v, sizeof m);
     _mm512_stream_ps(p, m);
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (N == 8) {
+    __m256 m;
+    std::memcpy(&m, &v, sizeof m);
+    _mm256_stream_ps(p, m);
     return;
   }
 #endif
@@ -261,22 +270,28 @@ inline void StreamFence() {
 // first (one 16 MiB read + write pass, one thread: 1.1 ms instead of 1.7).
 template <typename TO>
 void ConvertStream(const float* in, TO* out, int64_t len) {
-#if defined(__AVX512F__)
-  constexpr int64_t kVec = 64 / sizeof(TO);  // elements per 64-byte store
+#if defined(__AVX__)
+  constexpr int64_t kBytes = kLanes * 4;          // one store: a vector register
+  constexpr int64_t kVec = kBytes / sizeof(TO);  // elements per store
   int64_t i = 0;
-  // Up to the first 64-byte boundary with ordinary stores.
-  while (i < len && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0) {
+  // Up to the first aligned address with ordinary stores.
+  while (i < len && (reinterpret_cast<uintptr_t>(out + i) & (kBytes - 1)) != 0) {
     Pack<1>::Store(out + i, in[i]);
     ++i;
   }
   for (; i + kVec <= len; i += kVec) {
     if constexpr (std::is_same<TO, float>::value) {
-      _mm512_stream_ps(out + i, _mm512_loadu_ps(in + i));
-    } else {
+      StreamStore<kLanes>(out + i, Pack<kLanes>::Load(in + i));
+    } else {  // two packets of floats make one vector of bfloat16
       alignas(64) TO tmp[kVec];
-      Pack<16>::Store(tmp, Pack<16>::Load(in + i));
-      Pack<16>::Store(tmp + 16, Pack<16>::Load(in + i + 16));
+      Pack<kLanes>::Store(tmp, Pack<kLanes>::Load(in + i));
+      Pack<kLanes>::Store(tmp + kLanes, Pack<kLanes>::Load(in + i + kLanes));
+#if defined(__AVX512F__)
       _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i), _mm512_load_si512(tmp));
+#else
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i),
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+#endif
     }
   }
   for (; i < len; ++i) Pack<1>::Store(out + i, in[i]);
