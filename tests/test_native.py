@@ -556,9 +556,28 @@ ODD_CHANNELS = [
          ((1, 1), (1, 1), (1, 1))),
     Case("3d", "NCDHW", "DHW", (1, 20, 4, 7, 9), (3, 3, 3, 20, 1), 2, 1, "SAME"),
 ]
+# Channels-last small frames and strides (_csrc/channels_last_forward.h:
+# rows of up to 2 * NP outputs in near-equal blocks; W strides 4 and 8 with
+# their own unrolled kernels): rows of 5, 7, 10 outputs, stride 2 on 14 and
+# 10, strides 4 and 8 with W below, at and above a multiple of the stride,
+# odd channel counts, a multiplier (both multipliers at once).
+SMALL_FRAMES = [
+    Case("3d", "NDHWC", "DHW", (1, 2, 5, 5, 67), (3, 3, 3, 67, 1), 1, 1, "SAME"),
+    Case("3d", "NDHWC", "DHW", (1, 2, 7, 7, 5), (3, 3, 3, 5, 1), 1, 1, "SAME"),
+    Case("3d", "NDHWC", "DHW", (1, 2, 3, 10, 54), (3, 3, 3, 54, 1), 1, 1, "SAME"),
+    Case("3d", "NDHWC", "DHW", (1, 3, 14, 14, 54), (3, 3, 3, 54, 1), (2, 2, 2), 1,
+         ((1, 1), (1, 1), (1, 1))),
+    Case("3d", "NDHWC", "DHW", (1, 2, 10, 10, 3), (3, 3, 3, 3, 1), (1, 2, 2), 1,
+         ((1, 1), (1, 1), (1, 1))),
+    *(Case("3d", "NDHWC", "DHW", (1, 2, w, w, c), (3, 3, 3, c, 1), (1, s, s), 1,
+           ((1, 1), (1, 1), (1, 1))) for w, c, s in ((17, 5, 4), (16, 1, 4), (24, 54, 8),
+                                                     (57, 16, 8))),
+    Case("2d", "NHWC", "HW", (1, 9, 33, 16), (3, 3, 16, 2), 4, 1, "SAME"),
+]
 
 
-@pytest.mark.parametrize("case", ODD_CHANNELS, ids=lambda c: f"{c.layout}-{c.x_shape}")
+@pytest.mark.parametrize("case", ODD_CHANNELS + SMALL_FRAMES,
+                         ids=lambda c: f"{c.layout}-{c.x_shape}-s{c.strides}")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_odd_channels_and_narrow_outputs(rng, case, dtype):
   """Forward and both gradients on the native kernels, without and with a fused epilogue.

@@ -97,9 +97,9 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
   if constexpr (std::is_same<TI, bf16>::value) {
     if (fns.pair) pairs.emplace(g, x, *fns.plan, tiles);
   }
-  std::vector<int64_t> rows(taps), tap(taps);
-  std::vector<const float*> xr(taps), wb(taps), wr(taps);
-  std::vector<const uint32_t*> pr(taps), pwb(taps), pw(taps);
+  TapArray<int64_t> rows(taps), tap(taps);
+  TapArray<const float*> xr(taps), wb(taps), wr(taps);
+  TapArray<const uint32_t*> pr(taps), pwb(taps), pw(taps);
   // float32 y in the row kernels' layout (M = 1, or woven rows) is written in place, unless
   // an epilogue runs on rows that are streamed: the row is then computed in `tmp` (in L1),
   // and the epilogue's pass over it streams it to y.
@@ -171,13 +171,23 @@ void ForwardRows(const Geom& g, const ForwardFns& fns, const TI* x, const float*
 template <typename TO>
 void PoisonPaddedTaps(const Geom& g, const float* w, TO* y) {
   const int64_t size = g.taps() * g.m * g.c;
-  bool any = false;  // a branch-free scan first: every call pays for it
-  for (int64_t i = 0; i < size; ++i) {
+  // A branch-free scan first, whole packets at a time (every call pays for
+  // it; the scalar loop took 0.55 ns a weight, 6 us on 27 x 432 weights):
+  // (bits & exponent) + 2^23 sets the sign bit exactly where the exponent
+  // is all ones (inf, NaN).
+  using P = Pack<kLanes>;
+  P::U acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= size; i += kLanes)
+    acc |= (P::LoadU(reinterpret_cast<const uint32_t*>(w + i)) & 0x7f800000u) + 0x00800000u;
+  uint32_t any = 0;
+  for (int l = 0; l < kLanes; ++l) any |= acc[l];
+  for (; i < size; ++i) {
     uint32_t u;
     std::memcpy(&u, w + i, 4);
-    any |= (u & 0x7f800000u) == 0x7f800000u;
+    any |= (u & 0x7f800000u) + 0x00800000u;
   }
-  if (!any) return;
+  if ((any >> 31) == 0) return;
   std::vector<int64_t> bad;  // (tap, m, c) of the non-finite weights
   for (int64_t i = 0; i < size; ++i)
     if (!std::isfinite(w[i])) bad.push_back(i);

@@ -64,6 +64,23 @@ inline void ForChannels(int64_t c, Block&& block) {
   for (; c0 < c; ++c0) block(Int<1>{}, Int<1>{}, c0, 0);
 }
 
+// A per-tap-row table of `n` values (RowTaps' rows and the pointers the
+// row kernels take): on the stack up to K entries (windows up to 8x8 in
+// D x H), else on the heap. Every tile of a call builds its own tables;
+// eight heap vectors per tile cost about a microsecond per tile, next to
+// small layers' 20-100 us of work.
+template <typename T, int K = 64>
+class TapArray {
+ public:
+  explicit TapArray(int64_t n) : heap_(n > K ? n : 0) {}
+  T* data() { return heap_.empty() ? stack_ : heap_.data(); }
+  T& operator[](int64_t i) { return data()[i]; }
+
+ private:
+  T stack_[K];
+  std::vector<T> heap_;
+};
+
 // The input rows that output row r reads: rows[t] indexes x viewed as
 // N * D * H rows of W * C values, taps[t] = a * KH + b is its tap row
 // (in tap order; a ring's planes where they lie: Geom::d0).
@@ -164,6 +181,8 @@ auto WithShape(const Geom& g, bool generic, Pick pick) {
   switch (generic ? 0 : g.kw * 100 + g.sw * 10 + g.rw) {
     case 311: return pick(Fixed<3, 1, 1>{});
     case 321: return pick(Fixed<3, 2, 1>{});
+    case 341: return pick(Fixed<3, 4, 1>{});  // MViT's attention pooling
+    case 381: return pick(Fixed<3, 8, 1>{});
     case 312: return pick(Fixed<3, 1, 2>{});
     case 511: return pick(Fixed<5, 1, 1>{});
     case 521: return pick(Fixed<5, 2, 1>{});

@@ -27,8 +27,9 @@
 //   activation                       the epilogue ops only: a name (epilogue.h: kActNames)
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -115,15 +116,18 @@ ffi::Error ParseGeom(const char* op, const ffi::Dictionary& attrs, Geom* g, Act*
     return Invalid(op, "attribute `channels_first` must be a bool: " + cf.error().message());
   g->cf = *cf;
   if (act != nullptr) {
-    std::string names;
-    for (const ActName& a : kActNames) names += std::string(names.empty() ? "" : ", ") + a.name;
+    auto names = [] {  // for the messages only: every call decodes the attributes
+      std::string s;
+      for (const ActName& a : kActNames) s += std::string(s.empty() ? "" : ", ") + a.name;
+      return s;
+    };
     if (!attrs.contains("activation"))
-      return Invalid(op, "attribute `activation` is missing (one of " + names + ")");
+      return Invalid(op, "attribute `activation` is missing (one of " + names() + ")");
     ffi::ErrorOr<std::string_view> name = attrs.get<std::string_view>("activation");
     if (name.has_error())
       return Invalid(op, "attribute `activation` must be a string: " + name.error().message());
     if (!ParseAct(*name, act))
-      return Invalid(op, "attribute `activation` must be one of " + names + ", got '" +
+      return Invalid(op, "attribute `activation` must be one of " + names() + ", got '" +
                              std::string(*name) + "'");
   }
   for (std::string_view name : attrs) {
@@ -144,20 +148,25 @@ struct Operand {
   int same_as = -1;      // the operand whose dtype it must have
 };
 
-std::vector<int64_t> Shape(const Geom& g, Role role) {
+struct Dims {
+  size_t rank;
+  int64_t v[5];
+};
+
+Dims Shape(const Geom& g, Role role) {
   switch (role) {
     case Role::kInput:
-      if (g.cf) return {g.n, g.c, g.d, g.h, g.w};
-      return {g.n, g.d, g.h, g.w, g.c};
+      if (g.cf) return {5, {g.n, g.c, g.d, g.h, g.w}};
+      return {5, {g.n, g.d, g.h, g.w, g.c}};
     case Role::kOutput:
-      if (g.cf) return {g.n, g.c * g.m, g.od, g.oh, g.ow};
-      return {g.n, g.od, g.oh, g.ow, g.c * g.m};
+      if (g.cf) return {5, {g.n, g.c * g.m, g.od, g.oh, g.ow}};
+      return {5, {g.n, g.od, g.oh, g.ow, g.c * g.m}};
     case Role::kBias:
-      return {g.c * g.m};
+      return {1, {g.c * g.m}};
     case Role::kKernel:
       break;
   }
-  return {g.kd, g.kh, g.kw, g.c, g.m};
+  return {5, {g.kd, g.kh, g.kw, g.c, g.m}};
 }
 
 ffi::Error CheckOperand(const char* op, const Operand& operand, const Geom& g,
@@ -166,12 +175,12 @@ ffi::Error CheckOperand(const char* op, const Operand& operand, const Geom& g,
     return Invalid(op, std::string("`") + operand.name + "` must be float32");
   if (buffer.element_type() != ffi::DataType::F32 && buffer.element_type() != ffi::DataType::BF16)
     return Invalid(op, std::string("`") + operand.name + "` must be float32 or bfloat16");
-  const std::vector<int64_t> want = Shape(g, operand.role);
+  const Dims want = Shape(g, operand.role);
   const ffi::AnyBuffer::Dimensions dims = buffer.dimensions();
-  if (!std::equal(want.begin(), want.end(), dims.begin(), dims.end()))
+  if (!std::equal(want.v, want.v + want.rank, dims.begin(), dims.end()))
     return Invalid(op, std::string("`") + operand.name + "` has shape " +
                            Ints(dims.begin(), dims.size()) + ", the attributes give " +
-                           Ints(want.data(), want.size()));
+                           Ints(want.v, want.rank));
   return ffi::Error::Success();
 }
 
@@ -358,42 +367,62 @@ ffi::Error Handle(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingR
     if (Op::kOperands[1].role == Role::kOutput && !FromOutput(c.act))  // act'(z) from y
       return Invalid(Op::kName, "takes relu, relu6, sigmoid or tanh (act'(z) from y)");
   }
-  std::vector<ffi::AnyBuffer> buffers;
+  std::optional<ffi::AnyBuffer> buffers[kCount];
   for (int i = 0; i < kCount; ++i) {
     if (i < Op::kArgs) {
       ffi::ErrorOr<ffi::AnyBuffer> b = args.get<ffi::AnyBuffer>(i);
       if (b.has_error()) return b.error();
-      buffers.push_back(*b);
+      buffers[i].emplace(*b);
     } else {
       ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> b = rets.get<ffi::AnyBuffer>(i - Op::kArgs);
       if (b.has_error()) return b.error();
-      buffers.push_back(**b);
+      buffers[i].emplace(**b);
     }
     const Operand& operand = Op::kOperands[i];
-    if (ffi::Error err = CheckOperand(Op::kName, operand, c.g, buffers[i]); err.failure())
+    if (ffi::Error err = CheckOperand(Op::kName, operand, c.g, *buffers[i]); err.failure())
       return err;
     if (operand.same_as >= 0 &&
-        buffers[i].element_type() != buffers[operand.same_as].element_type())
+        buffers[i]->element_type() != buffers[operand.same_as]->element_type())
       return Invalid(Op::kName, std::string("`") + operand.name + "` must have `" +
                                     Op::kOperands[operand.same_as].name + "`'s dtype");
   }
-  // The kernel and bias operands as float32; the arrays in order (the first
-  // two pick the kernels' instantiation).
-  std::vector<float> w(c.g.taps() * c.g.m * c.g.c), dk(w.size()), b(c.g.c * c.g.m), db(b.size());
-  c.w = w.data(), c.dk = dk.data(), c.b = b.data(), c.db = db.data();
+  // The kernel and bias operands as float32 (float32 ones read in place where
+  // their layout is the kernels': a bias, a kernel with M = 1); float32 space
+  // for the kernel and bias results; the arrays in order (the first two pick
+  // the kernels' instantiation).
+  const int64_t wsize = c.g.taps() * c.g.m * c.g.c, bsize = c.g.c * c.g.m;
+  std::unique_ptr<float[]> w, b;  // converted copies
+  std::vector<float> dk, db;
   int narrays = 0, first = -1, second = -1;
   for (int i = 0; i < kCount; ++i) {
-    ffi::AnyBuffer& buf = buffers[i];
+    ffi::AnyBuffer& buf = *buffers[i];
     const Role role = Op::kOperands[i].role;
+    const bool f32 = buf.element_type() == ffi::DataType::F32;
     if (role == Role::kKernel && i < Op::kArgs) {
-      WithDtype(buf.element_type(), [&](auto t) {
-        LoadKernel(c.g, static_cast<const decltype(t)*>(buf.untyped_data()), w.data());
-      });
+      if (f32 && c.g.m == 1) {  // (KD, KH, KW, C, 1) is (KD, KH, KW, 1, C)
+        c.w = static_cast<const float*>(buf.untyped_data());
+      } else {
+        w.reset(new float[wsize]);
+        WithDtype(buf.element_type(), [&](auto t) {
+          LoadKernel(c.g, static_cast<const decltype(t)*>(buf.untyped_data()), w.get());
+        });
+        c.w = w.get();
+      }
     } else if (role == Role::kBias && i < Op::kArgs) {
-      WithDtype(buf.element_type(), [&](auto t) {
-        LoadBias(c.g, static_cast<const decltype(t)*>(buf.untyped_data()), b.data());
-      });
-    } else if (role == Role::kInput || role == Role::kOutput) {
+      if (f32) {
+        c.b = static_cast<const float*>(buf.untyped_data());
+      } else {
+        b.reset(new float[bsize]);
+        LoadBias(c.g, static_cast<const bf16*>(buf.untyped_data()), b.get());
+        c.b = b.get();
+      }
+    } else if (role == Role::kKernel) {
+      dk.assign(wsize, 0.0f);
+      c.dk = dk.data();
+    } else if (role == Role::kBias) {
+      db.assign(bsize, 0.0f);
+      c.db = db.data();
+    } else {
       if (first < 0) {
         first = i;
       } else if (second < 0) {
@@ -402,13 +431,13 @@ ffi::Error Handle(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingR
       c.arrays[narrays++] = buf.untyped_data();
     }
   }
-  WithDtype(buffers[first].element_type(), [&](auto ta) {
-    WithDtype(buffers[second].element_type(), [&](auto tb) {
+  WithDtype(buffers[first]->element_type(), [&](auto ta) {
+    WithDtype(buffers[second]->element_type(), [&](auto tb) {
       Op::template Run<decltype(ta), decltype(tb)>(c);
     });
   });
   for (int i = Op::kArgs; i < kCount; ++i) {
-    ffi::AnyBuffer& buf = buffers[i];
+    ffi::AnyBuffer& buf = *buffers[i];
     if (Op::kOperands[i].role == Role::kKernel)
       WithDtype(buf.element_type(), [&](auto t) {
         StoreKernel(c.g, dk.data(), static_cast<decltype(t)*>(buf.untyped_data()));

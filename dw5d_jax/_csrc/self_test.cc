@@ -250,6 +250,16 @@ extern "C" int Dw5dSelfTest() {
       {1, 1, 15, 33, 2, 3, 1, 15, 33, 1, 5, 5, 1, 1, 1, 1, 1, 1, 0, 2, 2, 0},
       // Strides larger than the kernel (rows and phases no tap reads).
       {1, 2, 17, 19, L + 2, 1, 2, 3, 4, 2, 3, 3, 1, 6, 5, 1, 1, 1, 1, 1, 1, 0},
+      // W strides 4 and 8 (MViT's pooling; M = 2: both multipliers at once),
+      // the last output's taps past the row's end.
+      {1, 2, 9, 30, L + 3, 1, 2, 3, 8, 2, 3, 3, 1, 4, 4, 1, 1, 1, 1, 1, 1, 0},
+      {1, 1, 17, 49, 2 * L, 2, 1, 3, 7, 1, 3, 3, 1, 8, 8, 1, 1, 1, 0, 1, 1, 0},
+      // Small frames, rows of 5, 7, 10 and 13 outputs (one or two blocks of
+      // near-equal sizes), stride 1 and 2.
+      {1, 3, 5, 5, 3 * L + 5, 1, 3, 5, 5, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0},
+      {1, 2, 14, 14, L + 3, 1, 1, 7, 7, 3, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1, 1, 0},
+      {1, 1, 3, 10, 5, 1, 1, 3, 10, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0},
+      {1, 1, 2, 13, L, 2, 1, 2, 13, 1, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0},
   };
   // Each case channels-last (specialised and generic kernels) and channels-first
   // (channel blocks where they apply, and per plane).
