@@ -565,6 +565,10 @@ SMALL_FRAMES = [
     Case("3d", "NDHWC", "DHW", (1, 2, 5, 5, 67), (3, 3, 3, 67, 1), 1, 1, "SAME"),
     Case("3d", "NDHWC", "DHW", (1, 2, 7, 7, 5), (3, 3, 3, 5, 1), 1, 1, "SAME"),
     Case("3d", "NDHWC", "DHW", (1, 2, 3, 10, 54), (3, 3, 3, 54, 1), 1, 1, "SAME"),
+    # 4- and 2-wide rows: blocks missing both their first and last input (the
+    # forward's compile-time edge patterns), with M = 2.
+    *(Case("3d", "NDHWC", "DHW", (1, 2, 3, w, 19), (3, 3, 3, 19, 2), 1, 1, "SAME")
+      for w in (4, 2)),
     Case("3d", "NDHWC", "DHW", (1, 3, 14, 14, 54), (3, 3, 3, 54, 1), (2, 2, 2), 1,
          ((1, 1), (1, 1), (1, 1))),
     Case("3d", "NDHWC", "DHW", (1, 2, 10, 10, 3), (3, 3, 3, 3, 1), (1, 2, 2), 1,
