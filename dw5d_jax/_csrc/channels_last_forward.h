@@ -77,12 +77,10 @@ constexpr int SumSets() {
 // TapSums for all KW taps of NP positions and MM multipliers (weights
 // `c` apart: wr[t] + m * c), with F's W shape: input position j (relative
 // to the first output's first tap, at offset `off` of every input row)
-// feeds output p through tap e where j = p * SW + e * RW. Only the inputs
-// Lo <= j < J - Cut exist (the others are the zero padding, skipped): known
-// at compile time, the j loop unrolls with no branch; with `Edge`, the
-// bounds jlo <= j < jhi come at run time instead (GCC then keeps the j loop
-// a loop with a branch per input). Inside the row, all J inputs exist.
-template <typename F, int N, int NV, int NP, int MM, bool Edge, int Lo = 0, int Cut = 0>
+// feeds output p through tap e where j = p * SW + e * RW. With `Edge`, only
+// the inputs jlo <= j < jhi exist (the others are the zero padding,
+// skipped); inside the row, jlo = 0 and jhi = J.
+template <typename F, int N, int NV, int NP, int MM, bool Edge>
 inline void TapSumsFixed(const float* const* xr, const float* const* wr, int nt, int64_t off,
                          int64_t c0, int64_t c, int64_t mc, int jlo, int jhi,
                          typename Pack<N>::V (&acc)[MM][NP][NV]) {
@@ -111,7 +109,7 @@ inline void TapSumsFixed(const float* const* xr, const float* const* wr, int nt,
     // One pointer stepped by c (not j * c offsets, which need a register each).
 #pragma GCC unroll 64
     for (int j = 0; j < J; ++j, x += c) {
-      if (j < Lo || j >= J - Cut || (Edge && (j < jlo || j >= jhi))) continue;
+      if (Edge && (j < jlo || j >= jhi)) continue;
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         V xv = Pack<N>::Load(x + v * L);
@@ -198,27 +196,7 @@ void ForwardBlock(const Geom& g, const float* const* xr, const float* const* wr,
         } else {
           const int jlo = static_cast<int>(std::clamp<int64_t>(-first, 0, J));
           const int jhi = static_cast<int>(std::clamp<int64_t>(g.w - first, 0, J));
-          // 3-wide kernels with one column of padding (SAME 3x3x3) have
-          // three edge patterns: the first input missing, the last, or both
-          // (5- and 7-wide frames are only such blocks); each gets its own
-          // unrolled body, the rest the run-time bounds.
-          bool done = false;
-          if constexpr (F::KW == 3) {
-            auto fixed = [&](auto lo_, auto cut_) {
-              TapSumsFixed<F, N, NV, NP, MM, false, decltype(lo_)::value, decltype(cut_)::value>(
-                  xr, wr, nt, off, c0, g.c, os, 0, J, acc);
-              return true;
-            };
-            using I0 = std::integral_constant<int, 0>;
-            using I1 = std::integral_constant<int, 1>;
-            const int cut = J - jhi;
-            if (jlo == 1 && cut == 0) done = fixed(I1{}, I0{});
-            if (jlo == 0 && cut == 1) done = fixed(I0{}, I1{});
-            if (jlo == 1 && cut == 1) done = fixed(I1{}, I1{});
-          }
-          if (!done) {
-            TapSumsFixed<F, N, NV, NP, MM, true>(xr, wr, nt, off, c0, g.c, os, jlo, jhi, acc);
-          }
+          TapSumsFixed<F, N, NV, NP, MM, true>(xr, wr, nt, off, c0, g.c, os, jlo, jhi, acc);
         }
         for (int p = 0; p < NP; ++p) {
           V at[MM][NV];
