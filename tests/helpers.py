@@ -59,6 +59,25 @@ def assert_close(actual, expected, dtype="float32", err_msg: str = "") -> None:
 # Random cases (hypothesis).
 
 
+# TensorFlow's own CPU depthwise kernel runs unequal H and W strides only
+# through oneDNN, which TF turns on by default on some x86 CPUs only (not on
+# AMD's); elsewhere Keras's TensorFlow backend raises this.
+TF_UNEQUAL_STRIDES = "only supports equal length strides in the row and column dimensions"
+
+
+def keras_output(layer: Any, x: Any, strides: Any) -> Any:
+  """`layer(x)`; None where TensorFlow refuses the layer's unequal `strides` (see above).
+
+  The layer is built either way: its weights exist for the caller.
+  """
+  try:
+    return layer(x)
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is exactly TF's refusal
+    if TF_UNEQUAL_STRIDES not in str(e) or len(set(np.broadcast_to(strides, 2).tolist())) == 1:
+      raise
+    return None
+
+
 def x_shape(layout: str, n: int, sizes: dict[str, int], c: int) -> tuple[int, ...]:
   return tuple(n if a == "N" else c if a == "C" else sizes[a] for a in layout)
 
