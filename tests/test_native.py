@@ -107,12 +107,13 @@ def _full_transposes(fn, x, k, ct) -> list[str]:
 @pytest.mark.parametrize("case", [
     Case("3d", "NDHWC", "DHW", (2, 5, 6, 19, 16), (3, 3, 3, 16, 1), 1, 1, "SAME"),
     Case("2d", "NDHWC", "HW", (1, 3, 9, 21, 12), (5, 5, 12, 2), 2, 1, "SAME"),
+    Case("2d", "NDHWC", "HW", (1, 2, 7, 19, 19), (5, 5, 19, 2), (1, 2), 1, "SAME"),
     Case("2d", "NHWC", "HW", (2, 11, 17, 8), (3, 3, 8, 1), 1, 2, ((2, 1), (0, 3))),
     Case("3d", "NCDHW", "DHW", (2, 4, 5, 19, 21), (3, 3, 3, 4, 1), 1, 1, "SAME"),
     Case("2d", "NCDHW", "HW", (1, 3, 2, 23, 37), (5, 5, 3, 2), 2, 1, "SAME"),
     Case("2d", "NCHW", "HW", (2, 8, 17, 29), (3, 3, 8, 1), 1, 2, ((2, 1), (0, 3))),
     Case("2d", "NCDHW", "DH", (1, 5, 11, 9, 13), (7, 7, 5, 1), 1, 1, "VALID"),
-], ids=["3d-stride1", "5x5-stride2-M2", "dilated", "NCDHW-3d", "NCDHW-5x5-stride2-M2",
+], ids=["3d-stride1", "5x5-stride2-M2", "5x5-strides12-M2-C19", "dilated", "NCDHW-3d", "NCDHW-5x5-stride2-M2",
         "NCHW-dilated", "NCDHW-7x7-axes-DH"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_workload_shapes(rng, case, dtype):
