@@ -91,7 +91,8 @@ def output_nonempty(n: int, k: int, r: int, padding: Any) -> bool:
 
 
 @st.composite
-def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4) -> Case:
+def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4, channels=st.integers(1, 4),
+          multipliers=st.integers(1, 3)) -> Case:
   """Any op, layout, fold axes, strides, dilations and padding (per axis too); sizes from 1."""
   op = draw(st.sampled_from(ops))
   if op == "3d":
@@ -117,7 +118,7 @@ def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4) -> Case:
   sizes = {a: draw(st.integers(1, max_size)) for a in "DHW"}
   for i, a in enumerate(axes):
     assume(output_nonempty(sizes[a], ks[i], rs[i], pads[i]))
-  c, m, n = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+  c, m, n = draw(channels), draw(multipliers), draw(st.integers(1, 2))
   scalar = draw(st.booleans())
   return Case(
       op=op, layout=layout, axes=axes,

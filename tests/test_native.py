@@ -84,6 +84,20 @@ def _check_against_reference(case: Case, x, k, ct, got, dtype="float32"):
 @given(case=cases(max_size=6), seed=st.integers(0, 2**31 - 1))
 def test_random_configs_match_reference_and_portable_path(case, seed):
   """Strides, dilations, paddings, multipliers, sizes below the kernel, layouts; all three kernels."""
+  _check_random_case(case, seed)
+
+
+@settings(max_examples=10)
+@given(case=cases(max_size=8, channels=st.sampled_from([5, 9, 16, 17, 24, 33]),
+                  multipliers=st.sampled_from([1, 1, 2])),
+       seed=st.integers(0, 2**31 - 1))
+def test_random_configs_with_wide_channels(case, seed):
+  """The same with whole vectors of channels and tails: NCDHW's channel blocks (C >= 16,
+  M = 1) and the channels-last tail lanes, mixed with every stride, dilation and padding."""
+  _check_random_case(case, seed)
+
+
+def _check_random_case(case: Case, seed: int) -> None:
   rng = np.random.default_rng(seed)
   x, k = random_array(rng, case.x_shape), random_array(rng, case.k_shape)
   ct = random_array(rng, case.expected(x, k).shape)
