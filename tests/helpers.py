@@ -90,9 +90,12 @@ def output_nonempty(n: int, k: int, r: int, padding: Any) -> bool:
   return n + lo + hi - e >= 0
 
 
+_FEW_CHANNELS, _MULTIPLIERS = st.integers(1, 4), st.integers(1, 3)
+
+
 @st.composite
-def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4, channels=st.integers(1, 4),
-          multipliers=st.integers(1, 3)) -> Case:
+def cases(draw, ops=("2d", "3d"), max_size=7, max_kernel=4, channels=_FEW_CHANNELS,
+          multipliers=_MULTIPLIERS) -> Case:
   """Any op, layout, fold axes, strides, dilations and padding (per axis too); sizes from 1."""
   op = draw(st.sampled_from(ops))
   if op == "3d":
